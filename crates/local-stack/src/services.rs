@@ -1,0 +1,663 @@
+//! Child-process wrappers around `redis-server` and `moto_server`.
+//!
+//! Each instance gets its own free port and temporary directory, so tests can
+//! run in parallel without seeing each other's data. Readiness is checked with
+//! raw TCP rather than client crates so this crate stays dependency-light and a
+//! broken client can't be mistaken for a broken server.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+const SETUP_HINT: &str = "run scripts/setup.sh";
+
+/// How many fresh ports to try when a child dies at startup. A port handed out
+/// by [`free_port`] is only free at the moment we looked, so another process
+/// can take it before the child binds it.
+const PORT_ATTEMPTS: usize = 3;
+
+const REDIS_READY_WITHIN: Duration = Duration::from_secs(10);
+/// moto imports a large Python package tree before it binds, which on a cold,
+/// busy CI machine can take many seconds.
+const MOTO_READY_WITHIN: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Bounds a single probe so one wedged connection can't eat the whole deadline.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const LOG_TAIL_LINES: usize = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{what} is not installed ({hint})")]
+    NotInstalled { what: &'static str, hint: String },
+
+    #[error("could not spawn a local service: {0}")]
+    Spawn(#[from] io::Error),
+
+    #[error(
+        "{what} on 127.0.0.1:{port} was not ready after {waited:?}; last output:\n{log_tail}"
+    )]
+    NotReady {
+        what: &'static str,
+        port: u16,
+        waited: Duration,
+        log_tail: String,
+    },
+
+    #[error("{what} on 127.0.0.1:{port} exited during startup ({status}); last output:\n{log_tail}")]
+    Exited {
+        what: &'static str,
+        port: u16,
+        status: ExitStatus,
+        log_tail: String,
+    },
+}
+
+/// A `redis-server` child process listening on a free loopback port, with
+/// persistence off and its working directory in a private temp dir.
+///
+/// The child is killed when this value is dropped and, on Linux, also when the
+/// thread that spawned it exits (`PR_SET_PDEATHSIG`), so a panicking or aborted
+/// test leaves no orphan. Because the signal is tied to the *spawning thread*,
+/// not the process, a server shared across tests (e.g. in a `static`) must be
+/// started from a thread that outlives them all, such as a dedicated runtime
+/// thread; one started inside a `#[tokio::test]` dies when that test's thread
+/// ends.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    binary: PathBuf,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    /// Spawns redis-server on a free port and waits until it answers `PING`.
+    pub async fn start() -> Result<RedisServer, ServiceError> {
+        let binary = find_redis_server()?;
+        let dir = tempfile::Builder::new().prefix("local-redis-").tempdir()?;
+        let mut last_err = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port();
+            match launch_redis(&binary, dir.path(), port).await {
+                Ok(child) => {
+                    return Ok(RedisServer {
+                        child: Some(child),
+                        port,
+                        binary,
+                        dir,
+                    })
+                }
+                Err(e @ ServiceError::Exited { .. }) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.expect("PORT_ATTEMPTS is non-zero"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits for it to exit, so the port refuses
+    /// connections once this returns. Calling it again is a no-op.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // An error here means the child is already gone, which is the goal.
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Stops the server if running and starts a new one on the same port, so
+    /// clients configured with [`url`](Self::url) reconnect to it. The new
+    /// server starts with an empty dataset, like a crashed cache node would.
+    pub async fn restart(&mut self) -> Result<(), ServiceError> {
+        self.stop().await;
+        let mut last_err = None;
+        for attempt in 0..PORT_ATTEMPTS {
+            if attempt > 0 {
+                // The port is only briefly unavailable in the expected case: some
+                // other test's `free_port` probe was handed it while it was free.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            match launch_redis(&self.binary, self.dir.path(), self.port).await {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                Err(e @ ServiceError::Exited { .. }) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.expect("PORT_ATTEMPTS is non-zero"))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // Drop can't await; tokio reaps the killed child in the background.
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// A `moto_server` child process serving DynamoDB and DynamoDB Streams on a
+/// free loopback port. Every instance has its own in-memory state.
+///
+/// Lifetime rules are the same as for [`RedisServer`]: killed on drop and when
+/// the *spawning thread* exits, so share one across tests only if it was
+/// started from a long-lived thread.
+#[derive(Debug)]
+pub struct MotoServer {
+    child: Option<Child>,
+    port: u16,
+    // Holds the log file and moto's working directory; deleted on drop.
+    _dir: TempDir,
+}
+
+impl MotoServer {
+    /// Spawns moto_server on a free port and waits until it answers HTTP.
+    pub async fn start() -> Result<MotoServer, ServiceError> {
+        let binary = find_moto_server()?;
+        let dir = tempfile::Builder::new().prefix("local-moto-").tempdir()?;
+        let mut last_err = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port();
+            match launch_moto(&binary, dir.path(), port).await {
+                Ok(child) => {
+                    return Ok(MotoServer {
+                        child: Some(child),
+                        port,
+                        _dir: dir,
+                    })
+                }
+                Err(e @ ServiceError::Exited { .. }) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.expect("PORT_ATTEMPTS is non-zero"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<port>`, for the AWS SDK's `endpoint_url`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits for it to exit. Calling it again is a no-op.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Locates redis-server: `$REDIS_SERVER`, else `redis-server` on `PATH`, else
+/// `/usr/bin/redis-server` (Debian's location, for when `PATH` is minimal).
+pub fn find_redis_server() -> Result<PathBuf, ServiceError> {
+    if let Some(path) = from_env("REDIS_SERVER", "redis-server")? {
+        return Ok(path);
+    }
+    if let Some(path) = search_path("redis-server") {
+        return Ok(path);
+    }
+    let debian = Path::new("/usr/bin/redis-server");
+    if is_executable(debian) {
+        return Ok(debian.to_path_buf());
+    }
+    Err(ServiceError::NotInstalled {
+        what: "redis-server",
+        hint: format!("{SETUP_HINT}, or set $REDIS_SERVER to its path"),
+    })
+}
+
+/// Locates moto_server: `$MOTO_SERVER`, else the workspace's `.venv` made by
+/// scripts/setup.sh, else `moto_server` on `PATH`. The venv wins over `PATH` so
+/// tests use the version setup.sh pinned rather than whatever is installed.
+pub fn find_moto_server() -> Result<PathBuf, ServiceError> {
+    if let Some(path) = from_env("MOTO_SERVER", "moto_server")? {
+        return Ok(path);
+    }
+    let venv = workspace_root().join(".venv/bin/moto_server");
+    if is_executable(&venv) {
+        return Ok(venv);
+    }
+    if let Some(path) = search_path("moto_server") {
+        return Ok(path);
+    }
+    Err(ServiceError::NotInstalled {
+        what: "moto_server",
+        hint: format!(
+            "{SETUP_HINT} to create {}, or set $MOTO_SERVER to its path",
+            venv.display()
+        ),
+    })
+}
+
+/// Returns a loopback port that was free a moment ago. The listener is dropped
+/// before returning, so the port can be taken by someone else before the caller
+/// binds it; callers that spawn servers retry on a fresh port.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+        .expect("binding 127.0.0.1:0 should always succeed");
+    listener
+        .local_addr()
+        .expect("a bound listener has a local address")
+        .port()
+}
+
+fn workspace_root() -> PathBuf {
+    // This crate lives at <root>/crates/local-stack.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(manifest)
+        .to_path_buf()
+}
+
+/// An override variable that is set but wrong is an error rather than a silent
+/// fallback, so a typo doesn't quietly test against a different binary.
+fn from_env(var: &str, what: &'static str) -> Result<Option<PathBuf>, ServiceError> {
+    let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(&value);
+    if is_executable(&path) {
+        return Ok(Some(path));
+    }
+    // Allow a bare command name, as one would write in a shell.
+    if path.components().count() == 1 {
+        if let Some(found) = search_path(&value) {
+            return Ok(Some(found));
+        }
+    }
+    Err(ServiceError::NotInstalled {
+        what,
+        hint: format!(
+            "${var}={} is not an executable file; fix or unset it, or {SETUP_HINT}",
+            path.display()
+        ),
+    })
+}
+
+fn search_path(name: impl AsRef<Path>) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(name.as_ref()))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+async fn launch_redis(binary: &Path, dir: &Path, port: u16) -> Result<Child, ServiceError> {
+    let port_arg = port.to_string();
+    let args: [&std::ffi::OsStr; 10] = [
+        "--port".as_ref(),
+        port_arg.as_ref(),
+        "--bind".as_ref(),
+        "127.0.0.1".as_ref(),
+        // No RDB snapshots or AOF: restart must come back empty, and tests
+        // shouldn't pay for disk writes.
+        "--save".as_ref(),
+        "".as_ref(),
+        "--appendonly".as_ref(),
+        "no".as_ref(),
+        "--dir".as_ref(),
+        dir.as_os_str(),
+    ];
+    let spec = Launch {
+        what: "redis-server",
+        binary,
+        args: args.iter().map(OsString::from).collect(),
+        env: &[],
+        dir,
+        port,
+        probe: Probe::RedisPing,
+        ready_within: REDIS_READY_WITHIN,
+    };
+    spec.run().await
+}
+
+async fn launch_moto(binary: &Path, dir: &Path, port: u16) -> Result<Child, ServiceError> {
+    let spec = Launch {
+        what: "moto_server",
+        binary,
+        args: vec![
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string().into(),
+        ],
+        // Python block-buffers a redirected stderr/stdout; unbuffered output
+        // makes the log tail in errors show what actually happened.
+        env: &[("PYTHONUNBUFFERED", "1")],
+        dir,
+        port,
+        probe: Probe::Http,
+        ready_within: MOTO_READY_WITHIN,
+    };
+    spec.run().await
+}
+
+#[derive(Clone, Copy)]
+enum Probe {
+    /// `PING` must read `+PONG`: a bare TCP accept isn't enough because redis
+    /// accepts connections while still loading.
+    RedisPing,
+    /// Any HTTP status line means the WSGI app is serving requests.
+    Http,
+}
+
+struct Launch<'a> {
+    what: &'static str,
+    binary: &'a Path,
+    args: Vec<OsString>,
+    env: &'a [(&'a str, &'a str)],
+    dir: &'a Path,
+    port: u16,
+    probe: Probe,
+    ready_within: Duration,
+}
+
+impl Launch<'_> {
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.what))
+    }
+
+    /// Spawns the child and waits for it to pass its probe. Returns
+    /// [`ServiceError::Exited`] if it died first, which callers treat as a lost
+    /// port race and retry.
+    async fn run(&self) -> Result<Child, ServiceError> {
+        // Truncated per attempt so the tail in an error belongs to this attempt.
+        let log = File::create(self.log_path())?;
+        let mut cmd = Command::new(self.binary);
+        cmd.args(&self.args)
+            .envs(self.env.iter().copied())
+            .current_dir(self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{} ({}): {e}", self.what, self.binary.display()),
+            )
+        })?;
+
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(self.exited(status));
+            }
+            if self.probe().await {
+                // Another process that won the port race could have answered
+                // the probe; our child would then be exiting on its bind error.
+                if let Some(status) = child.try_wait()? {
+                    return Err(self.exited(status));
+                }
+                tracing::debug!(
+                    what = self.what,
+                    port = self.port,
+                    elapsed = ?started.elapsed(),
+                    "local service ready"
+                );
+                return Ok(child);
+            }
+            if started.elapsed() >= self.ready_within {
+                let _ = child.kill().await;
+                return Err(ServiceError::NotReady {
+                    what: self.what,
+                    port: self.port,
+                    waited: started.elapsed(),
+                    log_tail: self.log_tail(),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    fn exited(&self, status: ExitStatus) -> ServiceError {
+        ServiceError::Exited {
+            what: self.what,
+            port: self.port,
+            status,
+            log_tail: self.log_tail(),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        match std::fs::read(self.log_path()) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let lines: Vec<&str> = text.lines().collect();
+                let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+                lines[start..].join("\n")
+            }
+            Err(e) => format!("<could not read {}: {e}>", self.log_path().display()),
+        }
+    }
+
+    async fn probe(&self) -> bool {
+        let attempt = async {
+            let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
+            let (request, expect): (&[u8], &[u8]) = match self.probe {
+                Probe::RedisPing => (b"PING\r\n", b"+PONG"),
+                Probe::Http => (
+                    b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+                    b"HTTP/",
+                ),
+            };
+            stream.write_all(request).await?;
+            Ok::<bool, io::Error>(read_prefix(&mut stream, expect.len()).await? == expect)
+        };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
+            Ok(Ok(true))
+        )
+    }
+}
+
+/// Reads up to `len` bytes, stopping early at EOF.
+async fn read_prefix(stream: &mut TcpStream, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = stream.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+/// Makes the kernel SIGKILL the child when its parent goes away, so servers
+/// don't outlive a test binary that was killed or aborted before Drop ran.
+///
+/// PDEATHSIG fires when the *thread* that forked the child exits, not when the
+/// whole process does. tokio spawns from whichever thread polls `start()`, so a
+/// server created on a short-lived thread (a `#[tokio::test]` body, a
+/// `spawn_blocking` task) dies with that thread.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe syscalls (getppid, prctl, raise); it allocates nothing.
+    let parent = unsafe { libc::getpid() };
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect, in which
+            // case no signal will ever come and we've been reparented.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {
+    // No equivalent; kill_on_drop still covers orderly shutdown.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serialises tests that read or write `$MOTO_SERVER`, since the process
+    /// environment is shared by all tests in this binary.
+    static MOTO_ENV: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    async fn send(port: u16, request: &[u8], read_len: usize) -> io::Result<Vec<u8>> {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+        stream.write_all(request).await?;
+        let mut out = Vec::new();
+        if read_len == usize::MAX {
+            stream.read_to_end(&mut out).await?;
+        } else {
+            out = read_prefix(&mut stream, read_len).await?;
+        }
+        Ok(out)
+    }
+
+    async fn ping(port: u16) -> Vec<u8> {
+        send(port, b"PING\r\n", 7).await.expect("PING round trip")
+    }
+
+    #[tokio::test]
+    async fn redis_start_stop_restart() {
+        let mut redis = RedisServer::start().await.expect("start redis");
+        let port = redis.port();
+        assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}"));
+        assert_eq!(ping(port).await, b"+PONG\r\n");
+
+        // Data written before a restart must be gone after it.
+        let set = send(port, b"SET k v\r\n", 5).await.unwrap();
+        assert_eq!(set, b"+OK\r\n");
+
+        redis.stop().await;
+        let refused = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await;
+        assert!(refused.is_err(), "port {port} still accepts after stop");
+        redis.stop().await; // idempotent
+
+        redis.restart().await.expect("restart redis");
+        assert_eq!(redis.port(), port);
+        assert_eq!(ping(port).await, b"+PONG\r\n");
+        let get = send(port, b"GET k\r\n", 5).await.unwrap();
+        assert_eq!(get, b"$-1\r\n", "restart should come back empty");
+    }
+
+    #[tokio::test]
+    async fn redis_instances_are_independent() {
+        let a = RedisServer::start().await.expect("start a");
+        let b = RedisServer::start().await.expect("start b");
+        assert_ne!(a.port(), b.port());
+        let port_a = a.port();
+        drop(a);
+        // Drop only starts the kill; give the kernel a moment to close the socket.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port_a)).await.is_ok() {
+            assert!(Instant::now() < deadline, "dropped server still listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ping(b.port()).await, b"+PONG\r\n");
+    }
+
+    #[tokio::test]
+    async fn moto_serves_dynamodb() {
+        let _env = MOTO_ENV.lock().await;
+        let moto = MotoServer::start().await.expect("start moto");
+        assert_eq!(moto.endpoint(), format!("http://127.0.0.1:{}", moto.port()));
+
+        // moto routes by the service in the SigV4 credential scope; the
+        // signature itself is not checked.
+        let body = "{}";
+        let request = format!(
+            "POST / HTTP/1.0\r\n\
+             Host: 127.0.0.1:{port}\r\n\
+             X-Amz-Target: DynamoDB_20120810.ListTables\r\n\
+             Content-Type: application/x-amz-json-1.0\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=test/20240101/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=0\r\n\
+             Content-Length: {len}\r\n\r\n{body}",
+            port = moto.port(),
+            len = body.len(),
+        );
+        let response = send(moto.port(), request.as_bytes(), usize::MAX)
+            .await
+            .expect("HTTP round trip");
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1."), "{response}");
+        assert!(response.contains(" 200 "), "{response}");
+        assert!(response.contains("\"TableNames\""), "{response}");
+    }
+
+    #[tokio::test]
+    async fn find_moto_server_honours_env() {
+        let _env = MOTO_ENV.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("my-moto");
+        std::fs::write(&fake, "#!/bin/sh\n").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let saved = std::env::var_os("MOTO_SERVER");
+
+        std::env::set_var("MOTO_SERVER", &fake);
+        let found = find_moto_server();
+        std::env::set_var("MOTO_SERVER", dir.path().join("missing"));
+        let missing = find_moto_server();
+        match saved {
+            Some(v) => std::env::set_var("MOTO_SERVER", v),
+            None => std::env::remove_var("MOTO_SERVER"),
+        }
+
+        assert_eq!(found.expect("found via $MOTO_SERVER"), fake);
+        let err = missing.expect_err("a wrong $MOTO_SERVER must not fall back");
+        assert!(err.to_string().contains("scripts/setup.sh"), "{err}");
+    }
+
+    #[test]
+    fn free_port_is_bindable() {
+        let port = free_port();
+        assert_ne!(port, 0);
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("port is free");
+    }
+}

@@ -1,0 +1,294 @@
+//! Settings read once at cold start from environment variables.
+//!
+//! Every variable has a documented default except `TABLE_NAME` (and `REDIS_URL` for the functions
+//! that need it). A malformed value fails start-up with a message naming the variable: a function
+//! that starts with a half-understood configuration would fail every request instead.
+
+use std::time::Duration;
+
+use crate::id::KeyType;
+
+/// How the invalidator treats INSERT and MODIFY records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidationMode {
+    /// Remove the cached entry; the next read fills it from the table.
+    Delete,
+    /// Write the record's new image into the cache, so the next read is already a hit.
+    Refresh,
+}
+
+impl std::str::FromStr for InvalidationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "delete" => Ok(Self::Delete),
+            "refresh" => Ok(Self::Refresh),
+            other => Err(format!("expected `delete` or `refresh`, got `{other}`")),
+        }
+    }
+}
+
+/// Everything both functions need to agree on: how items are keyed and how long entries live.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Prefix of every cache key; the key of item `42` is `<prefix>42`.
+    pub key_prefix: String,
+    /// Name of the table's partition key attribute.
+    pub key_attribute: String,
+    /// DynamoDB type of the partition key (`S` or `N`).
+    pub key_type: KeyType,
+    /// TTL of a cached item: only the safety net, the stream keeps entries fresh.
+    pub ttl: Duration,
+    /// TTL of a cached "not found".
+    pub negative_ttl: Duration,
+    /// Upper bound on any single Redis operation before the cache is bypassed.
+    pub redis_timeout: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            key_prefix: "product:".to_owned(),
+            key_attribute: "productId".to_owned(),
+            key_type: KeyType::S,
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(30),
+            redis_timeout: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Settings of the read function.
+#[derive(Debug, Clone)]
+pub struct ReadSettings {
+    pub redis_url: String,
+    pub table_name: String,
+    /// Strongly consistent `GetItem`. Costs twice the read capacity of an eventually consistent
+    /// read, but an eventually consistent read can return the version the stream just replaced
+    /// and put it back into the cache.
+    pub consistent_read: bool,
+    pub cache: CacheSettings,
+}
+
+/// Settings of the invalidator function.
+#[derive(Debug, Clone)]
+pub struct InvalidatorSettings {
+    pub redis_url: String,
+    pub mode: InvalidationMode,
+    pub cache: CacheSettings,
+}
+
+/// A variable that is missing or cannot be understood.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("environment variable {0} is required but not set")]
+    Missing(&'static str),
+    #[error("environment variable {name} has an invalid value {value:?}: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Where settings come from. A trait so tests can supply a map instead of mutating the process
+/// environment, which is shared by every test thread.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct Env;
+
+impl Source for Env {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<S: AsRef<str>> Source for [(S, S)] {
+    fn get(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| k.as_ref() == name)
+            .map(|(_, v)| v.as_ref().to_owned())
+    }
+}
+
+fn required(src: &(impl Source + ?Sized), name: &'static str) -> Result<String, ConfigError> {
+    match src.get(name) {
+        Some(v) if !v.trim().is_empty() => Ok(v),
+        _ => Err(ConfigError::Missing(name)),
+    }
+}
+
+fn parsed<T: std::str::FromStr>(
+    src: &(impl Source + ?Sized),
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match src.get(name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
+            name,
+            value: v.clone(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn positive_secs(
+    src: &(impl Source + ?Sized),
+    name: &'static str,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    let secs: u64 = parsed(src, name, default)?;
+    if secs == 0 {
+        return Err(ConfigError::Invalid {
+            name,
+            value: "0".into(),
+            reason: "must be at least 1 (Redis rejects EX 0)".into(),
+        });
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+impl CacheSettings {
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let key_prefix = src.get("KEY_PREFIX").unwrap_or(d.key_prefix);
+        if key_prefix.contains(['{', '}']) {
+            // Braces would turn part of the prefix into the Redis Cluster hash tag, and the side
+            // keys that must share the item's slot would land elsewhere.
+            return Err(ConfigError::Invalid {
+                name: "KEY_PREFIX",
+                value: key_prefix,
+                reason: "must not contain `{` or `}`".into(),
+            });
+        }
+        let key_attribute = src.get("KEY_ATTRIBUTE").unwrap_or(d.key_attribute);
+        if key_attribute.is_empty() {
+            return Err(ConfigError::Invalid {
+                name: "KEY_ATTRIBUTE",
+                value: key_attribute,
+                reason: "must not be empty".into(),
+            });
+        }
+        let timeout_ms: u64 = parsed(src, "REDIS_TIMEOUT_MS", 100)?;
+        if timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                name: "REDIS_TIMEOUT_MS",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            key_prefix,
+            key_attribute,
+            key_type: parsed(src, "KEY_TYPE", d.key_type)?,
+            ttl: positive_secs(src, "CACHE_TTL_SECONDS", 3600)?,
+            negative_ttl: positive_secs(src, "NEGATIVE_TTL_SECONDS", 30)?,
+            redis_timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+}
+
+impl ReadSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&Env)
+    }
+
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        Ok(Self {
+            redis_url: required(src, "REDIS_URL")?,
+            table_name: required(src, "TABLE_NAME")?,
+            consistent_read: parsed(src, "CONSISTENT_READ", true)?,
+            cache: CacheSettings::from_source(src)?,
+        })
+    }
+}
+
+impl InvalidatorSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&Env)
+    }
+
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        Ok(Self {
+            redis_url: required(src, "REDIS_URL")?,
+            mode: parsed(src, "INVALIDATION_MODE", InvalidationMode::Delete)?,
+            cache: CacheSettings::from_source(src)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_when_only_required_variables_are_set() {
+        let env = [("REDIS_URL", "redis://h:6379"), ("TABLE_NAME", "Products")];
+        let s = ReadSettings::from_source(&env[..]).unwrap();
+        assert_eq!(s.cache.key_prefix, "product:");
+        assert_eq!(s.cache.key_attribute, "productId");
+        assert_eq!(s.cache.key_type, KeyType::S);
+        assert_eq!(s.cache.ttl, Duration::from_secs(3600));
+        assert_eq!(s.cache.negative_ttl, Duration::from_secs(30));
+        assert_eq!(s.cache.redis_timeout, Duration::from_millis(100));
+        assert!(s.consistent_read);
+        let i = InvalidatorSettings::from_source(&env[..]).unwrap();
+        assert_eq!(i.mode, InvalidationMode::Delete);
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let env = [
+            ("REDIS_URL", "redis://h:6379"),
+            ("TABLE_NAME", "T"),
+            ("KEY_PREFIX", "p:"),
+            ("KEY_ATTRIBUTE", "sku"),
+            ("KEY_TYPE", "N"),
+            ("CACHE_TTL_SECONDS", "60"),
+            ("NEGATIVE_TTL_SECONDS", "5"),
+            ("REDIS_TIMEOUT_MS", "20"),
+            ("CONSISTENT_READ", "false"),
+            ("INVALIDATION_MODE", "Refresh"),
+        ];
+        let s = ReadSettings::from_source(&env[..]).unwrap();
+        assert_eq!(s.cache.key_prefix, "p:");
+        assert_eq!(s.cache.key_attribute, "sku");
+        assert_eq!(s.cache.key_type, KeyType::N);
+        assert_eq!(s.cache.ttl, Duration::from_secs(60));
+        assert_eq!(s.cache.negative_ttl, Duration::from_secs(5));
+        assert_eq!(s.cache.redis_timeout, Duration::from_millis(20));
+        assert!(!s.consistent_read);
+        let i = InvalidatorSettings::from_source(&env[..]).unwrap();
+        assert_eq!(i.mode, InvalidationMode::Refresh);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let err = ReadSettings::from_source(&[("REDIS_URL", "redis://h")][..]).unwrap_err();
+        assert!(err.to_string().contains("TABLE_NAME"), "{err}");
+
+        let bad = |name: &'static str, value: &'static str| {
+            let env = [("REDIS_URL", "redis://h"), ("TABLE_NAME", "T"), (name, value)];
+            let err = ReadSettings::from_source(&env[..])
+                .err()
+                .or_else(|| InvalidatorSettings::from_source(&env[..]).err())
+                .unwrap_or_else(|| panic!("{name}={value} was accepted"));
+            assert!(err.to_string().contains(name), "{err}");
+        };
+        bad("CACHE_TTL_SECONDS", "an hour");
+        bad("CACHE_TTL_SECONDS", "0");
+        bad("NEGATIVE_TTL_SECONDS", "-1");
+        bad("REDIS_TIMEOUT_MS", "0");
+        bad("KEY_TYPE", "B");
+        bad("KEY_PREFIX", "{p}:");
+        bad("CONSISTENT_READ", "yes please");
+        bad("INVALIDATION_MODE", "update");
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs what the integration tests need on a fresh Debian/Ubuntu machine that
+# already has the Rust toolchain and python3: a redis-server binary and moto's
+# server mode in a project-local venv. Safe to run repeatedly; it only does work
+# for what is missing.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo/.venv"
+moto_spec='moto[server,dynamodb]>=5.1,<6'
+
+# Only use sudo when we actually lack root; CI and these machines run as root and
+# may not have sudo at all.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "setup.sh: need root (or sudo) to run: $*" >&2
+        exit 1
+    fi
+}
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "$@" >/dev/null
+}
+
+# The tests spawn their own redis-server instances on free ports, so the
+# system service the package may start is neither needed nor stopped here.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "setup.sh: installing redis-server" >&2
+    apt_install redis-server
+fi
+
+# Debian splits venv support out of python3: `import venv` can succeed while
+# `python3 -m venv` still fails for lack of ensurepip, so test for both.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "setup.sh: installing python3-venv" >&2
+    pyver="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    # The versioned package is what actually provides ensurepip on newer
+    # Debian/Ubuntu; fall back to the generic name where it doesn't exist.
+    apt_install "python${pyver}-venv" 2>/dev/null || apt_install python3-venv
+fi
+
+# A venv left half-made (an interrupted run, or `python3 -m venv` failing for lack
+# of ensurepip) has no pip; recreate it rather than trying to repair it.
+if [ ! -x "$venv/bin/python" ] || [ ! -x "$venv/bin/pip" ]; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+fi
+
+if [ ! -x "$venv/bin/moto_server" ]; then
+    echo "setup.sh: installing $moto_spec into $venv" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$moto_spec"
+fi
+
+echo "setup.sh: redis-server at $(command -v redis-server), moto_server at $venv/bin/moto_server"
