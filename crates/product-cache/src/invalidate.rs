@@ -195,3 +195,142 @@ pub fn is_ttl_expiry(record: &EventRecord) -> bool {
         u.type_ == "Service" && u.principal_id == "dynamodb.amazonaws.com"
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::memory::MemoryCache;
+    use std::sync::atomic::Ordering;
+
+    fn fixture(name: &str) -> Value {
+        let path = format!("{}/../../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
+    fn invalidator(mode: InvalidationMode) -> Invalidator<MemoryCache> {
+        Invalidator::new(MemoryCache::default(), mode, CacheSettings::default())
+    }
+
+    fn ops(inv: &Invalidator<MemoryCache>, name: &str) -> Vec<CacheOp> {
+        let event = fixture(name);
+        inv.plan(event["Records"].as_array().unwrap())
+            .into_iter()
+            .map(|p| p.op)
+            .collect()
+    }
+
+    fn del(key: &str) -> CacheOp {
+        CacheOp::Delete { key: key.into() }
+    }
+
+    #[test]
+    fn delete_mode_deletes_for_every_event_kind() {
+        let inv = invalidator(InvalidationMode::Delete);
+        for name in ["insert.json", "modify.json", "remove.json", "ttl-expiry-remove.json", "keys-only.json", "float-timestamp.json"] {
+            assert_eq!(ops(&inv, name), vec![del("product:kb-001")], "{name}");
+        }
+        assert_eq!(ops(&inv, "number-key.json"), vec![del("product:42")]);
+    }
+
+    #[test]
+    fn refresh_mode_writes_the_new_image_and_deletes_otherwise() {
+        let inv = invalidator(InvalidationMode::Refresh);
+        let [CacheOp::Set { key, value, ttl }] = &ops(&inv, "modify.json")[..] else {
+            panic!("expected one set");
+        };
+        assert_eq!(key, "product:kb-001");
+        assert_eq!(*ttl, CacheSettings::default().ttl);
+        let doc: Value = serde_json::from_str(value).unwrap();
+        assert_eq!(doc["price"], serde_json::json!(99.99));
+        for name in ["remove.json", "ttl-expiry-remove.json", "keys-only.json"] {
+            assert_eq!(ops(&inv, name), vec![del("product:kb-001")], "{name}");
+        }
+    }
+
+    #[test]
+    fn ttl_expiry_is_recognised() {
+        let event = fixture("ttl-expiry-remove.json");
+        let record: EventRecord = serde_json::from_value(event["Records"][0].clone()).unwrap();
+        assert!(is_ttl_expiry(&record));
+        let event = fixture("remove.json");
+        let record: EventRecord = serde_json::from_value(event["Records"][0].clone()).unwrap();
+        assert!(!is_ttl_expiry(&record));
+    }
+
+    #[test]
+    fn a_malformed_record_costs_only_itself() {
+        let inv = invalidator(InvalidationMode::Refresh);
+        let planned = ops(&inv, "malformed-record.json");
+        // The middle record has no Keys and no SizeBytes; its key is recovered from its image and
+        // deleted, whatever the mode, and the records around it are handled normally.
+        assert_eq!(planned.len(), 3);
+        assert!(matches!(&planned[0], CacheOp::Set { key, .. } if key == "product:kb-001"));
+        assert_eq!(planned[1], del("product:monitor-003"));
+        assert!(matches!(&planned[2], CacheOp::Set { key, .. } if key == "product:mouse-002"));
+    }
+
+    #[test]
+    fn records_without_a_usable_key_are_skipped() {
+        let inv = invalidator(InvalidationMode::Delete);
+        let mut event = fixture("modify.json");
+        let good = event["Records"][0].clone();
+        let mut no_key = good.clone();
+        no_key["dynamodb"] = serde_json::json!({"SequenceNumber": "5"});
+        let mut braces = good.clone();
+        braces["dynamodb"]["Keys"]["productId"] = serde_json::json!({"S": "{x}"});
+        let mut wrong_type = good.clone();
+        wrong_type["dynamodb"]["Keys"]["productId"] = serde_json::json!({"BOOL": true});
+        event["Records"] = serde_json::json!(["not even an object", no_key, braces, wrong_type, good]);
+        let planned = inv.plan(event["Records"].as_array().unwrap());
+        assert_eq!(planned.iter().map(|p| p.op.clone()).collect::<Vec<_>>(), vec![del("product:kb-001")]);
+    }
+
+    #[tokio::test]
+    async fn a_cache_failure_reports_the_first_record_of_the_failed_chunk() {
+        let inv = invalidator(InvalidationMode::Delete);
+        let event = fixture("batch-mixed.json");
+        let ok = inv.handle(event.clone()).await;
+        assert!(ok.batch_item_failures.is_empty());
+        inv.cache.fail.store(true, Ordering::SeqCst);
+        let failed = inv.handle(event).await;
+        assert_eq!(failed.batch_item_failures.len(), 1);
+        assert_eq!(failed.batch_item_failures[0].item_identifier.as_deref(), Some("111000000000000000101"));
+    }
+
+    #[tokio::test]
+    async fn large_batches_are_chunked_and_retried_from_the_failed_chunk() {
+        struct FailSecondApply(MemoryCache, std::sync::atomic::AtomicUsize);
+        impl Cache for FailSecondApply {
+            async fn get(&self, k: &str) -> Result<Option<String>, crate::cache::CacheError> {
+                self.0.get(k).await
+            }
+            async fn set(&self, k: &str, v: &str, t: std::time::Duration) -> Result<(), crate::cache::CacheError> {
+                self.0.set(k, v, t).await
+            }
+            async fn apply(&self, ops: &[CacheOp]) -> Result<(), crate::cache::CacheError> {
+                if self.1.fetch_add(1, Ordering::SeqCst) == 1 {
+                    return Err(crate::cache::CacheError::Timeout(Default::default()));
+                }
+                self.0.apply(ops).await
+            }
+        }
+        let inv = Invalidator::new(
+            FailSecondApply(MemoryCache::default(), Default::default()),
+            InvalidationMode::Delete,
+            CacheSettings::default(),
+        );
+        let template = fixture("modify.json")["Records"][0].clone();
+        let records: Vec<Value> = (0..2500)
+            .map(|i| {
+                let mut r = template.clone();
+                r["dynamodb"]["Keys"]["productId"] = serde_json::json!({"S": format!("p{i}")});
+                r["dynamodb"]["SequenceNumber"] = serde_json::json!(format!("{}", 1000 + i));
+                r
+            })
+            .collect();
+        let resp = inv.handle(serde_json::json!({ "Records": records })).await;
+        // Chunk 1 (records 0..1000) landed, chunk 2 failed: retry from record 1000, stop there.
+        assert_eq!(resp.batch_item_failures[0].item_identifier.as_deref(), Some("2000"));
+        assert_eq!(inv.cache.1.load(Ordering::SeqCst), 2);
+    }
+}

@@ -215,3 +215,112 @@ fn response(code: StatusCode, status: CacheStatus, body: String) -> Response<Bod
         .body(Body::Text(body))
         .expect("static headers are valid")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::memory::MemoryCache;
+    use crate::store::memory::MemoryStore;
+    use serde_dynamo::AttributeValue;
+    use std::sync::atomic::Ordering;
+
+    fn read_path() -> ReadPath<MemoryCache, MemoryStore> {
+        let store = MemoryStore::default();
+        store.items.lock().unwrap().insert(
+            "kb-001".into(),
+            [
+                ("productId".to_owned(), AttributeValue::S("kb-001".into())),
+                ("price".to_owned(), AttributeValue::N("129.99".into())),
+            ]
+            .into(),
+        );
+        ReadPath::new(MemoryCache::default(), store, CacheSettings::default())
+    }
+
+    #[tokio::test]
+    async fn miss_fills_then_hits_without_the_store() {
+        let rp = read_path();
+        let (s1, r1) = rp.get("kb-001").await;
+        let (s2, r2) = rp.get("kb-001").await;
+        assert_eq!((s1, s2), (CacheStatus::Miss, CacheStatus::Hit));
+        let want = Lookup::Found(Document::from_cached(r#"{"price":129.99,"productId":"kb-001"}"#.into()));
+        assert_eq!(r1.unwrap(), want);
+        assert_eq!(r2.unwrap(), want);
+        assert_eq!(rp.store.reads.load(Ordering::SeqCst), 1);
+        let entries = rp.cache.entries.lock().unwrap();
+        assert_eq!(entries["product:kb-001"].1, CacheSettings::default().ttl);
+    }
+
+    #[tokio::test]
+    async fn absent_items_are_cached_briefly_as_not_found() {
+        let rp = read_path();
+        assert_eq!(rp.get("nope").await.1.unwrap(), Lookup::NotFound);
+        let (status, r) = rp.get("nope").await;
+        assert_eq!((status, r.unwrap()), (CacheStatus::Hit, Lookup::NotFound));
+        assert_eq!(rp.store.reads.load(Ordering::SeqCst), 1);
+        let entries = rp.cache.entries.lock().unwrap();
+        assert_eq!(entries["product:nope"], (NOT_FOUND.to_owned(), CacheSettings::default().negative_ttl));
+    }
+
+    #[tokio::test]
+    async fn cache_failure_bypasses_to_the_store() {
+        let rp = read_path();
+        rp.cache.fail.store(true, Ordering::SeqCst);
+        let (status, r) = rp.get("kb-001").await;
+        assert_eq!(status, CacheStatus::Bypass);
+        assert!(matches!(r.unwrap(), Lookup::Found(_)));
+        // One failed read, no fill attempt after it.
+        assert_eq!(rp.cache.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_ids_touch_neither_backend() {
+        let rp = read_path();
+        for bad in ["", "{kb}", "a\u{0}b"] {
+            let (status, r) = rp.get(bad).await;
+            assert_eq!(status, CacheStatus::Bypass);
+            assert!(matches!(r, Err(ReadError::InvalidId(_))), "{bad:?}");
+        }
+        assert_eq!(rp.cache.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(rp.store.reads.load(Ordering::SeqCst), 0);
+    }
+
+    async fn call(rp: &ReadPath<MemoryCache, MemoryStore>, method: &str, uri: &str) -> (u16, String, serde_json::Value) {
+        let req = lambda_http::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::Empty)
+            .unwrap();
+        let resp = handle_request(rp, req.into()).await.unwrap();
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+        let body = match resp.body() {
+            Body::Text(t) => serde_json::from_str(t).unwrap(),
+            other => panic!("unexpected body {other:?}"),
+        };
+        (resp.status().as_u16(), x_cache, body)
+    }
+
+    #[tokio::test]
+    async fn http_edge_maps_every_outcome_to_json() {
+        let rp = read_path();
+        let (code, xc, body) = call(&rp, "GET", "/products/kb-001").await;
+        assert_eq!((code, xc.as_str(), &body["price"]), (200, "miss", &serde_json::json!(129.99)));
+        assert_eq!(call(&rp, "GET", "/products/kb-001").await.1, "hit");
+        let (code, _, body) = call(&rp, "GET", "/products/missing").await;
+        assert_eq!((code, body["error"].as_str()), (404, Some("not_found")));
+        let (code, xc, body) = call(&rp, "GET", "/products/%7Bkb%7D").await;
+        assert_eq!((code, xc.as_str(), body["error"].as_str()), (400, "bypass", Some("invalid_id")));
+        let (code, _, _) = call(&rp, "GET", "/products/").await;
+        assert_eq!(code, 400);
+        let (code, _, body) = call(&rp, "GET", "/elsewhere").await;
+        assert_eq!((code, body["error"].as_str()), (404, Some("no_route")));
+        let (code, _, _) = call(&rp, "POST", "/products/kb-001").await;
+        assert_eq!(code, 405);
+
+        rp.store.fail.store(true, Ordering::SeqCst);
+        let (code, xc, body) = call(&rp, "GET", "/products/other").await;
+        assert_eq!((code, xc.as_str(), body["error"].as_str()), (503, "miss", Some("unavailable")));
+        assert!(!body.to_string().contains("injected"), "internals leaked: {body}");
+    }
+}
