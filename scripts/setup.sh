@@ -43,10 +43,12 @@ fi
 # `python3 -m venv` still fails for lack of ensurepip, so test for both.
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     echo "setup.sh: installing python3-venv" >&2
-    pyver="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-    # The versioned package is what actually provides ensurepip on newer
-    # Debian/Ubuntu; fall back to the generic name where it doesn't exist.
-    apt_install "python${pyver}-venv" 2>/dev/null || apt_install python3-venv
+    apt_install python3-venv
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        echo "setup.sh: $(command -v python3) still lacks venv/ensurepip after installing python3-venv;" \
+            "is it a python3 that Debian's packages don't serve?" >&2
+        exit 1
+    fi
 fi
 
 # A venv left half-made (an interrupted run, or `python3 -m venv` failing for lack

@@ -1,8 +1,14 @@
-//! Throwaway local services for integration tests.
+//! Runs the whole system on one machine: real `redis-server` and `moto_server` (DynamoDB and
+//! DynamoDB Streams) processes, the table with its stream, and the stream read the way Lambda's
+//! event source mapping reads it. Tests use the same pieces.
 //!
-//! The [`services`] module spawns a real `redis-server` and a real `moto_server`
-//! (DynamoDB and DynamoDB Streams) as child processes on free loopback ports, so
-//! tests exercise the same wire protocols as production without any shared,
-//! long-lived infrastructure. Install both binaries with `scripts/setup.sh`.
+//! # Layout
+//! - [`services`]: spawns throwaway `redis-server` and `moto_server` children on free ports.
+//! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
+//! - [`stream`]: reads the table's stream and builds the event JSON Lambda would deliver.
+//!
+//! Install both server binaries with `scripts/setup.sh`.
 
 pub mod services;
+pub mod stream;
+pub mod table;

@@ -42,9 +42,7 @@ pub enum ServiceError {
     #[error("could not spawn a local service: {0}")]
     Spawn(#[from] io::Error),
 
-    #[error(
-        "{what} on 127.0.0.1:{port} was not ready after {waited:?}; last output:\n{log_tail}"
-    )]
+    #[error("{what} on 127.0.0.1:{port} was not ready after {waited:?}; last output:\n{log_tail}")]
     NotReady {
         what: &'static str,
         port: u16,
@@ -52,7 +50,9 @@ pub enum ServiceError {
         log_tail: String,
     },
 
-    #[error("{what} on 127.0.0.1:{port} exited during startup ({status}); last output:\n{log_tail}")]
+    #[error(
+        "{what} on 127.0.0.1:{port} exited during startup ({status}); last output:\n{log_tail}"
+    )]
     Exited {
         what: &'static str,
         port: u16,
@@ -593,7 +593,10 @@ mod tests {
         drop(a);
         // Drop only starts the kill; give the kernel a moment to close the socket.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port_a)).await.is_ok() {
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port_a))
+            .await
+            .is_ok()
+        {
             assert!(Instant::now() < deadline, "dropped server still listening");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
