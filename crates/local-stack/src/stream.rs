@@ -172,7 +172,10 @@ pub fn lambda_record(record: &Record, stream_arn: &str) -> Value {
         "eventName",
         record.event_name.as_ref().map(|n| Value::from(n.as_str())),
     );
-    put("eventVersion", record.event_version.clone().map(Value::from));
+    put(
+        "eventVersion",
+        record.event_version.clone().map(Value::from),
+    );
     put("eventSource", record.event_source.clone().map(Value::from));
     put("awsRegion", record.aws_region.clone().map(Value::from));
     if let Some(d) = &record.dynamodb {

@@ -2,8 +2,8 @@
 //! stream the way the SAM template does.
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType as SdkKeyType,
-    ScalarAttributeType, StreamSpecification, StreamViewType,
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType as SdkKeyType, ScalarAttributeType,
+    StreamSpecification, StreamViewType,
 };
 use product_cache::id::KeyType;
 
@@ -24,7 +24,11 @@ pub async fn local_sdk_config(endpoint: &str) -> aws_config::SdkConfig {
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "local", "local", None, None, "local-stack",
+            "local",
+            "local",
+            None,
+            None,
+            "local-stack",
         ))
         .load()
         .await

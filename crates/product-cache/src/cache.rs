@@ -15,8 +15,14 @@ pub const NOT_FOUND: &str = "null";
 /// One change to the cache, produced by the invalidator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheOp {
-    Delete { key: String },
-    Set { key: String, value: String, ttl: Duration },
+    Delete {
+        key: String,
+    },
+    Set {
+        key: String,
+        value: String,
+        ttl: Duration,
+    },
 }
 
 impl CacheOp {

@@ -275,7 +275,11 @@ mod tests {
         assert!(err.to_string().contains("TABLE_NAME"), "{err}");
 
         let bad = |name: &'static str, value: &'static str| {
-            let env = [("REDIS_URL", "redis://h"), ("TABLE_NAME", "T"), (name, value)];
+            let env = [
+                ("REDIS_URL", "redis://h"),
+                ("TABLE_NAME", "T"),
+                (name, value),
+            ];
             let err = ReadSettings::from_source(&env[..])
                 .err()
                 .or_else(|| InvalidatorSettings::from_source(&env[..]).err())

@@ -238,7 +238,13 @@ mod tests {
             ("f", A::Bool(false)),
             ("nothing", A::Null(true)),
             ("bin", A::B(b"hello".to_vec())),
-            ("m", A::M(item(vec![("z", A::N("1".into())), ("a", A::L(vec![A::S("x".into()), A::N("2".into())]))]))),
+            (
+                "m",
+                A::M(item(vec![
+                    ("z", A::N("1".into())),
+                    ("a", A::L(vec![A::S("x".into()), A::N("2".into())])),
+                ])),
+            ),
             ("ss", A::Ss(vec!["b".into(), "a".into()])),
             ("ns", A::Ns(vec!["10".into(), "2.5".into(), "1".into()])),
             ("bs", A::Bs(vec![b"world".to_vec(), b"hello".to_vec()])),
@@ -255,9 +261,18 @@ mod tests {
 
     #[test]
     fn same_item_in_any_order_gives_the_same_bytes() {
-        let a = item(vec![("a", A::N("1".into())), ("b", A::Ss(vec!["x".into(), "y".into()]))]);
-        let b = item(vec![("b", A::Ss(vec!["y".into(), "x".into()])), ("a", A::N("1".into()))]);
-        assert_eq!(Document::from_item(&a).unwrap(), Document::from_item(&b).unwrap());
+        let a = item(vec![
+            ("a", A::N("1".into())),
+            ("b", A::Ss(vec!["x".into(), "y".into()])),
+        ]);
+        let b = item(vec![
+            ("b", A::Ss(vec!["y".into(), "x".into()])),
+            ("a", A::N("1".into())),
+        ]);
+        assert_eq!(
+            Document::from_item(&a).unwrap(),
+            Document::from_item(&b).unwrap()
+        );
     }
 
     #[test]
@@ -272,21 +287,29 @@ mod tests {
             ("007", "7"),
             (".5", "0.5"),
             ("5.", "5"),
-            ("99999999999999999999999999999999999999", "99999999999999999999999999999999999999"),
+            (
+                "99999999999999999999999999999999999999",
+                "99999999999999999999999999999999999999",
+            ),
         ];
         for (n, want) in cases {
             assert_eq!(json_number(n).as_deref(), Some(want), "{n}");
             serde_json::from_str::<serde_json::Value>(want).unwrap();
         }
-        for bad in ["", "-", ".", "abc", "1e", "1e+", "1.2.3", "0x10", "NaN", "1 2"] {
+        for bad in [
+            "", "-", ".", "abc", "1e", "1e+", "1.2.3", "0x10", "NaN", "1 2",
+        ] {
             assert_eq!(json_number(bad), None, "{bad:?}");
         }
     }
 
     #[test]
     fn a_broken_number_is_an_error_naming_its_path() {
-        let err = Document::from_item(&item(vec![("m", A::M(item(vec![("n", A::N("abc".into()))])))]))
-            .unwrap_err();
+        let err = Document::from_item(&item(vec![(
+            "m",
+            A::M(item(vec![("n", A::N("abc".into()))])),
+        )]))
+        .unwrap_err();
         assert_eq!(err.path, "m.n");
     }
 }

@@ -105,8 +105,7 @@ impl<C: Cache> Invalidator<C> {
                     // Not the documented shape. Deleting the key it names is right whatever the
                     // change was, so look for the key before giving up on the record.
                     tracing::warn!(index, ?sequence_number, error = %e, "malformed stream record; deleting its key if it has one");
-                    self.key_of_raw(raw)
-                        .map(|key| CacheOp::Delete { key })
+                    self.key_of_raw(raw).map(|key| CacheOp::Delete { key })
                 }
             };
             match result {
@@ -191,9 +190,10 @@ impl<C: Cache> Invalidator<C> {
 
 /// A REMOVE made by DynamoDB's TTL process rather than by a user.
 pub fn is_ttl_expiry(record: &EventRecord) -> bool {
-    record.user_identity.as_ref().is_some_and(|u| {
-        u.type_ == "Service" && u.principal_id == "dynamodb.amazonaws.com"
-    })
+    record
+        .user_identity
+        .as_ref()
+        .is_some_and(|u| u.type_ == "Service" && u.principal_id == "dynamodb.amazonaws.com")
 }
 
 #[cfg(test)]
@@ -226,7 +226,14 @@ mod tests {
     #[test]
     fn delete_mode_deletes_for_every_event_kind() {
         let inv = invalidator(InvalidationMode::Delete);
-        for name in ["insert.json", "modify.json", "remove.json", "ttl-expiry-remove.json", "keys-only.json", "float-timestamp.json"] {
+        for name in [
+            "insert.json",
+            "modify.json",
+            "remove.json",
+            "ttl-expiry-remove.json",
+            "keys-only.json",
+            "float-timestamp.json",
+        ] {
             assert_eq!(ops(&inv, name), vec![del("product:kb-001")], "{name}");
         }
         assert_eq!(ops(&inv, "number-key.json"), vec![del("product:42")]);
@@ -280,9 +287,13 @@ mod tests {
         braces["dynamodb"]["Keys"]["productId"] = serde_json::json!({"S": "{x}"});
         let mut wrong_type = good.clone();
         wrong_type["dynamodb"]["Keys"]["productId"] = serde_json::json!({"BOOL": true});
-        event["Records"] = serde_json::json!(["not even an object", no_key, braces, wrong_type, good]);
+        event["Records"] =
+            serde_json::json!(["not even an object", no_key, braces, wrong_type, good]);
         let planned = inv.plan(event["Records"].as_array().unwrap());
-        assert_eq!(planned.iter().map(|p| p.op.clone()).collect::<Vec<_>>(), vec![del("product:kb-001")]);
+        assert_eq!(
+            planned.iter().map(|p| p.op.clone()).collect::<Vec<_>>(),
+            vec![del("product:kb-001")]
+        );
     }
 
     #[tokio::test]
@@ -294,7 +305,10 @@ mod tests {
         inv.cache.fail.store(true, Ordering::SeqCst);
         let failed = inv.handle(event).await;
         assert_eq!(failed.batch_item_failures.len(), 1);
-        assert_eq!(failed.batch_item_failures[0].item_identifier.as_deref(), Some("111000000000000000101"));
+        assert_eq!(
+            failed.batch_item_failures[0].item_identifier.as_deref(),
+            Some("111000000000000000101")
+        );
     }
 
     #[tokio::test]
@@ -304,7 +318,12 @@ mod tests {
             async fn get(&self, k: &str) -> Result<Option<String>, crate::cache::CacheError> {
                 self.0.get(k).await
             }
-            async fn set(&self, k: &str, v: &str, t: std::time::Duration) -> Result<(), crate::cache::CacheError> {
+            async fn set(
+                &self,
+                k: &str,
+                v: &str,
+                t: std::time::Duration,
+            ) -> Result<(), crate::cache::CacheError> {
                 self.0.set(k, v, t).await
             }
             async fn apply(&self, ops: &[CacheOp]) -> Result<(), crate::cache::CacheError> {
@@ -330,7 +349,10 @@ mod tests {
             .collect();
         let resp = inv.handle(serde_json::json!({ "Records": records })).await;
         // Chunk 1 (records 0..1000) landed, chunk 2 failed: retry from record 1000, stop there.
-        assert_eq!(resp.batch_item_failures[0].item_identifier.as_deref(), Some("2000"));
+        assert_eq!(
+            resp.batch_item_failures[0].item_identifier.as_deref(),
+            Some("2000")
+        );
         assert_eq!(inv.cache.1.load(Ordering::SeqCst), 2);
     }
 }

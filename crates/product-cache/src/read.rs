@@ -92,7 +92,9 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         let key = id.cache_key(&self.settings.key_prefix);
 
         let status = match self.cache.get(&key).await {
-            Ok(Some(cached)) if cached == NOT_FOUND => return (CacheStatus::Hit, Ok(Lookup::NotFound)),
+            Ok(Some(cached)) if cached == NOT_FOUND => {
+                return (CacheStatus::Hit, Ok(Lookup::NotFound))
+            }
             Ok(Some(cached)) => {
                 return (
                     CacheStatus::Hit,
@@ -161,9 +163,12 @@ pub async fn handle_request<C: Cache, S: ProductStore>(
             "not_found",
             "no product with this id",
         ),
-        Err(ReadError::InvalidId(e)) => {
-            error(StatusCode::BAD_REQUEST, status, "invalid_id", &e.to_string())
-        }
+        Err(ReadError::InvalidId(e)) => error(
+            StatusCode::BAD_REQUEST,
+            status,
+            "invalid_id",
+            &e.to_string(),
+        ),
         Err(e @ ReadError::Store(_)) => {
             tracing::error!(error = ?e, "answering 503");
             error(
@@ -243,7 +248,9 @@ mod tests {
         let (s1, r1) = rp.get("kb-001").await;
         let (s2, r2) = rp.get("kb-001").await;
         assert_eq!((s1, s2), (CacheStatus::Miss, CacheStatus::Hit));
-        let want = Lookup::Found(Document::from_cached(r#"{"price":129.99,"productId":"kb-001"}"#.into()));
+        let want = Lookup::Found(Document::from_cached(
+            r#"{"price":129.99,"productId":"kb-001"}"#.into(),
+        ));
         assert_eq!(r1.unwrap(), want);
         assert_eq!(r2.unwrap(), want);
         assert_eq!(rp.store.reads.load(Ordering::SeqCst), 1);
@@ -259,7 +266,10 @@ mod tests {
         assert_eq!((status, r.unwrap()), (CacheStatus::Hit, Lookup::NotFound));
         assert_eq!(rp.store.reads.load(Ordering::SeqCst), 1);
         let entries = rp.cache.entries.lock().unwrap();
-        assert_eq!(entries["product:nope"], (NOT_FOUND.to_owned(), CacheSettings::default().negative_ttl));
+        assert_eq!(
+            entries["product:nope"],
+            (NOT_FOUND.to_owned(), CacheSettings::default().negative_ttl)
+        );
     }
 
     #[tokio::test]
@@ -285,7 +295,11 @@ mod tests {
         assert_eq!(rp.store.reads.load(Ordering::SeqCst), 0);
     }
 
-    async fn call(rp: &ReadPath<MemoryCache, MemoryStore>, method: &str, uri: &str) -> (u16, String, serde_json::Value) {
+    async fn call(
+        rp: &ReadPath<MemoryCache, MemoryStore>,
+        method: &str,
+        uri: &str,
+    ) -> (u16, String, serde_json::Value) {
         let req = lambda_http::http::Request::builder()
             .method(method)
             .uri(uri)
@@ -305,12 +319,18 @@ mod tests {
     async fn http_edge_maps_every_outcome_to_json() {
         let rp = read_path();
         let (code, xc, body) = call(&rp, "GET", "/products/kb-001").await;
-        assert_eq!((code, xc.as_str(), &body["price"]), (200, "miss", &serde_json::json!(129.99)));
+        assert_eq!(
+            (code, xc.as_str(), &body["price"]),
+            (200, "miss", &serde_json::json!(129.99))
+        );
         assert_eq!(call(&rp, "GET", "/products/kb-001").await.1, "hit");
         let (code, _, body) = call(&rp, "GET", "/products/missing").await;
         assert_eq!((code, body["error"].as_str()), (404, Some("not_found")));
         let (code, xc, body) = call(&rp, "GET", "/products/%7Bkb%7D").await;
-        assert_eq!((code, xc.as_str(), body["error"].as_str()), (400, "bypass", Some("invalid_id")));
+        assert_eq!(
+            (code, xc.as_str(), body["error"].as_str()),
+            (400, "bypass", Some("invalid_id"))
+        );
         let (code, _, _) = call(&rp, "GET", "/products/").await;
         assert_eq!(code, 400);
         let (code, _, body) = call(&rp, "GET", "/elsewhere").await;
@@ -320,7 +340,13 @@ mod tests {
 
         rp.store.fail.store(true, Ordering::SeqCst);
         let (code, xc, body) = call(&rp, "GET", "/products/other").await;
-        assert_eq!((code, xc.as_str(), body["error"].as_str()), (503, "miss", Some("unavailable")));
-        assert!(!body.to_string().contains("injected"), "internals leaked: {body}");
+        assert_eq!(
+            (code, xc.as_str(), body["error"].as_str()),
+            (503, "miss", Some("unavailable"))
+        );
+        assert!(
+            !body.to_string().contains("injected"),
+            "internals leaked: {body}"
+        );
     }
 }

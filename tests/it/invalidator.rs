@@ -1,0 +1,190 @@
+//! Every fixture replayed through the invalidator against a real Redis.
+
+use product_cache::config::InvalidationMode::{self, Delete, Refresh};
+use product_cache::document::Document;
+use serde_json::{json, Value};
+
+use crate::support::{fixture, key_type_n, TestEnv};
+
+const KEYS: [&str; 4] = [
+    "product:kb-001",
+    "product:mouse-002",
+    "product:monitor-003",
+    "product:untouched",
+];
+
+async fn env_with_stale_entries(mode: InvalidationMode) -> TestEnv {
+    let env = TestEnv::new(mode).await;
+    for key in KEYS {
+        env.raw_set(key, r#"{"stale":true}"#).await;
+    }
+    env
+}
+
+/// The document the invalidator should write for a record's new image.
+fn document_of(record: &Value) -> String {
+    let image: serde_dynamo::Item =
+        serde_json::from_value(record["dynamodb"]["NewImage"].clone()).unwrap();
+    Document::from_item(&image).unwrap().into_string()
+}
+
+async fn replay(env: &TestEnv, name: &str) -> Value {
+    let response = env.invalidator.handle(fixture(name)).await;
+    serde_json::to_value(response).unwrap()
+}
+
+#[tokio::test]
+async fn delete_mode_removes_the_key_for_every_kind_of_record() {
+    for name in [
+        "insert.json",
+        "modify.json",
+        "remove.json",
+        "ttl-expiry-remove.json",
+        "keys-only.json",
+        "float-timestamp.json",
+    ] {
+        let env = env_with_stale_entries(Delete).await;
+        assert_eq!(
+            replay(&env, name).await,
+            json!({"batchItemFailures": []}),
+            "{name}"
+        );
+        assert_eq!(env.raw_get("product:kb-001").await, None, "{name}");
+        assert!(env.raw_get("product:untouched").await.is_some(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn refresh_mode_writes_the_new_image_with_the_normal_ttl() {
+    let env = env_with_stale_entries(Refresh).await;
+    replay(&env, "modify.json").await;
+    let record = &fixture("modify.json")["Records"][0];
+    let cached = env.raw_get("product:kb-001").await.unwrap();
+    assert_eq!(cached, document_of(record));
+    assert_eq!(
+        serde_json::from_str::<Value>(&cached).unwrap()["price"],
+        json!(99.99)
+    );
+    let ttl = env.ttl("product:kb-001").await;
+    assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
+}
+
+#[tokio::test]
+async fn refresh_mode_deletes_on_remove_and_on_keys_only() {
+    for name in ["remove.json", "ttl-expiry-remove.json", "keys-only.json"] {
+        let env = env_with_stale_entries(Refresh).await;
+        replay(&env, name).await;
+        assert_eq!(env.raw_get("product:kb-001").await, None, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn number_keys_map_to_the_same_cache_key_as_the_read_path() {
+    for mode in [Delete, Refresh] {
+        let env = TestEnv::with_settings(mode, key_type_n()).await;
+        env.raw_set("product:42", r#"{"stale":true}"#).await;
+        replay(&env, "number-key.json").await;
+        let cached = env.raw_get("product:42").await;
+        match mode {
+            Delete => assert_eq!(cached, None),
+            Refresh => assert_eq!(
+                cached.unwrap(),
+                document_of(&fixture("number-key.json")["Records"][0])
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_mixed_batch_ends_as_its_last_record_per_item_says() {
+    let event = fixture("batch-mixed.json");
+    let records = event["Records"].as_array().unwrap();
+    for mode in [Delete, Refresh] {
+        let env = env_with_stale_entries(mode).await;
+        assert_eq!(
+            replay(&env, "batch-mixed.json").await,
+            json!({"batchItemFailures": []})
+        );
+        // kb-001 and mouse-002 end with a REMOVE.
+        assert_eq!(env.raw_get("product:kb-001").await, None);
+        assert_eq!(env.raw_get("product:mouse-002").await, None);
+        let monitor = env.raw_get("product:monitor-003").await;
+        match mode {
+            Delete => assert_eq!(monitor, None),
+            Refresh => {
+                let last = records
+                    .iter()
+                    .rfind(|r| r["dynamodb"]["Keys"]["productId"]["S"] == "monitor-003")
+                    .unwrap();
+                assert_eq!(monitor.unwrap(), document_of(last));
+            }
+        }
+        assert!(env.raw_get("product:untouched").await.is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_record_neither_fails_nor_blocks_the_batch() {
+    let env = env_with_stale_entries(Refresh).await;
+    assert_eq!(
+        replay(&env, "malformed-record.json").await,
+        json!({"batchItemFailures": []})
+    );
+    let records = fixture("malformed-record.json")["Records"].clone();
+    assert_eq!(
+        env.raw_get("product:kb-001").await.unwrap(),
+        document_of(&records[0])
+    );
+    assert_eq!(
+        env.raw_get("product:mouse-002").await.unwrap(),
+        document_of(&records[2])
+    );
+    // The broken record's key was found in its image and deleted: never refreshed from a record
+    // whose shape cannot be trusted.
+    assert_eq!(env.raw_get("product:monitor-003").await, None);
+}
+
+#[tokio::test]
+async fn redis_down_reports_the_first_record_for_retry() {
+    let mut env = env_with_stale_entries(Delete).await;
+    env.redis.stop().await;
+    assert_eq!(
+        replay(&env, "batch-mixed.json").await,
+        json!({"batchItemFailures": [{"itemIdentifier": "111000000000000000101"}]})
+    );
+    // Lambda retries the batch once Redis is back; the retry succeeds.
+    env.redis.restart().await.unwrap();
+    env.raw_set("product:kb-001", "{}").await;
+    assert_eq!(
+        replay(&env, "batch-mixed.json").await,
+        json!({"batchItemFailures": []})
+    );
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+}
+
+#[tokio::test]
+async fn a_ten_thousand_record_batch_is_applied_in_full() {
+    let env = TestEnv::new(Refresh).await;
+    let template = fixture("modify.json")["Records"][0].clone();
+    let records: Vec<Value> = (0..10_000)
+        .map(|i| {
+            let mut r = template.clone();
+            r["dynamodb"]["Keys"]["productId"] = json!({"S": format!("p{i}")});
+            r["dynamodb"]["NewImage"]["productId"] = json!({"S": format!("p{i}")});
+            r["dynamodb"]["SequenceNumber"] = json!(format!("{}", 100_000 + i));
+            r
+        })
+        .collect();
+    let response = env.invalidator.handle(json!({ "Records": records })).await;
+    assert!(response.batch_item_failures.is_empty());
+    for i in [0, 4_999, 9_999] {
+        let cached = env.raw_get(&format!("product:p{i}")).await.unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&cached).unwrap()["productId"],
+            json!(format!("p{i}"))
+        );
+    }
+    let mut conn = env.redis_conn().await;
+    let size: usize = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(size, 10_000);
+}

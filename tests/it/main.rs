@@ -1,0 +1,9 @@
+//! Integration tests: one binary, so the suites share one compile and one moto server.
+//!
+//! Needs `redis-server` and `.venv/bin/moto_server` (`scripts/setup.sh` installs both).
+//! `TEST_LOG=debug` shows the handlers' logs.
+
+mod end_to_end;
+mod invalidator;
+mod read_path;
+mod support;

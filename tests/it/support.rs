@@ -1,0 +1,326 @@
+//! What every suite needs: one shared moto server, a fresh Redis and table per test, the two
+//! handlers wired to them, and counters around the backends.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use local_stack::services::{MotoServer, RedisServer};
+use local_stack::stream::{lambda_event, Position, StreamReader};
+use product_cache::cache::{Cache, CacheError, CacheOp, RedisCache};
+use product_cache::config::{CacheSettings, InvalidationMode};
+use product_cache::id::{KeyType, ProductId};
+use product_cache::invalidate::Invalidator;
+use product_cache::read::ReadPath;
+use product_cache::store::{DynamoStore, Item, ProductStore, StoreError};
+use serde_json::Value;
+
+/// Test output is quiet unless `TEST_LOG` is set.
+pub fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// The endpoint of the moto server shared by the whole test binary. It is started from a thread
+/// that never exits: the child is bound to the life of the thread that spawned it
+/// (PDEATHSIG), and each `#[tokio::test]` runs on a thread of its own that ends with the test.
+pub fn moto_endpoint() -> &'static str {
+    static ENDPOINT: OnceLock<String> = OnceLock::new();
+    ENDPOINT.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("moto-owner".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                match rt.block_on(MotoServer::start()) {
+                    Ok(server) => {
+                        tx.send(Ok(server.endpoint())).unwrap();
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Err(e) => tx.send(Err(e.to_string())).unwrap(),
+                }
+            })
+            .unwrap();
+        rx.recv()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("moto_server did not start: {e}"))
+    })
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A unique table name per test, so tests can share the moto server.
+pub fn unique_table(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Counts calls into a backend, to prove which requests reach it.
+pub struct Counting<T> {
+    pub inner: T,
+    pub calls: Arc<AtomicUsize>,
+}
+
+impl<T> Counting<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            calls: Arc::default(),
+        }
+    }
+    pub fn count(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl<S: ProductStore> ProductStore for Counting<S> {
+    fn get(&self, id: &ProductId) -> impl Future<Output = Result<Option<Item>, StoreError>> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get(id)
+    }
+}
+
+impl<C: Cache> Cache for Counting<C> {
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>, CacheError>> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get(key)
+    }
+    fn set(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), CacheError>> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.set(key, value, ttl)
+    }
+    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), CacheError>> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.apply(ops)
+    }
+}
+
+pub type TestReadPath = ReadPath<Counting<RedisCache>, Counting<DynamoStore>>;
+
+/// A Redis of its own and a table of its own on the shared moto server, with both handlers.
+pub struct TestEnv {
+    pub redis: RedisServer,
+    pub table: String,
+    pub settings: CacheSettings,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub stream: StreamReader,
+    pub read: TestReadPath,
+    pub invalidator: Invalidator<RedisCache>,
+    /// Where the stream has been consumed up to.
+    last_sequence: Option<String>,
+}
+
+impl TestEnv {
+    pub async fn new(mode: InvalidationMode) -> Self {
+        Self::with_settings(mode, CacheSettings::default()).await
+    }
+
+    pub async fn with_settings(mode: InvalidationMode, settings: CacheSettings) -> Self {
+        init_logging();
+        let redis = RedisServer::start().await.expect("redis-server starts");
+        let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+        let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+        let table = unique_table("products");
+        let stream_arn = local_stack::table::ensure_table(
+            &dynamodb,
+            &table,
+            &settings.key_attribute,
+            settings.key_type,
+        )
+        .await
+        .expect("table created");
+        let stream = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&sdk), stream_arn);
+        let read = ReadPath::new(
+            Counting::new(RedisCache::new(&redis.url(), settings.redis_timeout).unwrap()),
+            Counting::new(DynamoStore::new(
+                dynamodb.clone(),
+                &table,
+                &settings.key_attribute,
+                settings.key_type,
+                true,
+            )),
+            settings.clone(),
+        );
+        let invalidator = Invalidator::new(
+            RedisCache::new(&redis.url(), settings.redis_timeout).unwrap(),
+            mode,
+            settings.clone(),
+        );
+        Self {
+            redis,
+            table,
+            settings,
+            dynamodb,
+            stream,
+            read,
+            invalidator,
+            last_sequence: None,
+        }
+    }
+
+    /// A plain connection for looking at what is really in Redis.
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    pub async fn raw_get(&self, key: &str) -> Option<String> {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    pub async fn raw_set(&self, key: &str, value: &str) {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    pub async fn ttl(&self, key: &str) -> i64 {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("TTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Puts an item given in DynamoDB JSON (`{"productId": {"S": "x"}, ...}`).
+    pub async fn put_json(&self, item: Value) {
+        let item: serde_dynamo::Item = serde_json::from_value(item).unwrap();
+        let item: std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue> =
+            item.into();
+        self.dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    pub async fn put_product(&self, id: &str, price: &str) {
+        self.put_json(serde_json::json!({
+            "productId": {"S": id},
+            "name": {"S": format!("Product {id}")},
+            "price": {"N": price},
+        }))
+        .await;
+    }
+
+    pub async fn delete_product(&self, id: &str) {
+        self.dynamodb
+            .delete_item()
+            .table_name(&self.table)
+            .key(
+                &self.settings.key_attribute,
+                aws_sdk_dynamodb::types::AttributeValue::S(id.into()),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// Reads the stream records written since the last call, as the event Lambda would deliver.
+    pub async fn new_stream_event(&mut self) -> Value {
+        let position = match &self.last_sequence {
+            Some(seq) => Position::After(seq.clone()),
+            None => Position::TrimHorizon,
+        };
+        let records = self.stream.read_available(&position).await.unwrap();
+        if let Some(last) = records.last() {
+            self.last_sequence = last["dynamodb"]["SequenceNumber"]
+                .as_str()
+                .map(str::to_owned);
+        }
+        lambda_event(records)
+    }
+
+    /// Feeds the stream's new records to the invalidator, asserting that nothing failed.
+    pub async fn drain_stream(&mut self) -> usize {
+        let event = self.new_stream_event().await;
+        let n = event["Records"].as_array().unwrap().len();
+        let response = self.invalidator.handle(event).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "invalidator reported failures: {response:?}"
+        );
+        n
+    }
+
+    /// GET /products/{id} through the HTTP edge: (status, X-Cache, body).
+    pub async fn http_get(&self, id: &str) -> (u16, String, Value) {
+        http_get(&self.read, &format!("/products/{id}")).await
+    }
+}
+
+pub async fn http_get<C: Cache, S: ProductStore>(
+    read: &ReadPath<C, S>,
+    path: &str,
+) -> (u16, String, Value) {
+    let req = lambda_http::http::Request::builder()
+        .method("GET")
+        .uri(path)
+        .body(lambda_http::Body::Empty)
+        .unwrap();
+    respond(read, req.into()).await
+}
+
+pub async fn respond<C: Cache, S: ProductStore>(
+    read: &ReadPath<C, S>,
+    req: lambda_http::Request,
+) -> (u16, String, Value) {
+    let resp = product_cache::read::handle_request(read, req)
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+    let body = match resp.body() {
+        lambda_http::Body::Text(t) => serde_json::from_str(t).expect("body is JSON"),
+        other => panic!("unexpected body {other:?}"),
+    };
+    (resp.status().as_u16(), x_cache, body)
+}
+
+pub fn key_type_n() -> CacheSettings {
+    CacheSettings {
+        key_type: KeyType::N,
+        ..CacheSettings::default()
+    }
+}
