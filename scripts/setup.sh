@@ -7,7 +7,8 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
-moto_spec='moto[server,dynamodb]>=5.1,<6'
+# Pinned: moto's emulation changes between releases, and tests should not change with it.
+moto_spec='moto[server,dynamodb]==5.2.5'
 
 # Only use sudo when we actually lack root; CI and these machines run as root and
 # may not have sudo at all.
@@ -39,6 +40,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
 fi
 
+if ! command -v python3 >/dev/null 2>&1; then
+    echo "setup.sh: installing python3" >&2
+    apt_install python3 python3-venv
+fi
+
 # Debian splits venv support out of python3: `import venv` can succeed while
 # `python3 -m venv` still fails for lack of ensurepip, so test for both.
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -61,6 +67,12 @@ fi
 if [ ! -x "$venv/bin/moto_server" ]; then
     echo "setup.sh: installing $moto_spec into $venv" >&2
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "$moto_spec"
+fi
+
+# The test command checks formatting and lints; a minimal rustup profile lacks both.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    echo "setup.sh: adding rustfmt and clippy" >&2
+    rustup component add rustfmt clippy
 fi
 
 echo "setup.sh: redis-server at $(command -v redis-server), moto_server at $venv/bin/moto_server"

@@ -299,7 +299,7 @@ pub async fn http_get<C: Cache, S: ProductStore>(
         .uri(path)
         .body(lambda_http::Body::Empty)
         .unwrap();
-    respond(read, req.into()).await
+    respond(read, req).await
 }
 
 pub async fn respond<C: Cache, S: ProductStore>(

@@ -305,7 +305,7 @@ mod tests {
             .uri(uri)
             .body(Body::Empty)
             .unwrap();
-        let resp = handle_request(rp, req.into()).await.unwrap();
+        let resp = handle_request(rp, req).await.unwrap();
         assert_eq!(resp.headers()["content-type"], "application/json");
         let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
         let body = match resp.body() {

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, lints, unit tests and the integration tests against a
+# real redis-server and a local DynamoDB with Streams (moto). Installs what is missing first.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The integration tests run the Lambda binaries under a local Runtime API, so build them first.
+cargo build --locked -p functions --bins
+cargo test --workspace --locked
