@@ -5,5 +5,6 @@
 
 mod end_to_end;
 mod invalidator;
+mod lambda_binaries;
 mod read_path;
 mod support;

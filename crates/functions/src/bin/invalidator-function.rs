@@ -10,7 +10,12 @@ use serde_json::Value;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     lambda_runtime::tracing::init_default_subscriber();
-    let settings = InvalidatorSettings::from_env()?;
+    // The message names the variable; the Debug form `main` would print does not read well in
+    // CloudWatch, so log the Display form and return it as the error.
+    let settings = InvalidatorSettings::from_env().map_err(|e| {
+        tracing::error!("{e}");
+        Error::from(e.to_string())
+    })?;
     let cache = RedisCache::new(&settings.redis_url, settings.cache.redis_timeout)?;
     let invalidator = Invalidator::new(cache, settings.mode, settings.cache);
     lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| async {

@@ -10,7 +10,12 @@ use product_cache::store::DynamoStore;
 async fn main() -> Result<(), Error> {
     lambda_http::tracing::init_default_subscriber();
     // Clients are built once per execution environment and reused by every invocation.
-    let settings = ReadSettings::from_env()?;
+    // The message names the variable; the Debug form `main` would print does not read well in
+    // CloudWatch, so log the Display form and return it as the error.
+    let settings = ReadSettings::from_env().map_err(|e| {
+        tracing::error!("{e}");
+        Error::from(e.to_string())
+    })?;
     let cache = RedisCache::new(&settings.redis_url, settings.cache.redis_timeout)?;
     let store = DynamoStore::new(
         product_cache::dynamodb_client().await,

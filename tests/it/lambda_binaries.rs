@@ -1,0 +1,413 @@
+//! The compiled function binaries under a Lambda Runtime API, the way AWS drives them: each test
+//! starts a [`RuntimeApi`] on a free port, spawns `target/debug/<function>` pointed at it with the
+//! environment Lambda sets, and invokes it with fixture events.
+//!
+//! Needs the binaries: `cargo build -p functions` first.
+
+mod runtime_api;
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use product_cache::config::InvalidationMode::Delete;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+use crate::support::{fixture, moto_endpoint, TestEnv};
+use runtime_api::{Outcome, RuntimeApi};
+
+/// Bound on one invocation, start-up included (a cold start builds the SDK client).
+const INVOKE_WITHIN: Duration = Duration::from_secs(15);
+/// Bound on a function that is expected to exit at start-up.
+const EXIT_WITHIN: Duration = Duration::from_secs(15);
+
+/// `target/debug/<name>` of this workspace, honouring `CARGO_TARGET_DIR`.
+fn binary(name: &str) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| option_env!("CARGO_TARGET_DIR").map(PathBuf::from))
+        .map(|dir| {
+            if dir.is_relative() {
+                workspace.join(dir)
+            } else {
+                dir
+            }
+        })
+        .unwrap_or_else(|| workspace.join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p functions` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A function's own environment variables.
+type Vars<'a> = &'a [(&'a str, &'a str)];
+
+/// A function binary running under its own [`RuntimeApi`]. Killed when dropped.
+struct Function {
+    name: &'static str,
+    api: RuntimeApi,
+    child: Child,
+    output: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Function {
+    /// Spawns `name` with the variables Lambda sets for a custom runtime plus the function's
+    /// own `vars`. Nothing else is inherited from the test's environment.
+    async fn spawn(name: &'static str, vars: Vars<'_>) -> Self {
+        let path = binary(name);
+        let api = RuntimeApi::start(name).await;
+        let mut cmd = Command::new(&path);
+        cmd.env_clear()
+            .env("AWS_LAMBDA_RUNTIME_API", api.host_port())
+            .env("AWS_LAMBDA_FUNCTION_NAME", name)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
+            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
+            .env(
+                "AWS_LAMBDA_LOG_STREAM_NAME",
+                "2026/11/15/[$LATEST]0123456789abcdef0123456789abcdef",
+            )
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "local")
+            .env("AWS_SECRET_ACCESS_KEY", "local")
+            .env("AWS_ENDPOINT_URL_DYNAMODB", moto_endpoint())
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
+        let output = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), output.clone()),
+            collect(child.stderr.take().unwrap(), output.clone()),
+        ];
+        Self {
+            name,
+            api,
+            child,
+            output,
+            readers,
+        }
+    }
+
+    /// One invocation, as Lambda would make it. Panics, with the function's output, if the
+    /// function exits or does not answer instead.
+    async fn invoke(&mut self, event: Value) -> Outcome {
+        let answer = self.api.invoke(event, INVOKE_WITHIN);
+        tokio::select! {
+            biased;
+            outcome = answer => outcome,
+            status = self.child.wait() => {
+                let status = status.unwrap();
+                let output = self.output().await;
+                panic!("{} exited ({status}) instead of answering:\n{output}", self.name)
+            }
+        }
+    }
+
+    /// An invocation that must succeed: the body the function posted to `/response`.
+    async fn respond(&mut self, event: Value) -> Value {
+        match self.invoke(event).await {
+            Ok(response) => response,
+            Err(error) => {
+                let output = self.output().await;
+                panic!(
+                    "{} reported an invocation error {error}; output:\n{output}",
+                    self.name
+                )
+            }
+        }
+    }
+
+    /// Waits for a function that should stop by itself.
+    async fn exit_status(&mut self) -> ExitStatus {
+        match tokio::time::timeout(EXIT_WITHIN, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "{} still running after {EXIT_WITHIN:?}; output:\n{}",
+                self.name,
+                self.output.lock().unwrap()
+            ),
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Everything the function printed. Complete once it has exited.
+    async fn output(&mut self) -> String {
+        if !self.is_running() {
+            for reader in self.readers.drain(..) {
+                let _ = reader.await;
+            }
+        }
+        self.output.lock().unwrap().clone()
+    }
+}
+
+fn collect(
+    pipe: impl AsyncRead + Unpin + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> JoinHandle<()> {
+    let echo = std::env::var_os("TEST_LOG").is_some();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if echo {
+                eprintln!("[function] {line}");
+            }
+            let mut out = into.lock().unwrap();
+            out.push_str(&line);
+            out.push('\n');
+        }
+    })
+}
+
+/// `GET /products/{id}` as API Gateway (HTTP API, payload 2.0) sends it, with `id` as the path
+/// parameter.
+fn get_product_event(id: &str, raw_path_id: &str) -> Value {
+    let mut event = fixture("apigw-get-product.json");
+    let path = format!("/products/{raw_path_id}");
+    event["rawPath"] = json!(path);
+    event["requestContext"]["http"]["path"] = json!(path);
+    event["pathParameters"]["id"] = json!(id);
+    event
+}
+
+/// (statusCode, x-cache, JSON body) of an API Gateway v2 proxy response, after checking the parts
+/// every answer of the read function shares.
+fn http_parts(response: &Value) -> (i64, String, Value) {
+    let status = response["statusCode"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no statusCode: {response}"));
+    assert_eq!(
+        response["headers"]["content-type"], "application/json",
+        "{response}"
+    );
+    assert_eq!(response["isBase64Encoded"], false, "{response}");
+    let x_cache = response["headers"]["x-cache"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no x-cache header: {response}"))
+        .to_owned();
+    let body = response["body"]
+        .as_str()
+        .unwrap_or_else(|| panic!("body is not a string: {response}"));
+    let body =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {body}"));
+    (status, x_cache, body)
+}
+
+/// Connections Redis has accepted so far, counting the one that asks.
+async fn redis_connections(env: &TestEnv) -> u64 {
+    let mut conn = env.redis_conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_connections_received in INFO: {info}"))
+}
+
+#[tokio::test]
+async fn read_function_answers_api_gateway_events_from_one_process() {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let redis_url = env.redis.url();
+    let mut function = Function::spawn(
+        "read-function",
+        &[("REDIS_URL", &redis_url), ("TABLE_NAME", &env.table)],
+    )
+    .await;
+    let item = json!({"name": "Product kb-001", "price": 129.99, "productId": "kb-001"});
+
+    let first = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(http_parts(&first), (200, "miss".into(), item.clone()));
+    assert_eq!(
+        env.raw_get("product:kb-001").await.as_deref(),
+        first["body"].as_str(),
+        "the miss filled the cache with the body it answered"
+    );
+
+    // From here on the function must not open a new connection to Redis: the one client built
+    // at cold start serves every invocation.
+    let connections = redis_connections(&env).await;
+    let second = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(http_parts(&second), (200, "hit".into(), item.clone()));
+
+    let bad = function
+        .respond(get_product_event("{bad}", "%7Bbad%7D"))
+        .await;
+    let (status, x_cache, body) = http_parts(&bad);
+    assert_eq!((status, x_cache.as_str()), (400, "bypass"), "{bad}");
+    assert_eq!(body["error"], "invalid_id", "{bad}");
+
+    let missing = function.respond(get_product_event("nope", "nope")).await;
+    let (status, x_cache, body) = http_parts(&missing);
+    assert_eq!((status, x_cache.as_str()), (404, "miss"), "{missing}");
+    assert_eq!(body["error"], "not_found", "{missing}");
+
+    assert_eq!(
+        redis_connections(&env).await,
+        connections + 1,
+        "only this test's own INFO connection is new"
+    );
+
+    // An event that is not an HTTP request is reported on /invocation/{id}/error, and the
+    // process goes on serving.
+    let error = function
+        .invoke(json!({"hello": "world"}))
+        .await
+        .expect_err("a non-HTTP event is an invocation error");
+    assert!(error["errorType"].is_string(), "{error}");
+    assert!(
+        error["errorMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("deserialize")),
+        "{error}"
+    );
+
+    let again = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(http_parts(&again), (200, "hit".into(), item));
+    assert!(function.is_running());
+    assert_eq!(function.api.init_error(), None);
+}
+
+#[tokio::test]
+async fn invalidator_function_applies_batches_and_reports_a_redis_outage() {
+    let mut env = TestEnv::new(Delete).await;
+    let stale = [
+        "product:kb-001",
+        "product:mouse-002",
+        "product:monitor-003",
+        "product:untouched",
+    ];
+    for key in stale {
+        env.raw_set(key, r#"{"stale":true}"#).await;
+    }
+    let redis_url = env.redis.url();
+    let mut function = Function::spawn(
+        "invalidator-function",
+        &[("REDIS_URL", &redis_url), ("INVALIDATION_MODE", "delete")],
+    )
+    .await;
+
+    let response = function.respond(fixture("batch-mixed.json")).await;
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    for key in &stale[..3] {
+        assert_eq!(env.raw_get(key).await, None, "{key}");
+    }
+    assert!(env.raw_get("product:untouched").await.is_some());
+
+    env.raw_set("product:kb-001", r#"{"stale":true}"#).await;
+    env.raw_set("product:mouse-002", r#"{"stale":true}"#).await;
+    let response = function.respond(fixture("malformed-record.json")).await;
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+    assert_eq!(env.raw_get("product:mouse-002").await, None);
+
+    env.redis.stop().await;
+    let response = function.respond(fixture("batch-mixed.json")).await;
+    let first = fixture("batch-mixed.json")["Records"][0]["dynamodb"]["SequenceNumber"].clone();
+    assert_eq!(first, "111000000000000000101");
+    assert_eq!(
+        response,
+        json!({"batchItemFailures": [{"itemIdentifier": first}]})
+    );
+    assert!(
+        function.is_running(),
+        "a failed batch is an answer, not a crash"
+    );
+}
+
+#[tokio::test]
+async fn invalidator_function_reads_its_mode_from_the_environment() {
+    let env = TestEnv::new(Delete).await;
+    env.raw_set("product:kb-001", r#"{"stale":true}"#).await;
+    let redis_url = env.redis.url();
+    let mut function = Function::spawn(
+        "invalidator-function",
+        &[("REDIS_URL", &redis_url), ("INVALIDATION_MODE", "refresh")],
+    )
+    .await;
+
+    let response = function.respond(fixture("modify.json")).await;
+    assert_eq!(response, json!({"batchItemFailures": []}));
+    let cached: Value =
+        serde_json::from_str(&env.raw_get("product:kb-001").await.unwrap()).unwrap();
+    assert_eq!(cached["price"], json!(99.99), "{cached}");
+}
+
+/// `lambda_runtime` only reports to `/runtime/init/error` for SnapStart hooks. A configuration
+/// error returned from `main` before `run` is called never reaches the Runtime API: the process
+/// exits non-zero with the error on stderr, which Lambda reports as `Runtime.ExitError`.
+#[tokio::test]
+async fn a_bad_configuration_stops_the_function_at_start_up_naming_the_variable() {
+    let redis = "redis://127.0.0.1:6379";
+    // (function, its variables, the variable the error must name)
+    let cases: [(&str, Vars, &str); 4] = [
+        ("read-function", &[("REDIS_URL", redis)], "TABLE_NAME"),
+        ("read-function", &[("TABLE_NAME", "Products")], "REDIS_URL"),
+        ("invalidator-function", &[], "REDIS_URL"),
+        (
+            "invalidator-function",
+            &[("REDIS_URL", redis), ("INVALIDATION_MODE", "update")],
+            "INVALIDATION_MODE",
+        ),
+    ];
+    for (name, vars, variable) in cases {
+        let mut function = Function::spawn(name, vars).await;
+        let status = function.exit_status().await;
+        let output = function.output().await;
+        assert!(
+            !status.success(),
+            "{name} without {variable}: {status}\n{output}"
+        );
+        // The readable message, not a Debug dump of the error enum.
+        assert!(
+            output.contains(&format!("environment variable {variable} ")),
+            "{name}: the output does not name {variable}:\n{output}"
+        );
+        assert_eq!(function.api.init_error(), None, "{name}");
+        assert_eq!(
+            function.api.next_polls(),
+            0,
+            "{name} reached the Runtime API before failing"
+        );
+    }
+}
+
+#[tokio::test]
+async fn read_function_starts_and_serves_from_the_table_when_redis_is_down() {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let closed = format!("redis://127.0.0.1:{}", local_stack::services::free_port());
+    let mut function = Function::spawn(
+        "read-function",
+        &[("REDIS_URL", &closed), ("TABLE_NAME", &env.table)],
+    )
+    .await;
+    let item = json!({"name": "Product kb-001", "price": 129.99, "productId": "kb-001"});
+    for _ in 0..2 {
+        let response = function.respond(fixture("apigw-get-product.json")).await;
+        assert_eq!(http_parts(&response), (200, "bypass".into(), item.clone()));
+    }
+}
