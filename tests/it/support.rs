@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use local_stack::services::{MotoServer, RedisServer};
 use local_stack::stream::{lambda_event, Position, StreamReader};
-use product_cache::cache::{Cache, CacheError, CacheOp, RedisCache};
+use product_cache::cache::{Cache, CacheError, CacheOp, Fill, Probe, RedisCache};
 use product_cache::config::{CacheSettings, InvalidationMode};
 use product_cache::id::{KeyType, ProductId};
 use product_cache::invalidate::Invalidator;
@@ -102,18 +102,18 @@ impl<S: ProductStore> ProductStore for Counting<S> {
 }
 
 impl<C: Cache> Cache for Counting<C> {
-    fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>, CacheError>> + Send {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.get(key)
-    }
-    fn set(
+    fn probe(
         &self,
         key: &str,
-        value: &str,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<(), CacheError>> + Send {
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Probe, CacheError>> + Send {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.set(key, value, ttl)
+        self.inner.probe(key, token, lease)
+    }
+    fn fill(&self, fill: Fill<'_>) -> impl Future<Output = Result<bool, CacheError>> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.fill(fill)
     }
     fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), CacheError>> + Send {
         self.calls.fetch_add(1, Ordering::SeqCst);
@@ -207,6 +207,15 @@ impl TestEnv {
         redis::cmd("SET")
             .arg(key)
             .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    /// Empties Redis, including the version keys, as a restart would.
+    pub async fn flush(&self) {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("FLUSHALL")
             .query_async::<()>(&mut conn)
             .await
             .unwrap();

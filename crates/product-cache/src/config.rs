@@ -43,6 +43,19 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     /// Upper bound on any single Redis operation before the cache is bypassed.
     pub redis_timeout: Duration,
+    /// How long a reader that missed holds the right to fill the key. Longer than a normal
+    /// `GetItem`; if the holder dies, another reader takes over once it lapses.
+    pub lease: Duration,
+    /// How long a reader that found someone else's lease waits for the fill before reading the
+    /// table itself (without filling).
+    pub lease_wait: Duration,
+    /// An item attribute holding a version number that increases with every write. When set,
+    /// the cache is ordered by it instead of by the stream's sequence numbers, and fills are
+    /// ordered too.
+    pub version_attribute: Option<String>,
+    /// Test-only switches for the consistency guards; always on in the functions.
+    #[doc(hidden)]
+    pub guards: crate::cache::Guards,
 }
 
 impl Default for CacheSettings {
@@ -54,6 +67,10 @@ impl Default for CacheSettings {
             ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(30),
             redis_timeout: Duration::from_millis(100),
+            lease: Duration::from_millis(1000),
+            lease_wait: Duration::from_millis(1000),
+            version_attribute: None,
+            guards: crate::cache::Guards::default(),
         }
     }
 }
@@ -155,6 +172,22 @@ fn positive_secs(
     Ok(Duration::from_secs(secs))
 }
 
+fn positive_millis(
+    src: &(impl Source + ?Sized),
+    name: &'static str,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    let ms: u64 = parsed(src, name, default)?;
+    if ms == 0 {
+        return Err(ConfigError::Invalid {
+            name,
+            value: "0".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(Duration::from_millis(ms))
+}
+
 impl CacheSettings {
     pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
         let d = Self::default();
@@ -176,21 +209,19 @@ impl CacheSettings {
                 reason: "must not be empty".into(),
             });
         }
-        let timeout_ms: u64 = parsed(src, "REDIS_TIMEOUT_MS", 100)?;
-        if timeout_ms == 0 {
-            return Err(ConfigError::Invalid {
-                name: "REDIS_TIMEOUT_MS",
-                value: "0".into(),
-                reason: "must be at least 1".into(),
-            });
-        }
         Ok(Self {
             key_prefix,
             key_attribute,
             key_type: parsed(src, "KEY_TYPE", d.key_type)?,
             ttl: positive_secs(src, "CACHE_TTL_SECONDS", 3600)?,
             negative_ttl: positive_secs(src, "NEGATIVE_TTL_SECONDS", 30)?,
-            redis_timeout: Duration::from_millis(timeout_ms),
+            redis_timeout: positive_millis(src, "REDIS_TIMEOUT_MS", 100)?,
+            lease: positive_millis(src, "LEASE_MS", 1000)?,
+            lease_wait: positive_millis(src, "LEASE_WAIT_MS", 1000)?,
+            version_attribute: src
+                .get("VERSION_ATTRIBUTE")
+                .filter(|v| !v.trim().is_empty()),
+            guards: crate::cache::Guards::default(),
         })
     }
 }
@@ -239,6 +270,10 @@ mod tests {
         assert_eq!(s.cache.negative_ttl, Duration::from_secs(30));
         assert_eq!(s.cache.redis_timeout, Duration::from_millis(100));
         assert!(s.consistent_read);
+        assert_eq!(s.cache.lease, Duration::from_millis(1000));
+        assert_eq!(s.cache.lease_wait, Duration::from_millis(1000));
+        assert_eq!(s.cache.version_attribute, None);
+        assert_eq!(s.cache.guards, crate::cache::Guards::default());
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -256,6 +291,9 @@ mod tests {
             ("REDIS_TIMEOUT_MS", "20"),
             ("CONSISTENT_READ", "false"),
             ("INVALIDATION_MODE", "Refresh"),
+            ("LEASE_MS", "250"),
+            ("LEASE_WAIT_MS", "400"),
+            ("VERSION_ATTRIBUTE", "version"),
         ];
         let s = ReadSettings::from_source(&env[..]).unwrap();
         assert_eq!(s.cache.key_prefix, "p:");
@@ -265,6 +303,9 @@ mod tests {
         assert_eq!(s.cache.negative_ttl, Duration::from_secs(5));
         assert_eq!(s.cache.redis_timeout, Duration::from_millis(20));
         assert!(!s.consistent_read);
+        assert_eq!(s.cache.lease, Duration::from_millis(250));
+        assert_eq!(s.cache.lease_wait, Duration::from_millis(400));
+        assert_eq!(s.cache.version_attribute.as_deref(), Some("version"));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Refresh);
     }
@@ -290,6 +331,8 @@ mod tests {
         bad("CACHE_TTL_SECONDS", "0");
         bad("NEGATIVE_TTL_SECONDS", "-1");
         bad("REDIS_TIMEOUT_MS", "0");
+        bad("LEASE_MS", "0");
+        bad("LEASE_WAIT_MS", "soon");
         bad("KEY_TYPE", "B");
         bad("KEY_PREFIX", "{p}:");
         bad("CONSISTENT_READ", "yes please");

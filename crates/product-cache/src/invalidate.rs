@@ -9,7 +9,7 @@ use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse
 use serde_dynamo::AttributeValue;
 use serde_json::Value;
 
-use crate::cache::{Cache, CacheOp};
+use crate::cache::{Cache, CacheOp, OpKind, Order};
 use crate::config::{CacheSettings, InvalidationMode};
 use crate::document::Document;
 use crate::id::{KeyType, ProductId};
@@ -68,6 +68,7 @@ impl<C: Cache> Invalidator<C> {
         let mut response = DynamoDbEventResponse::default();
         for chunk in plan.chunks(CHUNK) {
             let ops: Vec<CacheOp> = chunk.iter().map(|p| p.op.clone()).collect();
+            // Unordered ops and leases are per key; a refused (older) op is not a failure.
             if let Err(e) = self.cache.apply(&ops).await {
                 // Lambda retries from the lowest reported sequence number, so reporting the
                 // chunk's first record replays it and everything after it. Every op is
@@ -100,12 +101,12 @@ impl<C: Cache> Invalidator<C> {
                 .and_then(Value::as_str)
                 .map(str::to_owned);
             let result = match serde_json::from_value::<EventRecord>(raw.clone()) {
-                Ok(record) => self.plan_record(&record),
+                Ok(record) => self.plan_record(&record, sequence_number.as_deref()),
                 Err(e) => {
                     // Not the documented shape. Deleting the key it names is right whatever the
                     // change was, so look for the key before giving up on the record.
                     tracing::warn!(index, ?sequence_number, error = %e, "malformed stream record; deleting its key if it has one");
-                    self.key_of_raw(raw).map(|key| CacheOp::Delete { key })
+                    self.key_of_raw(raw).map(CacheOp::delete)
                 }
             };
             match result {
@@ -121,33 +122,71 @@ impl<C: Cache> Invalidator<C> {
         plan
     }
 
-    fn plan_record(&self, record: &EventRecord) -> Result<CacheOp, SkipReason> {
+    fn plan_record(
+        &self,
+        record: &EventRecord,
+        sequence_number: Option<&str>,
+    ) -> Result<CacheOp, SkipReason> {
         let key = self.key_of(&record.change.keys)?;
         let removed = record.event_name == "REMOVE";
-        if removed || self.mode == InvalidationMode::Delete {
-            if removed && is_ttl_expiry(record) {
-                tracing::debug!(key, "item expired by TTL");
-            }
-            return Ok(CacheOp::Delete { key });
+        if removed && is_ttl_expiry(record) {
+            tracing::debug!(key, "item expired by TTL");
         }
-        if record.event_name != "INSERT" && record.event_name != "MODIFY" {
+        if !removed && record.event_name != "INSERT" && record.event_name != "MODIFY" {
             tracing::warn!(event_name = %record.event_name, key, "unknown event name; deleting");
-            return Ok(CacheOp::Delete { key });
+            return Ok(CacheOp::delete(key));
         }
-        if record.change.new_image.is_empty() {
-            // KEYS_ONLY or OLD_IMAGE streams carry no new version to write.
-            return Ok(CacheOp::Delete { key });
+        let order = self.order_of(record, removed, sequence_number);
+        // KEYS_ONLY or OLD_IMAGE streams carry no new version to write, and a write that
+        // cannot be ordered could overwrite a newer one: both become deletes.
+        let refresh = !removed
+            && self.mode == InvalidationMode::Refresh
+            && order.is_some()
+            && !record.change.new_image.is_empty();
+        if !refresh {
+            return Ok(CacheOp {
+                key,
+                kind: OpKind::Delete,
+                order,
+            });
         }
         match Document::from_item(&record.change.new_image) {
-            Ok(doc) => Ok(CacheOp::Set {
+            Ok(doc) => Ok(CacheOp {
                 key,
-                value: doc.into_string(),
-                ttl: self.settings.ttl,
+                kind: OpKind::Set {
+                    value: doc.into_string(),
+                    ttl: self.settings.ttl,
+                },
+                order,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, key, "new image has no JSON form; deleting instead");
-                Ok(CacheOp::Delete { key })
+                Ok(CacheOp::delete(key))
             }
+        }
+    }
+
+    /// Where the record stands in its item's history: its sequence number, or with a version
+    /// attribute configured, the version of the image it leaves behind (a REMOVE ranks just
+    /// after the write of the version it removes). `None` when the record does not say, which
+    /// makes the op an unordered delete.
+    fn order_of(
+        &self,
+        record: &EventRecord,
+        removed: bool,
+        sequence_number: Option<&str>,
+    ) -> Option<Order> {
+        let Some(attr) = &self.settings.version_attribute else {
+            return Order::new(sequence_number?, 0);
+        };
+        let image = if removed {
+            &record.change.old_image
+        } else {
+            &record.change.new_image
+        };
+        match image.get(attr) {
+            Some(AttributeValue::N(n)) => Order::new(n, u8::from(removed)),
+            _ => None,
         }
     }
 
@@ -219,8 +258,22 @@ mod tests {
             .collect()
     }
 
-    fn del(key: &str) -> CacheOp {
-        CacheOp::Delete { key: key.into() }
+    /// (key, "del" or "set") of each planned op.
+    fn kinds(inv: &Invalidator<MemoryCache>, name: &str) -> Vec<(String, &'static str)> {
+        ops(inv, name)
+            .into_iter()
+            .map(|op| {
+                let kind = match op.kind {
+                    OpKind::Delete => "del",
+                    OpKind::Set { .. } => "set",
+                };
+                (op.key, kind)
+            })
+            .collect()
+    }
+
+    fn del(key: &str) -> Vec<(String, &'static str)> {
+        vec![(key.to_owned(), "del")]
     }
 
     #[test]
@@ -234,15 +287,20 @@ mod tests {
             "keys-only.json",
             "float-timestamp.json",
         ] {
-            assert_eq!(ops(&inv, name), vec![del("product:kb-001")], "{name}");
+            assert_eq!(kinds(&inv, name), del("product:kb-001"), "{name}");
         }
-        assert_eq!(ops(&inv, "number-key.json"), vec![del("product:42")]);
+        assert_eq!(kinds(&inv, "number-key.json"), del("product:42"));
     }
 
     #[test]
     fn refresh_mode_writes_the_new_image_and_deletes_otherwise() {
         let inv = invalidator(InvalidationMode::Refresh);
-        let [CacheOp::Set { key, value, ttl }] = &ops(&inv, "modify.json")[..] else {
+        let [CacheOp {
+            key,
+            kind: OpKind::Set { value, ttl },
+            ..
+        }] = &ops(&inv, "modify.json")[..]
+        else {
             panic!("expected one set");
         };
         assert_eq!(key, "product:kb-001");
@@ -250,8 +308,51 @@ mod tests {
         let doc: Value = serde_json::from_str(value).unwrap();
         assert_eq!(doc["price"], serde_json::json!(99.99));
         for name in ["remove.json", "ttl-expiry-remove.json", "keys-only.json"] {
-            assert_eq!(ops(&inv, name), vec![del("product:kb-001")], "{name}");
+            assert_eq!(kinds(&inv, name), del("product:kb-001"), "{name}");
         }
+    }
+
+    #[test]
+    fn ops_are_ordered_by_sequence_number_by_default() {
+        let inv = invalidator(InvalidationMode::Refresh);
+        let planned = ops(&inv, "batch-mixed.json");
+        let seqs: Vec<_> = fixture("batch-mixed.json")["Records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| Order::new(r["dynamodb"]["SequenceNumber"].as_str().unwrap(), 0))
+            .collect();
+        assert_eq!(
+            planned
+                .iter()
+                .map(|op| op.order.clone())
+                .collect::<Vec<_>>(),
+            seqs
+        );
+        assert!(seqs.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn with_a_version_attribute_ops_are_ordered_by_it() {
+        let settings = CacheSettings {
+            version_attribute: Some("version".into()),
+            ..CacheSettings::default()
+        };
+        let inv = Invalidator::new(MemoryCache::default(), InvalidationMode::Refresh, settings);
+        let mut event = fixture("modify.json");
+        event["Records"][0]["dynamodb"]["NewImage"]["version"] = serde_json::json!({"N": "7"});
+        let planned = inv.plan(event["Records"].as_array().unwrap());
+        assert_eq!(planned[0].op.order, Order::new("7", 0));
+
+        // A REMOVE ranks just after the write of the version it removes.
+        let mut event = fixture("remove.json");
+        event["Records"][0]["dynamodb"]["OldImage"]["version"] = serde_json::json!({"N": "7"});
+        let planned = inv.plan(event["Records"].as_array().unwrap());
+        assert_eq!(planned[0].op.order, Order::new("7", 1));
+
+        // No version in the record: an unordered delete, never an unordered write.
+        let planned = inv.plan(fixture("modify.json")["Records"].as_array().unwrap());
+        assert_eq!(planned[0].op, CacheOp::delete("product:kb-001"));
     }
 
     #[test]
@@ -269,11 +370,20 @@ mod tests {
         let inv = invalidator(InvalidationMode::Refresh);
         let planned = ops(&inv, "malformed-record.json");
         // The middle record has no Keys and no SizeBytes; its key is recovered from its image and
-        // deleted, whatever the mode, and the records around it are handled normally.
-        assert_eq!(planned.len(), 3);
-        assert!(matches!(&planned[0], CacheOp::Set { key, .. } if key == "product:kb-001"));
-        assert_eq!(planned[1], del("product:monitor-003"));
-        assert!(matches!(&planned[2], CacheOp::Set { key, .. } if key == "product:mouse-002"));
+        // deleted, unordered, whatever the mode; the records around it are handled normally.
+        let kinds: Vec<_> = planned
+            .iter()
+            .map(|op| (op.key.as_str(), matches!(op.kind, OpKind::Set { .. })))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("product:kb-001", true),
+                ("product:monitor-003", false),
+                ("product:mouse-002", true)
+            ]
+        );
+        assert_eq!(planned[1], CacheOp::delete("product:monitor-003"));
     }
 
     #[test]
@@ -291,8 +401,11 @@ mod tests {
             serde_json::json!(["not even an object", no_key, braces, wrong_type, good]);
         let planned = inv.plan(event["Records"].as_array().unwrap());
         assert_eq!(
-            planned.iter().map(|p| p.op.clone()).collect::<Vec<_>>(),
-            vec![del("product:kb-001")]
+            planned
+                .iter()
+                .map(|p| p.op.key.as_str())
+                .collect::<Vec<_>>(),
+            ["product:kb-001"]
         );
     }
 
@@ -313,22 +426,23 @@ mod tests {
 
     #[tokio::test]
     async fn large_batches_are_chunked_and_retried_from_the_failed_chunk() {
+        use crate::cache::{CacheError, Fill, Probe};
         struct FailSecondApply(MemoryCache, std::sync::atomic::AtomicUsize);
         impl Cache for FailSecondApply {
-            async fn get(&self, k: &str) -> Result<Option<String>, crate::cache::CacheError> {
-                self.0.get(k).await
-            }
-            async fn set(
+            async fn probe(
                 &self,
                 k: &str,
-                v: &str,
-                t: std::time::Duration,
-            ) -> Result<(), crate::cache::CacheError> {
-                self.0.set(k, v, t).await
+                t: &str,
+                l: std::time::Duration,
+            ) -> Result<Probe, CacheError> {
+                self.0.probe(k, t, l).await
             }
-            async fn apply(&self, ops: &[CacheOp]) -> Result<(), crate::cache::CacheError> {
+            async fn fill(&self, f: Fill<'_>) -> Result<bool, CacheError> {
+                self.0.fill(f).await
+            }
+            async fn apply(&self, ops: &[CacheOp]) -> Result<(), CacheError> {
                 if self.1.fetch_add(1, Ordering::SeqCst) == 1 {
-                    return Err(crate::cache::CacheError::Timeout(Default::default()));
+                    return Err(CacheError::Timeout(Default::default()));
                 }
                 self.0.apply(ops).await
             }

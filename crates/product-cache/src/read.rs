@@ -7,7 +7,9 @@ use lambda_http::http::{header, Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt as _, Response};
 use serde_json::json;
 
-use crate::cache::{Cache, NOT_FOUND};
+use std::time::Duration;
+
+use crate::cache::{Cache, Fill, Order, Probe, NOT_FOUND};
 use crate::config::CacheSettings;
 use crate::document::{Document, DocumentError};
 use crate::id::{InvalidId, ProductId};
@@ -83,6 +85,11 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
     }
 
     /// Looks a product up. The status is returned also on error, for the `X-Cache` header.
+    ///
+    /// A miss takes the key's lease before reading the table, and the fill succeeds only while
+    /// the lease is held: an invalidation in between cancels it, so a read of the old item can
+    /// never be written back over the change (the stale-fill race). Readers that find another
+    /// reader's lease wait for its fill instead of all reading the table (the stampede).
     #[tracing::instrument(skip(self), fields(cache))]
     pub async fn get(&self, raw_id: &str) -> (CacheStatus, Result<Lookup, ReadError>) {
         let id = match ProductId::parse(raw_id, self.settings.key_type) {
@@ -90,45 +97,83 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             Err(e) => return (CacheStatus::Bypass, Err(e.into())),
         };
         let key = id.cache_key(&self.settings.key_prefix);
+        let token = format!("{:032x}", fastrand::u128(..));
 
-        let status = match self.cache.get(&key).await {
-            Ok(Some(cached)) if cached == NOT_FOUND => {
-                return (CacheStatus::Hit, Ok(Lookup::NotFound))
-            }
-            Ok(Some(cached)) => {
-                return (
-                    CacheStatus::Hit,
-                    Ok(Lookup::Found(Document::from_cached(cached))),
-                )
-            }
-            Ok(None) => CacheStatus::Miss,
-            Err(e) => {
-                tracing::warn!(error = %e, key, "cache read failed; answering from the table");
-                CacheStatus::Bypass
+        let waited_since = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(2);
+        let (status, holds_lease) = loop {
+            match self.cache.probe(&key, &token, self.settings.lease).await {
+                Ok(Probe::Hit(cached)) => {
+                    tracing::Span::current().record("cache", "hit");
+                    return (CacheStatus::Hit, Ok(lookup_of(cached)));
+                }
+                Ok(Probe::Lease) => break (CacheStatus::Miss, true),
+                Ok(Probe::Wait) => {
+                    let left = self
+                        .settings
+                        .lease_wait
+                        .saturating_sub(waited_since.elapsed());
+                    if left.is_zero() {
+                        // The filler is late; answer from the table but leave the fill to it.
+                        break (CacheStatus::Miss, false);
+                    }
+                    // Probing again also takes over a lease whose holder died, once it lapses.
+                    tokio::time::sleep(backoff.min(left)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, key, "cache read failed; answering from the table");
+                    break (CacheStatus::Bypass, false);
+                }
             }
         };
         tracing::Span::current().record("cache", status.as_str());
 
-        let lookup = match self.store.get(&id).await {
+        let (lookup, order) = match self.store.get(&id).await {
             Ok(Some(item)) => match Document::from_item(&item) {
-                Ok(doc) => Lookup::Found(doc),
+                Ok(doc) => (Lookup::Found(doc), self.version_of(&item)),
                 Err(e) => return (status, Err(e.into())),
             },
-            Ok(None) => Lookup::NotFound,
+            Ok(None) => (Lookup::NotFound, None),
             Err(e) => return (status, Err(e.into())),
         };
 
-        // After a failed read Redis is presumed down: a fill would only spend another timeout.
-        if status == CacheStatus::Miss {
+        if holds_lease {
             let (value, ttl) = match &lookup {
                 Lookup::Found(doc) => (doc.as_str(), self.settings.ttl),
                 Lookup::NotFound => (NOT_FOUND, self.settings.negative_ttl),
             };
-            if let Err(e) = self.cache.set(&key, value, ttl).await {
-                tracing::warn!(error = %e, key, "cache fill failed");
+            let fill = Fill {
+                key: &key,
+                token: &token,
+                value,
+                ttl,
+                order: order.as_ref(),
+            };
+            match self.cache.fill(fill).await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!(key, "fill refused: the key changed since the lease"),
+                Err(e) => tracing::warn!(error = %e, key, "cache fill failed"),
             }
         }
         (status, Ok(lookup))
+    }
+
+    /// The item's position in its history, when a version attribute is configured.
+    fn version_of(&self, item: &crate::store::Item) -> Option<Order> {
+        let attr = self.settings.version_attribute.as_ref()?;
+        match item.get(attr) {
+            Some(serde_dynamo::AttributeValue::N(n)) => Order::new(n, 0),
+            _ => None,
+        }
+    }
+}
+
+fn lookup_of(cached: String) -> Lookup {
+    if cached == NOT_FOUND {
+        Lookup::NotFound
+    } else {
+        Lookup::Found(Document::from_cached(cached))
     }
 }
 
