@@ -212,6 +212,15 @@ impl TestEnv {
             .unwrap();
     }
 
+    pub async fn raw_del(&self, key: &str) {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+
     /// Empties Redis, including the version keys, as a restart would.
     pub async fn flush(&self) {
         let mut conn = self.redis_conn().await;

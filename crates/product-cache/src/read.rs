@@ -340,6 +340,52 @@ mod tests {
         assert_eq!(rp.store.reads.load(Ordering::SeqCst), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gives_up_after_lease_wait_and_reads_without_filling() {
+        let rp = read_path();
+        rp.cache
+            .leases
+            .lock()
+            .unwrap()
+            .insert("product:kb-001".into(), "someone".into());
+        let started = tokio::time::Instant::now();
+        let (status, r) = rp.get("kb-001").await;
+        assert_eq!(status, CacheStatus::Miss);
+        assert!(matches!(r.unwrap(), Lookup::Found(_)));
+        assert!(started.elapsed() >= CacheSettings::default().lease_wait);
+        assert_eq!(
+            rp.cache.value("product:kb-001"),
+            None,
+            "filled without the lease"
+        );
+        assert_eq!(rp.cache.leases.lock().unwrap()["product:kb-001"], "someone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_served_by_the_lease_holders_fill() {
+        let rp = read_path();
+        rp.cache
+            .leases
+            .lock()
+            .unwrap()
+            .insert("product:kb-001".into(), "holder".into());
+        let filler = async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            rp.cache.leases.lock().unwrap().remove("product:kb-001");
+            rp.cache.entries.lock().unwrap().insert(
+                "product:kb-001".into(),
+                (r#"{"filled":true}"#.into(), Duration::from_secs(1)),
+            );
+        };
+        let ((status, r), ()) = tokio::join!(rp.get("kb-001"), filler);
+        assert_eq!(status, CacheStatus::Hit);
+        assert_eq!(
+            r.unwrap(),
+            Lookup::Found(Document::from_cached(r#"{"filled":true}"#.into()))
+        );
+        assert_eq!(rp.store.reads.load(Ordering::SeqCst), 0);
+    }
+
     async fn call(
         rp: &ReadPath<MemoryCache, MemoryStore>,
         method: &str,

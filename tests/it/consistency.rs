@@ -1,0 +1,338 @@
+//! The races the guards exist for, staged one at a time against a real Redis and the local
+//! table's real stream. Each test also runs with its guard switched off and shows the fault, so
+//! a test that passes cannot be one that would pass anyway.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use product_cache::cache::{Guards, RedisCache};
+use product_cache::config::{CacheSettings, InvalidationMode, InvalidationMode::*};
+use product_cache::id::ProductId;
+use product_cache::read::{CacheStatus, Lookup, ReadPath};
+use product_cache::store::{DynamoStore, Item, ProductStore, StoreError};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::support::{Counting, TestEnv};
+
+const NO_LEASES: Guards = Guards {
+    leases: false,
+    ordering: true,
+};
+const NO_ORDERING: Guards = Guards {
+    leases: true,
+    ordering: false,
+};
+
+/// A store whose first read pauses after reading the table until the test releases it: the
+/// reader has the old item in hand while the test changes the table.
+struct GatedStore {
+    inner: DynamoStore,
+    read_done: Mutex<Option<oneshot::Sender<()>>>,
+    release: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl ProductStore for GatedStore {
+    async fn get(&self, id: &ProductId) -> Result<Option<Item>, StoreError> {
+        let result = self.inner.get(id).await;
+        let read_done = self.read_done.lock().unwrap().take();
+        if let Some(read_done) = read_done {
+            let release = self.release.lock().unwrap().take().unwrap();
+            read_done.send(()).unwrap();
+            release.await.unwrap();
+        }
+        result
+    }
+}
+
+struct Gate {
+    read_done: oneshot::Receiver<()>,
+    release: oneshot::Sender<()>,
+}
+
+fn gated_read_path(
+    env: &TestEnv,
+    settings: CacheSettings,
+) -> (ReadPath<RedisCache, GatedStore>, Gate) {
+    let (done_tx, done_rx) = oneshot::channel();
+    let (release_tx, release_rx) = oneshot::channel();
+    let store = GatedStore {
+        inner: DynamoStore::new(
+            env.dynamodb.clone(),
+            &env.table,
+            &settings.key_attribute,
+            settings.key_type,
+            true,
+        ),
+        read_done: Mutex::new(Some(done_tx)),
+        release: Mutex::new(Some(release_rx)),
+    };
+    let cache = RedisCache::new(&env.redis.url(), settings.redis_timeout)
+        .unwrap()
+        .with_guards(settings.guards);
+    (
+        ReadPath::new(cache, store, settings),
+        Gate {
+            read_done: done_rx,
+            release: release_tx,
+        },
+    )
+}
+
+fn price_of(cached: Option<String>) -> Option<Value> {
+    cached.map(|c| serde_json::from_str::<Value>(&c).unwrap()["price"].clone())
+}
+
+async fn update_price(env: &TestEnv, id: &str, price: &str) {
+    env.put_product(id, price).await;
+}
+
+/// The stale-fill race of consistency.md: a reader reads version 1, the item changes and the
+/// invalidation runs, then the reader's fill lands.
+async fn stale_fill_race(mode: InvalidationMode, guards: Guards) -> Option<Value> {
+    let mut env = TestEnv::new(mode).await;
+    env.put_product("kb-001", "129.99").await;
+    env.drain_stream().await;
+    // Start cold, so the reader misses (refresh mode would have cached the INSERT).
+    env.flush().await;
+    let settings = CacheSettings {
+        guards,
+        ..CacheSettings::default()
+    };
+    let (read, gate) = gated_read_path(&env, settings);
+
+    let reader = async {
+        let (status, lookup) = read.get("kb-001").await;
+        assert_eq!(status, CacheStatus::Miss);
+        // The reader itself answers with what it read; the question is what it leaves behind.
+        assert!(matches!(lookup.unwrap(), Lookup::Found(_)));
+    };
+    let writer = async {
+        gate.read_done.await.unwrap();
+        update_price(&env, "kb-001", "99.99").await;
+        assert_eq!(env.drain_stream().await, 1);
+        gate.release.send(()).unwrap();
+    };
+    tokio::join!(reader, writer);
+    price_of(env.raw_get("product:kb-001").await)
+}
+
+#[tokio::test]
+async fn a_fill_that_raced_an_invalidation_is_refused() {
+    assert_eq!(stale_fill_race(Delete, Guards::default()).await, None);
+    assert_eq!(
+        stale_fill_race(Refresh, Guards::default()).await,
+        Some(json!(99.99))
+    );
+    // Without leases the old price is written over the invalidation and stays for the TTL.
+    assert_eq!(
+        stale_fill_race(Delete, NO_LEASES).await,
+        Some(json!(129.99))
+    );
+    assert_eq!(
+        stale_fill_race(Refresh, NO_LEASES).await,
+        Some(json!(129.99))
+    );
+}
+
+#[tokio::test]
+async fn a_fill_that_outlived_its_lease_is_refused() {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let settings = CacheSettings {
+        lease: Duration::from_millis(50),
+        ..CacheSettings::default()
+    };
+    let (read, gate) = gated_read_path(&env, settings);
+    let reader = read.get("kb-001");
+    let slow_table = async {
+        gate.read_done.await.unwrap();
+        // Model a GetItem slower than the lease; the lease key lapsing is what is awaited.
+        let mut conn = env.redis_conn().await;
+        loop {
+            let held: bool = redis::cmd("EXISTS")
+                .arg("{product:kb-001}:lease")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !held {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        gate.release.send(()).unwrap();
+    };
+    let ((status, _), ()) = tokio::join!(reader, slow_table);
+    assert_eq!(status, CacheStatus::Miss);
+    // Someone else may own the key by now: a fill without a live lease never lands.
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+}
+
+/// 1,000 concurrent reads of one cold key, spread over four read-path instances (as four Lambda
+/// environments would be) that share only Redis and the table. Returns the table reads made.
+async fn stampede(guards: Guards) -> (usize, Vec<CacheStatus>) {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let settings = CacheSettings {
+        guards,
+        ..CacheSettings::default()
+    };
+    let table_reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let instances: Vec<_> = (0..4)
+        .map(|_| {
+            let mut store = Counting::new(DynamoStore::new(
+                env.dynamodb.clone(),
+                &env.table,
+                "productId",
+                settings.key_type,
+                true,
+            ));
+            store.calls = table_reads.clone();
+            ReadPath::new(
+                RedisCache::new(&env.redis.url(), Duration::from_millis(500))
+                    .unwrap()
+                    .with_guards(guards),
+                store,
+                settings.clone(),
+            )
+        })
+        .collect();
+    let results =
+        futures::future::join_all((0..1000).map(|i| instances[i % 4].get("kb-001"))).await;
+    let mut statuses = Vec::new();
+    for (status, lookup) in results {
+        match lookup.unwrap() {
+            Lookup::Found(doc) => assert!(doc.as_str().contains("129.99")),
+            Lookup::NotFound => panic!("the item exists"),
+        }
+        statuses.push(status);
+    }
+    (
+        table_reads.load(std::sync::atomic::Ordering::SeqCst),
+        statuses,
+    )
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_cold_reads_cost_one_get_item() {
+    let (reads, statuses) = stampede(Guards::default()).await;
+    assert_eq!(reads, 1);
+    let misses = statuses.iter().filter(|s| **s == CacheStatus::Miss).count();
+    assert_eq!(misses, 1, "the others waited for the fill and hit");
+    // Without leases every concurrent miss reads the table.
+    let (reads, _) = stampede(NO_LEASES).await;
+    assert!(reads > 100, "only {reads} reads without leases");
+}
+
+/// Applies the stream's INSERT and MODIFY in order, then `replay` (indexes into them) again.
+async fn replay_after(mode: InvalidationMode, guards: Guards, replay: &[usize]) -> Option<String> {
+    let mut env = TestEnv::new(mode).await;
+    let invalidator = product_cache::invalidate::Invalidator::new(
+        RedisCache::new(&env.redis.url(), Duration::from_millis(500))
+            .unwrap()
+            .with_guards(guards),
+        mode,
+        CacheSettings::default(),
+    );
+    env.put_product("kb-001", "129.99").await;
+    update_price(&env, "kb-001", "99.99").await;
+    let event = env.new_stream_event().await;
+    let records = event["Records"].as_array().unwrap().clone();
+    assert_eq!(records.len(), 2);
+    let r = invalidator.handle(event).await;
+    assert!(r.batch_item_failures.is_empty());
+    if mode == Delete {
+        // Fill the current version so there is something a stray delete could remove.
+        assert_eq!(env.http_get("kb-001").await.1, "miss");
+    }
+    let before = env.raw_get("product:kb-001").await;
+    let again: Vec<Value> = replay.iter().map(|&i| records[i].clone()).collect();
+    let r = invalidator.handle(json!({ "Records": again })).await;
+    assert!(r.batch_item_failures.is_empty());
+    let after = env.raw_get("product:kb-001").await;
+    assert!(before.is_some());
+    (after != before).then_some(after.unwrap_or_else(|| "<deleted>".into()))
+}
+
+#[tokio::test]
+async fn an_older_or_repeated_record_changes_nothing() {
+    for mode in [Delete, Refresh] {
+        for replay in [&[0][..], &[1], &[0, 1], &[1, 0]] {
+            assert_eq!(
+                replay_after(mode, Guards::default(), replay).await,
+                None,
+                "{mode:?} replay {replay:?} changed the cache"
+            );
+        }
+    }
+    // Without ordering, the older INSERT puts the old price back.
+    let changed = replay_after(Refresh, NO_ORDERING, &[0]).await.unwrap();
+    assert!(changed.contains("129.99"), "{changed}");
+}
+
+#[tokio::test]
+async fn a_remove_sticks() {
+    let mut env = TestEnv::new(Refresh).await;
+    env.put_product("kb-001", "129.99").await;
+    update_price(&env, "kb-001", "99.99").await;
+    env.delete_product("kb-001").await;
+    let event = env.new_stream_event().await;
+    let records = event["Records"].as_array().unwrap().clone();
+    let names: Vec<_> = records
+        .iter()
+        .map(|r| r["eventName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["INSERT", "MODIFY", "REMOVE"]);
+    env.invalidator.handle(event).await;
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+
+    // The MODIFY delivered again (a retry, a bisected batch) cannot resurrect the item.
+    env.invalidator
+        .handle(json!({ "Records": [records[1].clone()] }))
+        .await;
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+    assert_eq!(env.http_get("kb-001").await.0, 404);
+}
+
+async fn put_versioned(env: &TestEnv, version: &str, price: &str) {
+    env.put_json(json!({
+        "productId": {"S": "kb-001"}, "version": {"N": version}, "price": {"N": price}
+    }))
+    .await;
+}
+
+#[tokio::test]
+async fn a_version_attribute_orders_fills_too() {
+    // Leases off, so only the version check stands between the stale fill and the cache.
+    let settings = CacheSettings {
+        version_attribute: Some("version".into()),
+        guards: NO_LEASES,
+        ..CacheSettings::default()
+    };
+    let mut env = TestEnv::with_settings(Refresh, settings.clone()).await;
+    put_versioned(&env, "1", "129.99").await;
+    env.drain_stream().await;
+    env.flush().await;
+    let (read, gate) = gated_read_path(&env, settings);
+    let reader = read.get("kb-001");
+    let writer = async {
+        gate.read_done.await.unwrap();
+        put_versioned(&env, "2", "99.99").await;
+        env.drain_stream().await;
+        // The refreshed entry is then evicted (memory pressure, a TTL): only `:ver` remembers.
+        env.raw_del("product:kb-001").await;
+        gate.release.send(()).unwrap();
+    };
+    tokio::join!(reader, writer);
+    // No lease stopped the reader's fill of version 1, but the version did.
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+    let mut conn = env.redis_conn().await;
+    let ver: String = redis::cmd("GET")
+        .arg("{product:kb-001}:ver")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ver, "2:0");
+    // The next reader fills the current version.
+    assert_eq!(env.http_get("kb-001").await.2["price"], json!(99.99));
+}
