@@ -323,7 +323,8 @@ async fn a_version_attribute_orders_fills_too() {
         env.raw_del("product:kb-001").await;
         gate.release.send(()).unwrap();
     };
-    tokio::join!(reader, writer);
+    let ((_, lookup), ()) = tokio::join!(reader, writer);
+    assert!(matches!(lookup.unwrap(), Lookup::Found(_)));
     // No lease stopped the reader's fill of version 1, but the version did.
     assert_eq!(env.raw_get("product:kb-001").await, None);
     let mut conn = env.redis_conn().await;
