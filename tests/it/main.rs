@@ -7,5 +7,6 @@ mod consistency;
 mod end_to_end;
 mod invalidator;
 mod lambda_binaries;
+mod poller;
 mod read_path;
 mod support;

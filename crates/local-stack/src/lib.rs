@@ -3,6 +3,7 @@
 //! event source mapping reads it. Tests use the same pieces.
 //!
 //! # Layout
+//! - [`poller`]: the DynamoDB event source mapping, emulated: batches, retries, bisection, limits.
 //! - [`demo`]: a one-shot walk of a price change through the whole system.
 //! - [`services`]: spawns throwaway `redis-server` and `moto_server` children on free ports.
 //! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
@@ -11,6 +12,7 @@
 //! Install both server binaries with `scripts/setup.sh`.
 
 pub mod demo;
+pub mod poller;
 pub mod services;
 pub mod stream;
 pub mod table;
