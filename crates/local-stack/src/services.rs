@@ -77,23 +77,32 @@ pub struct RedisServer {
     port: u16,
     binary: PathBuf,
     dir: TempDir,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Spawns redis-server on a free port and waits until it answers `PING`.
     pub async fn start() -> Result<RedisServer, ServiceError> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra `redis-server` arguments (e.g.
+    /// `--requirepass`, `--cluster-enabled yes`), kept for restarts.
+    pub async fn start_with(extra: &[&str]) -> Result<RedisServer, ServiceError> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let binary = find_redis_server()?;
         let dir = tempfile::Builder::new().prefix("local-redis-").tempdir()?;
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            match launch_redis(&binary, dir.path(), port).await {
+            match launch_redis(&binary, dir.path(), port, &extra).await {
                 Ok(child) => {
                     return Ok(RedisServer {
                         child: Some(child),
                         port,
                         binary,
                         dir,
+                        extra,
                     })
                 }
                 Err(e @ ServiceError::Exited { .. }) => last_err = Some(e),
@@ -133,7 +142,7 @@ impl RedisServer {
                 // other test's `free_port` probe was handed it while it was free.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            match launch_redis(&self.binary, self.dir.path(), self.port).await {
+            match launch_redis(&self.binary, self.dir.path(), self.port, &self.extra).await {
                 Ok(child) => {
                     self.child = Some(child);
                     return Ok(());
@@ -153,6 +162,105 @@ impl Drop for RedisServer {
             let _ = child.start_kill();
         }
     }
+}
+
+/// A Redis Cluster of several primaries (no replicas) on free loopback ports, like ElastiCache
+/// with cluster mode enabled: any command whose keys span two hash slots fails with CROSSSLOT,
+/// which is what testing against it proves does not happen.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(primaries: usize) -> Result<RedisCluster, ServiceError> {
+        let mut nodes = Vec::with_capacity(primaries);
+        for _ in 0..primaries {
+            nodes.push(
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+                .await?,
+            );
+        }
+        let cli = find_redis_cli()?;
+        let out = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        let first_port = nodes[0].port();
+        if !out.status.success() {
+            return Err(ServiceError::NotReady {
+                what: "redis cluster",
+                port: first_port,
+                waited: Duration::ZERO,
+                log_tail: String::from_utf8_lossy(&out.stdout).into_owned(),
+            });
+        }
+        // `--cluster create` returns once the slots are assigned; every node must also have
+        // heard about every other before clients see a consistent slot map.
+        let started = Instant::now();
+        for node in &nodes {
+            while !cluster_ok(node.port()).await {
+                if started.elapsed() > Duration::from_secs(20) {
+                    return Err(ServiceError::NotReady {
+                        what: "redis cluster",
+                        port: node.port(),
+                        waited: started.elapsed(),
+                        log_tail: "cluster_state never became ok".into(),
+                    });
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
+        Ok(RedisCluster { nodes })
+    }
+
+    /// The URL of one node, enough for a cluster client to discover the others.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+}
+
+async fn cluster_ok(port: u16) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+        stream.write_all(b"CLUSTER INFO\r\n").await?;
+        let mut buf = vec![0; 4096];
+        let n = stream.read(&mut buf).await?;
+        Ok::<bool, io::Error>(String::from_utf8_lossy(&buf[..n]).contains("cluster_state:ok"))
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+/// `redis-cli`: `$REDIS_CLI`, else beside the redis-server in use, else on `PATH`.
+pub fn find_redis_cli() -> Result<PathBuf, ServiceError> {
+    if let Some(path) = from_env("REDIS_CLI", "redis-cli")? {
+        return Ok(path);
+    }
+    let beside = find_redis_server()?.with_file_name("redis-cli");
+    if is_executable(&beside) {
+        return Ok(beside);
+    }
+    search_path("redis-cli").ok_or_else(|| ServiceError::NotInstalled {
+        what: "redis-cli",
+        hint: "run scripts/setup.sh (Debian's redis-server package ships redis-cli)".into(),
+    })
 }
 
 /// A `moto_server` child process serving DynamoDB and DynamoDB Streams on a
@@ -320,7 +428,12 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-async fn launch_redis(binary: &Path, dir: &Path, port: u16) -> Result<Child, ServiceError> {
+async fn launch_redis(
+    binary: &Path,
+    dir: &Path,
+    port: u16,
+    extra: &[String],
+) -> Result<Child, ServiceError> {
     let port_arg = port.to_string();
     let args: [&std::ffi::OsStr; 10] = [
         "--port".as_ref(),
@@ -339,7 +452,11 @@ async fn launch_redis(binary: &Path, dir: &Path, port: u16) -> Result<Child, Ser
     let spec = Launch {
         what: "redis-server",
         binary,
-        args: args.iter().map(OsString::from).collect(),
+        args: args
+            .iter()
+            .map(OsString::from)
+            .chain(extra.iter().map(OsString::from))
+            .collect(),
         env: &[],
         dir,
         port,
@@ -473,15 +590,17 @@ impl Launch<'_> {
     async fn probe(&self) -> bool {
         let attempt = async {
             let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
-            let (request, expect): (&[u8], &[u8]) = match self.probe {
-                Probe::RedisPing => (b"PING\r\n", b"+PONG"),
+            let (request, expect): (&[u8], &[&[u8]]) = match self.probe {
+                // A server with `requirepass` answers NOAUTH once it is serving.
+                Probe::RedisPing => (b"PING\r\n", &[b"+PONG", b"-NOAUTH"]),
                 Probe::Http => (
                     b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
-                    b"HTTP/",
+                    &[b"HTTP/"],
                 ),
             };
             stream.write_all(request).await?;
-            Ok::<bool, io::Error>(read_prefix(&mut stream, expect.len()).await? == expect)
+            let got = read_prefix(&mut stream, 7).await?;
+            Ok::<bool, io::Error>(expect.iter().any(|e| got.starts_with(e)))
         };
         matches!(
             tokio::time::timeout(PROBE_TIMEOUT, attempt).await,

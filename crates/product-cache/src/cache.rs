@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures::{StreamExt as _, TryStreamExt as _};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
@@ -257,18 +258,68 @@ fn secs(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
 
-/// A Redis cache through a [`ConnectionManager`], which reconnects by itself: a Lambda
-/// environment thawed after minutes may hold a connection the server has long closed.
+/// A connection to one Redis node or to a Redis Cluster; both multiplex requests and reconnect
+/// by themselves (a Lambda environment thawed after minutes may hold a connection the server has
+/// long closed).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Target {
+    Single(ConnectionManager),
+    /// Connected on first use, so a function whose cache is down still starts; a failed
+    /// connect leaves the cell empty and the next request tries again.
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        conn: std::sync::Arc<tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>>,
+    },
+}
+
+/// The Redis cache: a single node (`RedisCache::new`) or a cluster (`RedisCache::cluster`).
 #[derive(Clone)]
 pub struct RedisCache {
-    conn: ConnectionManager,
+    target: Target,
     timeout: Duration,
     guards: Guards,
 }
 
 impl RedisCache {
-    /// Builds the client without connecting, so a function whose Redis is down still starts and
-    /// serves from DynamoDB; the first command connects.
+    /// A single node, built without connecting, so a function whose Redis is down still starts
+    /// and serves from DynamoDB; the first command connects.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, CacheError> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -280,7 +331,25 @@ impl RedisCache {
             .set_max_delay(Duration::from_millis(100));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(Self {
-            conn,
+            target: Target::Single(conn),
+            timeout,
+            guards: Guards::default(),
+        })
+    }
+
+    /// A Redis Cluster reached through `url` (the ElastiCache configuration endpoint). It
+    /// follows MOVED/ASK redirections during resharding and failover.
+    pub fn cluster(url: &str, timeout: Duration) -> Result<Self, CacheError> {
+        let client = redis::cluster::ClusterClient::builder(vec![url])
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(2)
+            .build()?;
+        Ok(Self {
+            target: Target::Cluster {
+                client,
+                conn: Default::default(),
+            },
             timeout,
             guards: Guards::default(),
         })
@@ -293,6 +362,18 @@ impl RedisCache {
         self
     }
 
+    async fn conn(&self) -> Result<Conn, CacheError> {
+        match &self.target {
+            Target::Single(c) => Ok(Conn::Single(c.clone())),
+            Target::Cluster { client, conn } => {
+                let connect = conn.get_or_try_init(|| client.get_async_connection());
+                Ok(Conn::Cluster(
+                    self.bounded(self.timeout, connect).await?.clone(),
+                ))
+            }
+        }
+    }
+
     async fn bounded<T>(
         &self,
         budget: Duration,
@@ -303,11 +384,33 @@ impl RedisCache {
             Err(_) => Err(CacheError::Timeout(budget)),
         }
     }
+
+    fn apply_invocation<'a>(
+        &self,
+        script: &'a redis::Script,
+        op: &CacheOp,
+    ) -> redis::ScriptInvocation<'a> {
+        let (kind, value, ttl) = match &op.kind {
+            OpKind::Delete => ("del", "", Duration::ZERO),
+            OpKind::Set { value, ttl } => ("set", value.as_str(), *ttl),
+        };
+        let mut invocation = script.key(&op.key);
+        invocation
+            .key(lease_key(&op.key))
+            .key(version_key(&op.key))
+            .arg(kind)
+            .arg(value)
+            .arg(secs(ttl))
+            .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
+            .arg(secs(VERSION_TTL.max(ttl)))
+            .arg(flag(self.guards.ordering));
+        invocation
+    }
 }
 
 impl Cache for RedisCache {
     async fn probe(&self, key: &str, token: &str, lease: Duration) -> Result<Probe, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts().probe.key(key);
         invocation
             .key(lease_key(key))
@@ -326,7 +429,7 @@ impl Cache for RedisCache {
     }
 
     async fn fill(&self, fill: Fill<'_>) -> Result<bool, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts().fill.key(fill.key);
         invocation
             .key(lease_key(fill.key))
@@ -349,30 +452,46 @@ impl Cache for RedisCache {
             return Ok(());
         }
         let script = &scripts().apply;
+        let mut conn = self.conn().await?;
+        // A batch is thousands of commands: give it the per-operation budget per 1,000.
+        let budget = self.timeout * (ops.len() / 1000 + 1) as u32;
+        if let Conn::Cluster(_) = conn {
+            // A cluster pipeline must stay within one node, and a batch spans them all. Keys
+            // go out concurrently; each key's ops stay in order, which is all that matters.
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            let mut group_of = std::collections::HashMap::new();
+            for (i, op) in ops.iter().enumerate() {
+                let g = *group_of.entry(op.key.as_str()).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(i);
+            }
+            let work = futures::stream::iter(groups)
+                .map(|group: Vec<usize>| {
+                    let mut conn = conn.clone();
+                    async move {
+                        for i in group {
+                            // invoke_async loads the script on the node if it answers NOSCRIPT.
+                            self.apply_invocation(script, &ops[i])
+                                .invoke_async::<()>(&mut conn)
+                                .await?;
+                        }
+                        Ok::<(), redis::RedisError>(())
+                    }
+                })
+                .buffer_unordered(64)
+                .try_collect::<Vec<()>>();
+            return self.bounded(budget, async { work.await.map(drop) }).await;
+        }
         let mut pipe = redis::pipe();
         // Loading first in the same pipeline means a Redis that restarted (and forgot its
         // scripts) since the last batch still runs every EVALSHA that follows.
         pipe.load_script(script).ignore();
         for op in ops {
-            let (kind, value, ttl) = match &op.kind {
-                OpKind::Delete => ("del", "", Duration::ZERO),
-                OpKind::Set { value, ttl } => ("set", value.as_str(), *ttl),
-            };
-            let mut invocation = script.key(&op.key);
-            invocation
-                .key(lease_key(&op.key))
-                .key(version_key(&op.key))
-                .arg(kind)
-                .arg(value)
-                .arg(secs(ttl))
-                .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
-                .arg(secs(VERSION_TTL.max(ttl)))
-                .arg(flag(self.guards.ordering));
-            pipe.invoke_script(&invocation).ignore();
+            pipe.invoke_script(&self.apply_invocation(script, op))
+                .ignore();
         }
-        let mut conn = self.conn.clone();
-        // A batch is thousands of commands: give it the per-operation budget per 1,000.
-        let budget = self.timeout * (ops.len() / 1000 + 1) as u32;
         self.bounded(budget, pipe.query_async::<()>(&mut conn))
             .await
     }
@@ -381,7 +500,7 @@ impl Cache for RedisCache {
 impl RedisCache {
     /// A plain GET, for tools and tests that look without taking a lease.
     pub async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.bounded(self.timeout, conn.get(key)).await
     }
 }

@@ -75,10 +75,34 @@ impl Default for CacheSettings {
     }
 }
 
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port` or, for TLS (ElastiCache in-transit encryption), `rediss://host:port`.
+    pub url: String,
+    /// Redis Cluster (ElastiCache cluster mode enabled): `url` is the configuration endpoint.
+    pub cluster: bool,
+    /// A Secrets Manager secret holding the AUTH token, read once at cold start: its
+    /// SecretString is the token itself or JSON with a `token` (or `password`) field.
+    pub auth_secret_arn: Option<String>,
+}
+
+impl RedisSettings {
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        Ok(Self {
+            url: required(src, "REDIS_URL")?,
+            cluster: parsed(src, "REDIS_CLUSTER", false)?,
+            auth_secret_arn: src
+                .get("REDIS_AUTH_SECRET_ARN")
+                .filter(|v| !v.trim().is_empty()),
+        })
+    }
+}
+
 /// Settings of the read function.
 #[derive(Debug, Clone)]
 pub struct ReadSettings {
-    pub redis_url: String,
+    pub redis: RedisSettings,
     pub table_name: String,
     /// Strongly consistent `GetItem`. Costs twice the read capacity of an eventually consistent
     /// read, but an eventually consistent read can return the version the stream just replaced
@@ -90,7 +114,7 @@ pub struct ReadSettings {
 /// Settings of the invalidator function.
 #[derive(Debug, Clone)]
 pub struct InvalidatorSettings {
-    pub redis_url: String,
+    pub redis: RedisSettings,
     pub mode: InvalidationMode,
     pub cache: CacheSettings,
 }
@@ -233,7 +257,7 @@ impl ReadSettings {
 
     pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
         Ok(Self {
-            redis_url: required(src, "REDIS_URL")?,
+            redis: RedisSettings::from_source(src)?,
             table_name: required(src, "TABLE_NAME")?,
             consistent_read: parsed(src, "CONSISTENT_READ", true)?,
             cache: CacheSettings::from_source(src)?,
@@ -248,7 +272,7 @@ impl InvalidatorSettings {
 
     pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
         Ok(Self {
-            redis_url: required(src, "REDIS_URL")?,
+            redis: RedisSettings::from_source(src)?,
             mode: parsed(src, "INVALIDATION_MODE", InvalidationMode::Delete)?,
             cache: CacheSettings::from_source(src)?,
         })
@@ -270,6 +294,8 @@ mod tests {
         assert_eq!(s.cache.negative_ttl, Duration::from_secs(30));
         assert_eq!(s.cache.redis_timeout, Duration::from_millis(100));
         assert!(s.consistent_read);
+        assert!(!s.redis.cluster);
+        assert_eq!(s.redis.auth_secret_arn, None);
         assert_eq!(s.cache.lease, Duration::from_millis(1000));
         assert_eq!(s.cache.lease_wait, Duration::from_millis(1000));
         assert_eq!(s.cache.version_attribute, None);
@@ -294,6 +320,11 @@ mod tests {
             ("LEASE_MS", "250"),
             ("LEASE_WAIT_MS", "400"),
             ("VERSION_ATTRIBUTE", "version"),
+            ("REDIS_CLUSTER", "true"),
+            (
+                "REDIS_AUTH_SECRET_ARN",
+                "arn:aws:secretsmanager:us-east-1:1:secret:x",
+            ),
         ];
         let s = ReadSettings::from_source(&env[..]).unwrap();
         assert_eq!(s.cache.key_prefix, "p:");
@@ -306,6 +337,9 @@ mod tests {
         assert_eq!(s.cache.lease, Duration::from_millis(250));
         assert_eq!(s.cache.lease_wait, Duration::from_millis(400));
         assert_eq!(s.cache.version_attribute.as_deref(), Some("version"));
+        assert_eq!(s.redis.url, "redis://h:6379");
+        assert!(s.redis.cluster);
+        assert!(s.redis.auth_secret_arn.as_deref().unwrap().ends_with(":x"));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Refresh);
     }
@@ -337,5 +371,6 @@ mod tests {
         bad("KEY_PREFIX", "{p}:");
         bad("CONSISTENT_READ", "yes please");
         bad("INVALIDATION_MODE", "update");
+        bad("REDIS_CLUSTER", "sometimes");
     }
 }

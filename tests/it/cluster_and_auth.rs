@@ -1,0 +1,138 @@
+//! What ElastiCache adds on top of a single local Redis: cluster mode (every script must stay in
+//! one hash slot) and an AUTH token kept in Secrets Manager.
+
+use std::time::Duration;
+
+use local_stack::services::{RedisCluster, RedisServer};
+use product_cache::cache::RedisCache;
+use product_cache::config::{CacheSettings, InvalidationMode, RedisSettings};
+use product_cache::invalidate::Invalidator;
+use product_cache::read::ReadPath;
+use product_cache::store::DynamoStore;
+use serde_json::json;
+
+use crate::support::{http_get, moto_endpoint, TestEnv};
+
+async fn dbsize(port: u16) -> usize {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap()
+}
+
+#[tokio::test]
+async fn both_paths_work_unchanged_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3).await.unwrap();
+    for mode in [InvalidationMode::Delete, InvalidationMode::Refresh] {
+        let mut env = TestEnv::new(mode).await;
+        let cache = || RedisCache::cluster(&cluster.url(), Duration::from_millis(500)).unwrap();
+        let settings = CacheSettings::default();
+        let read = ReadPath::new(
+            cache(),
+            DynamoStore::new(
+                env.dynamodb.clone(),
+                &env.table,
+                "productId",
+                settings.key_type,
+                true,
+            ),
+            settings.clone(),
+        );
+        let invalidator = Invalidator::new(cache(), mode, settings);
+        let ids: Vec<String> = (0..30)
+            .map(|i| format!("{}-{mode:?}-{i}", env.table))
+            .collect();
+        for id in &ids {
+            env.put_product(id, "10").await;
+        }
+        env.new_stream_event().await; // the INSERTs: nothing cached yet
+        for id in &ids {
+            let (code, x_cache, _) = http_get(&read, &format!("/products/{id}")).await;
+            assert_eq!((code, x_cache.as_str()), (200, "miss"), "{id}");
+            assert_eq!(http_get(&read, &format!("/products/{id}")).await.1, "hit");
+        }
+        for id in &ids {
+            env.put_product(id, "20").await;
+        }
+        let event = env.new_stream_event().await;
+        let response = invalidator.handle(event.clone()).await;
+        assert!(response.batch_item_failures.is_empty(), "{response:?}");
+        for id in &ids {
+            let (_, _, body) = http_get(&read, &format!("/products/{id}")).await;
+            assert_eq!(body["price"], json!(20), "{mode:?} {id}");
+        }
+        // Replaying the batch changes nothing (ordering works across slots too).
+        assert!(invalidator
+            .handle(event)
+            .await
+            .batch_item_failures
+            .is_empty());
+        assert_eq!(
+            http_get(&read, &format!("/products/{}", ids[0])).await.2["price"],
+            json!(20)
+        );
+    }
+    // The keys really were spread over the cluster, so no single-node shortcut hid a CROSSSLOT.
+    for port in cluster.ports() {
+        assert!(dbsize(port).await > 0, "node {port} holds nothing");
+    }
+}
+
+#[tokio::test]
+async fn the_auth_token_is_read_from_secrets_manager() {
+    let token = "s3cr3t/with@odd#chars+";
+    let redis = RedisServer::start_with(&["--requirepass", token])
+        .await
+        .unwrap();
+    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+    let secrets = aws_sdk_secretsmanager::Client::new(&sdk);
+    let name = crate::support::unique_table("redis-auth");
+    let arn = secrets
+        .create_secret()
+        .name(&name)
+        .secret_string(json!({ "token": token }).to_string())
+        .send()
+        .await
+        .unwrap()
+        .arn
+        .unwrap();
+
+    let settings = |arn: Option<String>| RedisSettings {
+        url: redis.url(),
+        cluster: false,
+        auth_secret_arn: arn,
+    };
+    let timeout = Duration::from_millis(500);
+    let invalidator =
+        |cache| Invalidator::new(cache, InvalidationMode::Delete, CacheSettings::default());
+    let event = crate::support::fixture("modify.json");
+
+    let cache = product_cache::connect_cache(&settings(Some(arn.clone())), timeout, &sdk)
+        .await
+        .unwrap();
+    assert!(invalidator(cache)
+        .handle(event.clone())
+        .await
+        .batch_item_failures
+        .is_empty());
+
+    // Without the token the server refuses every command: the batch is reported for retry.
+    let cache = product_cache::connect_cache(&settings(None), timeout, &sdk)
+        .await
+        .unwrap();
+    assert_eq!(
+        invalidator(cache)
+            .handle(event)
+            .await
+            .batch_item_failures
+            .len(),
+        1
+    );
+
+    // A secret that does not exist stops the cold start with its name in the message.
+    let missing = format!("{arn}-missing");
+    let err = product_cache::connect_cache(&settings(Some(missing.clone())), timeout, &sdk)
+        .await
+        .err()
+        .expect("a missing secret must fail the start");
+    assert!(err.to_string().contains(&missing), "{err}");
+}
