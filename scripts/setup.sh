@@ -40,6 +40,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
 fi
 
+# The TLS test makes its certificates with the openssl CLI.
+if ! command -v openssl >/dev/null 2>&1; then
+    echo "setup.sh: installing openssl" >&2
+    apt_install openssl
+fi
+
 if ! command -v python3 >/dev/null 2>&1; then
     echo "setup.sh: installing python3" >&2
     apt_install python3 python3-venv

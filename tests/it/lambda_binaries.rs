@@ -414,3 +414,128 @@ async fn read_function_starts_and_serves_from_the_table_when_redis_is_down() {
         assert_eq!(http_parts(&response), (200, "bypass".into(), item.clone()));
     }
 }
+
+/// Writes a CA and a server certificate for 127.0.0.1 into `dir` with the openssl CLI.
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/setup.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=local test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// The deployed shape: `rediss://` (ElastiCache in-transit encryption) with the AUTH token in
+/// Secrets Manager. The function trusts the test CA through `SSL_CERT_FILE`, as it trusts
+/// Amazon's through the system store on Lambda.
+#[tokio::test]
+async fn read_function_uses_tls_and_its_auth_token_from_secrets_manager() {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let file = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
+    let tls_port = local_stack::services::free_port().to_string();
+    let token = "tls-and-auth/token";
+    let redis = local_stack::services::RedisServer::start_with(&[
+        "--requirepass",
+        token,
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &file("server.crt"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.crt"),
+        "--tls-auth-clients",
+        "no",
+    ])
+    .await
+    .unwrap();
+
+    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+    let arn = aws_sdk_secretsmanager::Client::new(&sdk)
+        .create_secret()
+        .name(crate::support::unique_table("tls-token"))
+        .secret_string(json!({ "token": token }).to_string())
+        .send()
+        .await
+        .unwrap()
+        .arn
+        .unwrap();
+
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let ca = file("ca.crt");
+    let mut function = Function::spawn(
+        "read-function",
+        &[
+            ("REDIS_URL", &url),
+            ("REDIS_AUTH_SECRET_ARN", &arn),
+            ("AWS_ENDPOINT_URL_SECRETS_MANAGER", moto_endpoint()),
+            ("SSL_CERT_FILE", &ca),
+            ("TABLE_NAME", &env.table),
+            // A debug build's first TLS handshake can outlast the 100 ms default; this test is
+            // about TLS and AUTH working, not about the timeout.
+            ("REDIS_TIMEOUT_MS", "3000"),
+        ],
+    )
+    .await;
+    let first = function.respond(fixture("apigw-get-product.json")).await;
+    let output = function.output().await;
+    assert_eq!(http_parts(&first).1, "miss", "{first}\n{output}");
+    let second = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(http_parts(&second).1, "hit", "{second}");
+    drop(redis);
+}
