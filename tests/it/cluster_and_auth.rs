@@ -84,17 +84,7 @@ async fn the_auth_token_is_read_from_secrets_manager() {
         .await
         .unwrap();
     let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
-    let secrets = aws_sdk_secretsmanager::Client::new(&sdk);
-    let name = crate::support::unique_table("redis-auth");
-    let arn = secrets
-        .create_secret()
-        .name(&name)
-        .secret_string(json!({ "token": token }).to_string())
-        .send()
-        .await
-        .unwrap()
-        .arn
-        .unwrap();
+    let arn = crate::support::token_secret(token).await;
 
     let settings = |arn: Option<String>| RedisSettings {
         url: redis.url(),

@@ -505,16 +505,7 @@ async fn read_function_uses_tls_and_its_auth_token_from_secrets_manager() {
     .await
     .unwrap();
 
-    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
-    let arn = aws_sdk_secretsmanager::Client::new(&sdk)
-        .create_secret()
-        .name(crate::support::unique_table("tls-token"))
-        .secret_string(json!({ "token": token }).to_string())
-        .send()
-        .await
-        .unwrap()
-        .arn
-        .unwrap();
+    let arn = crate::support::token_secret(token).await;
 
     let url = format!("rediss://127.0.0.1:{tls_port}");
     let ca = file("ca.crt");

@@ -76,6 +76,21 @@ pub fn unique_table(prefix: &str) -> String {
     )
 }
 
+/// Stores `token` as a Redis AUTH secret (`{"token": ...}`) in the local Secrets Manager and
+/// returns its ARN.
+pub async fn token_secret(token: &str) -> String {
+    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+    aws_sdk_secretsmanager::Client::new(&sdk)
+        .create_secret()
+        .name(unique_table("redis-token"))
+        .secret_string(serde_json::json!({ "token": token }).to_string())
+        .send()
+        .await
+        .unwrap()
+        .arn
+        .unwrap()
+}
+
 /// Counts calls into a backend, to prove which requests reach it.
 pub struct Counting<T> {
     pub inner: T,
