@@ -7,6 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The integration tests run the Lambda binaries under a local Runtime API, so build them first.
-cargo build --locked -p functions --bins
+# The integration tests run the Lambda binaries under a local Runtime API and the local-stack
+# command itself, so build them first.
+cargo build --locked -p functions -p local-stack --bins
 cargo test --workspace --locked

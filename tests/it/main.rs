@@ -8,6 +8,7 @@ mod consistency;
 mod end_to_end;
 mod invalidator;
 mod lambda_binaries;
+mod local_stack;
 mod poller;
 mod read_path;
 mod support;

@@ -1,9 +1,16 @@
 //! Runs the whole system on one machine: real `redis-server` and `moto_server` (DynamoDB and
-//! DynamoDB Streams) processes, the table with its stream, and the stream read the way Lambda's
-//! event source mapping reads it. Tests use the same pieces.
+//! DynamoDB Streams) processes, the table with its stream, the read function's handler behind
+//! local HTTP, and the stream read the way Lambda's event source mapping reads it. Tests use the
+//! same pieces.
 //!
 //! # Layout
-//! - [`poller`]: the DynamoDB event source mapping, emulated: batches, retries, bisection, limits.
+//! - [`stack`]: [`stack::Stack`], everything below wired into one running system, and the state
+//!   file the `set-price` and `warm` commands find it by.
+//! - [`http`]: the read path over HTTP, with requests shaped as API Gateway (HTTP API) sends them.
+//! - [`seed`]: the deterministic sample catalog, batch writes, and the `set-price` change.
+//! - [`warm`]: cache warming through the read path's lease-guarded fill.
+//! - [`esm_template`]: the invalidator's event source mapping, read from the SAM template.
+//! - [`poller`]: the local event source mapping: batches, retries, bisection, on-failure file.
 //! - [`demo`]: a one-shot walk of a price change through the whole system.
 //! - [`services`]: spawns throwaway `redis-server` and `moto_server` children on free ports.
 //! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
@@ -12,7 +19,12 @@
 //! Install both server binaries with `scripts/setup.sh`.
 
 pub mod demo;
+pub mod esm_template;
+pub mod http;
 pub mod poller;
+pub mod seed;
 pub mod services;
+pub mod stack;
 pub mod stream;
 pub mod table;
+pub mod warm;

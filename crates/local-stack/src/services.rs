@@ -633,6 +633,9 @@ async fn read_prefix(stream: &mut TcpStream, len: usize) -> io::Result<Vec<u8>> 
 /// `spawn_blocking` task) dies with that thread.
 #[cfg(target_os = "linux")]
 fn die_with_parent(cmd: &mut Command) {
+    // Their own process group: a Ctrl-C typed in a terminal goes to the foreground group, and
+    // the children must be stopped by us, in order, not die of it before our handler runs.
+    cmd.process_group(0);
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe syscalls (getppid, prctl, raise); it allocates nothing.
     let parent = unsafe { libc::getpid() };

@@ -1,0 +1,438 @@
+//! The local stack: the read function's handler behind real HTTP and the invalidator fed by the
+//! local event source mapping, in-process (`Stack::start`) and as the compiled `local-stack`
+//! command, which also owns and stops its redis-server and moto children.
+//!
+//! The command tests need the binary: `cargo build -p local-stack` first (scripts/test.sh does).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use local_stack::services::RedisServer;
+use local_stack::stack::{Stack, StackOptions, StackState};
+use product_cache::config::CacheSettings;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+
+use crate::support::{init_logging, moto_endpoint, unique_table};
+
+/// How long a price change may take to reach HTTP readers. The poller polls every 100 ms, so
+/// this is generous on purpose: a busy CI machine runs the whole suite at once.
+const CHANGE_VISIBLE_WITHIN: Duration = Duration::from_secs(5);
+/// Start-up of the command includes importing moto and seeding 1,000 products.
+const STARTS_WITHIN: Duration = Duration::from_secs(60);
+const EXITS_WITHIN: Duration = Duration::from_secs(15);
+
+/// (status, X-Cache, JSON body, content-type) of one HTTP request.
+struct Answer {
+    status: u16,
+    x_cache: Option<String>,
+    content_type: Option<String>,
+    body: Value,
+}
+
+async fn request(method: &str, url: &str) -> Answer {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Empty::new())
+        .unwrap();
+    let resp = client
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (status, x_cache, content_type) = (
+        resp.status().as_u16(),
+        header("x-cache"),
+        header("content-type"),
+    );
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{url}: body is not JSON ({e}): {bytes:?}"));
+    Answer {
+        status,
+        x_cache,
+        content_type,
+        body,
+    }
+}
+
+async fn get(url: &str) -> Answer {
+    request("GET", url).await
+}
+
+/// Reads `url` until its price is `price`; returns how long that took.
+async fn until_price(url: &str, price: Value) -> Duration {
+    let started = Instant::now();
+    loop {
+        let answer = get(url).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        if answer.body["price"] == price {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < CHANGE_VISIBLE_WITHIN,
+            "{url} still answers {} after {CHANGE_VISIBLE_WITHIN:?}",
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A stack on its own table of the shared moto server and its own Redis.
+async fn start_stack(redis: &RedisServer, seed: usize, dir: &Path) -> Stack {
+    init_logging();
+    let mut options = StackOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        table: unique_table("stack"),
+        redis_url: Some(redis.url()),
+        dynamodb_endpoint: Some(moto_endpoint().to_owned()),
+        seed_products: seed,
+        ..StackOptions::default()
+    };
+    options.esm.on_failure = Some(dir.join("on-failure.jsonl"));
+    Stack::start(options).await.expect("the stack starts")
+}
+
+async fn dynamodb() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&local_stack::table::local_sdk_config(moto_endpoint()).await)
+}
+
+fn refuses(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+}
+
+#[tokio::test]
+async fn serves_the_read_path_over_http_and_a_table_change_reaches_it_through_the_stream() {
+    let redis = RedisServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(&redis, local_stack::seed::DEFAULT_PRODUCTS, dir.path()).await;
+    assert_eq!(stack.seeded(), 1000);
+    let url = format!("{}/products/kb-001", stack.http_url());
+
+    let first = get(&url).await;
+    assert_eq!(
+        (first.status, first.x_cache.as_deref()),
+        (200, Some("miss")),
+        "{}",
+        first.body
+    );
+    assert_eq!(first.content_type.as_deref(), Some("application/json"));
+    assert_eq!(first.body["name"], "Mechanical keyboard");
+    assert_eq!(first.body["price"], json!(129.99));
+    assert_eq!(first.body["version"], json!(1));
+    let second = get(&url).await;
+    assert_eq!(
+        (second.status, second.x_cache.as_deref()),
+        (200, Some("hit"))
+    );
+    assert_eq!(second.body, first.body);
+
+    // Any writer to the table; nothing tells the stack but the stream.
+    dynamodb()
+        .await
+        .update_item()
+        .table_name(stack.table())
+        .key("productId", AttributeValue::S("kb-001".into()))
+        .update_expression("SET price = :p ADD version :one")
+        .expression_attribute_values(":p", AttributeValue::N("99.99".into()))
+        .expression_attribute_values(":one", AttributeValue::N("1".into()))
+        .send()
+        .await
+        .unwrap();
+    let took = until_price(&url, json!(99.99)).await;
+    eprintln!("price change visible over HTTP after {took:?}");
+    assert_eq!(get(&url).await.x_cache.as_deref(), Some("hit"));
+
+    // API Gateway's own answer for what matches no route, without calling the function.
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("GET", "/products"),
+        ("GET", "/products/"),
+        ("GET", "/products/kb-001/reviews"),
+        ("POST", "/products/kb-001"),
+    ] {
+        let answer = request(method, &format!("{}{path}", stack.http_url())).await;
+        assert_eq!(answer.status, 404, "{method} {path}");
+        assert_eq!(
+            answer.body,
+            json!({"message": "Not Found"}),
+            "{method} {path}"
+        );
+        assert_eq!(answer.x_cache, None, "{method} {path} reached the function");
+    }
+    // HEAD too: API Gateway matches the route's method exactly. (No body to parse.)
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let head = hyper::Request::head(&url).body(Empty::new()).unwrap();
+    assert_eq!(client.request(head).await.unwrap().status(), 404);
+
+    // The handler's own answers: a bad id (percent-decoded into the path parameter) and an
+    // absent product.
+    let bad = get(&format!("{}/products/%7Bbad%7D", stack.http_url())).await;
+    assert_eq!((bad.status, bad.x_cache.as_deref()), (400, Some("bypass")));
+    assert_eq!(bad.body["error"], "invalid_id", "{}", bad.body);
+    let absent = get(&format!("{}/products/no-such-thing", stack.http_url())).await;
+    assert_eq!(
+        (absent.status, absent.x_cache.as_deref()),
+        (404, Some("miss"))
+    );
+    assert_eq!(absent.body["error"], "not_found");
+    let spaced = get(&format!("{}/products/a%20b", stack.http_url())).await;
+    assert_eq!(
+        spaced.status, 404,
+        "an id with a space is valid, and absent"
+    );
+
+    let stats = stack.stats();
+    assert!(stats.hits >= 2 && stats.misses >= 3, "{stats}");
+    assert_eq!(stats.bypasses, 1, "{stats}");
+    assert!(stats.invalidations > 1000, "seed and change: {stats}");
+    assert_eq!(stats.records_given_up, 0, "{stats}");
+
+    let port = stack.http_addr().port();
+    stack.shutdown().await;
+    assert!(refuses(port), "the HTTP port still accepts after shutdown");
+}
+
+#[tokio::test]
+async fn warming_the_first_50_ids_makes_their_reads_hits() {
+    let redis = RedisServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Enough products that the first 50 of a Scan are a part of the table, not all of it.
+    let stack = start_stack(&redis, 200, dir.path()).await;
+    let client = dynamodb().await;
+    let ids = local_stack::warm::first_ids(&client, stack.table(), "productId", 50)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 50);
+
+    let read = product_cache::read::ReadPath::new(
+        product_cache::cache::RedisCache::new(stack.redis_url(), Duration::from_secs(1)).unwrap(),
+        product_cache::store::DynamoStore::new(
+            client,
+            stack.table(),
+            "productId",
+            product_cache::id::KeyType::S,
+            true,
+        ),
+        CacheSettings::default(),
+    );
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let tick = || {
+        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    let summary = local_stack::warm::warm(&read, ids.clone(), 16, tick).await;
+    assert_eq!(
+        (summary.filled, summary.already_cached, summary.errors),
+        (50, 0, 0),
+        "{summary}"
+    );
+    assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), 50);
+
+    for id in &ids {
+        let answer = get(&format!("{}/products/{id}", stack.http_url())).await;
+        assert_eq!(
+            (answer.status, answer.x_cache.as_deref()),
+            (200, Some("hit")),
+            "{id}: {}",
+            answer.body
+        );
+        assert_eq!(answer.body["productId"], json!(id));
+    }
+    // Warming again leaves everything as it is.
+    let again = local_stack::warm::warm(&read, ids, 16, || {}).await;
+    assert_eq!(again.already_cached, 50, "{again}");
+    stack.shutdown().await;
+}
+
+/// `target/debug/local-stack` of this workspace, honouring `CARGO_TARGET_DIR`.
+fn binary() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|dir| {
+            if dir.is_relative() {
+                workspace.join(dir)
+            } else {
+                dir
+            }
+        })
+        .unwrap_or_else(|| workspace.join("target"));
+    let path = target.join("debug").join("local-stack");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p local-stack` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The command with a clean environment for the stack: no Redis or DynamoDB of the caller's.
+fn command(args: &[&str], cwd: &Path) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove("REDIS_URL")
+        .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
+        .env_remove("INVALIDATION_MODE")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Collects a pipe's lines, echoing them with `TEST_LOG`.
+fn collect(pipe: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<String>>) {
+    let echo = std::env::var_os("TEST_LOG").is_some();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if echo {
+                eprintln!("[local-stack] {line}");
+            }
+            into.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_run_command_serves_changes_prices_and_stops_its_children_on_sigint() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let state_arg = state_dir.to_str().unwrap();
+    // Run from an empty directory: no SAM template there, so the poller uses Lambda's defaults
+    // (the repository's template is checked by esm_template's own test).
+    let mut stack = command(
+        &["--listen", "127.0.0.1:0", "--state-dir", state_arg],
+        dir.path(),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn local-stack");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    collect(stack.stderr.take().unwrap(), stderr.clone());
+    let mut stdout = BufReader::new(stack.stdout.take().unwrap()).lines();
+
+    let started = Instant::now();
+    let find_address = async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("listening on ") {
+                return Some(url.to_owned());
+            }
+        }
+        None
+    };
+    let base = match tokio::time::timeout(STARTS_WITHIN, find_address).await {
+        Ok(Some(url)) => url,
+        other => panic!(
+            "no address printed ({other:?}); stderr:\n{}",
+            stderr.lock().unwrap()
+        ),
+    };
+    eprintln!("local-stack up after {:?}", started.elapsed());
+    let addr: SocketAddr = base.strip_prefix("http://").unwrap().parse().unwrap();
+    assert_ne!(addr.port(), 0);
+    // The rest of the banner, so the pipe never fills.
+    let banner = Arc::new(Mutex::new(String::new()));
+    collect(stdout.into_inner().into_inner(), banner.clone());
+
+    let state: StackState =
+        serde_json::from_str(&std::fs::read_to_string(state_dir.join("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(Some(state.pid), stack.id());
+    assert_eq!(state.http, base);
+    assert_eq!(state.table, "Products");
+
+    let url = format!("{base}/products/kb-001");
+    let first = get(&url).await;
+    assert_eq!(
+        (first.status, first.x_cache.as_deref()),
+        (200, Some("miss"))
+    );
+    assert_eq!(first.body["price"], json!(129.99));
+    assert_eq!(get(&url).await.x_cache.as_deref(), Some("hit"));
+
+    // The command the banner tells people to run, found through the state file.
+    let set = command(
+        &["set-price", "kb-001", "99.99", "--state-dir", state_arg],
+        dir.path(),
+    )
+    .output()
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        set.status.success(),
+        "set-price failed: {said}{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert_eq!(said.trim(), "kb-001: price 129.99 -> 99.99 (version 2)");
+    let took = until_price(&url, json!(99.99)).await;
+    eprintln!("set-price visible over HTTP after {took:?}");
+
+    let warm = command(
+        &["warm", "--first", "20", "--state-dir", state_arg],
+        dir.path(),
+    )
+    .output()
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&warm.stdout);
+    assert!(warm.status.success(), "warm failed: {said}");
+    assert!(said.contains("errors 0"), "{said}");
+
+    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
+    let pid = stack.id().expect("still running") as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = tokio::time::timeout(EXITS_WITHIN, stack.wait())
+        .await
+        .unwrap_or_else(|_| panic!("still running after SIGINT:\n{}", stderr.lock().unwrap()))
+        .unwrap();
+    assert!(
+        status.success(),
+        "{status}; stderr:\n{}",
+        stderr.lock().unwrap()
+    );
+    for (what, port) in [
+        ("HTTP", addr.port()),
+        ("redis-server", port_of(&state.redis_url)),
+        ("moto_server", port_of(&state.dynamodb_endpoint)),
+    ] {
+        assert!(refuses(port), "{what} on port {port} outlived the stack");
+    }
+    assert!(
+        !state_dir.join("state.json").exists(),
+        "the state file names a stack that is gone"
+    );
+    let gone = command(
+        &["set-price", "kb-001", "1", "--state-dir", state_arg],
+        dir.path(),
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no running stack"));
+}
