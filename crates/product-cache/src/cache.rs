@@ -303,10 +303,12 @@ enum Target {
     Single(ConnectionManager),
     /// Connected on first use, so a function whose cache is down still starts; a failed
     /// connect leaves the cell empty and the next request tries again.
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        conn: std::sync::Arc<tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>>,
-    },
+    Cluster(std::sync::Arc<ClusterTarget>),
+}
+
+struct ClusterTarget {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
 }
 
 /// The Redis cache: a single node (`RedisCache::new`) or a cluster (`RedisCache::cluster`).
@@ -346,10 +348,10 @@ impl RedisCache {
             .retries(2)
             .build()?;
         Ok(Self {
-            target: Target::Cluster {
+            target: Target::Cluster(std::sync::Arc::new(ClusterTarget {
                 client,
                 conn: Default::default(),
-            },
+            })),
             timeout,
             guards: Guards::default(),
         })
@@ -365,8 +367,10 @@ impl RedisCache {
     async fn conn(&self) -> Result<Conn, CacheError> {
         match &self.target {
             Target::Single(c) => Ok(Conn::Single(c.clone())),
-            Target::Cluster { client, conn } => {
-                let connect = conn.get_or_try_init(|| client.get_async_connection());
+            Target::Cluster(cluster) => {
+                let connect = cluster
+                    .conn
+                    .get_or_try_init(|| cluster.client.get_async_connection());
                 Ok(Conn::Cluster(
                     self.bounded(self.timeout, connect).await?.clone(),
                 ))
