@@ -11,3 +11,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # command itself, so build them first.
 cargo build --locked -p functions -p local-stack --bins
 cargo test --workspace --locked
+# The SAM template: sam validate --lint, cfn-lint, checkov and the template's intent tests, offline.
+# (`scripts/sam-build.sh`, the full arm64 cross-build, takes about 11 minutes: run it separately.)
+scripts/check-infra.sh

@@ -1,0 +1,862 @@
+"""Checks of what infra/template.yaml must keep doing, as functions that return problems.
+
+Each `check_*` takes the template (plain dicts and lists, as `load_template` returns it) and
+returns a list of human-readable problems; an empty list means the template keeps that promise.
+The tests run every check on the real template and on copies weakened in memory, so each check
+is shown to catch the weakening it exists for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import tomllib
+from pathlib import Path
+from typing import Any, Iterator
+
+INFRA = Path(__file__).resolve().parent.parent
+REPO = INFRA.parent
+TEMPLATE_PATH = INFRA / "template.yaml"
+
+READ = "ReadFunction"
+INVALIDATOR = "InvalidatorFunction"
+TABLE = "ProductTable"
+SECRET = "CacheAuthSecret"
+CACHE = "CacheReplicationGroup"
+FUNCTION_SG = "FunctionSecurityGroup"
+EXPECTED_BINARIES = {READ: "read-function", INVALIDATOR: "invalidator-function"}
+VPC_ACCESS_POLICY = "service-role/AWSLambdaVPCAccessExecutionRole"
+STREAM_READ_ACTIONS = {
+    "dynamodb:DescribeStream",
+    "dynamodb:GetRecords",
+    "dynamodb:GetShardIterator",
+    "dynamodb:ListStreams",
+}
+# ElastiCache AUTH: 16-128 printable ASCII characters; of the special characters only these.
+AUTH_SPECIALS = set("!&#$^<>-")
+# Lambda's limits for stream event source mappings (-1, "forever", is excluded on purpose).
+RETRY_BOUNDS = (0, 10_000)
+RECORD_AGE_BOUNDS = (60, 604_800)
+
+
+def load_template(path: Path = TEMPLATE_PATH) -> dict[str, Any]:
+    """The template as plain JSON-like data, through cfn-lint's decoder (it knows !Ref & co.)."""
+    from cfnlint.decode import decode
+
+    template, matches = decode(str(path))
+    if matches:
+        raise ValueError(f"{path} does not parse: {[str(m) for m in matches]}")
+    # The decoder's node types carry line numbers; plain data is easier to copy and weaken.
+    return json.loads(json.dumps(template))
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def resources(t: dict, type_: str | None = None) -> dict[str, dict]:
+    return {
+        name: r
+        for name, r in t.get("Resources", {}).items()
+        if type_ is None or r.get("Type") == type_
+    }
+
+
+def props(t: dict, name: str) -> dict:
+    return t.get("Resources", {}).get(name, {}).get("Properties", {}) or {}
+
+
+def as_list(v: Any) -> list:
+    if v is None:
+        return []
+    return v if isinstance(v, list) else [v]
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def sub_names(s: str) -> set[str]:
+    """Names a Fn::Sub string refers to: `${X}` and `${X.Attr}` give X (`${!X}` is literal)."""
+    return {m.split(".")[0] for m in re.findall(r"\$\{(?!!)([^}]+)\}", s)}
+
+
+def referenced_names(node: Any) -> set[str]:
+    """Every resource or parameter name a node refers to through Ref, GetAtt or Sub."""
+    names: set[str] = set()
+    for n in walk(node):
+        if not isinstance(n, dict):
+            continue
+        if isinstance(n.get("Ref"), str):
+            names.add(n["Ref"])
+        ga = n.get("Fn::GetAtt")
+        if isinstance(ga, list) and ga:
+            names.add(ga[0])
+        elif isinstance(ga, str):
+            names.add(ga.split(".")[0])
+        sub = n.get("Fn::Sub")
+        if isinstance(sub, str):
+            names |= sub_names(sub)
+        elif isinstance(sub, list) and sub and isinstance(sub[0], str):
+            names |= sub_names(sub[0])
+    return names
+
+
+def getatt(node: Any) -> tuple[str, str] | None:
+    """(resource, attribute) of an Fn::GetAtt node, else None."""
+    ga = node.get("Fn::GetAtt") if isinstance(node, dict) else None
+    if isinstance(ga, str):
+        ga = ga.split(".", 1)
+    if isinstance(ga, list) and len(ga) == 2 and all(isinstance(x, str) for x in ga):
+        return ga[0], ga[1]
+    return None
+
+
+def is_getatt(node: Any, resource: str, attr: str) -> bool:
+    return getatt(node) == (resource, attr)
+
+
+def is_ref(node: Any, name: str) -> bool:
+    return isinstance(node, dict) and node.get("Ref") == name
+
+
+def if_branches(node: Any) -> list[Any]:
+    """The possible values of a node: both branches of an Fn::If, else the node itself."""
+    if isinstance(node, dict) and "Fn::If" in node:
+        _, yes, no = node["Fn::If"]
+        return if_branches(yes) + if_branches(no)
+    return [node]
+
+
+def bounds(t: dict, value: Any) -> tuple[float, float] | None:
+    """The range a numeric property can take: a literal, or a Number parameter's limits.
+
+    None when the value is missing, not numeric, or a parameter without both limits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return (value, value)
+    if isinstance(value, str):
+        try:
+            v = float(value)
+        except ValueError:
+            return None
+        return (v, v)
+    if is_ref_to_parameter(t, value):
+        p = t["Parameters"][value["Ref"]]
+        if "AllowedValues" in p:
+            vals = [float(v) for v in p["AllowedValues"]]
+            return (min(vals), max(vals))
+        if "MinValue" in p and "MaxValue" in p:
+            return (float(p["MinValue"]), float(p["MaxValue"]))
+        return None
+    return None
+
+
+def lower_bound(t: dict, value: Any) -> float | None:
+    if is_ref_to_parameter(t, value):
+        p = t["Parameters"][value["Ref"]]
+        if "AllowedValues" in p:
+            return min(float(v) for v in p["AllowedValues"])
+        if "MinValue" in p:
+            return float(p["MinValue"])
+        return None
+    b = bounds(t, value)
+    return b[0] if b else None
+
+
+def default_of(t: dict, value: Any) -> Any:
+    if is_ref_to_parameter(t, value):
+        return t["Parameters"][value["Ref"]].get("Default")
+    return value
+
+
+def is_ref_to_parameter(t: dict, value: Any) -> bool:
+    return isinstance(value, dict) and value.get("Ref") in t.get("Parameters", {})
+
+
+def role_statements(t: dict, function: str) -> tuple[str | None, list[dict], list[str]]:
+    """(role name, Allow statements of every policy attached to it, problems finding them)."""
+    problems: list[str] = []
+    fp = props(t, function)
+    if "Policies" in fp:
+        problems.append(f"{function} has SAM Policies; permissions belong in its explicit role")
+    role = getatt(fp.get("Role"))
+    if not role or role[1] != "Arn":
+        problems.append(f"{function} must use an explicit role (Role: !GetAtt <Role>.Arn)")
+        return None, [], problems
+    role_name = role[0]
+    if t["Resources"].get(role_name, {}).get("Type") != "AWS::IAM::Role":
+        problems.append(f"{function}'s role {role_name} is not an AWS::IAM::Role in the template")
+        return role_name, [], problems
+    rp = props(t, role_name)
+    statements: list[dict] = []
+    for policy in as_list(rp.get("Policies")):
+        statements += as_list(policy.get("PolicyDocument", {}).get("Statement"))
+    # Policies attached from outside the role count too.
+    for name, r in resources(t).items():
+        if r["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy", "AWS::IAM::RolePolicy"):
+            attached = as_list(r.get("Properties", {}).get("Roles")) + as_list(
+                r.get("Properties", {}).get("RoleName")
+            )
+            if any(is_ref(a, role_name) for a in attached):
+                statements += as_list(
+                    r.get("Properties", {}).get("PolicyDocument", {}).get("Statement")
+                )
+    for arn in as_list(rp.get("ManagedPolicyArns")):
+        text = arn.get("Fn::Sub") if isinstance(arn, dict) else arn
+        if not (isinstance(text, str) and text.endswith(VPC_ACCESS_POLICY)):
+            problems.append(
+                f"{role_name} attaches managed policy {arn!r}; only {VPC_ACCESS_POLICY} is allowed"
+            )
+    for s in statements:
+        if s.get("Effect") != "Allow":
+            continue
+        if "NotAction" in s or "NotResource" in s:
+            problems.append(f"{role_name} uses NotAction/NotResource: {s}")
+    return role_name, [s for s in statements if s.get("Effect") == "Allow"], problems
+
+
+def actions_of(statement: dict) -> list[str]:
+    return [a for a in as_list(statement.get("Action")) if isinstance(a, str)]
+
+
+def wildcard_problems(role: str, statement: dict) -> list[str]:
+    problems = []
+    for a in actions_of(statement):
+        if "*" in a:
+            problems.append(f"{role}: wildcard action {a!r}")
+    for r in as_list(statement.get("Resource")):
+        for value in if_branches(r):
+            if isinstance(value, str) and value.strip() == "*":
+                problems.append(f"{role}: Resource '*' for {actions_of(statement)}")
+    return problems
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+
+def check_stream_event_source(t: dict) -> list[str]:
+    """The invalidator's stream mapping keeps partial batch responses, bisecting, bounded retries
+    and record age, and an on-failure destination."""
+    events = props(t, INVALIDATOR).get("Events", {}) or {}
+    streams = [e for e in events.values() if e.get("Type") == "DynamoDB"]
+    if len(streams) != 1:
+        return [f"{INVALIDATOR} must have exactly one DynamoDB stream event, has {len(streams)}"]
+    p = streams[0].get("Properties", {})
+    problems = []
+    if "ReportBatchItemFailures" not in as_list(p.get("FunctionResponseTypes")):
+        problems.append("stream event lost FunctionResponseTypes: [ReportBatchItemFailures]")
+    if p.get("BisectBatchOnFunctionError") is not True:
+        problems.append("stream event lost BisectBatchOnFunctionError: true")
+    for key, (lo, hi) in (
+        ("MaximumRetryAttempts", RETRY_BOUNDS),
+        ("MaximumRecordAgeInSeconds", RECORD_AGE_BOUNDS),
+    ):
+        b = bounds(t, p.get(key))
+        if b is None:
+            problems.append(f"stream event {key} is unbounded (missing means -1, forever)")
+        elif b[0] < lo or b[1] > hi:
+            problems.append(f"stream event {key} may be {b}, outside [{lo}, {hi}]")
+    on_failure = p.get("DestinationConfig", {}).get("OnFailure", {})
+    dest = getatt(on_failure.get("Destination"))
+    if not dest or dest[1] != "Arn" or t["Resources"].get(dest[0], {}).get("Type") != "AWS::SQS::Queue":
+        problems.append("stream event has no OnFailure destination on an SQS queue of this stack")
+    if on_failure.get("Type") != "SQS":
+        problems.append("stream event OnFailure must say Type: SQS")
+    if p.get("StartingPosition") != "TRIM_HORIZON":
+        problems.append("stream event must start at TRIM_HORIZON (a new mapping replays what it missed)")
+    stream = p.get("Stream")
+    if not (
+        isinstance(stream, dict)
+        and "Fn::If" in stream
+        and is_getatt(stream["Fn::If"][1], TABLE, "StreamArn")
+        and is_ref(stream["Fn::If"][2], "ExistingTableStreamArn")
+    ):
+        problems.append("stream event must read !If [CreateTable, ProductTable.StreamArn, ExistingTableStreamArn]")
+    return problems
+
+
+def check_record_age_covers_ttl(t: dict) -> list[str]:
+    """Giving up on a record only once its entries have expired by TTL (+ a lease) loses nothing."""
+    p = next(
+        (e.get("Properties", {}) for e in (props(t, INVALIDATOR).get("Events") or {}).values()
+         if e.get("Type") == "DynamoDB"),
+        {},
+    )
+    age = default_of(t, p.get("MaximumRecordAgeInSeconds"))
+    ttl = default_of(t, {"Ref": "CacheTtlSeconds"})
+    lease_ms = default_of(t, {"Ref": "LeaseMs"})
+    try:
+        if float(age) < float(ttl) + float(lease_ms) / 1000:
+            return [
+                f"default MaximumRecordAgeInSeconds {age} is below CACHE_TTL_SECONDS {ttl} + "
+                f"LEASE_MS {lease_ms}: a record given up earlier leaves its entry stale"
+            ]
+    except (TypeError, ValueError):
+        return ["MaximumRecordAgeInSeconds, CacheTtlSeconds and LeaseMs need numeric defaults"]
+    return []
+
+
+def check_read_function_policies(t: dict) -> list[str]:
+    """The read function may GetItem on the table and read the AUTH token; nothing else."""
+    role, statements, problems = role_statements(t, READ)
+    if role is None:
+        return problems
+    got_getitem = False
+    for s in statements:
+        problems += wildcard_problems(role, s)
+        acts = actions_of(s)
+        for a in acts:
+            if a.lower().startswith("dynamodb:") and a != "dynamodb:GetItem":
+                problems.append(f"{role}: read function must not have {a}")
+            elif not a.lower().startswith("dynamodb:") and a != "secretsmanager:GetSecretValue":
+                problems.append(f"{role}: unexpected action {a}")
+        if "dynamodb:GetItem" in acts:
+            got_getitem = True
+            for r in as_list(s.get("Resource")):
+                if not _is_table_arn(r):
+                    problems.append(f"{role}: GetItem on {r!r}, not the table ARN")
+        if "secretsmanager:GetSecretValue" in acts:
+            if [r for r in as_list(s.get("Resource")) if not is_ref(r, SECRET)]:
+                problems.append(f"{role}: GetSecretValue beyond {SECRET}")
+    if not got_getitem:
+        problems.append(f"{role}: no dynamodb:GetItem on the table")
+    return problems
+
+
+def _is_table_arn(r: Any) -> bool:
+    """!If [CreateTable, !GetAtt ProductTable.Arn, !Sub ...:table/${ExistingTableName}]"""
+    if not (isinstance(r, dict) and "Fn::If" in r):
+        return False
+    cond, yes, no = r["Fn::If"]
+    return (
+        cond == "CreateTable"
+        and is_getatt(yes, TABLE, "Arn")
+        and isinstance(no, dict)
+        and isinstance(no.get("Fn::Sub"), str)
+        and no["Fn::Sub"].endswith(":table/${ExistingTableName}")
+    )
+
+
+def check_invalidator_policies(t: dict) -> list[str]:
+    """The invalidator reads the stream (and only it), the AUTH token, and reports to its queue.
+    It has no table actions at all, so in particular no writes."""
+    role, statements, problems = role_statements(t, INVALIDATOR)
+    if role is None:
+        return problems
+    for s in statements:
+        problems += wildcard_problems(role, s)
+        acts = actions_of(s)
+        for a in acts:
+            if a.lower().startswith("dynamodb:") and a not in STREAM_READ_ACTIONS:
+                problems.append(f"{role}: invalidator must not have {a}")
+            elif a.lower().startswith("dynamodb:"):
+                for r in as_list(s.get("Resource")):
+                    if not _is_stream_arn(r, a):
+                        problems.append(f"{role}: {a} on {r!r}, not the table's stream")
+            elif a == "sqs:SendMessage":
+                if [r for r in as_list(s.get("Resource")) if not is_getatt(r, "StreamFailureQueue", "Arn")]:
+                    problems.append(f"{role}: sqs:SendMessage beyond the on-failure queue")
+            elif a == "secretsmanager:GetSecretValue":
+                if [r for r in as_list(s.get("Resource")) if not is_ref(r, SECRET)]:
+                    problems.append(f"{role}: GetSecretValue beyond {SECRET}")
+            else:
+                problems.append(f"{role}: unexpected action {a}")
+    granted = {a for s in statements for a in actions_of(s)}
+    missing = (STREAM_READ_ACTIONS | {"sqs:SendMessage", "secretsmanager:GetSecretValue"}) - granted
+    if missing:
+        problems.append(f"{role}: missing {sorted(missing)} (the mapping or the function would fail)")
+    return problems
+
+
+def _is_stream_arn(r: Any, action: str) -> bool:
+    if not (isinstance(r, dict) and "Fn::If" in r and r["Fn::If"][0] == "CreateTable"):
+        return False
+    _, yes, no = r["Fn::If"]
+    if action == "dynamodb:ListStreams":
+        # ListStreams is authorised on the table's streams: <table arn>/stream/*.
+        return (
+            isinstance(yes, dict)
+            and yes.get("Fn::Sub") == "${ProductTable.Arn}/stream/*"
+            and isinstance(no, dict)
+            and str(no.get("Fn::Sub", "")).endswith(":table/${ExistingTableName}/stream/*")
+        )
+    return is_getatt(yes, TABLE, "StreamArn") and is_ref(no, "ExistingTableStreamArn")
+
+
+def check_replication_group(t: dict) -> list[str]:
+    """Cluster mode, a replica per shard with automatic Multi-AZ failover, TLS required,
+    encryption at rest, and an AUTH token that only exists in Secrets Manager."""
+    p = props(t, CACHE)
+    if not p:
+        return [f"no {CACHE}"]
+    problems = []
+    expect = {
+        "TransitEncryptionEnabled": True,
+        "TransitEncryptionMode": "required",
+        "AtRestEncryptionEnabled": True,
+        "AutomaticFailoverEnabled": True,
+        "MultiAZEnabled": True,
+        "ClusterMode": "enabled",
+    }
+    for key, want in expect.items():
+        if p.get(key) != want:
+            problems.append(f"{CACHE}.{key} is {p.get(key)!r}, must be {want!r}")
+    if p.get("Engine") not in ("valkey", "redis"):
+        problems.append(f"{CACHE}.Engine must be valkey or redis")
+    low = lower_bound(t, p.get("ReplicasPerNodeGroup"))
+    if low is None or low < 1:
+        problems.append(f"{CACHE}.ReplicasPerNodeGroup may be below 1 (no failover target)")
+    if lower_bound(t, p.get("NumNodeGroups")) is None:
+        problems.append(f"{CACHE}.NumNodeGroups must be set (cluster mode)")
+    token = p.get("AuthToken")
+    sub = token.get("Fn::Sub") if isinstance(token, dict) else None
+    m = re.fullmatch(r"\{\{resolve:secretsmanager:\$\{(\w+)\}:SecretString:token\}\}", sub or "")
+    if not m:
+        problems.append(f"{CACHE}.AuthToken must be a secretsmanager dynamic reference, is {token!r}")
+    elif t["Resources"].get(m.group(1), {}).get("Type") != "AWS::SecretsManager::Secret":
+        problems.append(f"{CACHE}.AuthToken refers to {m.group(1)}, not a secret of this stack")
+    for name, param in t.get("Parameters", {}).items():
+        if param.get("NoEcho") or re.search(r"token|password|secret", name, re.I):
+            problems.append(f"parameter {name} looks like a secret; the token is generated, not passed")
+    return problems
+
+
+def check_auth_secret(t: dict) -> list[str]:
+    """The generated token obeys ElastiCache's AUTH rules, so creating the cache cannot fail on it."""
+    g = props(t, SECRET).get("GenerateSecretString")
+    if not g:
+        return [f"{SECRET} must generate its value (GenerateSecretString)"]
+    problems = []
+    if g.get("SecretStringTemplate") != "{}" or g.get("GenerateStringKey") != "token":
+        problems.append(f"{SECRET} must generate {{\"token\": ...}} (SecretStringTemplate '{{}}', key token)")
+    length = g.get("PasswordLength", 32)
+    if not 16 <= int(length) <= 128:
+        problems.append(f"{SECRET} PasswordLength {length} outside ElastiCache's 16-128")
+    if g.get("IncludeSpace"):
+        problems.append(f"{SECRET} must not include spaces")
+    if not g.get("ExcludePunctuation"):
+        allowed_out = set(string.punctuation) - set(g.get("ExcludeCharacters", ""))
+        bad = allowed_out - AUTH_SPECIALS
+        if bad:
+            problems.append(
+                f"{SECRET} may generate {''.join(sorted(bad))!r}, which ElastiCache AUTH refuses"
+            )
+    return problems
+
+
+def _sg_rules(t: dict) -> Iterator[tuple[str, str, dict]]:
+    """(resource, 'ingress'|'egress', rule) for inline and standalone security group rules."""
+    for name, r in resources(t, "AWS::EC2::SecurityGroup").items():
+        p = r.get("Properties", {})
+        for rule in as_list(p.get("SecurityGroupIngress")):
+            yield name, "ingress", rule
+        for rule in as_list(p.get("SecurityGroupEgress")):
+            yield name, "egress", rule
+    for name, r in resources(t, "AWS::EC2::SecurityGroupIngress").items():
+        yield name, "ingress", r.get("Properties", {})
+    for name, r in resources(t, "AWS::EC2::SecurityGroupEgress").items():
+        yield name, "egress", r.get("Properties", {})
+
+
+def check_security_groups(t: dict) -> list[str]:
+    """No rule open to the internet; every group replaces the default allow-all egress; the
+    functions accept nothing; the cache accepts 6379 from the functions only."""
+    problems = []
+    for name, direction, rule in _sg_rules(t):
+        if rule.get("CidrIp") == "0.0.0.0/0" or rule.get("CidrIpv6") == "::/0":
+            problems.append(f"{name}: {direction} open to the internet: {rule}")
+    for name, r in resources(t, "AWS::EC2::SecurityGroup").items():
+        if not as_list(r.get("Properties", {}).get("SecurityGroupEgress")):
+            problems.append(
+                f"{name} lists no SecurityGroupEgress, so it keeps the default allow-all egress to 0.0.0.0/0"
+            )
+    for name, direction, rule in _sg_rules(t):
+        target = name if name in resources(t, "AWS::EC2::SecurityGroup") else None
+        if target is None and is_ref(rule.get("GroupId"), FUNCTION_SG):
+            target = FUNCTION_SG
+        if target == FUNCTION_SG and direction == "ingress":
+            problems.append(f"{FUNCTION_SG} must accept no connections: {rule}")
+        if target == "CacheSecurityGroup" and direction == "ingress":
+            if not (
+                rule.get("FromPort") == 6379
+                and rule.get("ToPort") == 6379
+                and is_ref(rule.get("SourceSecurityGroupId"), FUNCTION_SG)
+            ):
+                problems.append(f"CacheSecurityGroup ingress beyond 6379 from the functions: {rule}")
+    return problems
+
+
+def check_table(t: dict) -> list[str]:
+    p = props(t, TABLE)
+    if not p:
+        return [f"no {TABLE}"]
+    problems = []
+    if p.get("BillingMode") != "PAY_PER_REQUEST":
+        problems.append(f"{TABLE} must be PAY_PER_REQUEST")
+    if p.get("StreamSpecification", {}).get("StreamViewType") != "NEW_AND_OLD_IMAGES":
+        problems.append(f"{TABLE} stream must be NEW_AND_OLD_IMAGES (refresh mode needs NewImage)")
+    if p.get("PointInTimeRecoverySpecification", {}).get("PointInTimeRecoveryEnabled") is not True:
+        problems.append(f"{TABLE} must have point-in-time recovery")
+    sse = p.get("SSESpecification", {})
+    if sse.get("SSEEnabled") is not True or sse.get("SSEType") != "KMS":
+        problems.append(f"{TABLE} must have SSESpecification SSEEnabled true, SSEType KMS")
+    if t["Resources"][TABLE].get("Condition") != "CreateTable":
+        problems.append(f"{TABLE} must be created only when no existing table is given")
+    if t["Resources"][TABLE].get("DeletionPolicy") != "Retain":
+        problems.append(f"{TABLE} must be retained when the stack is deleted (it is the source of truth)")
+    keys = p.get("KeySchema", [])
+    if not (len(keys) == 1 and is_ref(keys[0].get("AttributeName"), "KeyAttributeName")):
+        problems.append(f"{TABLE} must be keyed by the KeyAttributeName parameter only")
+    return problems
+
+
+def check_failure_queue_encrypted(t: dict) -> list[str]:
+    p = props(t, "StreamFailureQueue")
+    if not p and "StreamFailureQueue" not in t.get("Resources", {}):
+        return ["no StreamFailureQueue"]
+    if p.get("SqsManagedSseEnabled") is True or p.get("KmsMasterKeyId"):
+        return []
+    return ["StreamFailureQueue must be encrypted (SqsManagedSseEnabled or KmsMasterKeyId)"]
+
+
+def check_function_build(t: dict) -> list[str]:
+    """Both functions are arm64 provided.al2023 binaries that SAM builds with cargo-lambda from
+    the workspace, and each names a binary the workspace really has."""
+    problems = []
+    cargo = tomllib.loads((REPO / "crates/functions/Cargo.toml").read_text())
+    bins = {b["name"] for b in cargo.get("bin", [])}
+    for name, binary in EXPECTED_BINARIES.items():
+        r = t["Resources"].get(name)
+        if not r or r.get("Type") != "AWS::Serverless::Function":
+            problems.append(f"no AWS::Serverless::Function {name}")
+            continue
+        p, meta = r.get("Properties", {}), r.get("Metadata", {})
+        if p.get("Runtime") != "provided.al2023":
+            problems.append(f"{name}.Runtime must be provided.al2023")
+        if p.get("Architectures") != ["arm64"]:
+            problems.append(f"{name}.Architectures must be [arm64]")
+        if p.get("Handler") != "bootstrap":
+            problems.append(f"{name}.Handler must be bootstrap")
+        if meta.get("BuildMethod") != "rust-cargolambda":
+            problems.append(f"{name} Metadata.BuildMethod must be rust-cargolambda")
+        if meta.get("BuildProperties", {}).get("Binary") != binary:
+            problems.append(f"{name} Metadata.BuildProperties.Binary must be {binary}")
+        if binary not in bins:
+            problems.append(f"crates/functions/Cargo.toml has no [[bin]] {binary}")
+        code = p.get("CodeUri")
+        root = (INFRA / code).resolve() if isinstance(code, str) else None
+        manifest = root / "Cargo.toml" if root else None
+        if not manifest or not manifest.is_file() or "[workspace]" not in manifest.read_text():
+            problems.append(f"{name}.CodeUri {code!r} must be the workspace root, relative to infra/")
+    return problems
+
+
+def check_vpc_endpoints(t: dict) -> list[str]:
+    """DynamoDB through a gateway endpoint on the private route tables; Secrets Manager through
+    an interface endpoint with private DNS, reachable on 443 from the functions only."""
+    problems = []
+    eps = resources(t, "AWS::EC2::VPCEndpoint")
+    gw = [
+        (n, r["Properties"]) for n, r in eps.items()
+        if r["Properties"].get("ServiceName", {}).get("Fn::Sub", "").endswith(".dynamodb")
+    ]
+    if not gw:
+        problems.append("no DynamoDB VPC endpoint")
+    for n, p in gw:
+        if p.get("VpcEndpointType", "Gateway") != "Gateway":
+            problems.append(f"{n} must be a Gateway endpoint")
+        rts = p.get("RouteTableIds")
+        if not (isinstance(rts, dict) and "Fn::If" in rts and {"PrivateRouteTableA", "PrivateRouteTableB"}
+                <= referenced_names(rts["Fn::If"][1])):
+            problems.append(f"{n} must be attached to the private route tables")
+    sm = [
+        (n, r["Properties"]) for n, r in eps.items()
+        if r["Properties"].get("ServiceName", {}).get("Fn::Sub", "").endswith(".secretsmanager")
+    ]
+    if not sm:
+        problems.append("no Secrets Manager VPC endpoint (the functions have no NAT)")
+    for n, p in sm:
+        if p.get("VpcEndpointType") != "Interface" or p.get("PrivateDnsEnabled") is not True:
+            problems.append(f"{n} must be an Interface endpoint with PrivateDnsEnabled")
+        for sg in as_list(p.get("SecurityGroupIds")):
+            ingress = as_list(props(t, sg.get("Ref", "")).get("SecurityGroupIngress"))
+            if not ingress or any(
+                not (r.get("FromPort") == 443 and is_ref(r.get("SourceSecurityGroupId"), FUNCTION_SG))
+                for r in ingress
+            ):
+                problems.append(f"{n}'s security group must accept 443 from {FUNCTION_SG} only")
+    for name in EXPECTED_BINARIES:
+        vpc = props(t, name).get("VpcConfig", {})
+        if not any(is_ref(sg, FUNCTION_SG) for sg in as_list(vpc.get("SecurityGroupIds"))):
+            problems.append(f"{name} must run in the VPC with {FUNCTION_SG}")
+    return problems
+
+
+def check_conditional_references(t: dict) -> list[str]:
+    """A resource created only under a condition (the table, the VPC) is referenced only where
+    that condition holds: in a resource with the same condition or inside the matching !If branch.
+    Otherwise pointing the stack at an existing table or VPC fails to deploy."""
+    conditions = t.get("Conditions", {})
+
+    def canon(c: str) -> str:
+        # `X: !Condition Y` is an alias of Y.
+        seen = set()
+        while isinstance(conditions.get(c), dict) and set(conditions[c]) == {"Condition"} and c not in seen:
+            seen.add(c)
+            c = conditions[c]["Condition"]
+        return c
+
+    conditional = {
+        n: canon(r["Condition"]) for n, r in resources(t).items() if isinstance(r.get("Condition"), str)
+    }
+    problems = []
+
+    def visit(node: Any, holds: frozenset, where: str) -> None:
+        if isinstance(node, dict):
+            if "Fn::If" in node and isinstance(node["Fn::If"], list) and len(node["Fn::If"]) == 3:
+                cond, yes, no = node["Fn::If"]
+                visit(yes, holds | {canon(cond)}, where)
+                visit(no, holds, where)
+                return
+            for name in referenced_names({k: v for k, v in node.items() if k in ("Ref", "Fn::GetAtt", "Fn::Sub")}):
+                need = conditional.get(name)
+                if need and need not in holds:
+                    problems.append(f"{where} refers to {name} (only created if {need}) outside !If {need}")
+            for k, v in node.items():
+                if k == "Fn::Sub" and isinstance(v, list) and len(v) == 2:
+                    visit(v[1], holds, where)
+                elif k not in ("Ref", "Fn::GetAtt", "Fn::Sub"):
+                    visit(v, holds, where)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v, holds, where)
+
+    for name, r in resources(t).items():
+        own = frozenset({canon(r["Condition"])}) if isinstance(r.get("Condition"), str) else frozenset()
+        for section in ("Properties", "Metadata"):
+            visit(r.get(section, {}), own, name)
+        for dep in as_list(r.get("DependsOn")):
+            if conditional.get(dep) and conditional[dep] not in own:
+                problems.append(f"{name} DependsOn {dep} (only created if {conditional[dep]})")
+    for name, o in t.get("Outputs", {}).items():
+        own = frozenset({canon(o["Condition"])}) if isinstance(o.get("Condition"), str) else frozenset()
+        visit(o.get("Value"), own, f"output {name}")
+    return problems
+
+
+def check_environment(t: dict) -> list[str]:
+    """The functions get the cluster's TLS URL, the secret's ARN, and agree with the table on the key."""
+    problems = []
+    for name in EXPECTED_BINARIES:
+        env = props(t, name).get("Environment", {}).get("Variables", {})
+        url = env.get("REDIS_URL", {})
+        if not (isinstance(url, dict) and str(url.get("Fn::Sub", "")).startswith(
+            f"rediss://${{{CACHE}.ConfigurationEndPoint.Address}}"
+        )):
+            problems.append(f"{name}: REDIS_URL must be rediss:// to the cache's configuration endpoint")
+        if env.get("REDIS_CLUSTER") != "true":
+            problems.append(f"{name}: REDIS_CLUSTER must be 'true' (cluster mode)")
+        if not is_ref(env.get("REDIS_AUTH_SECRET_ARN"), SECRET):
+            problems.append(f"{name}: REDIS_AUTH_SECRET_ARN must be !Ref {SECRET}")
+        if not is_ref(env.get("KEY_ATTRIBUTE"), "KeyAttributeName"):
+            problems.append(f"{name}: KEY_ATTRIBUTE must be the table's key (KeyAttributeName)")
+        if "VERSION_ATTRIBUTE" not in env:
+            problems.append(f"{name}: VERSION_ATTRIBUTE must reach both functions (they must agree)")
+    read_env = props(t, READ).get("Environment", {}).get("Variables", {})
+    table_name = read_env.get("TABLE_NAME", {})
+    if not (isinstance(table_name, dict) and "Fn::If" in table_name
+            and is_ref(table_name["Fn::If"][1], TABLE) and is_ref(table_name["Fn::If"][2], "ExistingTableName")):
+        problems.append(f"{READ}: TABLE_NAME must be !If [CreateTable, {TABLE}, ExistingTableName]")
+    if read_env.get("CONSISTENT_READ") not in (None, "true"):
+        problems.append(f"{READ}: CONSISTENT_READ false breaks invariant 1 (README)")
+    return problems
+
+
+def env_names_missing_from_code(t: dict) -> set[str]:
+    """Variables the template sets that no Rust source under crates/ names: a typo there would be
+    a setting silently ignored."""
+    sources = "\n".join(p.read_text() for p in (REPO / "crates").rglob("*.rs"))
+    names = set()
+    for name in EXPECTED_BINARIES:
+        names |= set(props(t, name).get("Environment", {}).get("Variables", {}))
+    return {n for n in names if f'"{n}"' not in sources}
+
+
+def check_alarms(t: dict) -> list[str]:
+    problems = []
+    alarms = resources(t, "AWS::CloudWatch::Alarm")
+
+    def watched(p: dict) -> list[tuple[str, str, Any]]:
+        out = []
+        if "MetricName" in p:
+            out.append((p.get("Namespace"), p["MetricName"], p.get("Dimensions", [])))
+        for m in as_list(p.get("Metrics")):
+            for v in if_branches(m):
+                ms = (v or {}).get("MetricStat", {}).get("Metric")
+                if ms:
+                    out.append((ms.get("Namespace"), ms.get("MetricName"), ms.get("Dimensions", [])))
+        return out
+
+    all_watched = [(n, w) for n, a in alarms.items() for w in watched(a.get("Properties", {}))]
+
+    def has(namespace: str, metric: str, dim_ref: str | None) -> bool:
+        for _, (ns, mn, dims) in all_watched:
+            if ns == namespace and mn == metric and (
+                dim_ref is None or dim_ref in referenced_names(dims)
+            ):
+                return True
+        return False
+
+    wanted = [
+        ("AWS/Lambda", "IteratorAge", INVALIDATOR),
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "StreamFailureQueue"),
+        ("AWS/Lambda", "Errors", READ),
+        ("AWS/Lambda", "Throttles", READ),
+        ("AWS/Lambda", "Errors", INVALIDATOR),
+        ("AWS/Lambda", "Throttles", INVALIDATOR),
+        ("AWS/ElastiCache", "EngineCPUUtilization", CACHE),
+        ("AWS/ElastiCache", "DatabaseMemoryUsagePercentage", CACHE),
+    ]
+    for ns, metric, ref in wanted:
+        if not has(ns, metric, ref):
+            problems.append(f"no alarm on {ns} {metric} of {ref}")
+    return problems
+
+
+def evaluate_condition(t: dict, node: Any, params: dict[str, str]) -> bool:
+    """Evaluates a condition (by name or expression) for the given parameter values."""
+    if isinstance(node, str):
+        return evaluate_condition(t, t["Conditions"][node], params)
+    (fn, arg), = node.items()
+    if fn == "Condition":
+        return evaluate_condition(t, arg, params)
+    if fn == "Fn::Not":
+        return not evaluate_condition(t, arg[0], params)
+    if fn == "Fn::And":
+        return all(evaluate_condition(t, a, params) for a in arg)
+    if fn == "Fn::Or":
+        return any(evaluate_condition(t, a, params) for a in arg)
+    if fn == "Fn::Equals":
+        def value(v: Any) -> str:
+            if is_ref_to_parameter(t, v):
+                name = v["Ref"]
+                return str(params.get(name, t["Parameters"][name].get("Default", "")))
+            return str(v)
+        return value(arg[0]) == value(arg[1])
+    raise ValueError(f"cannot evaluate {node!r}")
+
+
+def resolve_ifs(t: dict, node: Any, params: dict[str, str]) -> Any:
+    """The node as CloudFormation would see it for these parameters: Fn::If resolved and
+    AWS::NoValue removed."""
+    if isinstance(node, dict):
+        if "Fn::If" in node:
+            cond, yes, no = node["Fn::If"]
+            return resolve_ifs(t, yes if evaluate_condition(t, cond, params) else no, params)
+        out = {}
+        for k, v in node.items():
+            r = resolve_ifs(t, v, params)
+            if not is_ref(r, "AWS::NoValue"):
+                out[k] = r
+        return out
+    if isinstance(node, list):
+        return [r for r in (resolve_ifs(t, v, params) for v in node) if not is_ref(r, "AWS::NoValue")]
+    return node
+
+
+def check_cache_alarm_topology(t: dict) -> list[str]:
+    """For every topology the parameters allow, each cache alarm watches exactly the nodes that
+    exist: a missing node goes unwatched, a node that does not exist keeps the alarm guessing."""
+    problems = []
+    shard_values = t["Parameters"]["CacheShards"].get("AllowedValues", [])
+    replica_values = t["Parameters"]["CacheReplicasPerShard"].get("AllowedValues", [])
+    if not shard_values or not replica_values:
+        return ["CacheShards and CacheReplicasPerShard must be bounded by AllowedValues"]
+    for name, alarm in resources(t, "AWS::CloudWatch::Alarm").items():
+        if "AWS/ElastiCache" not in json.dumps(alarm):
+            continue
+        for shards in shard_values:
+            for replicas in replica_values:
+                params = {"CacheShards": str(shards), "CacheReplicasPerShard": str(replicas)}
+                metrics = resolve_ifs(t, alarm["Properties"].get("Metrics", []), params)
+                nodes = set()
+                for m in metrics:
+                    for d in m.get("MetricStat", {}).get("Metric", {}).get("Dimensions", []):
+                        nodes.add(str(d.get("Value", {}).get("Fn::Sub", "")).replace(f"${{{CACHE}}}", ""))
+                want = {f"-{s:04d}-{n:03d}" for s in range(1, int(shards) + 1)
+                        for n in range(1, int(replicas) + 2)}
+                if nodes != want:
+                    problems.append(
+                        f"{name} with {shards} shard(s) x {replicas} replica(s) watches "
+                        f"{sorted(nodes)}, the cache has {sorted(want)}"
+                    )
+    return problems
+
+
+def check_function_sizing(t: dict) -> list[str]:
+    """Memory, timeout, reserved concurrency and log retention are set, not left to defaults."""
+    problems = []
+    for name in EXPECTED_BINARIES:
+        p = props(t, name)
+        for key in ("MemorySize", "Timeout", "ReservedConcurrentExecutions"):
+            if key not in p:
+                problems.append(f"{name}.{key} must be set deliberately")
+        group = p.get("LoggingConfig", {}).get("LogGroup")
+        group = group.get("Ref") if isinstance(group, dict) else None
+        if not (t["Resources"].get(group, {}).get("Type") == "AWS::Logs::LogGroup"
+                and "RetentionInDays" in props(t, group)):
+            problems.append(f"{name} must log to a log group of this stack with RetentionInDays")
+    if int(props(t, READ).get("Timeout", 0)) >= 30:
+        problems.append(f"{READ}.Timeout must stay under API Gateway's 30 s integration timeout")
+    return problems
+
+
+def check_outputs(t: dict) -> list[str]:
+    want = {
+        "ApiUrl", "TableName", "TableStreamArn", "CacheConfigurationEndpoint",
+        "StreamFailureQueueUrl", "StreamFailureQueueArn",
+    }
+    missing = want - set(t.get("Outputs", {}))
+    return [f"missing outputs {sorted(missing)}"] if missing else []
+
+
+def check_checkov_skips(t: dict) -> list[str]:
+    """Every skipped checkov finding names its check and says why, in a sentence or more."""
+    problems = []
+    for name, r in resources(t).items():
+        for skip in as_list((r.get("Metadata") or {}).get("checkov", {}).get("skip")):
+            if not re.fullmatch(r"CKV2?_AWS_\d+", str(skip.get("id", ""))):
+                problems.append(f"{name}: checkov skip without a check id: {skip}")
+            if len(str(skip.get("comment", "")).strip()) < 40:
+                problems.append(f"{name}: checkov skip {skip.get('id')} without a real reason")
+    return problems
+
+
+ALL_CHECKS = [
+    check_stream_event_source,
+    check_record_age_covers_ttl,
+    check_read_function_policies,
+    check_invalidator_policies,
+    check_replication_group,
+    check_auth_secret,
+    check_security_groups,
+    check_table,
+    check_failure_queue_encrypted,
+    check_function_build,
+    check_vpc_endpoints,
+    check_conditional_references,
+    check_environment,
+    check_alarms,
+    check_cache_alarm_topology,
+    check_function_sizing,
+    check_outputs,
+    check_checkov_skips,
+]

@@ -1,0 +1,390 @@
+"""Tests of what infra/template.yaml promises (see template_checks.py for each check).
+
+Every check must pass on the template, and each "weakened" case below changes a copy of it in
+memory the way a careless edit would and asserts that the check responsible reports it: a check
+that cannot fail would protect nothing.
+"""
+
+import copy
+import os
+
+import pytest
+
+import template_checks as c
+from template_checks import (
+    CACHE,
+    INVALIDATOR,
+    READ,
+    SECRET,
+    TABLE,
+    props,
+)
+
+
+@pytest.mark.parametrize("check", c.ALL_CHECKS, ids=lambda f: f.__name__)
+def test_template_passes(check, template):
+    assert check(template) == []
+
+
+# ---- weakened copies --------------------------------------------------------------------------
+
+
+def stream_event(t):
+    return props(t, INVALIDATOR)["Events"]["TableStream"]["Properties"]
+
+
+def role_policy(t, role):
+    return props(t, role)["Policies"][0]["PolicyDocument"]["Statement"]
+
+
+def drop_report_batch_item_failures(t):
+    stream_event(t)["FunctionResponseTypes"] = []
+
+
+def drop_bisect(t):
+    del stream_event(t)["BisectBatchOnFunctionError"]
+
+
+def unbounded_retries(t):
+    del stream_event(t)["MaximumRetryAttempts"]  # Lambda's default: -1, retry forever
+
+
+def retries_parameter_allows_forever(t):
+    t["Parameters"]["StreamMaximumRetryAttempts"]["MinValue"] = -1
+
+
+def infinite_record_age(t):
+    stream_event(t)["MaximumRecordAgeInSeconds"] = -1
+
+
+def drop_on_failure(t):
+    del stream_event(t)["DestinationConfig"]
+
+
+def record_age_below_ttl(t):
+    t["Parameters"]["StreamMaximumRecordAgeInSeconds"]["Default"] = 600
+
+
+def read_can_put_item(t):
+    role_policy(t, "ReadFunctionRole")[0]["Action"] = ["dynamodb:GetItem", "dynamodb:PutItem"]
+
+
+def read_can_query(t):
+    role_policy(t, "ReadFunctionRole").append(
+        {"Effect": "Allow", "Action": "dynamodb:Query", "Resource": {"Fn::GetAtt": [TABLE, "Arn"]}}
+    )
+
+
+def read_on_every_table(t):
+    role_policy(t, "ReadFunctionRole")[0]["Resource"] = "*"
+
+
+def read_with_wildcard_action(t):
+    role_policy(t, "ReadFunctionRole")[0]["Action"] = "dynamodb:Get*"
+
+
+def read_through_a_separate_policy(t):
+    t["Resources"]["ExtraReadPolicy"] = {
+        "Type": "AWS::IAM::Policy",
+        "Properties": {
+            "PolicyName": "extra",
+            "Roles": [{"Ref": "ReadFunctionRole"}],
+            "PolicyDocument": {"Statement": [
+                {"Effect": "Allow", "Action": "dynamodb:Scan", "Resource": {"Fn::GetAtt": [TABLE, "Arn"]}}
+            ]},
+        },
+    }
+
+
+def read_with_sam_policy_template(t):
+    props(t, READ)["Policies"] = [{"DynamoDBCrudPolicy": {"TableName": {"Ref": TABLE}}}]
+
+
+def read_with_broad_managed_policy(t):
+    props(t, "ReadFunctionRole")["ManagedPolicyArns"].append(
+        "arn:aws:iam::aws:policy/AmazonDynamoDBReadOnlyAccess"
+    )
+
+
+def invalidator_can_delete_items(t):
+    role_policy(t, "InvalidatorFunctionRole").append(
+        {"Effect": "Allow", "Action": "dynamodb:DeleteItem", "Resource": {"Fn::GetAtt": [TABLE, "Arn"]}}
+    )
+
+
+def invalidator_reads_every_stream(t):
+    role_policy(t, "InvalidatorFunctionRole")[0]["Resource"] = "*"
+
+
+def cache_without_tls(t):
+    props(t, CACHE)["TransitEncryptionEnabled"] = False
+
+
+def cache_tls_preferred_only(t):
+    props(t, CACHE)["TransitEncryptionMode"] = "preferred"
+
+
+def cache_without_at_rest_encryption(t):
+    del props(t, CACHE)["AtRestEncryptionEnabled"]
+
+
+def cache_without_failover(t):
+    props(t, CACHE)["AutomaticFailoverEnabled"] = False
+
+
+def cache_single_az(t):
+    props(t, CACHE)["MultiAZEnabled"] = False
+
+
+def cache_may_have_no_replica(t):
+    t["Parameters"]["CacheReplicasPerShard"]["AllowedValues"] = [0, 1, 2]
+
+
+def cache_token_in_template(t):
+    props(t, CACHE)["AuthToken"] = "a-literal-token-in-the-template"
+
+
+def cache_token_from_parameter(t):
+    t["Parameters"]["CacheAuthToken"] = {"Type": "String", "NoEcho": True}
+    props(t, CACHE)["AuthToken"] = {"Ref": "CacheAuthToken"}
+
+
+def token_may_contain_at_sign(t):
+    g = props(t, SECRET)["GenerateSecretString"]
+    g["ExcludeCharacters"] = g["ExcludeCharacters"].replace("@", "")
+
+
+def token_too_long(t):
+    props(t, SECRET)["GenerateSecretString"]["PasswordLength"] = 200
+
+
+def egress_to_the_internet(t):
+    props(t, "FunctionSecurityGroup")["SecurityGroupEgress"].append(
+        {"IpProtocol": "-1", "CidrIp": "0.0.0.0/0"}
+    )
+
+
+def ipv6_ingress_to_the_cache(t):
+    t["Resources"]["OpenCache"] = {
+        "Type": "AWS::EC2::SecurityGroupIngress",
+        "Properties": {"GroupId": {"Ref": "CacheSecurityGroup"}, "IpProtocol": "tcp",
+                       "FromPort": 6379, "ToPort": 6379, "CidrIpv6": "::/0"},
+    }
+
+
+def cache_group_keeps_default_egress(t):
+    del props(t, "CacheSecurityGroup")["SecurityGroupEgress"]
+
+
+def functions_accept_connections(t):
+    props(t, "FunctionSecurityGroup")["SecurityGroupIngress"] = [
+        {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "CidrIp": "10.0.0.0/8"}
+    ]
+
+
+def table_without_pitr(t):
+    props(t, TABLE)["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] = False
+
+
+def table_without_sse(t):
+    del props(t, TABLE)["SSESpecification"]
+
+
+def table_keys_only_stream(t):
+    props(t, TABLE)["StreamSpecification"]["StreamViewType"] = "KEYS_ONLY"
+
+
+def table_deleted_with_stack(t):
+    del t["Resources"][TABLE]["DeletionPolicy"]
+
+
+def queue_unencrypted(t):
+    del props(t, "StreamFailureQueue")["SqsManagedSseEnabled"]
+
+
+def read_function_on_x86(t):
+    props(t, READ)["Architectures"] = ["x86_64"]
+
+
+def invalidator_on_old_runtime(t):
+    props(t, INVALIDATOR)["Runtime"] = "provided.al2"
+
+
+def build_without_cargo_lambda(t):
+    del t["Resources"][INVALIDATOR]["Metadata"]["BuildMethod"]
+
+
+def build_a_binary_that_does_not_exist(t):
+    t["Resources"][READ]["Metadata"]["BuildProperties"]["Binary"] = "reader"
+
+
+def no_gateway_endpoint(t):
+    del t["Resources"]["DynamoDbGatewayEndpoint"]
+
+
+def secrets_endpoint_without_private_dns(t):
+    props(t, "SecretsManagerEndpoint")["PrivateDnsEnabled"] = False
+
+
+def table_name_ignores_existing_table(t):
+    props(t, READ)["Environment"]["Variables"]["TABLE_NAME"] = {"Ref": TABLE}
+
+
+def subnet_group_ignores_existing_vpc(t):
+    props(t, "CacheSubnetGroup")["SubnetIds"] = [{"Ref": "PrivateSubnetA"}, {"Ref": "PrivateSubnetB"}]
+
+
+def plain_redis_url(t):
+    props(t, INVALIDATOR)["Environment"]["Variables"]["REDIS_URL"] = {
+        "Fn::Sub": "redis://${CacheReplicationGroup.ConfigurationEndPoint.Address}:6379"
+    }
+
+
+def eventually_consistent_reads(t):
+    props(t, READ)["Environment"]["Variables"]["CONSISTENT_READ"] = "false"
+
+
+def no_iterator_age_alarm(t):
+    del t["Resources"]["InvalidatorIteratorAgeAlarm"]
+
+
+def cache_alarm_misses_third_shard(t):
+    alarm = props(t, "CacheMemoryAlarm")
+    alarm["Metrics"] = [m for m in alarm["Metrics"] if "s3n" not in str(m)]
+
+
+def cache_alarm_watches_a_shard_too_early(t):
+    metrics = props(t, "CacheEngineCpuAlarm")["Metrics"]
+    guarded = next(m for m in metrics if isinstance(m, dict) and "Fn::If" in m and m["Fn::If"][0] == "HasShard3")
+    guarded["Fn::If"][0] = "HasShard2"
+
+
+def no_reserved_concurrency(t):
+    del props(t, INVALIDATOR)["ReservedConcurrentExecutions"]
+
+
+def read_timeout_beyond_api_gateway(t):
+    props(t, READ)["Timeout"] = 60
+
+
+def no_api_url_output(t):
+    del t["Outputs"]["ApiUrl"]
+
+
+def skip_without_reason(t):
+    t["Resources"][TABLE]["Metadata"]["checkov"]["skip"][0]["comment"] = "n/a"
+
+
+WEAKENED = [
+    (drop_report_batch_item_failures, c.check_stream_event_source),
+    (drop_bisect, c.check_stream_event_source),
+    (unbounded_retries, c.check_stream_event_source),
+    (retries_parameter_allows_forever, c.check_stream_event_source),
+    (infinite_record_age, c.check_stream_event_source),
+    (drop_on_failure, c.check_stream_event_source),
+    (record_age_below_ttl, c.check_record_age_covers_ttl),
+    (read_can_put_item, c.check_read_function_policies),
+    (read_can_query, c.check_read_function_policies),
+    (read_on_every_table, c.check_read_function_policies),
+    (read_with_wildcard_action, c.check_read_function_policies),
+    (read_through_a_separate_policy, c.check_read_function_policies),
+    (read_with_sam_policy_template, c.check_read_function_policies),
+    (read_with_broad_managed_policy, c.check_read_function_policies),
+    (invalidator_can_delete_items, c.check_invalidator_policies),
+    (invalidator_reads_every_stream, c.check_invalidator_policies),
+    (cache_without_tls, c.check_replication_group),
+    (cache_tls_preferred_only, c.check_replication_group),
+    (cache_without_at_rest_encryption, c.check_replication_group),
+    (cache_without_failover, c.check_replication_group),
+    (cache_single_az, c.check_replication_group),
+    (cache_may_have_no_replica, c.check_replication_group),
+    (cache_token_in_template, c.check_replication_group),
+    (cache_token_from_parameter, c.check_replication_group),
+    (token_may_contain_at_sign, c.check_auth_secret),
+    (token_too_long, c.check_auth_secret),
+    (egress_to_the_internet, c.check_security_groups),
+    (ipv6_ingress_to_the_cache, c.check_security_groups),
+    (cache_group_keeps_default_egress, c.check_security_groups),
+    (functions_accept_connections, c.check_security_groups),
+    (table_without_pitr, c.check_table),
+    (table_without_sse, c.check_table),
+    (table_keys_only_stream, c.check_table),
+    (table_deleted_with_stack, c.check_table),
+    (queue_unencrypted, c.check_failure_queue_encrypted),
+    (read_function_on_x86, c.check_function_build),
+    (invalidator_on_old_runtime, c.check_function_build),
+    (build_without_cargo_lambda, c.check_function_build),
+    (build_a_binary_that_does_not_exist, c.check_function_build),
+    (no_gateway_endpoint, c.check_vpc_endpoints),
+    (secrets_endpoint_without_private_dns, c.check_vpc_endpoints),
+    (table_name_ignores_existing_table, c.check_conditional_references),
+    (subnet_group_ignores_existing_vpc, c.check_conditional_references),
+    (plain_redis_url, c.check_environment),
+    (eventually_consistent_reads, c.check_environment),
+    (no_iterator_age_alarm, c.check_alarms),
+    (cache_alarm_misses_third_shard, c.check_cache_alarm_topology),
+    (cache_alarm_watches_a_shard_too_early, c.check_cache_alarm_topology),
+    (no_reserved_concurrency, c.check_function_sizing),
+    (read_timeout_beyond_api_gateway, c.check_function_sizing),
+    (no_api_url_output, c.check_outputs),
+    (skip_without_reason, c.check_checkov_skips),
+]
+
+
+@pytest.mark.parametrize("weaken,check", WEAKENED, ids=[w.__name__ for w, _ in WEAKENED])
+def test_weakened_template_fails(weaken, check, template):
+    assert check(template) == [], "the template itself must pass before it is weakened"
+    weakened = copy.deepcopy(template)
+    weaken(weakened)
+    problems = check(weakened)
+    assert problems, f"{check.__name__} did not notice {weaken.__name__}"
+
+
+def test_every_check_has_a_weakened_case():
+    covered = {check for _, check in WEAKENED}
+    assert set(c.ALL_CHECKS) - covered == set()
+
+
+# ---- the template against the code and against SAM ---------------------------------------------
+
+
+def test_every_environment_variable_is_read_by_the_code(template):
+    """A variable the template sets but no Rust source names would be silently ignored."""
+    assert c.env_names_missing_from_code(template) == set()
+
+
+def test_sam_transform_adds_no_permissions(template):
+    """The real SAM transform (as `sam deploy` runs it) keeps the explicit roles as the only
+    grants: no generated role, no AWSLambdaDynamoDBExecutionRole (stream actions on every stream),
+    and the event source mapping carries every safety setting through."""
+    transform_mod = pytest.importorskip("samtranslator.translator.transform")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    t = copy.deepcopy(template)
+    for r in t["Resources"].values():
+        if r["Type"] == "AWS::Serverless::Function":
+            r["Properties"]["CodeUri"] = "s3://bucket/key.zip"  # what `sam package` substitutes
+
+    class Policies:
+        def load(self):
+            return {}
+
+    out = transform_mod.transform(t, {}, Policies())["Resources"]
+    roles = {n for n, r in out.items() if r["Type"] == "AWS::IAM::Role"}
+    assert roles == {"ReadFunctionRole", "InvalidatorFunctionRole"}
+    assert not [n for n, r in out.items() if r["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy")]
+    (esm,) = [r["Properties"] for r in out.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
+    assert esm["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert esm["BisectBatchOnFunctionError"] is True
+    assert esm["StartingPosition"] == "TRIM_HORIZON"
+    for key in ("MaximumRetryAttempts", "MaximumRecordAgeInSeconds", "BatchSize",
+                "MaximumBatchingWindowInSeconds", "ParallelizationFactor"):
+        assert key in esm, key
+    assert esm["DestinationConfig"]["OnFailure"]["Destination"] == {
+        "Fn::GetAtt": ["StreamFailureQueue", "Arn"]
+    }
+    for name in ("ReadFunction", "InvalidatorFunction"):
+        fn = out[name]["Properties"]
+        assert fn["Architectures"] == ["arm64"] and fn["Runtime"] == "provided.al2023"
+        assert fn["Role"] == {"Fn::GetAtt": [f"{name}Role", "Arn"]}
+    permissions = [r for r in out.values() if r["Type"] == "AWS::Lambda::Permission"]
+    assert len(permissions) == 1 and permissions[0]["Properties"]["Principal"] == "apigateway.amazonaws.com"

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# `sam build` of the deployment template: both Lambda functions cross-compiled for arm64
+# (provided.al2023) with cargo-lambda, no Docker. Installs what is missing first: the SAM CLI
+# (via scripts/check-infra.sh --setup-only), cargo-lambda with zig into .venv-sam/, and the
+# aarch64 Rust target. Then checks that each function's bootstrap is an aarch64 ELF executable.
+#
+# A release cross-build of the whole dependency tree: slow on a 2-core machine, so it is not part
+# of every CI run (see infra/README.md). Extra arguments go to `sam build`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo="$PWD"
+start=$SECONDS
+
+log() { echo "sam-build: $*" >&2; }
+
+scripts/check-infra.sh --setup-only
+
+# cargo-lambda (and the zig it links with) next to the SAM CLI that calls it; reinstalled when
+# the pin in infra/requirements-build.txt changes.
+req="$repo/infra/requirements-build.txt"
+stamp="$repo/.venv-sam/.build-requirements.sha256"
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+if [ ! -x .venv-sam/bin/cargo-lambda ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    log "installing ${req#"$repo"/} into .venv-sam/"
+    .venv-sam/bin/python -m pip install -q --disable-pip-version-check -r "$req"
+    echo "$want" >"$stamp"
+fi
+
+target=aarch64-unknown-linux-gnu
+if ! rustup target list --installed | grep -qx "$target"; then
+    log "adding the Rust target $target"
+    rustup target add "$target"
+fi
+
+# SAM finds cargo and cargo-lambda on PATH; cargo-lambda finds zig through the venv's python3
+# (`python3 -m ziglang`).
+export PATH="$repo/.venv-sam/bin:$PATH"
+export SAM_CLI_TELEMETRY=0
+build_start=$SECONDS
+log "sam build (release, arm64); this takes a while"
+sam build "$@"
+log "sam build took $((SECONDS - build_start)) s"
+
+# Each function's artifact must be an ELF executable for aarch64 (e_machine 183), whatever
+# `file` is installed or not.
+python3 - "$repo/.aws-sam/build" <<'PY'
+import struct, sys
+from pathlib import Path
+
+build = Path(sys.argv[1])
+failed = False
+for function in ("ReadFunction", "InvalidatorFunction"):
+    path = build / function / "bootstrap"
+    if not path.is_file():
+        print(f"sam-build: missing {path}", file=sys.stderr)
+        failed = True
+        continue
+    head = path.read_bytes()[:20]
+    elf64 = head[:4] == b"\x7fELF" and head[4] == 2
+    little = head[5] == 1
+    e_type, e_machine = struct.unpack("<HH", head[16:20]) if little else (0, 0)
+    if not (elf64 and little and e_type in (2, 3) and e_machine == 183):
+        print(f"sam-build: {path} is not a 64-bit aarch64 ELF executable "
+              f"(header {head.hex()})", file=sys.stderr)
+        failed = True
+        continue
+    size = path.stat().st_size / 1e6
+    print(f"sam-build: {path.relative_to(build.parent.parent)}: ELF 64-bit aarch64, {size:.1f} MB",
+          file=sys.stderr)
+sys.exit(1 if failed else 0)
+PY
+log "done in $((SECONDS - start)) s"
