@@ -120,10 +120,9 @@ async fn stale_fill_race(mode: InvalidationMode, guards: Guards) -> Option<Value
 #[tokio::test]
 async fn a_fill_that_raced_an_invalidation_is_refused() {
     assert_eq!(stale_fill_race(Delete, Guards::default()).await, None);
-    assert_eq!(
-        stale_fill_race(Refresh, Guards::default()).await,
-        Some(json!(99.99))
-    );
+    // Refresh mode: the MODIFY is the key's first known change (the test starts from an empty
+    // Redis), so it deletes too; what matters is that the old price is not there.
+    assert_eq!(stale_fill_race(Refresh, Guards::default()).await, None);
     // Without leases the old price is written over the invalidation and stays for the TTL.
     assert_eq!(
         stale_fill_race(Delete, NO_LEASES).await,
@@ -170,11 +169,16 @@ async fn a_fill_that_outlived_its_lease_is_refused() {
 
 /// 1,000 concurrent reads of one cold key, spread over four read-path instances (as four Lambda
 /// environments would be) that share only Redis and the table. Returns the table reads made.
-async fn stampede(guards: Guards) -> (usize, Vec<CacheStatus>) {
+async fn stampede(guards: Guards, readers: usize) -> (usize, Vec<CacheStatus>) {
     let env = TestEnv::new(Delete).await;
     env.put_product("kb-001", "129.99").await;
+    // A lease period long enough for one GetItem even on a loaded 2-core CI machine: the test
+    // counts reads per lease period, it does not time them.
     let settings = CacheSettings {
         guards,
+        lease: Duration::from_secs(10),
+        lease_wait: Duration::from_secs(10),
+        redis_timeout: Duration::from_secs(2),
         ..CacheSettings::default()
     };
     let table_reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -189,7 +193,7 @@ async fn stampede(guards: Guards) -> (usize, Vec<CacheStatus>) {
             ));
             store.calls = table_reads.clone();
             ReadPath::new(
-                RedisCache::new(&env.redis.url(), Duration::from_millis(500))
+                RedisCache::new(&env.redis.url(), settings.redis_timeout)
                     .unwrap()
                     .with_guards(guards),
                 store,
@@ -198,7 +202,7 @@ async fn stampede(guards: Guards) -> (usize, Vec<CacheStatus>) {
         })
         .collect();
     let results =
-        futures::future::join_all((0..1000).map(|i| instances[i % 4].get("kb-001"))).await;
+        futures::future::join_all((0..readers).map(|i| instances[i % 4].get("kb-001"))).await;
     let mut statuses = Vec::new();
     for (status, lookup) in results {
         match lookup.unwrap() {
@@ -215,13 +219,13 @@ async fn stampede(guards: Guards) -> (usize, Vec<CacheStatus>) {
 
 #[tokio::test]
 async fn a_thousand_concurrent_cold_reads_cost_one_get_item() {
-    let (reads, statuses) = stampede(Guards::default()).await;
+    let (reads, statuses) = stampede(Guards::default(), 1000).await;
     assert_eq!(reads, 1);
     let misses = statuses.iter().filter(|s| **s == CacheStatus::Miss).count();
     assert_eq!(misses, 1, "the others waited for the fill and hit");
-    // Without leases every concurrent miss reads the table.
-    let (reads, _) = stampede(NO_LEASES).await;
-    assert!(reads > 100, "only {reads} reads without leases");
+    // Without leases every concurrent miss reads the table (200 readers are enough to show it).
+    let (reads, _) = stampede(NO_LEASES, 200).await;
+    assert!(reads > 20, "only {reads} reads without leases");
 }
 
 /// Applies the stream's INSERT and MODIFY in order, then `replay` (indexes into them) again.

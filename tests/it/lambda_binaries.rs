@@ -345,6 +345,7 @@ async fn invalidator_function_applies_batches_and_reports_a_redis_outage() {
 async fn invalidator_function_reads_its_mode_from_the_environment() {
     let env = TestEnv::new(Delete).await;
     env.raw_set("product:kb-001", r#"{"stale":true}"#).await;
+    env.know_history("product:kb-001").await;
     let redis_url = env.redis.url();
     let mut function = Function::spawn(
         "invalidator-function",

@@ -227,6 +227,13 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Gives `key` a known history older than any fixture, so the invalidator refreshes it (a
+    /// key with no recorded position gets a delete: it could be a replay after a restart).
+    pub async fn know_history(&self, key: &str) {
+        self.raw_set(&product_cache::cache::version_key(key), "0:0")
+            .await;
+    }
+
     pub async fn raw_del(&self, key: &str) {
         let mut conn = self.redis_conn().await;
         redis::cmd("DEL")

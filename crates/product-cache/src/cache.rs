@@ -215,14 +215,21 @@ return 1
 
 /// KEYS: key, lease, ver. ARGV: 'set' or 'del', value, ttl s, order ('' for none), ver ttl s,
 /// use ordering (1/0). Returns 1 if applied, 0 if older than what the key has seen.
+///
+/// A write to a key whose history is unknown (no `:ver`: never changed in the last 25 hours, or
+/// Redis lost it in a restart or failover) is applied as a delete. The record may be a replay
+/// older than changes this Redis has forgotten; a delete is right whatever it is, and it
+/// records the position, so the key's next change refreshes normally.
 const APPLY: &str = r"
 local ordered = ARGV[6] == '1' and ARGV[4] ~= ''
+local kind = ARGV[1]
 if ordered then
   local cur = redis.call('GET', KEYS[3])
   if cur and not newer(ARGV[4], cur) then return 0 end
+  if not cur then kind = 'del' end
 end
 redis.call('DEL', KEYS[2])
-if ARGV[1] == 'set' then
+if kind == 'set' then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 else
   redis.call('DEL', KEYS[1])
@@ -587,14 +594,17 @@ pub mod memory {
             let mut entries = self.entries.lock().unwrap();
             let mut versions = self.versions.lock().unwrap();
             for op in ops {
+                let mut kind = &op.kind;
                 if let Some(order) = &op.order {
-                    if versions.get(&op.key).is_some_and(|cur| !newer(order, cur)) {
-                        continue;
+                    match versions.get(&op.key) {
+                        Some(cur) if !newer(order, cur) => continue,
+                        Some(_) => {}
+                        None => kind = &OpKind::Delete,
                     }
                     versions.insert(op.key.clone(), order.clone());
                 }
                 self.leases.lock().unwrap().remove(&op.key);
-                match &op.kind {
+                match kind {
                     OpKind::Delete => {
                         entries.remove(&op.key);
                     }
