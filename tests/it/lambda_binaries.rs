@@ -343,9 +343,9 @@ async fn invalidator_function_applies_batches_and_reports_a_redis_outage() {
 
 #[tokio::test]
 async fn invalidator_function_reads_its_mode_from_the_environment() {
-    let env = TestEnv::new(Delete).await;
+    // A refresh-mode Redis: old enough that a record created now is newer than it.
+    let env = TestEnv::new(product_cache::config::InvalidationMode::Refresh).await;
     env.raw_set("product:kb-001", r#"{"stale":true}"#).await;
-    env.know_history("product:kb-001").await;
     let redis_url = env.redis.url();
     let mut function = Function::spawn(
         "invalidator-function",
@@ -353,7 +353,9 @@ async fn invalidator_function_reads_its_mode_from_the_environment() {
     )
     .await;
 
-    let response = function.respond(fixture("modify.json")).await;
+    let response = function
+        .respond(crate::support::fresh(fixture("modify.json")))
+        .await;
     assert_eq!(response, json!({"batchItemFailures": []}));
     let cached: Value =
         serde_json::from_str(&env.raw_get("product:kb-001").await.unwrap()).unwrap();

@@ -60,6 +60,45 @@ pub fn moto_endpoint() -> &'static str {
     })
 }
 
+/// `event` with every record stamped as created now. Fixtures carry fixed dates, and a refresh
+/// from a record older than the Redis instance is applied as a delete (it could be a replay of
+/// changes a restart forgot).
+pub fn fresh(mut event: Value) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for record in event["Records"].as_array_mut().into_iter().flatten() {
+        if record["dynamodb"].is_object() {
+            record["dynamodb"]["ApproximateCreationDateTime"] = serde_json::json!(now);
+        }
+    }
+    event
+}
+
+/// Waits until `redis` has been up long enough that records created from now on are newer
+/// than it, at Redis's one-second uptime resolution (refreshes from older records delete).
+pub async fn await_redis_uptime(url: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let uptime: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        if uptime >= 2 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn fixture(name: &str) -> Value {
     let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -158,7 +197,15 @@ impl TestEnv {
 
     pub async fn with_settings(mode: InvalidationMode, settings: CacheSettings) -> Self {
         init_logging();
+        // Same clock for the local stream and Redis: no margin needed.
+        let settings = CacheSettings {
+            clock_margin: Duration::ZERO,
+            ..settings
+        };
         let redis = RedisServer::start().await.expect("redis-server starts");
+        if mode == InvalidationMode::Refresh {
+            await_redis_uptime(&redis.url()).await;
+        }
         let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let table = unique_table("products");
@@ -225,13 +272,6 @@ impl TestEnv {
             .query_async::<()>(&mut conn)
             .await
             .unwrap();
-    }
-
-    /// Gives `key` a known history older than any fixture, so the invalidator refreshes it (a
-    /// key with no recorded position gets a delete: it could be a replay after a restart).
-    pub async fn know_history(&self, key: &str) {
-        self.raw_set(&product_cache::cache::version_key(key), "0:0")
-            .await;
     }
 
     pub async fn raw_del(&self, key: &str) {

@@ -181,7 +181,7 @@ pub fn lambda_record(record: &Record, stream_arn: &str) -> Value {
     if let Some(d) = &record.dynamodb {
         let mut change = Map::new();
         if let Some(t) = d.approximate_creation_date_time {
-            change.insert("ApproximateCreationDateTime".into(), json!(t.secs()));
+            change.insert("ApproximateCreationDateTime".into(), json!(t.as_secs_f64()));
         }
         let image = |m: &Option<std::collections::HashMap<String, _>>| {
             m.clone().map(|m| {

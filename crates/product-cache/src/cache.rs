@@ -75,6 +75,9 @@ pub struct CacheOp {
     /// Applied only if newer than what the key has seen; `None` applies unconditionally (only
     /// ever a delete, which is always safe).
     pub order: Option<Order>,
+    /// When the change was made (epoch milliseconds), less the allowed clock difference
+    /// between DynamoDB and Redis. A write older than the Redis instance becomes a delete.
+    pub created_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +93,7 @@ impl CacheOp {
             key: key.into(),
             kind: OpKind::Delete,
             order: None,
+            created_ms: None,
         }
     }
 }
@@ -214,19 +218,26 @@ return 1
 ";
 
 /// KEYS: key, lease, ver. ARGV: 'set' or 'del', value, ttl s, order ('' for none), ver ttl s,
-/// use ordering (1/0). Returns 1 if applied, 0 if older than what the key has seen.
+/// use ordering (1/0), the record's creation time less the clock margin (epoch ms, '' if
+/// unknown). Returns 1 if applied, 0 if older than what the key has seen.
 ///
-/// A write to a key whose history is unknown (no `:ver`: never changed in the last 25 hours, or
-/// Redis lost it in a restart or failover) is applied as a delete. The record may be a replay
-/// older than changes this Redis has forgotten; a delete is right whatever it is, and it
-/// records the position, so the key's next change refreshes normally.
+/// A write from a record created before this Redis started is applied as a delete: a restart
+/// (or a node replaced empty) forgot the positions, so the record may be a replay older than
+/// changes already acknowledged. A delete is right whatever it is; records created after the
+/// start are ordered by the positions this Redis has seen, all of them.
 const APPLY: &str = r"
 local ordered = ARGV[6] == '1' and ARGV[4] ~= ''
 local kind = ARGV[1]
 if ordered then
   local cur = redis.call('GET', KEYS[3])
   if cur and not newer(ARGV[4], cur) then return 0 end
-  if not cur then kind = 'del' end
+  if kind == 'set' then
+    local info = redis.call('INFO', 'server')
+    local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) or 0
+    local started = (tonumber(redis.call('TIME')[1]) - uptime) * 1000
+    local created = tonumber(ARGV[7])
+    if not created or created < started then kind = 'del' end
+  end
 end
 redis.call('DEL', KEYS[2])
 if kind == 'set' then
@@ -414,7 +425,8 @@ impl RedisCache {
             .arg(secs(ttl))
             .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
             .arg(secs(VERSION_TTL.max(ttl)))
-            .arg(flag(self.guards.ordering));
+            .arg(flag(self.guards.ordering))
+            .arg(op.created_ms.map(|c| c.to_string()).unwrap_or_default());
         invocation
     }
 }
@@ -594,17 +606,15 @@ pub mod memory {
             let mut entries = self.entries.lock().unwrap();
             let mut versions = self.versions.lock().unwrap();
             for op in ops {
-                let mut kind = &op.kind;
+                // An in-memory cache never restarts: every record is newer than it.
                 if let Some(order) = &op.order {
-                    match versions.get(&op.key) {
-                        Some(cur) if !newer(order, cur) => continue,
-                        Some(_) => {}
-                        None => kind = &OpKind::Delete,
+                    if versions.get(&op.key).is_some_and(|cur| !newer(order, cur)) {
+                        continue;
                     }
                     versions.insert(op.key.clone(), order.clone());
                 }
                 self.leases.lock().unwrap().remove(&op.key);
-                match kind {
+                match &op.kind {
                     OpKind::Delete => {
                         entries.remove(&op.key);
                     }

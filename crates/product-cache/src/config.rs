@@ -53,6 +53,9 @@ pub struct CacheSettings {
     /// the cache is ordered by it instead of by the stream's sequence numbers, and fills are
     /// ordered too.
     pub version_attribute: Option<String>,
+    /// How far DynamoDB's clock (stream record times) may run ahead of Redis's. A refresh from a
+    /// record created less than this after the Redis instance started becomes a delete.
+    pub clock_margin: Duration,
     /// Test-only switches for the consistency guards; always on in the functions.
     #[doc(hidden)]
     pub guards: crate::cache::Guards,
@@ -70,6 +73,7 @@ impl Default for CacheSettings {
             lease: Duration::from_millis(1000),
             lease_wait: Duration::from_millis(1000),
             version_attribute: None,
+            clock_margin: Duration::from_secs(2),
             guards: crate::cache::Guards::default(),
         }
     }
@@ -245,6 +249,7 @@ impl CacheSettings {
             version_attribute: src
                 .get("VERSION_ATTRIBUTE")
                 .filter(|v| !v.trim().is_empty()),
+            clock_margin: Duration::from_millis(parsed(src, "CLOCK_MARGIN_MS", 2000)?),
             guards: crate::cache::Guards::default(),
         })
     }
@@ -299,6 +304,7 @@ mod tests {
         assert_eq!(s.cache.lease, Duration::from_millis(1000));
         assert_eq!(s.cache.lease_wait, Duration::from_millis(1000));
         assert_eq!(s.cache.version_attribute, None);
+        assert_eq!(s.cache.clock_margin, Duration::from_secs(2));
         assert_eq!(s.cache.guards, crate::cache::Guards::default());
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
@@ -321,6 +327,7 @@ mod tests {
             ("LEASE_WAIT_MS", "400"),
             ("VERSION_ATTRIBUTE", "version"),
             ("REDIS_CLUSTER", "true"),
+            ("CLOCK_MARGIN_MS", "0"),
             (
                 "REDIS_AUTH_SECRET_ARN",
                 "arn:aws:secretsmanager:us-east-1:1:secret:x",
@@ -339,6 +346,7 @@ mod tests {
         assert_eq!(s.cache.version_attribute.as_deref(), Some("version"));
         assert_eq!(s.redis.url, "redis://h:6379");
         assert!(s.redis.cluster);
+        assert_eq!(s.cache.clock_margin, Duration::ZERO);
         assert!(s.redis.auth_secret_arn.as_deref().unwrap().ends_with(":x"));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Refresh);
@@ -372,5 +380,6 @@ mod tests {
         bad("CONSISTENT_READ", "yes please");
         bad("INVALIDATION_MODE", "update");
         bad("REDIS_CLUSTER", "sometimes");
+        bad("CLOCK_MARGIN_MS", "-5");
     }
 }

@@ -148,8 +148,15 @@ impl<C: Cache> Invalidator<C> {
                 key,
                 kind: OpKind::Delete,
                 order,
+                created_ms: None,
             });
         }
+        // A missing timestamp deserialises as the epoch: the op then deletes, which is safe.
+        let created_ms = record
+            .change
+            .approximate_creation_date_time
+            .timestamp_millis()
+            - self.settings.clock_margin.as_millis() as i64;
         match Document::from_item(&record.change.new_image) {
             Ok(doc) => Ok(CacheOp {
                 key,
@@ -158,6 +165,7 @@ impl<C: Cache> Invalidator<C> {
                     ttl: self.settings.ttl,
                 },
                 order,
+                created_ms: Some(created_ms),
             }),
             Err(e) => {
                 tracing::warn!(error = %e, key, "new image has no JSON form; deleting instead");

@@ -1,0 +1,92 @@
+//! Wrappers that inject faults into the real backends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use product_cache::cache::{Cache, CacheError, CacheOp, Fill, Probe};
+use product_cache::id::ProductId;
+use product_cache::store::{Item, ProductStore, StoreError};
+
+/// The invalidator's cache: when armed, the next `apply` applies only a prefix of its ops and
+/// then fails, as a Redis that dies mid-pipeline would.
+pub struct FailingCache<C> {
+    pub inner: C,
+    armed: Mutex<Option<usize>>,
+}
+
+impl<C> FailingCache<C> {
+    pub fn new(inner: C) -> Self {
+        Self {
+            inner,
+            armed: Mutex::new(None),
+        }
+    }
+
+    /// The next `apply` applies its first `prefix` ops, then fails.
+    pub fn arm(&self, prefix: usize) {
+        *self.armed.lock().unwrap() = Some(prefix);
+    }
+
+    /// Disarms; true if the armed failure had not been used.
+    pub fn disarm(&self) -> bool {
+        self.armed.lock().unwrap().take().is_some()
+    }
+}
+
+impl<C: Cache> Cache for FailingCache<C> {
+    async fn probe(&self, key: &str, token: &str, lease: Duration) -> Result<Probe, CacheError> {
+        self.inner.probe(key, token, lease).await
+    }
+
+    async fn fill(&self, fill: Fill<'_>) -> Result<bool, CacheError> {
+        self.inner.fill(fill).await
+    }
+
+    async fn apply(&self, ops: &[CacheOp]) -> Result<(), CacheError> {
+        let armed = self.armed.lock().unwrap().take();
+        let Some(prefix) = armed else {
+            return self.inner.apply(ops).await;
+        };
+        let prefix = prefix.min(ops.len());
+        if prefix > 0 {
+            self.inner.apply(&ops[..prefix]).await?;
+        }
+        Err(CacheError::Unexpected(format!(
+            "injected failure after {prefix} of {} ops",
+            ops.len()
+        )))
+    }
+}
+
+/// The readers' table: some reads pause after `GetItem` returns, for longer than the lease, so
+/// their fills race invalidations and their leases lapse.
+pub struct SlowStore<S> {
+    pub inner: S,
+    pub rng: Mutex<fastrand::Rng>,
+    pub probability: f64,
+    /// Drawn uniformly from this range.
+    pub pause: (Duration, Duration),
+    /// Table reads and slowed reads, shared by every reader's store.
+    pub reads: Arc<AtomicU64>,
+    pub slowed: Arc<AtomicU64>,
+}
+
+impl<S: ProductStore> ProductStore for SlowStore<S> {
+    async fn get(&self, id: &ProductId) -> Result<Option<Item>, StoreError> {
+        let result = self.inner.get(id).await;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let pause = {
+            let mut rng = self.rng.lock().unwrap();
+            (rng.f64() < self.probability).then(|| {
+                let (lo, hi) = (self.pause.0.as_micros(), self.pause.1.as_micros());
+                Duration::from_micros(rng.u64(lo as u64..=hi as u64))
+            })
+        };
+        if let Some(pause) = pause {
+            self.slowed.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(pause).await;
+        }
+        result
+    }
+}
