@@ -35,7 +35,7 @@
 //! `old_records_replayed_after_a_restart` replays the batches acknowledged before it, which
 //! the cache must turn into deletes.
 //!
-//! The tests here are short runs (`CHECKER_OPS`, default 3,000 operations each). The long run is
+//! The tests here are short runs (`CHECKER_OPS`, default 5,000 operations each, 30,000 in all). The long run is
 //! the same entry point, bigger:
 //!
 //! ```sh

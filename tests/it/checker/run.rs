@@ -78,7 +78,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 impl Config {
     pub fn new(name: &'static str, mode: InvalidationMode) -> Self {
-        let ops = env_u64("CHECKER_OPS").unwrap_or(3_000);
+        let ops = env_u64("CHECKER_OPS").unwrap_or(5_000);
         let lease = Duration::from_millis(150);
         Self {
             name,
