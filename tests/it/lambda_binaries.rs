@@ -6,7 +6,7 @@
 
 mod runtime_api;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,29 +25,6 @@ const INVOKE_WITHIN: Duration = Duration::from_secs(15);
 /// Bound on a function that is expected to exit at start-up.
 const EXIT_WITHIN: Duration = Duration::from_secs(15);
 
-/// `target/debug/<name>` of this workspace, honouring `CARGO_TARGET_DIR`.
-fn binary(name: &str) -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| option_env!("CARGO_TARGET_DIR").map(PathBuf::from))
-        .map(|dir| {
-            if dir.is_relative() {
-                workspace.join(dir)
-            } else {
-                dir
-            }
-        })
-        .unwrap_or_else(|| workspace.join("target"));
-    let path = target.join("debug").join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build -p functions` first (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
 /// A function's own environment variables.
 type Vars<'a> = &'a [(&'a str, &'a str)];
 
@@ -64,7 +41,7 @@ impl Function {
     /// Spawns `name` with the variables Lambda sets for a custom runtime plus the function's
     /// own `vars`. Nothing else is inherited from the test's environment.
     async fn spawn(name: &'static str, vars: Vars<'_>) -> Self {
-        let path = binary(name);
+        let path = crate::support::binary(name);
         let api = RuntimeApi::start(name).await;
         let mut cmd = Command::new(&path);
         cmd.env_clear()

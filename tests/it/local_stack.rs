@@ -5,7 +5,7 @@
 //! The command tests need the binary: `cargo build -p local-stack` first (scripts/test.sh does).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -262,31 +262,9 @@ async fn warming_the_first_50_ids_makes_their_reads_hits() {
     stack.shutdown().await;
 }
 
-/// `target/debug/local-stack` of this workspace, honouring `CARGO_TARGET_DIR`.
-fn binary() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|dir| {
-            if dir.is_relative() {
-                workspace.join(dir)
-            } else {
-                dir
-            }
-        })
-        .unwrap_or_else(|| workspace.join("target"));
-    let path = target.join("debug").join("local-stack");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build -p local-stack` first (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
 /// The command with a clean environment for the stack: no Redis or DynamoDB of the caller's.
 fn command(args: &[&str], cwd: &Path) -> Command {
-    let mut cmd = Command::new(binary());
+    let mut cmd = Command::new(crate::support::binary("local-stack"));
     cmd.args(args)
         .current_dir(cwd)
         .env_remove("REDIS_URL")

@@ -2,6 +2,7 @@
 //! handlers wired to them, and counters around the backends.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -97,6 +98,29 @@ pub async fn await_redis_uptime(url: &str) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `target/debug/<name>` of this workspace, honouring `CARGO_TARGET_DIR`.
+pub fn binary(name: &str) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| option_env!("CARGO_TARGET_DIR").map(PathBuf::from))
+        .map(|dir| {
+            if dir.is_relative() {
+                workspace.join(dir)
+            } else {
+                dir
+            }
+        })
+        .unwrap_or_else(|| workspace.join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p functions -p local-stack --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
 }
 
 pub fn fixture(name: &str) -> Value {
