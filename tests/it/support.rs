@@ -100,7 +100,7 @@ pub async fn await_redis_uptime(url: &str) {
     }
 }
 
-/// `target/debug/<name>` of this workspace, honouring `CARGO_TARGET_DIR`.
+/// `target/debug/<name>` (or `$BINARY_PROFILE`) of this workspace, honouring `CARGO_TARGET_DIR`.
 pub fn binary(name: &str) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -114,7 +114,9 @@ pub fn binary(name: &str) -> PathBuf {
             }
         })
         .unwrap_or_else(|| workspace.join("target"));
-    let path = target.join("debug").join(name);
+    // `BINARY_PROFILE=release` runs the suites against release builds, as deployed.
+    let profile = std::env::var("BINARY_PROFILE").unwrap_or_else(|_| "debug".into());
+    let path = target.join(profile).join(name);
     assert!(
         path.is_file(),
         "{} is missing: run `cargo build -p functions -p local-stack --bins` first (scripts/test.sh does)",
