@@ -31,12 +31,12 @@
 //! staleness distribution (commit of each write to the end of the first read that started
 //! after it and saw it or newer).
 //!
-//! Duplicates are drawn from the batches the current Redis acknowledged; after a restart,
-//! `old_records_replayed_after_a_restart` replays the batches acknowledged before it, which
-//! the cache must turn into deletes.
+//! Duplicates are drawn from every acknowledged batch, also from before the Redis restart,
+//! which forgot their positions; `old_records_replayed_after_a_restart` also replays all the
+//! batches acknowledged before it, in order. The cache must turn those into deletes.
 //!
-//! The tests here are short runs (`CHECKER_OPS`, default 5,000 operations each, 30,000 in all). The long run is
-//! the same entry point, bigger:
+//! The tests here are short runs (`CHECKER_OPS`, default 5,000 operations each, 30,000 in
+//! all). The long run is the same entry point, bigger:
 //!
 //! ```sh
 //! CHECKER_OPS=1000000 cargo test --release -p integration-tests --test it \

@@ -59,11 +59,11 @@ pub struct Config {
     pub herds: usize,
     pub herd_size: usize,
     pub max_duration: Duration,
-    /// Right after the Redis restart, re-deliver the acknowledged batches from before it, in
-    /// order (an event source mapping resuming from an older checkpoint). Off by default: a
-    /// restart forgets `{key}:ver`, so in refresh mode this serves older versions than
-    /// acknowledged ones until the replay catches up (see `old_records_replayed_after_a_restart`).
-    /// Without it, duplicates are only drawn from batches acknowledged by the Redis that is up.
+    /// Right after the Redis restart, re-deliver every pooled acknowledged batch from before it,
+    /// in order (an event source mapping resuming from an older checkpoint). The restart forgot
+    /// `{key}:ver`, so this is what the cache's restart rule must survive
+    /// (`old_records_replayed_after_a_restart`). Single duplicates are drawn from all
+    /// acknowledged batches, before or after the restart, either way.
     pub replay_after_restart: bool,
 }
 
@@ -239,6 +239,8 @@ impl Generation {
 /// What every actor shares.
 struct Shared {
     generation: Generation,
+    /// Records acknowledged so far, for progress lines.
+    acked: AtomicU64,
     clock: Clock,
     budget: Budget,
     phase: watch::Sender<Phase>,
@@ -278,6 +280,7 @@ pub async fn run(cfg: Config) -> Report {
     let (phase, _) = watch::channel(Phase::Running);
     let shared = Arc::new(Shared {
         generation: Generation::default(),
+        acked: AtomicU64::new(0),
         clock,
         budget: Budget {
             issued: AtomicU64::new(0),
@@ -423,12 +426,36 @@ pub async fn run(cfg: Config) -> Report {
         (faults, herd_violations, events)
     };
 
+    // A line per tenth of the run, for long runs (`--nocapture`).
+    let progress_lines = async {
+        let mut progress = progress_rx.clone();
+        for tenth in 1..=10 {
+            if progress.wait_for(|p| *p >= tenth * 10).await.is_err() {
+                break;
+            }
+            println!(
+                "[{}] {:>3}% of {} ops at {:.1} s: {} writes, {} reads, {} records acknowledged",
+                cfg.name,
+                tenth * 10,
+                cfg.ops,
+                ms(clock.now()) / 1e3,
+                shared.budget.writes.load(Ordering::Relaxed),
+                shared.budget.reads.load(Ordering::Relaxed),
+                shared.acked.load(Ordering::Relaxed),
+            );
+        }
+    };
     let actors = async {
         let mut writes = Vec::new();
         for w in writers {
             writes.extend(w.await.expect("writer task"));
         }
         let writers_done = clock.now();
+        println!(
+            "[{}] writers stopped at {:.1} s; draining the stream",
+            cfg.name,
+            ms(writers_done) / 1e3
+        );
         expected_tx.send_replace(Some(writes.len()));
         shared.phase.send_replace(Phase::Draining);
         shared.budget.written.notify_waiters();
@@ -440,9 +467,14 @@ pub async fn run(cfg: Config) -> Report {
         }
         (writes, writers_done, feed, reads)
     };
-    let ((chaos_faults, herd_violations, chaos_events), (writes, writers_done, feed, reads)) =
-        tokio::join!(chaos, actors);
+    let ((chaos_faults, herd_violations, chaos_events), (writes, writers_done, feed, reads), ()) =
+        tokio::join!(chaos, actors, progress_lines);
     let run_time = clock.now();
+    println!(
+        "[{}] drained at {:.1} s; checking the cache and replaying the stream",
+        cfg.name,
+        ms(run_time) / 1e3
+    );
 
     // Invariant 3: the stream is drained and nothing else writes; every cached key equals the
     // table or is absent.
@@ -537,6 +569,11 @@ pub async fn run(cfg: Config) -> Report {
         }
     }
     drop(redis);
+    println!(
+        "[{}] replayed {replayed} records by {:.1} s; analysing the history",
+        cfg.name,
+        ms(clock.now()) / 1e3
+    );
 
     // Invariant 1 and staleness.
     let mut writes_tally = Tally::default();
@@ -956,8 +993,6 @@ const POOL: usize = 256;
 struct Pooled {
     /// Order of acknowledgement.
     n: u64,
-    /// The Redis generation it was applied to, if one generation was up throughout.
-    generation: Option<u64>,
     batch: Vec<Arc<Rec>>,
 }
 const DRAIN_WITHIN: Duration = Duration::from_secs(60);
@@ -998,21 +1033,12 @@ impl Feeder {
                     }
                 }
             }
-            if self.rng.f64() < self.duplicate_probability {
-                // Only batches applied to the Redis that is up now: the restart forgot the
-                // positions of the others (see `Config::replay_after_restart`).
-                let eligible: Vec<usize> = (0..self.pool.len())
-                    .filter(|&i| {
-                        self.replay_after_restart
-                            || (generation.is_some() && self.pool[i].generation == generation)
-                    })
-                    .collect();
-                if !eligible.is_empty() {
-                    let i = eligible[self.rng.usize(..eligible.len())];
-                    let batch = self.pool[i].batch.clone();
-                    self.stats.add("duplicate batches", 1);
-                    self.duplicate(&batch).await;
-                }
+            if !self.pool.is_empty() && self.rng.f64() < self.duplicate_probability {
+                // Any acknowledged batch, also one from before a restart (which forgot its
+                // positions).
+                let batch = self.pool[self.rng.usize(..self.pool.len())].batch.clone();
+                self.stats.add("duplicate batches", 1);
+                self.duplicate(&batch).await;
             }
             let n = self
                 .forced
@@ -1026,10 +1052,8 @@ impl Feeder {
                 self.invalidator.cache().arm(prefix);
                 self.stats.add("partial failures", 1);
             }
-            let generation = self.shared.generation.current();
             let response = self.invalidator.handle(event(&batch)).await;
             let at = clock.now();
-            let generation = generation.filter(|&g| self.shared.generation.current() == Some(g));
             let unused = self.invalidator.cache().disarm();
             self.stats.add("batches", 1);
             self.stats.add("records delivered", n as u64);
@@ -1051,6 +1075,7 @@ impl Feeder {
                 if state.acked.is_none() {
                     state.acked = Some(at);
                     self.acked += 1;
+                    self.shared.acked.fetch_add(1, Ordering::Relaxed);
                 }
                 self.pending.pop_front();
             }
@@ -1058,7 +1083,6 @@ impl Feeder {
                 self.pooled += 1;
                 let acked = Pooled {
                     n: self.pooled,
-                    generation,
                     batch: batch[..ok].to_vec(),
                 };
                 if self.pool.len() < POOL {
