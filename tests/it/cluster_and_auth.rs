@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use local_stack::services::{RedisCluster, RedisServer};
-use product_cache::cache::RedisCache;
-use product_cache::config::{CacheSettings, InvalidationMode, RedisSettings};
+use product_cache::config::{
+    CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
+};
 use product_cache::invalidate::Invalidator;
 use product_cache::read::ReadPath;
-use product_cache::store::DynamoStore;
 use serde_json::json;
 
 use crate::support::{http_get, moto_endpoint, TestEnv};
@@ -24,20 +24,23 @@ async fn both_paths_work_unchanged_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3).await.unwrap();
     for mode in [InvalidationMode::Delete, InvalidationMode::Refresh] {
         let mut env = TestEnv::new(mode).await;
-        let cache = || RedisCache::cluster(&cluster.url(), Duration::from_millis(500)).unwrap();
-        let settings = CacheSettings::default();
-        let read = ReadPath::new(
-            cache(),
-            DynamoStore::new(
-                env.dynamodb.clone(),
-                &env.table,
-                "productId",
-                settings.key_type,
-                true,
-            ),
-            settings.clone(),
-        );
-        let invalidator = Invalidator::new(cache(), mode, settings);
+        let settings = CacheSettings {
+            redis_timeout: Duration::from_millis(500),
+            ..CacheSettings::default()
+        };
+        let redis = RedisSettings {
+            url: cluster.url(),
+            cluster: true,
+            auth_secret_arn: None,
+        };
+        let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
+        let read = ReadPath::build(read, &env.sdk).await.unwrap();
+        let invalidator = InvalidatorSettings {
+            redis,
+            mode,
+            cache: settings,
+        };
+        let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
         let ids: Vec<String> = (0..30)
             .map(|i| format!("{}-{mode:?}-{i}", env.table))
             .collect();
@@ -91,36 +94,33 @@ async fn the_auth_token_is_read_from_secrets_manager() {
         cluster: false,
         auth_secret_arn: arn,
     };
-    let timeout = Duration::from_millis(500);
-    let invalidator =
-        |cache| Invalidator::new(cache, InvalidationMode::Delete, CacheSettings::default());
+    let invalidator = |arn| {
+        let settings = InvalidatorSettings {
+            redis: settings(arn),
+            mode: InvalidationMode::Delete,
+            cache: CacheSettings {
+                redis_timeout: Duration::from_millis(500),
+                ..CacheSettings::default()
+            },
+        };
+        Invalidator::build(settings, &sdk)
+    };
     let event = crate::support::fixture("modify.json");
 
-    let cache = product_cache::connect_cache(&settings(Some(arn.clone())), timeout, &sdk)
-        .await
-        .unwrap();
-    assert!(invalidator(cache)
+    let with_token = invalidator(Some(arn.clone())).await.unwrap();
+    assert!(with_token
         .handle(event.clone())
         .await
         .batch_item_failures
         .is_empty());
 
     // Without the token the server refuses every command: the batch is reported for retry.
-    let cache = product_cache::connect_cache(&settings(None), timeout, &sdk)
-        .await
-        .unwrap();
-    assert_eq!(
-        invalidator(cache)
-            .handle(event)
-            .await
-            .batch_item_failures
-            .len(),
-        1
-    );
+    let without = invalidator(None).await.unwrap();
+    assert_eq!(without.handle(event).await.batch_item_failures.len(), 1);
 
     // A secret that does not exist stops the cold start with its name in the message.
     let missing = format!("{arn}-missing");
-    let err = product_cache::connect_cache(&settings(Some(missing.clone())), timeout, &sdk)
+    let err = invalidator(Some(missing.clone()))
         .await
         .err()
         .expect("a missing secret must fail the start");

@@ -50,26 +50,18 @@ struct Gate {
     release: oneshot::Sender<()>,
 }
 
-fn gated_read_path(
+async fn gated_read_path(
     env: &TestEnv,
     settings: CacheSettings,
 ) -> (ReadPath<RedisCache, GatedStore>, Gate) {
     let (done_tx, done_rx) = oneshot::channel();
     let (release_tx, release_rx) = oneshot::channel();
     let store = GatedStore {
-        inner: DynamoStore::new(
-            env.dynamodb.clone(),
-            &env.table,
-            &settings.key_attribute,
-            settings.key_type,
-            true,
-        ),
+        inner: env.store(&settings),
         read_done: Mutex::new(Some(done_tx)),
         release: Mutex::new(Some(release_rx)),
     };
-    let cache = RedisCache::new(&env.redis.url(), settings.redis_timeout)
-        .unwrap()
-        .with_guards(settings.guards);
+    let cache = env.cache(&settings).await;
     (
         ReadPath::new(cache, store, settings),
         Gate {
@@ -99,7 +91,7 @@ async fn stale_fill_race(mode: InvalidationMode, guards: Guards) -> Option<Value
         guards,
         ..CacheSettings::default()
     };
-    let (read, gate) = gated_read_path(&env, settings);
+    let (read, gate) = gated_read_path(&env, settings).await;
 
     let reader = async {
         let (status, lookup) = read.get("kb-001").await;
@@ -143,7 +135,7 @@ async fn a_fill_that_outlived_its_lease_is_refused() {
         lease: Duration::from_millis(50),
         ..CacheSettings::default()
     };
-    let (read, gate) = gated_read_path(&env, settings);
+    let (read, gate) = gated_read_path(&env, settings).await;
     let reader = read.get("kb-001");
     let slow_table = async {
         gate.read_done.await.unwrap();
@@ -185,23 +177,12 @@ async fn stampede(guards: Guards, readers: usize) -> (usize, Vec<CacheStatus>) {
     let table_reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let instances: Vec<_> = (0..4)
         .map(|_| {
-            let mut store = Counting::new(DynamoStore::new(
-                env.dynamodb.clone(),
-                &env.table,
-                "productId",
-                settings.key_type,
-                true,
-            ));
+            let mut store = Counting::new(env.store(&settings));
             store.calls = table_reads.clone();
-            ReadPath::new(
-                RedisCache::new(&env.redis.url(), settings.redis_timeout)
-                    .unwrap()
-                    .with_guards(guards),
-                store,
-                settings.clone(),
-            )
+            async { ReadPath::new(env.cache(&settings).await, store, settings.clone()) }
         })
         .collect();
+    let instances = futures::future::join_all(instances).await;
     let results =
         futures::future::join_all((0..readers).map(|i| instances[i % 4].get("kb-001"))).await;
     let mut statuses = Vec::new();
@@ -232,17 +213,15 @@ async fn a_thousand_concurrent_cold_reads_cost_one_get_item() {
 /// Applies the stream's INSERT and MODIFY in order, then `replay` (indexes into them) again.
 async fn replay_after(mode: InvalidationMode, guards: Guards, replay: &[usize]) -> Option<String> {
     let mut env = TestEnv::new(mode).await;
-    let invalidator = product_cache::invalidate::Invalidator::new(
-        RedisCache::new(&env.redis.url(), Duration::from_millis(500))
-            .unwrap()
-            .with_guards(guards),
-        mode,
-        // Records and Redis share this machine's clock.
-        CacheSettings {
-            clock_margin: Duration::ZERO,
-            ..CacheSettings::default()
-        },
-    );
+    // Records and Redis share this machine's clock.
+    let settings = CacheSettings {
+        clock_margin: Duration::ZERO,
+        redis_timeout: Duration::from_millis(500),
+        guards,
+        ..CacheSettings::default()
+    };
+    let invalidator =
+        product_cache::invalidate::Invalidator::new(env.cache(&settings).await, mode, settings);
     env.put_product("kb-001", "129.99").await;
     update_price(&env, "kb-001", "99.99").await;
     let event = env.new_stream_event().await;
@@ -322,7 +301,7 @@ async fn a_version_attribute_orders_fills_too() {
     put_versioned(&env, "1", "129.99").await;
     env.drain_stream().await;
     env.flush().await;
-    let (read, gate) = gated_read_path(&env, settings);
+    let (read, gate) = gated_read_path(&env, settings).await;
     let reader = read.get("kb-001");
     let writer = async {
         gate.read_done.await.unwrap();

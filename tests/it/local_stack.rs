@@ -223,17 +223,16 @@ async fn warming_the_first_50_ids_makes_their_reads_hits() {
         .unwrap();
     assert_eq!(ids.len(), 50);
 
-    let read = product_cache::read::ReadPath::new(
-        product_cache::cache::RedisCache::new(stack.redis_url(), Duration::from_secs(1)).unwrap(),
-        product_cache::store::DynamoStore::new(
-            client,
-            stack.table(),
-            "productId",
-            product_cache::id::KeyType::S,
-            true,
-        ),
-        CacheSettings::default(),
-    );
+    let settings = CacheSettings {
+        redis_timeout: Duration::from_secs(1),
+        ..CacheSettings::default()
+    };
+    let redis = product_cache::config::RedisSettings::new(stack.redis_url());
+    let read = product_cache::config::ReadSettings::new(redis, stack.table(), settings);
+    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+    let read = product_cache::read::ReadPath::build(read, &sdk)
+        .await
+        .unwrap();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let tick = || {
         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -2,16 +2,14 @@
 
 use std::time::Duration;
 
-use product_cache::cache::RedisCache;
 use product_cache::config::{
     CacheSettings,
     InvalidationMode::{Delete, Refresh},
 };
 use product_cache::read::ReadPath;
-use product_cache::store::DynamoStore;
 use serde_json::{json, Value};
 
-use crate::support::{fixture, fresh, http_get, respond, TestEnv};
+use crate::support::{fixture, fresh, http_get, redis_cache, respond, TestEnv};
 
 #[tokio::test]
 async fn a_miss_fills_the_cache_and_the_next_read_hits() {
@@ -137,14 +135,8 @@ async fn a_redis_that_never_answers_costs_one_timeout_not_an_error() {
         ..CacheSettings::default()
     };
     let read = ReadPath::new(
-        RedisCache::new(&format!("redis://127.0.0.1:{port}"), settings.redis_timeout).unwrap(),
-        DynamoStore::new(
-            env.dynamodb.clone(),
-            &env.table,
-            "productId",
-            settings.key_type,
-            true,
-        ),
+        redis_cache(&format!("redis://127.0.0.1:{port}"), &settings).await,
+        env.store(&settings),
         settings,
     );
     let started = std::time::Instant::now();
@@ -161,16 +153,11 @@ async fn a_redis_that_never_answers_costs_one_timeout_not_an_error() {
 #[tokio::test]
 async fn dynamodb_failing_is_a_503_with_a_json_body_and_no_internals() {
     let env = TestEnv::new(Delete).await;
+    let settings = CacheSettings::default();
     let read = ReadPath::new(
-        RedisCache::new(&env.redis.url(), Duration::from_millis(100)).unwrap(),
-        DynamoStore::new(
-            env.dynamodb.clone(),
-            "no-such-table",
-            "productId",
-            CacheSettings::default().key_type,
-            true,
-        ),
-        CacheSettings::default(),
+        env.cache(&settings).await,
+        env.store_of("no-such-table", &settings),
+        settings,
     );
     let (code, x_cache, body) = http_get(&read, "/products/kb-001").await;
     assert_eq!((code, x_cache.as_str()), (503, "miss"));

@@ -10,10 +10,12 @@ use std::time::Duration;
 use local_stack::services::{MotoServer, RedisServer};
 use local_stack::stream::{lambda_event, Position, StreamReader};
 use product_cache::cache::{Cache, CacheError, CacheOp, Fill, Probe, RedisCache};
-use product_cache::config::{CacheSettings, InvalidationMode};
+use product_cache::config::{
+    CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
+};
 use product_cache::id::{KeyType, ProductId};
 use product_cache::invalidate::Invalidator;
-use product_cache::read::ReadPath;
+use product_cache::read::{Answer, ReadPath};
 use product_cache::store::{DynamoStore, Item, ProductStore, StoreError};
 use serde_json::Value;
 
@@ -208,6 +210,7 @@ pub struct TestEnv {
     pub redis: RedisServer,
     pub table: String,
     pub settings: CacheSettings,
+    pub sdk: aws_config::SdkConfig,
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub stream: StreamReader,
     pub read: TestReadPath,
@@ -244,32 +247,45 @@ impl TestEnv {
         .await
         .expect("table created");
         let stream = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&sdk), stream_arn);
+        let read_settings =
+            ReadSettings::new(RedisSettings::new(redis.url()), &table, settings.clone());
         let read = ReadPath::new(
-            Counting::new(RedisCache::new(&redis.url(), settings.redis_timeout).unwrap()),
-            Counting::new(DynamoStore::new(
-                dynamodb.clone(),
-                &table,
-                &settings.key_attribute,
-                settings.key_type,
-                true,
-            )),
+            Counting::new(redis_cache(&redis.url(), &settings).await),
+            Counting::new(DynamoStore::from_settings(&read_settings, &sdk)),
             settings.clone(),
         );
-        let invalidator = Invalidator::new(
-            RedisCache::new(&redis.url(), settings.redis_timeout).unwrap(),
+        let invalidator = InvalidatorSettings {
+            redis: read_settings.redis,
             mode,
-            settings.clone(),
-        );
+            cache: settings.clone(),
+        };
+        let invalidator = Invalidator::build(invalidator, &sdk).await.unwrap();
         Self {
             redis,
             table,
             settings,
+            sdk,
             dynamodb,
             stream,
             read,
             invalidator,
             last_sequence: None,
         }
+    }
+
+    /// A client of this environment's Redis, built as the functions build theirs.
+    pub async fn cache(&self, settings: &CacheSettings) -> RedisCache {
+        redis_cache(&self.redis.url(), settings).await
+    }
+
+    /// The table of this environment, read the way the read function reads it.
+    pub fn store(&self, settings: &CacheSettings) -> DynamoStore {
+        self.store_of(&self.table, settings)
+    }
+
+    /// Another table (one that may not exist) on the shared moto server.
+    pub fn store_of(&self, table: &str, settings: &CacheSettings) -> DynamoStore {
+        dynamo_store(&self.sdk, table, settings)
     }
 
     /// A plain connection for looking at what is really in Redis.
@@ -396,32 +412,48 @@ impl TestEnv {
     }
 }
 
+/// A single Redis node at `url`, built the way the functions build their client (with the
+/// test's guards, which only the `test-support` feature lets a test switch off).
+pub async fn redis_cache(url: &str, settings: &CacheSettings) -> RedisCache {
+    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+    RedisCache::from_settings(&RedisSettings::new(url), settings, &sdk)
+        .await
+        .expect("a valid Redis URL")
+}
+
+/// `table` read the way the read function reads it (strongly consistent).
+pub fn dynamo_store(
+    sdk: &aws_config::SdkConfig,
+    table: &str,
+    settings: &CacheSettings,
+) -> DynamoStore {
+    // The Redis URL is no part of a store; the read settings just carry one.
+    let read = ReadSettings::new(RedisSettings::new(""), table, settings.clone());
+    DynamoStore::from_settings(&read, sdk)
+}
+
 pub async fn http_get<C: Cache, S: ProductStore>(
     read: &ReadPath<C, S>,
     path: &str,
 ) -> (u16, String, Value) {
-    let req = lambda_http::http::Request::builder()
-        .method("GET")
-        .uri(path)
-        .body(lambda_http::Body::Empty)
-        .unwrap();
-    respond(read, req).await
+    unpack(Answer::get(read, path).await)
 }
 
 pub async fn respond<C: Cache, S: ProductStore>(
     read: &ReadPath<C, S>,
     req: lambda_http::Request,
 ) -> (u16, String, Value) {
-    let resp = product_cache::read::handle_request(read, req)
+    let response = product_cache::read::handle_request(read, req)
         .await
         .unwrap();
-    assert_eq!(resp.headers()["content-type"], "application/json");
-    let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
-    let body = match resp.body() {
-        lambda_http::Body::Text(t) => serde_json::from_str(t).expect("body is JSON"),
-        other => panic!("unexpected body {other:?}"),
-    };
-    (resp.status().as_u16(), x_cache, body)
+    unpack(Answer::of(&response))
+}
+
+/// (status, X-Cache, JSON body), after checking that the body is JSON.
+fn unpack(answer: Answer) -> (u16, String, Value) {
+    assert_eq!(answer.content_type, "application/json");
+    let body = serde_json::from_str(&answer.body).expect("body is JSON");
+    (answer.status, answer.x_cache, body)
 }
 
 pub fn key_type_n() -> CacheSettings {

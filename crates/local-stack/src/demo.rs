@@ -5,9 +5,11 @@ use std::fmt::Write as _;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use product_cache::cache::RedisCache;
-use product_cache::config::{CacheSettings, InvalidationMode};
+use product_cache::config::{
+    CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
+};
 use product_cache::invalidate::Invalidator;
-use product_cache::read::{handle_request, ReadPath};
+use product_cache::read::{Answer, ReadPath};
 use product_cache::store::DynamoStore;
 
 use crate::services::{MotoServer, RedisServer};
@@ -49,21 +51,12 @@ impl Services {
     }
 }
 
-async fn get(read: &ReadPath<RedisCache, DynamoStore>, id: &str) -> Result<String, Error> {
-    let req = lambda_http::http::Request::builder()
-        .uri(format!("/products/{id}"))
-        .body(lambda_http::Body::Empty)?;
-    let resp = handle_request(read, req).await?;
-    let body = match resp.body() {
-        lambda_http::Body::Text(t) => t.clone(),
-        other => format!("{other:?}"),
-    };
-    Ok(format!(
+async fn get(read: &ReadPath<RedisCache, DynamoStore>, id: &str) -> String {
+    let answer = Answer::get(read, &format!("/products/{id}")).await;
+    format!(
         "{} X-Cache: {}  {}",
-        resp.status().as_u16(),
-        resp.headers()["x-cache"].to_str()?,
-        body
-    ))
+        answer.status, answer.x_cache, answer.body
+    )
 }
 
 /// Runs the walk-through and returns its transcript.
@@ -86,22 +79,15 @@ pub async fn run(mode: InvalidationMode) -> Result<String, Error> {
         .last()
         .and_then(|r| r["dynamodb"]["SequenceNumber"].as_str().map(str::to_owned));
 
-    let read = ReadPath::new(
-        RedisCache::new(&services.redis_url, settings.redis_timeout)?,
-        DynamoStore::new(
-            dynamodb.clone(),
-            table,
-            &settings.key_attribute,
-            settings.key_type,
-            true,
-        ),
-        settings.clone(),
-    );
-    let invalidator = Invalidator::new(
-        RedisCache::new(&services.redis_url, settings.redis_timeout)?,
+    let redis = RedisSettings::new(&services.redis_url);
+    let read = ReadSettings::new(redis.clone(), table, settings.clone());
+    let read = ReadPath::build(read, &sdk).await?;
+    let invalidator = InvalidatorSettings {
+        redis,
         mode,
-        settings,
-    );
+        cache: settings,
+    };
+    let invalidator = Invalidator::build(invalidator, &sdk).await?;
 
     let id = "kb-001";
     let put_price = |price: &'static str| {
@@ -144,17 +130,17 @@ pub async fn run(mode: InvalidationMode) -> Result<String, Error> {
     writeln!(out, "\n1. put {id} at 129.99, apply the stream")?;
     put_price("129.99").await?;
     apply_stream(&mut out).await?;
-    writeln!(out, "2. GET /products/{id}  -> {}", get(&read, id).await?)?;
-    writeln!(out, "3. GET /products/{id}  -> {}", get(&read, id).await?)?;
+    writeln!(out, "2. GET /products/{id}  -> {}", get(&read, id).await)?;
+    writeln!(out, "3. GET /products/{id}  -> {}", get(&read, id).await)?;
     writeln!(out, "4. change the price to 99.99 in the table")?;
     put_price("99.99").await?;
     writeln!(
         out,
         "5. GET before the stream is applied -> {}",
-        get(&read, id).await?
+        get(&read, id).await
     )?;
     writeln!(out, "6. apply the stream")?;
     apply_stream(&mut out).await?;
-    writeln!(out, "7. GET /products/{id}  -> {}", get(&read, id).await?)?;
+    writeln!(out, "7. GET /products/{id}  -> {}", get(&read, id).await)?;
     Ok(out)
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use local_stack::stack::{chain, Stack, StackOptions, StackState, StatusStyle};
-use product_cache::config::{CacheSettings, Env, InvalidationMode};
+use product_cache::config::{CacheSettings, Env, InvalidationMode, ReadSettings, RedisSettings};
 
 const DEFAULT_STATE_DIR: &str = "target/local-stack";
 
@@ -272,7 +272,8 @@ async fn warm(args: WarmArgs) -> Result<(), Error> {
         key_attribute: at.key_attribute,
         ..CacheSettings::from_source(&Env)?
     };
-    let client = dynamodb(&at.endpoint).await;
+    let sdk = local_stack::table::local_sdk_config(&at.endpoint).await;
+    let client = aws_sdk_dynamodb::Client::new(&sdk);
     let ids = match (&args.ids, args.first) {
         (Some(path), _) => local_stack::warm::ids_from_file(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?,
@@ -281,17 +282,8 @@ async fn warm(args: WarmArgs) -> Result<(), Error> {
         }
         (None, None) => unreachable!("clap requires --ids or --first"),
     };
-    let read = product_cache::read::ReadPath::new(
-        product_cache::cache::RedisCache::new(&at.redis_url, settings.redis_timeout)?,
-        product_cache::store::DynamoStore::new(
-            client,
-            &at.table,
-            &settings.key_attribute,
-            settings.key_type,
-            true,
-        ),
-        settings,
-    );
+    let read = ReadSettings::new(RedisSettings::new(&at.redis_url), &at.table, settings);
+    let read = product_cache::read::ReadPath::build(read, &sdk).await?;
     let progress = indicatif::ProgressBar::new(ids.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("warming {bar:40} {pos}/{len} ids ({per_sec})")
             .expect("a valid template"),

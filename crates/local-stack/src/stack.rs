@@ -14,12 +14,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use product_cache::cache::RedisCache;
-use product_cache::config::{CacheSettings, InvalidationMode};
+use product_cache::config::{
+    CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
+};
 use product_cache::id::KeyType;
 use product_cache::invalidate::Invalidator;
 use product_cache::read::ReadPath;
-use product_cache::store::DynamoStore;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -65,7 +65,7 @@ pub enum StackError {
     Redis {
         url: String,
         #[source]
-        source: product_cache::cache::CacheError,
+        source: product_cache::StartupError,
     },
     #[error("creating {path}")]
     OnFailureDir {
@@ -283,28 +283,24 @@ impl Stack {
                 })?;
             }
         }
-        let redis_cache = || {
-            RedisCache::new(&redis_url, settings.redis_timeout).map_err(|source| {
-                StackError::Redis {
-                    url: redis_url.clone(),
-                    source,
-                }
-            })
+        // Built the way the functions build themselves, so the stack runs what they run.
+        // Strongly consistent reads, as the read function is configured by default: an
+        // eventually consistent read could put the version the stream just replaced back.
+        let redis_error = |source| StackError::Redis {
+            url: redis_url.clone(),
+            source,
         };
-        let read = Arc::new(ReadPath::new(
-            redis_cache()?,
-            // Strongly consistent, as the read function is configured by default: an eventually
-            // consistent read could put the version the stream just replaced back in the cache.
-            DynamoStore::new(
-                dynamodb.clone(),
-                &options.table,
-                &settings.key_attribute,
-                settings.key_type,
-                true,
-            ),
-            settings.clone(),
-        ));
-        let invalidator = Invalidator::new(redis_cache()?, options.mode, settings.clone());
+        let redis_settings = RedisSettings::new(&redis_url);
+        let read = ReadSettings::new(redis_settings.clone(), &options.table, settings.clone());
+        let read = Arc::new(ReadPath::build(read, &sdk).await.map_err(redis_error)?);
+        let invalidator = InvalidatorSettings {
+            redis: redis_settings,
+            mode: options.mode,
+            cache: settings.clone(),
+        };
+        let invalidator = Invalidator::build(invalidator, &sdk)
+            .await
+            .map_err(redis_error)?;
 
         let (shutdown, _) = watch::channel(false);
         let (failures_tx, failures) = mpsc::unbounded_channel();

@@ -56,8 +56,9 @@ pub struct CacheSettings {
     /// How far DynamoDB's clock (stream record times) may run ahead of Redis's. A refresh from a
     /// record created less than this after the Redis instance started becomes a delete.
     pub clock_margin: Duration,
-    /// Test-only switches for the consistency guards; always on in the functions.
-    #[doc(hidden)]
+    /// Switches for the consistency guards, so tests can show what each one prevents. Only
+    /// with the `test-support` feature: in the functions they are always on.
+    #[cfg(feature = "test-support")]
     pub guards: crate::cache::Guards,
 }
 
@@ -74,8 +75,19 @@ impl Default for CacheSettings {
             lease_wait: Duration::from_millis(1000),
             version_attribute: None,
             clock_margin: Duration::from_secs(2),
+            #[cfg(feature = "test-support")]
             guards: crate::cache::Guards::default(),
         }
+    }
+}
+
+impl CacheSettings {
+    /// The guards in force: all of them, unless a test switched one off.
+    pub fn guards(&self) -> crate::cache::Guards {
+        #[cfg(feature = "test-support")]
+        return self.guards;
+        #[cfg(not(feature = "test-support"))]
+        crate::cache::Guards::default()
     }
 }
 
@@ -92,6 +104,15 @@ pub struct RedisSettings {
 }
 
 impl RedisSettings {
+    /// A single node at `url`, no AUTH token: the local stack and tests.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            cluster: false,
+            auth_secret_arn: None,
+        }
+    }
+
     pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
         Ok(Self {
             url: required(src, "REDIS_URL")?,
@@ -113,6 +134,18 @@ pub struct ReadSettings {
     /// and put it back into the cache.
     pub consistent_read: bool,
     pub cache: CacheSettings,
+}
+
+impl ReadSettings {
+    /// The defaults around what has none: strongly consistent reads of `table`, as the read function's defaults have it.
+    pub fn new(redis: RedisSettings, table_name: impl Into<String>, cache: CacheSettings) -> Self {
+        Self {
+            redis,
+            table_name: table_name.into(),
+            consistent_read: true,
+            cache,
+        }
+    }
 }
 
 /// Settings of the invalidator function.
@@ -184,36 +217,35 @@ where
     }
 }
 
-fn positive_secs(
-    src: &(impl Source + ?Sized),
-    name: &'static str,
-    default: u64,
-) -> Result<Duration, ConfigError> {
-    let secs: u64 = parsed(src, name, default)?;
-    if secs == 0 {
-        return Err(ConfigError::Invalid {
-            name,
-            value: "0".into(),
-            reason: "must be at least 1 (Redis rejects EX 0)".into(),
-        });
-    }
-    Ok(Duration::from_secs(secs))
+/// How a duration variable is written.
+#[derive(Clone, Copy)]
+enum Unit {
+    Secs,
+    Millis,
 }
 
-fn positive_millis(
+/// A duration variable in whole `unit`s, `default` when unset. `positive` rejects 0 (an `EX 0`
+/// or a zero timeout is never what was meant).
+fn duration(
     src: &(impl Source + ?Sized),
     name: &'static str,
-    default: u64,
+    default: Duration,
+    unit: Unit,
+    positive: bool,
 ) -> Result<Duration, ConfigError> {
-    let ms: u64 = parsed(src, name, default)?;
-    if ms == 0 {
+    let (default, of): (u64, fn(u64) -> Duration) = match unit {
+        Unit::Secs => (default.as_secs(), Duration::from_secs),
+        Unit::Millis => (default.as_millis() as u64, Duration::from_millis),
+    };
+    let n: u64 = parsed(src, name, default)?;
+    if positive && n == 0 {
         return Err(ConfigError::Invalid {
             name,
             value: "0".into(),
             reason: "must be at least 1".into(),
         });
     }
-    Ok(Duration::from_millis(ms))
+    Ok(of(n))
 }
 
 impl CacheSettings {
@@ -241,16 +273,24 @@ impl CacheSettings {
             key_prefix,
             key_attribute,
             key_type: parsed(src, "KEY_TYPE", d.key_type)?,
-            ttl: positive_secs(src, "CACHE_TTL_SECONDS", 3600)?,
-            negative_ttl: positive_secs(src, "NEGATIVE_TTL_SECONDS", 30)?,
-            redis_timeout: positive_millis(src, "REDIS_TIMEOUT_MS", 100)?,
-            lease: positive_millis(src, "LEASE_MS", 1000)?,
-            lease_wait: positive_millis(src, "LEASE_WAIT_MS", 1000)?,
+            ttl: duration(src, "CACHE_TTL_SECONDS", d.ttl, Unit::Secs, true)?,
+            negative_ttl: duration(
+                src,
+                "NEGATIVE_TTL_SECONDS",
+                d.negative_ttl,
+                Unit::Secs,
+                true,
+            )?,
+            redis_timeout: duration(src, "REDIS_TIMEOUT_MS", d.redis_timeout, Unit::Millis, true)?,
+            lease: duration(src, "LEASE_MS", d.lease, Unit::Millis, true)?,
+            lease_wait: duration(src, "LEASE_WAIT_MS", d.lease_wait, Unit::Millis, true)?,
             version_attribute: src
                 .get("VERSION_ATTRIBUTE")
-                .filter(|v| !v.trim().is_empty()),
-            clock_margin: Duration::from_millis(parsed(src, "CLOCK_MARGIN_MS", 2000)?),
-            guards: crate::cache::Guards::default(),
+                .filter(|v| !v.trim().is_empty())
+                .or(d.version_attribute),
+            clock_margin: duration(src, "CLOCK_MARGIN_MS", d.clock_margin, Unit::Millis, false)?,
+            #[cfg(feature = "test-support")]
+            guards: d.guards,
         })
     }
 }
@@ -261,11 +301,14 @@ impl ReadSettings {
     }
 
     pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        let d = Self::new(
+            RedisSettings::from_source(src)?,
+            required(src, "TABLE_NAME")?,
+            CacheSettings::from_source(src)?,
+        );
         Ok(Self {
-            redis: RedisSettings::from_source(src)?,
-            table_name: required(src, "TABLE_NAME")?,
-            consistent_read: parsed(src, "CONSISTENT_READ", true)?,
-            cache: CacheSettings::from_source(src)?,
+            consistent_read: parsed(src, "CONSISTENT_READ", d.consistent_read)?,
+            ..d
         })
     }
 }
@@ -305,7 +348,7 @@ mod tests {
         assert_eq!(s.cache.lease_wait, Duration::from_millis(1000));
         assert_eq!(s.cache.version_attribute, None);
         assert_eq!(s.cache.clock_margin, Duration::from_secs(2));
-        assert_eq!(s.cache.guards, crate::cache::Guards::default());
+        assert_eq!(s.cache.guards(), crate::cache::Guards::default());
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }

@@ -34,7 +34,8 @@ pub struct DynamoStore {
 }
 
 impl DynamoStore {
-    pub fn new(
+    /// Positional, so only [`DynamoStore::from_settings`] calls it.
+    pub(crate) fn new(
         client: aws_sdk_dynamodb::Client,
         table: impl Into<String>,
         key_attribute: impl Into<String>,
@@ -72,8 +73,8 @@ impl ProductStore for DynamoStore {
     }
 }
 
-/// A map-backed store for unit tests.
-#[doc(hidden)]
+/// A map-backed store for unit tests (feature `test-support`).
+#[cfg(any(test, feature = "test-support"))]
 pub mod memory {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

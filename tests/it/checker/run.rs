@@ -15,7 +15,7 @@ use product_cache::document::Document;
 use product_cache::id::{KeyType, ProductId};
 use product_cache::invalidate::Invalidator;
 use product_cache::read::{CacheStatus, Lookup, ReadPath};
-use product_cache::store::{DynamoStore, ProductStore};
+use product_cache::store::ProductStore;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
@@ -23,7 +23,9 @@ use super::faults::{FailingCache, SlowStore};
 use super::history::{
     ms, percentile, Ack, Clock, History, Nanos, Read, Seen, Tally, Write, WriteKind,
 };
-use crate::support::{init_logging, moto_endpoint, unique_table, Counting};
+use crate::support::{
+    dynamo_store, init_logging, moto_endpoint, redis_cache, unique_table, Counting,
+};
 
 /// What to run. [`Config::new`] has the defaults; `CHECKER_OPS`, `CHECKER_SEED` and
 /// `CHECKER_MAX_SECS` override the size, the seed and the time bound, and
@@ -270,11 +272,6 @@ pub async fn run(cfg: Config) -> Report {
         guards: cfg.guards,
         ..CacheSettings::default()
     };
-    let cache = || {
-        RedisCache::new(&redis_url, settings.redis_timeout)
-            .unwrap()
-            .with_guards(cfg.guards)
-    };
     let items: Vec<String> = (0..cfg.items).map(|i| format!("item-{i:02}")).collect();
     let (progress, progress_rx) = watch::channel(0);
     let (phase, _) = watch::channel(Phase::Running);
@@ -312,7 +309,11 @@ pub async fn run(cfg: Config) -> Report {
         shared: shared.clone(),
         stream: stream.clone(),
         iterator,
-        invalidator: Invalidator::new(FailingCache::new(cache()), cfg.mode, settings.clone()),
+        invalidator: Invalidator::new(
+            FailingCache::new(redis_cache(&redis_url, &settings).await),
+            cfg.mode,
+            settings.clone(),
+        ),
         rng: fastrand::Rng::with_seed(cfg.seed ^ 0xFEED),
         max_batch: cfg.max_batch,
         duplicate_probability: cfg.duplicate_probability,
@@ -356,7 +357,7 @@ pub async fn run(cfg: Config) -> Report {
     let slowed = Arc::new(AtomicU64::new(0));
     for r in 0..cfg.readers {
         let store = SlowStore {
-            inner: DynamoStore::new(dynamodb.clone(), &table, "productId", KeyType::S, true),
+            inner: dynamo_store(&sdk, &table, &settings),
             rng: std::sync::Mutex::new(fastrand::Rng::with_seed(
                 cfg.seed.wrapping_add(1000 + r as u64),
             )),
@@ -365,7 +366,11 @@ pub async fn run(cfg: Config) -> Report {
             reads: table_reads.clone(),
             slowed: slowed.clone(),
         };
-        let read_path = ReadPath::new(cache(), store, settings.clone());
+        let read_path = ReadPath::new(
+            redis_cache(&redis_url, &settings).await,
+            store,
+            settings.clone(),
+        );
         let rng = fastrand::Rng::with_seed(cfg.seed.wrapping_add(2000 + r as u64));
         readers.push(tokio::spawn(reader(shared.clone(), read_path, rng)));
     }
@@ -410,7 +415,7 @@ pub async fn run(cfg: Config) -> Report {
                     let outcome = herd(
                         &redis_url,
                         &herd_settings,
-                        &dynamodb,
+                        &sdk,
                         &table,
                         &format!("cold-{h}"),
                         cfg.herd_size,
@@ -483,7 +488,7 @@ pub async fn run(cfg: Config) -> Report {
         .get_multiplexed_async_connection()
         .await
         .expect("redis connection");
-    let store = DynamoStore::new(dynamodb.clone(), &table, "productId", KeyType::S, true);
+    let store = dynamo_store(&sdk, &table, &settings);
     let mut inv3 = Vec::new();
     if !feed.drained {
         inv3.push(format!(
@@ -529,7 +534,11 @@ pub async fn run(cfg: Config) -> Report {
     // Invariant 2: every record once more from TRIM_HORIZON changes no cached value.
     let before_at = clock.now();
     let before = snapshot(&mut conn).await;
-    let replay = Invalidator::new(cache(), cfg.mode, settings.clone());
+    let replay = Invalidator::new(
+        redis_cache(&redis_url, &settings).await,
+        cfg.mode,
+        settings.clone(),
+    );
     let mut seen = HashSet::new();
     let records: Vec<Value> = stream
         .read_available(&Position::TrimHorizon)
@@ -883,14 +892,12 @@ fn version_of(doc: &str) -> u32 {
 async fn herd(
     redis_url: &str,
     settings: &CacheSettings,
-    dynamodb: &aws_sdk_dynamodb::Client,
+    sdk: &aws_config::SdkConfig,
     table: &str,
     id: &str,
     n: usize,
 ) -> Option<String> {
-    let cache = RedisCache::new(redis_url, settings.redis_timeout)
-        .unwrap()
-        .with_guards(settings.guards);
+    let cache = redis_cache(redis_url, settings).await;
     // After a restart the client reconnects on first use: wait until Redis answers through it,
     // so no herd read bypasses the cache for lack of a connection.
     let waiting = std::time::Instant::now();
@@ -901,13 +908,7 @@ async fn herd(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let store = Counting::new(DynamoStore::new(
-        dynamodb.clone(),
-        table,
-        "productId",
-        KeyType::S,
-        true,
-    ));
+    let store = Counting::new(dynamo_store(sdk, table, settings));
     let read_path = Arc::new(ReadPath::new(cache, store, settings.clone()));
     let started = std::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();

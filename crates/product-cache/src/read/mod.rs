@@ -1,13 +1,13 @@
 //! The read path: cache-aside for `GET /products/{id}`.
 //!
-//! [`ReadPath::get`] holds the logic; [`handle_request`] is the HTTP edge (API Gateway HTTP API,
-//! payload v2, through `lambda_http`), used unchanged by the Lambda and by the local stack.
-
-use lambda_http::http::{header, Method, StatusCode};
-use lambda_http::{Body, Request, RequestExt as _, Response};
-use serde_json::json;
+//! [`ReadPath::get`] holds the logic; [`http`] is its HTTP edge (API Gateway HTTP API, payload
+//! v2, through `lambda_http`), used unchanged by the Lambda and by the local stack.
 
 use std::time::Duration;
+
+pub mod http;
+
+pub use http::{handle_request, Answer};
 
 use crate::cache::{Cache, Fill, Order, Probe, NOT_FOUND};
 use crate::config::CacheSettings;
@@ -177,95 +177,6 @@ fn lookup_of(cached: String) -> Lookup {
     }
 }
 
-/// The HTTP edge: routes `GET /products/{id}` and turns every outcome into a JSON response with
-/// an `X-Cache` header. Never fails: every error becomes a response.
-pub async fn handle_request<C: Cache, S: ProductStore>(
-    read: &ReadPath<C, S>,
-    req: Request,
-) -> Result<Response<Body>, std::convert::Infallible> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            CacheStatus::Bypass,
-            "method_not_allowed",
-            "only GET is supported",
-        ));
-    }
-    let Some(raw_id) = product_id_of(&req) else {
-        return Ok(error(
-            StatusCode::NOT_FOUND,
-            CacheStatus::Bypass,
-            "no_route",
-            "expected GET /products/{id}",
-        ));
-    };
-    let (status, result) = read.get(&raw_id).await;
-    Ok(match result {
-        Ok(Lookup::Found(doc)) => response(StatusCode::OK, status, doc.into_string()),
-        Ok(Lookup::NotFound) => error(
-            StatusCode::NOT_FOUND,
-            status,
-            "not_found",
-            "no product with this id",
-        ),
-        Err(ReadError::InvalidId(e)) => error(
-            StatusCode::BAD_REQUEST,
-            status,
-            "invalid_id",
-            &e.to_string(),
-        ),
-        Err(e @ ReadError::Store(_)) => {
-            tracing::error!(error = ?e, "answering 503");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                status,
-                "unavailable",
-                "the product catalog is temporarily unavailable; retry shortly",
-            )
-        }
-        Err(e @ ReadError::Document(_)) => {
-            tracing::error!(error = ?e, "answering 500");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                status,
-                "internal",
-                "the product could not be encoded",
-            )
-        }
-    })
-}
-
-/// The `{id}` of `/products/{id}`: API Gateway's path parameter when the route declared it, else
-/// the last segment of the raw path (a `$default` route, or the local HTTP server).
-fn product_id_of(req: &Request) -> Option<String> {
-    if let Some(id) = req.path_parameters().first("id") {
-        return Some(id.to_owned());
-    }
-    let rest = req.uri().path().strip_prefix("/products/")?;
-    if rest.contains('/') {
-        return None;
-    }
-    Some(
-        percent_encoding::percent_decode_str(rest)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
-}
-
-fn error(code: StatusCode, status: CacheStatus, kind: &str, message: &str) -> Response<Body> {
-    let body = json!({ "error": kind, "message": message }).to_string();
-    response(code, status, body)
-}
-
-fn response(code: StatusCode, status: CacheStatus, body: String) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header("x-cache", status.as_str())
-        .body(Body::Text(body))
-        .expect("static headers are valid")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,7 +185,7 @@ mod tests {
     use serde_dynamo::AttributeValue;
     use std::sync::atomic::Ordering;
 
-    fn read_path() -> ReadPath<MemoryCache, MemoryStore> {
+    pub(super) fn read_path() -> ReadPath<MemoryCache, MemoryStore> {
         let store = MemoryStore::default();
         store.items.lock().unwrap().insert(
             "kb-001".into(),
@@ -384,60 +295,5 @@ mod tests {
             Lookup::Found(Document::from_cached(r#"{"filled":true}"#.into()))
         );
         assert_eq!(rp.store.reads.load(Ordering::SeqCst), 0);
-    }
-
-    async fn call(
-        rp: &ReadPath<MemoryCache, MemoryStore>,
-        method: &str,
-        uri: &str,
-    ) -> (u16, String, serde_json::Value) {
-        let req = lambda_http::http::Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Body::Empty)
-            .unwrap();
-        let resp = handle_request(rp, req).await.unwrap();
-        assert_eq!(resp.headers()["content-type"], "application/json");
-        let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
-        let body = match resp.body() {
-            Body::Text(t) => serde_json::from_str(t).unwrap(),
-            other => panic!("unexpected body {other:?}"),
-        };
-        (resp.status().as_u16(), x_cache, body)
-    }
-
-    #[tokio::test]
-    async fn http_edge_maps_every_outcome_to_json() {
-        let rp = read_path();
-        let (code, xc, body) = call(&rp, "GET", "/products/kb-001").await;
-        assert_eq!(
-            (code, xc.as_str(), &body["price"]),
-            (200, "miss", &serde_json::json!(129.99))
-        );
-        assert_eq!(call(&rp, "GET", "/products/kb-001").await.1, "hit");
-        let (code, _, body) = call(&rp, "GET", "/products/missing").await;
-        assert_eq!((code, body["error"].as_str()), (404, Some("not_found")));
-        let (code, xc, body) = call(&rp, "GET", "/products/%7Bkb%7D").await;
-        assert_eq!(
-            (code, xc.as_str(), body["error"].as_str()),
-            (400, "bypass", Some("invalid_id"))
-        );
-        let (code, _, _) = call(&rp, "GET", "/products/").await;
-        assert_eq!(code, 400);
-        let (code, _, body) = call(&rp, "GET", "/elsewhere").await;
-        assert_eq!((code, body["error"].as_str()), (404, Some("no_route")));
-        let (code, _, _) = call(&rp, "POST", "/products/kb-001").await;
-        assert_eq!(code, 405);
-
-        rp.store.fail.store(true, Ordering::SeqCst);
-        let (code, xc, body) = call(&rp, "GET", "/products/other").await;
-        assert_eq!(
-            (code, xc.as_str(), body["error"].as_str()),
-            (503, "miss", Some("unavailable"))
-        );
-        assert!(
-            !body.to_string().contains("injected"),
-            "internals leaked: {body}"
-        );
     }
 }

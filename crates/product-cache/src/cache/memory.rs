@@ -1,0 +1,99 @@
+//! An in-memory [`Cache`] for unit tests (feature `test-support`): the same semantics as the
+//! scripts, no TTLs, optional failure injection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{Cache, CacheError, CacheOp, Fill, OpKind, Order, Probe};
+
+#[derive(Default)]
+pub struct MemoryCache {
+    // A std Mutex: it is never held across an await.
+    pub entries: Mutex<HashMap<String, (String, Duration)>>,
+    pub leases: Mutex<HashMap<String, String>>,
+    pub versions: Mutex<HashMap<String, Order>>,
+    pub fail: AtomicBool,
+    pub calls: AtomicUsize,
+}
+
+impl MemoryCache {
+    fn enter(&self) -> Result<(), CacheError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            Err(CacheError::Timeout(Duration::ZERO))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.entries.lock().unwrap().get(key).map(|e| e.0.clone())
+    }
+}
+
+fn newer(a: &Order, b: &Order) -> bool {
+    a > b
+}
+
+impl Cache for MemoryCache {
+    async fn probe(&self, key: &str, token: &str, _: Duration) -> Result<Probe, CacheError> {
+        self.enter()?;
+        if let Some(v) = self.value(key) {
+            return Ok(Probe::Hit(v));
+        }
+        let mut leases = self.leases.lock().unwrap();
+        if leases.contains_key(key) {
+            return Ok(Probe::Wait);
+        }
+        leases.insert(key.to_owned(), token.to_owned());
+        Ok(Probe::Lease)
+    }
+
+    async fn fill(&self, f: Fill<'_>) -> Result<bool, CacheError> {
+        self.enter()?;
+        let mut leases = self.leases.lock().unwrap();
+        if leases.get(f.key).map(String::as_str) != Some(f.token) {
+            return Ok(false);
+        }
+        if let Some(order) = f.order {
+            let mut versions = self.versions.lock().unwrap();
+            if versions.get(f.key).is_some_and(|cur| newer(cur, order)) {
+                return Ok(false);
+            }
+            versions.insert(f.key.to_owned(), order.clone());
+        }
+        leases.remove(f.key);
+        self.entries
+            .lock()
+            .unwrap()
+            .insert(f.key.to_owned(), (f.value.to_owned(), f.ttl));
+        Ok(true)
+    }
+
+    async fn apply(&self, ops: &[CacheOp]) -> Result<(), CacheError> {
+        self.enter()?;
+        let mut entries = self.entries.lock().unwrap();
+        let mut versions = self.versions.lock().unwrap();
+        for op in ops {
+            // An in-memory cache never restarts: every record is newer than it.
+            if let Some(order) = &op.order {
+                if versions.get(&op.key).is_some_and(|cur| !newer(order, cur)) {
+                    continue;
+                }
+                versions.insert(op.key.clone(), order.clone());
+            }
+            self.leases.lock().unwrap().remove(&op.key);
+            match &op.kind {
+                OpKind::Delete => {
+                    entries.remove(&op.key);
+                }
+                OpKind::Set { value, ttl } => {
+                    entries.insert(op.key.clone(), (value.clone(), *ttl));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+//! The Redis side: lease-guarded reads and fills, ordered invalidations in pipelined batches, each
+//! bounded by a timeout so that a slow or absent Redis costs a request milliseconds, never its
+//! answer.
+//!
+//! # Keys of one product
+//! - `product:42`: the plain JSON document (or `null` for "not found"), what any reader sees.
+//! - `{product:42}:lease`: the token of the one reader allowed to fill the key (Facebook
+//!   memcache's leases). Any invalidation deletes it, so a fill that raced an invalidation fails.
+//! - `{product:42}:ver`: the newest [`Order`] applied to the key. An older or repeated record is
+//!   refused, and after a REMOVE it is the tombstone that keeps an older refresh out.
+//!
+//! The braces make the side keys hash like `product:42` itself, so each script touches a single
+//! Redis Cluster slot.
+//!
+//! # Layout
+//! - this file: the values that cross the [`Cache`] trait, and the key names.
+//! - `redis.rs`: [`RedisCache`], the trait over a single node or a cluster, with timeouts.
+//! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering
+//!   atomic.
+//! - `memory.rs` (feature `test-support`): an in-memory [`Cache`] with the scripts' semantics.
+
+use std::future::Future;
+use std::time::Duration;
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod memory;
+mod redis;
+mod scripts;
+
+pub use self::redis::RedisCache;
+
+/// The value cached under a product's key when the table has no such item. A JSON document is
+/// always an object, so `null` cannot be mistaken for one, and a foreign reader doing
+/// `JSON.parse` gets `null`, which every such reader already treats as "no product".
+pub const NOT_FOUND: &str = "null";
+
+/// A position in an item's history: a stream `SequenceNumber`, or the item's version attribute.
+/// `major` is a non-negative integer in decimal without leading zeros (compared by length, then
+/// digit by digit, so 40-digit sequence numbers compare exactly); `minor` orders a REMOVE after
+/// the write that carried the same version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    major: String,
+    minor: u8,
+}
+
+impl Ord for Order {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.major.len(), &self.major, self.minor).cmp(&(
+            other.major.len(),
+            &other.major,
+            other.minor,
+        ))
+    }
+}
+
+impl PartialOrd for Order {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Order {
+    /// `None` unless `major` is a plain non-negative integer.
+    pub fn new(major: &str, minor: u8) -> Option<Self> {
+        let canonical = !major.is_empty()
+            && major.bytes().all(|b| b.is_ascii_digit())
+            && (major == "0" || !major.starts_with('0'));
+        canonical.then(|| Self {
+            major: major.to_owned(),
+            minor,
+        })
+    }
+
+    fn encode(&self) -> String {
+        format!("{}:{}", self.major, self.minor)
+    }
+}
+
+/// One change to the cache, produced by the invalidator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheOp {
+    pub key: String,
+    pub kind: OpKind,
+    /// Applied only if newer than what the key has seen; `None` applies unconditionally (only
+    /// ever a delete, which is always safe).
+    pub order: Option<Order>,
+    /// When the change was made (epoch milliseconds), less the allowed clock difference
+    /// between DynamoDB and Redis. A write older than the Redis instance becomes a delete.
+    pub created_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpKind {
+    Delete,
+    Set { value: String, ttl: Duration },
+}
+
+impl CacheOp {
+    /// An unordered delete.
+    pub fn delete(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            kind: OpKind::Delete,
+            order: None,
+            created_ms: None,
+        }
+    }
+}
+
+/// What a lease-taking read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The cached value.
+    Hit(String),
+    /// Not cached, and this reader now holds the lease: it should read the table and fill.
+    Lease,
+    /// Not cached, and another reader holds the lease: wait for its fill.
+    Wait,
+}
+
+/// The guards this crate exists for. Always on in production, where nothing can switch them
+/// off: only with the `test-support` feature do [`CacheSettings`](crate::config::CacheSettings)
+/// carry them, so tests can show that the consistency checks notice when one is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guards {
+    /// Fills must hold the key's lease; invalidations cancel leases; one filler per key.
+    pub leases: bool,
+    /// Invalidations and versioned fills never replace newer state with older.
+    pub ordering: bool,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Self {
+            leases: true,
+            ordering: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis error")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("unexpected reply from redis: {0}")]
+    Unexpected(String),
+}
+
+/// A fill request: the value for `key`, allowed only while `token` holds the lease.
+#[derive(Debug, Clone, Copy)]
+pub struct Fill<'a> {
+    pub key: &'a str,
+    pub token: &'a str,
+    pub value: &'a str,
+    pub ttl: Duration,
+    /// The item's version, when a version attribute is configured: a fill older than what the
+    /// key has seen is refused.
+    pub order: Option<&'a Order>,
+}
+
+/// What the read path and the invalidator need from a cache. A trait so the logic can be unit
+/// tested against an in-memory map and so tests can count or fail calls to a real Redis.
+pub trait Cache: Send + Sync {
+    /// The cached value, or the lease on a miss.
+    fn probe(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Probe, CacheError>> + Send;
+    /// Writes a value if the lease is still held; `Ok(false)` when refused.
+    fn fill(&self, fill: Fill<'_>) -> impl Future<Output = Result<bool, CacheError>> + Send;
+    /// Applies `ops` in order, in one round trip.
+    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), CacheError>> + Send;
+}
+
+/// How long `{key}:ver` lives: past the stream's 24-hour retention, so no record still
+/// deliverable can be older than a forgotten version.
+pub const VERSION_TTL: Duration = Duration::from_secs(25 * 3600);
+
+/// The lease key of a cache key.
+pub fn lease_key(key: &str) -> String {
+    format!("{{{key}}}:lease")
+}
+
+/// The version key of a cache key.
+pub fn version_key(key: &str) -> String {
+    format!("{{{key}}}:ver")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_compare_numerically_then_by_minor() {
+        let o = |m: &str, n| Order::new(m, n).unwrap();
+        assert!(o("10", 0) > o("9", 0));
+        assert!(o("111000000000000000002", 0) > o("111000000000000000001", 0));
+        assert!(o("5", 1) > o("5", 0));
+        assert_eq!(o("5", 0), o("5", 0));
+        for bad in ["", "-1", "01", "1.5", "1e3", "x"] {
+            assert_eq!(Order::new(bad, 0), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn side_keys_share_the_items_hash_slot() {
+        assert_eq!(lease_key("product:42"), "{product:42}:lease");
+        assert_eq!(version_key("product:42"), "{product:42}:ver");
+    }
+}

@@ -1,0 +1,9 @@
+-- The read path's probe: the cached value, or the key's lease on a miss, atomically.
+-- KEYS: key, lease. ARGV: token, lease ms, use leases (1/0).
+-- Returns {1, value} on a hit, {2, nil} when this reader took the lease, {3, nil} when
+-- another reader holds it.
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+if ARGV[3] == '0' then return {2, false} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, false} end
+return {3, false}

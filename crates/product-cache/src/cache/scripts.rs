@@ -1,0 +1,28 @@
+//! The Lua scripts, loaded from the `.lua` files beside this one so they read (and diff) as Lua.
+//!
+//! Each runs atomically on the node that owns the item's slot: that atomicity is what lets a
+//! lease be checked and a value written as one step, or a position compared and recorded as one.
+
+use std::sync::OnceLock;
+
+/// `newer(a, b)`, shared by the scripts that compare positions.
+const NEWER: &str = include_str!("newer.lua");
+const PROBE: &str = include_str!("probe.lua");
+const FILL: &str = include_str!("fill.lua");
+const APPLY: &str = include_str!("apply.lua");
+
+pub(super) struct Scripts {
+    pub probe: redis::Script,
+    pub fill: redis::Script,
+    pub apply: redis::Script,
+}
+
+/// Built once per process: a `Script` hashes its source, and the hash is what EVALSHA sends.
+pub(super) fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        probe: redis::Script::new(PROBE),
+        fill: redis::Script::new(&format!("{NEWER}{FILL}")),
+        apply: redis::Script::new(&format!("{NEWER}{APPLY}")),
+    })
+}

@@ -1,0 +1,207 @@
+//! The read path's HTTP edge: routes `GET /products/{id}`, turns every outcome into a JSON
+//! response with an `X-Cache` header, and takes such a response apart again for the callers that
+//! print or check it (the command-line tool's demo, the tests).
+
+use lambda_http::http::{header, Method, StatusCode};
+use lambda_http::{Body, Request, RequestExt as _, Response};
+use serde_json::json;
+
+use super::{CacheStatus, Lookup, ReadError, ReadPath};
+use crate::cache::Cache;
+use crate::store::ProductStore;
+
+/// The HTTP edge: routes `GET /products/{id}` and turns every outcome into a JSON response with
+/// an `X-Cache` header. Never fails: every error becomes a response.
+pub async fn handle_request<C: Cache, S: ProductStore>(
+    read: &ReadPath<C, S>,
+    req: Request,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            CacheStatus::Bypass,
+            "method_not_allowed",
+            "only GET is supported",
+        ));
+    }
+    let Some(raw_id) = product_id_of(&req) else {
+        return Ok(error(
+            StatusCode::NOT_FOUND,
+            CacheStatus::Bypass,
+            "no_route",
+            "expected GET /products/{id}",
+        ));
+    };
+    let (status, result) = read.get(&raw_id).await;
+    Ok(match result {
+        Ok(Lookup::Found(doc)) => response(StatusCode::OK, status, doc.into_string()),
+        Ok(Lookup::NotFound) => error(
+            StatusCode::NOT_FOUND,
+            status,
+            "not_found",
+            "no product with this id",
+        ),
+        Err(ReadError::InvalidId(e)) => error(
+            StatusCode::BAD_REQUEST,
+            status,
+            "invalid_id",
+            &e.to_string(),
+        ),
+        Err(e @ ReadError::Store(_)) => {
+            tracing::error!(error = ?e, "answering 503");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status,
+                "unavailable",
+                "the product catalog is temporarily unavailable; retry shortly",
+            )
+        }
+        Err(e @ ReadError::Document(_)) => {
+            tracing::error!(error = ?e, "answering 500");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                status,
+                "internal",
+                "the product could not be encoded",
+            )
+        }
+    })
+}
+
+/// The `{id}` of `/products/{id}`: API Gateway's path parameter when the route declared it, else
+/// the last segment of the raw path (a `$default` route, or the local HTTP server).
+fn product_id_of(req: &Request) -> Option<String> {
+    if let Some(id) = req.path_parameters().first("id") {
+        return Some(id.to_owned());
+    }
+    let rest = req.uri().path().strip_prefix("/products/")?;
+    if rest.contains('/') {
+        return None;
+    }
+    Some(
+        percent_encoding::percent_decode_str(rest)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+fn error(code: StatusCode, status: CacheStatus, kind: &str, message: &str) -> Response<Body> {
+    let body = json!({ "error": kind, "message": message }).to_string();
+    response(code, status, body)
+}
+
+fn response(code: StatusCode, status: CacheStatus, body: String) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-cache", status.as_str())
+        .body(Body::Text(body))
+        .expect("static headers are valid")
+}
+
+/// A response of [`handle_request`] taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    /// The `X-Cache` header: `hit`, `miss` or `bypass`.
+    pub x_cache: String,
+    pub content_type: String,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn of(response: &Response<Body>) -> Self {
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let body = match response.body() {
+            Body::Text(t) => t.clone(),
+            Body::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        Self {
+            status: response.status().as_u16(),
+            x_cache: header("x-cache"),
+            content_type: header("content-type"),
+            body,
+        }
+    }
+
+    /// `GET path` through [`handle_request`], as API Gateway would pass it on.
+    pub async fn get<C: Cache, S: ProductStore>(read: &ReadPath<C, S>, path: &str) -> Self {
+        let request = lambda_http::http::Request::builder()
+            .uri(path)
+            .body(Body::Empty)
+            .expect("a path is a valid URI");
+        Self::of(
+            &handle_request(read, request)
+                .await
+                .unwrap_or_else(|n| match n {}),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::memory::MemoryCache;
+    use crate::read::tests::read_path;
+    use crate::store::memory::MemoryStore;
+    use std::sync::atomic::Ordering;
+
+    async fn call(
+        rp: &ReadPath<MemoryCache, MemoryStore>,
+        method: &str,
+        uri: &str,
+    ) -> (u16, String, serde_json::Value) {
+        let req = lambda_http::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::Empty)
+            .unwrap();
+        let answer = Answer::of(&handle_request(rp, req).await.unwrap());
+        assert_eq!(answer.content_type, "application/json");
+        let body = serde_json::from_str(&answer.body).unwrap();
+        (answer.status, answer.x_cache, body)
+    }
+
+    #[tokio::test]
+    async fn http_edge_maps_every_outcome_to_json() {
+        let rp = read_path();
+        let (code, xc, body) = call(&rp, "GET", "/products/kb-001").await;
+        assert_eq!(
+            (code, xc.as_str(), &body["price"]),
+            (200, "miss", &serde_json::json!(129.99))
+        );
+        assert_eq!(call(&rp, "GET", "/products/kb-001").await.1, "hit");
+        let (code, _, body) = call(&rp, "GET", "/products/missing").await;
+        assert_eq!((code, body["error"].as_str()), (404, Some("not_found")));
+        let (code, xc, body) = call(&rp, "GET", "/products/%7Bkb%7D").await;
+        assert_eq!(
+            (code, xc.as_str(), body["error"].as_str()),
+            (400, "bypass", Some("invalid_id"))
+        );
+        let (code, _, _) = call(&rp, "GET", "/products/").await;
+        assert_eq!(code, 400);
+        let (code, _, body) = call(&rp, "GET", "/elsewhere").await;
+        assert_eq!((code, body["error"].as_str()), (404, Some("no_route")));
+        let (code, _, _) = call(&rp, "POST", "/products/kb-001").await;
+        assert_eq!(code, 405);
+
+        rp.store.fail.store(true, Ordering::SeqCst);
+        let (code, xc, body) = call(&rp, "GET", "/products/other").await;
+        assert_eq!(
+            (code, xc.as_str(), body["error"].as_str()),
+            (503, "miss", Some("unavailable"))
+        );
+        assert!(
+            !body.to_string().contains("injected"),
+            "internals leaked: {body}"
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! Building the functions' state from settings: the one place clients are made.
+//!
+//! The Lambda binaries, the command-line tool and the tests all build the system through these
+//! functions, so what the tests run is wired the way the functions are (zero2prod's
+//! `Application::build`). Clients are built once per process, outside any handler.
+
+use aws_config::SdkConfig;
+
+use crate::cache::RedisCache;
+use crate::config::{CacheSettings, InvalidatorSettings, ReadSettings, RedisSettings};
+use crate::invalidate::Invalidator;
+use crate::read::ReadPath;
+use crate::store::DynamoStore;
+use crate::{config, secrets};
+
+/// Why a function could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
+    #[error("invalid Redis configuration")]
+    Cache(#[from] crate::cache::CacheError),
+}
+
+impl RedisCache {
+    /// The cache the settings describe: single node or cluster, with the AUTH token from Secrets
+    /// Manager when one is configured. Connects lazily, so a down cache does not stop a cold
+    /// start.
+    pub async fn from_settings(
+        redis: &RedisSettings,
+        cache: &CacheSettings,
+        sdk: &SdkConfig,
+    ) -> Result<Self, StartupError> {
+        let url = match &redis.auth_secret_arn {
+            Some(arn) => {
+                let client = aws_sdk_secretsmanager::Client::new(sdk);
+                let token = secrets::fetch_token(&client, arn).await?;
+                secrets::with_password(&redis.url, &token)?
+            }
+            None => redis.url.clone(),
+        };
+        let (timeout, guards) = (cache.redis_timeout, cache.guards());
+        Ok(if redis.cluster {
+            RedisCache::cluster(&url, timeout, guards)?
+        } else {
+            RedisCache::single(&url, timeout, guards)?
+        })
+    }
+}
+
+impl DynamoStore {
+    /// The table the read settings name, keyed and read the way they say.
+    pub fn from_settings(settings: &ReadSettings, sdk: &SdkConfig) -> Self {
+        DynamoStore::new(
+            aws_sdk_dynamodb::Client::new(sdk),
+            &settings.table_name,
+            &settings.cache.key_attribute,
+            settings.cache.key_type,
+            settings.consistent_read,
+        )
+    }
+}
+
+impl ReadPath<RedisCache, DynamoStore> {
+    /// The read function's handler state.
+    pub async fn build(settings: ReadSettings, sdk: &SdkConfig) -> Result<Self, StartupError> {
+        let cache = RedisCache::from_settings(&settings.redis, &settings.cache, sdk).await?;
+        let store = DynamoStore::from_settings(&settings, sdk);
+        Ok(ReadPath::new(cache, store, settings.cache))
+    }
+}
+
+impl Invalidator<RedisCache> {
+    /// The invalidator function's handler state.
+    pub async fn build(
+        settings: InvalidatorSettings,
+        sdk: &SdkConfig,
+    ) -> Result<Self, StartupError> {
+        let cache = RedisCache::from_settings(&settings.redis, &settings.cache, sdk).await?;
+        Ok(Invalidator::new(cache, settings.mode, settings.cache))
+    }
+}
+
+/// The read function's handler state, from the environment.
+pub async fn read_path_from_env() -> Result<ReadPath<RedisCache, DynamoStore>, StartupError> {
+    let settings = ReadSettings::from_env()?;
+    ReadPath::build(settings, &sdk_config().await).await
+}
+
+/// The invalidator function's handler state, from the environment.
+pub async fn invalidator_from_env() -> Result<Invalidator<RedisCache>, StartupError> {
+    let settings = InvalidatorSettings::from_env()?;
+    Invalidator::build(settings, &sdk_config().await).await
+}
+
+/// Logs a start-up failure and turns it into the runtime's error. The message names the
+/// variable or secret at fault; the Debug form `main` would otherwise print reads badly in
+/// CloudWatch.
+pub fn startup_failed(e: StartupError) -> Box<dyn std::error::Error + Send + Sync> {
+    tracing::error!("{e}");
+    e.to_string().into()
+}
+
+/// Loads the AWS SDK configuration from the environment (region, credentials and endpoint
+/// overrides such as `AWS_ENDPOINT_URL_DYNAMODB`).
+pub async fn sdk_config() -> SdkConfig {
+    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+}
