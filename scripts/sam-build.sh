@@ -8,23 +8,15 @@
 # of every CI run (see infra/README.md). Extra arguments go to `sam build`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-repo="$PWD"
+# shellcheck source-path=SCRIPTDIR/..
+. scripts/lib.sh sam-build
 start=$SECONDS
-
-log() { echo "sam-build: $*" >&2; }
 
 scripts/check-infra.sh --setup-only
 
-# cargo-lambda (and the zig it links with) next to the SAM CLI that calls it; reinstalled when
-# the pin in infra/requirements-build.txt changes.
-req="$repo/infra/requirements-build.txt"
-stamp="$repo/.venv-sam/.build-requirements.sha256"
-want="$(sha256sum "$req" | cut -d' ' -f1)"
-if [ ! -x .venv-sam/bin/cargo-lambda ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    log "installing ${req#"$repo"/} into .venv-sam/"
-    .venv-sam/bin/python -m pip install -q --disable-pip-version-check -r "$req"
-    echo "$want" >"$stamp"
-fi
+# cargo-lambda (and the zig it links with) next to the SAM CLI that calls it, but not part of
+# .venv-sam's own requirements: check-infra.sh, which CI runs, has no use for zig's download.
+ensure_venv --extra build "$repo/.venv-sam" -r "$repo/infra/requirements-build.txt"
 
 target=aarch64-unknown-linux-gnu
 if ! rustup target list --installed | grep -qx "$target"; then
