@@ -47,14 +47,22 @@
 //! `CHECKER_MAX_SECS` bounds the run (default 90 s, or 1 s per 2,000 operations), and
 //! `CHECKER_READS_PER_WRITE` sets the readers' pace (default 4).
 
+mod actors;
+mod chaos;
+mod config;
 mod faults;
+mod feeder;
 mod history;
+mod invariants;
+mod report;
 mod run;
+mod system;
 
 use product_cache::cache::Guards;
 use product_cache::config::InvalidationMode::{Delete, Refresh};
 
-use run::{run, Config};
+use config::Config;
+use run::run;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_violations_in_delete_mode() {

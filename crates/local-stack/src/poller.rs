@@ -488,7 +488,9 @@ fn seq_of(record: &Value) -> Option<&str> {
 
 /// The index of the first record to retry, per the partial batch response contract: the lowest
 /// reported sequence number; an empty, missing or unknown identifier fails the whole batch.
-fn first_failure(records: &[Value], response: &Value) -> Option<usize> {
+/// `None` acknowledges the whole batch. Public so the consistency checker's feeder, which plays
+/// the mapping with injected faults, acknowledges by this same rule.
+pub fn first_failure(records: &[Value], response: &Value) -> Option<usize> {
     let failures = response.get("batchItemFailures")?.as_array()?;
     let mut first: Option<usize> = None;
     for failure in failures {

@@ -1,0 +1,306 @@
+//! The actors that drive a run: writers that own the items, readers on the real read path, and
+//! what they share (the operation budget, the phase, which Redis generation is up).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use aws_sdk_dynamodb::types::AttributeValue as Av;
+use product_cache::cache::RedisCache;
+use product_cache::read::{Lookup, ReadPath};
+use product_cache::store::ProductStore;
+use serde_json::Value;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::config::Config;
+use super::faults::SlowStore;
+use super::history::{Clock, Nanos, Read, Seen, Write, WriteKind};
+use super::system::Sut;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Writers have stopped; the feeder drains the stream, readers keep reading.
+    Draining,
+    Done,
+}
+
+/// The operation budget, shared by readers and writers, and the pace of the readers.
+pub struct Budget {
+    issued: AtomicU64,
+    total: u64,
+    pub writes: AtomicU64,
+    pub reads: AtomicU64,
+    reads_per_write: u64,
+    /// Signalled after every write, and when the writers stop.
+    pub written: Notify,
+    deadline: Nanos,
+    clock: Clock,
+    /// Percent of the budget used, for the chaos schedule.
+    progress: watch::Sender<u64>,
+}
+
+impl Budget {
+    pub fn take(&self) -> bool {
+        let n = self.issued.fetch_add(1, Ordering::Relaxed);
+        let pct = if n >= self.total || self.clock.now() > self.deadline {
+            100
+        } else {
+            (n + 1) * 100 / self.total
+        };
+        self.progress.send_if_modified(|p| {
+            let newer = pct > *p;
+            if newer {
+                *p = pct;
+            }
+            newer
+        });
+        pct < 100
+    }
+
+    /// Readers keep to `reads_per_write` reads per write while the writers run (plus a slack of
+    /// a few reads per item), so a run's operations are a mix of both whatever the speeds.
+    pub async fn pace_reader(&self, phase: &watch::Receiver<Phase>, items: u64) {
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            let allowed = self.reads_per_write * (self.writes.load(Ordering::Relaxed) + 4 * items);
+            if self.reads.load(Ordering::Relaxed) < allowed || *phase.borrow() != Phase::Running {
+                break;
+            }
+            written.await;
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Which Redis is up: `begun` counts restarts started, `done` restarts finished. A batch applied
+/// while both equal `g` lives in generation `g` of the data.
+#[derive(Default)]
+pub struct Generation {
+    pub begun: AtomicU64,
+    pub done: AtomicU64,
+}
+
+impl Generation {
+    /// The generation now, or `None` while a restart is under way.
+    pub fn current(&self) -> Option<u64> {
+        let done = self.done.load(Ordering::SeqCst);
+        (self.begun.load(Ordering::SeqCst) == done).then_some(done)
+    }
+}
+
+/// What every actor shares.
+pub struct Shared {
+    pub generation: Generation,
+    /// Records acknowledged so far, for progress lines.
+    pub acked: AtomicU64,
+    pub clock: Clock,
+    pub budget: Budget,
+    pub phase: watch::Sender<Phase>,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub table: String,
+    pub items: Vec<String>,
+}
+
+impl Shared {
+    /// `progress` gets the percent of the budget used.
+    pub fn new(cfg: &Config, clock: Clock, progress: watch::Sender<u64>, sut: &Sut) -> Self {
+        let (phase, _) = watch::channel(Phase::Running);
+        Self {
+            generation: Generation::default(),
+            acked: AtomicU64::new(0),
+            clock,
+            budget: Budget {
+                issued: AtomicU64::new(0),
+                total: cfg.ops.max(1),
+                writes: AtomicU64::new(0),
+                reads: AtomicU64::new(0),
+                reads_per_write: cfg.reads_per_write,
+                written: Notify::new(),
+                deadline: clock.now() + cfg.max_duration.as_nanos() as Nanos,
+                clock,
+                progress,
+            },
+            phase,
+            dynamodb: sut.dynamodb.clone(),
+            table: sut.table.clone(),
+            items: (0..cfg.items).map(|i| format!("item-{i:02}")).collect(),
+        }
+    }
+}
+
+/// One writer per share of the items (item `i` goes to writer `i % writers`).
+pub fn spawn_writers(cfg: &Config, shared: &Arc<Shared>) -> Vec<JoinHandle<Vec<Write>>> {
+    let mut writers = Vec::new();
+    for w in 0..cfg.writers {
+        let owned: Vec<u16> = (0..cfg.items)
+            .filter(|i| i % cfg.writers == w)
+            .map(|i| i as u16)
+            .collect();
+        let rng = fastrand::Rng::with_seed(cfg.seed.wrapping_add(1 + w as u64));
+        writers.push(tokio::spawn(writer(
+            shared.clone(),
+            owned,
+            rng,
+            cfg.delete_probability,
+        )));
+    }
+    writers
+}
+
+pub struct Readers {
+    pub tasks: Vec<JoinHandle<Vec<Read>>>,
+    /// Table reads by all readers, and how many of them were slowed.
+    pub table_reads: Arc<AtomicU64>,
+    pub slowed: Arc<AtomicU64>,
+}
+
+/// Readers over their own cache clients and slowed table stores.
+pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Readers {
+    let mut readers = Vec::new();
+    let table_reads = Arc::new(AtomicU64::new(0));
+    let slowed = Arc::new(AtomicU64::new(0));
+    for r in 0..cfg.readers {
+        let store = SlowStore {
+            inner: sut.store(),
+            rng: std::sync::Mutex::new(fastrand::Rng::with_seed(
+                cfg.seed.wrapping_add(1000 + r as u64),
+            )),
+            probability: cfg.slow_read_probability,
+            pause: cfg.slow_read_pause,
+            reads: table_reads.clone(),
+            slowed: slowed.clone(),
+        };
+        let read_path = sut.read_path(sut.cache(&sut.settings).await, store, &sut.settings);
+        let rng = fastrand::Rng::with_seed(cfg.seed.wrapping_add(2000 + r as u64));
+        readers.push(tokio::spawn(reader(shared.clone(), read_path, rng)));
+    }
+    Readers {
+        tasks: readers,
+        table_reads,
+        slowed,
+    }
+}
+
+/// Owns some items and writes them one call at a time, so it knows each item's history exactly.
+async fn writer(
+    shared: Arc<Shared>,
+    owned: Vec<u16>,
+    mut rng: fastrand::Rng,
+    delete_probability: f64,
+) -> Vec<Write> {
+    // (last index, exists)
+    let mut state: HashMap<u16, (u32, bool)> = owned.iter().map(|&i| (i, (0, false))).collect();
+    let mut out = Vec::new();
+    while shared.budget.take() {
+        let item = owned[rng.usize(..owned.len())];
+        let (last, exists) = state[&item];
+        let index = last + 1;
+        let kind = if !exists {
+            WriteKind::Put
+        } else if rng.f64() < delete_probability {
+            WriteKind::Delete
+        } else if rng.bool() {
+            WriteKind::Put
+        } else {
+            WriteKind::Update
+        };
+        let id = &shared.items[item as usize];
+        let version = Av::N(index.to_string());
+        let price = Av::N(format!("{}.{:02}", index % 1000, index % 100));
+        let start = shared.clock.now();
+        match kind {
+            WriteKind::Put => shared
+                .dynamodb
+                .put_item()
+                .table_name(&shared.table)
+                .item("productId", Av::S(id.clone()))
+                .item("name", Av::S(format!("Product {id}")))
+                .item("version", version)
+                .item("price", price)
+                .send()
+                .await
+                .map(drop)
+                .map_err(aws_sdk_dynamodb::Error::from),
+            WriteKind::Update => shared
+                .dynamodb
+                .update_item()
+                .table_name(&shared.table)
+                .key("productId", Av::S(id.clone()))
+                .update_expression("SET version = :v, price = :p")
+                .expression_attribute_values(":v", version)
+                .expression_attribute_values(":p", price)
+                .send()
+                .await
+                .map(drop)
+                .map_err(aws_sdk_dynamodb::Error::from),
+            WriteKind::Delete => shared
+                .dynamodb
+                .delete_item()
+                .table_name(&shared.table)
+                .key("productId", Av::S(id.clone()))
+                .send()
+                .await
+                .map(drop)
+                .map_err(aws_sdk_dynamodb::Error::from),
+        }
+        .unwrap_or_else(|e| panic!("{kind:?} #{index} of {id} failed: {e:?}"));
+        let end = shared.clock.now();
+        shared.budget.writes.fetch_add(1, Ordering::Relaxed);
+        shared.budget.written.notify_waiters();
+        state.insert(item, (index, kind != WriteKind::Delete));
+        out.push(Write {
+            item,
+            index,
+            kind,
+            start,
+            end,
+        });
+    }
+    out
+}
+
+/// Reads random items through the real read path until the run is over.
+async fn reader<S: ProductStore>(
+    shared: Arc<Shared>,
+    read_path: ReadPath<RedisCache, S>,
+    mut rng: fastrand::Rng,
+) -> Vec<Read> {
+    let mut out = Vec::new();
+    let phase = shared.phase.subscribe();
+    while *phase.borrow() != Phase::Done {
+        shared
+            .budget
+            .pace_reader(&phase, shared.items.len() as u64)
+            .await;
+        shared.budget.take();
+        let item = rng.usize(..shared.items.len());
+        let start = shared.clock.now();
+        let (status, result) = read_path.get(&shared.items[item]).await;
+        let end = shared.clock.now();
+        let seen = match result {
+            Ok(Lookup::Found(doc)) => Seen::Found(version_of(doc.as_str())),
+            Ok(Lookup::NotFound) => Seen::NotFound,
+            Err(_) => Seen::Error,
+        };
+        out.push(Read {
+            item: item as u16,
+            seen,
+            status,
+            start,
+            end,
+        });
+    }
+    out
+}
+
+/// The `version` of a cached or read document; 0 (never written) if it has none.
+fn version_of(doc: &str) -> u32 {
+    serde_json::from_str::<Value>(doc)
+        .ok()
+        .and_then(|d| d["version"].as_u64())
+        .map_or(0, |v| v as u32)
+}

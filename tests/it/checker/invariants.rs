@@ -1,0 +1,169 @@
+//! The checks on the cache once the actors have stopped and the stream is drained: invariant 3
+//! (every cached key equals the table or is absent) and invariant 2 (every record once more from
+//! TRIM_HORIZON changes no cached value). Invariant 1 is judged over the recorded history
+//! (`history.rs`), invariant 4 by each herd (`chaos.rs`).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
+
+use local_stack::stream::{lambda_event, Position};
+use product_cache::document::Document;
+use product_cache::id::{KeyType, ProductId};
+use product_cache::store::ProductStore;
+use redis::aio::MultiplexedConnection;
+use serde_json::Value;
+
+use super::feeder::FeedOutcome;
+use super::history::{Clock, Nanos};
+use super::system::Sut;
+
+/// Invariant 3, once nothing writes any more, over the items, the herds' keys and any other key
+/// the cache holds. An undrained stream is a violation too: the comparison only holds once every
+/// change was delivered.
+pub async fn cache_matches_table(
+    sut: &Sut,
+    conn: &mut MultiplexedConnection,
+    items: &[String],
+    herds: usize,
+    feed: &FeedOutcome,
+    writes: usize,
+) -> Vec<String> {
+    let store = sut.store();
+    let mut inv3 = Vec::new();
+    if !feed.drained {
+        inv3.push(format!(
+            "the stream was not drained: {} of {} writes acknowledged",
+            feed.acks.len(),
+            writes
+        ));
+    }
+    let mut all_ids: BTreeSet<String> = items
+        .iter()
+        .cloned()
+        .chain((0..herds).map(|h| format!("cold-{h}")))
+        .collect();
+    all_ids.extend(
+        snapshot(conn)
+            .await
+            .into_keys()
+            .map(|k| k["product:".len()..].to_owned()),
+    );
+    for id in all_ids {
+        let key = format!("product:{id}");
+        let cached: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await.unwrap();
+        let item = store
+            .get(&ProductId::parse(&id, KeyType::S).unwrap())
+            .await
+            .expect("GetItem");
+        let want = match &item {
+            Some(item) => Document::from_item(item).unwrap().into_string(),
+            None => "null".to_owned(),
+        };
+        if let Some(cached) = cached {
+            if cached != want {
+                inv3.push(format!("{key}: cached {cached}, table has {want}"));
+            }
+        }
+    }
+    inv3
+}
+
+pub struct Replay {
+    /// Violations of invariant 2.
+    pub violations: Vec<String>,
+    pub replayed: usize,
+    /// `null`s that timed out during the replay, which are not its doing.
+    pub expired: usize,
+}
+
+/// Invariant 2: replays the whole stream through a fresh invalidator and compares the cache
+/// before and after.
+pub async fn replay_changes_nothing(
+    sut: &Sut,
+    conn: &mut MultiplexedConnection,
+    clock: Clock,
+) -> Replay {
+    let before_at = clock.now();
+    let before = snapshot(conn).await;
+    let replay = sut.invalidator(sut.cache(&sut.settings).await);
+    let mut seen = HashSet::new();
+    let records: Vec<Value> = sut
+        .stream
+        .read_available(&Position::TrimHorizon)
+        .await
+        .expect("stream read")
+        .into_iter()
+        .filter(|r| seen.insert(r["eventID"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let replayed = records.len();
+    for batch in records.chunks(100) {
+        let response = replay.handle(lambda_event(batch.to_vec())).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "the replay failed: {response:?}"
+        );
+    }
+    let after = snapshot(conn).await;
+    let mut inv2 = Vec::new();
+    let mut expired = 0;
+    for key in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
+        let (was, is) = (before.get(key), after.get(key));
+        match (was, is) {
+            (Some(a), Some(b)) if a.0 == b.0 => {}
+            // A short-lived `null` may time out during a long replay: not the replay's doing.
+            (Some((_, Some(ttl))), None) if before_at + ttl.as_nanos() as Nanos <= clock.now() => {
+                expired += 1;
+            }
+            _ => inv2.push(format!(
+                "{key}: {:?} became {:?}",
+                was.map(|w| &w.0),
+                is.map(|i| &i.0)
+            )),
+        }
+    }
+    Replay {
+        violations: inv2,
+        replayed,
+        expired,
+    }
+}
+
+/// Every `product:*` key, its value and its time to live.
+async fn snapshot(
+    conn: &mut MultiplexedConnection,
+) -> BTreeMap<String, (String, Option<Duration>)> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("product:*")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let (value, ttl): (Option<String>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(&key)
+            .cmd("PTTL")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if let Some(value) = value {
+            let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
+            out.insert(key, (value, ttl));
+        }
+    }
+    out
+}

@@ -1,0 +1,259 @@
+//! What a run found: the tallies, the text printed at the end of every run, and the assertions
+//! the tests make on it. Invariant 1 and the staleness distribution are computed here, over the
+//! history, because their details go into the text.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use product_cache::read::CacheStatus;
+
+use super::chaos::Chaos;
+use super::config::Config;
+use super::feeder::FeedOutcome;
+use super::history::{ms, percentile, Clock, History, Nanos, Read, Seen, Tally, Write, WriteKind};
+use super::invariants::Replay;
+
+/// What a run found.
+pub struct Report {
+    pub text: String,
+    pub writes: Tally,
+    pub reads: Tally,
+    pub faults: Tally,
+    /// Violations of invariants 1 to 4.
+    pub violations: [usize; 4],
+    /// Reads of a version that was never written, or not yet: a checker or system bug.
+    pub phantoms: usize,
+}
+
+impl Report {
+    /// Zero violations, and proof that the run exercised what it claims to.
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            (self.violations, self.phantoms),
+            ([0; 4], 0),
+            "violations of invariants 1-4 (and phantom reads); the report is above:\n{}",
+            self.text
+                .lines()
+                .find(|l| l.starts_with("violations"))
+                .unwrap_or_default()
+        );
+        self.assert_exercised();
+    }
+
+    pub fn assert_exercised(&self) {
+        for fault in [
+            "duplicate batches",
+            "partial failures",
+            "bisections",
+            "redis restarts",
+            "slow reads",
+            "herds",
+        ] {
+            assert!(
+                self.faults.get(fault) > 0,
+                "no {fault} were injected:\n{}",
+                self.text
+            );
+        }
+        assert!(self.reads.get("total") > 0, "no reads:\n{}", self.text);
+        assert!(self.writes.get("delete") > 0, "no deletes:\n{}", self.text);
+    }
+}
+
+/// What the actors recorded and the checks found, for [`Report::new`].
+pub struct Findings {
+    pub writes: Vec<Write>,
+    pub reads: Vec<Read>,
+    pub feed: FeedOutcome,
+    pub chaos: Chaos,
+    pub replay: Replay,
+    /// Violations of invariant 3.
+    pub mismatches: Vec<String>,
+    /// Table reads by the readers, and how many of them were slowed.
+    pub table_reads: u64,
+    pub slowed: u64,
+    /// When the stream was drained, and when the writers stopped.
+    pub run_time: Nanos,
+    pub writers_done: Nanos,
+    /// The lease invariant 4 is judged against.
+    pub herd_lease: Duration,
+}
+
+impl Report {
+    /// Checks invariant 1 over the history, then prints the report and returns it.
+    pub fn new(cfg: &Config, clock: Clock, items: Vec<String>, found: Findings) -> Self {
+        let Findings {
+            writes,
+            reads,
+            feed,
+            chaos,
+            replay,
+            mismatches: inv3,
+            table_reads,
+            slowed,
+            run_time,
+            writers_done,
+            herd_lease,
+        } = found;
+        let Replay {
+            violations: inv2,
+            replayed,
+            expired,
+        } = replay;
+        let Chaos {
+            faults: chaos_faults,
+            herd_violations,
+            events: chaos_events,
+        } = chaos;
+        let (writes_tally, reads_tally) = tallies(&writes, &reads);
+        let mut faults = feed.stats;
+        for (k, v) in chaos_faults.0 {
+            faults.add(k, v);
+        }
+        faults.add("slow reads", slowed);
+        let ops = (writes.len() + reads.len()) as u64;
+        let latencies = latencies(&writes, &reads);
+        let history = History::new(items, writes, feed.acks, reads);
+        let (stale, stale_detail, phantoms, phantom_detail) = history.stale_reads();
+        let (staleness, unseen) = history.staleness();
+
+        let violations = [stale, inv2.len(), inv3.len(), herd_violations.len()];
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "== consistency checker: {} ==\nmode {:?}, guards {:?}, version attribute {:?}, seed {:#x} \
+             (CHECKER_SEED), {} items, {} writers, {} readers, lease {:?}, lease wait {:?}",
+            cfg.name,
+            cfg.mode,
+            cfg.guards,
+            cfg.version_attribute,
+            cfg.seed,
+            cfg.items,
+            cfg.writers,
+            cfg.readers,
+            cfg.lease,
+            cfg.lease_wait,
+        );
+        let _ = writeln!(
+            text,
+            "operations: {ops} in {:.1} s ({:.0}/s; writes stopped at {:.1} s, drained and checked \
+             by {:.1} s)",
+            ms(run_time) / 1e3,
+            ops as f64 / (ms(run_time) / 1e3),
+            ms(writers_done) / 1e3,
+            ms(clock.now()) / 1e3,
+        );
+        let _ = writeln!(text, "  writes: {}", writes_tally.line());
+        let _ = writeln!(
+            text,
+            "  reads:  {}; table reads by readers {table_reads}",
+            reads_tally.line()
+        );
+        let _ = writeln!(text, "  {latencies}");
+        let _ = writeln!(text, "faults and feeder: {}", faults.line());
+        let _ = writeln!(text, "  chaos: {}", chaos_events.join(", "));
+        let _ = writeln!(
+            text,
+            "  TRIM_HORIZON replay: {replayed} records ({expired} keys timed out meanwhile)"
+        );
+        let _ = writeln!(
+            text,
+            "violations: invariant 1 (stale reads) {stale}, 2 (replay changed the cache) {}, \
+             3 (cache differs from the table) {}, 4 (a herd read the table more than once per {:?} lease) {}; \
+             phantom reads {phantoms}",
+            inv2.len(),
+            inv3.len(),
+            herd_lease,
+            herd_violations.len()
+        );
+        for s in &stale_detail {
+            let _ = writeln!(text, "  [1] {}", history.describe_stale(s));
+        }
+        for (n, list) in [(2, &inv2), (3, &inv3), (4, &herd_violations)] {
+            for v in list.iter().take(5) {
+                let _ = writeln!(text, "  [{n}] {v}");
+            }
+        }
+        for p in &phantom_detail {
+            let _ = writeln!(text, "  [phantom] {p}");
+        }
+        let _ = writeln!(
+            text,
+            "staleness (commit -> end of the first later-starting read that saw it or newer), \
+             {} writes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {unseen} writes never seen \
+             (overwritten before any read)",
+            staleness.len(),
+            ms(percentile(&staleness, 50.0)),
+            ms(percentile(&staleness, 99.0)),
+            ms(staleness.last().copied().unwrap_or(0)),
+        );
+        println!("{text}");
+        Report {
+            text,
+            writes: writes_tally,
+            reads: reads_tally,
+            faults,
+            violations,
+            phantoms,
+        }
+    }
+}
+
+/// Writes by kind, and reads by cache status and by what they saw.
+fn tallies(writes: &[Write], reads: &[Read]) -> (Tally, Tally) {
+    let mut writes_tally = Tally::default();
+    for w in writes {
+        writes_tally.add(
+            match w.kind {
+                WriteKind::Put => "put",
+                WriteKind::Update => "update",
+                WriteKind::Delete => "delete",
+            },
+            1,
+        );
+    }
+    writes_tally.add("total", writes.len() as u64);
+    let mut reads_tally = Tally::default();
+    for r in reads {
+        reads_tally.add(r.status.as_str(), 1);
+        reads_tally.add(
+            match r.seen {
+                Seen::Found(_) => "found",
+                Seen::NotFound => "not found",
+                Seen::Error => "error",
+            },
+            1,
+        );
+    }
+    reads_tally.add("total", reads.len() as u64);
+    (writes_tally, reads_tally)
+}
+
+fn latencies(writes: &[Write], reads: &[Read]) -> String {
+    let latency = |mut d: Vec<Nanos>| {
+        d.sort_unstable();
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms",
+            ms(percentile(&d, 50.0)),
+            ms(percentile(&d, 99.0))
+        )
+    };
+    format!(
+        "latency: writes {}; hits {}; misses {}",
+        latency(writes.iter().map(|w| w.end - w.start).collect()),
+        latency(
+            reads
+                .iter()
+                .filter(|r| r.status == CacheStatus::Hit)
+                .map(|r| r.end - r.start)
+                .collect()
+        ),
+        latency(
+            reads
+                .iter()
+                .filter(|r| r.status == CacheStatus::Miss)
+                .map(|r| r.end - r.start)
+                .collect()
+        ),
+    )
+}
