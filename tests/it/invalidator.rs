@@ -163,22 +163,42 @@ async fn redis_down_reports_the_first_record_for_retry() {
 }
 
 #[tokio::test]
-async fn a_refresh_from_before_the_redis_instance_started_deletes_instead() {
-    // After a restart Redis has forgotten which records it applied: one created before it
-    // started may be a replay older than an acknowledged change, so it deletes.
-    let env = TestEnv::new(Refresh).await;
-    env.raw_set("product:kb-001", r#"{"stale":true}"#).await;
-    let old = fixture("modify.json"); // dated before this Redis started
-    replay_event(&env, old.clone()).await;
-    assert_eq!(env.raw_get("product:kb-001").await, None);
-    // A record created after the start refreshes.
-    let mut new = fresh(old);
-    new["Records"][0]["dynamodb"]["SequenceNumber"] = json!("111000000000000000002");
-    replay_event(&env, new.clone()).await;
-    assert_eq!(
-        env.raw_get("product:kb-001").await.unwrap(),
-        document_of(&new["Records"][0])
-    );
+async fn after_a_data_loss_refreshes_from_older_records_delete_instead() {
+    // A restart or a FLUSHALL forgets which records were applied: one created before the loss
+    // may be a replay older than an acknowledged change, so it deletes.
+    for lose in ["restart", "flushall"] {
+        let mut env = TestEnv::new(Refresh).await;
+        let old = fixture("modify.json"); // dated long before this test
+        replay_event(&env, old.clone()).await;
+        let applied = document_of(&old["Records"][0]);
+        assert_eq!(
+            env.raw_get("product:kb-001").await.unwrap(),
+            applied,
+            "{lose}"
+        );
+        match lose {
+            "restart" => env.redis.restart().await.unwrap(),
+            _ => env.flush().await,
+        }
+        env.raw_set("product:kb-001", r#"{"stale":true}"#).await;
+        replay_event(&env, old.clone()).await;
+        assert_eq!(env.raw_get("product:kb-001").await, None, "{lose}");
+        // A record created after the loss refreshes. The epoch is the invalidator's clock when
+        // it first wrote to the slot; this record is dated past it.
+        let mut new = fresh(old);
+        let later = new["Records"][0]["dynamodb"]["ApproximateCreationDateTime"]
+            .as_f64()
+            .unwrap()
+            + 2.0;
+        new["Records"][0]["dynamodb"]["ApproximateCreationDateTime"] = json!(later);
+        new["Records"][0]["dynamodb"]["SequenceNumber"] = json!("111000000000000000002");
+        replay_event(&env, new.clone()).await;
+        assert_eq!(
+            env.raw_get("product:kb-001").await.unwrap(),
+            document_of(&new["Records"][0]),
+            "{lose}"
+        );
+    }
 }
 
 async fn replay_event(env: &TestEnv, event: Value) {
@@ -211,6 +231,9 @@ async fn a_ten_thousand_record_batch_is_applied_in_full() {
     }
     let mut conn = env.redis_conn().await;
     let size: usize = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
-    // Each item's document and its version key.
-    assert_eq!(size, 20_000);
+    // Each item's document and its version key, and the epoch keys the test declared.
+    assert_eq!(
+        size,
+        20_000 + usize::from(product_cache::cache::slots::SLOTS)
+    );
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use local_stack::services::{MotoServer, RedisServer};
 use local_stack::stream::{lambda_event, Position, StreamReader};
-use product_cache::cache::{Cache, CacheError, CacheOp, Fill, Probe, RedisCache};
+use product_cache::cache::{BatchError, Cache, CacheError, CacheOp, Fill, Probe, RedisCache};
 use product_cache::config::{
     CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
 };
@@ -77,29 +77,6 @@ pub fn fresh(mut event: Value) -> Value {
         }
     }
     event
-}
-
-/// Waits until `redis` has been up long enough that records created from now on are newer
-/// than it, at Redis's one-second uptime resolution (refreshes from older records delete).
-pub async fn await_redis_uptime(url: &str) {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let uptime: u64 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap();
-        if uptime >= 2 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `target/debug/<name>` (or `$BINARY_PROFILE`) of this workspace, honouring `CARGO_TARGET_DIR`.
@@ -197,7 +174,7 @@ impl<C: Cache> Cache for Counting<C> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.fill(fill)
     }
-    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), CacheError>> + Send {
+    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), BatchError>> + Send {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.apply(ops)
     }
@@ -232,9 +209,6 @@ impl TestEnv {
             ..settings
         };
         let redis = RedisServer::start().await.expect("redis-server starts");
-        if mode == InvalidationMode::Refresh {
-            await_redis_uptime(&redis.url()).await;
-        }
         let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let table = unique_table("products");
@@ -260,6 +234,10 @@ impl TestEnv {
             cache: settings.clone(),
         };
         let invalidator = Invalidator::build(invalidator, &sdk).await.unwrap();
+        if mode == InvalidationMode::Refresh {
+            // A Redis started empty for this test: refreshes write from the first record on.
+            invalidator.cache().declare_empty().await.unwrap();
+        }
         Self {
             redis,
             table,

@@ -14,16 +14,23 @@ use crate::config::{CacheSettings, InvalidationMode};
 use crate::document::Document;
 use crate::id::{KeyType, ProductId};
 
-/// Commands per pipeline. Bounds one round trip's size; a failure retries from the first record
-/// of the failed chunk, so smaller chunks also mean less work repeated.
-const CHUNK: usize = 1000;
-
 /// What one record asks of the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Planned {
-    /// The record's `SequenceNumber`, reported back if its chunk fails.
+    /// The record's index in the batch.
+    pub record: usize,
+    /// The record's `SequenceNumber`.
     pub sequence_number: Option<String>,
     pub op: CacheOp,
+}
+
+/// One key's records of a batch, collapsed to the single op that leaves the key as applying
+/// them one by one would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collapsed {
+    pub op: CacheOp,
+    /// The index of the key's first record in the batch: what a failure reports.
+    pub first_record: usize,
 }
 
 /// Why a record was skipped.
@@ -65,27 +72,35 @@ impl<C: Cache> Invalidator<C> {
             }
         };
         let plan = self.plan(records);
+        let collapsed = collapse(&plan);
+        let ops: Vec<CacheOp> = collapsed.iter().map(|c| c.op.clone()).collect();
         let mut response = DynamoDbEventResponse::default();
-        for chunk in plan.chunks(CHUNK) {
-            let ops: Vec<CacheOp> = chunk.iter().map(|p| p.op.clone()).collect();
-            // Unordered ops and leases are per key; a refused (older) op is not a failure.
-            if let Err(e) = self.cache.apply(&ops).await {
-                // Lambda retries from the lowest reported sequence number, so reporting the
-                // chunk's first record replays it and everything after it. Every op is
-                // idempotent, so what already landed can be applied again safely.
-                let first = chunk.iter().find_map(|p| p.sequence_number.clone());
-                tracing::error!(error = %e, retry_from = ?first, "cache update failed");
-                let mut failure = DynamoDbBatchItemFailure::default();
-                // With no sequence number to name, an empty identifier fails the whole batch,
-                // which is the safe way to ask for a retry.
-                failure.item_identifier = Some(first.unwrap_or_default());
-                response.batch_item_failures.push(failure);
-                break;
-            }
+        // A refused (older) op is not a failure: the key already holds something newer.
+        if let Err(e) = self.cache.apply(&ops).await {
+            // The earliest record whose change is not known to be applied: the first record of
+            // each failed key. Every record before it either had its key applied or changed no
+            // key at all.
+            let earliest = e
+                .failed
+                .iter()
+                .map(|&i| collapsed[i].first_record)
+                .min()
+                .unwrap_or(0);
+            // Lambda retries from the reported record on. If that record has no sequence
+            // number, name the nearest earlier one that does (replaying more is safe: every op
+            // is idempotent); with none at all, an empty identifier fails the whole batch.
+            let retry_from = records[..=earliest.min(records.len() - 1)]
+                .iter()
+                .rev()
+                .find_map(sequence_number_of);
+            tracing::error!(error = %e.source, failed_keys = e.failed.len(), retry_from = ?retry_from, "cache update failed");
+            let mut failure = DynamoDbBatchItemFailure::default();
+            failure.item_identifier = Some(retry_from.unwrap_or_default());
+            response.batch_item_failures.push(failure);
         }
         tracing::info!(
             records = records.len(),
-            ops = plan.len(),
+            keys = ops.len(),
             failed = !response.batch_item_failures.is_empty(),
             "batch handled"
         );
@@ -96,10 +111,7 @@ impl<C: Cache> Invalidator<C> {
     pub fn plan(&self, records: &[Value]) -> Vec<Planned> {
         let mut plan = Vec::with_capacity(records.len());
         for (index, raw) in records.iter().enumerate() {
-            let sequence_number = raw
-                .pointer("/dynamodb/SequenceNumber")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
+            let sequence_number = sequence_number_of(raw);
             let result = match serde_json::from_value::<EventRecord>(raw.clone()) {
                 Ok(record) => self.plan_record(&record, sequence_number.as_deref()),
                 Err(e) => {
@@ -111,6 +123,7 @@ impl<C: Cache> Invalidator<C> {
             };
             match result {
                 Ok(op) => plan.push(Planned {
+                    record: index,
                     sequence_number,
                     op,
                 }),
@@ -149,6 +162,7 @@ impl<C: Cache> Invalidator<C> {
                 kind: OpKind::Delete,
                 order,
                 created_ms: None,
+                delete_if_refused: false,
             });
         }
         // A missing timestamp deserialises as the epoch: the op then deletes, which is safe.
@@ -166,6 +180,7 @@ impl<C: Cache> Invalidator<C> {
                 },
                 order,
                 created_ms: Some(created_ms),
+                delete_if_refused: false,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, key, "new image has no JSON form; deleting instead");
@@ -233,6 +248,64 @@ impl<C: Cache> Invalidator<C> {
         }
         Err(reason)
     }
+}
+
+fn sequence_number_of(record: &Value) -> Option<String> {
+    record
+        .pointer("/dynamodb/SequenceNumber")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// Collapses each key's ops to one, keys in the order of their first record.
+///
+/// Applied one by one, an ordered op lands only if newer than the key's position, and an
+/// unordered delete always lands. So of a key's ordered ops only the newest can decide the
+/// document (the first op holding the highest position: every later one is refused after it),
+/// and it lands exactly when it would have landed in sequence. An unordered delete after it
+/// leaves the document deleted whatever happened, one before it leaves it deleted if the newest
+/// is refused: both become `delete_if_refused`, the first also turns the op into a delete. A
+/// flash sale's 1,000 changes of one item become one script call instead of 1,000 round trips.
+pub fn collapse(plan: &[Planned]) -> Vec<Collapsed> {
+    let mut by_key: std::collections::HashMap<&str, Vec<&Planned>> = Default::default();
+    let mut keys = Vec::new();
+    for p in plan {
+        let ops = by_key.entry(p.op.key.as_str()).or_insert_with(|| {
+            keys.push(p.op.key.as_str());
+            Vec::new()
+        });
+        ops.push(p);
+    }
+    keys.into_iter()
+        .map(|key| {
+            let ops = &by_key[key];
+            let first_record = ops[0].record;
+            let newest = ops
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.op.order.as_ref().map(|o| (i, o)))
+                .fold(None, |best: Option<(usize, &Order)>, (i, o)| match best {
+                    Some((_, b)) if b >= o => best,
+                    _ => Some((i, o)),
+                });
+            let Some((at, _)) = newest else {
+                // Unordered deletes only.
+                return Collapsed {
+                    op: CacheOp::delete(key),
+                    first_record,
+                };
+            };
+            let delete_before = ops[..at].iter().any(|p| p.op.order.is_none());
+            let delete_after = ops[at + 1..].iter().any(|p| p.op.order.is_none());
+            let mut op = ops[at].op.clone();
+            if delete_after {
+                op.kind = OpKind::Delete;
+            }
+            op.delete_if_refused = delete_before || delete_after;
+            Collapsed { op, first_record }
+        })
+        .collect()
 }
 
 /// A REMOVE made by DynamoDB's TTL process rather than by a user.
@@ -418,7 +491,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_cache_failure_reports_the_first_record_of_the_failed_chunk() {
+    async fn a_cache_failure_reports_the_first_record_of_the_batch() {
         let inv = invalidator(InvalidationMode::Delete);
         let event = fixture("batch-mixed.json");
         let ok = inv.handle(event.clone()).await;
@@ -432,49 +505,224 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn large_batches_are_chunked_and_retried_from_the_failed_chunk() {
-        use crate::cache::{CacheError, Fill, Probe};
-        struct FailSecondApply(MemoryCache, std::sync::atomic::AtomicUsize);
-        impl Cache for FailSecondApply {
-            async fn probe(
-                &self,
-                k: &str,
-                t: &str,
-                l: std::time::Duration,
-            ) -> Result<Probe, CacheError> {
-                self.0.probe(k, t, l).await
-            }
-            async fn fill(&self, f: Fill<'_>) -> Result<bool, CacheError> {
-                self.0.fill(f).await
-            }
-            async fn apply(&self, ops: &[CacheOp]) -> Result<(), CacheError> {
-                if self.1.fetch_add(1, Ordering::SeqCst) == 1 {
-                    return Err(CacheError::Timeout(Default::default()));
-                }
-                self.0.apply(ops).await
-            }
+    /// Fails the ops of the keys it is told to, applies the rest.
+    struct FailKeys(MemoryCache, Vec<String>);
+
+    impl Cache for FailKeys {
+        async fn probe(
+            &self,
+            k: &str,
+            t: &str,
+            l: std::time::Duration,
+        ) -> Result<crate::cache::Probe, crate::cache::CacheError> {
+            self.0.probe(k, t, l).await
         }
-        let inv = Invalidator::new(
-            FailSecondApply(MemoryCache::default(), Default::default()),
-            InvalidationMode::Delete,
-            CacheSettings::default(),
-        );
+        async fn fill(&self, f: crate::cache::Fill<'_>) -> Result<bool, crate::cache::CacheError> {
+            self.0.fill(f).await
+        }
+        async fn apply(&self, ops: &[CacheOp]) -> Result<(), crate::cache::BatchError> {
+            let failed: Vec<usize> = (0..ops.len())
+                .filter(|&i| self.1.contains(&ops[i].key))
+                .collect();
+            let landed: Vec<CacheOp> = (0..ops.len())
+                .filter(|i| !failed.contains(i))
+                .map(|i| ops[i].clone())
+                .collect();
+            self.0.apply(&landed).await?;
+            if failed.is_empty() {
+                return Ok(());
+            }
+            Err(crate::cache::BatchError {
+                failed,
+                source: crate::cache::CacheError::Timeout(Default::default()),
+            })
+        }
+    }
+
+    /// `(key, sequence number)` records as a MODIFY batch.
+    fn batch(records: &[(&str, Option<u64>)]) -> Value {
         let template = fixture("modify.json")["Records"][0].clone();
-        let records: Vec<Value> = (0..2500)
-            .map(|i| {
+        let records: Vec<Value> = records
+            .iter()
+            .map(|(id, seq)| {
                 let mut r = template.clone();
-                r["dynamodb"]["Keys"]["productId"] = serde_json::json!({"S": format!("p{i}")});
-                r["dynamodb"]["SequenceNumber"] = serde_json::json!(format!("{}", 1000 + i));
+                r["dynamodb"]["Keys"]["productId"] = serde_json::json!({ "S": id });
+                match seq {
+                    Some(seq) => {
+                        r["dynamodb"]["SequenceNumber"] = serde_json::json!(seq.to_string())
+                    }
+                    None => {
+                        r["dynamodb"]
+                            .as_object_mut()
+                            .unwrap()
+                            .remove("SequenceNumber");
+                    }
+                }
                 r
             })
             .collect();
-        let resp = inv.handle(serde_json::json!({ "Records": records })).await;
-        // Chunk 1 (records 0..1000) landed, chunk 2 failed: retry from record 1000, stop there.
+        serde_json::json!({ "Records": records })
+    }
+
+    #[tokio::test]
+    async fn a_partial_failure_names_the_earliest_record_not_known_applied() {
+        let records = [
+            ("a", Some(1)),
+            ("b", Some(2)),
+            ("a", Some(3)),
+            ("c", Some(4)),
+            ("b", Some(5)),
+        ];
+        let failing = |keys: &[&str]| {
+            Invalidator::new(
+                FailKeys(
+                    MemoryCache::default(),
+                    keys.iter().map(|k| format!("product:{k}")).collect(),
+                ),
+                InvalidationMode::Delete,
+                CacheSettings::default(),
+            )
+        };
+        let reported = |inv: Invalidator<FailKeys>, event: Value| async move {
+            let r = inv.handle(event).await;
+            assert!(r.batch_item_failures.len() <= 1);
+            r.batch_item_failures
+                .first()
+                .map(|f| f.item_identifier.clone().unwrap())
+        };
+        // b's first record is the earliest not applied; a (records 0 and 2) landed.
         assert_eq!(
-            resp.batch_item_failures[0].item_identifier.as_deref(),
-            Some("2000")
+            reported(failing(&["b"]), batch(&records)).await.as_deref(),
+            Some("2")
         );
-        assert_eq!(inv.cache.1.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            reported(failing(&["c"]), batch(&records)).await.as_deref(),
+            Some("4")
+        );
+        assert_eq!(
+            reported(failing(&["c", "a"]), batch(&records))
+                .await
+                .as_deref(),
+            Some("1")
+        );
+        assert_eq!(reported(failing(&[]), batch(&records)).await, None);
+        // The earliest failed record has no sequence number: name the nearest earlier one, or
+        // fail the whole batch (an empty identifier) when there is none.
+        let gap = [("a", Some(1)), ("b", None), ("b", Some(3))];
+        assert_eq!(
+            reported(failing(&["b"]), batch(&gap)).await.as_deref(),
+            Some("1")
+        );
+        let none_before = [("b", None), ("a", Some(2))];
+        assert_eq!(
+            reported(failing(&["b"]), batch(&none_before))
+                .await
+                .as_deref(),
+            Some("")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_thousand_changes_of_one_key_are_one_op() {
+        let inv = invalidator(InvalidationMode::Refresh);
+        let records: Vec<(&str, Option<u64>)> = (0..1000).map(|i| ("hot", Some(100 + i))).collect();
+        let event = batch(&records);
+        let plan = inv.plan(event["Records"].as_array().unwrap());
+        let collapsed = collapse(&plan);
+        assert_eq!(collapsed.len(), 1);
+        assert_eq!(collapsed[0].first_record, 0);
+        assert_eq!(collapsed[0].op, plan[999].op, "the newest record decides");
+        assert!(inv.handle(event).await.batch_item_failures.is_empty());
+        assert_eq!(inv.cache.calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// Collapsing changes nothing: for random histories of a few keys (ordered sets and
+    /// deletes, some out of order, unordered deletes, repeats), applying the collapsed ops
+    /// leaves the same documents, positions and leases as applying every op in turn.
+    #[tokio::test]
+    async fn collapsing_leaves_the_cache_as_applying_one_by_one_would() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..2000 {
+            let mut plan = Vec::new();
+            for record in 0..rng.usize(1..12) {
+                let key = format!("product:{}", rng.usize(0..3));
+                let mut op = if rng.u8(0..5) == 0 {
+                    CacheOp::delete(&key)
+                } else {
+                    CacheOp {
+                        key: key.clone(),
+                        kind: if rng.bool() {
+                            OpKind::Delete
+                        } else {
+                            OpKind::Set {
+                                value: format!("v{record}"),
+                                ttl: Default::default(),
+                            }
+                        },
+                        order: Order::new(&rng.u8(1..9).to_string(), rng.u8(0..2)),
+                        created_ms: Some(0),
+                        delete_if_refused: false,
+                    }
+                };
+                op.key = key;
+                plan.push(Planned {
+                    record,
+                    sequence_number: None,
+                    op,
+                });
+            }
+            let seeded = || {
+                let cache = MemoryCache::default();
+                for k in 0..3 {
+                    let key = format!("product:{k}");
+                    cache
+                        .entries
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), ("old".into(), Default::default()));
+                    cache
+                        .leases
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), "reader".into());
+                    if k > 0 {
+                        cache
+                            .versions
+                            .lock()
+                            .unwrap()
+                            .insert(key, Order::new("4", 0).unwrap());
+                    }
+                }
+                cache
+            };
+            let (one_by_one, collapsed) = (seeded(), seeded());
+            for p in &plan {
+                one_by_one.apply(std::slice::from_ref(&p.op)).await.unwrap();
+            }
+            let ops: Vec<CacheOp> = collapse(&plan).into_iter().map(|c| c.op).collect();
+            collapsed.apply(&ops).await.unwrap();
+            let state = |c: &MemoryCache| {
+                let mut e: Vec<_> = c
+                    .entries
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.0.clone()))
+                    .collect();
+                let mut v: Vec<_> = c
+                    .versions
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let mut l: Vec<_> = c.leases.lock().unwrap().keys().cloned().collect();
+                e.sort();
+                v.sort();
+                l.sort();
+                (e, v, l)
+            };
+            assert_eq!(state(&collapsed), state(&one_by_one), "{plan:#?}");
+        }
     }
 }

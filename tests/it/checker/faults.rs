@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use product_cache::cache::{Cache, CacheError, CacheOp, Fill, Probe};
+use product_cache::cache::{BatchError, Cache, CacheError, CacheOp, Fill, Probe};
 use product_cache::id::ProductId;
 use product_cache::store::{Item, ProductStore, StoreError};
 
@@ -43,7 +43,7 @@ impl<C: Cache> Cache for FailingCache<C> {
         self.inner.fill(fill).await
     }
 
-    async fn apply(&self, ops: &[CacheOp]) -> Result<(), CacheError> {
+    async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
         let armed = self.armed.lock().unwrap().take();
         let Some(prefix) = armed else {
             return self.inner.apply(ops).await;
@@ -52,10 +52,13 @@ impl<C: Cache> Cache for FailingCache<C> {
         if prefix > 0 {
             self.inner.apply(&ops[..prefix]).await?;
         }
-        Err(CacheError::Unexpected(format!(
-            "injected failure after {prefix} of {} ops",
-            ops.len()
-        )))
+        Err(BatchError {
+            failed: (prefix..ops.len()).collect(),
+            source: CacheError::Unexpected(format!(
+                "injected failure after {prefix} of {} ops",
+                ops.len()
+            )),
+        })
     }
 }
 

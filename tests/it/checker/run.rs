@@ -21,6 +21,7 @@ pub async fn run(cfg: Config) -> Report {
     init_logging();
     let clock = Clock::start();
     let (mut redis, sut) = Sut::start(&cfg).await;
+    sut.declare_empty().await;
     let (progress, progress_rx) = watch::channel(0);
     let shared = Arc::new(Shared::new(&cfg, clock, progress, &sut));
 

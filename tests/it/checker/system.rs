@@ -62,6 +62,12 @@ impl Sut {
         (redis, sut)
     }
 
+    /// Declares the run's fresh Redis empty, as a long-running deployment's epochs are long past.
+    pub async fn declare_empty(&self) {
+        let cache = self.cache(&self.settings).await;
+        cache.declare_empty().await.expect("epochs declared");
+    }
+
     /// A client of its own for each user, as each function instance has.
     pub async fn cache(&self, settings: &CacheSettings) -> RedisCache {
         redis_cache(&self.redis_url, settings).await

@@ -1,31 +1,37 @@
--- One invalidation: skip it if not newer than the key's position, else cancel the lease,
--- delete or set the document, and record the position.
--- KEYS: key, lease, ver. ARGV: 'set' or 'del', value, ttl s, order ('' for none), ver ttl s,
--- use ordering (1/0), the record's creation time less the clock margin (epoch ms, '' if
--- unknown). Returns 1 if applied, 0 if older than what the key has seen.
+-- One key's change (a batch's records of the key, collapsed by the invalidator): skip it if not
+-- newer than the key's position, else cancel the lease, delete or set the document, and record
+-- the position.
+-- KEYS: key, lease, ver, the slot's epoch key.
+-- ARGV: 'set' or 'del', value, ttl s, order ('' for none), ver ttl s, use ordering (1/0), the
+-- record's creation time less the clock margin (epoch ms, '' if unknown), delete even if refused
+-- (1/0), now (epoch ms, the invalidator's clock).
+-- Returns 1 if applied, 0 if older than what the key has seen.
 --
--- A write from a record created before this Redis started is applied as a delete: a restart
--- (or a node replaced empty) forgot the positions, so the record may be a replay older than
--- changes already acknowledged. A delete is right whatever it is; records created after the
--- start are ordered by the positions this Redis has seen, all of them.
+-- A write from a record created before the slot's epoch is applied as a delete. The epoch key is
+-- set the first time a write reaches a slot whose data is new (a restart, FLUSHALL, a replica
+-- promoted empty: the epoch key went with the positions), so such a record may be a replay older
+-- than changes acknowledged before the loss, and a delete is right whatever it is. Records
+-- created after the epoch are ordered by positions this data has seen, all of them.
 local ordered = ARGV[6] == '1' and ARGV[4] ~= ''
 local kind = ARGV[1]
 if ordered then
   local cur = redis.call('GET', KEYS[3])
-  if cur and not newer(ARGV[4], cur) then return 0 end
+  if cur and not newer(ARGV[4], cur) then
+    if ARGV[8] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
+    return 0
+  end
   if kind == 'set' then
-    local info = redis.call('INFO', 'server')
-    local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) or 0
-    local started = (tonumber(redis.call('TIME')[1]) - uptime) * 1000
+    -- SET NX GET (Redis 7): the epoch, written now if this slot has none.
+    local epoch = redis.call('SET', KEYS[4], ARGV[9], 'NX', 'GET') or ARGV[9]
     local created = tonumber(ARGV[7])
-    if not created or created < started then kind = 'del' end
+    if not created or created < tonumber(epoch) then kind = 'del' end
   end
 end
-redis.call('DEL', KEYS[2])
 if kind == 'set' then
+  redis.call('DEL', KEYS[2])
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 else
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[2])
 end
 if ordered then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5]) end
 return 1

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{Cache, CacheError, CacheOp, Fill, OpKind, Order, Probe};
+use super::{BatchError, Cache, CacheError, CacheOp, Fill, OpKind, Order, Probe};
 
 #[derive(Default)]
 pub struct MemoryCache {
@@ -72,14 +72,18 @@ impl Cache for MemoryCache {
         Ok(true)
     }
 
-    async fn apply(&self, ops: &[CacheOp]) -> Result<(), CacheError> {
-        self.enter()?;
+    async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
+        self.enter().map_err(|e| BatchError::all(ops.len(), e))?;
         let mut entries = self.entries.lock().unwrap();
         let mut versions = self.versions.lock().unwrap();
         for op in ops {
-            // An in-memory cache never restarts: every record is newer than it.
+            // An in-memory cache never loses its data: every record is newer than its epoch.
             if let Some(order) = &op.order {
                 if versions.get(&op.key).is_some_and(|cur| !newer(order, cur)) {
+                    if op.delete_if_refused {
+                        self.leases.lock().unwrap().remove(&op.key);
+                        entries.remove(&op.key);
+                    }
                     continue;
                 }
                 versions.insert(op.key.clone(), order.clone());

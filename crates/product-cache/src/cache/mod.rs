@@ -8,6 +8,10 @@
 //!   memcache's leases). Any invalidation deletes it, so a fill that raced an invalidation fails.
 //! - `{product:42}:ver`: the newest [`Order`] applied to the key. An older or repeated record is
 //!   refused, and after a REMOVE it is the tombstone that keeps an older refresh out.
+//! - `product-cache:epoch:{<tag>}`, one per hash slot in use: since when this slot's positions
+//!   are complete. It vanishes with the data (restart, `FLUSHALL`, a replica promoted empty), so
+//!   a refresh from a record older than it becomes a delete: it may be a replay of a change
+//!   whose newer successor was forgotten.
 //!
 //! The braces make the side keys hash like `product:42` itself, so each script touches a single
 //! Redis Cluster slot.
@@ -15,6 +19,7 @@
 //! # Layout
 //! - this file: the values that cross the [`Cache`] trait, and the key names.
 //! - `redis.rs`: [`RedisCache`], the trait over a single node or a cluster, with timeouts.
+//! - `slots.rs`: Redis Cluster hash slots, and the epoch key of each.
 //! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering
 //!   atomic.
 //! - `memory.rs` (feature `test-support`): an in-memory [`Cache`] with the scripts' semantics.
@@ -26,6 +31,7 @@ use std::time::Duration;
 pub mod memory;
 mod redis;
 mod scripts;
+pub mod slots;
 
 pub use self::redis::RedisCache;
 
@@ -86,8 +92,12 @@ pub struct CacheOp {
     /// ever a delete, which is always safe).
     pub order: Option<Order>,
     /// When the change was made (epoch milliseconds), less the allowed clock difference
-    /// between DynamoDB and Redis. A write older than the Redis instance becomes a delete.
+    /// between DynamoDB and the invalidator. A write older than the slot's epoch (since when
+    /// Redis has kept its positions) becomes a delete.
     pub created_ms: Option<i64>,
+    /// Delete the document (and cancel its lease) even when the op is refused as older: the
+    /// batch also held an unordered delete of this key, which applies whatever the positions.
+    pub delete_if_refused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +114,7 @@ impl CacheOp {
             kind: OpKind::Delete,
             order: None,
             created_ms: None,
+            delete_if_refused: false,
         }
     }
 }
@@ -149,6 +160,27 @@ pub enum CacheError {
     Unexpected(String),
 }
 
+/// A batch that was not applied in full: the ops whose outcome is unknown, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{} of the batch's cache updates may not have been applied", failed.len())]
+pub struct BatchError {
+    /// Indexes into the ops passed to [`Cache::apply`], ascending. Every other op was applied
+    /// (or refused as older, which is as good).
+    pub failed: Vec<usize>,
+    #[source]
+    pub source: CacheError,
+}
+
+impl BatchError {
+    /// Nothing is known to have been applied.
+    pub fn all(ops: usize, source: CacheError) -> Self {
+        Self {
+            failed: (0..ops).collect(),
+            source,
+        }
+    }
+}
+
 /// A fill request: the value for `key`, allowed only while `token` holds the lease.
 #[derive(Debug, Clone, Copy)]
 pub struct Fill<'a> {
@@ -173,8 +205,10 @@ pub trait Cache: Send + Sync {
     ) -> impl Future<Output = Result<Probe, CacheError>> + Send;
     /// Writes a value if the lease is still held; `Ok(false)` when refused.
     fn fill(&self, fill: Fill<'_>) -> impl Future<Output = Result<bool, CacheError>> + Send;
-    /// Applies `ops` in order, in one round trip.
-    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), CacheError>> + Send;
+    /// Applies `ops`, at most one per key (the invalidator collapses a key's records first), in
+    /// as few round trips as the deployment allows. Which ops failed is reported exactly, so
+    /// the invalidator can name the earliest record whose change is not known to be applied.
+    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), BatchError>> + Send;
 }
 
 /// How long `{key}:ver` lives: past the stream's 24-hour retention, so no record still
@@ -189,6 +223,11 @@ pub fn lease_key(key: &str) -> String {
 /// The version key of a cache key.
 pub fn version_key(key: &str) -> String {
     format!("{{{key}}}:ver")
+}
+
+/// The epoch key of the hash slot a cache key lives in (see [`slots`]).
+pub fn epoch_key(key: &str) -> String {
+    slots::epoch_key_for(key)
 }
 
 #[cfg(test)]

@@ -5,14 +5,16 @@
 use std::future::Future;
 use std::time::Duration;
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
 use super::scripts::scripts;
+use super::slots::{self, slot_of};
 use super::VERSION_TTL;
 use super::{
-    lease_key, version_key, Cache, CacheError, CacheOp, Fill, Guards, OpKind, Order, Probe,
+    epoch_key, lease_key, version_key, BatchError, Cache, CacheError, CacheOp, Fill, Guards,
+    OpKind, Order, Probe,
 };
 
 fn flag(on: bool) -> &'static str {
@@ -96,7 +98,9 @@ impl RedisCache {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
+            // No response timeout on the connection: it would apply to a whole pipeline, and a
+            // large batch has a larger budget (see `apply`). Every call is bounded by its own.
+            .set_response_timeout(None)
             // Reconnect attempts happen in the background of the next commands; keep them few
             // and short so a dead Redis is noticed quickly and retried on later requests.
             .set_number_of_retries(1)
@@ -160,6 +164,7 @@ impl RedisCache {
         &self,
         script: &'a redis::Script,
         op: &CacheOp,
+        now_ms: u64,
     ) -> redis::ScriptInvocation<'a> {
         let (kind, value, ttl) = match &op.kind {
             OpKind::Delete => ("del", "", Duration::ZERO),
@@ -169,20 +174,68 @@ impl RedisCache {
         invocation
             .key(lease_key(&op.key))
             .key(version_key(&op.key))
+            .key(epoch_key(&op.key))
             .arg(kind)
             .arg(value)
             .arg(secs(ttl))
             .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
             .arg(secs(VERSION_TTL.max(ttl)))
             .arg(flag(self.guards.ordering))
-            .arg(op.created_ms.map(|c| c.to_string()).unwrap_or_default());
+            .arg(op.created_ms.map(|c| c.to_string()).unwrap_or_default())
+            .arg(flag(op.delete_if_refused))
+            .arg(now_ms);
         invocation
+    }
+
+    /// One pipeline of `ops[group]`, all in one hash slot on a cluster. Sent optimistically as
+    /// EVALSHAs; a Redis that does not know the script (restarted, failed over, a new node)
+    /// answers NOSCRIPT, and the group goes again with the script loaded first. Every op is
+    /// idempotent, so repeating the ones that did land changes nothing.
+    async fn apply_group(
+        &self,
+        mut conn: Conn,
+        ops: &[CacheOp],
+        group: &[usize],
+        now_ms: u64,
+    ) -> redis::RedisResult<()> {
+        let script = &scripts().apply;
+        let pipeline = |load: bool| {
+            let mut pipe = redis::pipe();
+            if load {
+                pipe.load_script(script).ignore();
+            }
+            for &i in group {
+                pipe.invoke_script(&self.apply_invocation(script, &ops[i], now_ms))
+                    .ignore();
+            }
+            pipe
+        };
+        match pipeline(false).query_async::<()>(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                pipeline(true).query_async::<()>(&mut conn).await
+            }
+            other => other,
+        }
     }
 }
 
+/// Ops per pipeline on a single node: bounds one request's size, and what a failure of it
+/// leaves unknown.
+const CHUNK: usize = 1000;
+
+/// How many groups of a batch are in flight at once.
+const IN_FLIGHT: usize = 64;
+
 impl Cache for RedisCache {
+    /// A hit is one plain `GET`: no script, so it costs the node what any reader's `GET` costs.
+    /// Only when it finds nothing does the probe script run, which looks again and takes the
+    /// lease atomically, so a fill racing an invalidation is still caught.
     async fn probe(&self, key: &str, token: &str, lease: Duration) -> Result<Probe, CacheError> {
         let mut conn = self.conn().await?;
+        let cached: Option<String> = self.bounded(self.timeout, conn.get(key)).await?;
+        if let Some(value) = cached {
+            return Ok(Probe::Hit(value));
+        }
         let mut invocation = scripts().probe.key(key);
         invocation
             .key(lease_key(key))
@@ -219,57 +272,110 @@ impl Cache for RedisCache {
         Ok(written == 1)
     }
 
-    async fn apply(&self, ops: &[CacheOp]) -> Result<(), CacheError> {
+    /// On a single node, pipelines of [`CHUNK`] ops; on a cluster, one pipeline per hash slot
+    /// (a cluster pipeline cannot span slots), in flight together. The whole batch gets the
+    /// per-operation timeout once per 1,000 ops, a budget that follows the work; the
+    /// connection itself has no response timeout that could cut a large pipeline short.
+    async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
         if ops.is_empty() {
             return Ok(());
         }
-        let script = &scripts().apply;
-        let mut conn = self.conn().await?;
-        // A batch is thousands of commands: give it the per-operation budget per 1,000.
-        let budget = self.timeout * (ops.len() / 1000 + 1) as u32;
-        if let Conn::Cluster(_) = conn {
-            // A cluster pipeline must stay within one node, and a batch spans them all. Keys
-            // go out concurrently; each key's ops stay in order, which is all that matters.
-            let mut groups: Vec<Vec<usize>> = Vec::new();
-            let mut group_of = std::collections::HashMap::new();
-            for (i, op) in ops.iter().enumerate() {
-                let g = *group_of.entry(op.key.as_str()).or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                });
-                groups[g].push(i);
-            }
-            let work = futures::stream::iter(groups)
-                .map(|group: Vec<usize>| {
-                    let mut conn = conn.clone();
-                    async move {
-                        for i in group {
-                            // invoke_async loads the script on the node if it answers NOSCRIPT.
-                            self.apply_invocation(script, &ops[i])
-                                .invoke_async::<()>(&mut conn)
-                                .await?;
-                        }
-                        Ok::<(), redis::RedisError>(())
-                    }
-                })
-                .buffer_unordered(64)
-                .try_collect::<Vec<()>>();
-            return self.bounded(budget, async { work.await.map(drop) }).await;
-        }
-        let mut pipe = redis::pipe();
-        // Loading first in the same pipeline means a Redis that restarted (and forgot its
-        // scripts) since the last batch still runs every EVALSHA that follows.
-        pipe.load_script(script).ignore();
-        for op in ops {
-            pipe.invoke_script(&self.apply_invocation(script, op))
-                .ignore();
-        }
-        self.bounded(budget, pipe.query_async::<()>(&mut conn))
+        let budget = self.timeout * (ops.len() / CHUNK + 1) as u32;
+        let conn = self
+            .conn()
             .await
+            .map_err(|e| BatchError::all(ops.len(), e))?;
+        let groups: Vec<Vec<usize>> = match conn {
+            Conn::Single(_) => (0..ops.len())
+                .collect::<Vec<_>>()
+                .chunks(CHUNK)
+                .map(<[usize]>::to_vec)
+                .collect(),
+            Conn::Cluster(_) => {
+                let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+                for (i, op) in ops.iter().enumerate() {
+                    by_slot.entry(slot_of(&op.key)).or_default().push(i);
+                }
+                by_slot.into_values().collect()
+            }
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let deadline = tokio::time::Instant::now() + budget;
+        let outcomes: Vec<(Vec<usize>, Result<(), CacheError>)> = futures::stream::iter(groups)
+            .map(|group| {
+                let conn = conn.clone();
+                async move {
+                    let sent = self.apply_group(conn, ops, &group, now_ms);
+                    let outcome = match tokio::time::timeout_at(deadline, sent).await {
+                        Ok(r) => r.map_err(CacheError::from),
+                        Err(_) => Err(CacheError::Timeout(budget)),
+                    };
+                    (group, outcome)
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (group, outcome) in outcomes {
+            if let Err(e) = outcome {
+                failed.extend(group);
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(source) => {
+                failed.sort_unstable();
+                Err(BatchError { failed, source })
+            }
+        }
     }
 }
 
 impl RedisCache {
+    /// Declares this Redis empty of any earlier data of this cache: every slot's epoch becomes
+    /// 0 (where none is set yet), so refreshes write from the first record on instead of
+    /// deleting until a slot's epoch is newer than the records in flight. Only for a Redis the
+    /// caller knows it just started empty (the local stack, tests); after a deploy or a data
+    /// loss, leave it to the first write of each slot, which is always safe.
+    pub async fn declare_empty(&self) -> Result<(), CacheError> {
+        let conn = self.conn().await?;
+        let keys: Vec<String> = (0..slots::SLOTS).map(slots::epoch_key_of_slot).collect();
+        // One pipeline on a single node; on a cluster, one per slot, since that is how the
+        // client routes pipelines.
+        let groups: Vec<&[String]> = match conn {
+            Conn::Single(_) => vec![&keys[..]],
+            Conn::Cluster(_) => keys.chunks(1).collect(),
+        };
+        let budget = self.timeout * (keys.len() / CHUNK + 1) as u32;
+        let sent = futures::stream::iter(groups)
+            .map(|group| {
+                let mut conn = conn.clone();
+                async move {
+                    let mut pipe = redis::pipe();
+                    for key in group {
+                        pipe.set_options(
+                            key,
+                            0,
+                            redis::SetOptions::default().conditional_set(redis::ExistenceCheck::NX),
+                        )
+                        .ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect::<Vec<_>>();
+        for result in self.bounded(budget, async { Ok(sent.await) }).await? {
+            result?;
+        }
+        Ok(())
+    }
+
     /// A plain GET, for tools and tests that look without taking a lease.
     pub async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
         let mut conn = self.conn().await?;
