@@ -178,7 +178,7 @@ async fn after_a_data_loss_refreshes_from_older_records_delete_instead() {
         );
         match lose {
             "restart" => env.redis.restart().await.unwrap(),
-            _ => env.flush().await,
+            _ => env.lose_data().await,
         }
         env.raw_set("product:kb-001", r#"{"stale":true}"#).await;
         replay_event(&env, old.clone()).await;

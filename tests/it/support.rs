@@ -186,6 +186,7 @@ pub type TestReadPath = ReadPath<Counting<RedisCache>, Counting<DynamoStore>>;
 pub struct TestEnv {
     pub redis: RedisServer,
     pub table: String,
+    pub mode: InvalidationMode,
     pub settings: CacheSettings,
     pub sdk: aws_config::SdkConfig,
     pub dynamodb: aws_sdk_dynamodb::Client,
@@ -241,6 +242,7 @@ impl TestEnv {
         Self {
             redis,
             table,
+            mode,
             settings,
             sdk,
             dynamodb,
@@ -303,8 +305,17 @@ impl TestEnv {
             .unwrap();
     }
 
-    /// Empties Redis, including the version keys, as a restart would.
+    /// Starts over from an empty Redis, as the test's own fresh one: FLUSHALL, then (in refresh
+    /// mode) the epochs declared again, as at the start.
     pub async fn flush(&self) {
+        self.lose_data().await;
+        if self.mode == InvalidationMode::Refresh {
+            self.invalidator.cache().declare_empty().await.unwrap();
+        }
+    }
+
+    /// FLUSHALL: documents, positions and epochs gone, as in a data loss.
+    pub async fn lose_data(&self) {
         let mut conn = self.redis_conn().await;
         redis::cmd("FLUSHALL")
             .query_async::<()>(&mut conn)

@@ -154,7 +154,7 @@ impl Default for Guards {
 pub enum CacheError {
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("redis error")]
+    #[error("redis error: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),

@@ -214,9 +214,19 @@ impl RedisCache {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 pipeline(true).query_async::<()>(&mut conn).await
             }
+            // The connection was dead (the server restarted or closed it while this process
+            // was idle or frozen); the client has reconnected meanwhile. Once more, loaded,
+            // since a restarted server has no scripts either.
+            Err(e) if is_dead_connection(&e) => pipeline(true).query_async::<()>(&mut conn).await,
             other => other,
         }
     }
+}
+
+/// An error that says the connection was lost before or while the request went out, as opposed
+/// to one the server answered or a timeout. Worth one retry for an idempotent request.
+fn is_dead_connection(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error()
 }
 
 /// Ops per pipeline on a single node: bounds one request's size, and what a failure of it
@@ -232,7 +242,12 @@ impl Cache for RedisCache {
     /// lease atomically, so a fill racing an invalidation is still caught.
     async fn probe(&self, key: &str, token: &str, lease: Duration) -> Result<Probe, CacheError> {
         let mut conn = self.conn().await?;
-        let cached: Option<String> = self.bounded(self.timeout, conn.get(key)).await?;
+        let cached: Option<String> = match self.bounded(self.timeout, conn.get(key)).await {
+            Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
+                self.bounded(self.timeout, conn.get(key)).await?
+            }
+            other => other?,
+        };
         if let Some(value) = cached {
             return Ok(Probe::Hit(value));
         }
