@@ -1,161 +1,23 @@
-//! `local-stack`: runs the system on this machine with no AWS account and no Docker.
-//!
-//! `local-stack [run]` brings everything up and keeps it running until Ctrl-C; `set-price` and
-//! `warm` act on the running stack; `demo` is the one-shot walk-through. Everything they do
-//! lives in the library; this file is the command line.
+//! What each subcommand does, on top of the local-stack library: `dev` runs a stack in the
+//! foreground until a signal; `set-price` and `warm` find the running stack through its state
+//! file and act on it.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 
-use clap::{Args, Parser, Subcommand};
-use local_stack::stack::{chain, Stack, StackOptions, StackState, StatusStyle};
-use product_cache::config::{CacheSettings, Env, InvalidationMode};
+use local_stack::stack::{Stack, StackOptions, StackState, StatusStyle};
+use product_cache::config::{CacheSettings, Env};
 
-const DEFAULT_STATE_DIR: &str = "target/local-stack";
+use crate::cli::{DevArgs, SetPriceArgs, Target, WarmArgs, DEFAULT_STATE_DIR};
 
-#[derive(Parser)]
-#[command(
-    name = "local-stack",
-    about = "Runs the product cache locally: redis-server, moto (DynamoDB + Streams), the read \
-             path over HTTP and the stream invalidator",
-    args_conflicts_with_subcommands = true
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-    /// With no subcommand, `run` with these options.
-    #[command(flatten)]
-    run: RunArgs,
-}
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Subcommand)]
-enum Command {
-    /// Bring the system up and keep it running until Ctrl-C (the default)
-    Run(RunArgs),
-    /// Change a product's price in the running stack's table, as any writer would
-    SetPrice(SetPriceArgs),
-    /// Pre-load products into the cache through the read path
-    Warm(WarmArgs),
-    /// A one-shot walk of a price change through the system, step by step
-    Demo {
-        /// What the invalidator does with a change
-        #[arg(long, default_value = "delete")]
-        mode: InvalidationMode,
-    },
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Address of the HTTP API (port 0: any free port)
-    #[arg(long, default_value = local_stack::stack::DEFAULT_LISTEN)]
-    listen: SocketAddr,
-    /// The DynamoDB table, created if missing and seeded if empty
-    #[arg(long, default_value = local_stack::stack::DEFAULT_TABLE)]
-    table: String,
-    /// A running Redis to use instead of starting redis-server
-    #[arg(long, env = "REDIS_URL")]
-    redis_url: Option<String>,
-    /// A running DynamoDB with Streams to use instead of starting moto
-    #[arg(long, env = "AWS_ENDPOINT_URL_DYNAMODB")]
-    endpoint: Option<String>,
-    /// The SAM template whose invalidator event source configures the stream poller
-    #[arg(long, default_value = "infra/template.yaml")]
-    template: PathBuf,
-    /// Where records the poller gives up on are written [default: <state-dir>/on-failure.jsonl]
-    #[arg(long)]
-    on_failure: Option<PathBuf>,
-    /// Where the running stack's state file goes, for set-price and warm
-    #[arg(long, default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
-    /// What the invalidator does with a change
-    #[arg(long, env = "INVALIDATION_MODE", default_value = "delete")]
-    mode: InvalidationMode,
-    /// Products written to an empty table
-    #[arg(long, default_value_t = local_stack::seed::DEFAULT_PRODUCTS)]
-    seed: usize,
-}
-
-/// Which stack a command acts on: the running one (its state file), or explicit endpoints.
-#[derive(Args)]
-struct Target {
-    /// The state directory of the running stack
-    #[arg(long, default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
-    /// DynamoDB endpoint, instead of the running stack's
-    #[arg(long)]
-    endpoint: Option<String>,
-    /// The table [default: the running stack's, or Products]
-    #[arg(long)]
-    table: Option<String>,
-}
-
-#[derive(Args)]
-struct SetPriceArgs {
-    /// Product id, e.g. kb-001
-    id: String,
-    /// New price, e.g. 99.99
-    price: String,
-    #[command(flatten)]
-    target: Target,
-}
-
-#[derive(Args)]
-#[command(group = clap::ArgGroup::new("which").required(true).args(["ids", "first"]))]
-struct WarmArgs {
-    /// A file of product ids, one per line
-    #[arg(long)]
-    ids: Option<PathBuf>,
-    /// The first N ids a Scan of the table returns
-    #[arg(long)]
-    first: Option<usize>,
-    /// Reads in flight at once
-    #[arg(long, default_value_t = local_stack::warm::DEFAULT_CONCURRENCY)]
-    concurrency: usize,
-    /// Redis, instead of the running stack's
-    #[arg(long)]
-    redis_url: Option<String>,
-    #[command(flatten)]
-    target: Target,
-}
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
-#[tokio::main]
-async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        None => run(cli.run).await,
-        Some(Command::Run(args)) => run(args).await,
-        Some(Command::SetPrice(args)) => set_price(args).await,
-        Some(Command::Warm(args)) => warm(args).await,
-        Some(Command::Demo { mode }) => local_stack::demo::run(mode)
-            .await
-            .map(|transcript| println!("{transcript}")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("local-stack: {}", chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(args: RunArgs) -> Result<(), Error> {
+pub async fn dev(args: DevArgs) -> Result<(), Error> {
     let mut stop = std::pin::pin!(stop_signal()?);
-    eprintln!("local-stack: starting (moto takes a few seconds)...");
+    eprintln!("pcache: starting (moto takes a few seconds)...");
     let esm = local_stack::esm_template::local(&args.template)?;
     for property in &esm.not_emulated {
         eprintln!(
-            "local-stack: {property} in {} is not emulated locally",
+            "pcache: {property} in {} is not emulated locally",
             args.template.display()
         );
     }
@@ -193,7 +55,7 @@ async fn run(args: RunArgs) -> Result<(), Error> {
     stack.shutdown().await;
     StackState::remove_if_ours(&args.state_dir);
     result?;
-    eprintln!("local-stack: stopped");
+    eprintln!("pcache: stopped");
     Ok(())
 }
 
@@ -256,7 +118,7 @@ async fn dynamodb(endpoint: &str) -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(&local_stack::table::local_sdk_config(endpoint).await)
 }
 
-async fn set_price(args: SetPriceArgs) -> Result<(), Error> {
+pub async fn set_price(args: SetPriceArgs) -> Result<(), Error> {
     let at = args.target.resolve(None)?;
     let client = dynamodb(&at.endpoint).await;
     let change =
@@ -266,7 +128,7 @@ async fn set_price(args: SetPriceArgs) -> Result<(), Error> {
     Ok(())
 }
 
-async fn warm(args: WarmArgs) -> Result<(), Error> {
+pub async fn warm(args: WarmArgs) -> Result<(), Error> {
     let at = args.target.resolve(Some(args.redis_url.as_deref()))?;
     let settings = CacheSettings {
         key_attribute: at.key_attribute,
