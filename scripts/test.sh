@@ -9,7 +9,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests run the Lambda binaries under a local Runtime API and the local-stack
 # command itself, so build them first.
-cargo build --locked -p functions -p local-stack --bins
+cargo build --locked -p functions -p pcache --bins
 cargo test --workspace --locked
 # The SAM template: sam validate --lint, cfn-lint, checkov and the template's intent tests, offline.
 # (`scripts/sam-build.sh`, the full arm64 cross-build, takes about 11 minutes: run it separately.)

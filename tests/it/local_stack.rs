@@ -1,8 +1,8 @@
 //! The local stack: the read function's handler behind real HTTP and the invalidator fed by the
-//! local event source mapping, in-process (`Stack::start`) and as the compiled `local-stack`
+//! local event source mapping, in-process (`Stack::start`) and as the compiled `pcache dev`
 //! command, which also owns and stops its redis-server and moto children.
 //!
-//! The command tests need the binary: `cargo build -p local-stack` first (scripts/test.sh does).
+//! The command tests need the binary: `cargo build -p pcache` first (scripts/test.sh does).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -263,7 +263,7 @@ async fn warming_the_first_50_ids_makes_their_reads_hits() {
 
 /// The command with a clean environment for the stack: no Redis or DynamoDB of the caller's.
 fn command(args: &[&str], cwd: &Path) -> Command {
-    let mut cmd = Command::new(crate::support::binary("local-stack"));
+    let mut cmd = Command::new(crate::support::binary("pcache"));
     cmd.args(args)
         .current_dir(cwd)
         .env_remove("REDIS_URL")
@@ -281,7 +281,7 @@ fn collect(pipe: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<String
         let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             if echo {
-                eprintln!("[local-stack] {line}");
+                eprintln!("[pcache] {line}");
             }
             into.lock().unwrap().push_str(&format!("{line}\n"));
         }
@@ -293,7 +293,7 @@ fn port_of(url: &str) -> u16 {
 }
 
 #[tokio::test]
-async fn the_run_command_serves_changes_prices_and_stops_its_children_on_sigint() {
+async fn the_dev_command_serves_changes_prices_and_stops_its_children_on_sigint() {
     init_logging();
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
@@ -301,13 +301,13 @@ async fn the_run_command_serves_changes_prices_and_stops_its_children_on_sigint(
     // Run from an empty directory: no SAM template there, so the poller uses Lambda's defaults
     // (the repository's template is checked by esm_template's own test).
     let mut stack = command(
-        &["--listen", "127.0.0.1:0", "--state-dir", state_arg],
+        &["dev", "--listen", "127.0.0.1:0", "--state-dir", state_arg],
         dir.path(),
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()
-    .expect("spawn local-stack");
+    .expect("spawn pcache dev");
     let stderr = Arc::new(Mutex::new(String::new()));
     collect(stack.stderr.take().unwrap(), stderr.clone());
     let mut stdout = BufReader::new(stack.stdout.take().unwrap()).lines();
@@ -328,7 +328,7 @@ async fn the_run_command_serves_changes_prices_and_stops_its_children_on_sigint(
             stderr.lock().unwrap()
         ),
     };
-    eprintln!("local-stack up after {:?}", started.elapsed());
+    eprintln!("pcache dev up after {:?}", started.elapsed());
     let addr: SocketAddr = base.strip_prefix("http://").unwrap().parse().unwrap();
     assert_ne!(addr.port(), 0);
     // The rest of the banner, so the pipe never fills.

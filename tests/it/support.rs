@@ -98,7 +98,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = target.join(profile).join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run `cargo build -p functions -p local-stack --bins` first (scripts/test.sh does)",
+        "{} is missing: run `cargo build -p functions -p pcache --bins` first (scripts/test.sh does)",
         path.display()
     );
     path

@@ -27,6 +27,11 @@ pub struct Services {
 }
 
 impl Services {
+    /// Whether the Redis is a child started here (so known to be empty).
+    pub fn started_redis(&self) -> bool {
+        self._redis.is_some()
+    }
+
     pub async fn start() -> Result<Self, Error> {
         let (redis_url, redis) = match std::env::var("REDIS_URL") {
             Ok(url) => (url, None),
@@ -88,6 +93,10 @@ pub async fn run(mode: InvalidationMode) -> Result<String, Error> {
         cache: settings,
     };
     let invalidator = Invalidator::build(invalidator, &sdk).await?;
+    if services.started_redis() {
+        // A Redis started empty just now: refreshes write from the first record on.
+        invalidator.cache().declare_empty().await?;
+    }
 
     let id = "kb-001";
     let put_price = |price: &'static str| {

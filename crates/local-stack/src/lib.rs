@@ -1,11 +1,13 @@
 //! Runs the whole system on one machine: real `redis-server` and `moto_server` (DynamoDB and
 //! DynamoDB Streams) processes, the table with its stream, the read function's handler behind
 //! local HTTP, and the stream read the way Lambda's event source mapping reads it. Tests use the
-//! same pieces.
+//! same pieces, and so does the `pcache` command (crates/pcache), which adds only the command
+//! line.
 //!
 //! # Layout
-//! - [`stack`]: [`stack::Stack`], everything below wired into one running system, and the state
-//!   file the `set-price` and `warm` commands find it by.
+//! - [`stack`]: [`stack::Stack`], everything below wired into one running system, split by job:
+//!   its lifecycle (start, run until stopped or failed, shut down), what it shows (the banner and
+//!   the status line), and the state file the `set-price` and `warm` commands find it by.
 //! - [`http`]: the read path over HTTP, with requests shaped as API Gateway (HTTP API) sends them.
 //! - [`seed`]: the deterministic sample catalog, batch writes, and the `set-price` change.
 //! - [`warm`]: cache warming through the read path's lease-guarded fill.
@@ -15,10 +17,12 @@
 //! - [`services`]: spawns throwaway `redis-server` and `moto_server` children on free ports.
 //! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
 //! - [`stream`]: reads the table's stream and builds the event JSON Lambda would deliver.
+//! - [`error`]: the one formatter of an error and its causes on one line.
 //!
 //! Install both server binaries with `scripts/setup.sh`.
 
 pub mod demo;
+pub mod error;
 pub mod esm_template;
 pub mod http;
 pub mod poller;

@@ -74,7 +74,7 @@ pub async fn warm<C: Cache, S: ProductStore>(
             (CacheStatus::Bypass, Ok(Lookup::Found(_))) => {
                 summary.record_error(id, "Redis could not be used; nothing was cached".into())
             }
-            (_, Err(e)) => summary.record_error(id, error_chain(&e)),
+            (_, Err(e)) => summary.record_error(id, crate::error::chain(&e)),
         }
     }
     summary
@@ -87,17 +87,6 @@ impl WarmSummary {
             self.error_samples.push((id, reason));
         }
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Ids from a file, one per line; blank lines and `#` comments are skipped.

@@ -1,0 +1,119 @@
+//! The command line's shape: every subcommand and option, as clap reads them. What the
+//! subcommands do is in `commands`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use product_cache::config::InvalidationMode;
+
+pub const DEFAULT_STATE_DIR: &str = "target/local-stack";
+
+#[derive(Parser)]
+#[command(
+    name = "pcache",
+    about = "Operates the product cache: runs the whole system locally, changes prices in its \
+             table and warms its cache",
+    after_help = "scripts/run.sh with no subcommand (or only options) runs `pcache dev`.",
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Start the whole system locally and keep it running until Ctrl-C
+    ///
+    /// redis-server, moto (DynamoDB + Streams) with the seeded table, the read path over HTTP and
+    /// the stream invalidator behind the local event source mapping.
+    // `run` was this subcommand's name before the command was called pcache.
+    #[command(alias = "run")]
+    Dev(DevArgs),
+    /// A one-shot walk of a price change through the system, step by step
+    Demo {
+        /// What the invalidator does with a change
+        #[arg(long, default_value = "delete")]
+        mode: InvalidationMode,
+    },
+    /// Change a product's price in the running stack's table, as any writer would
+    SetPrice(SetPriceArgs),
+    /// Pre-load products into the cache through the read path
+    Warm(WarmArgs),
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Address of the HTTP API (port 0: any free port)
+    #[arg(long, default_value = local_stack::stack::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// The DynamoDB table, created if missing and seeded if empty
+    #[arg(long, default_value = local_stack::stack::DEFAULT_TABLE)]
+    pub table: String,
+    /// A running Redis to use instead of starting redis-server
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// A running DynamoDB with Streams to use instead of starting moto
+    #[arg(long, env = "AWS_ENDPOINT_URL_DYNAMODB")]
+    pub endpoint: Option<String>,
+    /// The SAM template whose invalidator event source configures the stream poller
+    #[arg(long, default_value = "infra/template.yaml")]
+    pub template: PathBuf,
+    /// Where records the poller gives up on are written [default: <state-dir>/on-failure.jsonl]
+    #[arg(long)]
+    pub on_failure: Option<PathBuf>,
+    /// Where the running stack's state file goes, for set-price and warm
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// What the invalidator does with a change
+    #[arg(long, env = "INVALIDATION_MODE", default_value = "delete")]
+    pub mode: InvalidationMode,
+    /// Products written to an empty table
+    #[arg(long, default_value_t = local_stack::seed::DEFAULT_PRODUCTS)]
+    pub seed: usize,
+}
+
+/// Which stack a command acts on: the running one (its state file), or explicit endpoints.
+#[derive(Args)]
+pub struct Target {
+    /// The state directory of the running stack
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// DynamoDB endpoint, instead of the running stack's
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// The table [default: the running stack's, or Products]
+    #[arg(long)]
+    pub table: Option<String>,
+}
+
+#[derive(Args)]
+pub struct SetPriceArgs {
+    /// Product id, e.g. kb-001
+    pub id: String,
+    /// New price, e.g. 99.99
+    pub price: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["ids", "first"]))]
+pub struct WarmArgs {
+    /// A file of product ids, one per line
+    #[arg(long)]
+    pub ids: Option<PathBuf>,
+    /// The first N ids a Scan of the table returns
+    #[arg(long)]
+    pub first: Option<usize>,
+    /// Reads in flight at once
+    #[arg(long, default_value_t = local_stack::warm::DEFAULT_CONCURRENCY)]
+    pub concurrency: usize,
+    /// Redis, instead of the running stack's
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    #[command(flatten)]
+    pub target: Target,
+}

@@ -1,0 +1,160 @@
+//! What each subcommand does, on top of the local-stack library: `dev` runs a stack in the
+//! foreground until a signal; `set-price` and `warm` find the running stack through its state
+//! file and act on it.
+
+use std::path::Path;
+
+use local_stack::stack::{Stack, StackOptions, StackState, StatusStyle};
+use product_cache::config::{CacheSettings, Env, ReadSettings, RedisSettings};
+
+use crate::cli::{DevArgs, SetPriceArgs, Target, WarmArgs, DEFAULT_STATE_DIR};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+pub async fn dev(args: DevArgs) -> Result<(), Error> {
+    let mut stop = std::pin::pin!(stop_signal()?);
+    eprintln!("pcache: starting (moto takes a few seconds)...");
+    let esm = local_stack::esm_template::local(&args.template)?;
+    for property in &esm.not_emulated {
+        eprintln!(
+            "pcache: {property} in {} is not emulated locally",
+            args.template.display()
+        );
+    }
+    let options = StackOptions {
+        listen: args.listen,
+        table: args.table,
+        redis_url: args.redis_url,
+        dynamodb_endpoint: args.endpoint,
+        seed_products: args.seed,
+        esm: local_stack::poller::EsmConfig {
+            poll_interval: local_stack::stack::LOCAL_POLL_INTERVAL,
+            on_failure: Some(
+                args.on_failure
+                    .unwrap_or_else(|| args.state_dir.join("on-failure.jsonl")),
+            ),
+            ..esm.config
+        },
+        esm_source: esm.source,
+        mode: args.mode,
+        settings: CacheSettings::from_source(&Env)?,
+    };
+    let mut stack = tokio::select! {
+        stack = Stack::start(options) => stack?,
+        // Dropping the half-started stack kills any child already running.
+        () = &mut stop => return Ok(()),
+    };
+    let mut set_price = "scripts/run.sh set-price kb-001 99.99".to_owned();
+    if args.state_dir != Path::new(DEFAULT_STATE_DIR) {
+        set_price += &format!(" --state-dir {}", args.state_dir.display());
+    }
+    // Written before the banner: whoever acts on the printed address finds the state file.
+    StackState::of(&stack).write(&args.state_dir)?;
+    println!("{}", stack.banner(&set_price));
+    let result = stack.run_until(&mut stop, StatusStyle::for_stderr()).await;
+    stack.shutdown().await;
+    StackState::remove_if_ours(&args.state_dir);
+    result?;
+    eprintln!("pcache: stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. Registered before anything starts, so a signal
+/// during start-up also goes through the orderly stop.
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+/// Where a command acts: what was given on the command line, the rest from the running stack's
+/// state file (read only when something is missing).
+struct Resolved {
+    endpoint: String,
+    redis_url: String,
+    table: String,
+    key_attribute: String,
+}
+
+impl Target {
+    /// `redis_url`: the command's `--redis-url`, if it needs Redis at all.
+    fn resolve(&self, redis_url: Option<Option<&str>>) -> Result<Resolved, Error> {
+        let complete = self.endpoint.is_some() && redis_url.is_none_or(|r| r.is_some());
+        let state = if complete {
+            None
+        } else {
+            Some(StackState::read(&self.state_dir)?)
+        };
+        let from_state = |f: fn(&StackState) -> &String| state.as_ref().map(|s| f(s).clone());
+        let settings = CacheSettings::from_source(&Env)?;
+        Ok(Resolved {
+            endpoint: self
+                .endpoint
+                .clone()
+                .or_else(|| from_state(|s| &s.dynamodb_endpoint))
+                .unwrap_or_default(),
+            redis_url: redis_url
+                .flatten()
+                .map(str::to_owned)
+                .or_else(|| from_state(|s| &s.redis_url))
+                .unwrap_or_default(),
+            table: self
+                .table
+                .clone()
+                .or_else(|| from_state(|s| &s.table))
+                .unwrap_or_else(|| local_stack::stack::DEFAULT_TABLE.into()),
+            key_attribute: from_state(|s| &s.key_attribute).unwrap_or(settings.key_attribute),
+        })
+    }
+}
+
+async fn dynamodb(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&local_stack::table::local_sdk_config(endpoint).await)
+}
+
+pub async fn set_price(args: SetPriceArgs) -> Result<(), Error> {
+    let at = args.target.resolve(None)?;
+    let client = dynamodb(&at.endpoint).await;
+    let change =
+        local_stack::seed::set_price(&client, &at.table, &at.key_attribute, &args.id, &args.price)
+            .await?;
+    println!("{change}");
+    Ok(())
+}
+
+pub async fn warm(args: WarmArgs) -> Result<(), Error> {
+    let at = args.target.resolve(Some(args.redis_url.as_deref()))?;
+    let settings = CacheSettings {
+        key_attribute: at.key_attribute,
+        ..CacheSettings::from_source(&Env)?
+    };
+    let sdk = local_stack::table::local_sdk_config(&at.endpoint).await;
+    let client = aws_sdk_dynamodb::Client::new(&sdk);
+    let ids = match (&args.ids, args.first) {
+        (Some(path), _) => local_stack::warm::ids_from_file(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?,
+        (None, Some(n)) => {
+            local_stack::warm::first_ids(&client, &at.table, &settings.key_attribute, n).await?
+        }
+        (None, None) => unreachable!("clap requires --ids or --first"),
+    };
+    let read = ReadSettings::new(RedisSettings::new(&at.redis_url), &at.table, settings);
+    let read = product_cache::read::ReadPath::build(read, &sdk).await?;
+    let progress = indicatif::ProgressBar::new(ids.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("warming {bar:40} {pos}/{len} ids ({per_sec})")
+            .expect("a valid template"),
+    );
+    let summary = local_stack::warm::warm(&read, ids, args.concurrency, || progress.inc(1)).await;
+    progress.finish_and_clear();
+    println!("{summary}");
+    if summary.errors > 0 {
+        return Err(format!("{} ids could not be warmed", summary.errors).into());
+    }
+    Ok(())
+}
