@@ -113,7 +113,15 @@ impl<C: Cache> Invalidator<C> {
         for (index, raw) in records.iter().enumerate() {
             let sequence_number = sequence_number_of(raw);
             let result = match serde_json::from_value::<EventRecord>(raw.clone()) {
-                Ok(record) => self.plan_record(&record, sequence_number.as_deref()),
+                Ok(record) => match self.plan_record(&record, sequence_number.as_deref()) {
+                    // `Keys` is in every stream view type; a record without a usable one is not
+                    // the documented shape either, so its images are searched the same way.
+                    Err(SkipReason::NoKey(_)) => {
+                        tracing::warn!(index, ?sequence_number, "stream record without usable Keys; deleting the key its images name, if any");
+                        self.key_of_raw(raw).map(CacheOp::delete)
+                    }
+                    other => other,
+                },
                 Err(e) => {
                     // Not the documented shape. Deleting the key it names is right whatever the
                     // change was, so look for the key before giving up on the record.
@@ -468,6 +476,30 @@ mod tests {
     }
 
     #[test]
+    fn a_record_with_empty_or_missing_keys_deletes_the_key_its_images_name() {
+        let inv = invalidator(InvalidationMode::Refresh);
+        for keys in [Some(serde_json::json!({})), None] {
+            let mut event = fixture("modify.json");
+            let dynamodb = event["Records"][0]["dynamodb"].as_object_mut().unwrap();
+            match &keys {
+                Some(empty) => {
+                    dynamodb.insert("Keys".into(), empty.clone());
+                }
+                None => {
+                    dynamodb.remove("Keys");
+                }
+            }
+            assert!(dynamodb.contains_key("SizeBytes"), "otherwise well formed");
+            let planned = inv.plan(event["Records"].as_array().unwrap());
+            assert_eq!(
+                planned.iter().map(|p| &p.op).collect::<Vec<_>>(),
+                [&CacheOp::delete("product:kb-001")],
+                "Keys {keys:?}"
+            );
+        }
+    }
+
+    #[test]
     fn records_without_a_usable_key_are_skipped() {
         let inv = invalidator(InvalidationMode::Delete);
         let mut event = fixture("modify.json");
@@ -478,6 +510,10 @@ mod tests {
         braces["dynamodb"]["Keys"]["productId"] = serde_json::json!({"S": "{x}"});
         let mut wrong_type = good.clone();
         wrong_type["dynamodb"]["Keys"]["productId"] = serde_json::json!({"BOOL": true});
+        // Images naming the item would be searched next (see the test above): none here.
+        for image in ["NewImage", "OldImage"] {
+            wrong_type["dynamodb"].as_object_mut().unwrap().remove(image);
+        }
         event["Records"] =
             serde_json::json!(["not even an object", no_key, braces, wrong_type, good]);
         let planned = inv.plan(event["Records"].as_array().unwrap());
