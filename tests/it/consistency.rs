@@ -321,7 +321,87 @@ async fn a_version_attribute_orders_fills_too() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(ver, "2:0");
+    assert_eq!(ver, "v:2:0");
     // The next reader fills the current version.
     assert_eq!(env.http_get("kb-001").await.2["price"], json!(99.99));
+}
+
+/// Turning a version attribute on (or off) on a live cache, and the rollout in between, when the
+/// two functions disagree: `{key}:ver` holds positions of the other kind, which cannot be
+/// compared with the new ones. A change then deletes (instead of being refused because a
+/// 20-digit sequence number looks newer than version 2), and a fill is guarded by its lease
+/// alone (instead of being refused with its lease left held).
+#[tokio::test]
+async fn a_version_attribute_can_be_turned_on_and_off_on_a_live_cache() {
+    let by_sequence = CacheSettings::default();
+    let by_version = CacheSettings {
+        version_attribute: Some("version".into()),
+        ..CacheSettings::default()
+    };
+    let mut env = TestEnv::with_settings(Refresh, by_sequence.clone()).await;
+    put_versioned(&env, "1", "129.99").await;
+    env.drain_stream().await;
+    assert_eq!(
+        price_of(env.raw_get("product:kb-001").await),
+        Some(json!(129.99))
+    );
+    assert_eq!(position_kind(&env).await.as_deref(), Some("s:"));
+
+    // The invalidator is switched first: its change cannot be ordered against the sequence
+    // number, so it deletes and records the version.
+    let versioned = product_cache::invalidate::Invalidator::new(
+        env.cache(&by_version).await,
+        Refresh,
+        by_version.clone(),
+    );
+    put_versioned(&env, "2", "99.99").await;
+    let event = env.new_stream_event().await;
+    assert!(versioned.handle(event).await.batch_item_failures.is_empty());
+    assert_eq!(
+        env.raw_get("product:kb-001").await,
+        None,
+        "the old price stayed"
+    );
+    assert_eq!(position_kind(&env).await.as_deref(), Some("v:"));
+    // A reader still without the attribute fills, guarded by its lease.
+    let old_reader = ReadPath::new(
+        env.cache(&by_sequence).await,
+        env.store(&by_sequence),
+        by_sequence.clone(),
+    );
+    assert_eq!(old_reader.get("kb-001").await.0, CacheStatus::Miss);
+    assert_eq!(
+        price_of(env.raw_get("product:kb-001").await),
+        Some(json!(99.99))
+    );
+
+    // Switched back (or a rollout the other way round): the old invalidator's change deletes
+    // over the version position, and a versioned reader's fill over the sequence number is
+    // written, not refused with its lease left held.
+    put_versioned(&env, "3", "89.99").await;
+    env.drain_stream().await;
+    assert_eq!(position_kind(&env).await.as_deref(), Some("s:"));
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+    let new_reader = ReadPath::new(
+        env.cache(&by_version).await,
+        env.store(&by_version),
+        by_version.clone(),
+    );
+    assert_eq!(new_reader.get("kb-001").await.0, CacheStatus::Miss);
+    assert_eq!(
+        price_of(env.raw_get("product:kb-001").await),
+        Some(json!(89.99))
+    );
+    assert_eq!(
+        env.raw_get("{product:kb-001}:lease").await,
+        None,
+        "a lease was left held"
+    );
+    assert_eq!(new_reader.get("kb-001").await.0, CacheStatus::Hit);
+}
+
+/// `s:` or `v:`: the kind of position `{product:kb-001}:ver` holds.
+async fn position_kind(env: &TestEnv) -> Option<String> {
+    let ver = env.raw_get("{product:kb-001}:ver").await;
+    ver.map(|v| v[..2].to_owned())
 }

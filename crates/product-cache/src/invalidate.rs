@@ -208,7 +208,7 @@ impl<C: Cache> Invalidator<C> {
         sequence_number: Option<&str>,
     ) -> Option<Order> {
         let Some(attr) = &self.settings.version_attribute else {
-            return Order::new(sequence_number?, 0);
+            return Order::sequence(sequence_number?);
         };
         let image = if removed {
             &record.change.old_image
@@ -216,7 +216,7 @@ impl<C: Cache> Invalidator<C> {
             &record.change.new_image
         };
         match image.get(attr) {
-            Some(AttributeValue::N(n)) => Order::new(n, u8::from(removed)),
+            Some(AttributeValue::N(n)) => Order::version(n, removed),
             _ => None,
         }
     }
@@ -409,7 +409,7 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| Order::new(r["dynamodb"]["SequenceNumber"].as_str().unwrap(), 0))
+            .map(|r| Order::sequence(r["dynamodb"]["SequenceNumber"].as_str().unwrap()))
             .collect();
         assert_eq!(
             planned
@@ -431,13 +431,13 @@ mod tests {
         let mut event = fixture("modify.json");
         event["Records"][0]["dynamodb"]["NewImage"]["version"] = serde_json::json!({"N": "7"});
         let planned = inv.plan(event["Records"].as_array().unwrap());
-        assert_eq!(planned[0].op.order, Order::new("7", 0));
+        assert_eq!(planned[0].op.order, Order::version("7", false));
 
         // A REMOVE ranks just after the write of the version it removes.
         let mut event = fixture("remove.json");
         event["Records"][0]["dynamodb"]["OldImage"]["version"] = serde_json::json!({"N": "7"});
         let planned = inv.plan(event["Records"].as_array().unwrap());
-        assert_eq!(planned[0].op.order, Order::new("7", 1));
+        assert_eq!(planned[0].op.order, Order::version("7", true));
 
         // No version in the record: an unordered delete, never an unordered write.
         let planned = inv.plan(fixture("modify.json")["Records"].as_array().unwrap());
@@ -512,7 +512,10 @@ mod tests {
         wrong_type["dynamodb"]["Keys"]["productId"] = serde_json::json!({"BOOL": true});
         // Images naming the item would be searched next (see the test above): none here.
         for image in ["NewImage", "OldImage"] {
-            wrong_type["dynamodb"].as_object_mut().unwrap().remove(image);
+            wrong_type["dynamodb"]
+                .as_object_mut()
+                .unwrap()
+                .remove(image);
         }
         event["Records"] =
             serde_json::json!(["not even an object", no_key, braces, wrong_type, good]);
@@ -695,7 +698,7 @@ mod tests {
                                 ttl: Default::default(),
                             }
                         },
-                        order: Order::new(&rng.u8(1..9).to_string(), rng.u8(0..2)),
+                        order: Order::version(&rng.u8(1..9).to_string(), rng.bool()),
                         created_ms: Some(0),
                         delete_if_refused: false,
                     }
@@ -726,7 +729,7 @@ mod tests {
                             .versions
                             .lock()
                             .unwrap()
-                            .insert(key, Order::new("4", 0).unwrap());
+                            .insert(key, Order::version("4", false).unwrap());
                     }
                 }
                 cache
@@ -754,7 +757,7 @@ mod tests {
                     .collect();
                 let mut l: Vec<_> = c.leases.lock().unwrap().keys().cloned().collect();
                 e.sort();
-                v.sort();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
                 l.sort();
                 (e, v, l)
             };

@@ -16,10 +16,15 @@ local ordered = ARGV[6] == '1' and ARGV[4] ~= ''
 local kind = ARGV[1]
 if ordered then
   local cur = redis.call('GET', KEYS[3])
-  if cur and not newer(ARGV[4], cur) then
+  local is_newer = cur and newer(ARGV[4], cur)
+  if is_newer == false and cur then
     if ARGV[8] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
     return 0
   end
+  -- A position of the other kind (a version attribute turned on or off, or the functions
+  -- disagreeing during a rollout): this change cannot be ordered against it, so it deletes,
+  -- which is right whatever it is, and its position replaces the other.
+  if cur and is_newer == nil then kind = 'del' end
   if kind == 'set' then
     -- SET NX GET (Redis 7): the epoch, written now if this slot has none.
     local epoch = redis.call('SET', KEYS[4], ARGV[9], 'NX', 'GET') or ARGV[9]

@@ -5,8 +5,19 @@
 if ARGV[6] == '1' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[7] == '1' and ARGV[4] ~= '' then
   local cur = redis.call('GET', KEYS[3])
-  if cur and cur ~= ARGV[4] and newer(cur, ARGV[4]) then return 0 end
-  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
+  local cur_newer = cur and newer(cur, ARGV[4])
+  if cur_newer then
+    -- Older than what the key has seen: this reader will not fill, so it hands its lease back
+    -- rather than make the next reader wait for it to lapse.
+    if ARGV[6] == '1' then redis.call('DEL', KEYS[2]) end
+    return 0
+  end
+  -- No position yet, or an older one of the same kind: record the fill's. A position of the
+  -- other kind (nil: a version attribute being turned on or off) is left for the invalidator's
+  -- next change; the lease alone guards this fill, as it does without a version attribute.
+  if not cur or cur_newer == false then
+    redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
+  end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 if ARGV[6] == '1' then redis.call('DEL', KEYS[2]) end

@@ -33,8 +33,9 @@ impl MemoryCache {
     }
 }
 
-fn newer(a: &Order, b: &Order) -> bool {
-    a > b
+/// `newer.lua`: `None` when the positions are of different kinds.
+fn newer(a: &Order, b: &Order) -> Option<bool> {
+    a.partial_cmp(b).map(|o| o.is_gt())
 }
 
 impl Cache for MemoryCache {
@@ -59,10 +60,16 @@ impl Cache for MemoryCache {
         }
         if let Some(order) = f.order {
             let mut versions = self.versions.lock().unwrap();
-            if versions.get(f.key).is_some_and(|cur| newer(cur, order)) {
-                return Ok(false);
+            match versions.get(f.key).map(|cur| newer(cur, order)) {
+                Some(Some(true)) => {
+                    leases.remove(f.key);
+                    return Ok(false);
+                }
+                Some(None) => {} // the other kind: the lease alone guards the fill
+                None | Some(Some(false)) => {
+                    versions.insert(f.key.to_owned(), order.clone());
+                }
             }
-            versions.insert(f.key.to_owned(), order.clone());
         }
         leases.remove(f.key);
         self.entries
@@ -78,18 +85,23 @@ impl Cache for MemoryCache {
         let mut versions = self.versions.lock().unwrap();
         for op in ops {
             // An in-memory cache never loses its data: every record is newer than its epoch.
+            let mut kind = &op.kind;
             if let Some(order) = &op.order {
-                if versions.get(&op.key).is_some_and(|cur| !newer(order, cur)) {
-                    if op.delete_if_refused {
-                        self.leases.lock().unwrap().remove(&op.key);
-                        entries.remove(&op.key);
+                match versions.get(&op.key).map(|cur| newer(order, cur)) {
+                    Some(Some(false)) => {
+                        if op.delete_if_refused {
+                            self.leases.lock().unwrap().remove(&op.key);
+                            entries.remove(&op.key);
+                        }
+                        continue;
                     }
-                    continue;
+                    Some(None) => kind = &OpKind::Delete, // the other kind: cannot be ordered
+                    None | Some(Some(true)) => {}
                 }
                 versions.insert(op.key.clone(), order.clone());
             }
             self.leases.lock().unwrap().remove(&op.key);
-            match &op.kind {
+            match kind {
                 OpKind::Delete => {
                     entries.remove(&op.key);
                 }

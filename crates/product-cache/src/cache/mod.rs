@@ -40,46 +40,78 @@ pub use self::redis::RedisCache;
 /// `JSON.parse` gets `null`, which every such reader already treats as "no product".
 pub const NOT_FOUND: &str = "null";
 
-/// A position in an item's history: a stream `SequenceNumber`, or the item's version attribute.
-/// `major` is a non-negative integer in decimal without leading zeros (compared by length, then
-/// digit by digit, so 40-digit sequence numbers compare exactly); `minor` orders a REMOVE after
-/// the write that carried the same version.
+/// What a position counts: stream records or item versions. Positions of different kinds cannot
+/// be compared (a 20-digit sequence number says nothing about version `8`), so they carry their
+/// kind into Redis, and a script that meets the other kind treats the position as unknown: an
+/// invalidation deletes, a fill is guarded by its lease alone. That is what makes turning a
+/// version attribute on or off on a running system, or a rollout during which the two
+/// functions disagree, safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderKind {
+    /// A stream record's `SequenceNumber`.
+    Sequence,
+    /// The item's version attribute (`VERSION_ATTRIBUTE`).
+    Version,
+}
+
+/// A position in an item's history. `major` is a non-negative integer in decimal without leading
+/// zeros (compared by length, then digit by digit, so 40-digit sequence numbers compare
+/// exactly); `minor` orders a REMOVE after the write that carried the same version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Order {
+    kind: OrderKind,
     major: String,
     minor: u8,
 }
 
-impl Ord for Order {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.major.len(), &self.major, self.minor).cmp(&(
-            other.major.len(),
-            &other.major,
-            other.minor,
-        ))
-    }
-}
-
+/// Only positions of one kind compare.
 impl PartialOrd for Order {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
+        (self.kind == other.kind).then(|| {
+            (self.major.len(), &self.major, self.minor).cmp(&(
+                other.major.len(),
+                &other.major,
+                other.minor,
+            ))
+        })
     }
 }
 
 impl Order {
-    /// `None` unless `major` is a plain non-negative integer.
-    pub fn new(major: &str, minor: u8) -> Option<Self> {
+    /// A stream record's position; `None` unless `sequence_number` is a plain non-negative
+    /// integer.
+    pub fn sequence(sequence_number: &str) -> Option<Self> {
+        Self::new(OrderKind::Sequence, sequence_number, 0)
+    }
+
+    /// An item version's position; `removed` ranks a REMOVE just after the write of the version
+    /// it removes. `None` unless `version` is a plain non-negative integer.
+    pub fn version(version: &str, removed: bool) -> Option<Self> {
+        Self::new(OrderKind::Version, version, u8::from(removed))
+    }
+
+    fn new(kind: OrderKind, major: &str, minor: u8) -> Option<Self> {
         let canonical = !major.is_empty()
             && major.bytes().all(|b| b.is_ascii_digit())
             && (major == "0" || !major.starts_with('0'));
         canonical.then(|| Self {
+            kind,
             major: major.to_owned(),
             minor,
         })
     }
 
+    pub fn kind(&self) -> OrderKind {
+        self.kind
+    }
+
+    /// `s:<major>:<minor>` or `v:<major>:<minor>`, as `newer.lua` parses it.
     fn encode(&self) -> String {
-        format!("{}:{}", self.major, self.minor)
+        let kind = match self.kind {
+            OrderKind::Sequence => 's',
+            OrderKind::Version => 'v',
+        };
+        format!("{kind}:{}:{}", self.major, self.minor)
     }
 }
 
@@ -236,14 +268,27 @@ mod tests {
 
     #[test]
     fn orders_compare_numerically_then_by_minor() {
-        let o = |m: &str, n| Order::new(m, n).unwrap();
-        assert!(o("10", 0) > o("9", 0));
-        assert!(o("111000000000000000002", 0) > o("111000000000000000001", 0));
-        assert!(o("5", 1) > o("5", 0));
-        assert_eq!(o("5", 0), o("5", 0));
+        let v = |m: &str, removed| Order::version(m, removed).unwrap();
+        let s = |m: &str| Order::sequence(m).unwrap();
+        assert!(v("10", false) > v("9", false));
+        assert!(s("111000000000000000002") > s("111000000000000000001"));
+        assert!(v("5", true) > v("5", false));
+        assert_eq!(v("5", false), v("5", false));
         for bad in ["", "-1", "01", "1.5", "1e3", "x"] {
-            assert_eq!(Order::new(bad, 0), None, "{bad}");
+            assert_eq!(Order::sequence(bad), None, "{bad}");
+            assert_eq!(Order::version(bad, false), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn positions_of_different_kinds_do_not_compare() {
+        let seq = Order::sequence("111000000000000000002").unwrap();
+        let ver = Order::version("8", false).unwrap();
+        assert_eq!(seq.partial_cmp(&ver), None);
+        assert_eq!(ver.partial_cmp(&seq), None);
+        assert_ne!(seq, ver);
+        assert_eq!(seq.encode(), "s:111000000000000000002:0");
+        assert_eq!(Order::version("8", true).unwrap().encode(), "v:8:1");
     }
 
     #[test]

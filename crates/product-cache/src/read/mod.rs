@@ -163,7 +163,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
     fn version_of(&self, item: &crate::store::Item) -> Option<Order> {
         let attr = self.settings.version_attribute.as_ref()?;
         match item.get(attr) {
-            Some(serde_dynamo::AttributeValue::N(n)) => Order::new(n, 0),
+            Some(serde_dynamo::AttributeValue::N(n)) => Order::version(n, false),
             _ => None,
         }
     }
