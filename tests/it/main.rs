@@ -7,6 +7,7 @@ mod checker;
 mod cluster_and_auth;
 mod consistency;
 mod end_to_end;
+mod failure_paths;
 mod invalidator;
 mod lambda_binaries;
 mod local_stack;

@@ -178,6 +178,14 @@ impl<C: Cache> Cache for Counting<C> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.apply(ops)
     }
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+    ) -> impl Future<Output = Result<(), CacheError>> + Send + 'static {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.release(key, token)
+    }
 }
 
 pub type TestReadPath = ReadPath<Counting<RedisCache>, Counting<DynamoStore>>;

@@ -559,6 +559,14 @@ mod tests {
         async fn fill(&self, f: crate::cache::Fill<'_>) -> Result<bool, crate::cache::CacheError> {
             self.0.fill(f).await
         }
+        fn release(
+            &self,
+            key: &str,
+            token: &str,
+        ) -> impl std::future::Future<Output = Result<(), crate::cache::CacheError>> + Send + 'static
+        {
+            self.0.release(key, token)
+        }
         async fn apply(&self, ops: &[CacheOp]) -> Result<(), crate::cache::BatchError> {
             let failed: Vec<usize> = (0..ops.len())
                 .filter(|&i| self.1.contains(&ops[i].key))

@@ -43,6 +43,14 @@ impl<C: Cache> Cache for FailingCache<C> {
         self.inner.fill(fill).await
     }
 
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+    ) -> impl std::future::Future<Output = Result<(), CacheError>> + Send + 'static {
+        self.inner.release(key, token)
+    }
+
     async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
         let armed = self.armed.lock().unwrap().take();
         let Some(prefix) = armed else {

@@ -79,6 +79,20 @@ impl Cache for MemoryCache {
         Ok(true)
     }
 
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+    ) -> impl std::future::Future<Output = Result<(), CacheError>> + Send + 'static {
+        let result = self.enter().map(|()| {
+            let mut leases = self.leases.lock().unwrap();
+            if leases.get(key).map(String::as_str) == Some(token) {
+                leases.remove(key);
+            }
+        });
+        std::future::ready(result)
+    }
+
     async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
         self.enter().map_err(|e| BatchError::all(ops.len(), e))?;
         let mut entries = self.entries.lock().unwrap();

@@ -237,6 +237,13 @@ pub trait Cache: Send + Sync {
     ) -> impl Future<Output = Result<Probe, CacheError>> + Send;
     /// Writes a value if the lease is still held; `Ok(false)` when refused.
     fn fill(&self, fill: Fill<'_>) -> impl Future<Output = Result<bool, CacheError>> + Send;
+    /// Hands back a lease this reader will not fill with, if it is still this reader's. The
+    /// future owns what it needs, so a caller can also leave it running in the background.
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+    ) -> impl Future<Output = Result<(), CacheError>> + Send + 'static;
     /// Applies `ops`, at most one per key (the invalidator collapses a key's records first), in
     /// as few round trips as the deployment allows. Which ops failed is reported exactly, so
     /// the invalidator can name the earliest record whose change is not known to be applied.

@@ -287,6 +287,22 @@ impl Cache for RedisCache {
         Ok(written == 1)
     }
 
+    fn release(
+        &self,
+        key: &str,
+        token: &str,
+    ) -> impl Future<Output = Result<(), CacheError>> + Send + 'static {
+        let (this, key, token) = (self.clone(), key.to_owned(), token.to_owned());
+        async move {
+            let mut conn = this.conn().await?;
+            let mut invocation = scripts().release.key(lease_key(&key));
+            invocation.arg(&token);
+            this.bounded(this.timeout, invocation.invoke_async::<u8>(&mut conn))
+                .await
+                .map(drop)
+        }
+    }
+
     /// On a single node, pipelines of [`CHUNK`] ops; on a cluster, one pipeline per hash slot
     /// (a cluster pipeline cannot span slots), in flight together. The whole batch gets the
     /// per-operation timeout once per 1,000 ops, a budget that follows the work; the

@@ -10,11 +10,13 @@ const NEWER: &str = include_str!("newer.lua");
 const PROBE: &str = include_str!("probe.lua");
 const FILL: &str = include_str!("fill.lua");
 const APPLY: &str = include_str!("apply.lua");
+const RELEASE: &str = include_str!("release.lua");
 
 pub(super) struct Scripts {
     pub probe: redis::Script,
     pub fill: redis::Script,
     pub apply: redis::Script,
+    pub release: redis::Script,
 }
 
 /// Built once per process: a `Script` hashes its source, and the hash is what EVALSHA sends.
@@ -24,5 +26,6 @@ pub(super) fn scripts() -> &'static Scripts {
         probe: redis::Script::new(PROBE),
         fill: redis::Script::new(&format!("{NEWER}{FILL}")),
         apply: redis::Script::new(&format!("{NEWER}{APPLY}")),
+        release: redis::Script::new(RELEASE),
     })
 }

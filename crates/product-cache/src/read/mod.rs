@@ -9,7 +9,7 @@ pub mod http;
 
 pub use http::{handle_request, Answer};
 
-use crate::cache::{Cache, Fill, Order, Probe, NOT_FOUND};
+use crate::cache::{Cache, CacheError, Fill, Order, Probe, NOT_FOUND};
 use crate::config::CacheSettings;
 use crate::document::{Document, DocumentError};
 use crate::id::{InvalidId, ProductId};
@@ -123,19 +123,38 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, key, "cache read failed; answering from the table");
+                    if matches!(e, CacheError::Timeout(_)) {
+                        // The reply may have been lost after Redis granted the lease: hand it
+                        // back in the background, so Redis's trouble costs this answer nothing
+                        // more and the next reader does not wait for the lease to lapse.
+                        tokio::spawn(self.cache.release(&key, &token));
+                    }
                     break (CacheStatus::Bypass, false);
                 }
             }
         };
         tracing::Span::current().record("cache", status.as_str());
 
-        let (lookup, order) = match self.store.get(&id).await {
-            Ok(Some(item)) => match Document::from_item(&item) {
-                Ok(doc) => (Lookup::Found(doc), self.version_of(&item)),
-                Err(e) => return (status, Err(e.into())),
-            },
-            Ok(None) => (Lookup::NotFound, None),
-            Err(e) => return (status, Err(e.into())),
+        let read = match self.store.get(&id).await {
+            Ok(Some(item)) => Document::from_item(&item)
+                .map(|doc| (Lookup::Found(doc), self.version_of(&item)))
+                .map_err(ReadError::from),
+            Ok(None) => Ok((Lookup::NotFound, None)),
+            Err(e) => Err(e.into()),
+        };
+        let (lookup, order) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                if holds_lease {
+                    // Nothing to fill with: hand the lease back now (Redis answered a moment
+                    // ago), or every reader of this key waits out `LEASE_MS` while the table
+                    // fails, even after it has recovered.
+                    if let Err(e) = self.cache.release(&key, &token).await {
+                        tracing::warn!(error = %e, key, "handing the lease back failed");
+                    }
+                }
+                return (status, Err(e));
+            }
         };
 
         if holds_lease {
@@ -152,8 +171,14 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             };
             match self.cache.fill(fill).await {
                 Ok(true) => {}
+                // Refused: the lease was cancelled by a change, or the fill was older than the
+                // key's position (the script then handed the lease back itself).
                 Ok(false) => tracing::debug!(key, "fill refused: the key changed since the lease"),
-                Err(e) => tracing::warn!(error = %e, key, "cache fill failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, key, "cache fill failed");
+                    // It may not have landed; if not, its lease must not outlive it.
+                    tokio::spawn(self.cache.release(&key, &token));
+                }
             }
         }
         (status, Ok(lookup))
