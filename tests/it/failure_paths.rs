@@ -116,3 +116,77 @@ async fn a_fill_refused_as_older_hands_its_lease_back() {
         "the lease was kept"
     );
 }
+
+/// Both functions, both modes, under exactly the ACL the README documents: a user allowed only
+/// the commands and keys in `product_cache::acl::rules` (no `INFO`, no `CONFIG`).
+#[tokio::test]
+async fn both_functions_work_under_the_documented_least_privilege_user() {
+    use product_cache::config::{InvalidatorSettings, ReadSettings, RedisSettings};
+    use product_cache::invalidate::Invalidator;
+
+    let rules = product_cache::acl::rules("product:");
+    let mut user = vec!["--user", "product-cache", "on", ">s3cret"];
+    user.extend(rules.split(' '));
+    for mode in [Delete, Refresh] {
+        let mut env = TestEnv::new(mode).await;
+        let restricted = local_stack::services::RedisServer::start_with(&user)
+            .await
+            .unwrap();
+        let redis = RedisSettings::new(format!(
+            "redis://product-cache:s3cret@127.0.0.1:{}",
+            restricted.port()
+        ));
+        // The user really is restricted.
+        let client = redis::Client::open(redis.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let info: redis::RedisResult<String> = redis::cmd("INFO").query_async(&mut conn).await;
+        let refused = info.unwrap_err().to_string();
+        assert!(refused.to_lowercase().contains("no permissions"), "{refused}");
+
+        let settings = env.settings.clone();
+        let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
+        let read = ReadPath::build(read, &env.sdk).await.unwrap();
+        let invalidator = InvalidatorSettings {
+            redis,
+            mode,
+            cache: settings,
+        };
+        let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+
+        if mode == Refresh {
+            // Through the same user: a fresh Redis, so refreshes write from the first record.
+            invalidator.cache().declare_empty().await.unwrap();
+        }
+        env.put_product("kb-001", "129.99").await;
+        env.new_stream_event().await;
+        let (status, result) = read.get("kb-001").await;
+        assert_eq!(
+            (status, result.is_ok()),
+            (CacheStatus::Miss, true),
+            "{mode:?}"
+        );
+        assert_eq!(read.get("kb-001").await.0, CacheStatus::Hit, "{mode:?}");
+        env.put_product("kb-001", "99.99").await;
+        let event = env.new_stream_event().await;
+        let response = invalidator.handle(event).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "{mode:?}: {response:?}"
+        );
+        // Delete mode removed the entry; refresh mode wrote the new one.
+        let (status, result) = read.get("kb-001").await;
+        let expected = if mode == Delete {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Hit
+        };
+        assert_eq!((status, result.is_ok()), (expected, true), "{mode:?}");
+        let cached: Option<String> = redis::cmd("GET")
+            .arg("product:kb-001")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let cached: serde_json::Value = serde_json::from_str(&cached.expect("cached")).unwrap();
+        assert_eq!(cached["price"], json!(99.99), "{mode:?}");
+    }
+}

@@ -5,6 +5,7 @@
 //! Redis so a changed item is not served stale until its TTL runs out.
 //!
 //! # Layout
+//! - [`acl`]: the Redis permissions the functions need, as ACL rules.
 //! - [`config`]: settings from environment variables, validated at cold start.
 //! - [`id`]: [`id::ProductId`], the parsed product id, and the cache key it maps to.
 //! - [`document`]: the one mapping from a DynamoDB item to the cached JSON document.
@@ -21,6 +22,7 @@
 //!   that turn consistency guards off (`CacheSettings::guards`), for tests only. The functions
 //!   are built without it.
 
+pub mod acl;
 pub mod cache;
 pub mod config;
 pub mod document;
