@@ -1,8 +1,6 @@
 //! What ElastiCache adds on top of a single local Redis: cluster mode (every script must stay in
 //! one hash slot) and an AUTH token kept in Secrets Manager.
 
-use std::time::Duration;
-
 use local_stack::services::{RedisCluster, RedisServer};
 use product_cache::config::{
     CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
@@ -24,14 +22,11 @@ async fn both_paths_work_unchanged_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3).await.unwrap();
     for mode in [InvalidationMode::Delete, InvalidationMode::Refresh] {
         let mut env = TestEnv::new(mode).await;
-        let settings = CacheSettings {
-            redis_timeout: Duration::from_millis(500),
-            ..CacheSettings::default()
-        };
+        // At the default timeouts, as deployed.
+        let settings = CacheSettings::default();
         let redis = RedisSettings {
-            url: cluster.url(),
             cluster: true,
-            auth_secret_arn: None,
+            ..RedisSettings::new(cluster.url())
         };
         let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
         let read = ReadPath::build(read, &env.sdk).await.unwrap();
@@ -92,18 +87,14 @@ async fn the_auth_token_is_read_from_secrets_manager() {
     let arn = crate::support::token_secret(token).await;
 
     let settings = |arn: Option<String>| RedisSettings {
-        url: redis.url(),
-        cluster: false,
         auth_secret_arn: arn,
+        ..RedisSettings::new(redis.url())
     };
     let invalidator = |arn| {
         let settings = InvalidatorSettings {
             redis: settings(arn),
             mode: InvalidationMode::Delete,
-            cache: CacheSettings {
-                redis_timeout: Duration::from_millis(500),
-                ..CacheSettings::default()
-            },
+            cache: CacheSettings::default(),
         };
         Invalidator::build(settings, &sdk)
     };

@@ -141,7 +141,10 @@ async fn both_functions_work_under_the_documented_least_privilege_user() {
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let info: redis::RedisResult<String> = redis::cmd("INFO").query_async(&mut conn).await;
         let refused = info.unwrap_err().to_string();
-        assert!(refused.to_lowercase().contains("no permissions"), "{refused}");
+        assert!(
+            refused.to_lowercase().contains("no permissions"),
+            "{refused}"
+        );
 
         let settings = env.settings.clone();
         let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
@@ -189,4 +192,76 @@ async fn both_functions_work_under_the_documented_least_privilege_user() {
         let cached: serde_json::Value = serde_json::from_str(&cached.expect("cached")).unwrap();
         assert_eq!(cached["price"], json!(99.99), "{mode:?}");
     }
+}
+
+/// A proxy that holds every new connection for `stall` before it forwards anything, as a slow
+/// DNS lookup, TLS handshake and AUTH on a small Lambda would; after that, bytes pass freely.
+async fn slow_to_connect(
+    upstream: u16,
+    stall: std::time::Duration,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(stall).await;
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await;
+                if let Ok(mut server) = server {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// At the default timeouts (100 ms per call), a connection that takes 400 ms to form still
+/// forms: it has its own budget and runs in the background, so the reads meanwhile bypass, and
+/// then the cache serves. Had the connect been bounded by the call's timeout and thrown away
+/// with it, every read would bypass forever.
+#[tokio::test]
+async fn a_connection_slower_than_the_call_timeout_still_forms() {
+    use product_cache::config::{InvalidatorSettings, ReadSettings, RedisSettings};
+    use product_cache::invalidate::Invalidator;
+
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let stall = std::time::Duration::from_millis(400);
+    let (port, _proxy) = slow_to_connect(env.redis.port(), stall).await;
+    let redis = RedisSettings::new(format!("redis://127.0.0.1:{port}"));
+    let settings = CacheSettings::default();
+    let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
+    let read = ReadPath::build(read, &env.sdk).await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        let (status, result) = read.get("kb-001").await;
+        assert!(result.is_ok());
+        statuses.push(status);
+        if status == CacheStatus::Hit {
+            break;
+        }
+    }
+    assert_eq!(statuses.first(), Some(&CacheStatus::Bypass), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&CacheStatus::Hit), "{statuses:?}");
+
+    // The invalidator: batches fail (and are retried by Lambda) while it forms, then land.
+    let invalidator = InvalidatorSettings {
+        redis,
+        mode: Delete,
+        cache: settings,
+    };
+    let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+    let event = crate::support::fresh(crate::support::fixture("modify.json"));
+    let mut failed = 0;
+    while !invalidator
+        .handle(event.clone())
+        .await
+        .batch_item_failures
+        .is_empty()
+    {
+        failed += 1;
+        assert!(failed < 100, "the invalidator never connected");
+    }
+    assert_eq!(env.raw_get("product:kb-001").await, None);
 }

@@ -101,6 +101,13 @@ pub struct RedisSettings {
     /// A Secrets Manager secret holding the AUTH token, read once at cold start: its
     /// SecretString is the token itself or JSON with a `token` (or `password`) field.
     pub auth_secret_arn: Option<String>,
+    /// Bound on forming a connection (DNS, TCP, TLS, AUTH, the slot map), which runs in the
+    /// background: requests bypass the cache meanwhile rather than wait for it.
+    pub connect_timeout: Duration,
+    /// A PEM file of the roots to trust for `rediss://` (a private CA), read once at cold
+    /// start; without it, the Mozilla roots built into the function, which ElastiCache's
+    /// certificates chain to.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl RedisSettings {
@@ -110,16 +117,30 @@ impl RedisSettings {
             url: url.into(),
             cluster: false,
             auth_secret_arn: None,
+            connect_timeout: Duration::from_secs(2),
+            ca_file: None,
         }
     }
 
     pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        let d = Self::new(required(src, "REDIS_URL")?);
         Ok(Self {
-            url: required(src, "REDIS_URL")?,
-            cluster: parsed(src, "REDIS_CLUSTER", false)?,
+            cluster: parsed(src, "REDIS_CLUSTER", d.cluster)?,
             auth_secret_arn: src
                 .get("REDIS_AUTH_SECRET_ARN")
                 .filter(|v| !v.trim().is_empty()),
+            connect_timeout: duration(
+                src,
+                "REDIS_CONNECT_TIMEOUT_MS",
+                d.connect_timeout,
+                Unit::Millis,
+                true,
+            )?,
+            ca_file: src
+                .get("REDIS_CA_FILE")
+                .filter(|v| !v.trim().is_empty())
+                .map(Into::into),
+            ..d
         })
     }
 }
@@ -349,6 +370,8 @@ mod tests {
         assert_eq!(s.cache.version_attribute, None);
         assert_eq!(s.cache.clock_margin, Duration::from_secs(2));
         assert_eq!(s.cache.guards(), crate::cache::Guards::default());
+        assert_eq!(s.redis.connect_timeout, Duration::from_secs(2));
+        assert_eq!(s.redis.ca_file, None);
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -371,6 +394,8 @@ mod tests {
             ("VERSION_ATTRIBUTE", "version"),
             ("REDIS_CLUSTER", "true"),
             ("CLOCK_MARGIN_MS", "0"),
+            ("REDIS_CONNECT_TIMEOUT_MS", "5000"),
+            ("REDIS_CA_FILE", "/etc/ca.pem"),
             (
                 "REDIS_AUTH_SECRET_ARN",
                 "arn:aws:secretsmanager:us-east-1:1:secret:x",
@@ -390,6 +415,11 @@ mod tests {
         assert_eq!(s.redis.url, "redis://h:6379");
         assert!(s.redis.cluster);
         assert_eq!(s.cache.clock_margin, Duration::ZERO);
+        assert_eq!(s.redis.connect_timeout, Duration::from_secs(5));
+        assert_eq!(
+            s.redis.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
         assert!(s.redis.auth_secret_arn.as_deref().unwrap().ends_with(":x"));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Refresh);
@@ -424,5 +454,6 @@ mod tests {
         bad("INVALIDATION_MODE", "update");
         bad("REDIS_CLUSTER", "sometimes");
         bad("CLOCK_MARGIN_MS", "-5");
+        bad("REDIS_CONNECT_TIMEOUT_MS", "0");
     }
 }

@@ -22,6 +22,12 @@ pub enum StartupError {
     Secret(#[from] secrets::SecretError),
     #[error("invalid Redis configuration")]
     Cache(#[from] crate::cache::CacheError),
+    #[error("REDIS_CA_FILE {path}: cannot read it")]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RedisCache {
@@ -41,11 +47,23 @@ impl RedisCache {
             }
             None => redis.url.clone(),
         };
-        let (timeout, guards) = (cache.redis_timeout, cache.guards());
+        let root_cert = match &redis.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| StartupError::CaFile {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let options = crate::cache::Options {
+            timeout: cache.redis_timeout,
+            connect_timeout: redis.connect_timeout,
+            root_cert,
+            guards: cache.guards(),
+        };
         Ok(if redis.cluster {
-            RedisCache::cluster(&url, timeout, guards)?
+            RedisCache::cluster(&url, options)?
         } else {
-            RedisCache::single(&url, timeout, guards)?
+            RedisCache::single(&url, options)?
         })
     }
 }

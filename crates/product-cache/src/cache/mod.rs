@@ -27,12 +27,14 @@
 use std::future::Future;
 use std::time::Duration;
 
+mod connect;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
 mod redis;
 mod scripts;
 pub mod slots;
 
+pub(crate) use self::redis::Options;
 pub use self::redis::RedisCache;
 
 /// The value cached under a product's key when the table has no such item. A JSON document is
@@ -186,6 +188,10 @@ impl Default for Guards {
 pub enum CacheError {
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("still connecting to redis (waited {0:?})")]
+    Connecting(Duration),
+    #[error("connecting to redis failed: {0}")]
+    Connect(#[source] std::sync::Arc<::redis::RedisError>),
     #[error("redis error: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from redis: {0}")]

@@ -5,10 +5,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
+use super::connect::Connector;
 use super::scripts::scripts;
 use super::slots::{self, slot_of};
 use super::VERSION_TTL;
@@ -69,84 +70,85 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
-#[derive(Clone)]
-enum Target {
-    Single(ConnectionManager),
-    /// Connected on first use, so a function whose cache is down still starts; a failed
-    /// connect leaves the cell empty and the next request tries again.
-    Cluster(std::sync::Arc<ClusterTarget>),
+/// How a [`RedisCache`] connects and bounds its calls.
+pub(crate) struct Options {
+    /// Bound on every call; a call that runs out bypasses the cache.
+    pub timeout: Duration,
+    /// Bound on forming a connection, which runs in the background (see `connect.rs`).
+    pub connect_timeout: Duration,
+    /// PEM roots to trust for `rediss://` instead of the built-in Mozilla roots.
+    pub root_cert: Option<Vec<u8>>,
+    pub guards: Guards,
 }
 
-struct ClusterTarget {
-    client: redis::cluster::ClusterClient,
-    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
-}
-
-/// The Redis cache: a single node (`RedisCache::new`) or a cluster (`RedisCache::cluster`).
+/// The Redis cache: one node or a cluster, built by [`RedisCache::from_settings`], the one
+/// place that knows about secrets, TLS roots and clusters.
 #[derive(Clone)]
 pub struct RedisCache {
-    target: Target,
+    connector: std::sync::Arc<Connector<Conn>>,
     timeout: Duration,
     guards: Guards,
 }
 
 impl RedisCache {
-    /// A single node, built without connecting, so a function whose Redis is down still starts
-    /// and serves from DynamoDB; the first command connects. Built from settings by
-    /// [`RedisCache::from_settings`], the one place that knows about secrets and clusters.
-    pub(crate) fn single(url: &str, timeout: Duration, guards: Guards) -> Result<Self, CacheError> {
-        let client = redis::Client::open(url)?;
+    /// A single node. Building it starts connecting in the background and never fails for a
+    /// Redis that is down: the function still starts and serves from DynamoDB meanwhile.
+    pub(crate) fn single(url: &str, options: Options) -> Result<Self, CacheError> {
+        let client = match options.root_cert {
+            Some(pem) => redis::Client::build_with_tls(url, certificates(pem))?,
+            None => redis::Client::open(url)?,
+        };
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
+            .set_connection_timeout(Some(options.connect_timeout))
             // No response timeout on the connection: it would apply to a whole pipeline, and a
             // large batch has a larger budget (see `apply`). Every call is bounded by its own.
             .set_response_timeout(None)
-            // Reconnect attempts happen in the background of the next commands; keep them few
-            // and short so a dead Redis is noticed quickly and retried on later requests.
+            // Reconnect attempts happen in the background; keep them few and short so a dead
+            // Redis is noticed quickly and retried on later requests.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(100));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self {
-            target: Target::Single(conn),
-            timeout,
-            guards,
-        })
+        let connector = Connector::start(move || {
+            let (client, config) = (client.clone(), config.clone());
+            async move {
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map(Conn::Single)
+            }
+            .boxed()
+        });
+        Ok(Self::with(connector, options.timeout, options.guards))
     }
 
     /// A Redis Cluster reached through `url` (the ElastiCache configuration endpoint). It
     /// follows MOVED/ASK redirections during resharding and failover.
-    pub(crate) fn cluster(
-        url: &str,
-        timeout: Duration,
-        guards: Guards,
-    ) -> Result<Self, CacheError> {
-        let client = redis::cluster::ClusterClient::builder(vec![url])
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .retries(2)
-            .build()?;
-        Ok(Self {
-            target: Target::Cluster(std::sync::Arc::new(ClusterTarget {
-                client,
-                conn: Default::default(),
-            })),
+    pub(crate) fn cluster(url: &str, options: Options) -> Result<Self, CacheError> {
+        let mut builder = redis::cluster::ClusterClient::builder(vec![url])
+            .connection_timeout(options.connect_timeout)
+            // The client's own bound on a request, for what it does by itself (refreshing the
+            // slot map); every call of ours is bounded by `timeout` on top.
+            .response_timeout(options.connect_timeout)
+            .retries(2);
+        if let Some(pem) = options.root_cert {
+            builder = builder.certs(certificates(pem));
+        }
+        let client = builder.build()?;
+        let connector = Connector::start(move || {
+            let client = client.clone();
+            async move { client.get_async_connection().await.map(Conn::Cluster) }.boxed()
+        });
+        Ok(Self::with(connector, options.timeout, options.guards))
+    }
+
+    fn with(connector: Connector<Conn>, timeout: Duration, guards: Guards) -> Self {
+        Self {
+            connector: std::sync::Arc::new(connector),
             timeout,
             guards,
-        })
+        }
     }
 
     async fn conn(&self) -> Result<Conn, CacheError> {
-        match &self.target {
-            Target::Single(c) => Ok(Conn::Single(c.clone())),
-            Target::Cluster(cluster) => {
-                let connect = cluster
-                    .conn
-                    .get_or_try_init(|| cluster.client.get_async_connection());
-                Ok(Conn::Cluster(
-                    self.bounded(self.timeout, connect).await?.clone(),
-                ))
-            }
-        }
+        self.connector.get(self.timeout).await
     }
 
     async fn bounded<T>(
@@ -220,6 +222,13 @@ impl RedisCache {
             Err(e) if is_dead_connection(&e) => pipeline(true).query_async::<()>(&mut conn).await,
             other => other,
         }
+    }
+}
+
+fn certificates(root_cert: Vec<u8>) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
     }
 }
 
