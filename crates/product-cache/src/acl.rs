@@ -31,6 +31,9 @@ mod tests {
     fn the_readme_documents_these_rules() {
         let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
         let readme = std::fs::read_to_string(readme).unwrap();
-        assert!(readme.contains(&super::rules("product:")), "README.md's ACL line is stale");
+        assert!(
+            readme.contains(&super::rules("product:")),
+            "README.md's ACL line is stale"
+        );
     }
 }

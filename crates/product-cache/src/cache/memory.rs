@@ -22,7 +22,7 @@ impl MemoryCache {
     fn enter(&self) -> Result<(), CacheError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
-            Err(CacheError::Timeout(Duration::ZERO))
+            Err(CacheError::Unexpected("injected failure".into()))
         } else {
             Ok(())
         }
