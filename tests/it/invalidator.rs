@@ -237,3 +237,39 @@ async fn a_ten_thousand_record_batch_is_applied_in_full() {
         20_000 + usize::from(product_cache::cache::slots::SLOTS)
     );
 }
+
+/// A failure names the earliest record whose change is not known to be applied. When that
+/// record carries no sequence number, a later one must not be named in its place (Lambda would
+/// resume after the unapplied change and never retry it): the nearest earlier one is named, or,
+/// with none, the whole batch fails (an empty identifier).
+#[tokio::test]
+async fn a_failure_never_names_a_record_after_an_unapplied_one() {
+    let mut env = env_with_stale_entries(Delete).await;
+    let mixed = fresh(fixture("batch-mixed.json"));
+    let records = mixed["Records"].as_array().unwrap();
+    let without_sequence = |r: &Value| {
+        let mut r = r.clone();
+        r["dynamodb"]
+            .as_object_mut()
+            .unwrap()
+            .remove("SequenceNumber");
+        r
+    };
+    env.redis.stop().await;
+    // The first record has no sequence number: nothing earlier can be named.
+    let event = json!({ "Records": [without_sequence(&records[0]), records[1].clone()] });
+    let response = serde_json::to_value(env.invalidator.handle(event).await).unwrap();
+    assert_eq!(
+        response,
+        json!({"batchItemFailures": [{"itemIdentifier": ""}]})
+    );
+    // A record without one after a record with one: the earlier one is named.
+    let event = json!({ "Records": [records[0].clone(), without_sequence(&records[1])] });
+    let response = serde_json::to_value(env.invalidator.handle(event).await).unwrap();
+    let first = records[0]["dynamodb"]["SequenceNumber"].clone();
+    assert_eq!(
+        response,
+        json!({"batchItemFailures": [{"itemIdentifier": first}]})
+    );
+    env.redis.restart().await.unwrap();
+}
