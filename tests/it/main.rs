@@ -8,6 +8,7 @@ mod cluster_and_auth;
 mod consistency;
 mod end_to_end;
 mod failure_paths;
+mod freeze;
 mod invalidator;
 mod lambda_binaries;
 mod local_stack;
