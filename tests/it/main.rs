@@ -14,4 +14,5 @@ mod lambda_binaries;
 mod local_stack;
 mod poller;
 mod read_path;
+mod replicas;
 mod support;

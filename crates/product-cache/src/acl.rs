@@ -1,9 +1,11 @@
 //! The Redis permissions the functions need: an ACL rule list for a least-privilege user.
 //!
 //! Both functions run the same commands: `GET` (a hit), `EVALSHA` and `SCRIPT LOAD` (the
-//! scripts, loaded again after a restart or failover), and, from inside the scripts, `GET`,
-//! `SET` and `DEL` on the item's keys and its slot's epoch key. On a cluster the client also
-//! reads the slot map (`CLUSTER SLOTS`). Nothing needs `INFO`, `CONFIG`, `KEYS` or `SCAN`.
+//! scripts, loaded again after a restart or failover), `WAIT` (replicas confirming a batch),
+//! and, from inside the scripts, `GET`, `SET` and `DEL` on the item's keys and its slot's epoch
+//! key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
+//! replicas, marks their connections `READONLY`. Nothing needs `INFO`, `CONFIG`, `KEYS` or
+//! `SCAN`.
 
 /// The ACL rules of a user for the functions, with cache keys under `key_prefix`: e.g.
 /// `ACL SETUSER product-cache on >PASSWORD <rules>` on Redis, or an ElastiCache user's access
@@ -11,7 +13,7 @@
 pub fn rules(key_prefix: &str) -> String {
     format!(
         "resetkeys ~{key_prefix}* ~{{{key_prefix}* ~product-cache:epoch:* resetchannels \
-         -@all +get +set +del +evalsha +script|load +cluster|slots"
+         -@all +get +set +del +evalsha +script|load +wait +cluster|slots +readonly"
     )
 }
 
@@ -23,7 +25,7 @@ mod tests {
         assert_eq!(
             rules,
             "resetkeys ~product:* ~{product:* ~product-cache:epoch:* resetchannels \
-             -@all +get +set +del +evalsha +script|load +cluster|slots"
+             -@all +get +set +del +evalsha +script|load +wait +cluster|slots +readonly"
         );
     }
 

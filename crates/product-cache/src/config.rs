@@ -108,6 +108,15 @@ pub struct RedisSettings {
     /// start; without it, the Mozilla roots built into the function, which ElastiCache's
     /// certificates chain to.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Replicas (of every primary written to) that must hold a batch's writes before the
+    /// invalidator acknowledges it (`WAIT`); 0 acknowledges what the primary applied.
+    pub confirm_replicas: u32,
+    /// Bound on that confirmation; a batch not confirmed in time is reported for retry.
+    pub confirm_timeout: Duration,
+    /// Send a hit's `GET` to a replica of the key's shard (Redis Cluster only). Needs every
+    /// replica to confirm invalidations (`confirm_replicas`), or a replica may still serve what
+    /// an acknowledged invalidation removed.
+    pub read_from_replicas: bool,
 }
 
 impl RedisSettings {
@@ -119,6 +128,9 @@ impl RedisSettings {
             auth_secret_arn: None,
             connect_timeout: Duration::from_secs(2),
             ca_file: None,
+            confirm_replicas: 0,
+            confirm_timeout: Duration::from_millis(500),
+            read_from_replicas: false,
         }
     }
 
@@ -140,7 +152,26 @@ impl RedisSettings {
                 .get("REDIS_CA_FILE")
                 .filter(|v| !v.trim().is_empty())
                 .map(Into::into),
+            confirm_replicas: parsed(src, "REDIS_CONFIRM_REPLICAS", d.confirm_replicas)?,
+            confirm_timeout: duration(
+                src,
+                "REDIS_CONFIRM_TIMEOUT_MS",
+                d.confirm_timeout,
+                Unit::Millis,
+                true,
+            )?,
+            read_from_replicas: parsed(src, "REDIS_READ_FROM_REPLICAS", d.read_from_replicas)?,
             ..d
+        })
+        .and_then(|s: Self| {
+            if s.read_from_replicas && !s.cluster {
+                return Err(ConfigError::Invalid {
+                    name: "REDIS_READ_FROM_REPLICAS",
+                    value: "true".into(),
+                    reason: "replica reads need REDIS_CLUSTER=true".into(),
+                });
+            }
+            Ok(s)
         })
     }
 }
@@ -372,6 +403,9 @@ mod tests {
         assert_eq!(s.cache.guards(), crate::cache::Guards::default());
         assert_eq!(s.redis.connect_timeout, Duration::from_secs(2));
         assert_eq!(s.redis.ca_file, None);
+        assert_eq!(s.redis.confirm_replicas, 0);
+        assert_eq!(s.redis.confirm_timeout, Duration::from_millis(500));
+        assert!(!s.redis.read_from_replicas);
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -396,6 +430,9 @@ mod tests {
             ("CLOCK_MARGIN_MS", "0"),
             ("REDIS_CONNECT_TIMEOUT_MS", "5000"),
             ("REDIS_CA_FILE", "/etc/ca.pem"),
+            ("REDIS_CONFIRM_REPLICAS", "2"),
+            ("REDIS_CONFIRM_TIMEOUT_MS", "250"),
+            ("REDIS_READ_FROM_REPLICAS", "true"),
             (
                 "REDIS_AUTH_SECRET_ARN",
                 "arn:aws:secretsmanager:us-east-1:1:secret:x",
@@ -420,6 +457,9 @@ mod tests {
             s.redis.ca_file.as_deref(),
             Some(std::path::Path::new("/etc/ca.pem"))
         );
+        assert_eq!(s.redis.confirm_replicas, 2);
+        assert_eq!(s.redis.confirm_timeout, Duration::from_millis(250));
+        assert!(s.redis.read_from_replicas);
         assert!(s.redis.auth_secret_arn.as_deref().unwrap().ends_with(":x"));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Refresh);
@@ -455,5 +495,8 @@ mod tests {
         bad("REDIS_CLUSTER", "sometimes");
         bad("CLOCK_MARGIN_MS", "-5");
         bad("REDIS_CONNECT_TIMEOUT_MS", "0");
+        bad("REDIS_CONFIRM_REPLICAS", "-1");
+        bad("REDIS_CONFIRM_TIMEOUT_MS", "0");
+        bad("REDIS_READ_FROM_REPLICAS", "true"); // without REDIS_CLUSTER
     }
 }

@@ -58,6 +58,11 @@ impl RedisCache {
             timeout: cache.redis_timeout,
             connect_timeout: redis.connect_timeout,
             root_cert,
+            confirm: (redis.confirm_replicas > 0).then_some(crate::cache::Confirm {
+                replicas: redis.confirm_replicas,
+                timeout: redis.confirm_timeout,
+            }),
+            read_from_replicas: redis.read_from_replicas,
             guards: cache.guards(),
         };
         Ok(if redis.cluster {

@@ -34,6 +34,7 @@ mod redis;
 mod scripts;
 pub mod slots;
 
+pub use self::redis::Confirm;
 pub(crate) use self::redis::Options;
 pub use self::redis::RedisCache;
 
@@ -190,6 +191,12 @@ pub enum CacheError {
     Timeout(Duration),
     #[error("still connecting to redis (waited {0:?})")]
     Connecting(Duration),
+    #[error("only {acked} of {wanted} replicas confirmed the writes within {within:?}")]
+    Unconfirmed {
+        acked: i64,
+        wanted: u32,
+        within: Duration,
+    },
     #[error("connecting to redis failed: {0}")]
     Connect(#[source] std::sync::Arc<::redis::RedisError>),
     #[error("redis error: {0}")]

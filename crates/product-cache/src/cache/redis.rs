@@ -78,7 +78,18 @@ pub(crate) struct Options {
     pub connect_timeout: Duration,
     /// PEM roots to trust for `rediss://` instead of the built-in Mozilla roots.
     pub root_cert: Option<Vec<u8>>,
+    /// Replicas that must hold a batch's writes before it counts as applied.
+    pub confirm: Option<Confirm>,
+    /// Hit `GET`s go to replicas (cluster only).
+    pub read_from_replicas: bool,
     pub guards: Guards,
+}
+
+/// How many replicas confirm a batch, and how long that may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirm {
+    pub replicas: u32,
+    pub timeout: Duration,
 }
 
 /// The Redis cache: one node or a cluster, built by [`RedisCache::from_settings`], the one
@@ -87,6 +98,7 @@ pub(crate) struct Options {
 pub struct RedisCache {
     connector: std::sync::Arc<Connector<Conn>>,
     timeout: Duration,
+    confirm: Option<Confirm>,
     guards: Guards,
 }
 
@@ -94,7 +106,7 @@ impl RedisCache {
     /// A single node. Building it starts connecting in the background and never fails for a
     /// Redis that is down: the function still starts and serves from DynamoDB meanwhile.
     pub(crate) fn single(url: &str, options: Options) -> Result<Self, CacheError> {
-        let client = match options.root_cert {
+        let client = match options.root_cert.clone() {
             Some(pem) => redis::Client::build_with_tls(url, certificates(pem))?,
             None => redis::Client::open(url)?,
         };
@@ -116,7 +128,7 @@ impl RedisCache {
             }
             .boxed()
         });
-        Ok(Self::with(connector, options.timeout, options.guards))
+        Ok(Self::with(connector, &options))
     }
 
     /// A Redis Cluster reached through `url` (the ElastiCache configuration endpoint). It
@@ -128,22 +140,29 @@ impl RedisCache {
             // slot map); every call of ours is bounded by `timeout` on top.
             .response_timeout(options.connect_timeout)
             .retries(2);
-        if let Some(pem) = options.root_cert {
+        if let Some(pem) = options.root_cert.clone() {
             builder = builder.certs(certificates(pem));
+        }
+        if options.read_from_replicas {
+            // Read-only commands (a hit's `GET`) go to a replica of the key's shard; scripts
+            // and writes stay on the primary.
+            builder =
+                builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
         }
         let client = builder.build()?;
         let connector = Connector::start(move || {
             let client = client.clone();
             async move { client.get_async_connection().await.map(Conn::Cluster) }.boxed()
         });
-        Ok(Self::with(connector, options.timeout, options.guards))
+        Ok(Self::with(connector, &options))
     }
 
-    fn with(connector: Connector<Conn>, timeout: Duration, guards: Guards) -> Self {
+    fn with(connector: Connector<Conn>, options: &Options) -> Self {
         Self {
             connector: std::sync::Arc::new(connector),
-            timeout,
-            guards,
+            timeout: options.timeout,
+            confirm: options.confirm,
+            guards: options.guards,
         }
     }
 
@@ -366,6 +385,13 @@ impl Cache for RedisCache {
                 first_error.get_or_insert(e);
             }
         }
+        if failed.len() < ops.len() {
+            if let Err(e) = self.confirm(conn).await {
+                // Applied on the primary, but a failover could still lose it: as good as not
+                // applied, so Lambda retries it.
+                return Err(BatchError::all(ops.len(), e));
+            }
+        }
         match first_error {
             None => Ok(()),
             Some(source) => {
@@ -377,6 +403,31 @@ impl Cache for RedisCache {
 }
 
 impl RedisCache {
+    /// Waits until `confirm.replicas` replicas of every primary hold this connection's writes
+    /// (`WAIT`, which a cluster client sends to every primary and answers with the least count):
+    /// replication is asynchronous, and a failover before that would lose the batch's writes
+    /// after Lambda was told they were applied, never to deliver them again.
+    async fn confirm(&self, mut conn: Conn) -> Result<(), CacheError> {
+        let Some(confirm) = self.confirm else {
+            return Ok(());
+        };
+        let wait = redis::cmd("WAIT")
+            .arg(confirm.replicas)
+            .arg(confirm.timeout.as_millis() as u64)
+            .to_owned();
+        let acked: i64 = self
+            .bounded(confirm.timeout + self.timeout, wait.query_async(&mut conn))
+            .await?;
+        if acked < i64::from(confirm.replicas) {
+            return Err(CacheError::Unconfirmed {
+                acked,
+                wanted: confirm.replicas,
+                within: confirm.timeout,
+            });
+        }
+        Ok(())
+    }
+
     /// Declares this Redis empty of any earlier data of this cache: every slot's epoch becomes
     /// 0 (where none is set yet), so refreshes write from the first record on instead of
     /// deleting until a slot's epoch is newer than the records in flight. Only for a Redis the
