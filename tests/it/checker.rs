@@ -13,8 +13,9 @@
 //!   applied, and bisections of failed batches.
 //! - **Readers** call the real read path (`ReadPath` over `RedisCache` and a consistent
 //!   `DynamoStore`); some table reads pause for longer than the lease before the fill.
-//! - **Chaos**: one Redis restart (same port, empty) and a few herds of 200 concurrent reads of
-//!   a cold key.
+//! - **Chaos**: one data loss (a Redis restart on the same port, empty, or a `FLUSHALL` with the
+//!   server up), a few herds of 200 concurrent reads of a cold key, and in one run a version
+//!   attribute turned on mid-run, in the invalidator first and in the readers later.
 //!
 //! Then it checks the README's invariants:
 //! 1. a read that started after the record of write W on X was acknowledged returns W or newer:
@@ -31,12 +32,16 @@
 //! staleness distribution (commit of each write to the end of the first read that started
 //! after it and saw it or newer).
 //!
-//! Duplicates are drawn from every acknowledged batch, also from before the Redis restart,
-//! which forgot their positions; `old_records_replayed_after_a_restart` also replays all the
-//! batches acknowledged before it, in order. The cache must turn those into deletes.
+//! Duplicates are drawn from every acknowledged batch, also from before the data loss, which
+//! forgot their positions; `old_records_replayed_after_a_restart` and
+//! `no_violations_after_a_flushall` also replay all the batches acknowledged before it, in
+//! order. The cache must turn those into deletes.
 //!
-//! The tests here are short runs (`CHECKER_OPS`, default 5,000 operations each, 30,000 in
-//! all). The long run is the same entry point, bigger:
+//! The runs: delete mode, refresh mode, a version attribute, the restart replay, the `FLUSHALL`
+//! replay, a version attribute turned on mid-run (the invalidator at a quarter of the run, the
+//! readers at half), and two with a guard switched off that must report violations.
+//! They are short (`CHECKER_OPS`, default 5,000 operations each, 40,000 in all). The long run
+//! is the same entry point, bigger:
 //!
 //! ```sh
 //! CHECKER_OPS=1000000 cargo test --release -p integration-tests --test it \
@@ -61,7 +66,7 @@ mod system;
 use product_cache::cache::Guards;
 use product_cache::config::InvalidationMode::{Delete, Refresh};
 
-use config::Config;
+use config::{Config, DataLoss, FlipAt};
 use run::run;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,8 +139,44 @@ async fn catches_regressions_without_ordering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_records_replayed_after_a_restart() {
     let report = run(Config {
-        replay_after_restart: true,
+        replay_after_data_loss: true,
         ..Config::new("old_records_replayed_after_a_restart", Refresh)
+    })
+    .await;
+    report.assert_clean();
+}
+
+/// The same with `FLUSHALL` in place of the restart: the server stays up (its uptime and its
+/// connections carry on), so only the data can tell it lost the positions. The epoch keys went
+/// with them: the first refresh of each slot writes a new epoch, and the replayed records,
+/// created before it, delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_violations_after_a_flushall() {
+    let report = run(Config {
+        data_loss: DataLoss::Flushall,
+        replay_after_data_loss: true,
+        ..Config::new("no_violations_after_a_flushall", Refresh)
+    })
+    .await;
+    report.assert_clean();
+}
+
+/// `VERSION_ATTRIBUTE` turned on in a live system, rolled out to the invalidator at a quarter of
+/// the run's operations and to the readers at half: in between, the invalidator writes version
+/// positions and the readers' fills know only sequence numbers, and every key holds a
+/// sequence-number position until its next change (which deletes). (Reads catch up with their
+/// pace late in a run, so half the operations is about three fifths of the writes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_violations_when_a_version_attribute_is_turned_on_mid_run() {
+    let report = run(Config {
+        flip_version_attribute: Some(FlipAt {
+            invalidator: 0.25,
+            readers: 0.5,
+        }),
+        ..Config::new(
+            "no_violations_when_a_version_attribute_is_turned_on_mid_run",
+            Refresh,
+        )
     })
     .await;
     report.assert_clean();

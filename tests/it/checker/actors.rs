@@ -1,9 +1,10 @@
 //! The actors that drive a run: writers that own the items, readers on the real read path, and
-//! what they share (the operation budget, the phase, which Redis generation is up).
+//! what they share (the operation budget, the phase, which generation of the Redis data is up,
+//! which version attribute setting each function uses).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use aws_sdk_dynamodb::types::AttributeValue as Av;
 use product_cache::cache::RedisCache;
@@ -76,8 +77,8 @@ impl Budget {
     }
 }
 
-/// Which Redis is up: `begun` counts restarts started, `done` restarts finished. A batch applied
-/// while both equal `g` lives in generation `g` of the data.
+/// Which data Redis holds: `begun` counts data losses (restarts or `FLUSHALL`s) started, `done`
+/// those finished. A batch applied while both equal `g` lives in generation `g` of the data.
 #[derive(Default)]
 pub struct Generation {
     pub begun: AtomicU64,
@@ -85,16 +86,26 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// The generation now, or `None` while a restart is under way.
+    /// The generation now, or `None` while a data loss is under way.
     pub fn current(&self) -> Option<u64> {
         let done = self.done.load(Ordering::SeqCst);
         (self.begun.load(Ordering::SeqCst) == done).then_some(done)
     }
 }
 
+/// Which functions use the flipped version attribute setting (`Sut::flipped`) from now on.
+#[derive(Default)]
+pub struct Flipped {
+    pub invalidator: AtomicBool,
+    pub readers: AtomicBool,
+    /// Reads made with the flipped setting.
+    pub reads: AtomicU64,
+}
+
 /// What every actor shares.
 pub struct Shared {
     pub generation: Generation,
+    pub flipped: Flipped,
     /// Records acknowledged so far, for progress lines.
     pub acked: AtomicU64,
     pub clock: Clock,
@@ -111,6 +122,7 @@ impl Shared {
         let (phase, _) = watch::channel(Phase::Running);
         Self {
             generation: Generation::default(),
+            flipped: Flipped::default(),
             acked: AtomicU64::new(0),
             clock,
             budget: Budget {
@@ -158,7 +170,9 @@ pub struct Readers {
     pub slowed: Arc<AtomicU64>,
 }
 
-/// Readers over their own cache clients and slowed table stores.
+/// Readers over their own cache clients and slowed table stores. In a run that flips the version
+/// attribute, each reader also has a read path with the flipped settings (a client of its own,
+/// the same store), built up front and used once `Flipped::readers` is set.
 pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Readers {
     let mut readers = Vec::new();
     let table_reads = Arc::new(AtomicU64::new(0));
@@ -166,17 +180,28 @@ pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Rea
     for r in 0..cfg.readers {
         let store = SlowStore {
             inner: sut.store(),
-            rng: std::sync::Mutex::new(fastrand::Rng::with_seed(
+            rng: Arc::new(Mutex::new(fastrand::Rng::with_seed(
                 cfg.seed.wrapping_add(1000 + r as u64),
-            )),
+            ))),
             probability: cfg.slow_read_probability,
             pause: cfg.slow_read_pause,
             reads: table_reads.clone(),
             slowed: slowed.clone(),
         };
+        let flipped = match cfg.flip_version_attribute {
+            Some(_) => {
+                Some(sut.read_path(sut.cache(&sut.flipped).await, store.clone(), &sut.flipped))
+            }
+            None => None,
+        };
         let read_path = sut.read_path(sut.cache(&sut.settings).await, store, &sut.settings);
         let rng = fastrand::Rng::with_seed(cfg.seed.wrapping_add(2000 + r as u64));
-        readers.push(tokio::spawn(reader(shared.clone(), read_path, rng)));
+        readers.push(tokio::spawn(reader(
+            shared.clone(),
+            read_path,
+            flipped,
+            rng,
+        )));
     }
     Readers {
         tasks: readers,
@@ -263,10 +288,12 @@ async fn writer(
     out
 }
 
-/// Reads random items through the real read path until the run is over.
+/// Reads random items through the real read path until the run is over (through `flipped` once
+/// the readers' version attribute has flipped).
 async fn reader<S: ProductStore>(
     shared: Arc<Shared>,
     read_path: ReadPath<RedisCache, S>,
+    flipped: Option<ReadPath<RedisCache, S>>,
     mut rng: fastrand::Rng,
 ) -> Vec<Read> {
     let mut out = Vec::new();
@@ -278,6 +305,13 @@ async fn reader<S: ProductStore>(
             .await;
         shared.budget.take();
         let item = rng.usize(..shared.items.len());
+        let read_path = match &flipped {
+            Some(flipped) if shared.flipped.readers.load(Ordering::SeqCst) => {
+                shared.flipped.reads.fetch_add(1, Ordering::Relaxed);
+                flipped
+            }
+            _ => &read_path,
+        };
         let start = shared.clock.now();
         let (status, result) = read_path.get(&shared.items[item]).await;
         let end = shared.clock.now();

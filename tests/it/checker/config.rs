@@ -1,5 +1,6 @@
-//! The settings of a checker run: sizes, the read/write mix, fault rates and the guards under
-//! test, with their defaults and the `CHECKER_*` overrides.
+//! The settings of a checker run: sizes, the read/write mix, fault rates, the guards under test,
+//! how the cache loses its data and whether the version attribute flips mid-run, with their
+//! defaults and the `CHECKER_*` overrides.
 
 use std::time::Duration;
 
@@ -14,7 +15,12 @@ pub struct Config {
     pub name: &'static str,
     pub mode: InvalidationMode,
     pub guards: Guards,
+    /// The version attribute every function starts with.
     pub version_attribute: Option<String>,
+    /// Flip the version attribute mid-run (on as `version` if [`Config::version_attribute`] is
+    /// `None`, else off), the invalidator and the readers each at their own point of the run: a
+    /// configuration change rolled out to one function, then the other.
+    pub flip_version_attribute: Option<FlipAt>,
     /// Operations (reads and writes) to issue; the run stops after them (or at `max_duration`).
     pub ops: u64,
     pub seed: u64,
@@ -40,12 +46,32 @@ pub struct Config {
     pub herds: usize,
     pub herd_size: usize,
     pub max_duration: Duration,
-    /// Right after the Redis restart, re-deliver every pooled acknowledged batch from before it,
-    /// in order (an event source mapping resuming from an older checkpoint). The restart forgot
-    /// `{key}:ver`, so this is what the cache's restart rule must survive
-    /// (`old_records_replayed_after_a_restart`). Single duplicates are drawn from all
-    /// acknowledged batches, before or after the restart, either way.
-    pub replay_after_restart: bool,
+    /// How the cache loses its data once, at 45% of the run.
+    pub data_loss: DataLoss,
+    /// Right after the data loss, re-deliver every pooled acknowledged batch from before it, in
+    /// order (an event source mapping resuming from an older checkpoint). The loss forgot
+    /// `{key}:ver` and the slots' epochs, so this is what the cache's data loss rule must survive
+    /// (`old_records_replayed_after_a_restart`, `no_violations_after_a_flushall`). Single
+    /// duplicates are drawn from all acknowledged batches, before or after the loss, either way.
+    pub replay_after_data_loss: bool,
+}
+
+/// How the chaos step empties the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataLoss {
+    /// `redis-server` restarted on the same port, empty (no persistence): connections drop.
+    Restart,
+    /// `FLUSHALL` through a plain connection: the server keeps running, its connections stay
+    /// up and its uptime keeps growing, so only the data itself can tell.
+    Flushall,
+}
+
+/// Fractions of the run's operations after which each function uses the other version
+/// attribute setting.
+#[derive(Debug, Clone, Copy)]
+pub struct FlipAt {
+    pub invalidator: f64,
+    pub readers: f64,
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -66,6 +92,7 @@ impl Config {
             mode,
             guards: Guards::default(),
             version_attribute: None,
+            flip_version_attribute: None,
             ops,
             seed: env_u64("CHECKER_SEED").unwrap_or(0x5EED_C0DE),
             items: 16,
@@ -88,7 +115,8 @@ impl Config {
             bisect_probability: 0.5,
             herds: (ops / 100_000).clamp(3, 10) as usize,
             herd_size: 200,
-            replay_after_restart: false,
+            data_loss: DataLoss::Restart,
+            replay_after_data_loss: false,
             max_duration: Duration::from_secs(
                 env_u64("CHECKER_MAX_SECS").unwrap_or_else(|| (ops / 2_000).max(90)),
             ),

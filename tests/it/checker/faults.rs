@@ -71,10 +71,12 @@ impl<C: Cache> Cache for FailingCache<C> {
 }
 
 /// The readers' table: some reads pause after `GetItem` returns, for longer than the lease, so
-/// their fills race invalidations and their leases lapse.
+/// their fills race invalidations and their leases lapse. A clone shares the random draws and
+/// the counts.
+#[derive(Clone)]
 pub struct SlowStore<S> {
     pub inner: S,
-    pub rng: Mutex<fastrand::Rng>,
+    pub rng: Arc<Mutex<fastrand::Rng>>,
     pub probability: f64,
     /// Drawn uniformly from this range.
     pub pause: (Duration, Duration),

@@ -49,6 +49,8 @@ pub struct Feeder {
     stream: StreamReader,
     iterator: String,
     invalidator: Invalidator<FailingCache<RedisCache>>,
+    /// With the flipped version attribute setting, used once `Flipped::invalidator` is set.
+    flipped: Option<Invalidator<FailingCache<RedisCache>>>,
     rng: fastrand::Rng,
     max_batch: usize,
     duplicate_probability: f64,
@@ -62,7 +64,7 @@ pub struct Feeder {
     /// Acknowledged batches, for duplicate deliveries.
     pool: Vec<Pooled>,
     pooled: u64,
-    replay_after_restart: bool,
+    replay_after_data_loss: bool,
     generation_seen: u64,
     events: HashSet<String>,
     records: HashMap<(u16, u32), RecState>,
@@ -82,11 +84,13 @@ const DRAIN_WITHIN: Duration = Duration::from_secs(60);
 
 impl Feeder {
     /// Takes its shard iterator at TRIM_HORIZON, so start it before anything is written.
+    /// `flipped` is the invalidator with the flipped version attribute, for runs that flip it.
     pub async fn start(
         cfg: &Config,
         shared: Arc<Shared>,
         stream: StreamReader,
         invalidator: Invalidator<FailingCache<RedisCache>>,
+        flipped: Option<Invalidator<FailingCache<RedisCache>>>,
     ) -> Self {
         let shard = stream.shards().await.expect("DescribeStream");
         let shard = &shard.first().expect("the stream has a shard").shard_id;
@@ -106,6 +110,7 @@ impl Feeder {
             stream,
             iterator,
             invalidator,
+            flipped,
             rng: fastrand::Rng::with_seed(cfg.seed ^ 0xFEED),
             max_batch: cfg.max_batch,
             duplicate_probability: cfg.duplicate_probability,
@@ -116,7 +121,7 @@ impl Feeder {
             forced: VecDeque::new(),
             pool: Vec::new(),
             pooled: 0,
-            replay_after_restart: cfg.replay_after_restart,
+            replay_after_data_loss: cfg.replay_after_data_loss,
             generation_seen: 0,
             events: HashSet::new(),
             records: HashMap::new(),
@@ -152,18 +157,18 @@ impl Feeder {
             let generation = self.shared.generation.current();
             if generation.is_some_and(|g| g > self.generation_seen) {
                 self.generation_seen = generation.unwrap();
-                if self.replay_after_restart {
+                if self.replay_after_data_loss {
                     self.pool.sort_by_key(|p| p.n);
                     let old: Vec<Vec<Arc<Rec>>> =
                         self.pool.iter().map(|p| p.batch.clone()).collect();
                     for batch in old {
-                        self.stats.add("batches replayed after the restart", 1);
+                        self.stats.add("batches replayed after the data loss", 1);
                         self.duplicate(&batch).await;
                     }
                 }
             }
             if !self.pool.is_empty() && self.rng.f64() < self.duplicate_probability {
-                // Any acknowledged batch, also one from before a restart (which forgot its
+                // Any acknowledged batch, also one from before the data loss (which forgot its
                 // positions).
                 let batch = self.pool[self.rng.usize(..self.pool.len())].batch.clone();
                 self.stats.add("duplicate batches", 1);
@@ -175,21 +180,27 @@ impl Feeder {
                 .unwrap_or_else(|| self.rng.usize(1..=self.max_batch))
                 .min(self.pending.len());
             let batch: Vec<Arc<Rec>> = self.pending.iter().take(n).cloned().collect();
+            // One setting for the whole invocation, as a Lambda invocation has.
+            let flipped = self.flipped_now();
+            if flipped {
+                self.stats
+                    .add("batches with the flipped version attribute", 1);
+            }
             let injected = self.rng.f64() < self.partial_failure_probability;
             if injected {
                 let prefix = self.rng.usize(..n);
-                self.invalidator.cache().arm(prefix);
+                self.invalidator(flipped).cache().arm(prefix);
                 self.stats.add("partial failures", 1);
             }
             // Invoked as the poller invokes it, so its response is judged on the same JSON.
             let records: Vec<Value> = batch.iter().map(|r| r.value.clone()).collect();
             let response = self
-                .invalidator
+                .invalidator(flipped)
                 .invoke(lambda_event(records.clone()))
                 .await
                 .expect("the invalidator's response serializes");
             let at = clock.now();
-            let unused = self.invalidator.cache().disarm();
+            let unused = self.invalidator(flipped).cache().disarm();
             self.stats.add("batches", 1);
             self.stats.add("records delivered", n as u64);
             for r in &batch {
@@ -271,7 +282,23 @@ impl Feeder {
         for r in batch {
             self.records.get_mut(&(r.item, r.index)).unwrap().deliveries += 1;
         }
-        let _ = self.invalidator.handle(event(batch)).await;
+        let _ = self
+            .invalidator(self.flipped_now())
+            .handle(event(batch))
+            .await;
+    }
+
+    /// Whether the invalidator's version attribute has flipped (`Flipped::invalidator`).
+    fn flipped_now(&self) -> bool {
+        self.shared.flipped.invalidator.load(Ordering::SeqCst)
+    }
+
+    /// The invalidator with the flipped setting if `flipped` (and the run flips it).
+    fn invalidator(&self, flipped: bool) -> &Invalidator<FailingCache<RedisCache>> {
+        match &self.flipped {
+            Some(invalidator) if flipped => invalidator,
+            _ => &self.invalidator,
+        }
     }
 
     /// One `GetRecords`: new records go to the end of `pending`.

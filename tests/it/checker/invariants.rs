@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use local_stack::stream::{lambda_event, Position};
+use product_cache::config::CacheSettings;
 use product_cache::document::Document;
 use product_cache::id::{KeyType, ProductId};
 use product_cache::store::ProductStore;
@@ -76,16 +77,17 @@ pub struct Replay {
     pub expired: usize,
 }
 
-/// Invariant 2: replays the whole stream through a fresh invalidator and compares the cache
-/// before and after.
+/// Invariant 2: replays the whole stream through a fresh invalidator with `settings` (the
+/// run's last) and compares the cache before and after.
 pub async fn replay_changes_nothing(
     sut: &Sut,
+    settings: &CacheSettings,
     conn: &mut MultiplexedConnection,
     clock: Clock,
 ) -> Replay {
     let before_at = clock.now();
     let before = snapshot(conn).await;
-    let replay = sut.invalidator(sut.cache(&sut.settings).await);
+    let replay = sut.invalidator(sut.cache(settings).await, settings);
     let mut seen = HashSet::new();
     let records: Vec<Value> = sut
         .stream

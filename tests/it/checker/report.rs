@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use product_cache::read::CacheStatus;
 
-use super::chaos::Chaos;
+use super::chaos::{data_loss_fault, Chaos};
 use super::config::Config;
 use super::feeder::FeedOutcome;
 use super::history::{ms, percentile, Clock, History, Nanos, Read, Seen, Tally, Write, WriteKind};
@@ -23,6 +23,8 @@ pub struct Report {
     pub violations: [usize; 4],
     /// Reads of a version that was never written, or not yet: a checker or system bug.
     pub phantoms: usize,
+    /// Faults the run's config asks for, with how many of each it must have injected.
+    required: Vec<(&'static str, u64)>,
 }
 
 impl Report {
@@ -41,17 +43,10 @@ impl Report {
     }
 
     pub fn assert_exercised(&self) {
-        for fault in [
-            "duplicate batches",
-            "partial failures",
-            "bisections",
-            "redis restarts",
-            "slow reads",
-            "herds",
-        ] {
+        for &(fault, n) in &self.required {
             assert!(
-                self.faults.get(fault) > 0,
-                "no {fault} were injected:\n{}",
+                self.faults.get(fault) >= n,
+                "fewer than {n} {fault} were injected:\n{}",
                 self.text
             );
         }
@@ -72,6 +67,8 @@ pub struct Findings {
     /// Table reads by the readers, and how many of them were slowed.
     pub table_reads: u64,
     pub slowed: u64,
+    /// Reads made with the flipped version attribute setting.
+    pub flipped_reads: u64,
     /// When the stream was drained, and when the writers stopped.
     pub run_time: Nanos,
     pub writers_done: Nanos,
@@ -91,6 +88,7 @@ impl Report {
             mismatches: inv3,
             table_reads,
             slowed,
+            flipped_reads,
             run_time,
             writers_done,
             herd_lease,
@@ -111,6 +109,9 @@ impl Report {
             faults.add(k, v);
         }
         faults.add("slow reads", slowed);
+        if cfg.flip_version_attribute.is_some() {
+            faults.add("reads with the flipped version attribute", flipped_reads);
+        }
         let ops = (writes.len() + reads.len()) as u64;
         let latencies = latencies(&writes, &reads);
         let history = History::new(items, writes, feed.acks, reads);
@@ -118,15 +119,46 @@ impl Report {
         let (staleness, unseen) = history.staleness();
 
         let violations = [stale, inv2.len(), inv3.len(), herd_violations.len()];
+        let mut required = vec![
+            ("duplicate batches", 1),
+            ("partial failures", 1),
+            ("bisections", 1),
+            (data_loss_fault(cfg.data_loss), 1),
+            ("slow reads", 1),
+            ("herds", 1),
+        ];
+        if cfg.replay_after_data_loss {
+            required.push(("batches replayed after the data loss", 1));
+        }
+        if cfg.flip_version_attribute.is_some() {
+            required.push(("version attribute flips", 2));
+            required.push(("batches with the flipped version attribute", 1));
+            required.push(("reads with the flipped version attribute", 1));
+        }
         let mut text = String::new();
         let _ = writeln!(
             text,
-            "== consistency checker: {} ==\nmode {:?}, guards {:?}, version attribute {:?}, seed {:#x} \
-             (CHECKER_SEED), {} items, {} writers, {} readers, lease {:?}, lease wait {:?}",
+            "== consistency checker: {} ==\nmode {:?}, guards {:?}, version attribute {:?}{}, \
+             data loss {:?}{}, seed {:#x} (CHECKER_SEED), \
+             {} items, {} writers, {} readers, lease {:?}, lease wait {:?}",
             cfg.name,
             cfg.mode,
             cfg.guards,
             cfg.version_attribute,
+            match cfg.flip_version_attribute {
+                Some(at) => format!(
+                    " (flipped: the invalidator at {:.0}% of the ops, the readers at {:.0}%)",
+                    at.invalidator * 100.0,
+                    at.readers * 100.0
+                ),
+                None => String::new(),
+            },
+            cfg.data_loss,
+            if cfg.replay_after_data_loss {
+                " then the acknowledged batches again"
+            } else {
+                ""
+            },
             cfg.seed,
             cfg.items,
             cfg.writers,
@@ -195,6 +227,7 @@ impl Report {
             faults,
             violations,
             phantoms,
+            required,
         }
     }
 }

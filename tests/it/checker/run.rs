@@ -26,8 +26,26 @@ pub async fn run(cfg: Config) -> Report {
     let shared = Arc::new(Shared::new(&cfg, clock, progress, &sut));
 
     let (expected_tx, expected_rx) = watch::channel(None);
-    let invalidator = sut.invalidator(FailingCache::new(sut.cache(&sut.settings).await));
-    let feeder = Feeder::start(&cfg, shared.clone(), sut.stream.clone(), invalidator).await;
+    let invalidator = sut.invalidator(
+        FailingCache::new(sut.cache(&sut.settings).await),
+        &sut.settings,
+    );
+    // Both settings of a run that flips the version attribute are built up front.
+    let flipped = match cfg.flip_version_attribute {
+        Some(_) => Some(sut.invalidator(
+            FailingCache::new(sut.cache(&sut.flipped).await),
+            &sut.flipped,
+        )),
+        None => None,
+    };
+    let feeder = Feeder::start(
+        &cfg,
+        shared.clone(),
+        sut.stream.clone(),
+        invalidator,
+        flipped,
+    )
+    .await;
     let feeder = tokio::spawn(feeder.run(expected_rx));
     let writers = actors::spawn_writers(&cfg, &shared);
     let readers = actors::spawn_readers(&cfg, &sut, &shared).await;
@@ -85,7 +103,14 @@ pub async fn run(cfg: Config) -> Report {
         writes.len(),
     )
     .await;
-    let replay = invariants::replay_changes_nothing(&sut, &mut conn, clock).await;
+    // The replay is the invalidator as it ended the run: with the other setting it would meet
+    // positions of the other kind, which it applies as deletes by design.
+    let settings = if shared.flipped.invalidator.load(Ordering::SeqCst) {
+        &sut.flipped
+    } else {
+        &sut.settings
+    };
+    let replay = invariants::replay_changes_nothing(&sut, settings, &mut conn, clock).await;
     drop(redis);
     println!(
         "[{}] replayed {} records by {:.1} s; analysing the history",
@@ -107,6 +132,7 @@ pub async fn run(cfg: Config) -> Report {
             mismatches,
             table_reads: readers.table_reads.load(Ordering::Relaxed),
             slowed: readers.slowed.load(Ordering::Relaxed),
+            flipped_reads: shared.flipped.reads.load(Ordering::Relaxed),
             run_time,
             writers_done,
             herd_lease: herd_settings.lease,

@@ -26,6 +26,9 @@ pub struct Sut {
     pub mode: InvalidationMode,
     /// The feeder's, the readers' and the replay's settings; herds use longer leases.
     pub settings: CacheSettings,
+    /// The same with the version attribute flipped (`version` if `settings` has none, else
+    /// none), for runs that flip it mid-run.
+    pub flipped: CacheSettings,
 }
 
 impl Sut {
@@ -50,6 +53,13 @@ impl Sut {
             guards: cfg.guards,
             ..CacheSettings::default()
         };
+        let flipped = CacheSettings {
+            version_attribute: match cfg.version_attribute {
+                None => Some("version".into()),
+                Some(_) => None,
+            },
+            ..settings.clone()
+        };
         let sut = Self {
             redis_url,
             sdk,
@@ -58,6 +68,7 @@ impl Sut {
             stream,
             mode: cfg.mode,
             settings,
+            flipped,
         };
         (redis, sut)
     }
@@ -78,8 +89,8 @@ impl Sut {
         dynamo_store(&self.sdk, &self.table, &self.settings)
     }
 
-    pub fn invalidator<C: Cache>(&self, cache: C) -> Invalidator<C> {
-        Invalidator::new(cache, self.mode, self.settings.clone())
+    pub fn invalidator<C: Cache>(&self, cache: C, settings: &CacheSettings) -> Invalidator<C> {
+        Invalidator::new(cache, self.mode, settings.clone())
     }
 
     pub fn read_path<C: Cache, S: ProductStore>(
