@@ -15,6 +15,9 @@
 //! - [`services`]: spawns throwaway `redis-server` and `moto_server` children on free ports.
 //! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
 //! - [`stream`]: reads the table's stream and builds the event JSON Lambda would deliver.
+//! - [`proxy`]: a TCP proxy adding network delay (ElastiCache in another AZ) and counting round
+//!   trips; [`services`] puts one in front of a Redis or of every node of a Redis Cluster.
+//! - [`runtime_api`]: a minimal Lambda Runtime API to run the compiled function binaries under.
 //!
 //! Install both server binaries with `scripts/setup.sh`.
 
@@ -22,6 +25,8 @@ pub mod demo;
 pub mod esm_template;
 pub mod http;
 pub mod poller;
+pub mod proxy;
+pub mod runtime_api;
 pub mod seed;
 pub mod services;
 pub mod stack;
