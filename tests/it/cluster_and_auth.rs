@@ -1,6 +1,8 @@
 //! What ElastiCache adds on top of a single local Redis: cluster mode (every script must stay in
 //! one hash slot) and an AUTH token kept in Secrets Manager.
 
+use std::time::Duration;
+
 use local_stack::services::{RedisCluster, RedisServer};
 use product_cache::config::{
     CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
@@ -75,6 +77,68 @@ async fn both_paths_work_unchanged_on_a_redis_cluster() {
     for port in cluster.ports() {
         assert!(dbsize(port).await > 0, "node {port} holds nothing");
     }
+}
+
+/// The hot key at production latency: 1,000 changes to one product in one batch, on a cluster
+/// whose nodes are 0.5 ms away (proxies the nodes announce), take at most three round trips and
+/// fit in a 25 ms Redis timeout. One command per record would be 1,000 round trips (0.5 s).
+#[tokio::test]
+async fn a_hot_key_batch_on_a_distant_cluster_takes_few_round_trips() {
+    let cluster = RedisCluster::start_with_delay(3, Duration::from_micros(500))
+        .await
+        .unwrap();
+    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+    let settings = InvalidatorSettings {
+        redis: RedisSettings {
+            cluster: true,
+            ..RedisSettings::new(cluster.url())
+        },
+        mode: InvalidationMode::Delete,
+        cache: CacheSettings {
+            redis_timeout: Duration::from_millis(25),
+            ..CacheSettings::default()
+        },
+    };
+    let invalidator = Invalidator::build(settings, &sdk).await.unwrap();
+    let template = crate::support::fixture("modify.json")["Records"][0].clone();
+    let batch = |first: u64, n: u64| {
+        let records: Vec<serde_json::Value> = (first..first + n)
+            .map(|i| {
+                let mut record = template.clone();
+                record["dynamodb"]["SequenceNumber"] = json!(format!(
+                    "{}",
+                    111_000_000_000_000_000_000u128 + u128::from(i)
+                ));
+                record
+            })
+            .collect();
+        json!({ "Records": records })
+    };
+    // Topology discovery and the script load are not what this is about.
+    let mut warmed = false;
+    for attempt in 0..5 {
+        if invalidator
+            .handle(batch(attempt * 10, 10))
+            .await
+            .batch_item_failures
+            .is_empty()
+        {
+            warmed = true;
+            break;
+        }
+    }
+    assert!(warmed, "a 10-record batch never fit in 25 ms");
+    cluster.reset_counters();
+    let response = invalidator.handle(batch(1000, 1000)).await;
+    let round_trips = cluster.round_trips();
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "the batch failed at REDIS_TIMEOUT_MS=25 after {round_trips} round trips: {response:?}"
+    );
+    assert!(
+        round_trips <= 3,
+        "{round_trips} round trips for one key's 1,000 records"
+    );
 }
 
 #[tokio::test]

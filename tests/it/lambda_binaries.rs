@@ -4,8 +4,6 @@
 //!
 //! Needs the binaries: `cargo build -p functions` first.
 
-mod runtime_api;
-
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,7 +16,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use crate::support::{fixture, moto_endpoint, TestEnv};
-use runtime_api::{Outcome, RuntimeApi};
+use local_stack::runtime_api::{Outcome, RuntimeApi};
 
 /// Bound on one invocation, start-up included (a cold start builds the SDK client).
 const INVOKE_WITHIN: Duration = Duration::from_secs(15);

@@ -18,6 +18,9 @@
 //! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
 //! - [`stream`]: reads the table's stream and builds the event JSON Lambda would deliver.
 //! - [`error`]: the one formatter of an error and its causes on one line.
+//! - [`proxy`]: a TCP proxy adding network delay (ElastiCache in another AZ) and counting round
+//!   trips; [`services`] puts one in front of a Redis or of every node of a Redis Cluster.
+//! - [`runtime_api`]: a minimal Lambda Runtime API to run the compiled function binaries under.
 //!
 //! Install both server binaries with `scripts/setup.sh`.
 
@@ -26,6 +29,8 @@ pub mod error;
 pub mod esm_template;
 pub mod http;
 pub mod poller;
+pub mod proxy;
+pub mod runtime_api;
 pub mod seed;
 pub mod services;
 pub mod stack;

@@ -18,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+use crate::proxy::DelayProxy;
+
 const SETUP_HINT: &str = "run scripts/setup.sh";
 
 /// How many fresh ports to try when a child dies at startup. A port handed out
@@ -164,11 +166,64 @@ impl Drop for RedisServer {
     }
 }
 
+/// A `redis-server` with a [`DelayProxy`] in front: what a client in another availability zone
+/// sees. Clients use [`url`](Self::url) (the proxy); [`direct_url`](Self::direct_url) skips it,
+/// for setup and for reading the server's own statistics.
+#[derive(Debug)]
+pub struct DelayedRedis {
+    // Dropped first: the proxy stops before the server does.
+    proxy: DelayProxy,
+    server: RedisServer,
+}
+
+impl DelayedRedis {
+    /// A fresh `redis-server` behind a proxy adding `delay` per round trip.
+    pub async fn start(delay: Duration) -> Result<DelayedRedis, ServiceError> {
+        Self::start_with(delay, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra `redis-server` arguments.
+    pub async fn start_with(delay: Duration, extra: &[&str]) -> Result<DelayedRedis, ServiceError> {
+        let server = RedisServer::start_with(extra).await?;
+        let upstream = (Ipv4Addr::LOCALHOST, server.port()).into();
+        let proxy = DelayProxy::start(upstream, delay).await?;
+        Ok(DelayedRedis { proxy, server })
+    }
+
+    /// `redis://127.0.0.1:<proxy port>`
+    pub fn url(&self) -> String {
+        self.proxy.redis_url()
+    }
+
+    /// `redis://127.0.0.1:<server port>`, not delayed.
+    pub fn direct_url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn proxy(&self) -> &DelayProxy {
+        &self.proxy
+    }
+
+    pub fn server(&self) -> &RedisServer {
+        &self.server
+    }
+
+    pub fn server_mut(&mut self) -> &mut RedisServer {
+        &mut self.server
+    }
+}
+
 /// A Redis Cluster of several primaries (no replicas) on free loopback ports, like ElastiCache
 /// with cluster mode enabled: any command whose keys span two hash slots fails with CROSSSLOT,
 /// which is what testing against it proves does not happen.
+///
+/// [`start_with_delay`](Self::start_with_delay) puts a [`DelayProxy`] in front of every node and
+/// has the nodes announce the proxies' ports, so a client that discovers the topology (CLUSTER
+/// SLOTS, MOVED) only ever talks through the proxies.
 #[derive(Debug)]
 pub struct RedisCluster {
+    // Dropped first: the proxies stop before the nodes do.
+    proxies: Vec<DelayProxy>,
     nodes: Vec<RedisServer>,
 }
 
@@ -176,18 +231,55 @@ impl RedisCluster {
     pub async fn start(primaries: usize) -> Result<RedisCluster, ServiceError> {
         let mut nodes = Vec::with_capacity(primaries);
         for _ in 0..primaries {
-            nodes.push(
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                ])
-                .await?,
-            );
+            nodes.push(RedisServer::start_with(&CLUSTER_NODE_ARGS).await?);
         }
+        Self::create(nodes, Vec::new()).await
+    }
+
+    /// A cluster whose nodes are reached through proxies adding `delay` per round trip
+    /// ([`DelayProxy::set_delay`] changes it later; zero still counts round trips). The nodes
+    /// announce `127.0.0.1:<proxy port>` to clients and their real bus ports to each other, so
+    /// only client traffic is delayed.
+    pub async fn start_with_delay(
+        primaries: usize,
+        delay: Duration,
+    ) -> Result<RedisCluster, ServiceError> {
+        let mut proxies = Vec::with_capacity(primaries);
+        let mut nodes = Vec::with_capacity(primaries);
+        for _ in 0..primaries {
+            let proxy = DelayProxy::listen(delay).await?;
+            // The bus port is chosen here rather than derived (client port + 10000, which can
+            // be past 65535), so it can be announced before the node starts.
+            let bus_port = free_port().to_string();
+            let proxy_port = proxy.port().to_string();
+            let mut args: Vec<&str> = CLUSTER_NODE_ARGS.to_vec();
+            args.extend([
+                "--cluster-port",
+                &bus_port,
+                "--cluster-announce-ip",
+                "127.0.0.1",
+                "--cluster-announce-port",
+                &proxy_port,
+                "--cluster-announce-bus-port",
+                &bus_port,
+            ]);
+            let node = RedisServer::start_with(&args).await?;
+            proxy.set_upstream((Ipv4Addr::LOCALHOST, node.port()).into());
+            proxies.push(proxy);
+            nodes.push(node);
+        }
+        let cluster = Self::create(nodes, proxies).await?;
+        for proxy in &cluster.proxies {
+            proxy.reset();
+        }
+        Ok(cluster)
+    }
+
+    /// Assigns the slots over `nodes` (by their real ports) and waits until every node agrees.
+    async fn create(
+        nodes: Vec<RedisServer>,
+        proxies: Vec<DelayProxy>,
+    ) -> Result<RedisCluster, ServiceError> {
         let cli = find_redis_cli()?;
         let out = Command::new(&cli)
             .args(["--cluster", "create"])
@@ -221,18 +313,54 @@ impl RedisCluster {
                 tokio::time::sleep(POLL_INTERVAL).await;
             }
         }
-        Ok(RedisCluster { nodes })
+        Ok(RedisCluster { proxies, nodes })
     }
 
-    /// The URL of one node, enough for a cluster client to discover the others.
+    /// The URL of one node, enough for a cluster client to discover the others: through its
+    /// proxy when the cluster has proxies.
     pub fn url(&self) -> String {
-        self.nodes[0].url()
+        match self.proxies.first() {
+            Some(proxy) => proxy.redis_url(),
+            None => self.nodes[0].url(),
+        }
     }
 
+    /// The nodes' real ports (not delayed).
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()
     }
+
+    /// The proxies in front of the nodes, in node order (empty unless started with a delay).
+    pub fn proxies(&self) -> &[DelayProxy] {
+        &self.proxies
+    }
+
+    /// Round trips through all the proxies since the last reset.
+    pub fn round_trips(&self) -> u64 {
+        self.proxies.iter().map(DelayProxy::round_trips).sum()
+    }
+
+    /// Resets every proxy's counters.
+    pub fn reset_counters(&self) {
+        self.proxies.iter().for_each(DelayProxy::reset);
+    }
+
+    /// Sets every proxy's delay.
+    pub fn set_delay(&self, delay: Duration) {
+        for proxy in &self.proxies {
+            proxy.set_delay(delay);
+        }
+    }
 }
+
+const CLUSTER_NODE_ARGS: [&str; 6] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "5000",
+];
 
 async fn cluster_ok(port: u16) -> bool {
     let attempt = async {
@@ -777,6 +905,76 @@ mod tests {
         assert_eq!(found.expect("found via $MOTO_SERVER"), fake);
         let err = missing.expect_err("a wrong $MOTO_SERVER must not fall back");
         assert!(err.to_string().contains("scripts/setup.sh"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_delayed_redis_answers_through_its_proxy() {
+        let redis = DelayedRedis::start(Duration::from_millis(2)).await.unwrap();
+        assert_ne!(redis.url(), redis.direct_url());
+        assert_eq!(
+            redis.proxy().port(),
+            redis
+                .url()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .unwrap()
+        );
+        assert_eq!(ping(redis.proxy().port()).await, b"+PONG\r\n");
+        assert_eq!(redis.proxy().round_trips(), 1);
+        assert_eq!(ping(redis.server().port()).await, b"+PONG\r\n");
+        assert_eq!(
+            redis.proxy().round_trips(),
+            1,
+            "the direct PING bypassed the proxy"
+        );
+    }
+
+    /// Clients learn the topology from CLUSTER SLOTS: it must name the proxies, never the nodes.
+    #[tokio::test]
+    async fn a_delayed_cluster_announces_its_proxies() {
+        let cluster = RedisCluster::start_with_delay(3, Duration::ZERO)
+            .await
+            .expect("start the cluster");
+        let proxy_ports: Vec<u16> = cluster.proxies().iter().map(DelayProxy::port).collect();
+        assert_eq!(proxy_ports.len(), 3);
+        assert_eq!(
+            cluster.url(),
+            format!("redis://127.0.0.1:{}", proxy_ports[0])
+        );
+        let mut conn = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy_ports[1]))
+            .await
+            .unwrap();
+        conn.write_all(b"CLUSTER SLOTS\r\n").await.unwrap();
+        let mut reply = Vec::new();
+        let mut buf = vec![0; 4096];
+        // Three masters with one range each: wait until all three entries have arrived.
+        while String::from_utf8_lossy(&reply).matches("127.0.0.1").count() < 3 {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&reply)
+            );
+            reply.extend_from_slice(&buf[..n]);
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        for port in &proxy_ports {
+            assert!(
+                reply.contains(&format!(":{port}\r\n")),
+                "{port} missing: {reply}"
+            );
+        }
+        for port in cluster.ports() {
+            assert!(
+                !reply.contains(&format!(":{port}\r\n")),
+                "real port {port} announced: {reply}"
+            );
+        }
+        assert!(cluster.round_trips() >= 1);
+        cluster.reset_counters();
+        assert_eq!(cluster.round_trips(), 0);
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! `POST /runtime/invocation/{id}/response` or `/error`, and reports a failed start-up on
 //! `POST /runtime/init/error`.
 //!
-//! [`RuntimeApi::invoke`] queues one event and awaits the function's answer.
+//! [`RuntimeApi::invoke`] queues one event and awaits the function's answer. The server also
+//! records when the function first asked for an event (the end of its init) and, per
+//! invocation, when the event was handed out and when the answer came back, for the cold-start
+//! benchmark. Used by the integration tests and by `crates/bench`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -11,7 +14,7 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -19,7 +22,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 const PREFIX: &str = "/2018-06-01/runtime";
@@ -36,15 +39,32 @@ struct Queued {
     answer: oneshot::Sender<Outcome>,
 }
 
+/// When one invocation's event was handed to the function and when its answer arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvocationTiming {
+    pub delivered: Instant,
+    pub answered: Instant,
+}
+
+impl InvocationTiming {
+    pub fn duration(&self) -> Duration {
+        self.answered.saturating_duration_since(self.delivered)
+    }
+}
+
 struct State {
     function_arn: String,
     queue: mpsc::UnboundedSender<Queued>,
     /// Held by the one `/next` long poll that is waiting for an event.
     pending: tokio::sync::Mutex<mpsc::UnboundedReceiver<Queued>>,
-    /// Events handed out by `/next` and not answered yet, by request id.
-    in_flight: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    /// Events handed out by `/next` and not answered yet, by request id, with when.
+    in_flight: Mutex<HashMap<String, (oneshot::Sender<Outcome>, Instant)>>,
     init_error: Mutex<Option<Value>>,
     next_polls: AtomicUsize,
+    /// The number of `/next` polls so far, for waiting on one.
+    polls_seen: watch::Sender<usize>,
+    first_poll: Mutex<Option<Instant>>,
+    timings: Mutex<Vec<InvocationTiming>>,
     ids: AtomicU64,
 }
 
@@ -69,6 +89,9 @@ impl RuntimeApi {
             in_flight: Mutex::default(),
             init_error: Mutex::default(),
             next_polls: AtomicUsize::new(0),
+            polls_seen: watch::Sender::new(0),
+            first_poll: Mutex::default(),
+            timings: Mutex::default(),
             ids: AtomicU64::new(1),
         });
         let server = tokio::spawn(serve(listener, state.clone()));
@@ -109,6 +132,24 @@ impl RuntimeApi {
     /// How many times the function has asked for an event (including the poll still waiting).
     pub fn next_polls(&self) -> usize {
         self.state.next_polls.load(Ordering::SeqCst)
+    }
+
+    /// When the function first asked for an event: the end of its initialisation.
+    pub fn first_poll_at(&self) -> Option<Instant> {
+        *self.state.first_poll.lock().unwrap()
+    }
+
+    /// Waits until the function has asked for an event `n` times in all; `false` if that did not
+    /// happen `within`.
+    pub async fn wait_for_polls(&self, n: usize, within: Duration) -> bool {
+        let mut polls = self.state.polls_seen.subscribe();
+        let seen = tokio::time::timeout(within, polls.wait_for(|seen| *seen >= n)).await;
+        matches!(seen, Ok(Ok(_)))
+    }
+
+    /// Every answered invocation so far, in the order the answers came.
+    pub fn timings(&self) -> Vec<InvocationTiming> {
+        self.state.timings.lock().unwrap().clone()
     }
 }
 
@@ -162,13 +203,19 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infal
                 Some((id, ok)) => {
                     let id = id.to_owned();
                     let body = body_json(req).await;
-                    let Some(waiter) = state.in_flight.lock().unwrap().remove(&id) else {
+                    let answered = Instant::now();
+                    let Some((waiter, delivered)) = state.in_flight.lock().unwrap().remove(&id)
+                    else {
                         return Ok(reply(
                             StatusCode::BAD_REQUEST,
                             json!({"errorType": "InvalidRequestID", "errorMessage": id}),
                         ));
                     };
-                    // The test may have given up waiting; that is its own failure.
+                    state.timings.lock().unwrap().push(InvocationTiming {
+                        delivered,
+                        answered,
+                    });
+                    // The caller may have given up waiting; that is its own failure.
                     let _ = waiter.send(if ok { Ok(body) } else { Err(body) });
                     accepted()
                 }
@@ -181,7 +228,10 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infal
 
 /// `GET /runtime/invocation/next`: waits until an event is queued.
 async fn next(state: &State) -> Reply {
-    state.next_polls.fetch_add(1, Ordering::SeqCst);
+    let polled = Instant::now();
+    state.first_poll.lock().unwrap().get_or_insert(polled);
+    let polls = state.next_polls.fetch_add(1, Ordering::SeqCst) + 1;
+    state.polls_seen.send_replace(polls);
     let queued = {
         let mut pending = state.pending.lock().await;
         pending
@@ -201,7 +251,7 @@ async fn next(state: &State) -> Reply {
         .in_flight
         .lock()
         .unwrap()
-        .insert(request_id.clone(), queued.answer);
+        .insert(request_id.clone(), (queued.answer, Instant::now()));
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
@@ -216,7 +266,7 @@ async fn next(state: &State) -> Reply {
         .unwrap()
 }
 
-/// A body that is not JSON is kept as a JSON string, so the test can show it.
+/// A body that is not JSON is kept as a JSON string, so the caller can show it.
 async fn body_json(req: Request<Incoming>) -> Value {
     let bytes = match req.into_body().collect().await {
         Ok(body) => body.to_bytes(),

@@ -1,0 +1,230 @@
+//! A hit: Redis's own time per hit under sustained load, and the handler's latency, each
+//! against a plain `GET` of the same key on the same kind of connection.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use product_cache::config::CacheSettings;
+use product_cache::document::Document;
+use product_cache::read::{CacheStatus, ReadPath};
+
+use crate::env::Env;
+use crate::records::{image, item_of};
+use crate::report::{Budget, Net, Row, Unit};
+use crate::stats::{self, percentile};
+use crate::{Error, Sizes};
+
+const ID: &str = "bench-hot-1";
+const KEY: &str = "product:bench-hot-1";
+/// Requests per block; the product and the baseline alternate blocks, so drift (another
+/// process on the machine, frequency changes) hits both alike.
+const BLOCK: usize = 100;
+
+/// Caches the hot product's document (about 400 bytes) and returns it.
+async fn cache_the_product(env: &Env) -> Result<String, Error> {
+    let doc = Document::from_item(&item_of(&image(ID, "129.99", 1, 200)))?.into_string();
+    redis::cmd("SET")
+        .arg(KEY)
+        .arg(&doc)
+        .arg("EX")
+        .arg(3600)
+        .query_async::<()>(&mut env.control())
+        .await?;
+    Ok(doc)
+}
+
+type Read = ReadPath<product_cache::cache::RedisCache, product_cache::store::DynamoStore>;
+
+async fn read_path(env: &Env, net: Net) -> Result<Read, Error> {
+    // The table is never read: every request is a hit.
+    let settings = env.read_settings(net, "bench-unused", CacheSettings::default());
+    Ok(ReadPath::build(settings, &env.sdk).await?)
+}
+
+async fn hit(read: &Read) -> bool {
+    matches!(read.get(ID).await, (CacheStatus::Hit, Ok(_)))
+}
+
+async fn raw_get(conn: &mut redis::aio::ConnectionManager) -> bool {
+    redis::cmd("GET")
+        .arg(KEY)
+        .query_async::<Option<String>>(conn)
+        .await
+        .is_ok_and(|v| v.is_some())
+}
+
+/// Redis command time per hit, from `INFO commandstats`, with callers keeping Redis busy.
+pub async fn redis_time(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> {
+    cache_the_product(env).await?;
+    let read = Arc::new(read_path(env, net).await?);
+    let conn = env.raw_conn(net).await?;
+    for _ in 0..200 {
+        if !hit(&read).await {
+            return Err("the warm-up read of a cached product was not a hit".into());
+        }
+        raw_get(&mut conn.clone()).await;
+    }
+    let port = env.redis.server().port();
+
+    let (_, product_mix) = stats::sample_mix(port, &mut env.control(), async {
+        for _ in 0..200 {
+            hit(&read).await;
+        }
+    })
+    .await?;
+    env.resetstat().await?;
+    let cpu = env.cpu_seconds().await?;
+    let product = {
+        let read = read.clone();
+        stats::sustained(sizes.load_callers, sizes.load_time, move || {
+            let read = read.clone();
+            async move { hit(&read).await }
+        })
+        .await
+    };
+    let product_cpu = env.cpu_seconds().await? - cpu;
+    let product_stats = env.commandstats().await?;
+
+    let (_, baseline_mix) = stats::sample_mix(port, &mut env.control(), async {
+        for _ in 0..200 {
+            raw_get(&mut conn.clone()).await;
+        }
+    })
+    .await?;
+    env.resetstat().await?;
+    let cpu = env.cpu_seconds().await?;
+    let baseline = {
+        let conn = conn.clone();
+        stats::sustained(sizes.load_callers, sizes.load_time, move || {
+            let mut conn = conn.clone();
+            async move { raw_get(&mut conn).await }
+        })
+        .await
+    };
+    let baseline_cpu = env.cpu_seconds().await? - cpu;
+    let baseline_stats = env.commandstats().await?;
+
+    let requests = (product.ok + product.bad).max(1) as f64;
+    let per_hit = stats::redis_time(&product_stats, &product_mix) / requests;
+    let commands_per_hit = stats::top_level_calls(&product_stats, &product_mix) / requests;
+    let gets = (baseline.ok + baseline.bad).max(1) as f64;
+    let per_get = stats::redis_time(&baseline_stats, &baseline_mix) / gets;
+    let rate = |ops: u64, load: &stats::Load| ops as f64 / load.elapsed.as_secs_f64();
+    let mut note = format!(
+        "{} callers for {:.1} s: {:.0} hits/s vs {:.0} GET/s; a hit is {} ({commands_per_hit:.2} top-level commands); whole-process CPU (INFO cpu) {:.1} us vs {:.1} us",
+        sizes.load_callers,
+        sizes.load_time.as_secs_f64(),
+        rate(product.ok, &product),
+        rate(baseline.ok, &baseline),
+        product_mix.describe(),
+        product_cpu * 1e6 / requests,
+        baseline_cpu * 1e6 / gets,
+    );
+    if net == Net::Proxy {
+        note.push_str("; server-side time, so the proxy changes little");
+    }
+    let failure = (product.bad > 0 || baseline.bad > 0).then(|| {
+        format!(
+            "{} of the product's reads were not hits, {} GETs failed",
+            product.bad, baseline.bad
+        )
+    });
+    Ok(vec![Row {
+        figure: "hit-redis-time",
+        what: "Redis command time per hit, sustained load".into(),
+        net,
+        judged_on: "INFO commandstats usec",
+        unit: Unit::Micros,
+        measured: per_hit,
+        baseline: Some(per_get),
+        baseline_label: "GET of the same key".into(),
+        budget: Budget::RatioAtMost(1.3),
+        note,
+        failure,
+    }])
+}
+
+/// Sequential requests: wall time and, through the proxy, round trips per request.
+pub async fn latency(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> {
+    cache_the_product(env).await?;
+    let read = read_path(env, net).await?;
+    let mut conn = env.raw_conn(net).await?;
+    for _ in 0..200 {
+        hit(&read).await;
+        raw_get(&mut conn).await;
+    }
+    let requests = match net {
+        Net::Loopback => sizes.latency_requests,
+        Net::Proxy => sizes.latency_requests_proxy,
+    };
+    let (mut product_us, mut product_rt) = (Vec::new(), Vec::new());
+    let (mut baseline_us, mut baseline_rt) = (Vec::new(), Vec::new());
+    let mut misses = 0;
+    for _ in 0..requests.div_ceil(BLOCK) {
+        for _ in 0..BLOCK {
+            let rt = env.round_trips();
+            let started = Instant::now();
+            let ok = hit(&read).await;
+            product_us.push(stats::micros(started.elapsed()));
+            product_rt.push((env.round_trips() - rt) as f64);
+            misses += usize::from(!ok);
+        }
+        for _ in 0..BLOCK {
+            let rt = env.round_trips();
+            let started = Instant::now();
+            let ok = raw_get(&mut conn).await;
+            baseline_us.push(stats::micros(started.elapsed()));
+            baseline_rt.push((env.round_trips() - rt) as f64);
+            misses += usize::from(!ok);
+        }
+    }
+    for v in [
+        &mut product_us,
+        &mut product_rt,
+        &mut baseline_us,
+        &mut baseline_rt,
+    ] {
+        v.sort_by(f64::total_cmp);
+    }
+    let failure = (misses > 0).then(|| format!("{misses} requests were not hits"));
+    let mut rows = Vec::new();
+    for (p, label, limit) in [(0.5, "p50", 1.1), (0.99, "p99", 1.3)] {
+        let wall = (percentile(&product_us, p), percentile(&baseline_us, p));
+        let rts = (percentile(&product_rt, p), percentile(&baseline_rt, p));
+        let row = match net {
+            Net::Loopback => Row {
+                figure: "hit-latency",
+                what: format!("hit handler latency {label}"),
+                net,
+                judged_on: "wall",
+                unit: Unit::Micros,
+                measured: wall.0,
+                baseline: Some(wall.1),
+                baseline_label: "raw GET, connection manager".into(),
+                budget: Budget::RatioAtMost(limit),
+                note: format!("{requests} sequential requests each"),
+                failure: failure.clone(),
+            },
+            Net::Proxy => Row {
+                figure: "hit-latency",
+                what: format!("hit handler latency {label}"),
+                net,
+                judged_on: "round trips",
+                unit: Unit::RoundTrips,
+                measured: rts.0,
+                baseline: Some(rts.1),
+                baseline_label: "raw GET, connection manager".into(),
+                budget: Budget::RatioAtMost(limit),
+                note: format!(
+                    "wall {:.0} us vs {:.0} us ({:.2}x): mostly the proxy's delay",
+                    wall.0,
+                    wall.1,
+                    wall.0 / wall.1
+                ),
+                failure: failure.clone(),
+            },
+        };
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,147 @@
+//! A miss: the handler (lease-taking probe, `GetItem`, lease-guarded fill) against what a bare
+//! cache-aside would do (`GetItem`, then `SET`).
+
+use std::time::Instant;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use product_cache::config::CacheSettings;
+use product_cache::document::Document;
+use product_cache::read::{CacheStatus, Lookup, ReadPath};
+
+use crate::env::Env;
+use crate::report::{Budget, Net, Row, Unit};
+use crate::stats::{self, percentile};
+use crate::{Error, Sizes};
+
+/// A table with `n` catalog products, for the miss and cold-start figures.
+pub async fn prepare_table(env: &Env, n: usize) -> Result<(String, Vec<String>), Error> {
+    let table = format!("bench-miss-{}", std::process::id());
+    local_stack::table::ensure_table(
+        &env.dynamodb,
+        &table,
+        "productId",
+        product_cache::id::KeyType::S,
+    )
+    .await?;
+    let products = local_stack::seed::catalog(n);
+    let items = products.iter().map(|p| p.item("productId")).collect();
+    local_stack::seed::batch_write(&env.dynamodb, &table, items).await?;
+    Ok((table, products.into_iter().map(|p| p.id).collect()))
+}
+
+/// `GetItem` (strongly consistent, as the read path's default) and `SET` of the same document.
+async fn bare(
+    env: &Env,
+    table: &str,
+    conn: &mut redis::aio::ConnectionManager,
+    id: &str,
+) -> Result<(), Error> {
+    let out = env
+        .dynamodb
+        .get_item()
+        .table_name(table)
+        .key("productId", AttributeValue::S(id.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await?;
+    let item = out
+        .item
+        .ok_or("the baseline's product is not in the table")?;
+    let doc = Document::from_item(&serde_dynamo::Item::from(item).into_inner())?;
+    redis::cmd("SET")
+        .arg(format!("product:{id}"))
+        .arg(doc.as_str())
+        .arg("EX")
+        .arg(3600)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// `ids` holds this run's products, none of them cached.
+pub async fn latency(
+    env: &Env,
+    sizes: &Sizes,
+    net: Net,
+    table: &str,
+    ids: &[String],
+) -> Result<Vec<Row>, Error> {
+    env.flushall().await?;
+    let read = ReadPath::build(
+        env.read_settings(net, table, CacheSettings::default()),
+        &env.sdk,
+    )
+    .await?;
+    let mut conn = env.raw_conn(net).await?;
+    let n = sizes.misses.min(ids.len().saturating_sub(10) / 2);
+    let (warm, ids) = ids.split_at(10);
+    // Connections to Redis and moto are opened by the first requests: not part of a miss.
+    for pair in warm.chunks(2) {
+        let _ = read.get(&pair[0]).await;
+        if let Some(id) = pair.get(1) {
+            bare(env, table, &mut conn, id).await?;
+        }
+    }
+    let (mut product_ms, mut product_rt) = (Vec::new(), Vec::new());
+    let (mut baseline_ms, mut baseline_rt) = (Vec::new(), Vec::new());
+    let mut not_misses = 0;
+    for i in 0..n {
+        let (a, b) = (&ids[2 * i], &ids[2 * i + 1]);
+        // Alternate which goes first.
+        for turn in 0..2 {
+            if (turn + i) % 2 == 0 {
+                let rt = env.round_trips();
+                let started = Instant::now();
+                let (status, result) = read.get(a).await;
+                product_ms.push(stats::millis(started.elapsed()));
+                product_rt.push((env.round_trips() - rt) as f64);
+                if status != CacheStatus::Miss || !matches!(result, Ok(Lookup::Found(_))) {
+                    not_misses += 1;
+                }
+            } else {
+                let rt = env.round_trips();
+                let started = Instant::now();
+                bare(env, table, &mut conn, b).await?;
+                baseline_ms.push(stats::millis(started.elapsed()));
+                baseline_rt.push((env.round_trips() - rt) as f64);
+            }
+        }
+    }
+    for v in [
+        &mut product_ms,
+        &mut product_rt,
+        &mut baseline_ms,
+        &mut baseline_rt,
+    ] {
+        v.sort_by(f64::total_cmp);
+    }
+    let p50 = (percentile(&product_ms, 0.5), percentile(&baseline_ms, 0.5));
+    let p99 = (
+        percentile(&product_ms, 0.99),
+        percentile(&baseline_ms, 0.99),
+    );
+    let mut note = format!(
+        "{n} misses each; p99 {:.2} ms vs {:.2} ms; DynamoDB is moto",
+        p99.0, p99.1
+    );
+    if net == Net::Proxy {
+        note.push_str(&format!(
+            "; Redis round trips per miss {:.0} vs {:.0}",
+            percentile(&product_rt, 0.5),
+            percentile(&baseline_rt, 0.5)
+        ));
+    }
+    Ok(vec![Row {
+        figure: "miss-latency",
+        what: "miss handler latency p50".into(),
+        net,
+        judged_on: "wall",
+        unit: Unit::Millis,
+        measured: p50.0,
+        baseline: Some(p50.1),
+        baseline_label: "bare GetItem + SET".into(),
+        budget: Budget::RatioAtMost(1.2),
+        note,
+        failure: (not_misses > 0).then(|| format!("{not_misses} reads were not misses")),
+    }])
+}

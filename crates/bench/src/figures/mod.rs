@@ -1,0 +1,9 @@
+//! One module per figure of the table; each function runs one figure on one network
+//! and returns its rows.
+
+pub mod batch;
+pub mod cluster;
+pub mod cold;
+pub mod flash_sale;
+pub mod hit;
+pub mod miss;

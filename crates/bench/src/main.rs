@@ -1,0 +1,360 @@
+//! The benchmark: every figure of the performance budget against its baseline, measured in the
+//! same run, on loopback and again through a proxy adding ElastiCache's cross-AZ round trip.
+//! Starts its own `redis-server`, Redis Cluster and `moto_server` like the tests do.
+//!
+//! Run it with `scripts/bench.sh` (README.md, "Benchmarks"); it is not part of the tests.
+
+mod env;
+mod figures;
+mod records;
+mod report;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use product_cache::config::InvalidationMode;
+
+use crate::env::Env;
+use crate::report::{Budget, Machine, Net, Row, Unit};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs the performance budget's figures against their baselines; prints a table, writes
+/// JSON and BENCHMARKS.md, and exits 1 if a budget is missed.
+#[derive(Parser, Debug)]
+#[command(name = "bench")]
+struct Args {
+    /// Smaller sizes, for trying it out (the figures are not the reference ones).
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to PATH.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Do not rewrite BENCHMARKS.md (it is not rewritten with --only either).
+    #[arg(long)]
+    no_write: bool,
+    /// Run only these figures (comma-separated or repeated).
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    only: Vec<Figure>,
+    /// The round-trip delay the proxy adds, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0.5)]
+    delay_ms: f64,
+    /// The invalidation mode of the flash sale.
+    #[arg(long, value_name = "MODE", default_value = "refresh")]
+    flash_sale_mode: InvalidationMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Figure {
+    HitRedisTime,
+    HitLatency,
+    MissLatency,
+    Batch,
+    Refresh,
+    ClusterHotKey,
+    ColdStart,
+    FlashSale,
+}
+
+impl Figure {
+    const ALL: [Figure; 8] = [
+        Figure::HitRedisTime,
+        Figure::HitLatency,
+        Figure::MissLatency,
+        Figure::Batch,
+        Figure::Refresh,
+        Figure::ClusterHotKey,
+        Figure::ColdStart,
+        Figure::FlashSale,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Figure::HitRedisTime => "hit-redis-time",
+            Figure::HitLatency => "hit-latency",
+            Figure::MissLatency => "miss-latency",
+            Figure::Batch => "batch",
+            Figure::Refresh => "refresh",
+            Figure::ClusterHotKey => "cluster-hot-key",
+            Figure::ColdStart => "cold-start",
+            Figure::FlashSale => "flash-sale",
+        }
+    }
+
+    fn needs_moto(self) -> bool {
+        matches!(
+            self,
+            Figure::MissLatency | Figure::ColdStart | Figure::FlashSale
+        )
+    }
+}
+
+/// How much of everything: the default sizes keep each figure to a minute or two on a 2-core
+/// machine; `--quick` to seconds.
+pub struct Sizes {
+    pub load_callers: usize,
+    pub load_time: Duration,
+    pub latency_requests: usize,
+    pub latency_requests_proxy: usize,
+    pub misses: usize,
+    pub batch_records: usize,
+    pub batch_keys: usize,
+    pub batch_reps: usize,
+    pub refresh_records: usize,
+    pub refresh_bytes: usize,
+    pub refresh_reps: usize,
+    pub hot_key_records: usize,
+    pub cold_runs: usize,
+    pub sale_products: usize,
+    pub sale_reads: usize,
+    pub sale_readers: usize,
+    pub sale_write_share: f64,
+    pub sale_zipf_s: f64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        let pick = |full: usize, small: usize| if quick { small } else { full };
+        Sizes {
+            load_callers: 16,
+            load_time: Duration::from_millis(if quick { 1500 } else { 5000 }),
+            latency_requests: pick(5000, 1000),
+            latency_requests_proxy: pick(2000, 500),
+            misses: pick(200, 50),
+            batch_records: 10_000,
+            batch_keys: 5_000,
+            batch_reps: pick(5, 2),
+            refresh_records: 1000,
+            refresh_bytes: 5000,
+            refresh_reps: pick(5, 2),
+            hot_key_records: 1000,
+            cold_runs: pick(5, 2),
+            sale_products: pick(100_000, 10_000),
+            sale_reads: pick(400_000, 40_000),
+            sale_readers: 64,
+            sale_write_share: 0.01,
+            sale_zipf_s: 1.1,
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the selected figures; `Ok(false)` when a budget was missed.
+async fn run(args: Args) -> Result<bool, Error> {
+    let started = Instant::now();
+    let sizes = Sizes::new(args.quick);
+    let figures: Vec<Figure> = if args.only.is_empty() {
+        Figure::ALL.to_vec()
+    } else {
+        Figure::ALL
+            .into_iter()
+            .filter(|f| args.only.contains(f))
+            .collect()
+    };
+    let delay = Duration::from_secs_f64(args.delay_ms / 1e3);
+    let machine = Machine::probe();
+    eprintln!(
+        "bench: {} x {}, {}; {}; proxy delay {} ms{}",
+        machine.nproc,
+        machine.cpu,
+        machine.memory,
+        machine.redis,
+        args.delay_ms,
+        if args.quick { "; quick sizes" } else { "" }
+    );
+    let env = Env::start(delay, figures.iter().any(|f| f.needs_moto())).await?;
+    let (ping_direct, ping_proxy) = env.ping_times().await?;
+    eprintln!(
+        "bench: median PING {ping_direct:.3} ms direct, {ping_proxy:.3} ms through the proxy"
+    );
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut miss_table: Option<(String, Vec<String>)> = None;
+    if figures.contains(&Figure::MissLatency) || figures.contains(&Figure::ColdStart) {
+        // Each network's misses need products nobody has read, plus the warm-ups'.
+        let n = (4 * sizes.misses + 40).max(100);
+        miss_table = Some(figures::miss::prepare_table(&env, n).await?);
+    }
+    for figure in figures {
+        let figure_started = Instant::now();
+        let mut cluster = None;
+        let mut sale = None;
+        if figure == Figure::ClusterHotKey {
+            cluster = Some(local_stack::services::RedisCluster::start_with_delay(3, delay).await?);
+        }
+        if figure == Figure::FlashSale {
+            eprintln!(
+                "bench: flash-sale: seeding {} products into moto ...",
+                sizes.sale_products
+            );
+            let (prepared, took) = figures::flash_sale::prepare(&env, &sizes).await?;
+            let note = format!(
+                "flash-sale: seeding {} products into moto took {:.0} s (not part of any figure)",
+                sizes.sale_products,
+                took.as_secs_f64()
+            );
+            eprintln!("bench: {note}");
+            notes.push(note);
+            sale = Some(prepared);
+        }
+        for net in [Net::Loopback, Net::Proxy] {
+            eprintln!("bench: {} ({}) ...", figure.name(), net.label());
+            let result = match figure {
+                Figure::HitRedisTime => figures::hit::redis_time(&env, &sizes, net).await,
+                Figure::HitLatency => figures::hit::latency(&env, &sizes, net).await,
+                Figure::MissLatency => {
+                    let (table, ids) = miss_table.as_ref().expect("prepared above");
+                    // Half of the products for each network, none read before.
+                    let half = ids.len() / 2;
+                    let ids = match net {
+                        Net::Loopback => &ids[..half],
+                        Net::Proxy => &ids[half..],
+                    };
+                    figures::miss::latency(&env, &sizes, net, table, ids).await
+                }
+                Figure::Batch => figures::batch::mixed(&env, &sizes, net).await,
+                Figure::Refresh => figures::batch::refresh(&env, &sizes, net).await,
+                Figure::ClusterHotKey => {
+                    let cluster = cluster.as_ref().expect("started above");
+                    figures::cluster::hot_key(&env, &sizes, net, cluster, delay).await
+                }
+                Figure::ColdStart => {
+                    let (table, _) = miss_table.as_ref().expect("prepared above");
+                    figures::cold::cold_start(&env, &sizes, net, table).await
+                }
+                Figure::FlashSale => {
+                    let sale = sale.as_ref().expect("prepared above");
+                    figures::flash_sale::run(&env, &sizes, net, sale, args.flash_sale_mode).await
+                }
+            };
+            let new_rows = result.unwrap_or_else(|e| vec![failed_row(figure, net, &e)]);
+            for row in &new_rows {
+                eprintln!(
+                    "bench:   {} {}: {} ({})",
+                    row.what,
+                    if row.pass() { "pass" } else { "FAIL" },
+                    if row.measured.is_finite() {
+                        row.unit.format(row.measured)
+                    } else {
+                        "-".into()
+                    },
+                    row.failure.as_deref().unwrap_or(&row.note),
+                );
+            }
+            rows.extend(new_rows);
+        }
+        eprintln!(
+            "bench: {} took {:.0} s",
+            figure.name(),
+            figure_started.elapsed().as_secs_f64()
+        );
+    }
+
+    let command = std::iter::once("scripts/bench.sh".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let run = report::Run {
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        command,
+        quick: args.quick,
+        machine: &machine,
+        delay,
+        ping_direct_ms: ping_direct,
+        ping_proxy_ms: ping_proxy,
+        rows: &rows,
+        notes: &notes,
+        elapsed: started.elapsed(),
+    };
+    println!("{}", report::text_table(&rows));
+    for note in &notes {
+        println!("note: {note}");
+    }
+    if let Some(path) = &args.json {
+        report::write_file(path, &serde_json::to_string_pretty(&run.json())?)?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    if args.no_write {
+        eprintln!("bench: BENCHMARKS.md left as it was (--no-write)");
+    } else if !args.only.is_empty() {
+        eprintln!("bench: BENCHMARKS.md left as it was (--only ran part of the figures)");
+    } else {
+        let path = workspace_root().join("BENCHMARKS.md");
+        report::write_file(&path, &run.markdown())?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    let failed: Vec<&Row> = rows.iter().filter(|r| !r.pass()).collect();
+    println!(
+        "{} of {} checks within budget; took {:.0} s",
+        rows.len() - failed.len(),
+        rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        println!("over budget:");
+        for row in &failed {
+            println!(
+                "  {}: {} ({}): {} {}",
+                row.figure,
+                row.what,
+                row.net.label(),
+                row.ratio().map(|r| format!("{r:.2}x")).unwrap_or_else(|| {
+                    if row.measured.is_finite() {
+                        row.unit.format(row.measured)
+                    } else {
+                        "-".into()
+                    }
+                }),
+                match &row.failure {
+                    Some(f) => format!("({f}); budget {}", row.budget_text()),
+                    None => format!("budget {}", row.budget_text()),
+                }
+            );
+        }
+    }
+    Ok(failed.is_empty())
+}
+
+/// A figure that could not be measured is a missed budget, with the reason.
+fn failed_row(figure: Figure, net: Net, error: &Error) -> Row {
+    Row {
+        figure: figure.name(),
+        what: "could not be measured".into(),
+        net,
+        judged_on: "-",
+        unit: Unit::Count,
+        measured: f64::NAN,
+        baseline: None,
+        baseline_label: "-".into(),
+        budget: Budget::AtMost(0.0),
+        note: String::new(),
+        failure: Some(error.to_string()),
+    }
+}
