@@ -79,6 +79,8 @@ pub(crate) struct Options {
     /// PEM roots to trust for `rediss://` instead of the built-in Mozilla roots.
     pub root_cert: Option<Vec<u8>>,
     pub guards: Guards,
+    /// ElastiCache IAM authentication: a token on every new connection, refreshed on it.
+    pub credentials: Option<crate::iam::IamCredentials>,
 }
 
 /// The Redis cache: one node or a cluster, built by [`RedisCache::from_settings`], the one
@@ -107,6 +109,10 @@ impl RedisCache {
             // Redis is noticed quickly and retried on later requests.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(100));
+        let config = match options.credentials {
+            Some(credentials) => config.set_credentials_provider(credentials),
+            None => config,
+        };
         let connector = Connector::start(move || {
             let (client, config) = (client.clone(), config.clone());
             async move {
@@ -130,6 +136,9 @@ impl RedisCache {
             .retries(2);
         if let Some(pem) = options.root_cert {
             builder = builder.certs(certificates(pem));
+        }
+        if let Some(credentials) = options.credentials {
+            builder = builder.set_credentials_provider(credentials);
         }
         let client = builder.build()?;
         let connector = Connector::start(move || {
