@@ -10,6 +10,10 @@ set -euo pipefail
 venv="$repo/.venv"
 # Pinned: moto's emulation changes between releases, and tests should not change with it.
 moto_spec='moto[server,dynamodb]==5.2.5'
+# The independent reference for the ElastiCache IAM token (crates/product-cache/src/iam.rs runs
+# tests/fixtures/iam/reference.py with it). moto brings botocore too; pinned here because the
+# test depends on botocore itself, and a bump must rebuild the venv.
+botocore_spec='botocore==1.44.8'
 
 # The tests spawn their own redis-server instances on free ports, so the
 # system service the package may start is neither needed nor stopped here.
@@ -25,8 +29,8 @@ if ! command -v openssl >/dev/null 2>&1; then
 fi
 
 ensure_python3
-# Stamped with moto_spec, so a bumped pin also reaches machines that already have a .venv.
-ensure_venv "$venv" "$moto_spec"
+# Stamped with both pins, so a bumped pin also reaches machines that already have a .venv.
+ensure_venv "$venv" "$moto_spec" "$botocore_spec"
 
 # The test command checks formatting and lints; a minimal rustup profile lacks both.
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
@@ -34,4 +38,4 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
     rustup component add rustfmt clippy
 fi
 
-echo "setup.sh: redis-server at $(command -v redis-server), moto_server at $venv/bin/moto_server"
+echo "setup.sh: redis-server at $(command -v redis-server), moto_server and botocore in $venv"

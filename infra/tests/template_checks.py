@@ -24,6 +24,9 @@ INVALIDATOR = "InvalidatorFunction"
 TABLE = "ProductTable"
 SECRET = "CacheAuthSecret"
 CACHE = "CacheReplicationGroup"
+IAM_USER = "CacheIamUser"
+USER_GROUP = "CacheUserGroup"
+AUTH_MODES = ("token", "iam")
 FUNCTION_SG = "FunctionSecurityGroup"
 EXPECTED_BINARIES = {READ: "read-function", INVALIDATOR: "invalidator-function"}
 VPC_ACCESS_POLICY = "service-role/AWSLambdaVPCAccessExecutionRole"
@@ -199,6 +202,10 @@ def role_statements(t: dict, function: str) -> tuple[str | None, list[dict], lis
     statements: list[dict] = []
     for policy in as_list(rp.get("Policies")):
         statements += as_list(policy.get("PolicyDocument", {}).get("Statement"))
+    # A statement under !If counts with both its branches (AWS::NoValue drops out).
+    statements = [
+        b for s in statements for b in if_branches(s) if isinstance(b, dict) and not is_ref(b, "AWS::NoValue")
+    ]
     # Policies attached from outside the role count too.
     for name, r in resources(t).items():
         if r["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy", "AWS::IAM::RolePolicy"):
@@ -316,6 +323,8 @@ def check_read_function_policies(t: dict) -> list[str]:
         for a in acts:
             if a.lower().startswith("dynamodb:") and a != "dynamodb:GetItem":
                 problems.append(f"{role}: read function must not have {a}")
+            elif a == "elasticache:Connect":
+                problems += _connect_problems(role, s)
             elif not a.lower().startswith("dynamodb:") and a != "secretsmanager:GetSecretValue":
                 problems.append(f"{role}: unexpected action {a}")
         if "dynamodb:GetItem" in acts:
@@ -367,12 +376,37 @@ def check_invalidator_policies(t: dict) -> list[str]:
             elif a == "secretsmanager:GetSecretValue":
                 if [r for r in as_list(s.get("Resource")) if not is_ref(r, SECRET)]:
                     problems.append(f"{role}: GetSecretValue beyond {SECRET}")
+            elif a == "elasticache:Connect":
+                problems += _connect_problems(role, s)
             else:
                 problems.append(f"{role}: unexpected action {a}")
     granted = {a for s in statements for a in actions_of(s)}
     missing = (STREAM_READ_ACTIONS | {"sqs:SendMessage", "secretsmanager:GetSecretValue"}) - granted
     if missing:
         problems.append(f"{role}: missing {sorted(missing)} (the mapping or the function would fail)")
+    return problems
+
+
+REPLICATION_GROUP_ARN = (
+    "arn:${AWS::Partition}:elasticache:${AWS::Region}:${AWS::AccountId}:replicationgroup:${%s}" % CACHE
+)
+
+
+def _is_connect_resource(r: Any) -> bool:
+    """The replication group's ARN, or the IAM user's."""
+    return (isinstance(r, dict) and r.get("Fn::Sub") == REPLICATION_GROUP_ARN) or is_getatt(r, IAM_USER, "Arn")
+
+
+def _connect_problems(role: str, statement: dict) -> list[str]:
+    """elasticache:Connect only on this stack's replication group and its IAM user, both."""
+    resources_ = as_list(statement.get("Resource"))
+    problems = [f"{role}: elasticache:Connect on {r!r}" for r in resources_ if not _is_connect_resource(r)]
+    if not any(is_getatt(r, IAM_USER, "Arn") for r in resources_) or not any(
+        isinstance(r, dict) and r.get("Fn::Sub") == REPLICATION_GROUP_ARN for r in resources_
+    ):
+        problems.append(f"{role}: elasticache:Connect needs both the replication group and {IAM_USER}")
+    if set(actions_of(statement)) != {"elasticache:Connect"}:
+        problems.append(f"{role}: elasticache:Connect must stand alone in its statement")
     return problems
 
 
@@ -416,7 +450,8 @@ def check_replication_group(t: dict) -> list[str]:
         problems.append(f"{CACHE}.ReplicasPerNodeGroup may be below 1 (no failover target)")
     if lower_bound(t, p.get("NumNodeGroups")) is None:
         problems.append(f"{CACHE}.NumNodeGroups must be set (cluster mode)")
-    token = p.get("AuthToken")
+    # The token, as deployed in token mode (iam mode has none: check_auth_modes).
+    token = resolve_ifs(t, p, {"CacheAuthMode": "token"}).get("AuthToken")
     sub = token.get("Fn::Sub") if isinstance(token, dict) else None
     m = re.fullmatch(r"\{\{resolve:secretsmanager:\$\{(\w+)\}:SecretString:token\}\}", sub or "")
     if not m:
@@ -456,10 +491,12 @@ def _sg_rules(t: dict) -> Iterator[tuple[str, str, dict]]:
     """(resource, 'ingress'|'egress', rule) for inline and standalone security group rules."""
     for name, r in resources(t, "AWS::EC2::SecurityGroup").items():
         p = r.get("Properties", {})
-        for rule in as_list(p.get("SecurityGroupIngress")):
-            yield name, "ingress", rule
-        for rule in as_list(p.get("SecurityGroupEgress")):
-            yield name, "egress", rule
+        for direction, key in (("ingress", "SecurityGroupIngress"), ("egress", "SecurityGroupEgress")):
+            for rule in as_list(p.get(key)):
+                # A rule under !If counts with both its branches.
+                for branch in if_branches(rule):
+                    if isinstance(branch, dict) and not is_ref(branch, "AWS::NoValue"):
+                        yield name, direction, branch
     for name, r in resources(t, "AWS::EC2::SecurityGroupIngress").items():
         yield name, "ingress", r.get("Properties", {})
     for name, r in resources(t, "AWS::EC2::SecurityGroupEgress").items():
@@ -614,6 +651,17 @@ def check_conditional_references(t: dict) -> list[str]:
             c = conditions[c]["Condition"]
         return c
 
+    def implied(c: str) -> frozenset:
+        # A condition that is !And [!Condition A, ...] holds only where A holds too.
+        c = canon(c)
+        out = {c}
+        node = conditions.get(c)
+        if isinstance(node, dict) and set(node) == {"Fn::And"}:
+            for part in node["Fn::And"]:
+                if isinstance(part, dict) and set(part) == {"Condition"}:
+                    out |= implied(part["Condition"])
+        return frozenset(out)
+
     conditional = {
         n: canon(r["Condition"]) for n, r in resources(t).items() if isinstance(r.get("Condition"), str)
     }
@@ -623,7 +671,7 @@ def check_conditional_references(t: dict) -> list[str]:
         if isinstance(node, dict):
             if "Fn::If" in node and isinstance(node["Fn::If"], list) and len(node["Fn::If"]) == 3:
                 cond, yes, no = node["Fn::If"]
-                visit(yes, holds | {canon(cond)}, where)
+                visit(yes, holds | implied(cond), where)
                 visit(no, holds, where)
                 return
             for name in referenced_names({k: v for k, v in node.items() if k in ("Ref", "Fn::GetAtt", "Fn::Sub")}):
@@ -640,14 +688,14 @@ def check_conditional_references(t: dict) -> list[str]:
                 visit(v, holds, where)
 
     for name, r in resources(t).items():
-        own = frozenset({canon(r["Condition"])}) if isinstance(r.get("Condition"), str) else frozenset()
+        own = implied(r["Condition"]) if isinstance(r.get("Condition"), str) else frozenset()
         for section in ("Properties", "Metadata"):
             visit(r.get(section, {}), own, name)
         for dep in as_list(r.get("DependsOn")):
             if conditional.get(dep) and conditional[dep] not in own:
                 problems.append(f"{name} DependsOn {dep} (only created if {conditional[dep]})")
     for name, o in t.get("Outputs", {}).items():
-        own = frozenset({canon(o["Condition"])}) if isinstance(o.get("Condition"), str) else frozenset()
+        own = implied(o["Condition"]) if isinstance(o.get("Condition"), str) else frozenset()
         visit(o.get("Value"), own, f"output {name}")
     return problems
 
@@ -664,8 +712,9 @@ def check_environment(t: dict) -> list[str]:
             problems.append(f"{name}: REDIS_URL must be rediss:// to the cache's configuration endpoint")
         if env.get("REDIS_CLUSTER") != "true":
             problems.append(f"{name}: REDIS_CLUSTER must be 'true' (cluster mode)")
-        if not is_ref(env.get("REDIS_AUTH_SECRET_ARN"), SECRET):
-            problems.append(f"{name}: REDIS_AUTH_SECRET_ARN must be !Ref {SECRET}")
+        token_env = resolve_ifs(t, env, {"CacheAuthMode": "token"})
+        if not is_ref(token_env.get("REDIS_AUTH_SECRET_ARN"), SECRET):
+            problems.append(f"{name}: REDIS_AUTH_SECRET_ARN must be !Ref {SECRET} (token mode)")
         if not is_ref(env.get("KEY_ATTRIBUTE"), "KeyAttributeName"):
             problems.append(f"{name}: KEY_ATTRIBUTE must be the table's key (KeyAttributeName)")
         if "VERSION_ATTRIBUTE" not in env:
@@ -828,6 +877,135 @@ def check_outputs(t: dict) -> list[str]:
     return [f"missing outputs {sorted(missing)}"] if missing else []
 
 
+def deployed(t: dict, params: dict[str, str]) -> dict:
+    """The template as CloudFormation deploys it for these parameters: resources and outputs
+    whose Condition is false left out, every Fn::If resolved, AWS::NoValue removed."""
+    out = {k: v for k, v in t.items() if k not in ("Resources", "Outputs")}
+    for section in ("Resources", "Outputs"):
+        out[section] = {
+            name: resolve_ifs(t, {k: v for k, v in r.items() if k != "Condition"}, params)
+            for name, r in t.get(section, {}).items()
+            if not isinstance(r.get("Condition"), str) or evaluate_condition(t, r["Condition"], params)
+        }
+    return out
+
+
+def readme_acl() -> str:
+    """The functions' ACL rules as the README documents them (a unit test in
+    crates/product-cache/src/acl.rs keeps that line equal to the code's)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Redis permissions", 1)[1]
+    return next(line for line in section.splitlines() if line.startswith("resetkeys "))
+
+
+def _tokens(access: Any) -> list[str]:
+    return str(access).split() if isinstance(access, str) else []
+
+
+def check_auth_modes(t: dict) -> list[str]:
+    """CacheAuthMode token (the default): the AUTH token from Secrets Manager, and nothing of IAM
+    authentication. iam: an IAM-enabled user with the functions' ACL in a user group whose only
+    other member is a disabled default user, the replication group on that group without an AUTH
+    token, elasticache:Connect on the replication group and the user (nothing wider) in both
+    roles, the functions told the user and the group, and no secret, endpoint or grant for one."""
+    param = t.get("Parameters", {}).get("CacheAuthMode", {})
+    if set(param.get("AllowedValues", [])) != set(AUTH_MODES) or param.get("Default") != "token":
+        return ["parameter CacheAuthMode must allow token and iam, default token"]
+    problems = []
+    for mode in AUTH_MODES:
+        d = deployed(t, {"CacheAuthMode": mode})
+        res = d["Resources"]
+        cache = props(d, CACHE)
+        users = {n: r.get("Properties", {}) for n, r in res.items() if r["Type"] == "AWS::ElastiCache::User"}
+        groups = {n: r.get("Properties", {}) for n, r in res.items() if r["Type"] == "AWS::ElastiCache::UserGroup"}
+        secrets = [n for n, r in res.items() if r["Type"] == "AWS::SecretsManager::Secret"]
+        sm_endpoints = [
+            n for n, r in res.items() if r["Type"] == "AWS::EC2::VPCEndpoint"
+            and str(r["Properties"].get("ServiceName", {}).get("Fn::Sub", "")).endswith(".secretsmanager")
+        ]
+        grants: dict[str, list[dict]] = {}
+        for fn in EXPECTED_BINARIES:
+            role, statements, _ = role_statements(d, fn)
+            grants[fn] = statements
+        envs = {fn: props(d, fn).get("Environment", {}).get("Variables", {}) for fn in EXPECTED_BINARIES}
+        acts = lambda fn: {a for s_ in grants[fn] for a in actions_of(s_)}  # noqa: E731
+        where = f"CacheAuthMode={mode}"
+        if mode == "token":
+            if "UserGroupIds" in cache:
+                problems.append(f"{where}: {CACHE} must not use a user group")
+            if users or groups:
+                problems.append(f"{where}: creates ElastiCache users or groups {sorted(users) + sorted(groups)}")
+            for fn in EXPECTED_BINARIES:
+                if [a for a in acts(fn) if a.lower().startswith("elasticache:")]:
+                    problems.append(f"{where}: {fn} may use elasticache actions")
+                if {"REDIS_IAM_USER", "REDIS_IAM_REPLICATION_GROUP"} & set(envs[fn]):
+                    problems.append(f"{where}: {fn} is given REDIS_IAM_* variables")
+            continue
+        # ---- iam mode
+        if "AuthToken" in cache:
+            problems.append(f"{where}: {CACHE} keeps an AuthToken")
+        if cache.get("TransitEncryptionEnabled") is not True:
+            problems.append(f"{where}: IAM authentication needs TLS")
+        if secrets or sm_endpoints:
+            problems.append(f"{where}: still creates {secrets + sm_endpoints}")
+        https_in_vpc = [
+            n for n, direction, rule in _sg_rules(d)
+            if direction == "egress" and rule.get("FromPort") == 443 and is_ref(rule.get("CidrIp"), "VpcCidr")
+        ]
+        if https_in_vpc:
+            problems.append(f"{where}: no endpoint needs {https_in_vpc} (443 inside the VPC)")
+        group_refs = as_list(cache.get("UserGroupIds"))
+        if len(group_refs) != 1 or not is_ref(group_refs[0], USER_GROUP) or USER_GROUP not in groups:
+            problems.append(f"{where}: {CACHE}.UserGroupIds must be [!Ref {USER_GROUP}]")
+            continue
+        group = groups[USER_GROUP]
+        if group.get("Engine") != cache.get("Engine"):
+            problems.append(f"{where}: {USER_GROUP}.Engine differs from the cache's")
+        members = as_list(group.get("UserIds"))
+        for m in members:
+            # A literal id could be the built-in "default": enabled, full access, no password.
+            if not (isinstance(m, dict) and m.get("Ref") in users):
+                problems.append(f"{where}: {USER_GROUP} member {m!r} is not a user of this stack")
+        member_names = [m["Ref"] for m in members if isinstance(m, dict) and m.get("Ref") in users]
+        if IAM_USER not in member_names:
+            problems.append(f"{where}: {IAM_USER} is not in {USER_GROUP}")
+        if not [u for u in member_names if users[u].get("UserName") == "default"]:
+            problems.append(f"{where}: {USER_GROUP} needs a (disabled) user named default")
+        for u in member_names:
+            p = users[u]
+            if p.get("Engine") != cache.get("Engine"):
+                problems.append(f"{where}: {u}.Engine differs from the cache's")
+            if u == IAM_USER:
+                continue
+            access = _tokens(p.get("AccessString"))
+            if "off" not in access or "on" in access or any(x.startswith(("+", "~", "&")) and x != "~" for x in access):
+                problems.append(f"{where}: {u} must be off, without keys or commands: {p.get('AccessString')!r}")
+        iam = users.get(IAM_USER, {})
+        if iam.get("AuthenticationMode", {}).get("Type") != "iam":
+            problems.append(f"{where}: {IAM_USER} must authenticate with IAM")
+        if iam.get("UserName") != iam.get("UserId"):
+            problems.append(f"{where}: {IAM_USER}'s UserName must equal its UserId (IAM users)")
+        if iam.get("AccessString") != "on " + readme_acl():
+            problems.append(f"{where}: {IAM_USER}.AccessString must be 'on ' + the README's ACL rules, is {iam.get('AccessString')!r}")
+        for fn in EXPECTED_BINARIES:
+            connect = [s_ for s_ in grants[fn] if "elasticache:Connect" in actions_of(s_)]
+            if not connect:
+                problems.append(f"{where}: {fn}'s role lacks elasticache:Connect")
+            for s_ in connect:
+                problems += [f"{where}: {p_}" for p_ in _connect_problems(fn, s_)]
+                problems += [f"{where}: {p_}" for p_ in wildcard_problems(fn, s_)]
+            if [a for a in acts(fn) if a.lower().startswith("secretsmanager:")]:
+                problems.append(f"{where}: {fn} may still read secrets")
+            env = envs[fn]
+            if "REDIS_AUTH_SECRET_ARN" in env:
+                problems.append(f"{where}: {fn} still gets REDIS_AUTH_SECRET_ARN")
+            if not is_ref(env.get("REDIS_IAM_USER"), IAM_USER):
+                problems.append(f"{where}: {fn}: REDIS_IAM_USER must be !Ref {IAM_USER}")
+            if not is_ref(env.get("REDIS_IAM_REPLICATION_GROUP"), CACHE):
+                problems.append(f"{where}: {fn}: REDIS_IAM_REPLICATION_GROUP must be !Ref {CACHE}")
+    return problems
+
+
 def check_checkov_skips(t: dict) -> list[str]:
     """Every skipped checkov finding names its check and says why, in a sentence or more."""
     problems = []
@@ -846,6 +1024,7 @@ ALL_CHECKS = [
     check_read_function_policies,
     check_invalidator_policies,
     check_replication_group,
+    check_auth_modes,
     check_auth_secret,
     check_security_groups,
     check_table,

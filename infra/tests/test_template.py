@@ -13,10 +13,12 @@ import pytest
 import template_checks as c
 from template_checks import (
     CACHE,
+    IAM_USER,
     INVALIDATOR,
     READ,
     SECRET,
     TABLE,
+    USER_GROUP,
     props,
 )
 
@@ -271,6 +273,113 @@ def no_api_url_output(t):
     del t["Outputs"]["ApiUrl"]
 
 
+# ---- IAM authentication (CacheAuthMode iam) ------------------------------------------------------
+
+
+def connect_statement(t, role):
+    """The elasticache:Connect statement (the yes-branch of its !If [IamAuth, ...])."""
+    for s in role_policy(t, role):
+        branch = s.get("Fn::If", [None, {}])[1] if "Fn::If" in s else s
+        if "elasticache:Connect" in str(branch.get("Action")):
+            return branch
+    raise AssertionError(f"{role} has no elasticache:Connect statement")
+
+
+def iam_mode_without_connect(t):
+    statements = role_policy(t, "InvalidatorFunctionRole")
+    statements[:] = [s for s in statements if "elasticache:Connect" not in str(s)]
+
+
+def iam_connect_on_every_resource(t):
+    connect_statement(t, "ReadFunctionRole")["Resource"] = "*"
+
+
+def iam_connect_on_every_user(t):
+    connect_statement(t, "InvalidatorFunctionRole")["Resource"][1] = {
+        "Fn::Sub": "arn:${AWS::Partition}:elasticache:${AWS::Region}:${AWS::AccountId}:user:*"
+    }
+
+
+def iam_connect_without_the_user(t):
+    del connect_statement(t, "ReadFunctionRole")["Resource"][1]
+
+
+def iam_connect_with_more_actions(t):
+    connect_statement(t, "ReadFunctionRole")["Action"] = ["elasticache:Connect", "elasticache:DescribeUsers"]
+
+
+def token_mode_grants_connect(t):
+    statements = role_policy(t, "ReadFunctionRole")
+    statements[:] = [connect_statement(t, "ReadFunctionRole") if "elasticache:Connect" in str(s) else s
+                     for s in statements]
+
+
+def iam_user_with_password(t):
+    props(t, IAM_USER)["AuthenticationMode"] = {"Type": "password", "Passwords": ["x" * 16]}
+
+
+def iam_user_with_every_command(t):
+    props(t, IAM_USER)["AccessString"] = "on ~* +@all"
+
+
+def iam_user_name_differs_from_id(t):
+    props(t, IAM_USER)["UserName"] = "functions"
+
+
+def group_with_the_builtin_default_user(t):
+    props(t, USER_GROUP)["UserIds"][0] = "default"
+
+
+def default_user_enabled(t):
+    props(t, "CacheDisabledDefaultUser")["AccessString"] = "on ~* +@all"
+
+
+def group_without_a_default_user(t):
+    props(t, USER_GROUP)["UserIds"] = [{"Ref": IAM_USER}]
+
+
+def iam_mode_keeps_the_auth_token(t):
+    props(t, CACHE)["AuthToken"] = props(t, CACHE)["AuthToken"]["Fn::If"][1]
+
+
+def iam_mode_without_the_user_group(t):
+    del props(t, CACHE)["UserGroupIds"]
+
+
+def iam_mode_keeps_the_secret(t):
+    del t["Resources"][SECRET]["Condition"]
+
+
+def iam_mode_keeps_the_secret_arn(t):
+    props(t, READ)["Environment"]["Variables"]["REDIS_AUTH_SECRET_ARN"] = {"Ref": SECRET}
+
+
+def iam_mode_without_the_user_variable(t):
+    del props(t, INVALIDATOR)["Environment"]["Variables"]["REDIS_IAM_USER"]
+
+
+def iam_mode_signs_for_another_group(t):
+    props(t, READ)["Environment"]["Variables"]["REDIS_IAM_REPLICATION_GROUP"] = "product-cache"
+
+
+def iam_is_the_default(t):
+    t["Parameters"]["CacheAuthMode"]["Default"] = "iam"
+
+
+def secret_referenced_outside_token_mode(t):
+    t["Outputs"]["CacheAuthSecretArn"].pop("Condition")
+
+
+def open_egress_under_a_condition(t):
+    props(t, "FunctionSecurityGroup")["SecurityGroupEgress"].append(
+        {"Fn::If": ["IamAuth", {"IpProtocol": "-1", "CidrIp": "0.0.0.0/0"}, {"Ref": "AWS::NoValue"}]}
+    )
+
+
+def secrets_egress_in_iam_mode(t):
+    del t["Resources"]["FunctionToSecretsManagerEgress"]["Condition"]
+
+
 def skip_without_reason(t):
     t["Resources"][TABLE]["Metadata"]["checkov"]["skip"][0]["comment"] = "n/a"
 
@@ -328,10 +437,38 @@ WEAKENED = [
     (read_timeout_beyond_api_gateway, c.check_function_sizing),
     (no_api_url_output, c.check_outputs),
     (skip_without_reason, c.check_checkov_skips),
+    (iam_mode_without_connect, c.check_auth_modes),
+    (iam_connect_on_every_resource, c.check_auth_modes),
+    (iam_connect_on_every_resource, c.check_read_function_policies),
+    (iam_connect_on_every_user, c.check_auth_modes),
+    (iam_connect_on_every_user, c.check_invalidator_policies),
+    (iam_connect_without_the_user, c.check_auth_modes),
+    (iam_connect_with_more_actions, c.check_auth_modes),
+    (iam_connect_with_more_actions, c.check_read_function_policies),
+    (token_mode_grants_connect, c.check_auth_modes),
+    (token_mode_grants_connect, c.check_conditional_references),
+    (iam_user_with_password, c.check_auth_modes),
+    (iam_user_with_every_command, c.check_auth_modes),
+    (iam_user_name_differs_from_id, c.check_auth_modes),
+    (group_with_the_builtin_default_user, c.check_auth_modes),
+    (default_user_enabled, c.check_auth_modes),
+    (group_without_a_default_user, c.check_auth_modes),
+    (iam_mode_keeps_the_auth_token, c.check_auth_modes),
+    (iam_mode_without_the_user_group, c.check_auth_modes),
+    (iam_mode_keeps_the_secret, c.check_auth_modes),
+    (iam_mode_keeps_the_secret_arn, c.check_auth_modes),
+    (iam_mode_without_the_user_variable, c.check_auth_modes),
+    (iam_mode_signs_for_another_group, c.check_auth_modes),
+    (iam_is_the_default, c.check_auth_modes),
+    (secret_referenced_outside_token_mode, c.check_conditional_references),
+    (open_egress_under_a_condition, c.check_security_groups),
+    (secrets_egress_in_iam_mode, c.check_auth_modes),
 ]
 
 
-@pytest.mark.parametrize("weaken,check", WEAKENED, ids=[w.__name__ for w, _ in WEAKENED])
+@pytest.mark.parametrize(
+    "weaken,check", WEAKENED, ids=[f"{w.__name__}-{c_.__name__}" for w, c_ in WEAKENED]
+)
 def test_weakened_template_fails(weaken, check, template):
     assert check(template) == [], "the template itself must pass before it is weakened"
     weakened = copy.deepcopy(template)

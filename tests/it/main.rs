@@ -9,6 +9,7 @@ mod consistency;
 mod end_to_end;
 mod failure_paths;
 mod freeze;
+mod iam;
 mod invalidator;
 mod lambda_binaries;
 mod local_stack;

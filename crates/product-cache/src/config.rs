@@ -117,6 +117,65 @@ pub struct RedisSettings {
     /// replica to confirm invalidations (`confirm_replicas`), or a replica may still serve what
     /// an acknowledged invalidation removed.
     pub read_from_replicas: bool,
+    /// ElastiCache IAM authentication instead of an AUTH token: the user to authenticate as,
+    /// with a token the function signs itself (`crate::iam`).
+    pub iam: Option<IamSettings>,
+}
+
+/// ElastiCache IAM authentication (`REDIS_IAM_USER`, `REDIS_IAM_REPLICATION_GROUP`). The
+/// Region is the SDK's, the credentials the function's role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IamSettings {
+    /// The IAM-enabled ElastiCache user's id (its user name must be the same): the AUTH
+    /// username, and the `User` the token is signed for.
+    pub user_id: String,
+    /// The replication group id the token is signed for, in lowercase (ElastiCache lowercases
+    /// names when it creates a cache, and checks the token against that).
+    pub replication_group: String,
+}
+
+impl IamSettings {
+    /// Both variables or neither: `None` when neither is set.
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Option<Self>, ConfigError> {
+        let get = |name| src.get(name).filter(|v| !v.trim().is_empty());
+        let (user, group) = (get("REDIS_IAM_USER"), get("REDIS_IAM_REPLICATION_GROUP"));
+        let (user_id, replication_group) = match (user, group) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => {
+                return Err(ConfigError::MissingWith(
+                    "REDIS_IAM_REPLICATION_GROUP",
+                    "REDIS_IAM_USER",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::MissingWith(
+                    "REDIS_IAM_USER",
+                    "REDIS_IAM_REPLICATION_GROUP",
+                ))
+            }
+            (Some(user), Some(group)) => (user, group),
+        };
+        for (name, value) in [
+            ("REDIS_IAM_USER", &user_id),
+            ("REDIS_IAM_REPLICATION_GROUP", &replication_group),
+        ] {
+            // ElastiCache's rule for both ids; it also keeps them out of any URL encoding.
+            let ok = value.starts_with(|c: char| c.is_ascii_alphabetic())
+                && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    name,
+                    value: value.clone(),
+                    reason: "must start with a letter and contain only letters, digits and hyphens"
+                        .into(),
+                });
+            }
+        }
+        Ok(Some(Self {
+            user_id,
+            replication_group: replication_group.to_ascii_lowercase(),
+        }))
+    }
 }
 
 impl RedisSettings {
@@ -131,16 +190,42 @@ impl RedisSettings {
             confirm_replicas: 0,
             confirm_timeout: Duration::from_millis(500),
             read_from_replicas: false,
+            iam: None,
         }
     }
 
     pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
         let d = Self::new(required(src, "REDIS_URL")?);
+        let auth_secret_arn = src
+            .get("REDIS_AUTH_SECRET_ARN")
+            .filter(|v| !v.trim().is_empty());
+        let iam = IamSettings::from_source(src)?;
+        if iam.is_some() {
+            if auth_secret_arn.is_some() {
+                return Err(ConfigError::Conflict(
+                    "REDIS_IAM_USER",
+                    "REDIS_AUTH_SECRET_ARN",
+                    "IAM authentication signs its own token; unset one of them",
+                ));
+            }
+            let authority = d.url.split_once("://").map_or("", |(_, rest)| rest);
+            if authority
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .contains('@')
+            {
+                return Err(ConfigError::Invalid {
+                    name: "REDIS_URL",
+                    value: "<redacted: it carries credentials>".into(),
+                    reason: "must not carry credentials when REDIS_IAM_USER is set".into(),
+                });
+            }
+        }
         Ok(Self {
             cluster: parsed(src, "REDIS_CLUSTER", d.cluster)?,
-            auth_secret_arn: src
-                .get("REDIS_AUTH_SECRET_ARN")
-                .filter(|v| !v.trim().is_empty()),
+            auth_secret_arn,
+            iam,
             connect_timeout: duration(
                 src,
                 "REDIS_CONNECT_TIMEOUT_MS",
@@ -213,6 +298,10 @@ pub struct InvalidatorSettings {
 pub enum ConfigError {
     #[error("environment variable {0} is required but not set")]
     Missing(&'static str),
+    #[error("environment variable {0} is required with {1} but not set")]
+    MissingWith(&'static str, &'static str),
+    #[error("environment variables {0} and {1} must not both be set: {2}")]
+    Conflict(&'static str, &'static str, &'static str),
     #[error("environment variable {name} has an invalid value {value:?}: {reason}")]
     Invalid {
         name: &'static str,
@@ -406,6 +495,7 @@ mod tests {
         assert_eq!(s.redis.confirm_replicas, 0);
         assert_eq!(s.redis.confirm_timeout, Duration::from_millis(500));
         assert!(!s.redis.read_from_replicas);
+        assert_eq!(s.redis.iam, None);
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -498,5 +588,90 @@ mod tests {
         bad("REDIS_CONFIRM_REPLICAS", "-1");
         bad("REDIS_CONFIRM_TIMEOUT_MS", "0");
         bad("REDIS_READ_FROM_REPLICAS", "true"); // without REDIS_CLUSTER
+        bad("REDIS_IAM_USER", "-starts-with-a-hyphen");
+        bad("REDIS_IAM_USER", "has space");
+        bad("REDIS_IAM_REPLICATION_GROUP", "with/slash");
+    }
+
+    fn iam_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut env = vec![("REDIS_URL", "rediss://cfg.cache.amazonaws.com:6379")];
+        env.extend_from_slice(extra);
+        env
+    }
+
+    #[test]
+    fn iam_authentication_is_read() {
+        let env = iam_env(&[
+            ("REDIS_IAM_USER", "product-cache-iam"),
+            ("REDIS_IAM_REPLICATION_GROUP", "product-cache"),
+        ]);
+        let s = RedisSettings::from_source(&env[..]).unwrap();
+        assert_eq!(
+            s.iam,
+            Some(IamSettings {
+                user_id: "product-cache-iam".into(),
+                replication_group: "product-cache".into(),
+            })
+        );
+        assert_eq!(s.auth_secret_arn, None);
+        let env = iam_env(&[
+            ("REDIS_IAM_USER", "product-cache-iam"),
+            ("REDIS_IAM_REPLICATION_GROUP", "Product-Cache"),
+        ]);
+        let s = RedisSettings::from_source(&env[..]).unwrap();
+        assert_eq!(s.iam.unwrap().replication_group, "product-cache");
+        // Empty values count as unset.
+        let env = iam_env(&[("REDIS_IAM_USER", ""), ("REDIS_IAM_REPLICATION_GROUP", " ")]);
+        assert_eq!(RedisSettings::from_source(&env[..]).unwrap().iam, None);
+    }
+
+    #[test]
+    fn iam_configuration_errors_name_the_variables() {
+        let err = |extra: &[(&'static str, &'static str)]| {
+            RedisSettings::from_source(&iam_env(extra)[..])
+                .err()
+                .unwrap_or_else(|| panic!("{extra:?} was accepted"))
+                .to_string()
+        };
+        let both = err(&[
+            ("REDIS_IAM_USER", "product-cache-iam"),
+            ("REDIS_IAM_REPLICATION_GROUP", "product-cache"),
+            (
+                "REDIS_AUTH_SECRET_ARN",
+                "arn:aws:secretsmanager:us-east-1:1:secret:x",
+            ),
+        ]);
+        assert!(
+            both.contains("REDIS_IAM_USER") && both.contains("REDIS_AUTH_SECRET_ARN"),
+            "{both}"
+        );
+        let no_group = err(&[("REDIS_IAM_USER", "product-cache-iam")]);
+        assert_eq!(
+            no_group,
+            "environment variable REDIS_IAM_REPLICATION_GROUP is required with REDIS_IAM_USER but not set"
+        );
+        let no_user = err(&[("REDIS_IAM_REPLICATION_GROUP", "product-cache")]);
+        assert!(
+            no_user.starts_with(
+                "environment variable REDIS_IAM_USER is required with REDIS_IAM_REPLICATION_GROUP"
+            ),
+            "{no_user}"
+        );
+        let env = [
+            (
+                "REDIS_URL",
+                "rediss://user:pass@cfg.cache.amazonaws.com:6379",
+            ),
+            ("REDIS_IAM_USER", "product-cache-iam"),
+            ("REDIS_IAM_REPLICATION_GROUP", "product-cache"),
+        ];
+        let creds = RedisSettings::from_source(&env[..])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            creds.contains("REDIS_URL") && creds.contains("REDIS_IAM_USER"),
+            "{creds}"
+        );
+        assert!(!creds.contains("pass"), "{creds}");
     }
 }

@@ -12,6 +12,7 @@
 //! - [`cache`]: the cache's values and trait, Redis behind it (timeouts, pipelined batches) and
 //!   the Lua scripts that make leases and ordering atomic.
 //! - [`secrets`]: the Redis AUTH token from Secrets Manager.
+//! - [`iam`]: ElastiCache IAM authentication, tokens the function signs itself instead.
 //! - [`store`]: the table (`GetItem`).
 //! - [`read`]: the read path and its HTTP edge.
 //! - [`invalidate`]: stream records to cache deletes or refreshes, with partial batch failures.
@@ -26,6 +27,7 @@ pub mod acl;
 pub mod cache;
 pub mod config;
 pub mod document;
+pub mod iam;
 pub mod id;
 pub mod invalidate;
 pub mod read;

@@ -20,6 +20,8 @@ pub enum StartupError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Secret(#[from] secrets::SecretError),
+    #[error(transparent)]
+    Iam(#[from] crate::iam::IamError),
     #[error("invalid Redis configuration")]
     Cache(#[from] crate::cache::CacheError),
     #[error("REDIS_CA_FILE {path}: cannot read it")]
@@ -32,8 +34,8 @@ pub enum StartupError {
 
 impl RedisCache {
     /// The cache the settings describe: single node or cluster, with the AUTH token from Secrets
-    /// Manager when one is configured. Connects lazily, so a down cache does not stop a cold
-    /// start.
+    /// Manager when one is configured, or IAM authentication with tokens signed with the SDK's
+    /// credentials. Connects lazily, so a down cache does not stop a cold start.
     pub async fn from_settings(
         redis: &RedisSettings,
         cache: &CacheSettings,
@@ -64,6 +66,10 @@ impl RedisCache {
             }),
             read_from_replicas: redis.read_from_replicas,
             guards: cache.guards(),
+            credentials: match &redis.iam {
+                Some(iam) => Some(crate::iam::IamCredentials::from_sdk(iam, sdk)?),
+                None => None,
+            },
         };
         Ok(if redis.cluster {
             RedisCache::cluster(&url, options)?

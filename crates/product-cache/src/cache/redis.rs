@@ -83,6 +83,8 @@ pub(crate) struct Options {
     /// Hit `GET`s go to replicas (cluster only).
     pub read_from_replicas: bool,
     pub guards: Guards,
+    /// ElastiCache IAM authentication: a token on every new connection, refreshed on it.
+    pub credentials: Option<crate::iam::IamCredentials>,
 }
 
 /// How many replicas confirm a batch, and how long that may take.
@@ -119,6 +121,10 @@ impl RedisCache {
             // Redis is noticed quickly and retried on later requests.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(100));
+        let config = match options.credentials.clone() {
+            Some(credentials) => config.set_credentials_provider(credentials),
+            None => config,
+        };
         let connector = Connector::start(move || {
             let (client, config) = (client.clone(), config.clone());
             async move {
@@ -148,6 +154,9 @@ impl RedisCache {
             // and writes stay on the primary.
             builder =
                 builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
+        }
+        if let Some(credentials) = options.credentials.clone() {
+            builder = builder.set_credentials_provider(credentials);
         }
         let client = builder.build()?;
         let connector = Connector::start(move || {
