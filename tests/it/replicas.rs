@@ -93,3 +93,136 @@ async fn a_batch_is_acknowledged_only_once_its_replicas_confirm_it() {
     let response = confirmed.handle(event).await;
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
 }
+
+/// An asynchronous-replication failover: the replica's link is cut (its stream held in a proxy),
+/// the item changes, the primary dies and the replica is promoted behind the same endpoint
+/// (ElastiCache's primary endpoint moving to the promoted node). With confirmation, the
+/// invalidation was never acknowledged, Lambda delivers it again, and it lands on the new
+/// primary. Without, it was acknowledged and lost with the old primary: the old price stays.
+async fn failover_after_an_unreplicated_change(confirm_replicas: u32) -> serde_json::Value {
+    use local_stack::proxy::DelayProxy;
+    use product_cache::config::ReadSettings;
+    use product_cache::read::ReadPath;
+
+    let mut env = TestEnv::new(Delete).await;
+    let mut primary_conn = env.redis_conn().await;
+    redis::cmd("CONFIG")
+        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
+        .query_async::<()>(&mut primary_conn)
+        .await
+        .unwrap();
+    let primary = (std::net::Ipv4Addr::LOCALHOST, env.redis.port()).into();
+    let link = DelayProxy::start(primary, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let link_port = link.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &link_port])
+        .await
+        .unwrap();
+    linked(&replica).await;
+    let endpoint = DelayProxy::start(primary, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let redis = RedisSettings {
+        confirm_replicas,
+        confirm_timeout: std::time::Duration::from_millis(200),
+        ..RedisSettings::new(endpoint.redis_url())
+    };
+    let settings = CacheSettings::default();
+    let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
+    let read = ReadPath::build(read, &env.sdk).await.unwrap();
+    let invalidator = InvalidatorSettings {
+        redis,
+        mode: Delete,
+        cache: settings,
+    };
+    let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+
+    env.put_product("kb-001", "129.99").await;
+    env.new_stream_event().await;
+    for attempt in 0.. {
+        assert!(attempt < 100, "never connected");
+        if read.get("kb-001").await.0 == product_cache::read::CacheStatus::Hit {
+            break;
+        }
+    }
+    // The replica holds the cached price, then its link stalls.
+    let client = redis::Client::open(replica.url()).unwrap();
+    let mut replica_conn = client.get_multiplexed_async_connection().await.unwrap();
+    for attempt in 0.. {
+        assert!(attempt < 100, "the replica never caught up");
+        let cached: Option<String> = redis::cmd("GET")
+            .arg("product:kb-001")
+            .query_async(&mut replica_conn)
+            .await
+            .unwrap();
+        if cached.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    link.set_delay(std::time::Duration::from_secs(3600));
+
+    env.put_product("kb-001", "99.99").await;
+    let change = env.new_stream_event().await;
+    let first = invalidator.handle(change.clone()).await;
+
+    // Failover: the primary dies, the replica is promoted, the endpoint follows it.
+    env.redis.stop().await;
+    redis::cmd("REPLICAOF")
+        .arg(&["NO", "ONE"][..])
+        .query_async::<()>(&mut replica_conn)
+        .await
+        .unwrap();
+    endpoint.set_upstream((std::net::Ipv4Addr::LOCALHOST, replica.port()).into());
+    // As ElastiCache replaces the lost node: a new replica of the promoted one.
+    redis::cmd("CONFIG")
+        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
+        .query_async::<()>(&mut replica_conn)
+        .await
+        .unwrap();
+    let promoted = replica.port().to_string();
+    let replacement = RedisServer::start_with(&["--replicaof", "127.0.0.1", &promoted])
+        .await
+        .unwrap();
+    linked(&replacement).await;
+    // Lambda delivers the batch again only if it was reported failed.
+    if !first.batch_item_failures.is_empty() {
+        for attempt in 0.. {
+            assert!(attempt < 100, "the retried batch never landed");
+            if invalidator
+                .handle(change.clone())
+                .await
+                .batch_item_failures
+                .is_empty()
+            {
+                break;
+            }
+        }
+    }
+    let mut price = None;
+    for attempt in 0.. {
+        assert!(attempt < 100, "never read through the new primary");
+        let (status, lookup) = read.get("kb-001").await;
+        if status != product_cache::read::CacheStatus::Bypass {
+            let product_cache::read::Lookup::Found(doc) = lookup.unwrap() else {
+                panic!("the item exists");
+            };
+            let doc: serde_json::Value = serde_json::from_str(doc.as_str()).unwrap();
+            price = Some(doc["price"].clone());
+            break;
+        }
+    }
+    price.unwrap()
+}
+
+#[tokio::test]
+async fn a_failover_loses_no_acknowledged_invalidation() {
+    assert_eq!(failover_after_an_unreplicated_change(1).await, json!(99.99));
+    // Confirmation off: the invalidation was acknowledged, lost with the old primary, and the
+    // old price is served from the promoted replica until its TTL.
+    assert_eq!(
+        failover_after_an_unreplicated_change(0).await,
+        json!(129.99)
+    );
+}

@@ -30,7 +30,30 @@ impl RedisCluster {
         for _ in 0..primaries {
             nodes.push(RedisServer::start_with(&CLUSTER_NODE_ARGS).await?);
         }
-        Self::create(nodes, Vec::new()).await
+        Self::create(nodes, Vec::new(), 0).await
+    }
+
+    /// `primaries` shards of one primary and `replicas` replicas each, as ElastiCache deploys
+    /// with Multi-AZ failover: a primary killed outright is replaced by its replica within about
+    /// two seconds (`cluster-node-timeout` is 1 s here), and [`failover`](Self::failover) hands a
+    /// primary's role to its replica on purpose.
+    pub async fn start_with_replicas(
+        primaries: usize,
+        replicas: usize,
+    ) -> Result<RedisCluster, ServiceError> {
+        let mut args: Vec<&str> = CLUSTER_NODE_ARGS.to_vec();
+        // Fast failure detection, and a replica's first sync without the default 5 s wait.
+        args.extend([
+            "--cluster-node-timeout",
+            "1000",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
+        let mut nodes = Vec::with_capacity(primaries * (1 + replicas));
+        for _ in 0..primaries * (1 + replicas) {
+            nodes.push(RedisServer::start_with(&args).await?);
+        }
+        Self::create(nodes, Vec::new(), replicas).await
     }
 
     /// A cluster whose nodes are reached through proxies adding `delay` per round trip
@@ -65,7 +88,7 @@ impl RedisCluster {
             proxies.push(proxy);
             nodes.push(node);
         }
-        let cluster = Self::create(nodes, proxies).await?;
+        let cluster = Self::create(nodes, proxies, 0).await?;
         for proxy in &cluster.proxies {
             proxy.reset();
         }
@@ -76,12 +99,13 @@ impl RedisCluster {
     async fn create(
         nodes: Vec<RedisServer>,
         proxies: Vec<DelayProxy>,
+        replicas: usize,
     ) -> Result<RedisCluster, ServiceError> {
         let cli = find_redis_cli()?;
         let out = Command::new(&cli)
             .args(["--cluster", "create"])
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .await?;
@@ -122,6 +146,75 @@ impl RedisCluster {
         }
     }
 
+    /// Each node's role now, from the cluster's own view (`CLUSTER NODES` of a live node).
+    pub async fn roles(&self) -> Result<Vec<Role>, ServiceError> {
+        let mut last = None;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            match command(node.port(), &["CLUSTER", "NODES"]).await {
+                Ok(nodes) => return Ok(parse_roles(&nodes)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(|| io::Error::other("no node is running").into(), Into::into))
+    }
+
+    /// Hands the primary role of `replica`'s shard to it (`CLUSTER FAILOVER` on the replica, the
+    /// coordinated failover of a maintenance or a test), and waits until the cluster agrees.
+    pub async fn failover(&self, replica: u16) -> Result<(), ServiceError> {
+        command(replica, &["CLUSTER", "FAILOVER"]).await?;
+        self.await_role(replica, true).await
+    }
+
+    /// Kills the node on `port` outright (SIGKILL, no goodbye), as a lost instance; its replica
+    /// is promoted by the cluster itself. Returns that replica's port once it is primary.
+    pub async fn kill(&mut self, port: u16) -> Result<u16, ServiceError> {
+        let replica = self
+            .roles()
+            .await?
+            .into_iter()
+            .find(|r| r.replica_of == Some(port))
+            .map(|r| r.port);
+        let node = self.nodes.iter_mut().find(|n| n.port() == port);
+        node.expect("a node of this cluster").stop().await;
+        let replica = replica.ok_or_else(|| io::Error::other("the node has no replica"))?;
+        self.await_role(replica, true).await?;
+        Ok(replica)
+    }
+
+    /// Starts a killed node again, on its port and with its cluster state: it rejoins as a
+    /// replica of whichever node took its place.
+    pub async fn revive(&mut self, port: u16) -> Result<(), ServiceError> {
+        let node = self.nodes.iter_mut().find(|n| n.port() == port);
+        node.expect("a node of this cluster").restart().await?;
+        self.await_role(port, false).await
+    }
+
+    /// Waits (up to 20 s) until the cluster sees `port` as a primary (or a replica) and every
+    /// running node reports the cluster healthy.
+    async fn await_role(&self, port: u16, primary: bool) -> Result<(), ServiceError> {
+        let started = Instant::now();
+        loop {
+            let roles = self.roles().await.unwrap_or_default();
+            let placed = roles.iter().any(|r| r.port == port && r.primary == primary);
+            let mut healthy = placed;
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                healthy = healthy && cluster_ok(node.port()).await;
+            }
+            if healthy {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                return Err(ServiceError::NotReady {
+                    what: "redis cluster failover",
+                    port,
+                    waited: started.elapsed(),
+                    log_tail: format!("{roles:?}"),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// The nodes' real ports (not delayed).
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()
@@ -147,6 +240,90 @@ impl RedisCluster {
         for proxy in &self.proxies {
             proxy.set_delay(delay);
         }
+    }
+}
+
+/// A node's place in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    pub port: u16,
+    pub primary: bool,
+    /// The port of its primary, for a replica.
+    pub replica_of: Option<u16>,
+    /// Whether the cluster considers it failed.
+    pub failed: bool,
+}
+
+/// `CLUSTER NODES` lines: `<id> <ip:port@bus> <flags> <primary id or -> ...`.
+fn parse_roles(nodes: &str) -> Vec<Role> {
+    let lines: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|f: &Vec<&str>| f.len() >= 4)
+        .collect();
+    let port_of =
+        |addr: &str| -> Option<u16> { addr.split('@').next()?.rsplit(':').next()?.parse().ok() };
+    let port_of_id = |id: &str| {
+        lines
+            .iter()
+            .find(|f| f[0] == id)
+            .and_then(|f| port_of(f[1]))
+    };
+    lines
+        .iter()
+        .filter_map(|f| {
+            Some(Role {
+                port: port_of(f[1])?,
+                primary: f[2].contains("master"),
+                replica_of: (f[3] != "-").then(|| port_of_id(f[3])).flatten(),
+                failed: f[2].contains("fail"),
+            })
+        })
+        .collect()
+}
+
+/// One command over a plain connection, its whole reply as text (a simple or bulk string).
+async fn command(port: u16, args: &[&str]) -> io::Result<String> {
+    let attempt = async {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).await?;
+        let mut reply = Vec::new();
+        let mut buf = vec![0; 16 * 1024];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+            if let Some(text) = complete(&reply) {
+                return text;
+            }
+        }
+        Err(io::Error::other(
+            "the connection closed before the reply was complete",
+        ))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+/// The reply's text once all of it has arrived: `None` while a bulk string is incomplete.
+fn complete(reply: &[u8]) -> Option<io::Result<String>> {
+    let text = String::from_utf8_lossy(reply);
+    let (first, rest) = text.split_once("\r\n")?;
+    match first.as_bytes().first() {
+        Some(b'+') => Some(Ok(first[1..].to_owned())),
+        Some(b'-') => Some(Err(io::Error::other(first[1..].to_owned()))),
+        Some(b'$') => {
+            let len: usize = first[1..].parse().ok()?;
+            (rest.len() >= len).then(|| Ok(rest[..len].to_owned()))
+        }
+        _ => Some(Ok(text.into_owned())),
     }
 }
 

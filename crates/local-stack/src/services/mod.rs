@@ -29,7 +29,7 @@ mod cluster;
 mod moto;
 mod redis;
 
-pub use cluster::RedisCluster;
+pub use cluster::{RedisCluster, Role};
 pub use moto::MotoServer;
 pub use redis::{DelayedRedis, RedisServer};
 
