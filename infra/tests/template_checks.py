@@ -726,6 +726,12 @@ def check_environment(t: dict) -> list[str]:
         problems.append(f"{READ}: TABLE_NAME must be !If [CreateTable, {TABLE}, ExistingTableName]")
     if read_env.get("CONSISTENT_READ") not in (None, "true"):
         problems.append(f"{READ}: CONSISTENT_READ false breaks invariant 1 (README)")
+    inv_env = props(t, INVALIDATOR).get("Environment", {}).get("Variables", {})
+    if not is_ref(inv_env.get("REDIS_CONFIRM_REPLICAS"), "CacheReplicasPerShard"):
+        problems.append(
+            f"{INVALIDATOR}: REDIS_CONFIRM_REPLICAS must be !Ref CacheReplicasPerShard (a failover "
+            "could lose acknowledged invalidations, and replica reads would serve them)"
+        )
     return problems
 
 

@@ -384,7 +384,12 @@ def skip_without_reason(t):
     t["Resources"][TABLE]["Metadata"]["checkov"]["skip"][0]["comment"] = "n/a"
 
 
+def unconfirmed_invalidations(t):
+    del t["Resources"][c.INVALIDATOR]["Properties"]["Environment"]["Variables"]["REDIS_CONFIRM_REPLICAS"]
+
+
 WEAKENED = [
+    (unconfirmed_invalidations, c.check_environment),
     (drop_report_batch_item_failures, c.check_stream_event_source),
     (drop_bisect, c.check_stream_event_source),
     (unbounded_retries, c.check_stream_event_source),
