@@ -4,9 +4,8 @@
 //! documented shape costs only itself: its key is still looked for, and if none can be found it
 //! is logged and skipped rather than failing the batch and blocking the shard behind it.
 
-use aws_lambda_events::dynamodb::EventRecord;
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use serde_dynamo::AttributeValue;
+use serde::Deserialize as _;
 use serde_json::Value;
 
 use crate::cache::{Cache, CacheOp, OpKind, Order};
@@ -32,6 +31,9 @@ pub struct Collapsed {
     /// The index of the key's first record in the batch: what a failure reports.
     pub first_record: usize,
 }
+
+/// A record whose fields are not where the documented shape puts them.
+struct Malformed(&'static str);
 
 /// Why a record was skipped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,26 +110,27 @@ impl<C: Cache> Invalidator<C> {
     }
 
     /// The cache operations for a batch, in record order, skipping records that name no product.
+    ///
+    /// Records are read in place, field by field, rather than deserialised whole: a batch holds
+    /// up to 10,000 of them, and only a few fields of each matter. A record whose fields are
+    /// not where the documented shape puts them has its key looked for in `Keys` and either
+    /// image, and that key deleted (right whatever the change was); if none can be found, it is
+    /// logged and skipped rather than failing the batch and blocking the shard behind it.
     pub fn plan(&self, records: &[Value]) -> Vec<Planned> {
         let mut plan = Vec::with_capacity(records.len());
         for (index, raw) in records.iter().enumerate() {
             let sequence_number = sequence_number_of(raw);
-            let result = match serde_json::from_value::<EventRecord>(raw.clone()) {
-                Ok(record) => match self.plan_record(&record, sequence_number.as_deref()) {
-                    // `Keys` is in every stream view type; a record without a usable one is not
-                    // the documented shape either, so its images are searched the same way.
-                    Err(SkipReason::NoKey(_)) => {
-                        tracing::warn!(index, ?sequence_number, "stream record without usable Keys; deleting the key its images name, if any");
-                        self.key_of_raw(raw).map(CacheOp::delete)
-                    }
-                    other => other,
-                },
-                Err(e) => {
-                    // Not the documented shape. Deleting the key it names is right whatever the
-                    // change was, so look for the key before giving up on the record.
-                    tracing::warn!(index, ?sequence_number, error = %e, "malformed stream record; deleting its key if it has one");
+            let result = match self.plan_record(raw, sequence_number.as_deref()) {
+                Err(Malformed(what)) => {
+                    tracing::warn!(
+                        index,
+                        ?sequence_number,
+                        what,
+                        "malformed stream record; deleting its key if it has one"
+                    );
                     self.key_of_raw(raw).map(CacheOp::delete)
                 }
+                Ok(result) => result,
             };
             match result {
                 Ok(op) => plan.push(Planned {
@@ -145,42 +148,67 @@ impl<C: Cache> Invalidator<C> {
 
     fn plan_record(
         &self,
-        record: &EventRecord,
+        raw: &Value,
         sequence_number: Option<&str>,
-    ) -> Result<CacheOp, SkipReason> {
-        let key = self.key_of(&record.change.keys)?;
-        let removed = record.event_name == "REMOVE";
-        if removed && is_ttl_expiry(record) {
+    ) -> Result<Result<CacheOp, SkipReason>, Malformed> {
+        let change = raw
+            .get("dynamodb")
+            .and_then(Value::as_object)
+            .ok_or(Malformed("no `dynamodb` object"))?;
+        let event_name = raw
+            .get("eventName")
+            .and_then(Value::as_str)
+            .ok_or(Malformed("no `eventName`"))?;
+        // `Keys` is in every stream view type; a record without a usable one is not the
+        // documented shape either, so its images are searched the same way.
+        let key = match self.key_in(change.get("Keys")) {
+            Ok(key) => key,
+            Err(SkipReason::NoKey(_)) => return Err(Malformed("no usable `Keys`")),
+            Err(e) => return Ok(Err(e)),
+        };
+        let removed = event_name == "REMOVE";
+        if removed && is_ttl_expiry(raw) {
             tracing::debug!(key, "item expired by TTL");
         }
-        if !removed && record.event_name != "INSERT" && record.event_name != "MODIFY" {
-            tracing::warn!(event_name = %record.event_name, key, "unknown event name; deleting");
-            return Ok(CacheOp::delete(key));
+        if !removed && event_name != "INSERT" && event_name != "MODIFY" {
+            tracing::warn!(event_name, key, "unknown event name; deleting");
+            return Ok(Ok(CacheOp::delete(key)));
         }
-        let order = self.order_of(record, removed, sequence_number);
+        let image = |name| {
+            change
+                .get(name)
+                .filter(|i| i.as_object().is_some_and(|m| !m.is_empty()))
+        };
+        let new_image = image("NewImage");
+        let order = self.order_of(
+            image(if removed { "OldImage" } else { "NewImage" }),
+            removed,
+            sequence_number,
+        );
         // KEYS_ONLY or OLD_IMAGE streams carry no new version to write, and a write that
         // cannot be ordered could overwrite a newer one: both become deletes.
-        let refresh = !removed
-            && self.mode == InvalidationMode::Refresh
-            && order.is_some()
-            && !record.change.new_image.is_empty();
-        if !refresh {
-            return Ok(CacheOp {
+        let refresh = !removed && self.mode == InvalidationMode::Refresh && order.is_some();
+        let (true, Some(new_image)) = (refresh, new_image) else {
+            return Ok(Ok(CacheOp {
                 key,
                 kind: OpKind::Delete,
                 order,
                 created_ms: None,
                 delete_if_refused: false,
-            });
-        }
-        // A missing timestamp deserialises as the epoch: the op then deletes, which is safe.
-        let created_ms = record
-            .change
-            .approximate_creation_date_time
-            .timestamp_millis()
+            }));
+        };
+        // Seconds, an integer or (in some events) a float. A missing or odd one counts as the
+        // epoch: the op then deletes, which is safe.
+        let created_ms = change
+            .get("ApproximateCreationDateTime")
+            .and_then(Value::as_f64)
+            .map_or(0, |secs| (secs * 1000.0) as i64)
             - self.settings.clock_margin.as_millis() as i64;
-        match Document::from_item(&record.change.new_image) {
-            Ok(doc) => Ok(CacheOp {
+        let document = serde_dynamo::Item::deserialize(new_image)
+            .map_err(|e| e.to_string())
+            .and_then(|item| Document::from_item(&item).map_err(|e| e.to_string()));
+        Ok(Ok(match document {
+            Ok(doc) => CacheOp {
                 key,
                 kind: OpKind::Set {
                     value: doc.into_string(),
@@ -189,12 +217,12 @@ impl<C: Cache> Invalidator<C> {
                 order,
                 created_ms: Some(created_ms),
                 delete_if_refused: false,
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, key, "new image has no JSON form; deleting instead");
-                Ok(CacheOp::delete(key))
+            },
+            Err(error) => {
+                tracing::warn!(error, key, "new image has no JSON form; deleting instead");
+                CacheOp::delete(key)
             }
-        }
+        }))
     }
 
     /// Where the record stands in its item's history: its sequence number, or with a version
@@ -203,54 +231,40 @@ impl<C: Cache> Invalidator<C> {
     /// makes the op an unordered delete.
     fn order_of(
         &self,
-        record: &EventRecord,
+        image: Option<&Value>,
         removed: bool,
         sequence_number: Option<&str>,
     ) -> Option<Order> {
         let Some(attr) = &self.settings.version_attribute else {
             return Order::sequence(sequence_number?);
         };
-        let image = if removed {
-            &record.change.old_image
-        } else {
-            &record.change.new_image
-        };
-        match image.get(attr) {
-            Some(AttributeValue::N(n)) => Order::version(n, removed),
-            _ => None,
-        }
+        let version = image?.get(attr)?.get("N")?.as_str()?;
+        Order::version(version, removed)
     }
 
-    fn key_of(&self, keys: &serde_dynamo::Item) -> Result<String, SkipReason> {
-        let (raw, key_type) = match keys.get(&self.settings.key_attribute) {
-            Some(AttributeValue::S(s)) => (s, KeyType::S),
-            Some(AttributeValue::N(n)) => (n, KeyType::N),
-            _ => return Err(SkipReason::NoKey(self.settings.key_attribute.clone())),
+    /// The cache key named in a `Keys`-shaped map (`{"<attr>": {"S": "..."}}`).
+    fn key_in(&self, map: Option<&Value>) -> Result<String, SkipReason> {
+        let no_key = || SkipReason::NoKey(self.settings.key_attribute.clone());
+        let attr = map
+            .and_then(|m| m.get(&self.settings.key_attribute))
+            .and_then(Value::as_object)
+            .ok_or_else(no_key)?;
+        let (raw, key_type) = match (attr.get("S"), attr.get("N")) {
+            (Some(Value::String(s)), None) => (s, KeyType::S),
+            (None, Some(Value::String(n))) => (n, KeyType::N),
+            _ => return Err(no_key()),
         };
         let id = ProductId::parse(raw, key_type)?;
         Ok(id.cache_key(&self.settings.key_prefix))
     }
 
-    /// The key of a record that does not deserialise: `Keys` first, then either image.
+    /// The key of a malformed record: `Keys` first, then either image.
     fn key_of_raw(&self, raw: &Value) -> Result<String, SkipReason> {
         let mut reason = SkipReason::NoKey(self.settings.key_attribute.clone());
         for field in ["Keys", "NewImage", "OldImage"] {
-            let Some(map) = raw.pointer(&format!("/dynamodb/{field}")) else {
-                continue;
-            };
-            let Some(attr) = map.get(&self.settings.key_attribute) else {
-                continue;
-            };
-            let Ok(attr) = serde_json::from_value::<AttributeValue>(attr.clone()) else {
-                continue;
-            };
-            let keys = serde_dynamo::Item::from(
-                [(self.settings.key_attribute.clone(), attr)]
-                    .into_iter()
-                    .collect::<std::collections::HashMap<_, _>>(),
-            );
-            match self.key_of(&keys) {
+            match self.key_in(raw.get("dynamodb").and_then(|d| d.get(field))) {
                 Ok(key) => return Ok(key),
+                Err(SkipReason::NoKey(_)) => {}
                 Err(e) => reason = e,
             }
         }
@@ -316,12 +330,12 @@ pub fn collapse(plan: &[Planned]) -> Vec<Collapsed> {
         .collect()
 }
 
-/// A REMOVE made by DynamoDB's TTL process rather than by a user.
-pub fn is_ttl_expiry(record: &EventRecord) -> bool {
-    record
-        .user_identity
-        .as_ref()
-        .is_some_and(|u| u.type_ == "Service" && u.principal_id == "dynamodb.amazonaws.com")
+/// A REMOVE made by DynamoDB's TTL process rather than by a user (`userIdentity` of type
+/// `Service`, principal `dynamodb.amazonaws.com`).
+pub fn is_ttl_expiry(record: &Value) -> bool {
+    let identity = record.get("userIdentity");
+    let field = |name| identity.and_then(|i| i.get(name)).and_then(Value::as_str);
+    field("type") == Some("Service") && field("principalId") == Some("dynamodb.amazonaws.com")
 }
 
 #[cfg(test)]
@@ -446,12 +460,10 @@ mod tests {
 
     #[test]
     fn ttl_expiry_is_recognised() {
-        let event = fixture("ttl-expiry-remove.json");
-        let record: EventRecord = serde_json::from_value(event["Records"][0].clone()).unwrap();
-        assert!(is_ttl_expiry(&record));
-        let event = fixture("remove.json");
-        let record: EventRecord = serde_json::from_value(event["Records"][0].clone()).unwrap();
-        assert!(!is_ttl_expiry(&record));
+        assert!(is_ttl_expiry(
+            &fixture("ttl-expiry-remove.json")["Records"][0]
+        ));
+        assert!(!is_ttl_expiry(&fixture("remove.json")["Records"][0]));
     }
 
     #[test]

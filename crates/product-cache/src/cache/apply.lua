@@ -1,42 +1,60 @@
--- One key's change (a batch's records of the key, collapsed by the invalidator): skip it if not
--- newer than the key's position, else cancel the lease, delete or set the document, and record
--- the position.
--- KEYS: key, lease, ver, the slot's epoch key.
--- ARGV: 'set' or 'del', value, ttl s, order ('' for none), ver ttl s, use ordering (1/0), the
--- record's creation time less the clock margin (epoch ms, '' if unknown), delete even if refused
--- (1/0), now (epoch ms, the invalidator's clock).
--- Returns 1 if applied, 0 if older than what the key has seen.
+-- A batch's changes to one group of keys (one hash slot on a cluster): each key's records,
+-- collapsed by the invalidator to one change, in one call, so the node pays the script's fixed
+-- cost once per group instead of once per key.
+-- KEYS: per change 4: key, lease, ver, the slot's epoch key.
+-- ARGV: use ordering (1/0), now (epoch ms, the invalidator's clock), ver ttl s; then per change
+-- 6: 'set' or 'del', value, ttl s, order ('' for none), the record's creation time less the
+-- clock margin (epoch ms, '' if unknown), delete even if refused (1/0).
+-- Returns how many changes were applied (the others were older than what their key has seen).
 --
--- A write from a record created before the slot's epoch is applied as a delete. The epoch key is
--- set the first time a write reaches a slot whose data is new (a restart, FLUSHALL, a replica
--- promoted empty: the epoch key went with the positions), so such a record may be a replay older
--- than changes acknowledged before the loss, and a delete is right whatever it is. Records
--- created after the epoch are ordered by positions this data has seen, all of them.
-local ordered = ARGV[6] == '1' and ARGV[4] ~= ''
-local kind = ARGV[1]
-if ordered then
-  local cur = redis.call('GET', KEYS[3])
-  local is_newer = cur and newer(ARGV[4], cur)
-  if is_newer == false and cur then
-    if ARGV[8] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
-    return 0
+-- Each change: skip it if not newer than the key's position, else cancel the lease, delete or
+-- set the document, and record the position. A write from a record created before the slot's
+-- epoch is applied as a delete. The epoch key is set the first time a write reaches a slot
+-- whose data is new (a restart, FLUSHALL, a replica promoted empty: the epoch key went with
+-- the positions), so such a record may be a replay older than changes acknowledged before the
+-- loss, and a delete is right whatever it is. Records created after the epoch are ordered by
+-- positions this data has seen, all of them.
+local use_ordering = ARGV[1] == '1'
+local now = ARGV[2]
+local ver_ttl = tonumber(ARGV[3])
+local applied = 0
+for i = 0, #KEYS / 4 - 1 do
+  local key, lease, ver, epoch_key = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
+  local a = 3 + 6 * i
+  local kind, value, ttl, order = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local created, delete_if_refused = ARGV[a + 5], ARGV[a + 6] == '1'
+  local ordered = use_ordering and order ~= ''
+  local refused = false
+  if ordered then
+    local cur = redis.call('GET', ver)
+    local is_newer = cur and newer(order, cur)
+    if cur and is_newer == false then
+      refused = true
+    -- A position of the other kind (a version attribute turned on or off, or the functions
+    -- disagreeing during a rollout): this change cannot be ordered against it, so it deletes,
+    -- which is right whatever it is, and its position replaces the other.
+    elseif cur and is_newer == nil then
+      kind = 'del'
+    end
+    if not refused and kind == 'set' then
+      -- SET NX GET (Redis 7): the epoch, written now if this slot has none.
+      local epoch = redis.call('SET', epoch_key, now, 'NX', 'GET') or now
+      if created == '' or tonumber(created) < tonumber(epoch) then kind = 'del' end
+    end
   end
-  -- A position of the other kind (a version attribute turned on or off, or the functions
-  -- disagreeing during a rollout): this change cannot be ordered against it, so it deletes,
-  -- which is right whatever it is, and its position replaces the other.
-  if cur and is_newer == nil then kind = 'del' end
-  if kind == 'set' then
-    -- SET NX GET (Redis 7): the epoch, written now if this slot has none.
-    local epoch = redis.call('SET', KEYS[4], ARGV[9], 'NX', 'GET') or ARGV[9]
-    local created = tonumber(ARGV[7])
-    if not created or created < tonumber(epoch) then kind = 'del' end
+  if refused then
+    if delete_if_refused then redis.call('DEL', key, lease) end
+  else
+    if kind == 'set' then
+      redis.call('DEL', lease)
+      redis.call('SET', key, value, 'EX', ttl)
+    else
+      redis.call('DEL', key, lease)
+    end
+    if ordered then
+      redis.call('SET', ver, order, 'EX', math.max(ver_ttl, tonumber(ttl)))
+    end
+    applied = applied + 1
   end
 end
-if kind == 'set' then
-  redis.call('DEL', KEYS[2])
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-else
-  redis.call('DEL', KEYS[1], KEYS[2])
-end
-if ordered then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5]) end
-return 1
+return applied

@@ -100,6 +100,7 @@ pub struct Confirm {
 pub struct RedisCache {
     connector: std::sync::Arc<Connector<Conn>>,
     timeout: Duration,
+    connect_timeout: Duration,
     confirm: Option<Confirm>,
     guards: Guards,
 }
@@ -170,6 +171,7 @@ impl RedisCache {
         Self {
             connector: std::sync::Arc::new(connector),
             timeout: options.timeout,
+            connect_timeout: options.connect_timeout,
             confirm: options.confirm,
             guards: options.guards,
         }
@@ -190,37 +192,43 @@ impl RedisCache {
         }
     }
 
+    /// One call of the apply script for `ops[group]` (see `apply.lua` for the layout).
     fn apply_invocation<'a>(
         &self,
         script: &'a redis::Script,
-        op: &CacheOp,
+        ops: &[CacheOp],
+        group: &[usize],
         now_ms: u64,
     ) -> redis::ScriptInvocation<'a> {
-        let (kind, value, ttl) = match &op.kind {
-            OpKind::Delete => ("del", "", Duration::ZERO),
-            OpKind::Set { value, ttl } => ("set", value.as_str(), *ttl),
-        };
-        let mut invocation = script.key(&op.key);
+        let mut invocation = script.prepare_invoke();
         invocation
-            .key(lease_key(&op.key))
-            .key(version_key(&op.key))
-            .key(epoch_key(&op.key))
-            .arg(kind)
-            .arg(value)
-            .arg(secs(ttl))
-            .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
-            .arg(secs(VERSION_TTL.max(ttl)))
             .arg(flag(self.guards.ordering))
-            .arg(op.created_ms.map(|c| c.to_string()).unwrap_or_default())
-            .arg(flag(op.delete_if_refused))
-            .arg(now_ms);
+            .arg(now_ms)
+            .arg(VERSION_TTL.as_secs());
+        for op in group.iter().map(|&i| &ops[i]) {
+            let (kind, value, ttl) = match &op.kind {
+                OpKind::Delete => ("del", "", Duration::ZERO),
+                OpKind::Set { value, ttl } => ("set", value.as_str(), *ttl),
+            };
+            invocation
+                .key(&op.key)
+                .key(lease_key(&op.key))
+                .key(version_key(&op.key))
+                .key(epoch_key(&op.key))
+                .arg(kind)
+                .arg(value)
+                .arg(secs(ttl))
+                .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
+                .arg(op.created_ms.map(|c| c.to_string()).unwrap_or_default())
+                .arg(flag(op.delete_if_refused));
+        }
         invocation
     }
 
-    /// One pipeline of `ops[group]`, all in one hash slot on a cluster. Sent optimistically as
-    /// EVALSHAs; a Redis that does not know the script (restarted, failed over, a new node)
-    /// answers NOSCRIPT, and the group goes again with the script loaded first. Every op is
-    /// idempotent, so repeating the ones that did land changes nothing.
+    /// One pipeline of `ops[group]`, all in one hash slot on a cluster: a single script call.
+    /// Sent optimistically as EVALSHA; a Redis that does not know the script (restarted, failed
+    /// over, a new node) answers NOSCRIPT, and the group goes again with the script loaded
+    /// first. Every op is idempotent, so repeating the ones that did land changes nothing.
     async fn apply_group(
         &self,
         mut conn: Conn,
@@ -234,10 +242,8 @@ impl RedisCache {
             if load {
                 pipe.load_script(script).ignore();
             }
-            for &i in group {
-                pipe.invoke_script(&self.apply_invocation(script, &ops[i], now_ms))
-                    .ignore();
-            }
+            pipe.invoke_script(&self.apply_invocation(script, ops, group, now_ms))
+                .ignore();
             pipe
         };
         match pipeline(false).query_async::<()>(&mut conn).await {
@@ -349,8 +355,11 @@ impl Cache for RedisCache {
             return Ok(());
         }
         let budget = self.timeout * (ops.len() / CHUNK + 1) as u32;
+        // A batch waits for a connection still forming (a cold start) up to the connect budget:
+        // failing it would only have Lambda deliver it again later. A read bypasses instead.
         let conn = self
-            .conn()
+            .connector
+            .get(budget.max(self.connect_timeout))
             .await
             .map_err(|e| BatchError::all(ops.len(), e))?;
         let groups: Vec<Vec<usize>> = match conn {
