@@ -24,7 +24,10 @@ async fn invalidator(
         mode,
         cache: CacheSettings::default(),
     };
-    Ok(Invalidator::build(settings, &env.sdk).await?)
+    let invalidator = Invalidator::build(settings, &env.sdk).await?;
+    // A long-running deployment's slots have had their epochs for long: refreshes write.
+    invalidator.cache().declare_empty().await?;
+    Ok(invalidator)
 }
 
 fn keys_of(event: &Value) -> Vec<String> {

@@ -169,6 +169,8 @@ pub async fn run(
         &env.sdk,
     )
     .await?;
+    // A long-running deployment's slots have had their epochs for long: refreshes write.
+    invalidator.cache().declare_empty().await?;
     let reader = StreamReader::new(
         aws_sdk_dynamodbstreams::Client::new(&env.sdk),
         &sale.stream_arn,
