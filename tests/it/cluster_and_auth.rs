@@ -182,3 +182,75 @@ async fn the_auth_token_is_read_from_secrets_manager() {
         .expect("a missing secret must fail the start");
     assert!(err.to_string().contains(&missing), "{err}");
 }
+
+/// ElastiCache with in-transit encryption: a TLS cluster whose nodes report hostnames, with
+/// certificates that name the host and not its IP. The client verifies every node against the
+/// name the cluster reported (a private CA given in `REDIS_CA_FILE`), and both paths work at the
+/// default timeouts. Had the nodes reported IPs instead (as a client would see with a cluster
+/// announcing addresses), no certificate would match and every read would bypass.
+#[tokio::test]
+async fn a_tls_cluster_is_verified_against_the_hostnames_it_reports() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::support::make_certificates(certs.path(), "DNS:localhost");
+    let file = |name: &str| certs.path().join(name);
+    let cluster = RedisCluster::start_tls(
+        3,
+        &file("server.crt"),
+        &file("server.key"),
+        &file("ca.crt"),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    let mut env = TestEnv::new(InvalidationMode::Delete).await;
+    let redis = RedisSettings {
+        cluster: true,
+        ca_file: Some(file("ca.crt")),
+        ..RedisSettings::new(cluster.tls_url().unwrap())
+    };
+    let settings = CacheSettings::default();
+    let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
+    let read = ReadPath::build(read, &env.sdk).await.unwrap();
+    let invalidator = InvalidatorSettings {
+        redis,
+        mode: InvalidationMode::Delete,
+        cache: settings,
+    };
+    let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+    let ids: Vec<String> = (0..20).map(|i| format!("tls-{i}")).collect();
+    for id in &ids {
+        env.put_product(id, "10").await;
+    }
+    env.new_stream_event().await;
+    // The connection forms in the background (TLS handshakes with every node); reads bypass
+    // until it is up, then every key fills and hits, whichever node holds it.
+    for id in &ids {
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let (_, x_cache, body) = http_get(&read, &format!("/products/{id}")).await;
+            assert_eq!(body["price"], json!(10));
+            seen.push(x_cache.clone());
+            if x_cache == "hit" {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.last().map(String::as_str),
+            Some("hit"),
+            "{id}: {seen:?}"
+        );
+    }
+    for id in &ids {
+        env.put_product(id, "20").await;
+    }
+    let response = invalidator.handle(env.new_stream_event().await).await;
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    for id in &ids {
+        let (_, x_cache, body) = http_get(&read, &format!("/products/{id}")).await;
+        assert_eq!(
+            (x_cache.as_str(), &body["price"]),
+            ("miss", &json!(20)),
+            "{id}"
+        );
+    }
+}

@@ -4,7 +4,6 @@
 //!
 //! Needs the binaries: `cargo build -p functions` first.
 
-use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -393,67 +392,6 @@ async fn read_function_starts_and_serves_from_the_table_when_redis_is_down() {
     }
 }
 
-/// Writes a CA and a server certificate for 127.0.0.1 into `dir` with the openssl CLI.
-fn make_certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (scripts/setup.sh installs it)");
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=local test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
 /// The deployed shape: `rediss://` (ElastiCache in-transit encryption) with the AUTH token in
 /// Secrets Manager, at the default timeouts. The function trusts the test CA through
 /// `REDIS_CA_FILE` (a private CA); without it, the Mozilla roots built in, which Amazon's
@@ -463,7 +401,7 @@ async fn read_function_uses_tls_and_its_auth_token_from_secrets_manager() {
     let env = TestEnv::new(Delete).await;
     env.put_product("kb-001", "129.99").await;
     let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
+    crate::support::make_certificates(certs.path(), "IP:127.0.0.1,DNS:localhost");
     let file = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
     let tls_port = local_stack::services::free_port().to_string();
     let token = "tls-and-auth/token";

@@ -1,6 +1,7 @@
 //! A Redis Cluster of `redis-server` children, optionally behind delaying proxies.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ pub struct RedisCluster {
     // Dropped first: the proxies stop before the nodes do.
     proxies: Vec<DelayProxy>,
     nodes: Vec<RedisServer>,
+    /// The name the nodes report and their TLS ports, for a TLS cluster.
+    tls: Option<(String, Vec<u16>)>,
 }
 
 impl RedisCluster {
@@ -134,7 +137,11 @@ impl RedisCluster {
                 tokio::time::sleep(POLL_INTERVAL).await;
             }
         }
-        Ok(RedisCluster { proxies, nodes })
+        Ok(RedisCluster {
+            proxies,
+            nodes,
+            tls: None,
+        })
     }
 
     /// The URL of one node, enough for a cluster client to discover the others: through its
@@ -144,6 +151,59 @@ impl RedisCluster {
             Some(proxy) => proxy.redis_url(),
             None => self.nodes[0].url(),
         }
+    }
+
+    /// A cluster of `primaries` nodes that talk TLS to clients and to each other, and report
+    /// `hostname` (not their IP) to clients, as ElastiCache with in-transit encryption does: a
+    /// client must then verify each node's certificate against that name. `cert`, `key` and
+    /// `ca` are PEM files; the plain ports stay open for setup and health checks.
+    pub async fn start_tls(
+        primaries: usize,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        hostname: &str,
+    ) -> Result<RedisCluster, ServiceError> {
+        let (cert, key, ca) = (
+            cert.to_string_lossy(),
+            key.to_string_lossy(),
+            ca.to_string_lossy(),
+        );
+        let mut nodes = Vec::with_capacity(primaries);
+        let mut tls_ports = Vec::with_capacity(primaries);
+        for _ in 0..primaries {
+            let tls_port = free_port().to_string();
+            let mut args: Vec<&str> = CLUSTER_NODE_ARGS.to_vec();
+            args.extend([
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+                "--tls-cluster",
+                "yes",
+                "--cluster-announce-hostname",
+                hostname,
+                "--cluster-preferred-endpoint-type",
+                "hostname",
+            ]);
+            nodes.push(RedisServer::start_with(&args).await?);
+            tls_ports.push(tls_port.parse().expect("a port"));
+        }
+        let mut cluster = Self::create(nodes, Vec::new(), 0).await?;
+        cluster.tls = Some((hostname.to_owned(), tls_ports));
+        Ok(cluster)
+    }
+
+    /// `rediss://<hostname>:<TLS port>` of the first node, for a cluster started with TLS.
+    pub fn tls_url(&self) -> Option<String> {
+        let (host, ports) = self.tls.as_ref()?;
+        Some(format!("rediss://{host}:{}", ports[0]))
     }
 
     /// Each node's role now, from the cluster's own view (`CLUSTER NODES` of a live node).
