@@ -459,3 +459,79 @@ async fn read_function_uses_tls_and_its_auth_token_from_secrets_manager() {
     assert!(seen.contains(&"miss".to_owned()), "{seen:?}");
     drop(redis);
 }
+
+/// A frozen execution environment, as Lambda freezes one between invocations: the function
+/// process is stopped (SIGSTOP) longer than the server's idle `timeout`, which closes its
+/// connections meanwhile; thawed (SIGCONT), its next invocation is served from the cache as
+/// usual, and the invalidator's next batch is applied.
+#[tokio::test]
+async fn both_functions_thaw_after_the_server_closed_their_idle_connections() {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let idle = local_stack::services::RedisServer::start_with(&["--timeout", "1"])
+        .await
+        .unwrap();
+    let url = idle.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    // Until the server has closed the function's idle connections: only `conn` itself is left.
+    let await_closed = || async {
+        for _ in 0..100 {
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if list.lines().count() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("the server never closed the idle connections");
+    };
+    let signal = |function: &Function, sig| {
+        let pid = function.child.id().expect("running") as i32;
+        // SAFETY: kill(2) with a pid this test spawned and a valid signal number.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    };
+
+    let mut read = Function::spawn(
+        "read-function",
+        &[("REDIS_URL", &url), ("TABLE_NAME", &env.table)],
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        let answer = read.respond(fixture("apigw-get-product.json")).await;
+        seen.push(http_parts(&answer).1);
+        if seen.last().map(String::as_str) == Some("hit") {
+            break;
+        }
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("hit"), "{seen:?}");
+    signal(&read, libc::SIGSTOP);
+    await_closed().await;
+    signal(&read, libc::SIGCONT);
+    let answer = read.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(http_parts(&answer).1, "hit", "{answer}");
+
+    let mut invalidator = Function::spawn(
+        "invalidator-function",
+        &[("REDIS_URL", &url), ("INVALIDATION_MODE", "delete")],
+    )
+    .await;
+    let batch = fixture("batch-mixed.json");
+    assert_eq!(
+        invalidator.respond(batch.clone()).await,
+        json!({"batchItemFailures": []})
+    );
+    signal(&invalidator, libc::SIGSTOP);
+    signal(&read, libc::SIGSTOP);
+    await_closed().await;
+    signal(&invalidator, libc::SIGCONT);
+    signal(&read, libc::SIGCONT);
+    assert_eq!(
+        invalidator.respond(batch).await,
+        json!({"batchItemFailures": []})
+    );
+}
