@@ -226,3 +226,63 @@ async fn a_failover_loses_no_acknowledged_invalidation() {
         json!(129.99)
     );
 }
+
+/// What confirming a batch on a replica costs: a 1,000-key batch with and without `WAIT`, on a
+/// primary with one local replica. A measurement, not a test (`--ignored`), for the README:
+/// `cargo test --release -p integration-tests --test it replicas::confirmation_cost -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a measurement; run it with --ignored --nocapture"]
+async fn confirmation_cost() {
+    let env = TestEnv::new(Delete).await;
+    let mut primary = env.redis_conn().await;
+    redis::cmd("CONFIG")
+        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
+        .query_async::<()>(&mut primary)
+        .await
+        .unwrap();
+    let port = env.redis.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port])
+        .await
+        .unwrap();
+    linked(&replica).await;
+    let template = fresh(fixture("modify.json"))["Records"][0].clone();
+    let batch = |round: usize| {
+        let records: Vec<serde_json::Value> = (0..1000)
+            .map(|i| {
+                let mut r = template.clone();
+                r["dynamodb"]["Keys"]["productId"] = json!({"S": format!("p{i}")});
+                r["dynamodb"]["SequenceNumber"] = json!(format!("{}", 1_000_000 * (round + 1) + i));
+                r
+            })
+            .collect();
+        json!({ "Records": records })
+    };
+    for confirm_replicas in [0, 1, 0, 1] {
+        let settings = InvalidatorSettings {
+            redis: RedisSettings {
+                confirm_replicas,
+                ..RedisSettings::new(env.redis.url())
+            },
+            mode: Delete,
+            cache: CacheSettings::default(),
+        };
+        let invalidator = Invalidator::build(settings, &env.sdk).await.unwrap();
+        assert!(invalidator
+            .handle(batch(0))
+            .await
+            .batch_item_failures
+            .is_empty());
+        let mut times = Vec::new();
+        for round in 1..=50 {
+            let started = std::time::Instant::now();
+            let response = invalidator.handle(batch(round)).await;
+            times.push(started.elapsed());
+            assert!(response.batch_item_failures.is_empty());
+        }
+        times.sort();
+        println!(
+            "confirm_replicas={confirm_replicas}: 1,000-key batch p50 {:?}, p90 {:?}",
+            times[25], times[45]
+        );
+    }
+}
