@@ -198,6 +198,7 @@ pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Rea
         let rng = fastrand::Rng::with_seed(cfg.seed.wrapping_add(2000 + r as u64));
         readers.push(tokio::spawn(reader(
             shared.clone(),
+            r as u16,
             read_path,
             flipped,
             rng,
@@ -292,6 +293,7 @@ async fn writer(
 /// the readers' version attribute has flipped).
 async fn reader<S: ProductStore>(
     shared: Arc<Shared>,
+    id: u16,
     read_path: ReadPath<RedisCache, S>,
     flipped: Option<ReadPath<RedisCache, S>>,
     mut rng: fastrand::Rng,
@@ -321,6 +323,7 @@ async fn reader<S: ProductStore>(
             Err(_) => Seen::Error,
         };
         out.push(Read {
+            reader: id,
             item: item as u16,
             seen,
             status,

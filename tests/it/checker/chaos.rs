@@ -1,21 +1,24 @@
 //! Faults injected at points of the run's progress: one data loss (a Redis restart on the same
 //! port, empty, or a `FLUSHALL`), herds of concurrent reads of a cold key, each herd one check of
-//! invariant 4, and in some runs the flips of the version attribute, one per function.
+//! invariant 4, in some runs the flips of the version attribute, one per function, and on a
+//! cluster two failovers: a `CLUSTER FAILOVER` on one shard's replica, and another shard's
+//! primary killed outright once its replica's link has been cut, then revived as a replica.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use local_stack::services::RedisServer;
+use local_stack::services::RedisCluster;
 use product_cache::config::CacheSettings;
 use product_cache::read::{CacheStatus, Lookup};
 use tokio::sync::watch;
 
 use super::actors::{Phase, Shared};
-use super::config::{Config, DataLoss};
-use super::history::{ms, Tally};
-use super::system::Sut;
+use super::config::{Config, DataLoss, Deployment};
+use super::history::{ms, Nanos, Tally};
+use super::system::{node_connection, Redis, Sut};
 use crate::support::Counting;
 
 /// The herds' settings: a lease long enough that one fill fits in it even on a loaded machine,
@@ -35,6 +38,16 @@ pub struct Chaos {
     pub herd_violations: Vec<String>,
     /// What happened when, for the report.
     pub events: Vec<String>,
+    /// When the cluster's topology was changing, for the report's reads around them.
+    pub windows: Vec<Window>,
+}
+
+/// A stretch of the run during which a failover was under way.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub what: &'static str,
+    pub from: Nanos,
+    pub to: Nanos,
 }
 
 /// What happens at a point of the run.
@@ -44,6 +57,8 @@ enum Event {
     FlipInvalidator,
     FlipReaders,
     Herd(usize),
+    Failover,
+    Kill,
 }
 
 /// The percent of the run's operations a fraction of them stands for, within the run.
@@ -52,13 +67,14 @@ fn percent(fraction: f64) -> u64 {
 }
 
 /// Herds spread over 10% to 90% of the run, the data loss at 45%, the flips where the config
-/// puts them; an event due after the writers stopped is skipped. A restart needs `redis` here:
-/// a restarted redis-server is tied to the thread that spawns it.
+/// puts them, on a cluster the failover at 33% and the kill at 67%; an event due after the
+/// writers stopped is skipped. Restarts and revivals need `redis` here: a restarted
+/// redis-server is tied to the thread that spawns it.
 pub async fn inject(
     cfg: &Config,
     sut: &Sut,
     herd_settings: &CacheSettings,
-    redis: &mut RedisServer,
+    redis: &mut Redis,
     shared: &Shared,
     mut progress: watch::Receiver<u64>,
 ) -> Chaos {
@@ -67,6 +83,10 @@ pub async fn inject(
         .map(|h| (10 + 80 * h as u64 / cfg.herds.max(1) as u64, Event::Herd(h)))
         .collect();
     schedule.push((45, Event::DataLoss));
+    if let Deployment::Cluster(_) = cfg.deployment {
+        schedule.push((33, Event::Failover));
+        schedule.push((67, Event::Kill));
+    }
     if let Some(at) = cfg.flip_version_attribute {
         schedule.push((percent(at.invalidator), Event::FlipInvalidator));
         schedule.push((percent(at.readers), Event::FlipReaders));
@@ -76,6 +96,9 @@ pub async fn inject(
     let mut faults = Tally::default();
     let mut herd_violations = Vec::new();
     let mut events = Vec::new();
+    let mut windows = Vec::new();
+    // The shard that failed over, by its new primary: the kill picks another.
+    let mut failed_over = None;
     for (pct, what) in schedule {
         progress.wait_for(|p| *p >= pct).await.unwrap();
         if *shared.phase.borrow() != Phase::Running {
@@ -84,7 +107,7 @@ pub async fn inject(
         }
         match what {
             Event::DataLoss => {
-                let event = lose_data(cfg.data_loss, sut, redis, shared).await;
+                let event = lose_data(cfg.data_loss, redis, shared).await;
                 faults.add(data_loss_fault(cfg.data_loss), 1);
                 tracing::info!(at_ms = ms(clock.now()), event, "redis lost its data");
                 events.push(event);
@@ -104,6 +127,33 @@ pub async fn inject(
                 tracing::info!(event, "version attribute flipped");
                 events.push(event);
             }
+            Event::Failover => {
+                let Redis::Cluster(cluster) = redis else {
+                    unreachable!("failovers are scheduled on clusters only")
+                };
+                let (event, window, promoted) = failover(cluster, shared).await;
+                faults.add("failovers", 1);
+                tracing::info!(event, "failover");
+                events.push(event);
+                windows.push(window);
+                failed_over = Some(promoted);
+            }
+            Event::Kill => {
+                let (Redis::Cluster(cluster), Deployment::Cluster(settings)) =
+                    (&mut *redis, cfg.deployment)
+                else {
+                    unreachable!("kills are scheduled on clusters only")
+                };
+                let (event, window) =
+                    kill(cluster, settings.cut_before_kill, failed_over, shared).await;
+                faults.add("primaries killed", 1);
+                tracing::info!(event, "primary killed");
+                events.push(event);
+                windows.push(window);
+                // The readers' clients have a second on the new topology before the run may
+                // end (it waits for the chaos), however early the writers stop.
+                tokio::time::sleep(SETTLE).await;
+            }
             Event::Herd(h) => {
                 events.push(format!("herd on cold-{h} at {:.1} ms", ms(clock.now())));
                 let outcome = herd(sut, herd_settings, &format!("cold-{h}"), cfg.herd_size).await;
@@ -118,7 +168,139 @@ pub async fn inject(
         faults,
         herd_violations,
         events,
+        windows,
     }
+}
+
+/// How long the run goes on after the kill's window, at least.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// `CLUSTER FAILOVER` on the replica of the shard whose primary has the lowest port: the
+/// coordinated handover of a maintenance, nothing lost. Returns the event's line, its window and
+/// the new primary.
+async fn failover(cluster: &RedisCluster, shared: &Shared) -> (String, Window, u16) {
+    let clock = shared.clock;
+    let roles = cluster.roles().await.expect("cluster roles");
+    let mut primaries: Vec<u16> = roles.iter().filter(|r| r.primary).map(|r| r.port).collect();
+    primaries.sort_unstable();
+    let primary = primaries[0];
+    let replica = roles
+        .iter()
+        .find(|r| r.replica_of == Some(primary))
+        .expect("the primary has a replica")
+        .port;
+    let from = clock.now();
+    cluster.failover(replica).await.expect("CLUSTER FAILOVER");
+    let to = clock.now();
+    let event = format!(
+        "CLUSTER FAILOVER on :{replica} (replica of :{primary}) at {:.1} ms, primary by {:.1} ms",
+        ms(from),
+        ms(to)
+    );
+    let window = Window {
+        what: "failover",
+        from,
+        to,
+    };
+    (event, window, replica)
+}
+
+/// Another shard's primary killed outright (SIGKILL), as a lost instance, and the cluster
+/// promotes its replica. With `cut`, the replica's link is cut that long before, so the primary
+/// holds writes its replica never got and the replica is promoted without them. Once promoted,
+/// the killed node is started again and rejoins as its replica; the window ends when that
+/// replica is in sync, from when a `WAIT` for one replica can be satisfied again. The victim is
+/// neither the shard that failed over nor the node clients start from (`Sut::redis`), so new
+/// clients can still find the cluster meanwhile.
+async fn kill(
+    cluster: &mut RedisCluster,
+    cut: Option<Duration>,
+    failed_over: Option<u16>,
+    shared: &Shared,
+) -> (String, Window) {
+    let clock = shared.clock;
+    let entry = cluster.ports()[0];
+    let roles = cluster.roles().await.expect("cluster roles");
+    let mut primaries: Vec<u16> = roles
+        .iter()
+        .filter(|r| r.primary && Some(r.port) != failed_over)
+        .map(|r| r.port)
+        .collect();
+    primaries.sort_unstable_by_key(|&p| (p == entry, p));
+    let primary = primaries[0];
+    let replica = roles
+        .iter()
+        .find(|r| r.replica_of == Some(primary))
+        .expect("the primary has a replica")
+        .port;
+    let from = clock.now();
+    let mut event = String::new();
+    if let Some(cut) = cut {
+        cluster
+            .cut_replication(replica)
+            .await
+            .expect("replication cut");
+        event = format!(
+            "replication :{primary} -> :{replica} cut at {:.1} ms; ",
+            ms(from)
+        );
+        tokio::time::sleep(cut).await;
+    }
+    // The replica's first: the primary's, read later, cannot be behind it.
+    let replicated = cluster.replication_offset(replica).await.expect("offset");
+    let ahead = cluster
+        .replication_offset(primary)
+        .await
+        .expect("offset")
+        .saturating_sub(replicated);
+    let killed = clock.now();
+    let promoted = cluster.kill(primary).await.expect("replica promoted");
+    assert_eq!(promoted, replica, "the shard's one replica was promoted");
+    let promoted_at = clock.now();
+    cluster
+        .mend_replication(replica)
+        .await
+        .expect("replication mended");
+    cluster.revive(primary).await.expect("killed node revived");
+    let revived = clock.now();
+    let mut conn = node_connection(primary).await;
+    let waiting = std::time::Instant::now();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO replication");
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(20),
+            "the revived node never synced: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let to = clock.now();
+    let _ = write!(
+        event,
+        "primary :{primary} killed at {:.1} ms, {ahead} bytes of replication ahead of \
+         :{replica}; :{replica} promoted by {:.1} ms; :{primary} back as its replica by {:.1} \
+         ms, in sync by {:.1} ms",
+        ms(killed),
+        ms(promoted_at),
+        ms(revived),
+        ms(to)
+    );
+    let window = Window {
+        what: if cut.is_some() {
+            "cut, kill and revival"
+        } else {
+            "kill and revival"
+        },
+        from,
+        to,
+    };
+    (event, window)
 }
 
 /// The fault tally's name for a data loss.
@@ -131,30 +313,65 @@ pub fn data_loss_fault(loss: DataLoss) -> &'static str {
 
 /// Empties Redis the configured way, between the generation marks the feeder replays on, and
 /// returns the event's line for the report.
-async fn lose_data(loss: DataLoss, sut: &Sut, redis: &mut RedisServer, shared: &Shared) -> String {
+async fn lose_data(loss: DataLoss, redis: &mut Redis, shared: &Shared) -> String {
     let clock = shared.clock;
-    match loss {
-        DataLoss::Restart => {
+    match (loss, redis) {
+        (DataLoss::Restart, Redis::Single(server)) => {
             shared.generation.begun.fetch_add(1, Ordering::SeqCst);
-            redis.restart().await.expect("redis-server restarts");
+            server.restart().await.expect("redis-server restarts");
             shared.generation.done.fetch_add(1, Ordering::SeqCst);
             format!("redis restarted at {:.1} ms", ms(clock.now()))
         }
-        DataLoss::Flushall => {
-            let mut conn = sut.redis_connection().await;
-            let before = uptime(&mut conn).await;
-            shared.generation.begun.fetch_add(1, Ordering::SeqCst);
-            redis::cmd("FLUSHALL")
-                .query_async::<()>(&mut conn)
-                .await
-                .expect("FLUSHALL");
-            shared.generation.done.fetch_add(1, Ordering::SeqCst);
-            let at = ms(clock.now());
-            let after = uptime(&mut conn).await;
-            assert!(after >= before, "redis restarted during FLUSHALL");
-            format!("redis FLUSHALL at {at:.1} ms (no restart: uptime {after} s)")
+        (DataLoss::Restart, Redis::Cluster(_)) => unreachable!("Sut::start refuses it"),
+        (DataLoss::Flushall, Redis::Single(server)) => {
+            let port = server.port();
+            let (at, uptime) = flush(&[port], shared).await;
+            format!(
+                "redis FLUSHALL at {at:.1} ms (no restart: uptime {} s)",
+                uptime[0]
+            )
+        }
+        (DataLoss::Flushall, Redis::Cluster(cluster)) => {
+            let roles = cluster.roles().await.expect("cluster roles");
+            let primaries: Vec<u16> = roles.iter().filter(|r| r.primary).map(|r| r.port).collect();
+            let (at, uptime) = flush(&primaries, shared).await;
+            format!(
+                "FLUSHALL on every primary ({}) at {at:.1} ms (no restart: uptimes {uptime:?} s)",
+                primaries
+                    .iter()
+                    .map(|p| format!(":{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     }
+}
+
+/// `FLUSHALL` on each of `ports`, between the generation marks; checks that no node restarted
+/// meanwhile. Returns when it was done, and each node's uptime after it.
+async fn flush(ports: &[u16], shared: &Shared) -> (f64, Vec<u64>) {
+    let mut conns = Vec::new();
+    for &port in ports {
+        let mut conn = node_connection(port).await;
+        let before = uptime(&mut conn).await;
+        conns.push((conn, before));
+    }
+    shared.generation.begun.fetch_add(1, Ordering::SeqCst);
+    for (conn, _) in &mut conns {
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(conn)
+            .await
+            .expect("FLUSHALL");
+    }
+    shared.generation.done.fetch_add(1, Ordering::SeqCst);
+    let at = ms(shared.clock.now());
+    let mut uptimes = Vec::new();
+    for (conn, before) in &mut conns {
+        let after = uptime(conn).await;
+        assert!(after >= *before, "redis restarted during FLUSHALL");
+        uptimes.push(after);
+    }
+    (at, uptimes)
 }
 
 /// `uptime_in_seconds` from `INFO server`.

@@ -1,6 +1,7 @@
 //! The settings of a checker run: sizes, the read/write mix, fault rates, the guards under test,
-//! how the cache loses its data and whether the version attribute flips mid-run, with their
-//! defaults and the `CHECKER_*` overrides.
+//! the Redis deployment (one node, or a cluster with replicas and failovers), how the cache loses
+//! its data and whether the version attribute flips mid-run, with their defaults and the
+//! `CHECKER_*` overrides.
 
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ pub struct Config {
     pub name: &'static str,
     pub mode: InvalidationMode,
     pub guards: Guards,
+    /// One `redis-server`, or a cluster with replicas whose primaries fail over.
+    pub deployment: Deployment,
     /// The version attribute every function starts with.
     pub version_attribute: Option<String>,
     /// Flip the version attribute mid-run (on as `version` if [`Config::version_attribute`] is
@@ -46,7 +49,8 @@ pub struct Config {
     pub herds: usize,
     pub herd_size: usize,
     pub max_duration: Duration,
-    /// How the cache loses its data once, at 45% of the run.
+    /// How the cache loses its data once, at 45% of the run (a cluster's nodes are not
+    /// restarted empty: its runs use [`DataLoss::Flushall`]).
     pub data_loss: DataLoss,
     /// Right after the data loss, re-deliver every pooled acknowledged batch from before it, in
     /// order (an event source mapping resuming from an older checkpoint). The loss forgot
@@ -56,13 +60,51 @@ pub struct Config {
     pub replay_after_data_loss: bool,
 }
 
+/// Where the cache lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deployment {
+    /// One `redis-server`, no replicas.
+    Single,
+    /// A Redis Cluster of 3 primaries with 1 replica each (`cluster-node-timeout` 1 s), as
+    /// ElastiCache deploys with Multi-AZ: at a third of the run a `CLUSTER FAILOVER` on one
+    /// shard's replica, at two thirds another shard's primary killed outright (optionally after
+    /// its replica's link was cut, so the promoted replica lacks its newest writes), and revived
+    /// as a replica once the cluster has promoted its replica.
+    Cluster(Cluster),
+}
+
+/// The product's settings for a cluster, and how the kill is staged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cluster {
+    /// `REDIS_CONFIRM_REPLICAS`: replicas of every primary that must hold a batch's writes
+    /// before it is acknowledged.
+    pub confirm_replicas: u32,
+    /// `REDIS_READ_FROM_REPLICAS`: hits' `GET`s go to replicas.
+    pub read_from_replicas: bool,
+    /// How long the primary runs with its replica's link cut before it is killed; `None` kills
+    /// it with the link up (its replica then trails it by at most a moment).
+    pub cut_before_kill: Option<Duration>,
+}
+
+impl Cluster {
+    /// Every batch confirmed by the one replica of each primary, hits from primaries.
+    pub fn confirmed() -> Self {
+        Self {
+            confirm_replicas: 1,
+            read_from_replicas: false,
+            cut_before_kill: None,
+        }
+    }
+}
+
 /// How the chaos step empties the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataLoss {
     /// `redis-server` restarted on the same port, empty (no persistence): connections drop.
     Restart,
-    /// `FLUSHALL` through a plain connection: the server keeps running, its connections stay
-    /// up and its uptime keeps growing, so only the data itself can tell.
+    /// `FLUSHALL` through a plain connection (to every primary of a cluster): the servers keep
+    /// running, their connections stay up and their uptime keeps growing, so only the data
+    /// itself can tell.
     Flushall,
 }
 
@@ -91,6 +133,7 @@ impl Config {
             name,
             mode,
             guards: Guards::default(),
+            deployment: Deployment::Single,
             version_attribute: None,
             flip_version_attribute: None,
             ops,
@@ -120,6 +163,16 @@ impl Config {
             max_duration: Duration::from_secs(
                 env_u64("CHECKER_MAX_SECS").unwrap_or_else(|| (ops / 2_000).max(90)),
             ),
+        }
+    }
+
+    /// A run on a cluster with replicas: the failovers of [`Deployment::Cluster`], and its data
+    /// loss a `FLUSHALL` of every primary.
+    pub fn on_cluster(name: &'static str, mode: InvalidationMode, cluster: Cluster) -> Self {
+        Self {
+            deployment: Deployment::Cluster(cluster),
+            data_loss: DataLoss::Flushall,
+            ..Self::new(name, mode)
         }
     }
 }

@@ -60,6 +60,8 @@ pub enum Seen {
 
 #[derive(Debug, Clone)]
 pub struct Read {
+    /// Which reader (each has a Redis client of its own).
+    pub reader: u16,
     pub item: u16,
     pub seen: Seen,
     pub status: CacheStatus,

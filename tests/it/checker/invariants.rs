@@ -1,29 +1,31 @@
 //! The checks on the cache once the actors have stopped and the stream is drained: invariant 3
-//! (every cached key equals the table or is absent) and invariant 2 (every record once more from
-//! TRIM_HORIZON changes no cached value). Invariant 1 is judged over the recorded history
-//! (`history.rs`), invariant 4 by each herd (`chaos.rs`).
+//! (every cached key equals the table or is absent, and on a cluster every replica holds what its
+//! primary holds) and invariant 2 (every record once more from TRIM_HORIZON changes no cached
+//! value). Invariant 1 is judged over the recorded history (`history.rs`), invariant 4 by each
+//! herd (`chaos.rs`). The looks go through [`Look`]: one node, or every primary of a cluster.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
+use local_stack::services::Role;
 use local_stack::stream::{lambda_event, Position};
 use product_cache::config::CacheSettings;
 use product_cache::document::Document;
 use product_cache::id::{KeyType, ProductId};
 use product_cache::store::ProductStore;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 use serde_json::Value;
 
 use super::feeder::FeedOutcome;
 use super::history::{Clock, Nanos};
-use super::system::Sut;
+use super::system::{node_connection, Look, Sut};
 
 /// Invariant 3, once nothing writes any more, over the items, the herds' keys and any other key
 /// the cache holds. An undrained stream is a violation too: the comparison only holds once every
 /// change was delivered.
 pub async fn cache_matches_table(
     sut: &Sut,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Look,
     items: &[String],
     herds: usize,
     feed: &FeedOutcome,
@@ -82,7 +84,7 @@ pub struct Replay {
 pub async fn replay_changes_nothing(
     sut: &Sut,
     settings: &CacheSettings,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Look,
     clock: Clock,
 ) -> Replay {
     let before_at = clock.now();
@@ -99,11 +101,18 @@ pub async fn replay_changes_nothing(
         .collect();
     let replayed = records.len();
     for batch in records.chunks(100) {
-        let response = replay.handle(lambda_event(batch.to_vec())).await;
-        assert!(
-            response.batch_item_failures.is_empty(),
-            "the replay failed: {response:?}"
-        );
+        // A fresh client may still be connecting, and on a cluster a replica that rejoined late
+        // may still be syncing (its `WAIT` then fails): delivered again, as Lambda would.
+        let mut attempts = 0;
+        loop {
+            let response = replay.handle(lambda_event(batch.to_vec())).await;
+            if response.batch_item_failures.is_empty() {
+                break;
+            }
+            attempts += 1;
+            assert!(attempts < 50, "the replay failed: {response:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let after = snapshot(conn).await;
     let mut inv2 = Vec::new();
@@ -130,28 +139,17 @@ pub async fn replay_changes_nothing(
     }
 }
 
-/// Every `product:*` key, its value and its time to live.
+/// Every `product:*` key, its value and its time to live. `KEYS` (the checker's, not the
+/// product's: a few thousand keys at most) because a cluster client sends it to every primary
+/// and joins the answers, where `SCAN` would see one node.
 async fn snapshot(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
 ) -> BTreeMap<String, (String, Option<Duration>)> {
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("product:*")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .unwrap();
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("product:*")
+        .query_async(conn)
+        .await
+        .unwrap();
     let mut out = BTreeMap::new();
     for key in keys {
         let (value, ttl): (Option<String>, i64) = redis::pipe()
@@ -168,4 +166,53 @@ async fn snapshot(
         }
     }
     out
+}
+
+/// Invariant 3 as replicas serve it: once replication has caught up (fills are not confirmed,
+/// so replicas may trail by a moment), every replica holds the `product:*` values its primary
+/// holds. Waits up to 10 s for that.
+pub async fn replicas_match_primaries(roles: &[Role]) -> Vec<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut differences = Vec::new();
+        for primary in roles.iter().filter(|r| r.primary && !r.failed) {
+            let mut conn = node_connection(primary.port).await;
+            let want: BTreeMap<String, String> = values(&mut conn).await;
+            for replica in roles
+                .iter()
+                .filter(|r| r.replica_of == Some(primary.port) && !r.failed)
+            {
+                let mut conn = node_connection(replica.port).await;
+                redis::cmd("READONLY")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+                let have = values(&mut conn).await;
+                for key in want.keys().chain(have.keys()).collect::<BTreeSet<_>>() {
+                    if want.get(key) != have.get(key) {
+                        differences.push(format!(
+                            "{key}: replica :{} holds {:?}, its primary :{} {:?}",
+                            replica.port,
+                            have.get(key),
+                            primary.port,
+                            want.get(key)
+                        ));
+                    }
+                }
+            }
+        }
+        if differences.is_empty() || started.elapsed() > Duration::from_secs(10) {
+            return differences;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `product:*` values of one node.
+async fn values(conn: &mut (impl ConnectionLike + Send)) -> BTreeMap<String, String> {
+    snapshot(conn)
+        .await
+        .into_iter()
+        .map(|(k, (v, _))| (k, v))
+        .collect()
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use product_cache::read::CacheStatus;
 
-use super::chaos::{data_loss_fault, Chaos};
-use super::config::Config;
+use super::chaos::{data_loss_fault, Chaos, Window};
+use super::config::{Config, Deployment};
 use super::feeder::FeedOutcome;
 use super::history::{ms, percentile, Clock, History, Nanos, Read, Seen, Tally, Write, WriteKind};
 use super::invariants::Replay;
@@ -23,6 +23,9 @@ pub struct Report {
     pub violations: [usize; 4],
     /// Reads of a version that was never written, or not yet: a checker or system bug.
     pub phantoms: usize,
+    /// On a cluster: how many readers (each with its own long-lived client) had a hit after the
+    /// last failover was over, of how many.
+    pub readers_hitting_after_failovers: Option<(usize, usize)>,
     /// Faults the run's config asks for, with how many of each it must have injected.
     required: Vec<(&'static str, u64)>,
 }
@@ -40,6 +43,21 @@ impl Report {
                 .unwrap_or_default()
         );
         self.assert_exercised();
+    }
+
+    /// On a cluster: no read failed (a read whose Redis failed over bypasses the cache and
+    /// answers from the table), and every reader's client, built before the failovers, had hits
+    /// after them: it followed the new topology without a restart.
+    pub fn assert_served_through_failovers(&self) {
+        assert_eq!(self.reads.get("error"), 0, "reads failed:\n{}", self.text);
+        let (hitting, readers) = self
+            .readers_hitting_after_failovers
+            .expect("a run on a cluster");
+        assert_eq!(
+            hitting, readers,
+            "not every reader's client hit after the failovers:\n{}",
+            self.text
+        );
     }
 
     pub fn assert_exercised(&self) {
@@ -102,6 +120,7 @@ impl Report {
             faults: chaos_faults,
             herd_violations,
             events: chaos_events,
+            windows,
         } = chaos;
         let (writes_tally, reads_tally) = tallies(&writes, &reads);
         let mut faults = feed.stats;
@@ -114,6 +133,13 @@ impl Report {
         }
         let ops = (writes.len() + reads.len()) as u64;
         let latencies = latencies(&writes, &reads);
+        let (around, readers_hitting_after_failovers) = match cfg.deployment {
+            Deployment::Single => (None, None),
+            Deployment::Cluster(_) => {
+                let (line, hitting) = around_failovers(&reads, &windows, cfg.readers);
+                (Some(line), Some(hitting))
+            }
+        };
         let history = History::new(items, writes, feed.acks, reads);
         let (stale, stale_detail, phantoms, phantom_detail) = history.stale_reads();
         let (staleness, unseen) = history.staleness();
@@ -130,6 +156,10 @@ impl Report {
         if cfg.replay_after_data_loss {
             required.push(("batches replayed after the data loss", 1));
         }
+        if let Deployment::Cluster(_) = cfg.deployment {
+            required.push(("failovers", 1));
+            required.push(("primaries killed", 1));
+        }
         if cfg.flip_version_attribute.is_some() {
             required.push(("version attribute flips", 2));
             required.push(("batches with the flipped version attribute", 1));
@@ -138,10 +168,27 @@ impl Report {
         let mut text = String::new();
         let _ = writeln!(
             text,
-            "== consistency checker: {} ==\nmode {:?}, guards {:?}, version attribute {:?}{}, \
-             data loss {:?}{}, seed {:#x} (CHECKER_SEED), \
+            "== consistency checker: {} ==\nredis {}, mode {:?}, guards {:?}, version attribute \
+             {:?}{}, data loss {:?}{}, seed {:#x} (CHECKER_SEED), \
              {} items, {} writers, {} readers, lease {:?}, lease wait {:?}",
             cfg.name,
+            match cfg.deployment {
+                Deployment::Single => "one node".to_owned(),
+                Deployment::Cluster(c) => format!(
+                    "cluster of 3 primaries with 1 replica each (confirm replicas {}, reads \
+                     from {}, {})",
+                    c.confirm_replicas,
+                    if c.read_from_replicas {
+                        "replicas"
+                    } else {
+                        "primaries"
+                    },
+                    match c.cut_before_kill {
+                        Some(cut) => format!("replication cut {cut:?} before the kill"),
+                        None => "the kill with replication up".to_owned(),
+                    }
+                ),
+            },
             cfg.mode,
             cfg.guards,
             cfg.version_attribute,
@@ -184,6 +231,9 @@ impl Report {
         let _ = writeln!(text, "  {latencies}");
         let _ = writeln!(text, "faults and feeder: {}", faults.line());
         let _ = writeln!(text, "  chaos: {}", chaos_events.join(", "));
+        if let Some(around) = around {
+            let _ = writeln!(text, "  {around}");
+        }
         let _ = writeln!(
             text,
             "  TRIM_HORIZON replay: {replayed} records ({expired} keys timed out meanwhile)"
@@ -227,6 +277,7 @@ impl Report {
             faults,
             violations,
             phantoms,
+            readers_hitting_after_failovers,
             required,
         }
     }
@@ -289,4 +340,56 @@ fn latencies(writes: &[Write], reads: &[Read]) -> String {
                 .collect()
         ),
     )
+}
+
+/// The reads during each failover's window and after the last one: by cache status, when the
+/// last bypass ended, and how many readers (each a long-lived client that had to follow the new
+/// topology) hit after the last window.
+fn around_failovers(
+    reads: &[Read],
+    windows: &[Window],
+    readers: usize,
+) -> (String, (usize, usize)) {
+    let statuses = |during: &dyn Fn(&Read) -> bool| {
+        let mut tally = Tally::default();
+        for r in reads.iter().filter(|r| during(r)) {
+            tally.add(r.status.as_str(), 1);
+        }
+        tally.line()
+    };
+    let mut parts: Vec<String> = windows
+        .iter()
+        .map(|w| {
+            format!(
+                "{} [{:.1} .. {:.1} ms]: {}",
+                w.what,
+                ms(w.from),
+                ms(w.to),
+                statuses(&|r| r.start < w.to && r.end > w.from)
+            )
+        })
+        .collect();
+    let last = windows.iter().map(|w| w.to).max().unwrap_or(0);
+    let mut hitting = std::collections::BTreeSet::new();
+    for r in reads.iter().filter(|r| r.start > last) {
+        if r.status == CacheStatus::Hit {
+            hitting.insert(r.reader);
+        }
+    }
+    parts.push(format!(
+        "after: {}, {} of {readers} readers hit",
+        statuses(&|r| r.start > last),
+        hitting.len()
+    ));
+    let last_bypass = reads
+        .iter()
+        .filter(|r| r.status == CacheStatus::Bypass)
+        .map(|r| r.end)
+        .max();
+    let line = format!(
+        "reads around the failovers: {}; the last bypass ended at {}",
+        parts.join("; "),
+        last_bypass.map_or("(none)".to_owned(), |t| format!("{:.1} ms", ms(t)))
+    );
+    (line, (hitting.len(), readers))
 }

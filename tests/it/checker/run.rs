@@ -14,7 +14,7 @@ use super::feeder::Feeder;
 use super::history::{ms, Clock};
 use super::invariants;
 use super::report::{Findings, Report};
-use super::system::Sut;
+use super::system::{Redis, Sut};
 use crate::support::init_logging;
 
 pub async fn run(cfg: Config) -> Report {
@@ -50,17 +50,26 @@ pub async fn run(cfg: Config) -> Report {
     let writers = actors::spawn_writers(&cfg, &shared);
     let readers = actors::spawn_readers(&cfg, &sut, &shared).await;
 
-    // On this task (not spawned): the restarted redis-server is tied to the thread that
-    // spawns it.
+    // On this task (not spawned): a restarted (or revived) redis-server is tied to the thread
+    // that spawns it.
     let herd_settings = chaos::herd_settings(&sut.settings);
-    let chaos = chaos::inject(
-        &cfg,
-        &sut,
-        &herd_settings,
-        &mut redis,
-        &shared,
-        progress_rx.clone(),
-    );
+    // Readers keep reading until the chaos is over too, so a run whose writers stop during a
+    // failover still reads after it.
+    let (chaos_over, mut chaos_over_rx) = watch::channel(false);
+    let chaos_progress = progress_rx.clone();
+    let chaos = async {
+        let chaos = chaos::inject(
+            &cfg,
+            &sut,
+            &herd_settings,
+            &mut redis,
+            &shared,
+            chaos_progress,
+        )
+        .await;
+        chaos_over.send_replace(true);
+        chaos
+    };
     let progress_lines = progress_lines(&cfg, &shared, progress_rx);
     let actors = async {
         let mut writes = Vec::new();
@@ -77,6 +86,10 @@ pub async fn run(cfg: Config) -> Report {
         shared.phase.send_replace(Phase::Draining);
         shared.budget.written.notify_waiters();
         let feed = feeder.await.expect("feeder task");
+        chaos_over_rx
+            .wait_for(|over| *over)
+            .await
+            .expect("the chaos ends");
         shared.phase.send_replace(Phase::Done);
         let mut reads = Vec::new();
         for r in readers.tasks {
@@ -94,7 +107,7 @@ pub async fn run(cfg: Config) -> Report {
     );
 
     let mut conn = sut.redis_connection().await;
-    let mismatches = invariants::cache_matches_table(
+    let mut mismatches = invariants::cache_matches_table(
         &sut,
         &mut conn,
         &shared.items,
@@ -103,6 +116,10 @@ pub async fn run(cfg: Config) -> Report {
         writes.len(),
     )
     .await;
+    if let Redis::Cluster(cluster) = &redis {
+        let roles = cluster.roles().await.expect("cluster roles");
+        mismatches.extend(invariants::replicas_match_primaries(&roles).await);
+    }
     // The replay is the invalidator as it ended the run: with the other setting it would meet
     // positions of the other kind, which it applies as deletes by design.
     let settings = if shared.flipped.invalidator.load(Ordering::SeqCst) {

@@ -1,29 +1,41 @@
-//! The system under test, fresh for each run: a `redis-server`, a table with its stream on the
-//! shared moto, and the one place the checker builds the product's parts over them (cache
-//! client, table store, invalidator, read path), so every actor gets them built the same way and
-//! a change to how they are built is made here once.
+//! The system under test, fresh for each run: Redis (one `redis-server`, or a cluster of three
+//! primaries with a replica each), a table with its stream on the shared moto, and the one place
+//! the checker builds the product's parts over them (cache client, table store, invalidator, read
+//! path) and its own plain connections to look at the cache, so every actor gets them built the
+//! same way and a change to how they are built is made here once.
 
 use std::time::Duration;
 
-use local_stack::services::RedisServer;
+use local_stack::services::{RedisCluster, RedisServer};
 use local_stack::stream::StreamReader;
 use product_cache::cache::{Cache, RedisCache};
-use product_cache::config::{CacheSettings, InvalidationMode};
+use product_cache::config::{CacheSettings, InvalidationMode, RedisSettings};
 use product_cache::id::KeyType;
 use product_cache::invalidate::Invalidator;
 use product_cache::read::ReadPath;
 use product_cache::store::{DynamoStore, ProductStore};
 
-use super::config::Config;
-use crate::support::{dynamo_store, moto_endpoint, redis_cache, unique_table};
+use super::config::{Config, DataLoss, Deployment};
+use crate::support::{dynamo_store, moto_endpoint, unique_table};
+
+/// The run's Redis processes. Chaos restarts, fails over or kills them while the actors use the
+/// rest of the system; dropping them ends the run's Redis.
+pub enum Redis {
+    Single(Box<RedisServer>),
+    Cluster(RedisCluster),
+}
 
 pub struct Sut {
-    pub redis_url: String,
     pub sdk: aws_config::SdkConfig,
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub table: String,
     pub stream: StreamReader,
     pub mode: InvalidationMode,
+    /// How every function instance reaches Redis: the URL (a cluster's first node, standing in
+    /// for the configuration endpoint), and for a cluster its confirmation and replica reads.
+    pub redis: RedisSettings,
+    /// Every node's URL, for the checker's own looks at a cluster (not through any one node).
+    pub nodes: Vec<String>,
     /// The feeder's, the readers' and the replay's settings; herds use longer leases.
     pub settings: CacheSettings,
     /// The same with the version attribute flipped (`version` if `settings` has none, else
@@ -32,11 +44,42 @@ pub struct Sut {
 }
 
 impl Sut {
-    /// The Redis server comes back apart from the rest: chaos restarts it while the actors use
-    /// the rest, and dropping it ends the run's Redis.
-    pub async fn start(cfg: &Config) -> (RedisServer, Self) {
-        let redis = RedisServer::start().await.expect("redis-server starts");
-        let redis_url = redis.url();
+    /// Redis comes back apart from the rest: chaos restarts, fails over and kills its nodes
+    /// while the actors use the rest.
+    pub async fn start(cfg: &Config) -> (Redis, Self) {
+        let (redis, settings, nodes) = match cfg.deployment {
+            Deployment::Single => {
+                let server = RedisServer::start().await.expect("redis-server starts");
+                let url = server.url();
+                (
+                    Redis::Single(Box::new(server)),
+                    RedisSettings::new(&url),
+                    vec![url],
+                )
+            }
+            Deployment::Cluster(cluster) => {
+                assert_ne!(
+                    cfg.data_loss,
+                    DataLoss::Restart,
+                    "a cluster's data loss is a FLUSHALL of every primary"
+                );
+                let nodes = RedisCluster::start_with_replicas(3, 1)
+                    .await
+                    .expect("redis cluster with replicas starts");
+                let settings = RedisSettings {
+                    cluster: true,
+                    confirm_replicas: cluster.confirm_replicas,
+                    read_from_replicas: cluster.read_from_replicas,
+                    ..RedisSettings::new(nodes.url())
+                };
+                let urls = nodes
+                    .ports()
+                    .iter()
+                    .map(|p| format!("redis://127.0.0.1:{p}"))
+                    .collect();
+                (Redis::Cluster(nodes), settings, urls)
+            }
+        };
         let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let table = unique_table("checker");
@@ -45,7 +88,7 @@ impl Sut {
                 .await
                 .expect("table created");
         let stream = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&sdk), stream_arn);
-        let settings = CacheSettings {
+        let cache_settings = CacheSettings {
             lease: cfg.lease,
             lease_wait: cfg.lease_wait,
             redis_timeout: Duration::from_millis(250),
@@ -58,16 +101,17 @@ impl Sut {
                 None => Some("version".into()),
                 Some(_) => None,
             },
-            ..settings.clone()
+            ..cache_settings.clone()
         };
         let sut = Self {
-            redis_url,
             sdk,
             dynamodb,
             table,
             stream,
             mode: cfg.mode,
-            settings,
+            redis: settings,
+            nodes,
+            settings: cache_settings,
             flipped,
         };
         (redis, sut)
@@ -79,9 +123,13 @@ impl Sut {
         cache.declare_empty().await.expect("epochs declared");
     }
 
-    /// A client of its own for each user, as each function instance has.
+    /// A client of its own for each user, as each function instance has, built the way the
+    /// functions build theirs (with the test's guards, which only the `test-support` feature
+    /// lets a test switch off).
     pub async fn cache(&self, settings: &CacheSettings) -> RedisCache {
-        redis_cache(&self.redis_url, settings).await
+        RedisCache::from_settings(&self.redis, settings, &self.sdk)
+            .await
+            .expect("a valid Redis URL")
     }
 
     /// Consistent reads: invariant 3 compares the cache with the table as it is.
@@ -102,12 +150,71 @@ impl Sut {
         ReadPath::new(cache, store, settings.clone())
     }
 
-    /// A plain connection, to look at the cache without the product's code in between.
-    pub async fn redis_connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis_url.clone())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis connection")
+    /// A connection of the checker's own, to look at the cache without the product's code in
+    /// between: on a cluster it routes each key to its slot's primary (never a replica), and
+    /// `KEYS` to every primary.
+    pub async fn redis_connection(&self) -> Look {
+        if self.redis.cluster {
+            let conn = redis::cluster::ClusterClient::new(self.nodes.clone())
+                .expect("cluster URLs")
+                .get_async_connection()
+                .await
+                .expect("redis cluster connection");
+            Look::Cluster(conn)
+        } else {
+            let conn = redis::Client::open(self.redis.url.clone())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis connection");
+            Look::Single(conn)
+        }
     }
+}
+
+/// The checker's connection to one node or to a cluster ([`Sut::redis_connection`]).
+#[derive(Clone)]
+pub enum Look {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Look {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Look::Single(c) => c.req_packed_command(cmd),
+            Look::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Look::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Look::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Look::Single(c) => c.get_db(),
+            Look::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A plain connection to one node (of a cluster), to flush it or to read what a replica holds.
+pub async fn node_connection(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis node connection")
 }

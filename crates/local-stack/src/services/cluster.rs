@@ -249,6 +249,61 @@ impl RedisCluster {
         self.await_role(port, false).await
     }
 
+    /// Cuts `replica`'s replication link and keeps it cut, as a partition between a primary and
+    /// its replica would: the replica's `masteruser` becomes a user no node knows, its link to
+    /// the primary is closed, and every attempt to sync again fails `AUTH`. The primary keeps
+    /// taking writes the replica never sees (a `WAIT` for one replica counts none), so a primary
+    /// lost now takes them with it and the replica is promoted without them. Returns once the
+    /// replica reports its link down.
+    pub async fn cut_replication(&self, replica: u16) -> Result<(), ServiceError> {
+        command(
+            replica,
+            &[
+                "CONFIG",
+                "SET",
+                "masteruser",
+                CUT_USER,
+                "masterauth",
+                CUT_USER,
+            ],
+        )
+        .await?;
+        command(replica, &["CLIENT", "KILL", "TYPE", "master"]).await?;
+        let started = Instant::now();
+        loop {
+            let info = command(replica, &["INFO", "replication"]).await?;
+            if info.contains("master_link_status:down") {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(ServiceError::NotReady {
+                    what: "redis replication cut",
+                    port: replica,
+                    waited: started.elapsed(),
+                    log_tail: info,
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Undoes [`cut_replication`](Self::cut_replication) on `port`: a replica syncs again, a
+    /// node promoted meanwhile is ready to sync should it become a replica again.
+    pub async fn mend_replication(&self, port: u16) -> Result<(), ServiceError> {
+        command(port, &["CONFIG", "SET", "masteruser", "", "masterauth", ""]).await?;
+        Ok(())
+    }
+
+    /// `master_repl_offset` of `INFO replication`: how far into its shard's replication stream
+    /// the node is, produced (a primary) or applied (a replica).
+    pub async fn replication_offset(&self, port: u16) -> Result<u64, ServiceError> {
+        let info = command(port, &["INFO", "replication"]).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no master_repl_offset in {info}")).into())
+    }
+
     /// Waits (up to 20 s) until the cluster sees `port` as a primary (or a replica) and every
     /// running node reports the cluster healthy.
     async fn await_role(&self, port: u16, primary: bool) -> Result<(), ServiceError> {
@@ -386,6 +441,10 @@ fn complete(reply: &[u8]) -> Option<io::Result<String>> {
         _ => Some(Ok(text.into_owned())),
     }
 }
+
+/// The `masteruser` (and password) of a replica whose link [`RedisCluster::cut_replication`]
+/// cut: no node has such a user.
+const CUT_USER: &str = "replication-cut";
 
 const CLUSTER_NODE_ARGS: [&str; 6] = [
     "--cluster-enabled",
