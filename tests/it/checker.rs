@@ -53,10 +53,11 @@
 //! failovers, hits read from primaries and from replicas (`REDIS_READ_FROM_REPLICAS`): both must
 //! report no violation, no failed read (bypasses are fine) and hits by every reader after the
 //! failovers; and with confirmation off and the replica's link cut for a second before the kill,
-//! which must report lost invalidations. Two are ignored, as they fail on the product today: the
-//! same cut-and-kill with confirmation on, and `a_write_lost_with_its_primary_is_not_confirmed`,
-//! its deterministic form (a `WAIT` fanned out by the cluster client answers 1 when the primary
-//! holding the write is killed while it waits).
+//! which must report lost invalidations; and the same cut-and-kill with confirmation on, which
+//! must not (with `a_write_lost_with_its_primary_is_not_confirmed`, its deterministic form). Those
+//! two once failed: a `WAIT` the cluster client fanned out to every primary answered 1 when the
+//! primary holding the write was killed while it waited. Each `WAIT` now follows its batch's
+//! writes in the same pipeline, on the connection to that one primary.
 //! They are short (`CHECKER_OPS`, default 5,000 operations each, 55,000 in all). The long run
 //! is the same entry point, bigger:
 //!
@@ -266,12 +267,11 @@ async fn catches_lost_invalidations_without_confirmation() {
 
 /// The same kill with confirmation on: every batch applied while the link is cut is reported
 /// failed (no replica confirms it) and delivered again once the replica is promoted, so nothing
-/// acknowledged is lost. Fails today: a `WAIT` that the cluster client fans out to every primary
-/// answers 1 when the primary it waits on is killed meanwhile, so the batch applied on the dead
-/// primary alone is acknowledged (`a_write_lost_with_its_primary_is_not_confirmed` shows it
-/// without the checker).
+/// acknowledged is lost. (It once failed: a `WAIT` that the cluster client fanned out to every
+/// primary answered 1 when the primary it waited on was killed meanwhile, so the batch applied
+/// on the dead primary alone was acknowledged; `a_write_lost_with_its_primary_is_not_confirmed`
+/// shows it without the checker.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: WAIT through the redis-rs cluster client confirms writes lost with their primary"]
 async fn no_violations_when_a_primary_dies_with_unreplicated_writes() {
     let report = run(Config::on_cluster(
         "no_violations_when_a_primary_dies_with_unreplicated_writes",
@@ -291,7 +291,6 @@ async fn no_violations_when_a_primary_dies_with_unreplicated_writes() {
 /// the invalidator waits for a replica to confirm it. The batch must not be acknowledged: the
 /// promoted replica never got it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: WAIT through the redis-rs cluster client confirms writes lost with their primary"]
 async fn a_write_lost_with_its_primary_is_not_confirmed() {
     use local_stack::services::RedisCluster;
     use product_cache::cache::{Cache, CacheOp, OpKind, RedisCache};

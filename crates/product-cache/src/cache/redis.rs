@@ -225,37 +225,136 @@ impl RedisCache {
         invocation
     }
 
-    /// One pipeline of `ops[group]`, all in one hash slot on a cluster: a single script call.
-    /// Sent optimistically as EVALSHA; a Redis that does not know the script (restarted, failed
-    /// over, a new node) answers NOSCRIPT, and the group goes again with the script loaded
-    /// first. Every op is idempotent, so repeating the ones that did land changes nothing.
+    /// One pipeline to one node: a script call per hash slot of `group` (a script's keys must
+    /// share a slot), then, when replicas must confirm, `WAIT` on the same connection, since it
+    /// waits for that connection's writes and no other's. Sent optimistically as EVALSHAs; a
+    /// node that does not know the script (restarted, failed over, new) answers NOSCRIPT, and
+    /// the pipeline goes again with the script loaded first. Every op is idempotent, so
+    /// repeating the ones that did land changes nothing.
     async fn apply_group(
         &self,
-        mut conn: Conn,
+        conn: Conn,
         ops: &[CacheOp],
-        group: &[usize],
+        group: &Group,
         now_ms: u64,
-    ) -> redis::RedisResult<()> {
+    ) -> Result<(), CacheError> {
         let script = &scripts().apply;
         let pipeline = |load: bool| {
             let mut pipe = redis::pipe();
             if load {
-                pipe.load_script(script).ignore();
+                pipe.load_script(script);
             }
-            pipe.invoke_script(&self.apply_invocation(script, ops, group, now_ms))
-                .ignore();
+            for slot in &group.slots {
+                pipe.invoke_script(&self.apply_invocation(script, ops, slot, now_ms));
+            }
+            if let Some(confirm) = self.confirm {
+                pipe.cmd("WAIT")
+                    .arg(confirm.replicas)
+                    .arg(confirm.timeout.as_millis() as u64);
+            }
             pipe
         };
-        match pipeline(false).query_async::<()>(&mut conn).await {
+        let send = |pipe: redis::Pipeline| {
+            let mut conn = conn.clone();
+            let node = group.node.clone();
+            async move {
+                let count = pipe.len();
+                let replies = match (&mut conn, node) {
+                    (Conn::Cluster(c), Some((host, port))) => {
+                        let route =
+                            redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port };
+                        c.route_pipeline(pipe, 0, count, route).await?
+                    }
+                    _ => {
+                        use redis::aio::ConnectionLike as _;
+                        conn.req_packed_commands(&pipe, 0, count).await?
+                    }
+                };
+                replies
+                    .into_iter()
+                    .map(redis::Value::extract_error)
+                    .collect::<redis::RedisResult<Vec<_>>>()
+            }
+        };
+        let replies = match send(pipeline(false)).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                pipeline(true).query_async::<()>(&mut conn).await
+                send(pipeline(true)).await
             }
             // The connection was dead (the server restarted or closed it while this process
             // was idle or frozen); the client has reconnected meanwhile. Once more, loaded,
             // since a restarted server has no scripts either.
-            Err(e) if is_dead_connection(&e) => pipeline(true).query_async::<()>(&mut conn).await,
+            Err(e) if is_dead_connection(&e) => send(pipeline(true)).await,
             other => other,
+        }?;
+        drop(conn);
+        if let Some(confirm) = self.confirm {
+            let acked = match replies.last() {
+                Some(redis::Value::Int(n)) => *n,
+                other => {
+                    return Err(CacheError::Unexpected(format!("WAIT replied {other:?}")));
+                }
+            };
+            if acked < i64::from(confirm.replicas) {
+                return Err(CacheError::Unconfirmed {
+                    acked,
+                    wanted: confirm.replicas,
+                    within: confirm.timeout,
+                });
+            }
         }
+        Ok(())
+    }
+
+    /// The primaries' addresses by slot range, as the cluster reports them (`CLUSTER SLOTS`).
+    async fn slot_map(
+        &self,
+        conn: &mut redis::cluster_async::ClusterConnection,
+    ) -> Result<Vec<(u16, u16, (String, u16))>, CacheError> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let reply = conn.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        );
+        let reply = self.bounded(self.timeout, reply).await?;
+        let unexpected = || CacheError::Unexpected(format!("CLUSTER SLOTS replied {reply:?}"));
+        let redis::Value::Array(ranges) = &reply else {
+            return Err(unexpected());
+        };
+        let mut map = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let redis::Value::Array(fields) = range else {
+                return Err(unexpected());
+            };
+            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+                (fields.first(), fields.get(1))
+            else {
+                return Err(unexpected());
+            };
+            let Some(redis::Value::Array(primary)) = fields.get(2) else {
+                return Err(unexpected());
+            };
+            let host: String = primary
+                .first()
+                .and_then(|h| redis::from_redis_value(h.clone()).ok())
+                .ok_or_else(unexpected)?;
+            let Some(redis::Value::Int(port)) = primary.get(1) else {
+                return Err(unexpected());
+            };
+            map.push((*start as u16, *end as u16, (host, *port as u16)));
+        }
+        Ok(map)
+    }
+}
+
+/// The ops one pipeline carries: the node it goes to (on a cluster), and its ops by slot.
+struct Group {
+    node: Option<(String, u16)>,
+    slots: Vec<Vec<usize>>,
+}
+
+impl Group {
+    fn ops(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots.iter().flatten().copied()
     }
 }
 
@@ -362,32 +461,55 @@ impl Cache for RedisCache {
             .get(budget.max(self.connect_timeout))
             .await
             .map_err(|e| BatchError::all(ops.len(), e))?;
-        let groups: Vec<Vec<usize>> = match conn {
+        let groups: Vec<Group> = match &conn {
             Conn::Single(_) => (0..ops.len())
                 .collect::<Vec<_>>()
                 .chunks(CHUNK)
-                .map(<[usize]>::to_vec)
+                .map(|chunk| Group {
+                    node: None,
+                    slots: vec![chunk.to_vec()],
+                })
                 .collect(),
-            Conn::Cluster(_) => {
+            Conn::Cluster(cluster) => {
+                // One pipeline per primary, so its `WAIT` follows its writes on one connection.
+                let map = match self.slot_map(&mut cluster.clone()).await {
+                    Ok(map) => map,
+                    Err(e) => return Err(BatchError::all(ops.len(), e)),
+                };
                 let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
                 for (i, op) in ops.iter().enumerate() {
                     by_slot.entry(slot_of(&op.key)).or_default().push(i);
                 }
-                by_slot.into_values().collect()
+                let mut by_node: std::collections::BTreeMap<
+                    Option<(String, u16)>,
+                    Vec<Vec<usize>>,
+                > = Default::default();
+                for (slot, group) in by_slot {
+                    let node = map
+                        .iter()
+                        .find(|(start, end, _)| (*start..=*end).contains(&slot))
+                        .map(|(_, _, node)| node.clone());
+                    by_node.entry(node).or_default().push(group);
+                }
+                by_node
+                    .into_iter()
+                    .map(|(node, slots)| Group { node, slots })
+                    .collect()
             }
         };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let deadline = tokio::time::Instant::now() + budget;
-        let outcomes: Vec<(Vec<usize>, Result<(), CacheError>)> = futures::stream::iter(groups)
+        let confirming = self.confirm.map_or(Duration::ZERO, |c| c.timeout);
+        let deadline = tokio::time::Instant::now() + budget + confirming;
+        let outcomes: Vec<(Group, Result<(), CacheError>)> = futures::stream::iter(groups)
             .map(|group| {
                 let conn = conn.clone();
                 async move {
                     let sent = self.apply_group(conn, ops, &group, now_ms);
                     let outcome = match tokio::time::timeout_at(deadline, sent).await {
-                        Ok(r) => r.map_err(CacheError::from),
-                        Err(_) => Err(CacheError::Timeout(budget)),
+                        Ok(r) => r,
+                        Err(_) => Err(CacheError::Timeout(budget + confirming)),
                     };
                     (group, outcome)
                 }
@@ -399,15 +521,10 @@ impl Cache for RedisCache {
         let mut first_error = None;
         for (group, outcome) in outcomes {
             if let Err(e) = outcome {
-                failed.extend(group);
+                // Not applied, or applied on a primary that no replica confirmed: a failover
+                // could still lose it, so it counts as not applied and Lambda retries it.
+                failed.extend(group.ops());
                 first_error.get_or_insert(e);
-            }
-        }
-        if failed.len() < ops.len() {
-            if let Err(e) = self.confirm(conn).await {
-                // Applied on the primary, but a failover could still lose it: as good as not
-                // applied, so Lambda retries it.
-                return Err(BatchError::all(ops.len(), e));
             }
         }
         match first_error {
@@ -421,31 +538,6 @@ impl Cache for RedisCache {
 }
 
 impl RedisCache {
-    /// Waits until `confirm.replicas` replicas of every primary hold this connection's writes
-    /// (`WAIT`, which a cluster client sends to every primary and answers with the least count):
-    /// replication is asynchronous, and a failover before that would lose the batch's writes
-    /// after Lambda was told they were applied, never to deliver them again.
-    async fn confirm(&self, mut conn: Conn) -> Result<(), CacheError> {
-        let Some(confirm) = self.confirm else {
-            return Ok(());
-        };
-        let wait = redis::cmd("WAIT")
-            .arg(confirm.replicas)
-            .arg(confirm.timeout.as_millis() as u64)
-            .to_owned();
-        let acked: i64 = self
-            .bounded(confirm.timeout + self.timeout, wait.query_async(&mut conn))
-            .await?;
-        if acked < i64::from(confirm.replicas) {
-            return Err(CacheError::Unconfirmed {
-                acked,
-                wanted: confirm.replicas,
-                within: confirm.timeout,
-            });
-        }
-        Ok(())
-    }
-
     /// Declares this Redis empty of any earlier data of this cache: every slot's epoch becomes
     /// 0 (where none is set yet), so refreshes write from the first record on instead of
     /// deleting until a slot's epoch is newer than the records in flight. Only for a Redis the
