@@ -321,7 +321,7 @@ async fn a_version_attribute_orders_fills_too() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(ver, "v:2:0");
+    assert_eq!(ver, "V01:2:0");
     // The next reader fills the current version.
     assert_eq!(env.http_get("kb-001").await.2["price"], json!(99.99));
 }
@@ -345,7 +345,7 @@ async fn a_version_attribute_can_be_turned_on_and_off_on_a_live_cache() {
         price_of(env.raw_get("product:kb-001").await),
         Some(json!(129.99))
     );
-    assert_eq!(position_kind(&env).await.as_deref(), Some("s:"));
+    assert_eq!(position_kind(&env).await.as_deref(), Some("S"));
 
     // The invalidator is switched first: its change cannot be ordered against the sequence
     // number, so it deletes and records the version.
@@ -362,7 +362,7 @@ async fn a_version_attribute_can_be_turned_on_and_off_on_a_live_cache() {
         None,
         "the old price stayed"
     );
-    assert_eq!(position_kind(&env).await.as_deref(), Some("v:"));
+    assert_eq!(position_kind(&env).await.as_deref(), Some("V"));
     // A reader still without the attribute fills, guarded by its lease.
     let old_reader = ReadPath::new(
         env.cache(&by_sequence).await,
@@ -380,7 +380,7 @@ async fn a_version_attribute_can_be_turned_on_and_off_on_a_live_cache() {
     // written, not refused with its lease left held.
     put_versioned(&env, "3", "89.99").await;
     env.drain_stream().await;
-    assert_eq!(position_kind(&env).await.as_deref(), Some("s:"));
+    assert_eq!(position_kind(&env).await.as_deref(), Some("S"));
     assert_eq!(env.raw_get("product:kb-001").await, None);
     let new_reader = ReadPath::new(
         env.cache(&by_version).await,
@@ -400,8 +400,8 @@ async fn a_version_attribute_can_be_turned_on_and_off_on_a_live_cache() {
     assert_eq!(new_reader.get("kb-001").await.0, CacheStatus::Hit);
 }
 
-/// `s:` or `v:`: the kind of position `{product:kb-001}:ver` holds.
+/// `S` or `V`: the kind of position `{product:kb-001}:ver` holds.
 async fn position_kind(env: &TestEnv) -> Option<String> {
     let ver = env.raw_get("{product:kb-001}:ver").await;
-    ver.map(|v| v[..2].to_owned())
+    ver.map(|v| v[..1].to_owned())
 }

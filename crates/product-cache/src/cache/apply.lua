@@ -26,10 +26,13 @@ for i = 0, #KEYS / 4 - 1 do
   local ordered = use_ordering and order ~= ''
   local refused = false
   if ordered then
-    local cur = redis.call('GET', ver)
+    -- Recorded now, read back at once: one call where a GET and a SET would be two. A refused
+    -- change puts the newer position back (keeping the new TTL, which only lengthens it).
+    local cur = redis.call('SET', ver, order, 'EX', math.max(ver_ttl, tonumber(ttl)), 'GET')
     local is_newer = cur and newer(order, cur)
     if cur and is_newer == false then
       refused = true
+      redis.call('SET', ver, cur, 'KEEPTTL')
     -- A position of the other kind (a version attribute turned on or off, or the functions
     -- disagreeing during a rollout): this change cannot be ordered against it, so it deletes,
     -- which is right whatever it is, and its position replaces the other.
@@ -50,9 +53,6 @@ for i = 0, #KEYS / 4 - 1 do
       redis.call('SET', key, value, 'EX', ttl)
     else
       redis.call('DEL', key, lease)
-    end
-    if ordered then
-      redis.call('SET', ver, order, 'EX', math.max(ver_ttl, tonumber(ttl)))
     end
     applied = applied + 1
   end

@@ -94,7 +94,11 @@ impl Order {
     }
 
     fn new(kind: OrderKind, major: &str, minor: u8) -> Option<Self> {
+        // At most 99 digits, for the two-digit length of the encoding (sequence numbers have
+        // up to 40).
         let canonical = !major.is_empty()
+            && major.len() < 100
+            && minor < 10
             && major.bytes().all(|b| b.is_ascii_digit())
             && (major == "0" || !major.starts_with('0'));
         canonical.then(|| Self {
@@ -108,13 +112,19 @@ impl Order {
         self.kind
     }
 
-    /// `s:<major>:<minor>` or `v:<major>:<minor>`, as `newer.lua` parses it.
+    /// `S<len>:<major>:<minor>` or `V<len>:<major>:<minor>`, the length of `major` in two
+    /// digits: positions of one kind then compare as plain strings (`newer.lua`).
     fn encode(&self) -> String {
         let kind = match self.kind {
-            OrderKind::Sequence => 's',
-            OrderKind::Version => 'v',
+            OrderKind::Sequence => 'S',
+            OrderKind::Version => 'V',
         };
-        format!("{kind}:{}:{}", self.major, self.minor)
+        format!(
+            "{kind}{:02}:{}:{}",
+            self.major.len(),
+            self.major,
+            self.minor
+        )
     }
 }
 
@@ -307,8 +317,24 @@ mod tests {
         assert_eq!(seq.partial_cmp(&ver), None);
         assert_eq!(ver.partial_cmp(&seq), None);
         assert_ne!(seq, ver);
-        assert_eq!(seq.encode(), "s:111000000000000000002:0");
-        assert_eq!(Order::version("8", true).unwrap().encode(), "v:8:1");
+        assert_eq!(seq.encode(), "S21:111000000000000000002:0");
+        assert_eq!(Order::version("8", true).unwrap().encode(), "V01:8:1");
+        // Of one kind, the encodings order as the positions do.
+        let pairs = [
+            ("9", "10"),
+            ("111000000000000000001", "111000000000000000002"),
+        ];
+        for (older, newer) in pairs {
+            let (a, b) = (
+                Order::sequence(older).unwrap(),
+                Order::sequence(newer).unwrap(),
+            );
+            assert!(a < b && a.encode() < b.encode());
+        }
+        assert!(
+            Order::version("8", false).unwrap().encode()
+                < Order::version("8", true).unwrap().encode()
+        );
     }
 
     #[test]

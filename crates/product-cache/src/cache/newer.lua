@@ -1,13 +1,10 @@
--- newer(a, b): is position a ("<kind>:<major>:<minor>") strictly newer than b? nil when the two
--- cannot be compared: different kinds (s = sequence number, v = version attribute), or b written
--- in an older format. Majors are decimal integers of any length (40-digit sequence numbers do
--- not fit a Lua number), so they compare by length first, then as strings. Prepended to
--- fill.lua and apply.lua.
+-- newer(a, b): is position a strictly newer than b? nil when the two cannot be compared:
+-- different kinds (S = sequence number, V = version attribute), or b written in an older
+-- format (lowercase kinds). A position is `<kind><length of major, 2 digits>:<major>:<minor>`,
+-- so two of one kind compare as plain strings: by length, then digit by digit (a 40-digit
+-- sequence number does not fit a Lua number), then by minor. Prepended to the scripts that
+-- compare positions.
 local function newer(a, b)
-  local ak, am, an = string.match(a, '^(%a):(%d+):(%d+)$')
-  local bk, bm, bn = string.match(b, '^(%a):(%d+):(%d+)$')
-  if not ak or not bk or ak ~= bk then return nil end
-  if #am ~= #bm then return #am > #bm end
-  if am ~= bm then return am > bm end
-  return tonumber(an) > tonumber(bn)
+  if string.byte(a, 1) ~= string.byte(b, 1) then return nil end
+  return a > b
 end

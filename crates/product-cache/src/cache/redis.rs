@@ -311,11 +311,23 @@ impl RedisCache {
         conn: &mut redis::cluster_async::ClusterConnection,
     ) -> Result<Vec<(u16, u16, (String, u16))>, CacheError> {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-        let reply = conn.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        );
-        let reply = self.bounded(self.timeout, reply).await?;
+        let slots = || {
+            let mut conn = conn.clone();
+            async move {
+                conn.route_command(
+                    redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                )
+                .await
+            }
+        };
+        // Once more on a dead connection (a thawed environment), as any idempotent read.
+        let reply = match self.bounded(self.timeout, slots()).await {
+            Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
+                self.bounded(self.timeout, slots()).await?
+            }
+            other => other?,
+        };
         let unexpected = || CacheError::Unexpected(format!("CLUSTER SLOTS replied {reply:?}"));
         let redis::Value::Array(ranges) = &reply else {
             return Err(unexpected());

@@ -101,6 +101,9 @@ impl<C: Cache> Invalidator<C> {
             failed = !response.batch_item_failures.is_empty(),
             "batch handled"
         );
+        // Freeing a 10,000-record event (hundreds of thousands of small allocations) takes
+        // longer than handling it; done on a blocking thread, it is off the invocation's path.
+        tokio::task::spawn_blocking(move || drop((event, plan, collapsed, ops)));
         response
     }
 
