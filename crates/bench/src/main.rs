@@ -199,7 +199,8 @@ async fn run(args: Args) -> Result<bool, Error> {
     if env.moto_gc_off {
         notes.push(
             "moto (the local DynamoDB) ran with Python's cyclic garbage collector off: with it on, \
-             its collections over the flash sale's 100,000 items stalled requests for seconds"
+             its collections over the flash sale's 100,000-item table stalled requests for \
+             seconds (crates/bench/src/env.rs)"
                 .into(),
         );
     }
