@@ -196,6 +196,14 @@ async fn run(args: Args) -> Result<bool, Error> {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    if env.moto_gc_off {
+        notes.push(
+            "moto (the local DynamoDB) ran with Python's cyclic garbage collector off: with it on, \
+             its collections over the flash sale's 100,000-item table stalled requests for \
+             seconds (crates/bench/src/env.rs)"
+                .into(),
+        );
+    }
     let mut miss_table: Option<(String, Vec<String>)> = None;
     if figures.contains(&Figure::MissLatency) || figures.contains(&Figure::ColdStart) {
         // Each network's misses need products nobody has read, plus the warm-ups'.

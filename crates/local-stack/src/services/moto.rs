@@ -23,12 +23,17 @@ pub struct MotoServer {
 impl MotoServer {
     /// Spawns moto_server on a free port and waits until it answers HTTP.
     pub async fn start() -> Result<MotoServer, ServiceError> {
-        let binary = find_moto_server()?;
+        Self::start_binary(&find_moto_server()?).await
+    }
+
+    /// Like [`start`](Self::start), with another executable taking moto_server's arguments
+    /// (a wrapper that tunes its Python, say).
+    pub async fn start_binary(binary: &Path) -> Result<MotoServer, ServiceError> {
         let dir = tempfile::Builder::new().prefix("local-moto-").tempdir()?;
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            match launch_moto(&binary, dir.path(), port).await {
+            match launch_moto(binary, dir.path(), port).await {
                 Ok(child) => {
                     return Ok(MotoServer {
                         child: Some(child),
