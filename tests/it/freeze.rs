@@ -110,14 +110,8 @@ async fn both_functions_survive_killed_connections_on_a_cluster() {
 
 /// The server closes connections idle for longer than its `timeout` (1 s here), as an idle
 /// Lambda environment's are; the next read and batch must not notice.
-#[tokio::test]
-async fn both_functions_survive_the_servers_idle_timeout() {
-    let mut env = TestEnv::new(Delete).await;
-    let idle = local_stack::services::RedisServer::start_with(&["--timeout", "1"])
-        .await
-        .unwrap();
+async fn survive_the_idle_timeout(env: &mut TestEnv, redis: RedisSettings, ports: &[u16]) {
     let settings = CacheSettings::default();
-    let redis = RedisSettings::new(idle.url());
     let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
     let read = ReadPath::build(read, &env.sdk).await.unwrap();
     let invalidator = InvalidatorSettings {
@@ -130,25 +124,27 @@ async fn both_functions_survive_the_servers_idle_timeout() {
     env.new_stream_event().await;
     let event = fresh(fixture("modify.json"));
     connected(&read, &invalidator, &event).await;
-    // Wait (bounded) until the server has closed both idle connections: only ours is left.
-    let client = redis::Client::open(idle.url()).unwrap();
-    let started = std::time::Instant::now();
-    loop {
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if list.lines().count() == 1 {
-            break;
+    // Wait (bounded) until every server has closed the idle connections: only ours is left.
+    for port in ports {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let list: String = redis::cmd("CLIENT")
+                .arg(&["LIST", "TYPE", "normal"][..])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if list.lines().count() == 1 {
+                break;
+            }
+            drop(conn);
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "{list}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        drop(conn);
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
-            "{list}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(
         read.get("kb-001").await.0,
@@ -160,4 +156,27 @@ async fn both_functions_survive_the_servers_idle_timeout() {
         response.batch_item_failures.is_empty(),
         "the thawed batch failed: {response:?}"
     );
+}
+
+#[tokio::test]
+async fn both_functions_survive_the_servers_idle_timeout() {
+    let mut env = TestEnv::new(Delete).await;
+    let idle = local_stack::services::RedisServer::start_with(&["--timeout", "1"])
+        .await
+        .unwrap();
+    let redis = RedisSettings::new(idle.url());
+    survive_the_idle_timeout(&mut env, redis, &[idle.port()]).await;
+}
+
+#[tokio::test]
+async fn both_functions_survive_the_servers_idle_timeout_on_a_cluster() {
+    let cluster = local_stack::services::RedisCluster::start_with(3, &["--timeout", "1"])
+        .await
+        .unwrap();
+    let mut env = TestEnv::new(Delete).await;
+    let redis = RedisSettings {
+        cluster: true,
+        ..RedisSettings::new(cluster.url())
+    };
+    survive_the_idle_timeout(&mut env, redis, &cluster.ports()).await;
 }

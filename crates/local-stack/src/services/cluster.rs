@@ -29,9 +29,20 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start(primaries: usize) -> Result<RedisCluster, ServiceError> {
+        Self::start_with(primaries, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra `redis-server` arguments for every node (e.g.
+    /// `--timeout 1`).
+    pub async fn start_with(
+        primaries: usize,
+        extra: &[&str],
+    ) -> Result<RedisCluster, ServiceError> {
+        let mut args: Vec<&str> = CLUSTER_NODE_ARGS.to_vec();
+        args.extend(extra);
         let mut nodes = Vec::with_capacity(primaries);
         for _ in 0..primaries {
-            nodes.push(RedisServer::start_with(&CLUSTER_NODE_ARGS).await?);
+            nodes.push(RedisServer::start_with(&args).await?);
         }
         Self::create(nodes, Vec::new(), 0).await
     }
