@@ -2,8 +2,8 @@
 //! network path) may close its idle connections, and the thawed environment holds dead ones.
 //! The next invocation must be served as usual: a read from the cache, a batch applied.
 
-use product_cache::config::{CacheSettings, InvalidationMode::*, InvalidatorSettings};
-use product_cache::config::{ReadSettings, RedisSettings};
+use product_cache::config::InvalidationMode::*;
+use product_cache::config::RedisSettings;
 use product_cache::invalidate::Invalidator;
 use product_cache::read::{CacheStatus, ReadPath};
 
@@ -60,15 +60,7 @@ async fn connected<C, S, I>(
 /// Both functions over `redis`: a read fills, the connections are killed, the next read must be
 /// a hit; a batch is applied, the connections are killed, the next batch must be applied.
 async fn survive_dead_connections(env: &mut TestEnv, redis: RedisSettings, ports: &[u16]) {
-    let settings = CacheSettings::default();
-    let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
-    let read = ReadPath::build(read, &env.sdk).await.unwrap();
-    let invalidator = InvalidatorSettings {
-        redis,
-        mode: Delete,
-        cache: settings,
-    };
-    let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+    let (read, invalidator) = crate::support::both_functions(env, redis, Delete).await;
     env.put_product("kb-001", "129.99").await;
     env.new_stream_event().await;
     // Let both connect before the freeze.
@@ -111,15 +103,7 @@ async fn both_functions_survive_killed_connections_on_a_cluster() {
 /// The server closes connections idle for longer than its `timeout` (1 s here), as an idle
 /// Lambda environment's are; the next read and batch must not notice.
 async fn survive_the_idle_timeout(env: &mut TestEnv, redis: RedisSettings, ports: &[u16]) {
-    let settings = CacheSettings::default();
-    let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
-    let read = ReadPath::build(read, &env.sdk).await.unwrap();
-    let invalidator = InvalidatorSettings {
-        redis,
-        mode: Delete,
-        cache: settings,
-    };
-    let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+    let (read, invalidator) = crate::support::both_functions(env, redis, Delete).await;
     env.put_product("kb-001", "129.99").await;
     env.new_stream_event().await;
     let event = fresh(fixture("modify.json"));
@@ -129,16 +113,20 @@ async fn survive_the_idle_timeout(env: &mut TestEnv, redis: RedisSettings, ports
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
         let started = std::time::Instant::now();
         loop {
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-            let list: String = redis::cmd("CLIENT")
-                .arg(&["LIST", "TYPE", "normal"][..])
-                .query_async(&mut conn)
+            let look = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("CLIENT")
+                    .arg(&["LIST", "TYPE", "normal"][..])
+                    .query_async::<String>(&mut conn)
+                    .await
+            };
+            // Bounded: the server closes idle connections, ours too if it were slow.
+            let list = tokio::time::timeout(std::time::Duration::from_secs(2), look)
                 .await
-                .unwrap();
+                .map_or_else(|_| String::new(), |r| r.unwrap_or_default());
             if list.lines().count() == 1 {
                 break;
             }
-            drop(conn);
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(10),
                 "{list}"

@@ -101,8 +101,6 @@ async fn a_batch_is_acknowledged_only_once_its_replicas_confirm_it() {
 /// primary. Without, it was acknowledged and lost with the old primary: the old price stays.
 async fn failover_after_an_unreplicated_change(confirm_replicas: u32) -> serde_json::Value {
     use local_stack::proxy::DelayProxy;
-    use product_cache::config::ReadSettings;
-    use product_cache::read::ReadPath;
 
     let mut env = TestEnv::new(Delete).await;
     let mut primary_conn = env.redis_conn().await;
@@ -128,15 +126,7 @@ async fn failover_after_an_unreplicated_change(confirm_replicas: u32) -> serde_j
         confirm_timeout: std::time::Duration::from_millis(200),
         ..RedisSettings::new(endpoint.redis_url())
     };
-    let settings = CacheSettings::default();
-    let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
-    let read = ReadPath::build(read, &env.sdk).await.unwrap();
-    let invalidator = InvalidatorSettings {
-        redis,
-        mode: Delete,
-        cache: settings,
-    };
-    let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+    let (read, invalidator) = crate::support::both_functions(&env, redis, Delete).await;
 
     env.put_product("kb-001", "129.99").await;
     env.new_stream_event().await;

@@ -517,3 +517,22 @@ pub fn make_certificates(dir: &Path, san: &str) {
         "ext.cnf",
     ]);
 }
+
+/// Both functions over `redis`, as the Lambda builds them (default cache settings), reading
+/// `env`'s table.
+pub async fn both_functions(
+    env: &TestEnv,
+    redis: RedisSettings,
+    mode: InvalidationMode,
+) -> (ReadPath<RedisCache, DynamoStore>, Invalidator<RedisCache>) {
+    let settings = CacheSettings::default();
+    let read = ReadSettings::new(redis.clone(), &env.table, settings.clone());
+    let read = ReadPath::build(read, &env.sdk).await.unwrap();
+    let invalidator = InvalidatorSettings {
+        redis,
+        mode,
+        cache: settings,
+    };
+    let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
+    (read, invalidator)
+}
