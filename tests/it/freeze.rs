@@ -155,16 +155,3 @@ async fn both_functions_survive_the_servers_idle_timeout() {
     let redis = RedisSettings::new(idle.url());
     survive_the_idle_timeout(&mut env, redis, &[idle.port()]).await;
 }
-
-#[tokio::test]
-async fn both_functions_survive_the_servers_idle_timeout_on_a_cluster() {
-    let cluster = local_stack::services::RedisCluster::start_with(3, &["--timeout", "1"])
-        .await
-        .unwrap();
-    let mut env = TestEnv::new(Delete).await;
-    let redis = RedisSettings {
-        cluster: true,
-        ..RedisSettings::new(cluster.url())
-    };
-    survive_the_idle_timeout(&mut env, redis, &cluster.ports()).await;
-}
