@@ -4,10 +4,9 @@
 
 use product_cache::config::InvalidationMode::*;
 use product_cache::config::RedisSettings;
-use product_cache::invalidate::Invalidator;
-use product_cache::read::{CacheStatus, ReadPath};
+use product_cache::read::CacheStatus;
 
-use crate::support::{fixture, fresh, TestEnv};
+use crate::support::{connected, fixture, fresh, TestEnv};
 
 /// Closes every client connection of the servers at `ports` but the caller's own.
 async fn kill_clients(ports: &[u16]) {
@@ -24,37 +23,6 @@ async fn kill_clients(ports: &[u16]) {
             "no connection to kill on {port}"
         );
     }
-}
-
-/// Until both have connected (which they do in the background, bounded by the connect budget):
-/// the read has filled and hit, the batch has been applied, and the read has filled again.
-async fn connected<C, S, I>(
-    read: &ReadPath<C, S>,
-    invalidator: &Invalidator<I>,
-    event: &serde_json::Value,
-) where
-    C: product_cache::cache::Cache,
-    S: product_cache::store::ProductStore,
-    I: product_cache::cache::Cache,
-{
-    for attempt in 0.. {
-        assert!(attempt < 100, "never connected");
-        if read.get("kb-001").await.0 == CacheStatus::Hit {
-            break;
-        }
-    }
-    for attempt in 0.. {
-        assert!(attempt < 100, "never connected");
-        if invalidator
-            .handle(event.clone())
-            .await
-            .batch_item_failures
-            .is_empty()
-        {
-            break;
-        }
-    }
-    assert_eq!(read.get("kb-001").await.0, CacheStatus::Miss);
 }
 
 /// Both functions over `redis`: a read fills, the connections are killed, the next read must be

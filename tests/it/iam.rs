@@ -178,24 +178,7 @@ async fn reconnect_with_fresh_tokens(url: String, cluster: bool, ports: &[u16]) 
     env.new_stream_event().await;
     let event = fresh(fixture("modify.json"));
     // Until both have connected (in the background): a fill and a hit, an applied batch.
-    for attempt in 0.. {
-        assert!(attempt < 100, "never connected");
-        if read.get("kb-001").await.0 == CacheStatus::Hit {
-            break;
-        }
-    }
-    for attempt in 0.. {
-        assert!(attempt < 100, "never connected");
-        if invalidator
-            .handle(event.clone())
-            .await
-            .batch_item_failures
-            .is_empty()
-        {
-            break;
-        }
-    }
-    assert_eq!(read.get("kb-001").await.0, CacheStatus::Miss);
+    crate::support::connected(&read, &invalidator, &event).await;
     let list: String = query(ports[0], &["CLIENT", "LIST"]).await;
     let as_iam = list
         .lines()

@@ -26,9 +26,8 @@ async fn linked(replica: &RedisServer) {
     panic!("the replica never connected");
 }
 
-#[tokio::test]
-async fn a_batch_is_acknowledged_only_once_its_replicas_confirm_it() {
-    let env = TestEnv::new(Delete).await;
+/// A replica of `env`'s Redis, once its link is up.
+async fn replica_of(env: &TestEnv) -> RedisServer {
     // A replica's first sync waits 5 s by default, for more replicas to share it.
     let mut primary = env.redis_conn().await;
     redis::cmd("CONFIG")
@@ -37,10 +36,17 @@ async fn a_batch_is_acknowledged_only_once_its_replicas_confirm_it() {
         .await
         .unwrap();
     let port = env.redis.port().to_string();
-    let mut replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port])
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port])
         .await
         .unwrap();
     linked(&replica).await;
+    replica
+}
+
+#[tokio::test]
+async fn a_batch_is_acknowledged_only_once_its_replicas_confirm_it() {
+    let env = TestEnv::new(Delete).await;
+    let mut replica = replica_of(&env).await;
     let invalidator = |confirm_replicas| {
         let settings = InvalidatorSettings {
             redis: RedisSettings {
@@ -224,17 +230,7 @@ async fn a_failover_loses_no_acknowledged_invalidation() {
 #[ignore = "a measurement; run it with --ignored --nocapture"]
 async fn confirmation_cost() {
     let env = TestEnv::new(Delete).await;
-    let mut primary = env.redis_conn().await;
-    redis::cmd("CONFIG")
-        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
-        .query_async::<()>(&mut primary)
-        .await
-        .unwrap();
-    let port = env.redis.port().to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port])
-        .await
-        .unwrap();
-    linked(&replica).await;
+    let _replica = replica_of(&env).await;
     let template = fresh(fixture("modify.json"))["Records"][0].clone();
     let batch = |round: usize| {
         let records: Vec<serde_json::Value> = (0..1000)

@@ -536,3 +536,37 @@ pub async fn both_functions(
     let invalidator = Invalidator::build(invalidator, &env.sdk).await.unwrap();
     (read, invalidator)
 }
+
+/// Until both have connected (which they do in the background, bounded by the connect budget):
+/// the read has filled and hit, the batch has been applied, and the read has filled again.
+pub async fn connected<C, S, I>(
+    read: &ReadPath<C, S>,
+    invalidator: &Invalidator<I>,
+    event: &serde_json::Value,
+) where
+    C: product_cache::cache::Cache,
+    S: product_cache::store::ProductStore,
+    I: product_cache::cache::Cache,
+{
+    for attempt in 0.. {
+        assert!(attempt < 100, "never connected");
+        if read.get("kb-001").await.0 == product_cache::read::CacheStatus::Hit {
+            break;
+        }
+    }
+    for attempt in 0.. {
+        assert!(attempt < 100, "never connected");
+        if invalidator
+            .handle(event.clone())
+            .await
+            .batch_item_failures
+            .is_empty()
+        {
+            break;
+        }
+    }
+    assert_eq!(
+        read.get("kb-001").await.0,
+        product_cache::read::CacheStatus::Miss
+    );
+}
