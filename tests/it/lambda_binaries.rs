@@ -26,7 +26,7 @@ const EXIT_WITHIN: Duration = Duration::from_secs(15);
 type Vars<'a> = &'a [(&'a str, &'a str)];
 
 /// A function binary running under its own [`RuntimeApi`]. Killed when dropped.
-struct Function {
+pub(crate) struct Function {
     name: &'static str,
     api: RuntimeApi,
     child: Child,
@@ -37,7 +37,7 @@ struct Function {
 impl Function {
     /// Spawns `name` with the variables Lambda sets for a custom runtime plus the function's
     /// own `vars`. Nothing else is inherited from the test's environment.
-    async fn spawn(name: &'static str, vars: Vars<'_>) -> Self {
+    pub(crate) async fn spawn(name: &'static str, vars: Vars<'_>) -> Self {
         let path = crate::support::binary(name);
         let api = RuntimeApi::start(name).await;
         let mut cmd = Command::new(&path);
@@ -81,7 +81,7 @@ impl Function {
 
     /// One invocation, as Lambda would make it. Panics, with the function's output, if the
     /// function exits or does not answer instead.
-    async fn invoke(&mut self, event: Value) -> Outcome {
+    pub(crate) async fn invoke(&mut self, event: Value) -> Outcome {
         let answer = self.api.invoke(event, INVOKE_WITHIN);
         tokio::select! {
             biased;
@@ -95,7 +95,7 @@ impl Function {
     }
 
     /// An invocation that must succeed: the body the function posted to `/response`.
-    async fn respond(&mut self, event: Value) -> Value {
+    pub(crate) async fn respond(&mut self, event: Value) -> Value {
         match self.invoke(event).await {
             Ok(response) => response,
             Err(error) => {
@@ -125,7 +125,7 @@ impl Function {
     }
 
     /// Everything the function printed. Complete once it has exited.
-    async fn output(&mut self) -> String {
+    pub(crate) async fn output(&mut self) -> String {
         if !self.is_running() {
             for reader in self.readers.drain(..) {
                 let _ = reader.await;
@@ -155,7 +155,7 @@ fn collect(
 
 /// `GET /products/{id}` as API Gateway (HTTP API, payload 2.0) sends it, with `id` as the path
 /// parameter.
-fn get_product_event(id: &str, raw_path_id: &str) -> Value {
+pub(crate) fn get_product_event(id: &str, raw_path_id: &str) -> Value {
     let mut event = fixture("apigw-get-product.json");
     let path = format!("/products/{raw_path_id}");
     event["rawPath"] = json!(path);
@@ -166,7 +166,7 @@ fn get_product_event(id: &str, raw_path_id: &str) -> Value {
 
 /// (statusCode, x-cache, JSON body) of an API Gateway v2 proxy response, after checking the parts
 /// every answer of the read function shares.
-fn http_parts(response: &Value) -> (i64, String, Value) {
+pub(crate) fn http_parts(response: &Value) -> (i64, String, Value) {
     let status = response["statusCode"]
         .as_i64()
         .unwrap_or_else(|| panic!("no statusCode: {response}"));

@@ -13,6 +13,7 @@ mod iam;
 mod invalidator;
 mod lambda_binaries;
 mod local_stack;
+mod metrics;
 mod poller;
 mod read_path;
 mod replicas;

@@ -16,6 +16,7 @@
 //! - [`store`]: the table (`GetItem`).
 //! - [`read`]: the read path and its HTTP edge.
 //! - [`invalidate`]: stream records to cache deletes or refreshes, with partial batch failures.
+//! - [`metrics`]: counts per invocation, written in CloudWatch's Embedded Metric Format.
 //! - [`startup`]: the functions' state built from settings, the one place clients are made.
 //!
 //! # Features
@@ -30,6 +31,7 @@ pub mod document;
 pub mod iam;
 pub mod id;
 pub mod invalidate;
+pub mod metrics;
 pub mod read;
 pub mod secrets;
 pub mod startup;

@@ -9,6 +9,7 @@ use aws_config::SdkConfig;
 use crate::cache::RedisCache;
 use crate::config::{CacheSettings, InvalidatorSettings, ReadSettings, RedisSettings};
 use crate::invalidate::Invalidator;
+use crate::metrics::{MetricsSettings, Sink};
 use crate::read::ReadPath;
 use crate::store::DynamoStore;
 use crate::{config, secrets};
@@ -115,13 +116,19 @@ impl Invalidator<RedisCache> {
 /// The read function's handler state, from the environment.
 pub async fn read_path_from_env() -> Result<ReadPath<RedisCache, DynamoStore>, StartupError> {
     let settings = ReadSettings::from_env()?;
-    ReadPath::build(settings, &sdk_config().await).await
+    let metrics = MetricsSettings::from_source(&crate::config::Env)?;
+    Ok(ReadPath::build(settings, &sdk_config().await)
+        .await?
+        .with_metrics(metrics, Sink::Stdout))
 }
 
 /// The invalidator function's handler state, from the environment.
 pub async fn invalidator_from_env() -> Result<Invalidator<RedisCache>, StartupError> {
     let settings = InvalidatorSettings::from_env()?;
-    Invalidator::build(settings, &sdk_config().await).await
+    let metrics = MetricsSettings::from_source(&crate::config::Env)?;
+    Ok(Invalidator::build(settings, &sdk_config().await)
+        .await?
+        .with_metrics(metrics, Sink::Stdout))
 }
 
 /// Logs a start-up failure and turns it into the runtime's error. The message names the

@@ -16,6 +16,7 @@ use crate::cache::{Cache, CacheOp, OpKind, Order};
 use crate::config::{CacheSettings, InvalidationMode};
 use crate::document::Document;
 use crate::id::{KeyType, ProductId};
+use crate::metrics::{self, MetricsSettings, Recorder, Sink};
 
 /// What one record asks of the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,7 @@ pub struct Invalidator<C> {
     cache: C,
     mode: InvalidationMode,
     settings: CacheSettings,
+    metrics: Recorder,
 }
 
 impl<C: Cache> Invalidator<C> {
@@ -51,7 +53,18 @@ impl<C: Cache> Invalidator<C> {
             cache,
             mode,
             settings,
+            metrics: Recorder::off("invalidator", &metrics::invalidator::ALL),
         }
+    }
+
+    /// Where the metrics go ([`Invalidator::handle`] flushes them after each batch).
+    pub fn with_metrics(mut self, settings: MetricsSettings, sink: Sink) -> Self {
+        self.metrics.set_sink(settings, sink);
+        self
+    }
+
+    pub fn metrics(&self) -> &Recorder {
+        &self.metrics
     }
 
     pub fn cache(&self) -> &C {
@@ -72,6 +85,7 @@ impl<C: Cache> Invalidator<C> {
         let collapsed = collapse(&plan);
         let ops: Vec<CacheOp> = collapsed.iter().map(|c| c.op.clone()).collect();
         let mut response = DynamoDbEventResponse::default();
+        let mut retried_from = records.len();
         // A refused (older) op is not a failure: the key already holds something newer.
         if let Err(e) = self.cache.apply(&ops).await {
             // The earliest record whose change is not known to be applied: the first record of
@@ -83,6 +97,7 @@ impl<C: Cache> Invalidator<C> {
                 .map(|&i| collapsed[i].first_record)
                 .min()
                 .unwrap_or(0);
+            retried_from = earliest;
             // Lambda retries from the reported record on. If that record has no sequence
             // number, name the nearest earlier one that does (replaying more is safe: every op
             // is idempotent); with none at all, an empty identifier fails the whole batch.
@@ -101,6 +116,8 @@ impl<C: Cache> Invalidator<C> {
             failed = !response.batch_item_failures.is_empty(),
             "batch handled"
         );
+        self.count(records, &plan, retried_from);
+        self.metrics.flush();
         // Freeing a 10,000-record event (hundreds of thousands of small allocations) takes
         // longer than handling it; done on a blocking thread, it is off the invocation's path.
         tokio::task::spawn_blocking(move || drop((event, plan, collapsed, ops)));
@@ -137,7 +154,9 @@ impl<C: Cache> Invalidator<C> {
                     op,
                 }),
                 Err(reason) => {
-                    tracing::error!(index, ?sequence_number, %reason, record = %raw, "skipping stream record");
+                    // Named by position and event, not printed: a record carries item bodies.
+                    let event_name = raw.get("eventName").and_then(Value::as_str);
+                    tracing::error!(index, ?sequence_number, event_name, %reason, "skipping stream record");
                 }
             }
         }
@@ -221,6 +240,40 @@ impl<C: Cache> Invalidator<C> {
                 CacheOp::delete(key)
             }
         }))
+    }
+
+    /// Counts a handled batch: its size, what was skipped, what goes back to Lambda (every
+    /// record from `retried_from` on), what was applied, and how long after its creation a
+    /// sample of the applied records reached the cache.
+    fn count(&self, records: &[Value], plan: &[Planned], retried_from: usize) {
+        use metrics::invalidator as m;
+        let applied = plan.iter().filter(|p| p.record < retried_from).count();
+        self.metrics.add(m::BATCH_SIZE, records.len() as u64);
+        self.metrics.add(m::RECORDS_APPLIED, applied as u64);
+        self.metrics.add(
+            m::RECORDS_SKIPPED_MALFORMED,
+            (records.len() - plan.len()) as u64,
+        );
+        self.metrics
+            .add(m::RECORDS_FAILED, (records.len() - retried_from) as u64);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        // Evenly spread over the batch, at most the number of values EMF takes.
+        let step = applied.div_ceil(metrics::MAX_SAMPLES).max(1);
+        for p in plan
+            .iter()
+            .filter(|p| p.record < retried_from)
+            .step_by(step)
+        {
+            let created = records[p.record]
+                .pointer("/dynamodb/ApproximateCreationDateTime")
+                .and_then(Value::as_f64);
+            if let Some(secs) = created {
+                let lag = now_ms - (secs * 1000.0) as i64;
+                self.metrics.sample(m::INVALIDATION_LAG, lag.max(0) as u64);
+            }
+        }
     }
 
     /// Where the record stands in its item's history: its sequence number, or with a version

@@ -11,29 +11,36 @@ use crate::cache::Cache;
 use crate::store::ProductStore;
 
 /// The HTTP edge: routes `GET /products/{id}` and turns every outcome into a JSON response with
-/// an `X-Cache` header. Never fails: every error becomes a response.
+/// an `X-Cache` header. Never fails: every error becomes a response. Flushes the read path's
+/// metrics when the answer is ready, one line per invocation.
 pub async fn handle_request<C: Cache, S: ProductStore>(
     read: &ReadPath<C, S>,
     req: Request,
 ) -> Result<Response<Body>, std::convert::Infallible> {
+    let response = answer(read, req).await;
+    read.metrics().flush();
+    Ok(response)
+}
+
+async fn answer<C: Cache, S: ProductStore>(read: &ReadPath<C, S>, req: Request) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(error(
+        return error(
             StatusCode::METHOD_NOT_ALLOWED,
             CacheStatus::Bypass,
             "method_not_allowed",
             "only GET is supported",
-        ));
+        );
     }
     let Some(raw_id) = product_id_of(&req) else {
-        return Ok(error(
+        return error(
             StatusCode::NOT_FOUND,
             CacheStatus::Bypass,
             "no_route",
             "expected GET /products/{id}",
-        ));
+        );
     };
     let (status, result) = read.get(&raw_id).await;
-    Ok(match result {
+    match result {
         Ok(Lookup::Found(doc)) => response(StatusCode::OK, status, doc.into_string()),
         Ok(Lookup::NotFound) => error(
             StatusCode::NOT_FOUND,
@@ -65,7 +72,7 @@ pub async fn handle_request<C: Cache, S: ProductStore>(
                 "the product could not be encoded",
             )
         }
-    })
+    }
 }
 
 /// The `{id}` of `/products/{id}`: API Gateway's path parameter when the route declared it, else

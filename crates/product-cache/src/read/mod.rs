@@ -13,6 +13,7 @@ use crate::cache::{Cache, CacheError, Fill, Order, Probe, NOT_FOUND};
 use crate::config::CacheSettings;
 use crate::document::{Document, DocumentError};
 use crate::id::{InvalidId, ProductId};
+use crate::metrics::{self, MetricsSettings, Recorder, Sink};
 use crate::store::{ProductStore, StoreError};
 
 /// How the cache took part in an answer; sent as the `X-Cache` header.
@@ -61,6 +62,7 @@ pub struct ReadPath<C, S> {
     cache: C,
     store: S,
     settings: CacheSettings,
+    metrics: Recorder,
 }
 
 impl<C: Cache, S: ProductStore> ReadPath<C, S> {
@@ -69,7 +71,18 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             cache,
             store,
             settings,
+            metrics: Recorder::off("read", &metrics::read::ALL),
         }
+    }
+
+    /// Where the metrics go ([`http::handle_request`] flushes them after each request).
+    pub fn with_metrics(mut self, settings: MetricsSettings, sink: Sink) -> Self {
+        self.metrics.set_sink(settings, sink);
+        self
+    }
+
+    pub fn metrics(&self) -> &Recorder {
+        &self.metrics
     }
 
     pub fn settings(&self) -> &CacheSettings {
@@ -94,21 +107,28 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
     pub async fn get(&self, raw_id: &str) -> (CacheStatus, Result<Lookup, ReadError>) {
         let id = match ProductId::parse(raw_id, self.settings.key_type) {
             Ok(id) => id,
-            Err(e) => return (CacheStatus::Bypass, Err(e.into())),
+            Err(e) => {
+                self.metrics.incr(metrics::read::INVALID_REQUESTS);
+                return (CacheStatus::Bypass, Err(e.into()));
+            }
         };
         let key = id.cache_key(&self.settings.key_prefix);
         let token = format!("{:032x}", fastrand::u128(..));
 
         let waited_since = tokio::time::Instant::now();
+        let mut waited = false;
         let mut backoff = Duration::from_millis(2);
         let (status, holds_lease) = loop {
             match self.cache.probe(&key, &token, self.settings.lease).await {
                 Ok(Probe::Hit(cached)) => {
                     tracing::Span::current().record("cache", "hit");
+                    self.note_wait(waited, waited_since);
+                    self.metrics.incr(metrics::read::HITS);
                     return (CacheStatus::Hit, Ok(lookup_of(cached)));
                 }
                 Ok(Probe::Lease) => break (CacheStatus::Miss, true),
                 Ok(Probe::Wait) => {
+                    waited = true;
                     let left = self
                         .settings
                         .lease_wait
@@ -134,6 +154,11 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             }
         };
         tracing::Span::current().record("cache", status.as_str());
+        self.note_wait(waited, waited_since);
+        self.metrics.incr(match status {
+            CacheStatus::Bypass => metrics::read::BYPASSES,
+            _ => metrics::read::MISSES,
+        });
 
         let read = match self.store.get(&id).await {
             Ok(Some(item)) => Document::from_item(&item)
@@ -173,7 +198,10 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                 Ok(true) => {}
                 // Refused: the lease was cancelled by a change, or the fill was older than the
                 // key's position (the script then handed the lease back itself).
-                Ok(false) => tracing::debug!(key, "fill refused: the key changed since the lease"),
+                Ok(false) => {
+                    self.metrics.incr(metrics::read::REFUSED_FILLS);
+                    tracing::debug!(key, "fill refused: the key changed since the lease")
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, key, "cache fill failed");
                     // It may not have landed; if not, its lease must not outlive it.
@@ -182,6 +210,17 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             }
         }
         (status, Ok(lookup))
+    }
+
+    /// A request that found another reader's lease: counted, with how long it waited.
+    fn note_wait(&self, waited: bool, since: tokio::time::Instant) {
+        if waited {
+            self.metrics.incr(metrics::read::LEASE_WAITS);
+            self.metrics.sample(
+                metrics::read::LEASE_WAIT_TIME,
+                since.elapsed().as_millis() as u64,
+            );
+        }
     }
 
     /// The item's position in its history, when a version attribute is configured.

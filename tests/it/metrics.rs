@@ -1,0 +1,250 @@
+//! What the functions tell CloudWatch: the compiled binaries under the local Runtime API with
+//! Lambda's JSON log format, their standard output parsed back line by line. Metrics are EMF
+//! lines, checked against the format's rules (what CloudWatch would extract) and summed; every
+//! other line is a JSON log record, and none carries an item body.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use product_cache::config::InvalidationMode::Delete;
+use serde_json::{json, Value};
+
+use crate::lambda_binaries::{get_product_event, http_parts, Function};
+use crate::support::{fixture, TestEnv};
+
+/// One EMF line, validated: the metrics it declares, with their values.
+#[derive(Debug)]
+struct Emf {
+    namespace: String,
+    dimensions: Vec<(String, String)>,
+    values: Vec<(String, String, Vec<f64>)>,
+}
+
+/// Parses `line` as CloudWatch reads an EMF record, panicking on anything it would reject:
+/// `_aws.Timestamp` in epoch ms, each directive's namespace, dimension sets naming top-level
+/// string members, and metrics naming top-level numbers (or arrays of at most 100 numbers)
+/// with a unit CloudWatch knows.
+fn parse_emf(line: &str) -> Option<Emf> {
+    let record: Value = serde_json::from_str(line).ok()?;
+    let aws = record.get("_aws")?;
+    let ts = aws["Timestamp"].as_u64().expect("Timestamp is epoch ms");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        now.abs_diff(ts) < 60_000,
+        "timestamp {ts} is not now: {line}"
+    );
+    let directives = aws["CloudWatchMetrics"].as_array().expect("directives");
+    assert_eq!(directives.len(), 1, "{line}");
+    let d = &directives[0];
+    let namespace = d["Namespace"].as_str().expect("Namespace").to_owned();
+    let mut dimensions = Vec::new();
+    for set in d["Dimensions"].as_array().expect("Dimensions") {
+        for name in set.as_array().expect("a dimension set") {
+            let name = name.as_str().expect("a dimension name");
+            let value = record[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("dimension {name} is not a string member: {line}"));
+            dimensions.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    let mut values = Vec::new();
+    for metric in d["Metrics"].as_array().expect("Metrics") {
+        let name = metric["Name"].as_str().expect("Name");
+        let unit = metric["Unit"].as_str().expect("Unit");
+        assert!(["Count", "Milliseconds"].contains(&unit), "{line}");
+        let v = match &record[name] {
+            Value::Number(n) => vec![n.as_f64().unwrap()],
+            Value::Array(a) => {
+                assert!(!a.is_empty() && a.len() <= 100, "{line}");
+                a.iter().map(|x| x.as_f64().expect("a number")).collect()
+            }
+            other => panic!("metric {name} is {other}, not a number: {line}"),
+        };
+        values.push((name.to_owned(), unit.to_owned(), v));
+    }
+    Some(Emf {
+        namespace,
+        dimensions,
+        values,
+    })
+}
+
+/// Every line of a function's output: its EMF records, and its log records (each of which
+/// must be a JSON object, as Lambda's JSON log format wants).
+fn split(output: &str) -> (Vec<Emf>, Vec<Value>) {
+    let (mut emf, mut logs) = (Vec::new(), Vec::new());
+    for line in output.lines().filter(|l| !l.trim().is_empty()) {
+        match parse_emf(line) {
+            Some(e) => emf.push(e),
+            None => logs.push(
+                serde_json::from_str::<Value>(line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}")),
+            ),
+        }
+    }
+    (emf, logs)
+}
+
+/// A metric summed over every record (array values summed too).
+fn total(emf: &[Emf], name: &str) -> f64 {
+    emf.iter()
+        .flat_map(|e| e.values.iter())
+        .filter(|(n, _, _)| n == name)
+        .flat_map(|(_, _, v)| v.iter())
+        .sum()
+}
+
+fn samples(emf: &[Emf], name: &str) -> Vec<f64> {
+    emf.iter()
+        .flat_map(|e| e.values.iter())
+        .filter(|(n, _, _)| n == name)
+        .flat_map(|(_, _, v)| v.iter().copied())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_read_function_emits_one_metrics_line_per_invocation_and_json_logs() {
+    let mut env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let redis_url = env.redis.url();
+    let mut function = Function::spawn(
+        "read-function",
+        &[
+            ("REDIS_URL", &redis_url),
+            ("TABLE_NAME", &env.table),
+            ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+            ("METRICS_SERVICE", "shop-test"),
+        ],
+    )
+    .await;
+    let status = |answer: &Value| http_parts(answer).1;
+    let first = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(status(&first), "miss");
+    let second = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(status(&second), "hit");
+    let bad = function
+        .respond(get_product_event("{bad}", "%7Bbad%7D"))
+        .await;
+    assert_eq!(http_parts(&bad).0, 400);
+    let missing = function.respond(get_product_event("nope", "nope")).await;
+    assert_eq!(status(&missing), "miss");
+    // A cache fault: the answer bypasses Redis and a warning is logged inside the invocation.
+    env.redis.stop().await;
+    let bypass = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(status(&bypass), "bypass");
+
+    let output = function.output().await;
+    let (emf, logs) = split(&output);
+    assert_eq!(emf.len(), 5, "one line per invocation:\n{output}");
+    for e in &emf {
+        assert_eq!(e.namespace, "ProductCache");
+        assert_eq!(
+            e.dimensions,
+            [
+                ("Service".to_owned(), "shop-test".to_owned()),
+                ("Function".to_owned(), "read".to_owned())
+            ]
+        );
+    }
+    assert_eq!(total(&emf, "Hits"), 1.0, "{output}");
+    assert_eq!(total(&emf, "Misses"), 2.0, "{output}");
+    assert_eq!(total(&emf, "InvalidRequests"), 1.0, "{output}");
+    assert_eq!(total(&emf, "Bypasses"), 1.0, "{output}");
+    assert_eq!(total(&emf, "RefusedFills"), 0.0, "{output}");
+
+    // The warning about the stopped Redis names the invocation it happened in.
+    let warning = logs
+        .iter()
+        .find(|l| l["level"] == "WARN")
+        .unwrap_or_else(|| panic!("no warning logged:\n{output}"));
+    assert!(
+        warning.to_string().contains("requestId"),
+        "a log line inside an invocation carries its request id: {warning}"
+    );
+    // No item body in any line: the price and name are only in the HTTP answers.
+    for needle in ["129.99", "Product kb-001"] {
+        assert!(!output.contains(needle), "{needle} logged:\n{output}");
+    }
+}
+
+#[tokio::test]
+async fn the_invalidator_counts_its_records_and_how_late_they_were() {
+    let mut env = TestEnv::new(Delete).await;
+    let redis_url = env.redis.url();
+    let mut function = Function::spawn(
+        "invalidator-function",
+        &[
+            ("REDIS_URL", &redis_url),
+            ("INVALIDATION_MODE", "delete"),
+            ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+        ],
+    )
+    .await;
+    // The fixture's eight records and one that names no product at all (skipped, logged).
+    let mut event = fixture("batch-mixed.json");
+    let records = event["Records"].as_array_mut().unwrap();
+    let created: Vec<f64> = records
+        .iter()
+        .map(|r| {
+            r["dynamodb"]["ApproximateCreationDateTime"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    records.push(json!({
+        "eventID": "no-key", "eventName": "MODIFY", "eventSource": "aws:dynamodb",
+        "dynamodb": {"SequenceNumber": "111000000000000000999",
+                     "NewImage": {"secretNote": {"S": "do not log me"}}}
+    }));
+    let before = now_ms();
+    let response = function.respond(event.clone()).await;
+    let after = now_ms();
+    assert_eq!(response, json!({"batchItemFailures": []}));
+
+    env.redis.stop().await;
+    let failed = function.respond(fixture("batch-mixed.json")).await;
+    assert_eq!(failed["batchItemFailures"].as_array().unwrap().len(), 1);
+
+    let output = function.output().await;
+    let (emf, logs) = split(&output);
+    assert_eq!(emf.len(), 2, "{output}");
+    assert!(emf.iter().all(|e| e
+        .dimensions
+        .contains(&("Function".into(), "invalidator".into()))));
+    assert_eq!(total(&emf, "BatchSize"), 9.0 + 8.0);
+    assert_eq!(total(&emf, "RecordsApplied"), 8.0, "{output}");
+    assert_eq!(total(&emf, "RecordsSkippedMalformed"), 1.0, "{output}");
+    assert_eq!(
+        total(&emf, "RecordsFailed"),
+        8.0,
+        "the failed batch goes back whole"
+    );
+    // One lag per applied record (fewer than 100), each from its own creation time to now.
+    let mut lags = samples(&emf, "InvalidationLag");
+    lags.sort_by(f64::total_cmp);
+    let mut expected: Vec<(f64, f64)> = created
+        .iter()
+        .map(|c| (before as f64 - c * 1e3, after as f64 - c * 1e3))
+        .collect();
+    expected.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(lags.len(), expected.len(), "{lags:?}");
+    for (lag, (lo, hi)) in lags.iter().zip(&expected) {
+        assert!(lo <= lag && lag <= hi, "lag {lag} not within [{lo}, {hi}]");
+    }
+    assert!(
+        logs.iter()
+            .any(|l| l.to_string().contains("skipping stream record")),
+        "{output}"
+    );
+    assert!(!output.contains("do not log me"), "{output}");
+    assert!(!output.contains("Mechanical Keyboard"), "{output}");
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
