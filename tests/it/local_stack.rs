@@ -107,6 +107,7 @@ async fn start_stack(redis: &RedisServer, seed: usize, dir: &Path) -> Stack {
         ..StackOptions::default()
     };
     options.esm.on_failure = Some(dir.join("on-failure.jsonl"));
+    options.metrics = Some(dir.join("metrics.jsonl"));
     Stack::start(options).await.expect("the stack starts")
 }
 
@@ -205,6 +206,29 @@ async fn serves_the_read_path_over_http_and_a_table_change_reaches_it_through_th
     assert_eq!(stats.bypasses, 1, "{stats}");
     assert!(stats.invalidations > 1000, "seed and change: {stats}");
     assert_eq!(stats.records_given_up, 0, "{stats}");
+
+    // The same story in the metrics file, as CloudWatch would read it from the functions.
+    let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let emf: Vec<_> = lines
+        .lines()
+        .map(|l| crate::metrics::parse_emf(l).unwrap_or_else(|| panic!("not EMF: {l}")))
+        .collect();
+    let of = |function: &str| -> Vec<_> {
+        emf.iter()
+            .filter(|e| e.dimensions.contains(&("Function".into(), function.into())))
+            .collect()
+    };
+    let read = crate::metrics::total(&of("read"), "Hits");
+    assert_eq!(read, stats.hits as f64, "{lines}");
+    assert_eq!(
+        crate::metrics::total(&of("read"), "Misses"),
+        stats.misses as f64
+    );
+    assert_eq!(crate::metrics::total(&of("read"), "InvalidRequests"), 1.0);
+    assert!(
+        crate::metrics::total(&of("invalidator"), "RecordsApplied") > 1000.0,
+        "seed and change: {lines}"
+    );
 
     let port = stack.http_addr().port();
     stack.shutdown().await;

@@ -13,9 +13,9 @@ use crate::support::{fixture, TestEnv};
 
 /// One EMF line, validated: the metrics it declares, with their values.
 #[derive(Debug)]
-struct Emf {
+pub(crate) struct Emf {
     namespace: String,
-    dimensions: Vec<(String, String)>,
+    pub(crate) dimensions: Vec<(String, String)>,
     values: Vec<(String, String, Vec<f64>)>,
 }
 
@@ -23,7 +23,7 @@ struct Emf {
 /// `_aws.Timestamp` in epoch ms, each directive's namespace, dimension sets naming top-level
 /// string members, and metrics naming top-level numbers (or arrays of at most 100 numbers)
 /// with a unit CloudWatch knows.
-fn parse_emf(line: &str) -> Option<Emf> {
+pub(crate) fn parse_emf(line: &str) -> Option<Emf> {
     let record: Value = serde_json::from_str(line).ok()?;
     let aws = record.get("_aws")?;
     let ts = aws["Timestamp"].as_u64().expect("Timestamp is epoch ms");
@@ -88,9 +88,9 @@ fn split(output: &str) -> (Vec<Emf>, Vec<Value>) {
 }
 
 /// A metric summed over every record (array values summed too).
-fn total(emf: &[Emf], name: &str) -> f64 {
+pub(crate) fn total<E: std::borrow::Borrow<Emf>>(emf: &[E], name: &str) -> f64 {
     emf.iter()
-        .flat_map(|e| e.values.iter())
+        .flat_map(|e| e.borrow().values.iter())
         .filter(|(n, _, _)| n == name)
         .flat_map(|(_, _, v)| v.iter())
         .sum()

@@ -64,6 +64,10 @@ pub struct DevArgs {
     /// Where records the poller gives up on are written [default: <state-dir>/on-failure.jsonl]
     #[arg(long)]
     pub on_failure: Option<PathBuf>,
+    /// Where both functions' metrics are appended, as CloudWatch EMF lines
+    /// [default: <state-dir>/metrics.jsonl]
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
     /// Where the running stack's state file goes, for set-price and warm
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

@@ -38,6 +38,10 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
         esm_source: esm.source,
         mode: args.mode,
         settings: CacheSettings::from_source(&Env)?,
+        metrics: Some(
+            args.metrics
+                .unwrap_or_else(|| args.state_dir.join("metrics.jsonl")),
+        ),
     };
     let mut stack = tokio::select! {
         stack = Stack::start(options) => stack?,

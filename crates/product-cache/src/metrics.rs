@@ -121,8 +121,10 @@ pub enum Sink {
     Off,
     /// Standard output, where Lambda sends it to CloudWatch Logs.
     Stdout,
-    /// Kept in memory: the local stack (which shows them) and the tests (which parse them).
+    /// Kept in memory: the tests, which parse them back.
     Memory(Arc<Mutex<Vec<String>>>),
+    /// Appended to a file: the local stack, whose user reads them there.
+    File(Arc<Mutex<std::fs::File>>),
 }
 
 /// The settings of the metrics: `METRICS_NAMESPACE` (default `ProductCache`; `off` turns the
@@ -306,6 +308,12 @@ impl Recorder {
                 let _ = out.flush();
             }
             Sink::Memory(lines) => lines.lock().unwrap_or_else(|e| e.into_inner()).push(line),
+            Sink::File(file) => {
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = file.write_all(format!("{line}\n").as_bytes()) {
+                    tracing::warn!(error = %e, "writing the metrics file failed");
+                }
+            }
         }
     }
 }

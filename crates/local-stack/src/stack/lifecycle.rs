@@ -18,6 +18,7 @@ use product_cache::config::{
 };
 use product_cache::id::KeyType;
 use product_cache::invalidate::Invalidator;
+use product_cache::metrics::{MetricsSettings, Sink};
 use product_cache::read::ReadPath;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -68,6 +69,12 @@ pub enum StackError {
         #[source]
         source: product_cache::StartupError,
     },
+    #[error("opening the metrics file {path}")]
+    MetricsFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("creating {path}")]
     OnFailureDir {
         path: PathBuf,
@@ -79,6 +86,23 @@ pub enum StackError {
     /// A child process, the HTTP server or the poller stopped while the stack was running.
     #[error("{0}")]
     Failed(String),
+}
+
+/// Opens (appending, created with its folder if missing) the file the metrics go to.
+fn metrics_file(path: &Path) -> Result<Sink, StackError> {
+    let error = |source| StackError::MetricsFile {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(error)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(error)?;
+    Ok(Sink::File(Arc::new(std::sync::Mutex::new(file))))
 }
 
 /// What to run and where.
@@ -99,6 +123,9 @@ pub struct StackOptions {
     pub esm_source: String,
     pub mode: InvalidationMode,
     pub settings: CacheSettings,
+    /// Where both functions' metrics are appended (CloudWatch EMF lines, as the functions
+    /// print them on Lambda); `None` keeps them to the status line.
+    pub metrics: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -116,6 +143,7 @@ impl Default for StackOptions {
             esm_source: "Lambda's defaults".into(),
             mode: InvalidationMode::Delete,
             settings: CacheSettings::default(),
+            metrics: None,
         }
     }
 }
@@ -215,7 +243,16 @@ impl Stack {
         };
         let redis_settings = RedisSettings::new(&redis_url);
         let read = ReadSettings::new(redis_settings.clone(), &options.table, settings.clone());
-        let read = Arc::new(ReadPath::build(read, &sdk).await.map_err(redis_error)?);
+        let sink = match &options.metrics {
+            Some(path) => metrics_file(path)?,
+            None => Sink::Off,
+        };
+        let metrics = MetricsSettings::default();
+        let read = ReadPath::build(read, &sdk)
+            .await
+            .map_err(redis_error)?
+            .with_metrics(metrics.clone(), sink.clone());
+        let read = Arc::new(read);
         let invalidator = InvalidatorSettings {
             redis: redis_settings,
             mode: options.mode,
@@ -223,7 +260,8 @@ impl Stack {
         };
         let invalidator = Invalidator::build(invalidator, &sdk)
             .await
-            .map_err(redis_error)?;
+            .map_err(redis_error)?
+            .with_metrics(metrics, sink);
         if redis.is_some() {
             // A Redis this stack just started, empty: refreshes write from the first record
             // on (see `RedisCache::declare_empty`).

@@ -121,6 +121,11 @@ impl Stack {
             .on_failure
             .as_deref()
             .map_or("(none)".into(), |p| p.display().to_string());
+        let metrics = self
+            .options
+            .metrics
+            .as_deref()
+            .map_or("(not written)".into(), |p| p.display().to_string());
         format!(
             "listening on {url}\n\
              \n\
@@ -130,6 +135,7 @@ impl Stack {
              \x20 stream      invalidator ({mode} mode) via {esm_desc}\n\
              \x20             settings from {source}\n\
              \x20 on-failure  {on_failure}\n\
+             \x20 metrics     {metrics}  (CloudWatch EMF lines, one per invocation)\n\
              \n\
              Try:\n\
              \x20 curl -si {url}/products/kb-001\n\
