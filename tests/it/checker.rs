@@ -76,6 +76,7 @@ mod config;
 mod faults;
 mod feeder;
 mod history;
+mod inspector;
 mod invariants;
 mod report;
 mod run;
@@ -128,6 +129,14 @@ async fn catches_stale_fills_without_leases() {
         "no stale read was reported without leases:\n{}",
         report.text
     );
+    // The inspector, looking at the drained cache, finds exactly the stale values invariant 3
+    // finds.
+    assert_eq!(
+        report.inspected.at_rest.len(),
+        report.violations[2],
+        "the inspector at rest disagrees with invariant 3:\n{}",
+        report.text
+    );
 }
 
 /// Without ordering, a duplicate delivery of an older batch puts old versions back.
@@ -145,6 +154,14 @@ async fn catches_regressions_without_ordering() {
     assert!(
         report.violations[0] > 0,
         "no stale read was reported without ordering:\n{}",
+        report.text
+    );
+    // The inspector, looking at the drained cache, finds exactly the stale values invariant 3
+    // finds.
+    assert_eq!(
+        report.inspected.at_rest.len(),
+        report.violations[2],
+        "the inspector at rest disagrees with invariant 3:\n{}",
         report.text
     );
 }

@@ -10,6 +10,7 @@ mod end_to_end;
 mod failure_paths;
 mod freeze;
 mod iam;
+mod inspector;
 mod invalidator;
 mod lambda_binaries;
 mod local_stack;

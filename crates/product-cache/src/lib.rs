@@ -17,6 +17,7 @@
 //! - [`read`]: the read path and its HTTP edge.
 //! - [`invalidate`]: stream records to cache deletes or refreshes, with partial batch failures.
 //! - [`metrics`]: counts per invocation, written in CloudWatch's Embedded Metric Format.
+//! - [`inspect`]: the cache inspector, which compares cached products with the table.
 //! - [`startup`]: the functions' state built from settings, the one place clients are made.
 //!
 //! # Features
@@ -30,6 +31,7 @@ pub mod config;
 pub mod document;
 pub mod iam;
 pub mod id;
+pub mod inspect;
 pub mod invalidate;
 pub mod metrics;
 pub mod read;
@@ -38,5 +40,6 @@ pub mod startup;
 pub mod store;
 
 pub use startup::{
-    invalidator_from_env, read_path_from_env, sdk_config, startup_failed, StartupError,
+    inspector_from_env, invalidator_from_env, read_path_from_env, sdk_config, startup_failed,
+    StartupError,
 };

@@ -38,23 +38,33 @@ pub struct Metric {
     pub unit: Unit,
 }
 
-const fn count(name: &'static str) -> Metric {
-    Metric {
-        name,
-        unit: Unit::Count,
+impl Metric {
+    pub const fn count(name: &'static str) -> Metric {
+        Metric {
+            name,
+            unit: Unit::Count,
+        }
     }
-}
 
-const fn millis(name: &'static str) -> Metric {
-    Metric {
-        name,
-        unit: Unit::Milliseconds,
+    pub const fn millis(name: &'static str) -> Metric {
+        Metric {
+            name,
+            unit: Unit::Milliseconds,
+        }
     }
 }
 
 /// The read function's metrics, in the order of [`read::ALL`].
 pub mod read {
-    use super::{count, millis, Metric};
+    use super::Metric;
+
+    const fn count(name: &'static str) -> Metric {
+        Metric::count(name)
+    }
+
+    const fn millis(name: &'static str) -> Metric {
+        Metric::millis(name)
+    }
 
     /// Answered from Redis.
     pub const HITS: Metric = count("Hits");
@@ -84,7 +94,15 @@ pub mod read {
 
 /// The invalidator's metrics, in the order of [`invalidator::ALL`].
 pub mod invalidator {
-    use super::{count, millis, Metric};
+    use super::Metric;
+
+    const fn count(name: &'static str) -> Metric {
+        Metric::count(name)
+    }
+
+    const fn millis(name: &'static str) -> Metric {
+        Metric::millis(name)
+    }
 
     /// Records in the batch Lambda delivered.
     pub const BATCH_SIZE: Metric = count("BatchSize");
@@ -242,13 +260,17 @@ impl Recorder {
     /// What was counted since the last flush, as one EMF line, and zero again. `None` when
     /// nothing was counted.
     pub fn take_line(&self) -> Option<String> {
+        self.line(false)
+    }
+
+    fn line(&self, even_if_zero: bool) -> Option<String> {
         let values: Vec<u64> = self
             .values
             .iter()
             .map(|v| v.swap(0, Ordering::Relaxed))
             .collect();
         let samples = std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()));
-        if values.iter().all(|v| *v == 0) && samples.is_empty() {
+        if !even_if_zero && values.iter().all(|v| *v == 0) && samples.is_empty() {
             return None;
         }
         let namespace = self.settings.namespace.as_deref()?;
@@ -292,12 +314,24 @@ impl Recorder {
         Some(serde_json::Value::Object(body).to_string())
     }
 
-    /// Ends an invocation: writes what was counted to the sink.
+    /// Ends an invocation: writes what was counted to the sink, if anything was.
     pub fn flush(&self) {
+        self.write(false);
+    }
+
+    /// Writes a line even when every count is zero: for a metric an alarm watches, where a
+    /// 0 says "checked, all clear" and a missing point says nothing.
+    pub fn flush_always(&self) {
+        self.write(true);
+    }
+
+    fn write(&self, even_if_zero: bool) {
         if matches!(self.sink, Sink::Off) {
             return;
         }
-        let Some(line) = self.take_line() else { return };
+        let Some(line) = self.line(even_if_zero) else {
+            return;
+        };
         match &self.sink {
             Sink::Off => {}
             Sink::Stdout => {

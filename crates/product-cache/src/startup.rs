@@ -8,6 +8,7 @@ use aws_config::SdkConfig;
 
 use crate::cache::RedisCache;
 use crate::config::{CacheSettings, InvalidatorSettings, ReadSettings, RedisSettings};
+use crate::inspect::{InspectSettings, Inspector};
 use crate::invalidate::Invalidator;
 use crate::metrics::{MetricsSettings, Sink};
 use crate::read::ReadPath;
@@ -111,6 +112,32 @@ impl Invalidator<RedisCache> {
         let cache = RedisCache::from_settings(&settings.redis, &settings.cache, sdk).await?;
         Ok(Invalidator::new(cache, settings.mode, settings.cache))
     }
+}
+
+impl Inspector<DynamoStore> {
+    /// The inspector's state: the read function's settings (the same Redis, table and key
+    /// mapping), with strongly consistent reads whatever the read function uses.
+    pub async fn build(
+        mut settings: ReadSettings,
+        inspect: InspectSettings,
+        sdk: &SdkConfig,
+    ) -> Result<Self, StartupError> {
+        settings.consistent_read = true;
+        let cache = RedisCache::from_settings(&settings.redis, &settings.cache, sdk).await?;
+        let store = DynamoStore::from_settings(&settings, sdk);
+        Ok(Inspector::new(cache, store, settings.cache, inspect))
+    }
+}
+
+/// The inspector function's state, from the environment: the read function's variables and
+/// `INSPECT_*`.
+pub async fn inspector_from_env() -> Result<Inspector<DynamoStore>, StartupError> {
+    let settings = ReadSettings::from_env()?;
+    let inspect = InspectSettings::from_source(&crate::config::Env)?;
+    let metrics = MetricsSettings::from_source(&crate::config::Env)?;
+    Ok(Inspector::build(settings, inspect, &sdk_config().await)
+        .await?
+        .with_metrics(metrics, Sink::Stdout))
 }
 
 /// The read function's handler state, from the environment.

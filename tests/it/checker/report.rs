@@ -28,6 +28,8 @@ pub struct Report {
     pub readers_hitting_after_failovers: Option<(usize, usize)>,
     /// Faults the run's config asks for, with how many of each it must have injected.
     required: Vec<(&'static str, u64)>,
+    /// The cache inspector's findings over the run.
+    pub inspected: super::inspector::Tally,
 }
 
 impl Report {
@@ -41,6 +43,19 @@ impl Report {
                 .lines()
                 .find(|l| l.starts_with("violations"))
                 .unwrap_or_default()
+        );
+        // The inspector ran throughout and stayed silent: nothing differed from the table past
+        // its grace period.
+        assert!(
+            self.inspected.checked > 0,
+            "the inspector checked nothing:\n{}",
+            self.text
+        );
+        assert_eq!(
+            (&self.inspected.inconsistent, &self.inspected.at_rest),
+            (&Vec::new(), &Vec::new()),
+            "the inspector found inconsistent keys:\n{}",
+            self.text
         );
         self.assert_exercised();
     }
@@ -92,6 +107,8 @@ pub struct Findings {
     pub writers_done: Nanos,
     /// The lease invariant 4 is judged against.
     pub herd_lease: Duration,
+    /// What the cache inspector found while the run went on.
+    pub inspected: super::inspector::Tally,
 }
 
 impl Report {
@@ -110,6 +127,7 @@ impl Report {
             run_time,
             writers_done,
             herd_lease,
+            inspected,
         } = found;
         let Replay {
             violations: inv2,
@@ -259,6 +277,7 @@ impl Report {
         for p in &phantom_detail {
             let _ = writeln!(text, "  [phantom] {p}");
         }
+        let _ = writeln!(text, "{inspected}");
         let _ = writeln!(
             text,
             "staleness (commit -> end of the first later-starting read that saw it or newer), \
@@ -279,6 +298,7 @@ impl Report {
             phantoms,
             readers_hitting_after_failovers,
             required,
+            inspected,
         }
     }
 }

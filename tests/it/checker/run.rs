@@ -12,6 +12,7 @@ use super::config::Config;
 use super::faults::FailingCache;
 use super::feeder::Feeder;
 use super::history::{ms, Clock};
+use super::inspector;
 use super::invariants;
 use super::report::{Findings, Report};
 use super::system::{Redis, Sut};
@@ -49,6 +50,7 @@ pub async fn run(cfg: Config) -> Report {
     let feeder = tokio::spawn(feeder.run(expected_rx));
     let writers = actors::spawn_writers(&cfg, &shared);
     let readers = actors::spawn_readers(&cfg, &sut, &shared).await;
+    let inspections = inspector::spawn(&sut, &shared).await;
 
     // On this task (not spawned): a restarted (or revived) redis-server is tied to the thread
     // that spawns it.
@@ -100,6 +102,8 @@ pub async fn run(cfg: Config) -> Report {
     let (chaos, (writes, writers_done, feed, reads), ()) =
         tokio::join!(chaos, actors, progress_lines);
     let run_time = clock.now();
+    let mut inspected = inspections.await.expect("inspector task");
+    inspector::at_rest(&sut, &shared.items, &mut inspected).await;
     println!(
         "[{}] drained at {:.1} s; checking the cache and replaying the stream",
         cfg.name,
@@ -153,6 +157,7 @@ pub async fn run(cfg: Config) -> Report {
             run_time,
             writers_done,
             herd_lease: herd_settings.lease,
+            inspected,
         },
     )
 }

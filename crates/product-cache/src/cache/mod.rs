@@ -22,12 +22,15 @@
 //! - `slots.rs`: Redis Cluster hash slots, and the epoch key of each.
 //! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering
 //!   atomic.
+//! - `inspect.rs`: what the cache inspector and the operator commands ask of Redis: a sample
+//!   of keys from every primary, many keys' values at once, and purging keys with their leases.
 //! - `memory.rs` (feature `test-support`): an in-memory [`Cache`] with the scripts' semantics.
 
 use std::future::Future;
 use std::time::Duration;
 
 mod connect;
+mod inspect;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
 mod redis;

@@ -34,7 +34,7 @@ fn secs(d: Duration) -> u64 {
 /// by themselves (a Lambda environment thawed after minutes may hold a connection the server has
 /// long closed).
 #[derive(Clone)]
-enum Conn {
+pub(super) enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -99,7 +99,7 @@ pub struct Confirm {
 #[derive(Clone)]
 pub struct RedisCache {
     connector: std::sync::Arc<Connector<Conn>>,
-    timeout: Duration,
+    pub(super) timeout: Duration,
     connect_timeout: Duration,
     confirm: Option<Confirm>,
     guards: Guards,
@@ -177,11 +177,11 @@ impl RedisCache {
         }
     }
 
-    async fn conn(&self) -> Result<Conn, CacheError> {
+    pub(super) async fn conn(&self) -> Result<Conn, CacheError> {
         self.connector.get(self.timeout).await
     }
 
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         budget: Duration,
         fut: impl Future<Output = redis::RedisResult<T>>,
@@ -306,7 +306,7 @@ impl RedisCache {
     }
 
     /// The primaries' addresses by slot range, as the cluster reports them (`CLUSTER SLOTS`).
-    async fn slot_map(
+    pub(super) async fn slot_map(
         &self,
         conn: &mut redis::cluster_async::ClusterConnection,
     ) -> Result<Vec<(u16, u16, (String, u16))>, CacheError> {

@@ -1,0 +1,205 @@
+//! The cache inspector against real servers: it finds a deliberately corrupted key (and only
+//! that one) on a single node and across every primary of a cluster, says so in its metrics,
+//! repairs it when told to, and does not count a change that settles within its grace period.
+//! (That it stays silent under load is the checker's: every run asserts it.)
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use local_stack::services::RedisCluster;
+use product_cache::config::InvalidationMode::Delete;
+use product_cache::config::{CacheSettings, ReadSettings, RedisSettings};
+use product_cache::inspect::{InspectSettings, Inspector, Target, Verdict};
+use product_cache::metrics::{MetricsSettings, Sink};
+use product_cache::read::ReadPath;
+use serde_json::json;
+
+use crate::support::{http_get, Counting, TestEnv};
+
+const GRACE: Duration = Duration::from_millis(300);
+
+fn settings(repair: bool) -> InspectSettings {
+    InspectSettings {
+        sample: 1000,
+        grace: GRACE,
+        repair,
+    }
+}
+
+/// Products `<prefix>-0..n` in the table, each read once through `read` (a miss that fills).
+async fn cached_products<C, S>(env: &TestEnv, read: &ReadPath<C, S>, prefix: &str, n: usize)
+where
+    C: product_cache::cache::Cache,
+    S: product_cache::store::ProductStore,
+{
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        env.put_product(&id, "10").await;
+        let (status, x_cache, _) = http_get(read, &format!("/products/{id}")).await;
+        assert_eq!((status, x_cache.as_str()), (200, "miss"), "{id}");
+    }
+}
+
+/// A cached document with another price than the table's: what a lost invalidation leaves.
+fn corrupted(id: &str) -> String {
+    json!({"name": format!("Product {id}"), "price": 1, "productId": id}).to_string()
+}
+
+fn inconsistent(report: &product_cache::inspect::Report) -> Vec<String> {
+    report
+        .rows
+        .iter()
+        .filter(|r| r.verdict == Verdict::Inconsistent)
+        .map(|r| r.key.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn finds_a_corrupted_key_says_so_in_its_metrics_and_repairs_it() {
+    let env = TestEnv::new(Delete).await;
+    cached_products(&env, &env.read, "ins", 20).await;
+    env.raw_set("product:ins-7", &corrupted("ins-7")).await;
+
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let env = &env;
+    let inspector = |repair| async move {
+        Inspector::new(
+            env.cache(&env.settings).await,
+            env.store(&env.settings),
+            env.settings.clone(),
+            settings(repair),
+        )
+    };
+    let looking = inspector(false)
+        .await
+        .with_metrics(MetricsSettings::default(), Sink::Memory(lines.clone()));
+    let report = looking.run(Target::Sample(1000)).await.unwrap();
+    assert_eq!(report.checked(), 20, "every cached key sampled");
+    assert_eq!(inconsistent(&report), ["product:ins-7"]);
+    let row = report
+        .rows
+        .iter()
+        .find(|r| r.key == "product:ins-7")
+        .unwrap();
+    assert_eq!(row.cached.as_deref(), Some(corrupted("ins-7").as_str()));
+    assert_ne!(row.table, row.cached);
+    assert_eq!(report.repaired, 0);
+    assert!(
+        env.raw_get("product:ins-7").await.is_some(),
+        "left alone without repair"
+    );
+
+    // The metrics line, as CloudWatch reads it (an alarm on InconsistentKeys > 0 fires).
+    let emf: Vec<_> = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| crate::metrics::parse_emf(l).expect("an EMF line"))
+        .collect();
+    assert_eq!(emf.len(), 1);
+    assert_eq!(crate::metrics::total(&emf, "KeysChecked"), 20.0);
+    assert_eq!(crate::metrics::total(&emf, "InconsistentKeys"), 1.0);
+
+    // Given ids instead of a sample: the cached ones compared, the others "not cached".
+    let ids = vec!["ins-7".to_owned(), "ins-8".to_owned(), "never".to_owned()];
+    let report = looking.run(Target::Ids(ids)).await.unwrap();
+    let verdicts: Vec<_> = report.rows.iter().map(|r| r.verdict).collect();
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Inconsistent,
+            Verdict::Consistent,
+            Verdict::NotCached
+        ]
+    );
+
+    // Repair purges the key (and its lease); the next read fills it from the table again.
+    let repairing = inspector(true).await;
+    let report = repairing.run(Target::Sample(1000)).await.unwrap();
+    assert_eq!((inconsistent(&report).len(), report.repaired), (1, 1));
+    assert_eq!(env.raw_get("product:ins-7").await, None);
+    let (_, x_cache, body) = env.http_get("ins-7").await;
+    assert_eq!((x_cache.as_str(), &body["price"]), ("miss", &json!(10)));
+    let report = looking.run(Target::Sample(1000)).await.unwrap();
+    assert_eq!((report.checked(), inconsistent(&report).len()), (20, 0));
+}
+
+/// A suspect that changes during the grace period is an invalidation in flight: not counted.
+#[tokio::test]
+async fn a_change_within_the_grace_period_is_not_an_inconsistency() {
+    let env = TestEnv::new(Delete).await;
+    cached_products(&env, &env.read, "grace", 3).await;
+    env.raw_set("product:grace-1", &corrupted("grace-1")).await;
+    let store = Counting::new(env.store(&env.settings));
+    let table_reads = store.calls.clone();
+    let inspector = Inspector::new(
+        env.cache(&env.settings).await,
+        store,
+        env.settings.clone(),
+        InspectSettings {
+            grace: Duration::from_secs(2),
+            ..settings(false)
+        },
+    );
+    let run = tokio::spawn(async move { inspector.run(Target::Sample(100)).await });
+    // Once the first look has read the table, the "invalidation" lands.
+    let started = std::time::Instant::now();
+    while table_reads.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(10), "no first look");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    env.raw_del("product:grace-1").await;
+    let report = run.await.unwrap().unwrap();
+    let row = report
+        .rows
+        .iter()
+        .find(|r| r.key == "product:grace-1")
+        .unwrap();
+    assert_eq!(row.verdict, Verdict::Settled, "{report:?}");
+    assert_eq!(inconsistent(&report), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn samples_every_primary_of_a_cluster() {
+    let cluster = RedisCluster::start(3).await.unwrap();
+    let env = TestEnv::new(Delete).await;
+    let redis = RedisSettings {
+        cluster: true,
+        ..RedisSettings::new(cluster.url())
+    };
+    let read = ReadSettings::new(redis.clone(), &env.table, CacheSettings::default());
+    let read = ReadPath::build(read.clone(), &env.sdk).await.unwrap();
+    cached_products(&env, &read, "clu", 30).await;
+    // Keys on every primary (30 keys over 3 primaries: a missing shard would be noticed).
+    let mut per_node = Vec::new();
+    for port in cluster.ports() {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("product:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        per_node.push(keys);
+    }
+    assert!(per_node.iter().all(|k| !k.is_empty()), "{per_node:?}");
+    let corrupt_key = per_node[2][0].clone();
+    let id = corrupt_key.trim_start_matches("product:").to_owned();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.ports()[2])).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("SET")
+        .arg(&corrupt_key)
+        .arg(corrupted(&id))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    let read_settings = ReadSettings::new(redis, &env.table, CacheSettings::default());
+    let inspector = Inspector::build(read_settings, settings(false), &env.sdk)
+        .await
+        .unwrap();
+    let report = inspector.run(Target::Sample(1000)).await.unwrap();
+    assert_eq!(report.checked(), 30, "keys from every primary");
+    assert_eq!(inconsistent(&report), [corrupt_key]);
+}
