@@ -21,14 +21,23 @@ TEMPLATE_PATH = INFRA / "template.yaml"
 
 READ = "ReadFunction"
 INVALIDATOR = "InvalidatorFunction"
+INSPECTOR = "InspectorFunction"
 TABLE = "ProductTable"
 SECRET = "CacheAuthSecret"
 CACHE = "CacheReplicationGroup"
 IAM_USER = "CacheIamUser"
+INSPECTOR_USER = "CacheInspectorIamUser"
 USER_GROUP = "CacheUserGroup"
 AUTH_MODES = ("token", "iam")
 FUNCTION_SG = "FunctionSecurityGroup"
-EXPECTED_BINARIES = {READ: "read-function", INVALIDATOR: "invalidator-function"}
+EXPECTED_BINARIES = {
+    READ: "read-function",
+    INVALIDATOR: "invalidator-function",
+    INSPECTOR: "inspector-function",
+}
+# The ElastiCache user each function authenticates as in iam mode: the inspector has its own,
+# because it needs RANDOMKEY, which the functions' user must not have.
+CACHE_USER_OF = {READ: IAM_USER, INVALIDATOR: IAM_USER, INSPECTOR: INSPECTOR_USER}
 VPC_ACCESS_POLICY = "service-role/AWSLambdaVPCAccessExecutionRole"
 STREAM_READ_ACTIONS = {
     "dynamodb:DescribeStream",
@@ -313,7 +322,17 @@ def check_record_age_covers_ttl(t: dict) -> list[str]:
 
 def check_read_function_policies(t: dict) -> list[str]:
     """The read function may GetItem on the table and read the AUTH token; nothing else."""
-    role, statements, problems = role_statements(t, READ)
+    return _table_reader_problems(t, READ)
+
+
+def check_inspector_policies(t: dict) -> list[str]:
+    """The inspector, like the read function, may only GetItem on the table and read the AUTH
+    token (or connect as its own cache user): it never writes the table."""
+    return _table_reader_problems(t, INSPECTOR)
+
+
+def _table_reader_problems(t: dict, function: str) -> list[str]:
+    role, statements, problems = role_statements(t, function)
     if role is None:
         return problems
     got_getitem = False
@@ -324,7 +343,7 @@ def check_read_function_policies(t: dict) -> list[str]:
             if a.lower().startswith("dynamodb:") and a != "dynamodb:GetItem":
                 problems.append(f"{role}: read function must not have {a}")
             elif a == "elasticache:Connect":
-                problems += _connect_problems(role, s)
+                problems += _connect_problems(role, s, CACHE_USER_OF[function])
             elif not a.lower().startswith("dynamodb:") and a != "secretsmanager:GetSecretValue":
                 problems.append(f"{role}: unexpected action {a}")
         if "dynamodb:GetItem" in acts:
@@ -392,19 +411,20 @@ REPLICATION_GROUP_ARN = (
 )
 
 
-def _is_connect_resource(r: Any) -> bool:
+def _is_connect_resource(r: Any, user: str) -> bool:
     """The replication group's ARN, or the IAM user's."""
-    return (isinstance(r, dict) and r.get("Fn::Sub") == REPLICATION_GROUP_ARN) or is_getatt(r, IAM_USER, "Arn")
+    return (isinstance(r, dict) and r.get("Fn::Sub") == REPLICATION_GROUP_ARN) or is_getatt(r, user, "Arn")
 
 
-def _connect_problems(role: str, statement: dict) -> list[str]:
-    """elasticache:Connect only on this stack's replication group and its IAM user, both."""
+def _connect_problems(role: str, statement: dict, user: str = IAM_USER) -> list[str]:
+    """elasticache:Connect only on this stack's replication group and the function's own IAM
+    user, both."""
     resources_ = as_list(statement.get("Resource"))
-    problems = [f"{role}: elasticache:Connect on {r!r}" for r in resources_ if not _is_connect_resource(r)]
-    if not any(is_getatt(r, IAM_USER, "Arn") for r in resources_) or not any(
+    problems = [f"{role}: elasticache:Connect on {r!r}" for r in resources_ if not _is_connect_resource(r, user)]
+    if not any(is_getatt(r, user, "Arn") for r in resources_) or not any(
         isinstance(r, dict) and r.get("Fn::Sub") == REPLICATION_GROUP_ARN for r in resources_
     ):
-        problems.append(f"{role}: elasticache:Connect needs both the replication group and {IAM_USER}")
+        problems.append(f"{role}: elasticache:Connect needs both the replication group and {user}")
     if set(actions_of(statement)) != {"elasticache:Connect"}:
         problems.append(f"{role}: elasticache:Connect must stand alone in its statement")
     return problems
@@ -908,6 +928,36 @@ def _tokens(access: Any) -> list[str]:
     return str(access).split() if isinstance(access, str) else []
 
 
+# What the inspector runs in Redis (crates/product-cache/src/cache/inspect.rs): GET of an entry and
+# its position, DEL of an entry and its lease (repair), RANDOMKEY to sample a primary, and, like
+# the functions, CLUSTER SLOTS for the slot map and READONLY for replica reads.
+INSPECTOR_COMMANDS = {"+get", "+del", "+randomkey", "+cluster|slots", "+readonly"}
+
+
+def inspector_access_problems(access: Any) -> list[str]:
+    """The inspector's user: on, only the inspector's commands, and keys within the functions'
+    item and side-key patterns (the epoch keys are not its business)."""
+    tokens = _tokens(access)
+    functions_keys = {x for x in _tokens(readme_acl()) if x.startswith("~")}
+    item_keys = {x for x in functions_keys if "epoch" not in x}
+    problems = []
+    if not tokens or tokens[0] != "on":
+        problems.append(f"{INSPECTOR_USER} must be on: {access!r}")
+    for required in ("resetkeys", "resetchannels", "-@all"):
+        if required not in tokens:
+            problems.append(f"{INSPECTOR_USER} lacks {required}: {access!r}")
+    commands = {x for x in tokens if x.startswith("+")}
+    if commands != INSPECTOR_COMMANDS:
+        problems.append(f"{INSPECTOR_USER} commands are {sorted(commands)}, must be {sorted(INSPECTOR_COMMANDS)}")
+    keys = {x for x in tokens if x.startswith(("~", "%"))}
+    if keys != item_keys:
+        problems.append(f"{INSPECTOR_USER} key patterns are {sorted(keys)}, must be {sorted(item_keys)}")
+    other = [x for x in tokens[1:] if x not in {"resetkeys", "resetchannels", "-@all"} | commands | keys]
+    if other:
+        problems.append(f"{INSPECTOR_USER} has other rules {other} (allkeys, channels, -/+ categories)")
+    return problems
+
+
 def check_auth_modes(t: dict) -> list[str]:
     """CacheAuthMode token (the default): the AUTH token from Secrets Manager, and nothing of IAM
     authentication. iam: an IAM-enabled user with the functions' ACL in a user group whose only
@@ -973,40 +1023,44 @@ def check_auth_modes(t: dict) -> list[str]:
             if not (isinstance(m, dict) and m.get("Ref") in users):
                 problems.append(f"{where}: {USER_GROUP} member {m!r} is not a user of this stack")
         member_names = [m["Ref"] for m in members if isinstance(m, dict) and m.get("Ref") in users]
-        if IAM_USER not in member_names:
-            problems.append(f"{where}: {IAM_USER} is not in {USER_GROUP}")
+        for u in (IAM_USER, INSPECTOR_USER):
+            if u not in member_names:
+                problems.append(f"{where}: {u} is not in {USER_GROUP}")
         if not [u for u in member_names if users[u].get("UserName") == "default"]:
             problems.append(f"{where}: {USER_GROUP} needs a (disabled) user named default")
         for u in member_names:
             p = users[u]
             if p.get("Engine") != cache.get("Engine"):
                 problems.append(f"{where}: {u}.Engine differs from the cache's")
-            if u == IAM_USER:
+            if u in (IAM_USER, INSPECTOR_USER):
                 continue
             access = _tokens(p.get("AccessString"))
             if "off" not in access or "on" in access or any(x.startswith(("+", "~", "&")) and x != "~" for x in access):
                 problems.append(f"{where}: {u} must be off, without keys or commands: {p.get('AccessString')!r}")
-        iam = users.get(IAM_USER, {})
-        if iam.get("AuthenticationMode", {}).get("Type") != "iam":
-            problems.append(f"{where}: {IAM_USER} must authenticate with IAM")
-        if iam.get("UserName") != iam.get("UserId"):
-            problems.append(f"{where}: {IAM_USER}'s UserName must equal its UserId (IAM users)")
-        if iam.get("AccessString") != "on " + readme_acl():
-            problems.append(f"{where}: {IAM_USER}.AccessString must be 'on ' + the README's ACL rules, is {iam.get('AccessString')!r}")
+        for u in (IAM_USER, INSPECTOR_USER):
+            iam = users.get(u, {})
+            if iam.get("AuthenticationMode", {}).get("Type") != "iam":
+                problems.append(f"{where}: {u} must authenticate with IAM")
+            if iam.get("UserName") != iam.get("UserId"):
+                problems.append(f"{where}: {u}'s UserName must equal its UserId (IAM users)")
+        functions_access = users.get(IAM_USER, {}).get("AccessString")
+        if functions_access != "on " + readme_acl():
+            problems.append(f"{where}: {IAM_USER}.AccessString must be 'on ' + the README's ACL rules, is {functions_access!r}")
+        problems += [f"{where}: {p_}" for p_ in inspector_access_problems(users.get(INSPECTOR_USER, {}).get("AccessString"))]
         for fn in EXPECTED_BINARIES:
             connect = [s_ for s_ in grants[fn] if "elasticache:Connect" in actions_of(s_)]
             if not connect:
                 problems.append(f"{where}: {fn}'s role lacks elasticache:Connect")
             for s_ in connect:
-                problems += [f"{where}: {p_}" for p_ in _connect_problems(fn, s_)]
+                problems += [f"{where}: {p_}" for p_ in _connect_problems(fn, s_, CACHE_USER_OF[fn])]
                 problems += [f"{where}: {p_}" for p_ in wildcard_problems(fn, s_)]
             if [a for a in acts(fn) if a.lower().startswith("secretsmanager:")]:
                 problems.append(f"{where}: {fn} may still read secrets")
             env = envs[fn]
             if "REDIS_AUTH_SECRET_ARN" in env:
                 problems.append(f"{where}: {fn} still gets REDIS_AUTH_SECRET_ARN")
-            if not is_ref(env.get("REDIS_IAM_USER"), IAM_USER):
-                problems.append(f"{where}: {fn}: REDIS_IAM_USER must be !Ref {IAM_USER}")
+            if not is_ref(env.get("REDIS_IAM_USER"), CACHE_USER_OF[fn]):
+                problems.append(f"{where}: {fn}: REDIS_IAM_USER must be !Ref {CACHE_USER_OF[fn]}")
             if not is_ref(env.get("REDIS_IAM_REPLICATION_GROUP"), CACHE):
                 problems.append(f"{where}: {fn}: REDIS_IAM_REPLICATION_GROUP must be !Ref {CACHE}")
     return problems

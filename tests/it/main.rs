@@ -15,6 +15,7 @@ mod invalidator;
 mod lambda_binaries;
 mod local_stack;
 mod metrics;
+mod operator;
 mod poller;
 mod read_path;
 mod replicas;

@@ -13,6 +13,8 @@
 //! - [`warm`]: cache warming through the read path's lease-guarded fill.
 //! - [`esm_template`]: the invalidator's event source mapping, read from the SAM template.
 //! - [`poller`]: the local event source mapping: batches, retries, bisection, on-failure file.
+//! - [`redrive`]: the failed batches of the on-failure destination, applied again from the
+//!   stream (or purged, past its retention).
 //! - [`demo`]: a one-shot walk of a price change through the whole system.
 //! - [`services`]: spawns throwaway `redis-server` and `moto_server` children on free ports.
 //! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
@@ -30,6 +32,7 @@ pub mod esm_template;
 pub mod http;
 pub mod poller;
 pub mod proxy;
+pub mod redrive;
 pub mod runtime_api;
 pub mod seed;
 pub mod services;

@@ -42,6 +42,12 @@ pub enum Command {
     SetPrice(SetPriceArgs),
     /// Pre-load products into the cache through the read path
     Warm(WarmArgs),
+    /// Compare cached products with the table, side by side
+    Inspect(InspectArgs),
+    /// Delete products' cached copies the safe way (their leases too)
+    Purge(PurgeArgs),
+    /// Apply again the stream batches the invalidator gave up on
+    Redrive(RedriveArgs),
 }
 
 #[derive(Args)]
@@ -79,18 +85,28 @@ pub struct DevArgs {
     pub seed: usize,
 }
 
-/// Which stack a command acts on: the running one (its state file), or explicit endpoints.
+/// Which system a command acts on: the running local stack (its state file), endpoints given
+/// here, or real AWS (`--region`/`--profile`, or `--table` with no local stack running).
 #[derive(Args)]
 pub struct Target {
     /// The state directory of the running stack
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// DynamoDB endpoint, instead of the running stack's
+    /// AWS endpoint (DynamoDB, its stream, SQS), instead of the running stack's
     #[arg(long)]
     pub endpoint: Option<String>,
-    /// The table [default: the running stack's, or Products]
+    /// The table [default: the running stack's, or TABLE_NAME]
     #[arg(long)]
     pub table: Option<String>,
+    /// Redis, instead of the running stack's [env: REDIS_URL; with REDIS_CLUSTER, REDIS_AUTH_SECRET_ARN, ... as the functions read them]
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// AWS region: act on real AWS, through the standard SDK configuration
+    #[arg(long)]
+    pub region: Option<String>,
+    /// AWS profile: act on real AWS, through the standard SDK configuration
+    #[arg(long)]
+    pub profile: Option<String>,
 }
 
 #[derive(Args)]
@@ -115,9 +131,56 @@ pub struct WarmArgs {
     /// Reads in flight at once
     #[arg(long, default_value_t = local_stack::warm::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
-    /// Redis, instead of the running stack's
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Product ids to look at [default: a random sample of cached keys]
+    pub ids: Vec<String>,
+    /// How many cached keys to sample (from every primary of a cluster)
+    #[arg(long, default_value_t = 200)]
+    pub sample: usize,
+    /// How long a difference must last to count (changes in flight settle within it)
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub grace_ms: u64,
+    /// Purge what is found inconsistent (the key and its lease)
     #[arg(long)]
-    pub redis_url: Option<String>,
+    pub repair: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["ids", "from_file"]))]
+pub struct PurgeArgs {
+    /// Product ids whose cached copies to delete
+    pub ids: Vec<String>,
+    /// A file of product ids, one per line
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+    /// Say what would be deleted, delete nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args)]
+pub struct RedriveArgs {
+    /// The on-failure SQS queue [default: the local stack's on-failure file]
+    #[arg(long, conflicts_with = "from_file")]
+    pub queue_url: Option<String>,
+    /// An on-failure file (one record per line) [default: <state-dir>/on-failure.jsonl]
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+    /// What the invalidator does with a change, as the function is configured
+    #[arg(long, env = "INVALIDATION_MODE", default_value = "delete")]
+    pub mode: InvalidationMode,
+    /// Say what would be applied or purged, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub target: Target,
 }

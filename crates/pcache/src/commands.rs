@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use local_stack::stack::{Stack, StackOptions, StackState, StatusStyle};
-use product_cache::config::{CacheSettings, Env, ReadSettings, RedisSettings};
+use product_cache::config::{CacheSettings, Env};
 
 use crate::cli::{DevArgs, SetPriceArgs, Target, WarmArgs, DEFAULT_STATE_DIR};
 
@@ -77,23 +77,19 @@ fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// Where a command acts: what was given on the command line, the rest from the running stack's
-/// state file (read only when something is missing).
+/// Where `set-price` acts: the endpoint and table given, the rest from the running stack's
+/// state file. Never real AWS: it is the local stack's stand-in for a writer.
 struct Resolved {
     endpoint: String,
-    redis_url: String,
     table: String,
     key_attribute: String,
 }
 
 impl Target {
-    /// `redis_url`: the command's `--redis-url`, if it needs Redis at all.
-    fn resolve(&self, redis_url: Option<Option<&str>>) -> Result<Resolved, Error> {
-        let complete = self.endpoint.is_some() && redis_url.is_none_or(|r| r.is_some());
-        let state = if complete {
-            None
-        } else {
-            Some(StackState::read(&self.state_dir)?)
+    fn resolve(&self) -> Result<Resolved, Error> {
+        let state = match self.endpoint {
+            Some(_) => None,
+            None => Some(StackState::read(&self.state_dir)?),
         };
         let from_state = |f: fn(&StackState) -> &String| state.as_ref().map(|s| f(s).clone());
         let settings = CacheSettings::from_source(&Env)?;
@@ -102,11 +98,6 @@ impl Target {
                 .endpoint
                 .clone()
                 .or_else(|| from_state(|s| &s.dynamodb_endpoint))
-                .unwrap_or_default(),
-            redis_url: redis_url
-                .flatten()
-                .map(str::to_owned)
-                .or_else(|| from_state(|s| &s.redis_url))
                 .unwrap_or_default(),
             table: self
                 .table
@@ -123,7 +114,7 @@ async fn dynamodb(endpoint: &str) -> aws_sdk_dynamodb::Client {
 }
 
 pub async fn set_price(args: SetPriceArgs) -> Result<(), Error> {
-    let at = args.target.resolve(None)?;
+    let at = args.target.resolve()?;
     let client = dynamodb(&at.endpoint).await;
     let change =
         local_stack::seed::set_price(&client, &at.table, &at.key_attribute, &args.id, &args.price)
@@ -133,23 +124,19 @@ pub async fn set_price(args: SetPriceArgs) -> Result<(), Error> {
 }
 
 pub async fn warm(args: WarmArgs) -> Result<(), Error> {
-    let at = args.target.resolve(Some(args.redis_url.as_deref()))?;
-    let settings = CacheSettings {
-        key_attribute: at.key_attribute,
-        ..CacheSettings::from_source(&Env)?
-    };
-    let sdk = local_stack::table::local_sdk_config(&at.endpoint).await;
+    let place = args.target.place().await?;
+    let sdk = place.sdk.clone();
     let client = aws_sdk_dynamodb::Client::new(&sdk);
+    let settings = place.settings.clone();
     let ids = match (&args.ids, args.first) {
         (Some(path), _) => local_stack::warm::ids_from_file(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?,
         (None, Some(n)) => {
-            local_stack::warm::first_ids(&client, &at.table, &settings.key_attribute, n).await?
+            local_stack::warm::first_ids(&client, &place.table, &settings.key_attribute, n).await?
         }
         (None, None) => unreachable!("clap requires --ids or --first"),
     };
-    let read = ReadSettings::new(RedisSettings::new(&at.redis_url), &at.table, settings);
-    let read = product_cache::read::ReadPath::build(read, &sdk).await?;
+    let read = product_cache::read::ReadPath::build(place.read_settings(), &sdk).await?;
     let progress = indicatif::ProgressBar::new(ids.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("warming {bar:40} {pos}/{len} ids ({per_sec})")
             .expect("a valid template"),

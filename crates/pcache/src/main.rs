@@ -1,11 +1,14 @@
 //! `pcache`: the product cache's operator command. `dev` runs the whole system on this machine
-//! with no AWS account and no Docker and keeps it running until Ctrl-C; `set-price` and `warm`
-//! act on the running stack; `demo` is the one-shot walk-through. This file only parses and
-//! dispatches: the options are in `cli`, what the subcommands do in `commands`, and the
-//! machinery in the local-stack library.
+//! with no AWS account and no Docker and keeps it running until Ctrl-C; `set-price` acts on the
+//! running stack; `demo` is the one-shot walk-through; `warm`, `inspect`, `purge` and `redrive`
+//! act on the running stack or on real AWS. This file only parses and dispatches: the options
+//! are in `cli`, where a command acts in `place`, what `dev`, `set-price` and `warm` do in
+//! `commands`, the operator commands in `ops`, and the machinery in the libraries.
 
 mod cli;
 mod commands;
+mod ops;
+mod place;
 
 use std::process::ExitCode;
 
@@ -28,6 +31,9 @@ async fn main() -> ExitCode {
             .map(|transcript| println!("{transcript}")),
         Command::SetPrice(args) => commands::set_price(args).await,
         Command::Warm(args) => commands::warm(args).await,
+        Command::Inspect(args) => ops::inspect(args).await,
+        Command::Purge(args) => ops::purge(args).await,
+        Command::Redrive(args) => ops::redrive(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

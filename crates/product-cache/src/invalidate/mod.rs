@@ -309,6 +309,12 @@ impl<C: Cache> Invalidator<C> {
         Ok(id.cache_key(&self.settings.key_prefix))
     }
 
+    /// The cache key a stream record names (in `Keys`, else either image), whatever its shape:
+    /// for tools that act on records without applying them (`pcache redrive` past retention).
+    pub fn key_of_record(&self, raw: &Value) -> Result<String, SkipReason> {
+        self.key_of_raw(raw)
+    }
+
     /// The key of a malformed record: `Keys` first, then either image.
     fn key_of_raw(&self, raw: &Value) -> Result<String, SkipReason> {
         let mut reason = SkipReason::NoKey(self.settings.key_attribute.clone());

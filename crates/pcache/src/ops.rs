@@ -1,0 +1,207 @@
+//! The operator commands for the day something goes wrong: `inspect` (the cache and the table
+//! side by side), `purge` (delete cached copies the safe way) and `redrive` (apply again what the
+//! invalidator gave up on). Each works on the local stack and on real AWS (see `place`), says
+//! which system it touched, and has a dry run where it changes anything.
+
+use std::path::Path;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use local_stack::redrive::{self, Destination, FailedBatch, Outcome};
+use product_cache::config::InvalidatorSettings;
+use product_cache::id::ProductId;
+use product_cache::inspect::{InspectSettings, Inspector, Target as Inspect, Verdict};
+use product_cache::invalidate::Invalidator;
+
+use crate::cli::{InspectArgs, PurgeArgs, RedriveArgs};
+use crate::commands::Error;
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let template = format!("{what} {{bar:40}} {{pos}}/{{len}} ({{per_sec}})");
+    ProgressBar::new(len as u64)
+        .with_style(ProgressStyle::with_template(&template).expect("a valid template"))
+}
+
+/// Prints each key's verdict, both sides where they differ; fails if anything inconsistent
+/// was left in place.
+pub async fn inspect(args: InspectArgs) -> Result<(), Error> {
+    let place = args.target.place().await?;
+    eprintln!("pcache: inspecting {}", place.description);
+    let settings = InspectSettings {
+        sample: args.sample,
+        grace: Duration::from_millis(args.grace_ms),
+        repair: args.repair,
+    };
+    let inspector = Inspector::build(place.read_settings(), settings, &place.sdk).await?;
+    let target = if args.ids.is_empty() {
+        Inspect::Sample(args.sample)
+    } else {
+        Inspect::Ids(args.ids)
+    };
+    let report = inspector.run(target).await?;
+    for row in &report.rows {
+        let side = |v: &Option<String>| v.clone().unwrap_or_else(|| "(nothing)".into());
+        println!(
+            "{:<14} {}  position {}  table version {}",
+            row.verdict.as_str(),
+            row.key,
+            row.cached_position.as_deref().unwrap_or("-"),
+            row.table_version.as_deref().unwrap_or("-"),
+        );
+        if matches!(row.verdict, Verdict::Inconsistent | Verdict::Settled) {
+            println!("    cache: {}", side(&row.cached));
+            println!("    table: {}", side(&row.table));
+        }
+    }
+    let inconsistent = report.count(Verdict::Inconsistent);
+    println!(
+        "{} keys checked: {} consistent, {} inconsistent, {} settled within {} ms, {} not cached; {} repaired",
+        report.checked(),
+        report.count(Verdict::Consistent),
+        inconsistent,
+        report.count(Verdict::Settled),
+        args.grace_ms,
+        report.count(Verdict::NotCached),
+        report.repaired,
+    );
+    if inconsistent > report.repaired {
+        return Err(format!(
+            "{inconsistent} keys differ from the table (purge them with --repair or pcache purge)"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Deletes the ids' keys with their leases, in pipelined chunks.
+pub async fn purge(args: PurgeArgs) -> Result<(), Error> {
+    let place = args.target.place().await?;
+    let mut ids = args.ids;
+    if let Some(path) = &args.from_file {
+        ids.extend(ids_from(path)?);
+    }
+    let keys = ids
+        .iter()
+        .map(|id| {
+            ProductId::parse(id, place.settings.key_type)
+                .map(|id| id.cache_key(&place.settings.key_prefix))
+                .map_err(|e| format!("{id:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cache =
+        product_cache::cache::RedisCache::from_settings(&place.redis, &place.settings, &place.sdk)
+            .await?;
+    let verb = if args.dry_run {
+        "would purge"
+    } else {
+        "purging"
+    };
+    eprintln!(
+        "pcache: {verb} {} keys in {}",
+        keys.len(),
+        place.description
+    );
+    let progress = bar(keys.len(), "purging");
+    let mut held = 0;
+    for chunk in keys.chunks(1000) {
+        held += if args.dry_run {
+            let values = cache.values(chunk).await?;
+            for (key, (value, _)) in chunk.iter().zip(&values) {
+                if value.is_some() {
+                    println!("would purge {key}");
+                }
+            }
+            values.iter().filter(|(v, _)| v.is_some()).count()
+        } else {
+            cache.purge(chunk).await?
+        };
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    if args.dry_run {
+        println!(
+            "dry run: {held} of {} keys hold a value; nothing deleted",
+            keys.len()
+        );
+    } else {
+        println!("purged {} keys ({held} held a value)", keys.len());
+    }
+    Ok(())
+}
+
+fn ids_from(path: &Path) -> Result<Vec<String>, Error> {
+    Ok(local_stack::warm::ids_from_file(path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?)
+}
+
+/// Applies each failed batch again (see `local_stack::redrive`), then removes the records that
+/// were dealt with from their destination.
+pub async fn redrive(args: RedriveArgs) -> Result<(), Error> {
+    let place = args.target.place().await?;
+    let destination = match (&args.queue_url, &args.from_file) {
+        (Some(url), _) => Destination::Sqs {
+            client: aws_sdk_sqs::Client::new(&place.sdk),
+            queue_url: url.clone(),
+        },
+        (None, Some(path)) => Destination::File(path.clone()),
+        (None, None) => Destination::File(args.target.state_dir.join("on-failure.jsonl")),
+    };
+    let invalidator = Invalidator::build(
+        InvalidatorSettings {
+            redis: place.redis.clone(),
+            mode: args.mode,
+            cache: place.settings.clone(),
+        },
+        &place.sdk,
+    )
+    .await?;
+    let streams = aws_sdk_dynamodbstreams::Client::new(&place.sdk);
+    let messages = destination.take().await?;
+    eprintln!(
+        "pcache: {} failed batches to redrive{} in {}",
+        messages.len(),
+        if args.dry_run { " (dry run)" } else { "" },
+        place.description
+    );
+    let progress = bar(messages.len(), "redriving");
+    let mut done = Vec::with_capacity(messages.len());
+    let mut left = 0;
+    for message in &messages {
+        let outcome = match FailedBatch::parse(&message.record) {
+            Ok(batch) => {
+                let reader = redrive::reader_for(&streams, &batch);
+                let outcome = redrive::redrive(&batch, &reader, &invalidator, args.dry_run).await;
+                progress.suspend(|| {
+                    println!(
+                        "{} {}..{}: {outcome}",
+                        batch.shard_id, batch.start, batch.end
+                    )
+                });
+                outcome
+            }
+            Err(e) => {
+                progress.suspend(|| println!("skipped a record: {e}"));
+                Outcome::Failed { why: e.to_string() }
+            }
+        };
+        if matches!(
+            outcome,
+            Outcome::Failed { .. } | Outcome::Unrecoverable { .. }
+        ) {
+            left += 1;
+        }
+        done.push(!args.dry_run && outcome.is_done());
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    destination.settle(&messages, &done).await?;
+    let redriven = done.iter().filter(|d| **d).count();
+    println!(
+        "{redriven} of {} failed batches redriven and removed from the destination",
+        messages.len()
+    );
+    if left > 0 {
+        return Err(format!("{left} failed batches could not be redriven (see above)").into());
+    }
+    Ok(())
+}
