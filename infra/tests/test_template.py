@@ -512,7 +512,7 @@ def test_sam_transform_adds_no_permissions(template):
 
     out = transform_mod.transform(t, {}, Policies())["Resources"]
     roles = {n for n, r in out.items() if r["Type"] == "AWS::IAM::Role"}
-    assert roles == {"ReadFunctionRole", "InvalidatorFunctionRole"}
+    assert roles == {"ReadFunctionRole", "InvalidatorFunctionRole", "InspectorFunctionRole"}
     assert not [n for n, r in out.items() if r["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy")]
     (esm,) = [r["Properties"] for r in out.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
     assert esm["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
@@ -524,9 +524,26 @@ def test_sam_transform_adds_no_permissions(template):
     assert esm["DestinationConfig"]["OnFailure"]["Destination"] == {
         "Fn::GetAtt": ["StreamFailureQueue", "Arn"]
     }
-    for name in ("ReadFunction", "InvalidatorFunction"):
+    for name in ("ReadFunction", "InvalidatorFunction", "InspectorFunction"):
         fn = out[name]["Properties"]
         assert fn["Architectures"] == ["arm64"] and fn["Runtime"] == "provided.al2023"
         assert fn["Role"] == {"Fn::GetAtt": [f"{name}Role", "Arn"]}
-    permissions = [r for r in out.values() if r["Type"] == "AWS::Lambda::Permission"]
-    assert len(permissions) == 1 and permissions[0]["Properties"]["Principal"] == "apigateway.amazonaws.com"
+    # Invoking is granted to API Gateway (the read function) and to the inspector's schedule
+    # rule only, each on its own function and source.
+    permissions = {
+        r["Properties"]["Principal"]: r["Properties"]
+        for r in out.values() if r["Type"] == "AWS::Lambda::Permission"
+    }
+    assert set(permissions) == {"apigateway.amazonaws.com", "events.amazonaws.com"}
+    assert permissions["apigateway.amazonaws.com"]["FunctionName"] == {"Ref": "ReadFunction"}
+    events = permissions["events.amazonaws.com"]
+    assert events["FunctionName"] == {"Ref": "InspectorFunction"}
+    (rule_name, rule), = [(n, r["Properties"]) for n, r in out.items() if r["Type"] == "AWS::Events::Rule"]
+    assert events["SourceArn"] == {"Fn::GetAtt": [rule_name, "Arn"]}
+    assert rule["ScheduleExpression"] == {
+        "Fn::FindInMap": ["InspectorIntervals", {"Ref": "InspectorIntervalMinutes"}, "Rate"]
+    }
+    assert [tg["Arn"] for tg in rule["Targets"]] == [{"Fn::GetAtt": ["InspectorFunction", "Arn"]}]
+    # A failed run is not retried (the schedule is the retry).
+    (invoke_config,) = [r["Properties"] for r in out.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"]
+    assert invoke_config["MaximumRetryAttempts"] == 0
