@@ -1078,6 +1078,446 @@ def check_checkov_skips(t: dict) -> list[str]:
     return problems
 
 
+# ---- metrics, the inspector, alarms on the functions' metrics, the dashboard ----------------------
+
+# What each function emits (the `Function` dimension -> metric names), as the code defines them in
+# crates/product-cache/src/metrics.rs and inspect.rs; `emitted_metrics_in_code` reads them back
+# from there so this list cannot drift.
+EMITTED = {
+    "read": {"Hits", "Misses", "Bypasses", "LeaseWaits", "LeaseWaitTime", "RefusedFills", "InvalidRequests"},
+    "invalidator": {
+        "BatchSize", "RecordsApplied", "RecordsRefusedAsOlder", "RecordsSkippedMalformed",
+        "RecordsFailed", "InvalidationLag",
+    },
+    "inspector": {"KeysChecked", "InconsistentKeys", "KeysSettled", "KeysRepaired"},
+}
+METRICS_NS = "MetricsNamespace"
+INSPECT_VARIABLES = {
+    "INSPECT_SAMPLE": "InspectorSampleSize",
+    "INSPECT_GRACE_MS": "InspectorGraceMs",
+    "INSPECT_REPAIR": "InspectorRepair",
+}
+INTERVALS = "InspectorIntervals"
+
+
+def emitted_metrics_in_code() -> dict[str, set[str]]:
+    """Function dimension -> metric names, from the Rust sources: each `Recorder::off("<fn>",
+    &<module>::ALL)` and the `count("..")` / `millis("..")` constants of that module."""
+    src = REPO / "crates/product-cache/src"
+    files = {p: p.read_text() for p in src.rglob("*.rs")}
+    out: dict[str, set[str]] = {}
+    for text in files.values():
+        for function, module in re.findall(r'Recorder::off\("(\w+)",\s*&([\w:]+)::ALL\)', text):
+            name = module.split("::")[-1]
+            for body in files.values():
+                m = re.search(r"pub mod %s \{(.*?)\n\}" % re.escape(name), body, re.S)
+                if m:
+                    out[function] = set(re.findall(r'(?:count|millis)\("(\w+)"\)', m.group(1)))
+    return out
+
+
+def _env(t: dict, function: str) -> dict:
+    return props(t, function).get("Environment", {}).get("Variables", {}) or {}
+
+
+def _interval_seconds(node: Any) -> bool:
+    """!FindInMap [InspectorIntervals, !Ref InspectorIntervalMinutes, Seconds]"""
+    return node == {"Fn::FindInMap": [INTERVALS, {"Ref": "InspectorIntervalMinutes"}, "Seconds"]}
+
+
+def check_metrics_environment(t: dict) -> list[str]:
+    """All three functions write their metrics to MetricsNamespace with Service = the stack name,
+    which is what the alarms and the dashboard read; the namespace cannot be `off`."""
+    problems = []
+    for fn in EXPECTED_BINARIES:
+        env = _env(t, fn)
+        if not is_ref(env.get("METRICS_SERVICE"), "AWS::StackName"):
+            problems.append(f"{fn}: METRICS_SERVICE must be !Ref AWS::StackName")
+        if not is_ref(env.get("METRICS_NAMESPACE"), METRICS_NS):
+            problems.append(f"{fn}: METRICS_NAMESPACE must be !Ref {METRICS_NS}")
+    param = t.get("Parameters", {}).get(METRICS_NS, {})
+    pattern = param.get("AllowedPattern")
+    if param.get("Default") != "ProductCache":
+        problems.append(f"{METRICS_NS} must default to ProductCache (the code's default)")
+    if not pattern:
+        problems.append(f"{METRICS_NS} needs an AllowedPattern")
+    else:
+        for value, ok in (("ProductCache", True), ("off", False), ("OFF", False), ("AWS/Lambda", False), ("", False)):
+            if bool(re.fullmatch(pattern, value)) != ok:
+                problems.append(f"{METRICS_NS} pattern {'rejects' if ok else 'accepts'} {value!r}")
+    return problems
+
+
+def check_inspector(t: dict) -> list[str]:
+    """The inspector runs on a schedule whose interval is also its alarms' period, sees the
+    cache and the table exactly as the read function does (same variables and values; its own
+    cache user in iam mode), and has time for its grace period."""
+    p = props(t, INSPECTOR)
+    if not p:
+        return [f"no {INSPECTOR}"]
+    problems = []
+    schedules = [e.get("Properties", {}) for e in (p.get("Events") or {}).values() if e.get("Type") == "Schedule"]
+    if len(schedules) != 1:
+        problems.append(f"{INSPECTOR} must have exactly one Schedule event")
+    elif schedules[0].get("Schedule") != {"Fn::FindInMap": [INTERVALS, {"Ref": "InspectorIntervalMinutes"}, "Rate"]}:
+        problems.append(f"{INSPECTOR} schedule must come from {INTERVALS} by InspectorIntervalMinutes")
+    if [e for e in (p.get("Events") or {}).values() if e.get("Type") != "Schedule"]:
+        problems.append(f"{INSPECTOR} must have no other event source")
+    intervals = t.get("Mappings", {}).get(INTERVALS, {})
+    allowed = t.get("Parameters", {}).get("InspectorIntervalMinutes", {}).get("AllowedValues", [])
+    if {str(v) for v in allowed} != set(intervals) or not allowed:
+        problems.append(f"InspectorIntervalMinutes AllowedValues {allowed} must be the keys of {INTERVALS}")
+    for minutes, row in intervals.items():
+        unit = "minute" if minutes == "1" else "minutes"
+        if row.get("Rate") != f"rate({minutes} {unit})" or row.get("Seconds") != 60 * int(minutes):
+            problems.append(f"{INTERVALS}[{minutes}] is {row}, must be rate({minutes} {unit}) and {60 * int(minutes)} s")
+    # The read function's environment, unchanged, plus INSPECT_* and (iam mode) its own user.
+    for mode in AUTH_MODES:
+        d = deployed(t, {"CacheAuthMode": mode})
+        read_env, env = _env(d, READ), dict(_env(d, INSPECTOR))
+        for var, param in INSPECT_VARIABLES.items():
+            if not is_ref(env.pop(var, None), param):
+                problems.append(f"{INSPECTOR}: {var} must be !Ref {param}")
+        want = dict(read_env)
+        if mode == "iam":
+            want["REDIS_IAM_USER"] = {"Ref": INSPECTOR_USER}
+        for var in sorted(set(want) | set(env)):
+            if want.get(var) != env.get(var):
+                problems.append(
+                    f"CacheAuthMode={mode}: {INSPECTOR} {var} is {env.get(var)!r}, the read function's is {want.get(var)!r}"
+                )
+    if t.get("Parameters", {}).get("InspectorRepair", {}).get("Default") != "false":
+        problems.append("InspectorRepair must default to false (findings are looked at before anything is deleted)")
+    grace = t.get("Parameters", {}).get("InspectorGraceMs", {})
+    timeout = p.get("Timeout")
+    if "MaxValue" not in grace or not isinstance(timeout, int) or timeout * 1000 < float(grace["MaxValue"]) + 20_000:
+        problems.append(f"{INSPECTOR}.Timeout {timeout} s must exceed the longest InspectorGraceMs by 20 s (the reads, a cold start)")
+    if default_of(t, {"Ref": "InspectorReservedConcurrency"}) != 1:
+        problems.append("InspectorReservedConcurrency must default to 1 (runs never overlap)")
+    return problems
+
+
+def _alarm_on(t: dict, function: str, metric: str) -> list[tuple[str, dict]]:
+    """Alarms on one of the functions' own metrics (single metric, not math)."""
+    out = []
+    for name, a in resources(t, "AWS::CloudWatch::Alarm").items():
+        p = a.get("Properties", {})
+        dims = {d.get("Name"): d.get("Value") for d in as_list(p.get("Dimensions"))}
+        if (p.get("MetricName") == metric and is_ref(p.get("Namespace"), METRICS_NS)
+                and dims == {"Service": {"Ref": "AWS::StackName"}, "Function": function}):
+            out.append((name, p))
+    return out
+
+
+def _math_metrics(p: dict) -> dict[str, dict]:
+    """id -> the MetricStat.Metric of each metric in an alarm's Metrics."""
+    return {
+        m["Id"]: m["MetricStat"]["Metric"]
+        for m in as_list(p.get("Metrics")) if isinstance(m, dict) and "MetricStat" in m
+    }
+
+
+def evaluate_expression(expression: str, values: dict[str, float]) -> float:
+    """A metric math expression of the kind the alarms use (arithmetic, comparisons, IF and
+    FILL) on one data point per metric."""
+    if not re.fullmatch(r"[\w\s.+\-*/()<>=!,]*", expression):
+        raise ValueError(f"unsupported expression {expression!r}")
+    env = {"IF": lambda c, a, b: a if c else b, "FILL": lambda x, v: v if x is None else x, **values}
+    return float(eval(expression, {"__builtins__": {}}, env))  # noqa: S307 (our own template)
+
+
+def _math_value(p: dict, values: dict[str, float]) -> float:
+    """The value an expression alarm compares with its threshold, for given metric values."""
+    known = dict(values)
+    expressions = [m for m in as_list(p.get("Metrics")) if isinstance(m, dict) and "Expression" in m]
+    for _ in expressions:  # expressions may refer to each other, in any order
+        for m in expressions:
+            try:
+                known[m["Id"]] = evaluate_expression(m["Expression"], known)
+            except NameError:
+                pass
+    (returned,) = [m["Id"] for m in as_list(p.get("Metrics")) if isinstance(m, dict) and m.get("ReturnData")]
+    return known[returned]
+
+
+def _breaches(p: dict, value: float) -> bool:
+    op, th = p.get("ComparisonOperator"), float(p.get("Threshold"))
+    return {"GreaterThanThreshold": value > th, "GreaterThanOrEqualToThreshold": value >= th,
+            "LessThanThreshold": value < th, "LessThanOrEqualToThreshold": value <= th}[op]
+
+
+def check_metric_alarms(t: dict) -> list[str]:
+    """The alarms on the functions' own metrics keep the thresholds and the missing-data
+    treatment infra/README.md documents, and watch only metrics the functions emit."""
+    problems = []
+    params = t.get("Parameters", {})
+
+    def one(function: str, metric: str) -> dict:
+        found = _alarm_on(t, function, metric)
+        if len(found) != 1:
+            problems.append(f"need exactly one alarm on {function} {metric}, found {[n for n, _ in found]}")
+            return {}
+        return found[0][1]
+
+    # Any inconsistency past the grace period, judged once per run interval.
+    p = one("inspector", "InconsistentKeys")
+    if p and not (p.get("Statistic") == "Sum" and _interval_seconds(p.get("Period"))
+                  and p.get("ComparisonOperator") == "GreaterThanThreshold" and float(p.get("Threshold", -1)) == 0
+                  and p.get("TreatMissingData") == "notBreaching"):
+        problems.append("InconsistentKeys alarm must be Sum over the inspector's interval > 0, missing data not breaching")
+    # An inspector that stops running must be noticed: a missing KeysChecked breaches, any
+    # present data point (a run, even of 0 keys) does not.
+    p = one("inspector", "KeysChecked")
+    if p:
+        present_ok = p.get("Statistic") == "SampleCount" and not _breaches(p, 1)
+        if not (present_ok and p.get("TreatMissingData") == "breaching" and _interval_seconds(p.get("Period"))
+                and int(p.get("EvaluationPeriods", 0)) >= 2
+                and int(p.get("DatapointsToAlarm", p.get("EvaluationPeriods", 0))) == int(p.get("EvaluationPeriods", 0))):
+            problems.append("KeysChecked heartbeat must breach on missing data only, over 2+ whole inspector intervals")
+    # Invalidation lag p99 above a parameter whose default allows for the 1 s coarseness and
+    # stays within the inspector's grace period.
+    p = one("invalidator", "InvalidationLag")
+    if p:
+        lag = params.get("InvalidationLagAlarmMs", {})
+        if not (p.get("ExtendedStatistic") == "p99" and is_ref(p.get("Threshold"), "InvalidationLagAlarmMs")
+                and p.get("ComparisonOperator") == "GreaterThanThreshold" and p.get("TreatMissingData") == "notBreaching"):
+            problems.append("InvalidationLag alarm must be p99 > InvalidationLagAlarmMs, missing data not breaching")
+        if float(lag.get("MinValue", 0)) < 2000:
+            problems.append("InvalidationLagAlarmMs may be below 2000 ms: values carry up to 1 s of rounding")
+        if float(lag.get("Default", 1e9)) > float(params.get("InspectorGraceMs", {}).get("Default", 0)):
+            problems.append("InvalidationLagAlarmMs default exceeds InspectorGraceMs: lag the inspector counts as inconsistency would not alarm as lag")
+    p = one("invalidator", "RecordsSkippedMalformed")
+    if p and not (p.get("Statistic") == "Sum" and float(p.get("Threshold", -1)) == 0
+                  and p.get("ComparisonOperator") == "GreaterThanThreshold" and p.get("TreatMissingData") == "notBreaching"):
+        problems.append("RecordsSkippedMalformed alarm must be Sum > 0, missing data not breaching")
+    # The inspector's failures show at once, not only after the heartbeat's intervals.
+    errors = [n for n, a in resources(t, "AWS::CloudWatch::Alarm").items()
+              if a["Properties"].get("MetricName") == "Errors"
+              and INSPECTOR in referenced_names(a["Properties"].get("Dimensions"))]
+    if not errors:
+        problems.append(f"no Errors alarm on {INSPECTOR}")
+
+    # Bypass rate: Bypasses / (Hits + Misses + Bypasses) of the read function, above 5% for 3
+    # of 5 minutes, missing data not breaching; minutes too quiet to judge do not breach.
+    bypass = [
+        (n, a["Properties"]) for n, a in resources(t, "AWS::CloudWatch::Alarm").items()
+        if any(m.get("MetricName") == "Bypasses" for m in _math_metrics(a["Properties"]).values())
+    ]
+    if len(bypass) != 1:
+        problems.append(f"need exactly one bypass-rate alarm, found {[n for n, _ in bypass]}")
+    else:
+        name, p = bypass[0]
+        metrics = _math_metrics(p)
+        by_name = {m.get("MetricName"): i for i, m in metrics.items()}
+        if set(by_name) != {"Hits", "Misses", "Bypasses"}:
+            problems.append(f"{name} must combine Hits, Misses and Bypasses, has {sorted(by_name)}")
+        for i, m in metrics.items():
+            dims = {d.get("Name"): d.get("Value") for d in as_list(m.get("Dimensions"))}
+            if not is_ref(m.get("Namespace"), METRICS_NS) or dims != {"Service": {"Ref": "AWS::StackName"}, "Function": "read"}:
+                problems.append(f"{name}: {i} is not the read function's metric of this stack")
+        if set(by_name) == {"Hits", "Misses", "Bypasses"}:
+            def rate(hits: float, misses: float, bypasses: float) -> float:
+                return _math_value(p, {by_name["Hits"]: hits, by_name["Misses"]: misses, by_name["Bypasses"]: bypasses})
+            try:
+                if not (_breaches(p, rate(900, 40, 60)) and not _breaches(p, rate(900, 60, 40))):
+                    problems.append(f"{name} must breach above 5% bypassed reads and not below")
+                if _breaches(p, rate(5, 0, 5)):
+                    problems.append(f"{name} breaches on a quiet minute (10 reads), where one cold start passes 5%")
+                if not _breaches(p, rate(0, 0, 1000)):
+                    problems.append(f"{name} must breach when every read bypasses (Redis down)")
+            except (KeyError, ValueError, ZeroDivisionError, SyntaxError) as e:
+                problems.append(f"{name}: cannot evaluate its expression ({e!r})")
+        if (p.get("EvaluationPeriods"), p.get("DatapointsToAlarm"), p.get("TreatMissingData")) != (5, 3, "notBreaching"):
+            problems.append(f"{name} must alarm on 3 of 5 minutes, missing data not breaching")
+        if any(m.get("MetricStat", {}).get("Period") != 60 for m in as_list(p.get("Metrics")) if "MetricStat" in m):
+            problems.append(f"{name} must evaluate per minute")
+
+    # Every alarm on the functions' metrics watches something they emit, and every alarm goes to
+    # the topic and fits CloudFormation's description limit.
+    for name, a in resources(t, "AWS::CloudWatch::Alarm").items():
+        p = a["Properties"]
+        watched = [p] + list(_math_metrics(p).values())
+        for m in watched:
+            if not is_ref(m.get("Namespace"), METRICS_NS):
+                continue
+            dims = {d.get("Name"): d.get("Value") for d in as_list(m.get("Dimensions"))}
+            if m.get("MetricName") not in EMITTED.get(dims.get("Function"), set()):
+                problems.append(f"{name} watches {dims.get('Function')} {m.get('MetricName')}, which is not emitted")
+        for key in ("AlarmActions", "OKActions"):
+            if p.get(key) != {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}:
+                problems.append(f"{name}.{key} must be the AlarmTopicArn (when set)")
+        if not 40 <= len(str(p.get("AlarmDescription", ""))) <= 1024:
+            problems.append(f"{name}.AlarmDescription must say why in at most 1024 characters")
+    return problems
+
+
+# ---- the dashboard ---------------------------------------------------------------------------------
+
+
+def placeholder(name: str) -> str:
+    return f"<{name}>"
+
+
+def render(t: dict, node: Any, variables: dict[str, str] | None = None) -> Any:
+    """Evaluates Ref, GetAtt, Sub, Join and FindInMap (Fn::If already resolved), with each
+    resource and pseudo parameter standing for `<Name>` and each parameter for its default."""
+    variables = variables or {}
+    if isinstance(node, list):
+        return [render(t, v, variables) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "Ref" in node:
+        name = node["Ref"]
+        if name in variables:
+            return variables[name]
+        if name in t.get("Parameters", {}):
+            return str(t["Parameters"][name].get("Default", ""))
+        return placeholder(name)
+    if "Fn::GetAtt" in node:
+        res, attr = getatt(node)
+        return placeholder(f"{res}.{attr}")
+    if "Fn::Join" in node:
+        sep, items = node["Fn::Join"]
+        return sep.join(str(render(t, i, variables)) for i in items)
+    if "Fn::FindInMap" in node:
+        m, k1, k2 = (render(t, x, variables) for x in node["Fn::FindInMap"])
+        return t["Mappings"][m][str(k1)][k2]
+    if "Fn::Sub" in node:
+        sub = node["Fn::Sub"]
+        text, local = (sub, {}) if isinstance(sub, str) else (sub[0], sub[1])
+        local = {k: str(render(t, v, variables)) for k, v in local.items()}
+
+        def value(m: re.Match) -> str:
+            name = m.group(1)
+            if name in local:
+                return local[name]
+            if "." in name:
+                return placeholder(name)
+            return str(render(t, {"Ref": name}, variables))
+        return re.sub(r"\$\{(?!!)([^}]+)\}", value, text)
+    return {k: render(t, v, variables) for k, v in node.items()}
+
+
+def dashboard_bodies(t: dict) -> Iterator[tuple[dict[str, str], Any]]:
+    """(parameters, the dashboard body as CloudFormation would send it) for every cache topology
+    and inspector interval; the body is a string, json-decoded by the caller."""
+    dashboards = resources(t, "AWS::CloudWatch::Dashboard")
+    for name, r in dashboards.items():
+        for shards in t["Parameters"]["CacheShards"].get("AllowedValues", []):
+            for replicas in t["Parameters"]["CacheReplicasPerShard"].get("AllowedValues", []):
+                for minutes in t["Parameters"].get("InspectorIntervalMinutes", {}).get("AllowedValues", [5]):
+                    params = {"CacheShards": str(shards), "CacheReplicasPerShard": str(replicas),
+                              "InspectorIntervalMinutes": str(minutes)}
+                    body = resolve_ifs(t, r["Properties"].get("DashboardBody"), params)
+                    yield params, render(t, body, {"InspectorIntervalMinutes": str(minutes)})
+
+
+def _metric_rows(widget: dict) -> list[tuple[list, dict]]:
+    """(row without options, options) of a metric widget, with "." repeats filled in."""
+    rows, previous = [], []
+    for row in widget.get("properties", {}).get("metrics", []):
+        options = row[-1] if row and isinstance(row[-1], dict) else {}
+        values = row[:-1] if options else row
+        if options.get("expression") is not None:
+            rows.append(([], options))
+            continue
+        values = [previous[i] if v == "." and i < len(previous) else v for i, v in enumerate(values)]
+        previous = values
+        rows.append((values, options))
+    return rows
+
+
+def check_dashboard(t: dict) -> list[str]:
+    """The dashboard's body is JSON once CloudFormation has substituted it, names only metrics
+    the functions emit (in this stack's namespace and service) and resources of this stack, shows
+    what the issue asks for, and graphs every cache node the topology has and no other."""
+    dashboards = resources(t, "AWS::CloudWatch::Dashboard")
+    if len(dashboards) != 1:
+        return [f"need exactly one dashboard, found {sorted(dashboards)}"]
+    (dash_name,) = dashboards
+    problems = []
+    out = t.get("Outputs", {}).get("DashboardUrl", {}).get("Value")
+    if dash_name not in referenced_names(out):
+        problems.append(f"output DashboardUrl must name {dash_name}")
+    ns, stack = str(t["Parameters"][METRICS_NS].get("Default")), placeholder("AWS::StackName")
+    names = set(t.get("Resources", {}))
+    for params, text in dashboard_bodies(t):
+        where = f"dashboard with {params}"
+        try:
+            body = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            problems.append(f"{where}: body is not JSON after substitution: {e}")
+            continue
+        own: dict[str, set[tuple[str, str]]] = {}  # function -> {(metric, stat)}
+        aws: set[tuple[str, str]] = set()
+        nodes: set[str] = set()
+        expressions: list[str] = []
+        for w in body.get("widgets", []):
+            if w.get("type") != "metric":
+                continue
+            props_ = w.get("properties", {})
+            if props_.get("region") != placeholder("AWS::Region"):
+                problems.append(f"{where}: widget {props_.get('title')!r} is not in the stack's Region")
+            ids, widget_expressions = set(), []
+            for values, options in _metric_rows(w):
+                if "id" in options:
+                    ids.add(options["id"])
+                if options.get("expression") is not None:
+                    widget_expressions.append(options["expression"])
+                    continue
+                if len(values) < 2 or len(values) % 2:
+                    problems.append(f"{where}: malformed metric row {values}")
+                    continue
+                namespace, metric, dims = values[0], values[1], dict(zip(values[2::2], values[3::2]))
+                stat = options.get("stat", props_.get("stat"))
+                if namespace == ns:
+                    fn = dims.get("Function")
+                    if dims != {"Service": stack, "Function": fn} or metric not in EMITTED.get(fn, set()):
+                        problems.append(f"{where}: {metric} {dims} is not a metric the functions emit for this stack")
+                    own.setdefault(fn, set()).add((metric, stat))
+                elif namespace.startswith("AWS/"):
+                    aws.add((namespace, metric))
+                    for v in dims.values():
+                        base = str(v).strip("<>").split(".")[0]
+                        if namespace == "AWS/ElastiCache":
+                            nodes.add(str(v).replace(placeholder(CACHE), ""))
+                        elif not (str(v).startswith("<") and base in names):
+                            problems.append(f"{where}: {namespace} {metric} names {v!r}, not a resource of this stack")
+                else:
+                    problems.append(f"{where}: namespace {namespace!r} is neither MetricsNamespace nor AWS's")
+            for e in widget_expressions:
+                missing = set(re.findall(r"\b([a-z]\w*)\b", e)) - ids
+                if missing:
+                    problems.append(f"{where}: expression {e!r} uses ids {sorted(missing)} its widget lacks")
+            expressions += widget_expressions
+        wanted = {
+            "read": {("Hits", "Sum"), ("Misses", "Sum"), ("Bypasses", "Sum"), ("LeaseWaits", "Sum"), ("RefusedFills", "Sum")},
+            "invalidator": {("InvalidationLag", "p50"), ("InvalidationLag", "p99"), ("InvalidationLag", "Maximum"),
+                            ("BatchSize", "Average"), ("RecordsApplied", "Sum"), ("RecordsRefusedAsOlder", "Sum"),
+                            ("RecordsSkippedMalformed", "Sum"), ("RecordsFailed", "Sum")},
+            "inspector": {("KeysChecked", "Sum"), ("InconsistentKeys", "Sum")},
+        }
+        for fn, want in wanted.items():
+            missing = want - own.get(fn, set())
+            if missing:
+                problems.append(f"{where}: no graph of {fn} {sorted(missing)}")
+        for pattern in (r"hits\s*/\s*\(hits \+ misses \+ bypasses\)", r"bypasses\s*/\s*\(hits \+ misses \+ bypasses\)"):
+            if not any(re.search(pattern, e) for e in expressions):
+                problems.append(f"{where}: no expression {pattern}")
+        # The AWS metrics the stack alarms on are on the dashboard too.
+        for name, a in resources(t, "AWS::CloudWatch::Alarm").items():
+            p = a["Properties"]
+            for m in [p] + list(_math_metrics(p).values()):
+                ns_ = m.get("Namespace")
+                if isinstance(ns_, str) and ns_.startswith("AWS/") and (ns_, m.get("MetricName")) not in aws:
+                    problems.append(f"{where}: {name}'s {ns_} {m.get('MetricName')} is not graphed")
+        shards, replicas = int(params["CacheShards"]), int(params["CacheReplicasPerShard"])
+        want_nodes = {f"-{s_:04d}-{n:03d}" for s_ in range(1, shards + 1) for n in range(1, replicas + 2)}
+        if nodes != want_nodes:
+            problems.append(f"{where}: cache graphs show {sorted(nodes)}, the cache has {sorted(want_nodes)}")
+    return problems
+
+
 ALL_CHECKS = [
     check_stream_event_source,
     check_record_age_covers_ttl,
@@ -1098,4 +1538,9 @@ ALL_CHECKS = [
     check_function_sizing,
     check_outputs,
     check_checkov_skips,
+    check_inspector,
+    check_inspector_policies,
+    check_metrics_environment,
+    check_metric_alarms,
+    check_dashboard,
 ]

@@ -388,6 +388,175 @@ def unconfirmed_invalidations(t):
     del t["Resources"][c.INVALIDATOR]["Properties"]["Environment"]["Variables"]["REDIS_CONFIRM_REPLICAS"]
 
 
+# ---- the inspector, metrics, alarms on them, the dashboard ------------------------------------------
+
+
+INSPECTOR_USER = c.INSPECTOR_USER
+
+
+def inspector_env(t):
+    return props(t, c.INSPECTOR)["Environment"]["Variables"]
+
+
+def dashboard_text(t):
+    return props(t, "Dashboard")["DashboardBody"]["Fn::Sub"]
+
+
+def set_dashboard_text(t, text):
+    props(t, "Dashboard")["DashboardBody"]["Fn::Sub"][0] = text
+
+
+def inspector_key_type_drifts(t):
+    inspector_env(t)["KEY_TYPE"] = "S"
+
+
+def inspector_without_version_attribute(t):
+    del inspector_env(t)["VERSION_ATTRIBUTE"]
+
+
+def inspector_signs_as_the_functions_user(t):
+    inspector_env(t)["REDIS_IAM_USER"] = {"Fn::If": ["IamAuth", {"Ref": IAM_USER}, {"Ref": "AWS::NoValue"}]}
+
+
+def inspector_schedule_not_the_interval(t):
+    props(t, c.INSPECTOR)["Events"]["Schedule"]["Properties"]["Schedule"] = "rate(5 minutes)"
+
+
+def interval_mapping_disagrees(t):
+    t["Mappings"]["InspectorIntervals"]["5"]["Seconds"] = 60
+
+
+def inspector_repairs_by_default(t):
+    t["Parameters"]["InspectorRepair"]["Default"] = "true"
+
+
+def inspector_timeout_within_grace(t):
+    props(t, c.INSPECTOR)["Timeout"] = 30
+
+
+def inspector_can_put_item(t):
+    role_policy(t, "InspectorFunctionRole")[0]["Action"] = ["dynamodb:GetItem", "dynamodb:PutItem"]
+
+
+def inspector_connects_as_the_functions_user(t):
+    connect_statement(t, "InspectorFunctionRole")["Resource"][1] = {"Fn::GetAtt": [IAM_USER, "Arn"]}
+
+
+def inspector_user_may_set(t):
+    props(t, INSPECTOR_USER)["AccessString"] += " +set"
+
+
+def inspector_user_on_every_key(t):
+    props(t, INSPECTOR_USER)["AccessString"] = props(t, INSPECTOR_USER)["AccessString"].replace("~product:*", "~*")
+
+
+def functions_user_gets_randomkey(t):
+    props(t, IAM_USER)["AccessString"] += " +randomkey"
+
+
+def inspector_user_not_in_group(t):
+    props(t, USER_GROUP)["UserIds"] = [u for u in props(t, USER_GROUP)["UserIds"] if u != {"Ref": INSPECTOR_USER}]
+
+
+def service_is_not_the_stack(t):
+    props(t, READ)["Environment"]["Variables"]["METRICS_SERVICE"] = "product-cache"
+
+
+def inspector_without_namespace(t):
+    del inspector_env(t)["METRICS_NAMESPACE"]
+
+
+def namespace_may_be_off(t):
+    t["Parameters"]["MetricsNamespace"]["AllowedPattern"] = ".*"
+
+
+def inconsistency_threshold_raised(t):
+    props(t, "InconsistentKeysAlarm")["Threshold"] = 5
+
+
+def inconsistency_period_not_the_interval(t):
+    props(t, "InconsistentKeysAlarm")["Period"] = 300
+
+
+def heartbeat_ignores_missing_data(t):
+    props(t, "InspectorHeartbeatAlarm")["TreatMissingData"] = "notBreaching"
+
+
+def heartbeat_fires_on_a_present_zero(t):
+    props(t, "InspectorHeartbeatAlarm")["Statistic"] = "Sum"
+
+
+def no_heartbeat(t):
+    del t["Resources"]["InspectorHeartbeatAlarm"]
+
+
+def no_inspector_errors_alarm(t):
+    del t["Resources"]["InspectorErrorsAlarm"]
+
+
+def bypass_rate_inverted(t):
+    props(t, "BypassRateAlarm")["Metrics"][0]["Expression"] = "IF(reads >= 60, 100 * (hits + misses) / reads, 0)"
+
+
+def bypass_rate_without_volume_guard(t):
+    props(t, "BypassRateAlarm")["Metrics"][0]["Expression"] = "100 * bypasses / reads"
+
+
+def bypass_rate_breaches_on_missing_data(t):
+    props(t, "BypassRateAlarm")["TreatMissingData"] = "breaching"
+
+
+def lag_alarm_on_the_average(t):
+    p = props(t, "InvalidationLagAlarm")
+    del p["ExtendedStatistic"]
+    p["Statistic"] = "Average"
+
+
+def lag_threshold_within_the_rounding(t):
+    t["Parameters"]["InvalidationLagAlarmMs"]["MinValue"] = 500
+
+
+def lag_threshold_beyond_the_grace_period(t):
+    t["Parameters"]["InvalidationLagAlarmMs"]["Default"] = 10000
+
+
+def alarm_on_a_metric_nobody_emits(t):
+    props(t, "MalformedRecordsAlarm")["MetricName"] = "RecordsMalformed"
+
+
+def alarm_without_the_topic(t):
+    del props(t, "BypassRateAlarm")["AlarmActions"]
+
+
+def dashboard_not_json(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"widgets": [', '"widgets": [,', 1))
+
+
+def dashboard_metric_typo(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"LeaseWaits"', '"LeaseWait"', 1))
+
+
+def dashboard_other_service(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"Service", "${AWS::StackName}"', '"Service", "product-cache"', 1))
+
+
+def dashboard_without_lag_p99(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"stat": "p99", "label": "p99"}],\n', '"stat": "p90", "label": "p90"}],\n'))
+
+
+def dashboard_without_iterator_age(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"IteratorAge"', '"Duration"'))
+
+
+def dashboard_misses_third_shard(t):
+    rows = dashboard_text(t)[1]["CacheMemoryNodes"]["Fn::Join"][1]
+    rows[:] = [r for r in rows if "0003-" not in str(r)]
+
+
+def dashboard_expression_without_its_metric(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('{"id": "misses", "visible": false}', '{"id": "miss", "visible": false}', 1))
+
+
 WEAKENED = [
     (unconfirmed_invalidations, c.check_environment),
     (drop_report_batch_item_failures, c.check_stream_event_source),
@@ -468,6 +637,45 @@ WEAKENED = [
     (secret_referenced_outside_token_mode, c.check_conditional_references),
     (open_egress_under_a_condition, c.check_security_groups),
     (secrets_egress_in_iam_mode, c.check_auth_modes),
+    (inspector_key_type_drifts, c.check_inspector),
+    (inspector_without_version_attribute, c.check_inspector),
+    (inspector_signs_as_the_functions_user, c.check_inspector),
+    (inspector_signs_as_the_functions_user, c.check_auth_modes),
+    (inspector_schedule_not_the_interval, c.check_inspector),
+    (interval_mapping_disagrees, c.check_inspector),
+    (inspector_repairs_by_default, c.check_inspector),
+    (inspector_timeout_within_grace, c.check_inspector),
+    (inspector_can_put_item, c.check_inspector_policies),
+    (inspector_connects_as_the_functions_user, c.check_inspector_policies),
+    (inspector_connects_as_the_functions_user, c.check_auth_modes),
+    (inspector_user_may_set, c.check_auth_modes),
+    (inspector_user_on_every_key, c.check_auth_modes),
+    (functions_user_gets_randomkey, c.check_auth_modes),
+    (inspector_user_not_in_group, c.check_auth_modes),
+    (service_is_not_the_stack, c.check_metrics_environment),
+    (inspector_without_namespace, c.check_metrics_environment),
+    (namespace_may_be_off, c.check_metrics_environment),
+    (inconsistency_threshold_raised, c.check_metric_alarms),
+    (inconsistency_period_not_the_interval, c.check_metric_alarms),
+    (heartbeat_ignores_missing_data, c.check_metric_alarms),
+    (heartbeat_fires_on_a_present_zero, c.check_metric_alarms),
+    (no_heartbeat, c.check_metric_alarms),
+    (no_inspector_errors_alarm, c.check_metric_alarms),
+    (bypass_rate_inverted, c.check_metric_alarms),
+    (bypass_rate_without_volume_guard, c.check_metric_alarms),
+    (bypass_rate_breaches_on_missing_data, c.check_metric_alarms),
+    (lag_alarm_on_the_average, c.check_metric_alarms),
+    (lag_threshold_within_the_rounding, c.check_metric_alarms),
+    (lag_threshold_beyond_the_grace_period, c.check_metric_alarms),
+    (alarm_on_a_metric_nobody_emits, c.check_metric_alarms),
+    (alarm_without_the_topic, c.check_metric_alarms),
+    (dashboard_not_json, c.check_dashboard),
+    (dashboard_metric_typo, c.check_dashboard),
+    (dashboard_other_service, c.check_dashboard),
+    (dashboard_without_lag_p99, c.check_dashboard),
+    (dashboard_without_iterator_age, c.check_dashboard),
+    (dashboard_misses_third_shard, c.check_dashboard),
+    (dashboard_expression_without_its_metric, c.check_dashboard),
 ]
 
 
@@ -493,6 +701,11 @@ def test_every_check_has_a_weakened_case():
 def test_every_environment_variable_is_read_by_the_code(template):
     """A variable the template sets but no Rust source names would be silently ignored."""
     assert c.env_names_missing_from_code(template) == set()
+
+
+def test_emitted_metrics_match_the_code():
+    """The metric list the alarm and dashboard checks use is the one the functions emit."""
+    assert c.emitted_metrics_in_code() == c.EMITTED
 
 
 def test_sam_transform_adds_no_permissions(template):

@@ -203,3 +203,76 @@ async fn samples_every_primary_of_a_cluster() {
     assert_eq!(report.checked(), 30, "keys from every primary");
     assert_eq!(inconsistent(&report), [corrupt_key]);
 }
+
+/// The inspector works as a user with exactly its documented rules, and the functions' user,
+/// which has no `RANDOMKEY`, cannot draw its sample.
+#[tokio::test]
+async fn runs_under_its_documented_least_privilege_user() {
+    let env = TestEnv::new(Delete).await;
+    let mut args: Vec<String> = Vec::new();
+    for (user, rules) in [
+        ("functions", product_cache::acl::rules("product:")),
+        ("inspector", product_cache::acl::inspector_rules("product:")),
+    ] {
+        args.extend(["--user", user, "on", ">pw"].map(str::to_owned));
+        args.extend(rules.split(' ').map(str::to_owned));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let restricted = local_stack::services::RedisServer::start_with(&args)
+        .await
+        .unwrap();
+    let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", restricted.port());
+    let read = ReadSettings::new(
+        RedisSettings::new(url("functions")),
+        &env.table,
+        env.settings.clone(),
+    );
+    let read_path = ReadPath::build(read, &env.sdk).await.unwrap();
+    cached_products(&env, &read_path, "acl", 5).await;
+
+    let inspector = |user: &str| {
+        let read = ReadSettings::new(
+            RedisSettings::new(url(user)),
+            &env.table,
+            env.settings.clone(),
+        );
+        Inspector::build(read, settings(true), &env.sdk)
+    };
+    let refused = inspector("functions")
+        .await
+        .unwrap()
+        .run(Target::Sample(10))
+        .await;
+    let refused = format!(
+        "{:?}",
+        refused.expect_err("RANDOMKEY is not the functions'")
+    );
+    assert!(refused.to_lowercase().contains("permission"), "{refused}");
+
+    let report = inspector("inspector")
+        .await
+        .unwrap()
+        .run(Target::Sample(10))
+        .await
+        .unwrap();
+    assert_eq!(report.checked(), 5);
+    // Repair (DEL of the key and its lease) is within its rules too.
+    let mut conn = redis::Client::open(url("inspector"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SET")
+        .arg("product:acl-1")
+        .arg(corrupted("acl-1"))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let report = inspector("inspector")
+        .await
+        .unwrap()
+        .run(Target::Sample(10))
+        .await
+        .unwrap();
+    assert_eq!((inconsistent(&report).len(), report.repaired), (1, 1));
+}

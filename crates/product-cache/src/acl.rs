@@ -17,6 +17,13 @@ pub fn rules(key_prefix: &str) -> String {
     )
 }
 
+/// The inspector's rules: the functions' (it reads keys and purges them with their leases)
+/// plus `RANDOMKEY`, which draws its sample. A user of its own keeps the functions' user free of
+/// a command that walks the keyspace.
+pub fn inspector_rules(key_prefix: &str) -> String {
+    format!("{} +randomkey", rules(key_prefix))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -36,6 +43,10 @@ mod tests {
         assert!(
             readme.contains(&super::rules("product:")),
             "README.md's ACL line is stale"
+        );
+        assert!(
+            readme.contains(&super::inspector_rules("product:")),
+            "README.md's inspector ACL line is stale"
         );
     }
 }

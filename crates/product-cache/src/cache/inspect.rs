@@ -83,6 +83,9 @@ impl RedisCache {
                 }
                 let before = found.len();
                 for reply in self.to_node(&mut conn, &pipe, node.as_ref()).await? {
+                    // An error reply (a user without RANDOMKEY) fails the sample: an empty one
+                    // would read as "nothing cached", an all-clear that checked nothing.
+                    let reply = reply.extract_error()?;
                     if let Ok(Some(key)) = redis::from_redis_value::<Option<String>>(reply) {
                         if key.starts_with(prefix) && found.len() < per_node {
                             found.insert(key);
