@@ -341,7 +341,7 @@ def _table_reader_problems(t: dict, function: str) -> list[str]:
         acts = actions_of(s)
         for a in acts:
             if a.lower().startswith("dynamodb:") and a != "dynamodb:GetItem":
-                problems.append(f"{role}: read function must not have {a}")
+                problems.append(f"{role}: {function} must not have {a}")
             elif a == "elasticache:Connect":
                 problems += _connect_problems(role, s, CACHE_USER_OF[function])
             elif not a.lower().startswith("dynamodb:") and a != "secretsmanager:GetSecretValue":
@@ -1184,7 +1184,7 @@ def check_inspector(t: dict) -> list[str]:
         for var in sorted(set(want) | set(env)):
             if want.get(var) != env.get(var):
                 problems.append(
-                    f"CacheAuthMode={mode}: {INSPECTOR} {var} is {env.get(var)!r}, the read function's is {want.get(var)!r}"
+                    f"CacheAuthMode={mode}: {INSPECTOR} {var} is {env.get(var)!r}, must be {want.get(var)!r} (the read function's)"
                 )
     if t.get("Parameters", {}).get("InspectorRepair", {}).get("Default") != "false":
         problems.append("InspectorRepair must default to false (findings are looked at before anything is deleted)")
@@ -1450,7 +1450,7 @@ def check_dashboard(t: dict) -> list[str]:
             continue
         own: dict[str, set[tuple[str, str]]] = {}  # function -> {(metric, stat)}
         aws: set[tuple[str, str]] = set()
-        nodes: set[str] = set()
+        nodes: dict[str, set[str]] = {}  # cache metric -> node suffixes graphed
         expressions: list[str] = []
         for w in body.get("widgets", []):
             if w.get("type") != "metric":
@@ -1480,7 +1480,7 @@ def check_dashboard(t: dict) -> list[str]:
                     for v in dims.values():
                         base = str(v).strip("<>").split(".")[0]
                         if namespace == "AWS/ElastiCache":
-                            nodes.add(str(v).replace(placeholder(CACHE), ""))
+                            nodes.setdefault(metric, set()).add(str(v).replace(placeholder(CACHE), ""))
                         elif not (str(v).startswith("<") and base in names):
                             problems.append(f"{where}: {namespace} {metric} names {v!r}, not a resource of this stack")
                 else:
@@ -1513,8 +1513,9 @@ def check_dashboard(t: dict) -> list[str]:
                     problems.append(f"{where}: {name}'s {ns_} {m.get('MetricName')} is not graphed")
         shards, replicas = int(params["CacheShards"]), int(params["CacheReplicasPerShard"])
         want_nodes = {f"-{s_:04d}-{n:03d}" for s_ in range(1, shards + 1) for n in range(1, replicas + 2)}
-        if nodes != want_nodes:
-            problems.append(f"{where}: cache graphs show {sorted(nodes)}, the cache has {sorted(want_nodes)}")
+        for metric in ("EngineCPUUtilization", "DatabaseMemoryUsagePercentage"):
+            if nodes.get(metric) != want_nodes:
+                problems.append(f"{where}: {metric} graph shows {sorted(nodes.get(metric, []))}, the cache has {sorted(want_nodes)}")
     return problems
 
 

@@ -434,6 +434,9 @@ async fn read_function_uses_tls_and_its_auth_token_from_secrets_manager() {
             ("AWS_ENDPOINT_URL_SECRETS_MANAGER", moto_endpoint()),
             ("REDIS_CA_FILE", &ca),
             ("TABLE_NAME", &env.table),
+            // Everything it logs, as JSON: the token must not be in any of it.
+            ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+            ("AWS_LAMBDA_LOG_LEVEL", "DEBUG"),
         ],
     )
     .await;
@@ -457,6 +460,10 @@ async fn read_function_uses_tls_and_its_auth_token_from_secrets_manager() {
         "{seen:?}\n{output}"
     );
     assert!(seen.contains(&"miss".to_owned()), "{seen:?}");
+    assert!(
+        !output.contains(token) && !output.contains("129.99"),
+        "the AUTH token or an item body was logged:\n{output}"
+    );
     drop(redis);
 }
 
