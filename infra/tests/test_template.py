@@ -442,8 +442,8 @@ def inspector_connects_as_the_functions_user(t):
     connect_statement(t, "InspectorFunctionRole")["Resource"][1] = {"Fn::GetAtt": [IAM_USER, "Arn"]}
 
 
-def inspector_user_may_set(t):
-    props(t, INSPECTOR_USER)["AccessString"] += " +set"
+def inspector_user_may_flushall(t):
+    props(t, INSPECTOR_USER)["AccessString"] += " +flushall"
 
 
 def inspector_user_on_every_key(t):
@@ -648,7 +648,7 @@ WEAKENED = [
     (inspector_can_put_item, c.check_inspector_policies),
     (inspector_connects_as_the_functions_user, c.check_inspector_policies),
     (inspector_connects_as_the_functions_user, c.check_auth_modes),
-    (inspector_user_may_set, c.check_auth_modes),
+    (inspector_user_may_flushall, c.check_auth_modes),
     (inspector_user_on_every_key, c.check_auth_modes),
     (functions_user_gets_randomkey, c.check_auth_modes),
     (inspector_user_not_in_group, c.check_auth_modes),
