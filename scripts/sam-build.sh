@@ -41,7 +41,7 @@ from pathlib import Path
 
 build = Path(sys.argv[1])
 failed = False
-for function in ("ReadFunction", "InvalidatorFunction"):
+for function in ("ReadFunction", "InvalidatorFunction", "InspectorFunction"):
     path = build / function / "bootstrap"
     if not path.is_file():
         print(f"sam-build: missing {path}", file=sys.stderr)
