@@ -99,6 +99,11 @@ async fn finds_a_corrupted_key_says_so_in_its_metrics_and_repairs_it() {
     assert_eq!(emf.len(), 1);
     assert_eq!(crate::metrics::total(&emf, "KeysChecked"), 20.0);
     assert_eq!(crate::metrics::total(&emf, "InconsistentKeys"), 1.0);
+    assert!(crate::metrics::alarm_fires(
+        "InconsistentKeysAlarm",
+        &emf,
+        "product-cache"
+    ));
 
     // Given ids instead of a sample: the cached ones compared, the others "not cached".
     let ids = vec!["ins-7".to_owned(), "ins-8".to_owned(), "never".to_owned()];
@@ -120,8 +125,25 @@ async fn finds_a_corrupted_key_says_so_in_its_metrics_and_repairs_it() {
     assert_eq!(env.raw_get("product:ins-7").await, None);
     let (_, x_cache, body) = env.http_get("ins-7").await;
     assert_eq!((x_cache.as_str(), &body["price"]), ("miss", &json!(10)));
+    lines.lock().unwrap().clear();
     let report = looking.run(Target::Sample(1000)).await.unwrap();
     assert_eq!((report.checked(), inconsistent(&report).len()), (20, 0));
+    let emf: Vec<_> = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| crate::metrics::parse_emf(l).expect("an EMF line"))
+        .collect();
+    assert_eq!(
+        crate::metrics::total(&emf, "KeysChecked"),
+        20.0,
+        "a 0 is a data point"
+    );
+    assert!(!crate::metrics::alarm_fires(
+        "InconsistentKeysAlarm",
+        &emf,
+        "product-cache"
+    ));
 }
 
 /// A suspect that changes during the grace period is an invalidation in flight: not counted.

@@ -248,3 +248,53 @@ fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// Whether the template's alarm `name` would go off on these EMF records: its namespace (the
+/// `MetricsNamespace` parameter's default), metric and dimensions (`Service` is the stack name,
+/// here `service`) select the values, summed, compared with its threshold. A `Sum` alarm on a
+/// plain metric; anything else in its definition fails the test rather than being guessed.
+pub(crate) fn alarm_fires(name: &str, emf: &[Emf], service: &str) -> bool {
+    use serde_yaml_ng::Value as Y;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/template.yaml");
+    let template: Y = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let props = &template["Resources"][name]["Properties"];
+    assert_eq!(props["Statistic"].as_str(), Some("Sum"), "{name}");
+    let reference = |v: &Y| match v {
+        Y::Tagged(t) if t.tag == "Ref" => t.value.as_str().map(str::to_owned),
+        _ => None,
+    };
+    let namespace = match reference(&props["Namespace"]) {
+        Some(param) => template["Parameters"][param.as_str()]["Default"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        None => props["Namespace"].as_str().unwrap().to_owned(),
+    };
+    let metric = props["MetricName"].as_str().unwrap();
+    let dimensions: Vec<(String, String)> = props["Dimensions"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let value = match reference(&d["Value"]).as_deref() {
+                Some("AWS::StackName") => service.to_owned(),
+                Some(other) => panic!("{name}: a dimension refers to {other}"),
+                None => d["Value"].as_str().unwrap().to_owned(),
+            };
+            (d["Name"].as_str().unwrap().to_owned(), value)
+        })
+        .collect();
+    let sum: f64 = emf
+        .iter()
+        .filter(|e| e.namespace == namespace && e.dimensions == dimensions)
+        .flat_map(|e| e.values.iter())
+        .filter(|(n, _, _)| n == metric)
+        .flat_map(|(_, _, v)| v.iter())
+        .sum();
+    let threshold = props["Threshold"].as_f64().unwrap();
+    match props["ComparisonOperator"].as_str().unwrap() {
+        "GreaterThanThreshold" => sum > threshold,
+        "GreaterThanOrEqualToThreshold" => sum >= threshold,
+        other => panic!("{name}: {other} is not evaluated here"),
+    }
+}

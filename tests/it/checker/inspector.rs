@@ -26,6 +26,8 @@ pub struct Tally {
     pub inconsistent: Vec<String>,
     /// Inspections that failed (Redis down during a data loss or a failover).
     pub errors: u64,
+    /// The metrics lines of every inspection, as the inspector function writes them.
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// The inspection once the stream was drained: the keys it found inconsistent. Invariant 3
     /// looks at the same state, so the two must agree.
     pub at_rest: Vec<String>,
@@ -82,11 +84,18 @@ pub async fn at_rest(sut: &Sut, items: &[String], tally: &mut Tally) {
 }
 
 pub async fn spawn(sut: &Sut, shared: &std::sync::Arc<Shared>) -> JoinHandle<Tally> {
-    let inspector = inspector(sut, shared.items.len()).await;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inspector = inspector(sut, shared.items.len()).await.with_metrics(
+        product_cache::metrics::MetricsSettings::default(),
+        product_cache::metrics::Sink::Memory(lines.clone()),
+    );
     let ids = shared.items.clone();
     let mut phase = shared.phase.subscribe();
     tokio::spawn(async move {
-        let mut tally = Tally::default();
+        let mut tally = Tally {
+            lines,
+            ..Tally::default()
+        };
         while *phase.borrow_and_update() != Phase::Done {
             tally.runs += 1;
             let run = inspector.run(Target::Ids(ids.clone()));
