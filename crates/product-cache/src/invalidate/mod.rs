@@ -5,7 +5,6 @@
 //! is logged and skipped rather than failing the batch and blocking the shard behind it.
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use serde::Deserialize as _;
 use serde_json::Value;
 
 mod collapse;
@@ -202,10 +201,7 @@ impl<C: Cache> Invalidator<C> {
             .and_then(Value::as_f64)
             .map_or(0, |secs| (secs * 1000.0) as i64)
             - self.settings.clock_margin.as_millis() as i64;
-        let document = serde_dynamo::Item::deserialize(new_image)
-            .map_err(|e| e.to_string())
-            .and_then(|item| Document::from_item(&item).map_err(|e| e.to_string()));
-        Ok(Ok(match document {
+        Ok(Ok(match Document::from_image(new_image) {
             Ok(doc) => CacheOp {
                 key,
                 kind: OpKind::Set {
@@ -217,7 +213,7 @@ impl<C: Cache> Invalidator<C> {
                 delete_if_refused: false,
             },
             Err(error) => {
-                tracing::warn!(error, key, "new image has no JSON form; deleting instead");
+                tracing::warn!(%error, key, "new image has no JSON form; deleting instead");
                 CacheOp::delete(key)
             }
         }))
