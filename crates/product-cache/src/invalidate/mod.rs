@@ -69,7 +69,11 @@ impl<C: Cache> Invalidator<C> {
         };
         let plan = self.plan(records);
         let collapsed = collapse(&plan);
-        let ops: Vec<CacheOp> = collapsed.iter().map(|c| c.op.clone()).collect();
+        // Moved, not cloned: in refresh mode the ops hold the documents, megabytes a batch.
+        let (ops, first_records): (Vec<CacheOp>, Vec<usize>) = collapsed
+            .into_iter()
+            .map(|c| (c.op, c.first_record))
+            .unzip();
         let mut response = DynamoDbEventResponse::default();
         // A refused (older) op is not a failure: the key already holds something newer.
         if let Err(e) = self.cache.apply(&ops).await {
@@ -79,7 +83,7 @@ impl<C: Cache> Invalidator<C> {
             let earliest = e
                 .failed
                 .iter()
-                .map(|&i| collapsed[i].first_record)
+                .map(|&i| first_records[i])
                 .min()
                 .unwrap_or(0);
             // Lambda retries from the reported record on. If that record has no sequence
@@ -102,7 +106,7 @@ impl<C: Cache> Invalidator<C> {
         );
         // Freeing a 10,000-record event (hundreds of thousands of small allocations) takes
         // longer than handling it; done on a blocking thread, it is off the invocation's path.
-        tokio::task::spawn_blocking(move || drop((event, plan, collapsed, ops)));
+        tokio::task::spawn_blocking(move || drop((event, plan, ops)));
         response
     }
 
