@@ -1,9 +1,15 @@
 //! The one mapping from a DynamoDB item to the JSON document stored in the cache.
 //!
-//! Both paths (the read path's fill and the invalidator's refresh) call [`Document::from_item`], so
-//! the bytes in Redis are the same whichever path wrote them. The mapping is written by hand
-//! because the generic route (`serde_dynamo` into `serde_json::Value`) rounds 38-digit numbers to
-//! floats and fails on binary attributes:
+//! The item arrives in two forms: the read path's fill has `serde_dynamo` attributes (from
+//! `GetItem`, [`Document::from_item`]), the invalidator's refresh has the stream image's DynamoDB
+//! JSON (`{"price":{"N":"9.99"}}`, [`Document::from_image`]). Both are seen through one [`View`]
+//! of an attribute and written by one writer, so the bytes in Redis are the same whichever path
+//! wrote them (tested across every type). The image is read in place (see `image.rs`) rather
+//! than deserialised into an item first: that copied every string once more, and building the
+//! documents was most of a refresh batch's time.
+//!
+//! The mapping is written by hand because the generic route (`serde_dynamo` into
+//! `serde_json::Value`) rounds 38-digit numbers to floats and fails on binary attributes:
 //!
 //! | DynamoDB | JSON |
 //! |---|---|
@@ -16,30 +22,51 @@
 //! | `SS`, `NS`, `BS` | array, sorted (sets have no order; sorting makes the bytes stable) |
 //! | `B`, `BS` members | base64 string (standard alphabet, padded) |
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use base64::Engine as _;
 use serde_dynamo::AttributeValue;
 
+mod image;
+
 /// A product serialised as compact JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Document(String);
 
-/// An attribute that has no JSON form. Only a number DynamoDB itself would reject gets here.
+/// An attribute that has no JSON form: a number DynamoDB itself would reject, or (in a stream
+/// image) a value that is not DynamoDB JSON.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("attribute `{path}` holds {value:?}, which is not a number")]
+#[error("attribute `{path}` {problem}")]
 pub struct DocumentError {
     pub path: String,
-    pub value: String,
+    pub problem: Problem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("holds {0:?}, which is not a number")]
+    NotANumber(String),
+    #[error("is not DynamoDB JSON: {0}")]
+    NotDynamoDbJson(&'static str),
 }
 
 impl Document {
-    /// Builds the document of an item given as `serde_dynamo` attributes (stream images, and
-    /// SDK items through `serde_dynamo::Item::from`).
+    /// Builds the document of an item given as `serde_dynamo` attributes (SDK items through
+    /// `serde_dynamo::Item::from`).
     pub fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Self, DocumentError> {
-        let mut out = String::with_capacity(256);
-        write_map(&mut out, item, "")?;
-        Ok(Self(out))
+        write_item(item.iter().map(|(k, v)| (k.as_str(), v)).collect())
+    }
+
+    /// Builds the document of an item given as DynamoDB JSON, as stream records carry their
+    /// images: the same bytes [`Document::from_item`] makes of the same item. Anything
+    /// `serde_dynamo` would not read as an item is an error here too.
+    pub fn from_image(image: &serde_json::Value) -> Result<Self, DocumentError> {
+        let entries = image::entries(image).ok_or(DocumentError {
+            path: String::new(),
+            problem: Problem::NotDynamoDbJson("an item is an object"),
+        })?;
+        write_item(entries)
     }
 
     /// Wraps bytes read back from the cache. The cache holds only documents this module wrote,
@@ -57,13 +84,108 @@ impl Document {
     }
 }
 
-fn write_map(
+/// One attribute seen through its DynamoDB type, its contents borrowed where the input holds
+/// them as they are written: what both inputs reduce to.
+enum View<'a, A> {
+    S(&'a str),
+    N(&'a str),
+    Bool(bool),
+    Null,
+    B(Cow<'a, [u8]>),
+    M(Vec<(&'a str, &'a A)>),
+    L(&'a [A]),
+    Ss(Vec<&'a str>),
+    Ns(Vec<&'a str>),
+    Bs(Vec<Cow<'a, [u8]>>),
+}
+
+/// An attribute value in one of the item's forms.
+trait Attribute: Sized {
+    /// The value's type and contents, or why it has none (only DynamoDB JSON can be malformed).
+    fn view(&self) -> Result<View<'_, Self>, &'static str>;
+
+    /// About how many bytes the value takes in the document, to size the buffer once for the
+    /// large strings that make up most of a big item; nested values count a little.
+    fn size_hint(&self) -> usize;
+}
+
+impl Attribute for AttributeValue {
+    fn view(&self) -> Result<View<'_, Self>, &'static str> {
+        Ok(match self {
+            AttributeValue::S(s) => View::S(s),
+            AttributeValue::N(n) => View::N(n),
+            AttributeValue::Bool(b) => View::Bool(*b),
+            AttributeValue::Null(_) => View::Null,
+            AttributeValue::B(b) => View::B(Cow::Borrowed(b)),
+            AttributeValue::M(m) => View::M(m.iter().map(|(k, v)| (k.as_str(), v)).collect()),
+            AttributeValue::L(l) => View::L(l),
+            AttributeValue::Ss(ss) => View::Ss(ss.iter().map(String::as_str).collect()),
+            AttributeValue::Ns(ns) => View::Ns(ns.iter().map(String::as_str).collect()),
+            AttributeValue::Bs(bs) => View::Bs(bs.iter().map(|b| Cow::Borrowed(&b[..])).collect()),
+        })
+    }
+
+    fn size_hint(&self) -> usize {
+        match self {
+            AttributeValue::S(s) | AttributeValue::N(s) => s.len() + 2,
+            AttributeValue::B(b) => b.len() * 4 / 3 + 4,
+            _ => 16,
+        }
+    }
+}
+
+/// Where an attribute sits in the item, for errors only: built on the stack as the writer
+/// descends and turned into text (`m.n`, `l[2]`) only when something is wrong.
+#[derive(Clone, Copy)]
+enum Path<'p> {
+    Root,
+    Key(&'p Path<'p>, &'p str),
+    Index(&'p Path<'p>, usize),
+}
+
+impl Path<'_> {
+    fn render(&self) -> String {
+        match self {
+            Path::Root => String::new(),
+            Path::Key(parent, key) => {
+                let parent = parent.render();
+                if parent.is_empty() {
+                    (*key).to_owned()
+                } else {
+                    format!("{parent}.{key}")
+                }
+            }
+            Path::Index(parent, i) => format!("{}[{i}]", parent.render()),
+        }
+    }
+
+    fn error(&self, problem: Problem) -> DocumentError {
+        DocumentError {
+            path: self.render(),
+            problem,
+        }
+    }
+}
+
+fn write_item<A: Attribute>(entries: Vec<(&str, &A)>) -> Result<Document, DocumentError> {
+    let hint: usize = entries
+        .iter()
+        .map(|(k, v)| k.len() + v.size_hint() + 4)
+        .sum();
+    let mut out = String::with_capacity(hint + 2);
+    write_map(&mut out, entries, &Path::Root)?;
+    Ok(Document(out))
+}
+
+fn write_map<A: Attribute>(
     out: &mut String,
-    map: &HashMap<String, AttributeValue>,
-    path: &str,
+    mut entries: Vec<(&str, &A)>,
+    path: &Path<'_>,
 ) -> Result<(), DocumentError> {
-    let mut entries: Vec<_> = map.iter().collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    // Keys compare as bytes; a map that iterates in order already (serde_json's) stays as is.
+    if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
     out.push('{');
     for (i, (k, v)) in entries.into_iter().enumerate() {
         if i > 0 {
@@ -71,49 +193,47 @@ fn write_map(
         }
         write_str(out, k);
         out.push(':');
-        write_value(out, v, &join(path, k))?;
+        write_value(out, v, &Path::Key(path, k))?;
     }
     out.push('}');
     Ok(())
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-fn write_value(out: &mut String, v: &AttributeValue, path: &str) -> Result<(), DocumentError> {
-    match v {
-        AttributeValue::S(s) => write_str(out, s),
-        AttributeValue::N(n) => write_number(out, n, path)?,
-        AttributeValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        AttributeValue::Null(_) => out.push_str("null"),
-        AttributeValue::B(b) => write_bytes(out, b),
-        AttributeValue::M(m) => write_map(out, m, path)?,
-        AttributeValue::L(l) => {
+fn write_value<A: Attribute>(
+    out: &mut String,
+    v: &A,
+    path: &Path<'_>,
+) -> Result<(), DocumentError> {
+    let view = v
+        .view()
+        .map_err(|what| path.error(Problem::NotDynamoDbJson(what)))?;
+    match view {
+        View::S(s) => write_str(out, s),
+        View::N(n) => write_number(out, n, path)?,
+        View::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+        View::Null => out.push_str("null"),
+        View::B(b) => write_bytes(out, &b),
+        View::M(m) => write_map(out, m, path)?,
+        View::L(l) => {
             out.push('[');
             for (i, v) in l.iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
-                write_value(out, v, &format!("{path}[{i}]"))?;
+                write_value(out, v, &Path::Index(path, i))?;
             }
             out.push(']');
         }
-        AttributeValue::Ss(ss) => {
-            let mut ss: Vec<&String> = ss.iter().collect();
+        View::Ss(mut ss) => {
             ss.sort_unstable();
             write_array(out, ss, |out, s| {
                 write_str(out, s);
                 Ok(())
             })?;
         }
-        AttributeValue::Ns(ns) => {
-            let mut ns: Vec<(f64, &String)> = ns
-                .iter()
+        View::Ns(ns) => {
+            let mut ns: Vec<(f64, &str)> = ns
+                .into_iter()
                 .map(|n| (n.trim().parse::<f64>().unwrap_or(f64::NAN), n))
                 .collect();
             // Numeric order reads naturally; the string breaks ties between numbers that differ
@@ -121,11 +241,10 @@ fn write_value(out: &mut String, v: &AttributeValue, path: &str) -> Result<(), D
             ns.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
             write_array(out, ns, |out, (_, n)| write_number(out, n, path))?;
         }
-        AttributeValue::Bs(bs) => {
-            let mut bs: Vec<&Vec<u8>> = bs.iter().collect();
+        View::Bs(mut bs) => {
             bs.sort_unstable();
             write_array(out, bs, |out, b| {
-                write_bytes(out, b);
+                write_bytes(out, &b);
                 Ok(())
             })?;
         }
@@ -149,9 +268,66 @@ fn write_array<T>(
     Ok(())
 }
 
+/// A JSON string, escaped exactly as `serde_json` escapes it (tested against it): `"` and `\`,
+/// the short forms `\b \t \n \f \r`, other control characters as `\u00xx`, nothing else.
 fn write_str(out: &mut String, s: &str) {
-    // serde_json's escaping is the reference; serialising a &str cannot fail.
-    out.push_str(&serde_json::to_string(s).expect("a string always serialises"));
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let bytes = s.as_bytes();
+    // `bytes[start..i]` needs no escaping and is copied in one go.
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        // Eight bytes at a time while none needs escaping: long texts are most of a big item,
+        // and most of them have nothing to escape.
+        if let Some(word) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+            if !needs_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // `i` is at an ASCII byte, so both slices end on character boundaries.
+        out.push_str(&s[start..i]);
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        } else {
+            out.push_str(short);
+        }
+        i += 1;
+        start = i;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// Whether any of the eight bytes of `word` is a control character, `"` or `\` (the classic
+/// "has a byte less than n" and "has a zero byte" word tricks; exact as a yes/no answer).
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGHS != 0;
+    control
+        || has_zero(word ^ (ONES * u64::from(b'"')))
+        || has_zero(word ^ (ONES * u64::from(b'\\')))
 }
 
 fn write_bytes(out: &mut String, b: &[u8]) {
@@ -160,20 +336,20 @@ fn write_bytes(out: &mut String, b: &[u8]) {
     out.push('"');
 }
 
-fn write_number(out: &mut String, n: &str, path: &str) -> Result<(), DocumentError> {
-    let err = || DocumentError {
-        path: path.to_owned(),
-        value: n.to_owned(),
-    };
-    let json = json_number(n.trim()).ok_or_else(err)?;
-    out.push_str(&json);
+fn write_number(out: &mut String, n: &str, path: &Path<'_>) -> Result<(), DocumentError> {
+    let start = out.len();
+    if json_number(out, n.trim()).is_none() {
+        out.truncate(start);
+        return Err(path.error(Problem::NotANumber(n.to_owned())));
+    }
     Ok(())
 }
 
-/// The JSON spelling of a DynamoDB number, keeping every digit. DynamoDB answers numbers in
-/// JSON-compatible form, but it accepts `+1`, `.5`, `5.` and `007` on input, and stream
-/// emulators may echo them back, so those are rewritten rather than stored as broken JSON.
-fn json_number(n: &str) -> Option<String> {
+/// Appends the JSON spelling of a DynamoDB number, keeping every digit; `None` (with part of
+/// it appended) for what is not a number. DynamoDB answers numbers in JSON-compatible form, but
+/// it accepts `+1`, `.5`, `5.` and `007` on input, and stream emulators may echo them back, so
+/// those are rewritten rather than stored as broken JSON.
+fn json_number(out: &mut String, n: &str) -> Option<()> {
     let (sign, rest) = match n.as_bytes().first()? {
         b'-' => ("-", &n[1..]),
         b'+' => ("", &n[1..]),
@@ -194,7 +370,6 @@ fn json_number(n: &str) -> Option<String> {
     if int.is_empty() && frac.is_none_or(str::is_empty) {
         return None;
     }
-    let mut out = String::with_capacity(n.len() + 2);
     out.push_str(sign);
     let int = int.trim_start_matches('0');
     out.push_str(if int.is_empty() { "0" } else { int });
@@ -215,7 +390,7 @@ fn json_number(n: &str) -> Option<String> {
         out.push_str(esign);
         out.push_str(edigits);
     }
-    Some(out)
+    Some(())
 }
 
 #[cfg(test)]
@@ -225,6 +400,11 @@ mod tests {
 
     fn item(pairs: Vec<(&str, AttributeValue)>) -> HashMap<String, AttributeValue> {
         pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    fn number(n: &str) -> Option<String> {
+        let mut out = String::new();
+        json_number(&mut out, n).map(|()| out)
     }
 
     #[test]
@@ -281,6 +461,8 @@ mod tests {
             ("129.99", "129.99"),
             ("0", "0"),
             ("-0.5", "-0.5"),
+            ("-0.0", "-0.0"),
+            ("1E+2", "1E+2"),
             ("1E+125", "1E+125"),
             ("1e-130", "1E-130"),
             ("+7", "7"),
@@ -293,13 +475,13 @@ mod tests {
             ),
         ];
         for (n, want) in cases {
-            assert_eq!(json_number(n).as_deref(), Some(want), "{n}");
+            assert_eq!(number(n).as_deref(), Some(want), "{n}");
             serde_json::from_str::<serde_json::Value>(want).unwrap();
         }
         for bad in [
             "", "-", ".", "abc", "1e", "1e+", "1.2.3", "0x10", "NaN", "1 2",
         ] {
-            assert_eq!(json_number(bad), None, "{bad:?}");
+            assert_eq!(number(bad), None, "{bad:?}");
         }
     }
 
@@ -307,9 +489,42 @@ mod tests {
     fn a_broken_number_is_an_error_naming_its_path() {
         let err = Document::from_item(&item(vec![(
             "m",
-            A::M(item(vec![("n", A::N("abc".into()))])),
+            A::M(item(vec![(
+                "l",
+                A::L(vec![A::N("1".into()), A::N("abc".into())]),
+            )])),
         )]))
         .unwrap_err();
-        assert_eq!(err.path, "m.n");
+        assert_eq!(err.path, "m.l[1]");
+        assert_eq!(err.problem, Problem::NotANumber("abc".into()));
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        // Every ASCII character, alone and at each place in and around an eight-byte word.
+        for c in (0u8..0x80).map(char::from).chain(['é', '✓', '\u{2028}']) {
+            for at in 0..18 {
+                let mut s = "abcdefghijklmnopq".to_owned();
+                s.insert(at.min(s.len()), c);
+                for s in [s, c.to_string()] {
+                    let mut out = String::new();
+                    write_str(&mut out, &s);
+                    assert_eq!(out, serde_json::to_string(&s).unwrap(), "{s:?}");
+                }
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..2000 {
+            let s: String = (0..rng.usize(0..40))
+                .map(|_| match rng.u8(0..4) {
+                    0 => char::from(rng.u8(0..0x20)),
+                    1 => ['"', '\\', 'ü', '😀'][rng.usize(0..4)],
+                    _ => char::from(rng.u8(0x20..0x7f)),
+                })
+                .collect();
+            let mut out = String::new();
+            write_str(&mut out, &s);
+            assert_eq!(out, serde_json::to_string(&s).unwrap(), "{s:?}");
+        }
     }
 }

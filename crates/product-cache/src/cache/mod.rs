@@ -290,6 +290,13 @@ pub fn version_key(key: &str) -> String {
     format!("{{{key}}}:ver")
 }
 
+/// Where one batch stages the new document of a cache key, for the apply script to move into
+/// place. `batch` is unique per batch, so a batch still in flight (its invocation timed out and
+/// was retried) cannot move another batch's document.
+pub fn staged_key(key: &str, batch: &str) -> String {
+    format!("{{{key}}}:staged:{batch}")
+}
+
 /// The epoch key of the hash slot a cache key lives in (see [`slots`]).
 pub fn epoch_key(key: &str) -> String {
     slots::epoch_key_for(key)
@@ -344,5 +351,6 @@ mod tests {
     fn side_keys_share_the_items_hash_slot() {
         assert_eq!(lease_key("product:42"), "{product:42}:lease");
         assert_eq!(version_key("product:42"), "{product:42}:ver");
+        assert_eq!(staged_key("product:42", "7f"), "{product:42}:staged:7f");
     }
 }

@@ -14,8 +14,8 @@ use super::scripts::scripts;
 use super::slots::{self, slot_of};
 use super::VERSION_TTL;
 use super::{
-    epoch_key, lease_key, version_key, BatchError, Cache, CacheError, CacheOp, Fill, Guards,
-    OpKind, Order, Probe,
+    epoch_key, lease_key, staged_key, version_key, BatchError, Cache, CacheError, CacheOp, Fill,
+    Guards, OpKind, Order, Probe,
 };
 
 fn flag(on: bool) -> &'static str {
@@ -192,13 +192,16 @@ impl RedisCache {
         }
     }
 
-    /// One call of the apply script for `ops[group]` (see `apply.lua` for the layout).
+    /// One call of the apply script for `ops[group]` (see `apply.lua` for the layout), with
+    /// the `SET`s staging its new documents first (`batch` names the staged keys).
     fn apply_invocation<'a>(
         &self,
+        pipe: &mut redis::Pipeline,
         script: &'a redis::Script,
         ops: &[CacheOp],
         group: &[usize],
         now_ms: u64,
+        batch: &str,
     ) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
         invocation
@@ -206,9 +209,9 @@ impl RedisCache {
             .arg(now_ms)
             .arg(VERSION_TTL.as_secs());
         for op in group.iter().map(|&i| &ops[i]) {
-            let (kind, value, ttl) = match &op.kind {
-                OpKind::Delete => ("del", "", Duration::ZERO),
-                OpKind::Set { value, ttl } => ("set", value.as_str(), *ttl),
+            let (kind, ttl) = match &op.kind {
+                OpKind::Delete => ("del", Duration::ZERO),
+                OpKind::Set { ttl, .. } => ("set", *ttl),
             };
             invocation
                 .key(&op.key)
@@ -216,27 +219,41 @@ impl RedisCache {
                 .key(version_key(&op.key))
                 .key(epoch_key(&op.key))
                 .arg(kind)
-                .arg(value)
                 .arg(secs(ttl))
                 .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
                 .arg(op.created_ms.map(|c| c.to_string()).unwrap_or_default())
                 .arg(flag(op.delete_if_refused));
         }
+        for op in group.iter().map(|&i| &ops[i]) {
+            if let OpKind::Set { value, ttl } = &op.kind {
+                let staged = staged_key(&op.key, batch);
+                // Its TTL is the document's: RENAME carries it over, and a document whose
+                // script never ran (the pipeline was cut) does not outlive it.
+                pipe.cmd("SET")
+                    .arg(&staged)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(secs(*ttl));
+                invocation.key(staged);
+            }
+        }
         invocation
     }
 
     /// One pipeline to one node: a script call per hash slot of `group` (a script's keys must
-    /// share a slot), then, when replicas must confirm, `WAIT` on the same connection, since it
-    /// waits for that connection's writes and no other's. Sent optimistically as EVALSHAs; a
-    /// node that does not know the script (restarted, failed over, new) answers NOSCRIPT, and
-    /// the pipeline goes again with the script loaded first. Every op is idempotent, so
-    /// repeating the ones that did land changes nothing.
+    /// share a slot), each after the `SET`s that stage its new documents, then, when replicas
+    /// must confirm, `WAIT` on the same connection, since it waits for that connection's writes
+    /// and no other's. Sent optimistically as EVALSHAs; a node that does not know the script
+    /// (restarted, failed over, new) answers NOSCRIPT, and the pipeline goes again with the
+    /// script loaded first. Every op is idempotent, so repeating the ones that did land changes
+    /// nothing.
     async fn apply_group(
         &self,
         conn: Conn,
         ops: &[CacheOp],
         group: &Group,
         now_ms: u64,
+        batch: &str,
     ) -> Result<(), CacheError> {
         let script = &scripts().apply;
         let pipeline = |load: bool| {
@@ -245,7 +262,8 @@ impl RedisCache {
                 pipe.load_script(script);
             }
             for slot in &group.slots {
-                pipe.invoke_script(&self.apply_invocation(script, ops, slot, now_ms));
+                let invocation = self.apply_invocation(&mut pipe, script, ops, slot, now_ms, batch);
+                pipe.invoke_script(&invocation);
             }
             if let Some(confirm) = self.confirm {
                 pipe.cmd("WAIT")
@@ -512,13 +530,14 @@ impl Cache for RedisCache {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let batch = format!("{:016x}", fastrand::u64(..));
         let confirming = self.confirm.map_or(Duration::ZERO, |c| c.timeout);
         let deadline = tokio::time::Instant::now() + budget + confirming;
         let outcomes: Vec<(Group, Result<(), CacheError>)> = futures::stream::iter(groups)
             .map(|group| {
-                let conn = conn.clone();
+                let (conn, batch) = (conn.clone(), &batch);
                 async move {
-                    let sent = self.apply_group(conn, ops, &group, now_ms);
+                    let sent = self.apply_group(conn, ops, &group, now_ms, batch);
                     let outcome = match tokio::time::timeout_at(deadline, sent).await {
                         Ok(r) => r,
                         Err(_) => Err(CacheError::Timeout(budget + confirming)),

@@ -5,7 +5,6 @@
 //! is logged and skipped rather than failing the batch and blocking the shard behind it.
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use serde::Deserialize as _;
 use serde_json::Value;
 
 mod collapse;
@@ -83,7 +82,11 @@ impl<C: Cache> Invalidator<C> {
         };
         let plan = self.plan(records);
         let collapsed = collapse(&plan);
-        let ops: Vec<CacheOp> = collapsed.iter().map(|c| c.op.clone()).collect();
+        // Moved, not cloned: in refresh mode the ops hold the documents, megabytes a batch.
+        let (ops, first_records): (Vec<CacheOp>, Vec<usize>) = collapsed
+            .into_iter()
+            .map(|c| (c.op, c.first_record))
+            .unzip();
         let mut response = DynamoDbEventResponse::default();
         let mut retried_from = records.len();
         // A refused (older) op is not a failure: the key already holds something newer.
@@ -94,7 +97,7 @@ impl<C: Cache> Invalidator<C> {
             let earliest = e
                 .failed
                 .iter()
-                .map(|&i| collapsed[i].first_record)
+                .map(|&i| first_records[i])
                 .min()
                 .unwrap_or(0);
             retried_from = earliest;
@@ -120,7 +123,7 @@ impl<C: Cache> Invalidator<C> {
         self.metrics.flush();
         // Freeing a 10,000-record event (hundreds of thousands of small allocations) takes
         // longer than handling it; done on a blocking thread, it is off the invocation's path.
-        tokio::task::spawn_blocking(move || drop((event, plan, collapsed, ops)));
+        tokio::task::spawn_blocking(move || drop((event, plan, ops)));
         response
     }
 
@@ -221,10 +224,7 @@ impl<C: Cache> Invalidator<C> {
             .and_then(Value::as_f64)
             .map_or(0, |secs| (secs * 1000.0) as i64)
             - self.settings.clock_margin.as_millis() as i64;
-        let document = serde_dynamo::Item::deserialize(new_image)
-            .map_err(|e| e.to_string())
-            .and_then(|item| Document::from_item(&item).map_err(|e| e.to_string()));
-        Ok(Ok(match document {
+        Ok(Ok(match Document::from_image(new_image) {
             Ok(doc) => CacheOp {
                 key,
                 kind: OpKind::Set {
@@ -236,7 +236,7 @@ impl<C: Cache> Invalidator<C> {
                 delete_if_refused: false,
             },
             Err(error) => {
-                tracing::warn!(error, key, "new image has no JSON form; deleting instead");
+                tracing::warn!(%error, key, "new image has no JSON form; deleting instead");
                 CacheOp::delete(key)
             }
         }))
