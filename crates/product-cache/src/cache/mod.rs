@@ -28,6 +28,7 @@ use std::future::Future;
 use std::time::Duration;
 
 mod connect;
+mod deletes;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
 mod redis;

@@ -10,6 +10,7 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
 use super::connect::Connector;
+use super::deletes;
 use super::scripts::scripts;
 use super::slots::{self, slot_of};
 use super::VERSION_TTL;
@@ -287,6 +288,12 @@ impl RedisCache {
             other => other,
         }?;
         drop(conn);
+        self.confirmed(&replies)
+    }
+
+    /// Whether the `WAIT` ending a pipeline's `replies` (when replicas must confirm) counted
+    /// enough of them.
+    fn confirmed(&self, replies: &[redis::Value]) -> Result<(), CacheError> {
         if let Some(confirm) = self.confirm {
             let acked = match replies.last() {
                 Some(redis::Value::Int(n)) => *n,
@@ -303,6 +310,52 @@ impl RedisCache {
             }
         }
         Ok(())
+    }
+
+    /// A single node's group of deletes, without the script: two pipelines (see `deletes.rs`
+    /// for why that is as safe), the second ending with `WAIT` when replicas must confirm.
+    async fn apply_deletes(
+        &self,
+        mut conn: Conn,
+        ops: &[CacheOp],
+        group: &[usize],
+    ) -> Result<(), CacheError> {
+        use redis::aio::ConnectionLike as _;
+        // Both pipelines are idempotent: sent once more on a connection found dead (the
+        // server restarted or closed it while this process was idle or frozen).
+        async fn send(
+            conn: &mut Conn,
+            pipe: &redis::Pipeline,
+        ) -> redis::RedisResult<Vec<redis::Value>> {
+            let sent = match conn.req_packed_commands(pipe, 0, pipe.len()).await {
+                Err(e) if is_dead_connection(&e) => {
+                    conn.req_packed_commands(pipe, 0, pipe.len()).await
+                }
+                other => other,
+            }?;
+            sent.into_iter()
+                .map(redis::Value::extract_error)
+                .collect::<redis::RedisResult<Vec<_>>>()
+        }
+        let (pipe, read) = deletes::read_positions(ops, group, self.guards.ordering);
+        let positions: Vec<Option<Vec<u8>>> = if read.is_empty() {
+            Vec::new()
+        } else {
+            let replies = send(&mut conn, &pipe).await?;
+            redis::from_redis_value(redis::Value::Array(replies))
+                .map_err(|e| CacheError::Unexpected(format!("GET of positions: {e}")))?
+        };
+        let mut pipe = deletes::write(ops, group, &read, positions);
+        if let Some(confirm) = self.confirm {
+            pipe.cmd("WAIT")
+                .arg(confirm.replicas)
+                .arg(confirm.timeout.as_millis() as u64);
+        }
+        if pipe.is_empty() {
+            return Ok(());
+        }
+        let replies = send(&mut conn, &pipe).await?;
+        self.confirmed(&replies)
     }
 
     /// The primaries' addresses by slot range, as the cluster reports them (`CLUSTER SLOTS`).
@@ -518,7 +571,16 @@ impl Cache for RedisCache {
             .map(|group| {
                 let conn = conn.clone();
                 async move {
-                    let sent = self.apply_group(conn, ops, &group, now_ms);
+                    // A single node's deletes go without the script (`deletes.rs`).
+                    let scriptless = matches!(conn, Conn::Single(_))
+                        && group.slots.iter().all(|s| deletes::scriptless(ops, s));
+                    let sent = async {
+                        if scriptless {
+                            self.apply_deletes(conn, ops, &group.slots[0]).await
+                        } else {
+                            self.apply_group(conn, ops, &group, now_ms).await
+                        }
+                    };
                     let outcome = match tokio::time::timeout_at(deadline, sent).await {
                         Ok(r) => r,
                         Err(_) => Err(CacheError::Timeout(budget + confirming)),
