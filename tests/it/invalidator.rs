@@ -273,3 +273,88 @@ async fn a_failure_never_names_a_record_after_an_unapplied_one() {
     );
     env.redis.restart().await.unwrap();
 }
+
+/// Delete mode on a single node goes without the apply script (`cache/deletes.rs`): documents
+/// and leases are deleted, each key's position recorded, an older or repeated record refused
+/// and an unordered one applied, as the script would; and Redis ran no script at all.
+#[tokio::test]
+async fn delete_mode_on_a_single_node_keeps_the_scripts_rules_without_a_script() {
+    let env = TestEnv::new(Delete).await;
+    let template = fixture("modify.json")["Records"][0].clone();
+    let record = |id: &str, seq: Option<&str>| {
+        let mut r = template.clone();
+        r["dynamodb"]["Keys"]["productId"] = json!({ "S": id });
+        match seq {
+            Some(seq) => r["dynamodb"]["SequenceNumber"] = json!(seq),
+            None => {
+                r["dynamodb"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("SequenceNumber");
+            }
+        }
+        r
+    };
+    for id in ["kb-001", "mouse-002"] {
+        env.raw_set(&format!("product:{id}"), r#"{"stale":true}"#)
+            .await;
+        env.raw_set(&format!("{{product:{id}}}:lease"), "a reader's token")
+            .await;
+    }
+    let mut conn = env.redis_conn().await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    replay_event(
+        &env,
+        json!({ "Records": [
+            record("kb-001", Some("200")),
+            record("mouse-002", Some("201")),
+            record("kb-001", Some("202")),
+        ]}),
+    )
+    .await;
+    for id in ["kb-001", "mouse-002"] {
+        assert_eq!(env.raw_get(&format!("product:{id}")).await, None, "{id}");
+        assert_eq!(
+            env.raw_get(&format!("{{product:{id}}}:lease")).await,
+            None,
+            "{id}: the lease was not cancelled"
+        );
+    }
+    assert_eq!(
+        env.raw_get("{product:kb-001}:ver").await.as_deref(),
+        Some("S03:202:0")
+    );
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!stats.contains("cmdstat_evalsha"), "{stats}");
+
+    // Filled again after the change: an older or a repeated record leaves it alone.
+    env.raw_set("product:kb-001", r#"{"fresh":true}"#).await;
+    replay_event(&env, json!({ "Records": [record("kb-001", Some("201"))] })).await;
+    replay_event(&env, json!({ "Records": [record("kb-001", Some("202"))] })).await;
+    assert_eq!(
+        env.raw_get("product:kb-001").await.as_deref(),
+        Some(r#"{"fresh":true}"#)
+    );
+    assert_eq!(
+        env.raw_get("{product:kb-001}:ver").await.as_deref(),
+        Some("S03:202:0")
+    );
+    // A record without a position always deletes; a newer one deletes and is recorded.
+    replay_event(&env, json!({ "Records": [record("kb-001", None)] })).await;
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+    env.raw_set("product:kb-001", r#"{"fresh":true}"#).await;
+    replay_event(&env, json!({ "Records": [record("kb-001", Some("1000"))] })).await;
+    assert_eq!(env.raw_get("product:kb-001").await, None);
+    assert_eq!(
+        env.raw_get("{product:kb-001}:ver").await.as_deref(),
+        Some("S04:1000:0")
+    );
+}

@@ -2,8 +2,9 @@
 //!
 //! Both functions run the same commands: `GET` (a hit), `EVALSHA` and `SCRIPT LOAD` (the
 //! scripts, loaded again after a restart or failover), `WAIT` (replicas confirming a batch),
-//! `SET` (a refresh stages its new documents), and, from inside the scripts, `GET`, `SET`, `DEL`
-//! and `RENAME` on the item's keys and its slot's epoch key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
+//! `SET` (a refresh stages its new documents), and, from inside the scripts (and directly, for a
+//! single node's delete-mode batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and
+//! its slot's epoch key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
 //! replicas, marks their connections `READONLY`. Nothing needs `INFO`, `CONFIG`, `KEYS` or
 //! `SCAN`.
 

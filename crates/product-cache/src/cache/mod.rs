@@ -19,6 +19,7 @@
 //! # Layout
 //! - this file: the values that cross the [`Cache`] trait, and the key names.
 //! - `redis.rs`: [`RedisCache`], the trait over a single node or a cluster, with timeouts.
+//! - `deletes.rs`: a single node's batch of deletes as plain commands, with the script's rules.
 //! - `slots.rs`: Redis Cluster hash slots, and the epoch key of each.
 //! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering
 //!   atomic.
@@ -30,6 +31,7 @@ use std::future::Future;
 use std::time::Duration;
 
 mod connect;
+mod deletes;
 mod inspect;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;

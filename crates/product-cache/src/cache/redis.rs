@@ -10,6 +10,7 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
 use super::connect::Connector;
+use super::deletes;
 use super::scripts::scripts;
 use super::slots::{self, slot_of};
 use super::VERSION_TTL;
@@ -305,6 +306,12 @@ impl RedisCache {
             other => other,
         }?;
         drop(conn);
+        self.confirmed(&replies)
+    }
+
+    /// Whether the `WAIT` ending a pipeline's `replies` (when replicas must confirm) counted
+    /// enough of them.
+    fn confirmed(&self, replies: &[redis::Value]) -> Result<(), CacheError> {
         if let Some(confirm) = self.confirm {
             let acked = match replies.last() {
                 Some(redis::Value::Int(n)) => *n,
@@ -321,6 +328,63 @@ impl RedisCache {
             }
         }
         Ok(())
+    }
+
+    /// A single node's batch of deletes, without the script (see `deletes.rs` for why that is
+    /// as safe): every group's positions read, then every group's deletes and newer positions
+    /// written, the second pipelines ending with `WAIT` when replicas must confirm. All first
+    /// pipelines go out together and all second ones once every first has its reply: two
+    /// round trips for the batch, where a group going on by itself as its reply arrived would
+    /// start a round trip of its own. One outcome per group, each bounded by `deadline`.
+    async fn apply_deletes(
+        &self,
+        conn: &Conn,
+        ops: &[CacheOp],
+        groups: &[Group],
+        deadline: tokio::time::Instant,
+        budget: Duration,
+    ) -> Vec<Result<(), CacheError>> {
+        let bounded = |fut| async move {
+            match tokio::time::timeout_at(deadline, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(CacheError::Timeout(budget)),
+            }
+        };
+        let reads = futures::future::join_all(groups.iter().map(|group| {
+            let mut conn = conn.clone();
+            bounded(async move {
+                let (pipe, read) =
+                    deletes::read_positions(ops, &group.slots[0], self.guards.ordering);
+                if read.is_empty() {
+                    return Ok((read, Vec::new()));
+                }
+                let replies = send_idempotent(&mut conn, &pipe).await?;
+                let positions = redis::from_redis_value(redis::Value::Array(replies))
+                    .map_err(|e| CacheError::Unexpected(format!("GET of positions: {e}")))?;
+                Ok((read, positions))
+            })
+        }))
+        .await;
+        futures::future::join_all(groups.iter().zip(reads).map(|(group, read)| {
+            let mut conn = conn.clone();
+            async move {
+                let (read, positions) = read?;
+                let mut pipe = deletes::write(ops, &group.slots[0], &read, positions);
+                if let Some(confirm) = self.confirm {
+                    pipe.cmd("WAIT")
+                        .arg(confirm.replicas)
+                        .arg(confirm.timeout.as_millis() as u64);
+                }
+                if pipe.is_empty() {
+                    return Ok(());
+                }
+                let replies = tokio::time::timeout_at(deadline, send_idempotent(&mut conn, &pipe))
+                    .await
+                    .map_err(|_| CacheError::Timeout(budget))??;
+                self.confirmed(&replies)
+            }
+        }))
+        .await
     }
 
     /// The primaries' addresses by slot range, as the cluster reports them (`CLUSTER SLOTS`).
@@ -393,6 +457,22 @@ fn certificates(root_cert: Vec<u8>) -> redis::TlsCertificates {
         client_tls: None,
         root_cert: Some(root_cert),
     }
+}
+
+/// Sends a pipeline of idempotent commands, once more on a connection found dead (the server
+/// restarted or closed it while this process was idle or frozen); any error reply fails it.
+async fn send_idempotent(
+    conn: &mut Conn,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<Vec<redis::Value>> {
+    use redis::aio::ConnectionLike as _;
+    let sent = match conn.req_packed_commands(pipe, 0, pipe.len()).await {
+        Err(e) if is_dead_connection(&e) => conn.req_packed_commands(pipe, 0, pipe.len()).await,
+        other => other,
+    }?;
+    sent.into_iter()
+        .map(redis::Value::extract_error)
+        .collect::<redis::RedisResult<Vec<_>>>()
 }
 
 /// An error that says the connection was lost before or while the request went out, as opposed
@@ -533,21 +613,33 @@ impl Cache for RedisCache {
         let batch = format!("{:016x}", fastrand::u64(..));
         let confirming = self.confirm.map_or(Duration::ZERO, |c| c.timeout);
         let deadline = tokio::time::Instant::now() + budget + confirming;
-        let outcomes: Vec<(Group, Result<(), CacheError>)> = futures::stream::iter(groups)
-            .map(|group| {
-                let (conn, batch) = (conn.clone(), &batch);
-                async move {
-                    let sent = self.apply_group(conn, ops, &group, now_ms, batch);
-                    let outcome = match tokio::time::timeout_at(deadline, sent).await {
-                        Ok(r) => r,
-                        Err(_) => Err(CacheError::Timeout(budget + confirming)),
-                    };
-                    (group, outcome)
-                }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
+        // A single node's deletes go without the script (`deletes.rs`).
+        let scriptless = matches!(conn, Conn::Single(_))
+            && groups
+                .iter()
+                .all(|g| g.slots.iter().all(|s| deletes::scriptless(ops, s)));
+        let outcomes: Vec<(Group, Result<(), CacheError>)> = if scriptless {
+            let outcomes = self
+                .apply_deletes(&conn, ops, &groups, deadline, budget + confirming)
+                .await;
+            groups.into_iter().zip(outcomes).collect()
+        } else {
+            futures::stream::iter(groups)
+                .map(|group| {
+                    let (conn, batch) = (conn.clone(), &batch);
+                    async move {
+                        let sent = self.apply_group(conn, ops, &group, now_ms, batch);
+                        let outcome = match tokio::time::timeout_at(deadline, sent).await {
+                            Ok(r) => r,
+                            Err(_) => Err(CacheError::Timeout(budget + confirming)),
+                        };
+                        (group, outcome)
+                    }
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await
+        };
         let mut failed = Vec::new();
         let mut first_error = None;
         for (group, outcome) in outcomes {

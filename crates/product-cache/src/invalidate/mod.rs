@@ -81,9 +81,9 @@ impl<C: Cache> Invalidator<C> {
             }
         };
         let plan = self.plan(records);
-        let collapsed = collapse(&plan);
-        // Moved, not cloned: in refresh mode the ops hold the documents, megabytes a batch.
-        let (ops, first_records): (Vec<CacheOp>, Vec<usize>) = collapsed
+        // Moved, not cloned: a 10,000-record batch has thousands of ops, and in refresh mode
+        // they hold the documents, megabytes a batch.
+        let (ops, first_records): (Vec<CacheOp>, Vec<usize>) = collapse(&plan)
             .into_iter()
             .map(|c| (c.op, c.first_record))
             .unzip();
@@ -137,8 +137,14 @@ impl<C: Cache> Invalidator<C> {
     pub fn plan(&self, records: &[Value]) -> Vec<Planned> {
         let mut plan = Vec::with_capacity(records.len());
         for (index, raw) in records.iter().enumerate() {
-            let sequence_number = sequence_number_of(raw);
-            let result = match self.plan_record(raw, sequence_number.as_deref()) {
+            // Looked up once and borrowed: `Value::pointer` would allocate for every step of
+            // its path, and at 10,000 records that was the larger part of planning.
+            let change = field(raw, "dynamodb").and_then(Value::as_object);
+            let sequence_number = change
+                .and_then(|c| field_of(c, "SequenceNumber"))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty());
+            let result = match self.plan_record(raw, change, sequence_number) {
                 Err(Malformed(what)) => {
                     tracing::warn!(
                         index,
@@ -153,7 +159,7 @@ impl<C: Cache> Invalidator<C> {
             match result {
                 Ok(op) => plan.push(Planned {
                     record: index,
-                    sequence_number,
+                    sequence_number: sequence_number.map(str::to_owned),
                     op,
                 }),
                 Err(reason) => {
@@ -169,25 +175,23 @@ impl<C: Cache> Invalidator<C> {
     fn plan_record(
         &self,
         raw: &Value,
+        change: Option<&serde_json::Map<String, Value>>,
         sequence_number: Option<&str>,
     ) -> Result<Result<CacheOp, SkipReason>, Malformed> {
-        let change = raw
-            .get("dynamodb")
-            .and_then(Value::as_object)
-            .ok_or(Malformed("no `dynamodb` object"))?;
-        let event_name = raw
-            .get("eventName")
+        let change = change.ok_or(Malformed("no `dynamodb` object"))?;
+        let event_name = field(raw, "eventName")
             .and_then(Value::as_str)
             .ok_or(Malformed("no `eventName`"))?;
         // `Keys` is in every stream view type; a record without a usable one is not the
         // documented shape either, so its images are searched the same way.
-        let key = match self.key_in(change.get("Keys")) {
+        let key = match self.key_in(field_of(change, "Keys")) {
             Ok(key) => key,
             Err(SkipReason::NoKey(_)) => return Err(Malformed("no usable `Keys`")),
             Err(e) => return Ok(Err(e)),
         };
         let removed = event_name == "REMOVE";
-        if removed && is_ttl_expiry(raw) {
+        // Only looked at when it will be logged: it costs lookups in every REMOVE otherwise.
+        if removed && tracing::enabled!(tracing::Level::DEBUG) && is_ttl_expiry(raw) {
             tracing::debug!(key, "item expired by TTL");
         }
         if !removed && event_name != "INSERT" && event_name != "MODIFY" {
@@ -199,15 +203,16 @@ impl<C: Cache> Invalidator<C> {
                 .get(name)
                 .filter(|i| i.as_object().is_some_and(|m| !m.is_empty()))
         };
-        let new_image = image("NewImage");
         let order = self.order_of(
-            image(if removed { "OldImage" } else { "NewImage" }),
+            || image(if removed { "OldImage" } else { "NewImage" }),
             removed,
             sequence_number,
         );
         // KEYS_ONLY or OLD_IMAGE streams carry no new version to write, and a write that
-        // cannot be ordered could overwrite a newer one: both become deletes.
+        // cannot be ordered could overwrite a newer one: both become deletes. The image is
+        // looked up only for a write: in delete mode no record needs it.
         let refresh = !removed && self.mode == InvalidationMode::Refresh && order.is_some();
+        let new_image = if refresh { image("NewImage") } else { None };
         let (true, Some(new_image)) = (refresh, new_image) else {
             return Ok(Ok(CacheOp {
                 key,
@@ -280,16 +285,16 @@ impl<C: Cache> Invalidator<C> {
     /// attribute configured, the version of the image it leaves behind (a REMOVE ranks just
     /// after the write of the version it removes). `None` when the record does not say, which
     /// makes the op an unordered delete.
-    fn order_of(
+    fn order_of<'v>(
         &self,
-        image: Option<&Value>,
+        image: impl FnOnce() -> Option<&'v Value>,
         removed: bool,
         sequence_number: Option<&str>,
     ) -> Option<Order> {
         let Some(attr) = &self.settings.version_attribute else {
             return Order::sequence(sequence_number?);
         };
-        let version = image?.get(attr)?.get("N")?.as_str()?;
+        let version = image()?.get(attr)?.get("N")?.as_str()?;
         Order::version(version, removed)
     }
 
@@ -297,16 +302,19 @@ impl<C: Cache> Invalidator<C> {
     fn key_in(&self, map: Option<&Value>) -> Result<String, SkipReason> {
         let no_key = || SkipReason::NoKey(self.settings.key_attribute.clone());
         let attr = map
-            .and_then(|m| m.get(&self.settings.key_attribute))
+            .and_then(|m| field(m, &self.settings.key_attribute))
             .and_then(Value::as_object)
             .ok_or_else(no_key)?;
-        let (raw, key_type) = match (attr.get("S"), attr.get("N")) {
+        let (raw, key_type) = match (field_of(attr, "S"), field_of(attr, "N")) {
             (Some(Value::String(s)), None) => (s, KeyType::S),
             (None, Some(Value::String(n))) => (n, KeyType::N),
             _ => return Err(no_key()),
         };
-        let id = ProductId::parse(raw, key_type)?;
-        Ok(id.cache_key(&self.settings.key_prefix))
+        Ok(ProductId::cache_key_of(
+            raw,
+            key_type,
+            &self.settings.key_prefix,
+        )?)
     }
 
     /// The cache key a stream record names (in `Keys`, else either image), whatever its shape:
@@ -327,6 +335,26 @@ impl<C: Cache> Invalidator<C> {
         }
         Err(reason)
     }
+}
+
+/// `value[name]` for the small objects of a stream record (see [`field_of`]).
+fn field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
+    field_of(value.as_object()?, name)
+}
+
+/// `map[name]`, found by scanning the entries for one of the same length first. serde_json's
+/// map is a B-tree of `String`s: a lookup compares the name with several keys, each compare a
+/// read of a separate heap allocation, and over a 10,000-record batch those cache misses were
+/// most of the cost of planning. A record's objects have a handful of entries whose lengths
+/// (kept in the tree's nodes) mostly differ, so the scan reads one key's bytes, usually the
+/// right one. A large object (an image) is looked up the usual way.
+fn field_of<'v>(map: &'v serde_json::Map<String, Value>, name: &str) -> Option<&'v Value> {
+    if map.len() > 16 {
+        return map.get(name);
+    }
+    map.iter()
+        .find(|(k, _)| k.len() == name.len() && k.as_str() == name)
+        .map(|(_, v)| v)
 }
 
 fn sequence_number_of(record: &Value) -> Option<String> {
