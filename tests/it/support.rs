@@ -174,7 +174,10 @@ impl<C: Cache> Cache for Counting<C> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.fill(fill)
     }
-    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), BatchError>> + Send {
+    fn apply(
+        &self,
+        ops: &[CacheOp],
+    ) -> impl Future<Output = Result<product_cache::cache::Applied, BatchError>> + Send {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.apply(ops)
     }

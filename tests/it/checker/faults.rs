@@ -51,7 +51,7 @@ impl<C: Cache> Cache for FailingCache<C> {
         self.inner.release(key, token)
     }
 
-    async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
+    async fn apply(&self, ops: &[CacheOp]) -> Result<product_cache::cache::Applied, BatchError> {
         let armed = self.armed.lock().unwrap().take();
         let Some(prefix) = armed else {
             return self.inner.apply(ops).await;

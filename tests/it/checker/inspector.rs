@@ -12,9 +12,11 @@ use tokio::task::JoinHandle;
 use super::actors::{Phase, Shared};
 use super::system::Sut;
 
-/// Longer than the invalidator's lag under the checker's faults (retries, bisections), which
-/// its staleness figures keep well under a second.
-pub const GRACE: Duration = Duration::from_secs(2);
+/// The functions' default. Longer than the invalidator's lag under the checker's faults: a
+/// failover holds a shard's batches back for up to about 3 s (the staleness maximum of the
+/// cluster runs), and with a 2 s grace the inspector rightly counted a key whose invalidation
+/// waited out the failover.
+pub const GRACE: Duration = Duration::from_secs(5);
 
 /// What the inspections found, over the run.
 #[derive(Debug, Clone, Default)]

@@ -6,7 +6,8 @@
 -- ARGV: use ordering (1/0), now (epoch ms, the invalidator's clock), ver ttl s; then per change
 -- 5: 'set' or 'del', ttl s, order ('' for none), the record's creation time less the clock
 -- margin (epoch ms, '' if unknown), delete even if refused (1/0).
--- Returns how many changes were applied (the others were older than what their key has seen).
+-- Returns the 0-based indexes of the changes refused as older than what their key has seen
+-- (empty, the usual case, when every change was applied).
 --
 -- A new document does not pass through the script: the same pipeline has just written it (with
 -- its TTL) to its staged key, which the script moves into place (RENAME moves the value without
@@ -23,7 +24,7 @@
 local use_ordering = ARGV[1] == '1'
 local now = ARGV[2]
 local ver_ttl = tonumber(ARGV[3])
-local applied = 0
+local refused_at = {}
 local changes = (#ARGV - 3) / 5
 local staged_keys = 0
 for i = 0, changes - 1 do
@@ -60,6 +61,7 @@ for i = 0, changes - 1 do
     end
   end
   if refused then
+    refused_at[#refused_at + 1] = i
     if delete_if_refused then redis.call('DEL', key, lease) end
     if staged then redis.call('DEL', staged) end
   else
@@ -73,7 +75,6 @@ for i = 0, changes - 1 do
     else
       redis.call('DEL', key, lease)
     end
-    applied = applied + 1
   end
 end
-return applied
+return refused_at

@@ -59,13 +59,15 @@ pub(super) fn read_positions(
 /// The second pipeline, from the positions the first read (`positions[j]` for op `read[j]`):
 /// one `DEL` of the documents and leases of every op to delete, then a `SET` of each newer
 /// position. Refused ops (not newer than their key's position) delete only when the batch also
-/// held an unordered delete of their key. Empty when there is nothing to do.
+/// held an unordered delete of their key. Empty when there is nothing to do. Also returns the
+/// refused ops.
 pub(super) fn write(
     ops: &[CacheOp],
     group: &[usize],
     read: &[usize],
     positions: Vec<Option<Vec<u8>>>,
-) -> redis::Pipeline {
+) -> (redis::Pipeline, Vec<usize>) {
+    let mut refused = Vec::new();
     let mut current = read.iter().copied().zip(positions).peekable();
     let mut delete = redis::cmd("DEL");
     let mut deleting = false;
@@ -94,6 +96,9 @@ pub(super) fn write(
             }
             _ => true,
         };
+        if !applies {
+            refused.push(i);
+        }
         if applies || op.delete_if_refused {
             delete.arg(&op.key).arg(lease_key(&op.key));
             deleting = true;
@@ -110,5 +115,5 @@ pub(super) fn write(
             .arg("EX")
             .arg(VERSION_TTL.as_secs());
     }
-    pipe
+    (pipe, refused)
 }

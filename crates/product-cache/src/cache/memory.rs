@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{BatchError, Cache, CacheError, CacheOp, Fill, OpKind, Order, Probe};
+use super::{Applied, BatchError, Cache, CacheError, CacheOp, Fill, OpKind, Order, Probe};
 
 #[derive(Default)]
 pub struct MemoryCache {
@@ -93,16 +93,18 @@ impl Cache for MemoryCache {
         std::future::ready(result)
     }
 
-    async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
+    async fn apply(&self, ops: &[CacheOp]) -> Result<Applied, BatchError> {
         self.enter().map_err(|e| BatchError::all(ops.len(), e))?;
         let mut entries = self.entries.lock().unwrap();
         let mut versions = self.versions.lock().unwrap();
-        for op in ops {
+        let mut refused = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
             // An in-memory cache never loses its data: every record is newer than its epoch.
             let mut kind = &op.kind;
             if let Some(order) = &op.order {
                 match versions.get(&op.key).map(|cur| newer(order, cur)) {
                     Some(Some(false)) => {
+                        refused.push(i);
                         if op.delete_if_refused {
                             self.leases.lock().unwrap().remove(&op.key);
                             entries.remove(&op.key);
@@ -124,6 +126,6 @@ impl Cache for MemoryCache {
                 }
             }
         }
-        Ok(())
+        Ok(Applied { refused })
     }
 }

@@ -220,6 +220,14 @@ pub enum CacheError {
     Unexpected(String),
 }
 
+/// A batch applied in full: which of its ops Redis refused as older than what their key had
+/// already seen (a replay, or a record overtaken by a newer one): as good as applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Indexes into the ops passed to [`Cache::apply`], ascending.
+    pub refused: Vec<usize>,
+}
+
 /// A batch that was not applied in full: the ops whose outcome is unknown, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{} of the batch's cache updates may not have been applied", failed.len())]
@@ -275,7 +283,7 @@ pub trait Cache: Send + Sync {
     /// Applies `ops`, at most one per key (the invalidator collapses a key's records first), in
     /// as few round trips as the deployment allows. Which ops failed is reported exactly, so
     /// the invalidator can name the earliest record whose change is not known to be applied.
-    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<(), BatchError>> + Send;
+    fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<Applied, BatchError>> + Send;
 }
 
 /// How long `{key}:ver` lives: past the stream's 24-hour retention, so no record still

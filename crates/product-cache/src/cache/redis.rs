@@ -15,8 +15,8 @@ use super::scripts::scripts;
 use super::slots::{self, slot_of};
 use super::VERSION_TTL;
 use super::{
-    epoch_key, lease_key, staged_key, version_key, BatchError, Cache, CacheError, CacheOp, Fill,
-    Guards, OpKind, Order, Probe,
+    epoch_key, lease_key, staged_key, version_key, Applied, BatchError, Cache, CacheError, CacheOp,
+    Fill, Guards, OpKind, Order, Probe,
 };
 
 fn flag(on: bool) -> &'static str {
@@ -255,7 +255,7 @@ impl RedisCache {
         group: &Group,
         now_ms: u64,
         batch: &str,
-    ) -> Result<(), CacheError> {
+    ) -> Result<Vec<usize>, CacheError> {
         let script = &scripts().apply;
         let pipeline = |load: bool| {
             let mut pipe = redis::pipe();
@@ -306,7 +306,27 @@ impl RedisCache {
             other => other,
         }?;
         drop(conn);
-        self.confirmed(&replies)
+        self.confirmed(&replies)?;
+        // The script calls' replies are the arrays (the staging SETs, SCRIPT LOAD and WAIT
+        // answer otherwise), one per slot in order: the refused changes' indexes in it.
+        let mut refused = Vec::new();
+        let calls = replies.iter().filter_map(|r| match r {
+            redis::Value::Array(items) => Some(items),
+            _ => None,
+        });
+        for (slot, items) in group.slots.iter().zip(calls) {
+            for item in items {
+                match item {
+                    redis::Value::Int(j) => refused.extend(slot.get(*j as usize).copied()),
+                    other => {
+                        return Err(CacheError::Unexpected(format!(
+                            "the apply script replied {other:?}"
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(refused)
     }
 
     /// Whether the `WAIT` ending a pipeline's `replies` (when replicas must confirm) counted
@@ -343,7 +363,7 @@ impl RedisCache {
         groups: &[Group],
         deadline: tokio::time::Instant,
         budget: Duration,
-    ) -> Vec<Result<(), CacheError>> {
+    ) -> Vec<Result<Vec<usize>, CacheError>> {
         let bounded = |fut| async move {
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(r) => r,
@@ -369,19 +389,20 @@ impl RedisCache {
             let mut conn = conn.clone();
             async move {
                 let (read, positions) = read?;
-                let mut pipe = deletes::write(ops, &group.slots[0], &read, positions);
+                let (mut pipe, refused) = deletes::write(ops, &group.slots[0], &read, positions);
                 if let Some(confirm) = self.confirm {
                     pipe.cmd("WAIT")
                         .arg(confirm.replicas)
                         .arg(confirm.timeout.as_millis() as u64);
                 }
                 if pipe.is_empty() {
-                    return Ok(());
+                    return Ok(refused);
                 }
                 let replies = tokio::time::timeout_at(deadline, send_idempotent(&mut conn, &pipe))
                     .await
                     .map_err(|_| CacheError::Timeout(budget))??;
-                self.confirmed(&replies)
+                self.confirmed(&replies)?;
+                Ok(refused)
             }
         }))
         .await
@@ -559,9 +580,9 @@ impl Cache for RedisCache {
     /// (a cluster pipeline cannot span slots), in flight together. The whole batch gets the
     /// per-operation timeout once per 1,000 ops, a budget that follows the work; the
     /// connection itself has no response timeout that could cut a large pipeline short.
-    async fn apply(&self, ops: &[CacheOp]) -> Result<(), BatchError> {
+    async fn apply(&self, ops: &[CacheOp]) -> Result<Applied, BatchError> {
         if ops.is_empty() {
-            return Ok(());
+            return Ok(Applied::default());
         }
         let budget = self.timeout * (ops.len() / CHUNK + 1) as u32;
         // A batch waits for a connection still forming (a cold start) up to the connect budget:
@@ -618,7 +639,7 @@ impl Cache for RedisCache {
             && groups
                 .iter()
                 .all(|g| g.slots.iter().all(|s| deletes::scriptless(ops, s)));
-        let outcomes: Vec<(Group, Result<(), CacheError>)> = if scriptless {
+        let outcomes: Vec<(Group, Result<Vec<usize>, CacheError>)> = if scriptless {
             let outcomes = self
                 .apply_deletes(&conn, ops, &groups, deadline, budget + confirming)
                 .await;
@@ -641,17 +662,25 @@ impl Cache for RedisCache {
                 .await
         };
         let mut failed = Vec::new();
+        let mut refused = Vec::new();
         let mut first_error = None;
         for (group, outcome) in outcomes {
-            if let Err(e) = outcome {
-                // Not applied, or applied on a primary that no replica confirmed: a failover
-                // could still lose it, so it counts as not applied and Lambda retries it.
-                failed.extend(group.ops());
-                first_error.get_or_insert(e);
+            match outcome {
+                Ok(r) => refused.extend(r),
+                Err(e) => {
+                    // Not applied, or applied on a primary that no replica confirmed: a
+                    // failover could still lose it, so it counts as not applied and Lambda
+                    // retries it.
+                    failed.extend(group.ops());
+                    first_error.get_or_insert(e);
+                }
             }
         }
         match first_error {
-            None => Ok(()),
+            None => {
+                refused.sort_unstable();
+                Ok(Applied { refused })
+            }
             Some(source) => {
                 failed.sort_unstable();
                 Err(BatchError { failed, source })

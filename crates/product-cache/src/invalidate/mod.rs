@@ -90,28 +90,32 @@ impl<C: Cache> Invalidator<C> {
         let mut response = DynamoDbEventResponse::default();
         let mut retried_from = records.len();
         // A refused (older) op is not a failure: the key already holds something newer.
-        if let Err(e) = self.cache.apply(&ops).await {
-            // The earliest record whose change is not known to be applied: the first record of
-            // each failed key. Every record before it either had its key applied or changed no
-            // key at all.
-            let earliest = e
-                .failed
-                .iter()
-                .map(|&i| first_records[i])
-                .min()
-                .unwrap_or(0);
-            retried_from = earliest;
-            // Lambda retries from the reported record on. If that record has no sequence
-            // number, name the nearest earlier one that does (replaying more is safe: every op
-            // is idempotent); with none at all, an empty identifier fails the whole batch.
-            let retry_from = records[..=earliest.min(records.len() - 1)]
-                .iter()
-                .rev()
-                .find_map(sequence_number_of);
-            tracing::error!(error = %e.source, failed_keys = e.failed.len(), retry_from = ?retry_from, "cache update failed");
-            let mut failure = DynamoDbBatchItemFailure::default();
-            failure.item_identifier = Some(retry_from.unwrap_or_default());
-            response.batch_item_failures.push(failure);
+        let mut refused = Vec::new();
+        match self.cache.apply(&ops).await {
+            Ok(applied) => refused = applied.refused,
+            Err(e) => {
+                // The earliest record whose change is not known to be applied: the first
+                // record of each failed key. Every record before it either had its key applied
+                // or changed no key at all.
+                let earliest = e
+                    .failed
+                    .iter()
+                    .map(|&i| first_records[i])
+                    .min()
+                    .unwrap_or(0);
+                retried_from = earliest;
+                // Lambda retries from the reported record on. If that record has no sequence
+                // number, name the nearest earlier one that does (replaying more is safe: every
+                // op is idempotent); with none at all, an empty identifier fails the whole batch.
+                let retry_from = records[..=earliest.min(records.len() - 1)]
+                    .iter()
+                    .rev()
+                    .find_map(sequence_number_of);
+                tracing::error!(error = %e.source, failed_keys = e.failed.len(), retry_from = ?retry_from, "cache update failed");
+                let mut failure = DynamoDbBatchItemFailure::default();
+                failure.item_identifier = Some(retry_from.unwrap_or_default());
+                response.batch_item_failures.push(failure);
+            }
         }
         tracing::info!(
             records = records.len(),
@@ -119,7 +123,9 @@ impl<C: Cache> Invalidator<C> {
             failed = !response.batch_item_failures.is_empty(),
             "batch handled"
         );
-        self.count(records, &plan, retried_from);
+        let refused: std::collections::HashSet<&str> =
+            refused.iter().map(|&i| ops[i].key.as_str()).collect();
+        self.count(records, &plan, retried_from, &refused);
         self.metrics.flush();
         // Freeing a 10,000-record event (hundreds of thousands of small allocations) takes
         // longer than handling it; done on a blocking thread, it is off the invocation's path.
@@ -248,13 +254,26 @@ impl<C: Cache> Invalidator<C> {
     }
 
     /// Counts a handled batch: its size, what was skipped, what goes back to Lambda (every
-    /// record from `retried_from` on), what was applied, and how long after its creation a
-    /// sample of the applied records reached the cache.
-    fn count(&self, records: &[Value], plan: &[Planned], retried_from: usize) {
+    /// record from `retried_from` on), what was applied or refused as older (every record of a
+    /// key whose collapsed change Redis refused was older than what the key had seen), and how
+    /// long after its creation a sample of the applied records reached the cache.
+    fn count(
+        &self,
+        records: &[Value],
+        plan: &[Planned],
+        retried_from: usize,
+        refused_keys: &std::collections::HashSet<&str>,
+    ) {
         use metrics::invalidator as m;
-        let applied = plan.iter().filter(|p| p.record < retried_from).count();
+        let done = || plan.iter().filter(|p| p.record < retried_from);
+        let refused = done()
+            .filter(|p| refused_keys.contains(p.op.key.as_str()))
+            .count();
+        let applied = done().count() - refused;
         self.metrics.add(m::BATCH_SIZE, records.len() as u64);
         self.metrics.add(m::RECORDS_APPLIED, applied as u64);
+        self.metrics
+            .add(m::RECORDS_REFUSED_AS_OLDER, refused as u64);
         self.metrics.add(
             m::RECORDS_SKIPPED_MALFORMED,
             (records.len() - plan.len()) as u64,
@@ -266,9 +285,8 @@ impl<C: Cache> Invalidator<C> {
             .map_or(0, |d| d.as_millis() as i64);
         // Evenly spread over the batch, at most the number of values EMF takes.
         let step = applied.div_ceil(metrics::MAX_SAMPLES).max(1);
-        for p in plan
-            .iter()
-            .filter(|p| p.record < retried_from)
+        for p in done()
+            .filter(|p| !refused_keys.contains(p.op.key.as_str()))
             .step_by(step)
         {
             let created = records[p.record]
@@ -614,7 +632,10 @@ mod tests {
         {
             self.0.release(key, token)
         }
-        async fn apply(&self, ops: &[CacheOp]) -> Result<(), crate::cache::BatchError> {
+        async fn apply(
+            &self,
+            ops: &[CacheOp],
+        ) -> Result<crate::cache::Applied, crate::cache::BatchError> {
             let failed: Vec<usize> = (0..ops.len())
                 .filter(|&i| self.1.contains(&ops[i].key))
                 .collect();
@@ -622,9 +643,9 @@ mod tests {
                 .filter(|i| !failed.contains(i))
                 .map(|i| ops[i].clone())
                 .collect();
-            self.0.apply(&landed).await?;
+            let applied = self.0.apply(&landed).await?;
             if failed.is_empty() {
-                return Ok(());
+                return Ok(applied);
             }
             Err(crate::cache::BatchError {
                 failed,

@@ -329,7 +329,7 @@ mod tests {
         async fn apply(
             &self,
             ops: &[crate::cache::CacheOp],
-        ) -> Result<(), crate::cache::BatchError> {
+        ) -> Result<crate::cache::Applied, crate::cache::BatchError> {
             self.0.apply(ops).await
         }
     }
