@@ -83,6 +83,7 @@ pub async fn at_rest(sut: &Sut, items: &[String], tally: &mut Tally) {
         .await
         .expect("the inspection at rest");
     tally.at_rest = inconsistent(&report).map(str::to_owned).collect();
+    tally.checked += report.checked() as u64;
 }
 
 pub async fn spawn(sut: &Sut, shared: &std::sync::Arc<Shared>) -> JoinHandle<Tally> {
@@ -100,13 +101,9 @@ pub async fn spawn(sut: &Sut, shared: &std::sync::Arc<Shared>) -> JoinHandle<Tal
         };
         while *phase.borrow_and_update() != Phase::Done {
             tally.runs += 1;
-            let run = inspector.run(Target::Ids(ids.clone()));
-            // A run ends early when the actors are done: what it saw so far is not judged.
-            let report = tokio::select! {
-                report = run => report,
-                _ = phase.wait_for(|p| *p == Phase::Done) => break,
-            };
-            match report {
+            // A run going on when the actors stop is finished (at most a grace period more):
+            // with runs of a grace period each, cutting it would leave a short run unjudged.
+            match inspector.run(Target::Ids(ids.clone())).await {
                 Ok(report) => {
                     tally.checked += report.checked() as u64;
                     tally.settled += report.count(Verdict::Settled) as u64;
