@@ -80,10 +80,10 @@ impl<C: Cache> Invalidator<C> {
                 &[]
             }
         };
-        let plan = self.plan(records);
+        let mut plan = self.plan(records);
         // Moved, not cloned: a 10,000-record batch has thousands of ops, and in refresh mode
         // they hold the documents, megabytes a batch.
-        let (ops, first_records): (Vec<CacheOp>, Vec<usize>) = collapse(&plan)
+        let (ops, first_records): (Vec<CacheOp>, Vec<usize>) = collapse(&mut plan)
             .into_iter()
             .map(|c| (c.op, c.first_record))
             .unzip();
