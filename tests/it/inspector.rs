@@ -90,12 +90,7 @@ async fn finds_a_corrupted_key_says_so_in_its_metrics_and_repairs_it() {
     );
 
     // The metrics line, as CloudWatch reads it (an alarm on InconsistentKeys > 0 fires).
-    let emf: Vec<_> = lines
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|l| crate::metrics::parse_emf(l).expect("an EMF line"))
-        .collect();
+    let emf = crate::metrics::emf_of(&lines);
     assert_eq!(emf.len(), 1);
     assert_eq!(crate::metrics::total(&emf, "KeysChecked"), 20.0);
     assert_eq!(crate::metrics::total(&emf, "InconsistentKeys"), 1.0);
@@ -128,12 +123,7 @@ async fn finds_a_corrupted_key_says_so_in_its_metrics_and_repairs_it() {
     lines.lock().unwrap().clear();
     let report = looking.run(Target::Sample(1000)).await.unwrap();
     assert_eq!((report.checked(), inconsistent(&report).len()), (20, 0));
-    let emf: Vec<_> = lines
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|l| crate::metrics::parse_emf(l).expect("an EMF line"))
-        .collect();
+    let emf = crate::metrics::emf_of(&lines);
     assert_eq!(
         crate::metrics::total(&emf, "KeysChecked"),
         20.0,
@@ -271,12 +261,8 @@ async fn runs_under_its_documented_least_privilege_user() {
     );
     assert!(refused.to_lowercase().contains("permission"), "{refused}");
 
-    let report = inspector("inspector")
-        .await
-        .unwrap()
-        .run(Target::Sample(10))
-        .await
-        .unwrap();
+    let inspecting = inspector("inspector").await.unwrap();
+    let report = inspecting.run(Target::Sample(10)).await.unwrap();
     assert_eq!(report.checked(), 5);
     // Repair (DEL of the key and its lease) is within its rules too.
     let mut conn = redis::Client::open(url("inspector"))
@@ -290,11 +276,6 @@ async fn runs_under_its_documented_least_privilege_user() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    let report = inspector("inspector")
-        .await
-        .unwrap()
-        .run(Target::Sample(10))
-        .await
-        .unwrap();
+    let report = inspecting.run(Target::Sample(10)).await.unwrap();
     assert_eq!((inconsistent(&report).len(), report.repaired), (1, 1));
 }

@@ -211,7 +211,7 @@ async fn serves_the_read_path_over_http_and_a_table_change_reaches_it_through_th
     let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let emf: Vec<_> = lines
         .lines()
-        .map(|l| crate::metrics::parse_emf(l).unwrap_or_else(|| panic!("not EMF: {l}")))
+        .map(|l| crate::metrics::parse_emf(l).unwrap_or_else(|| panic!("not an EMF line: {l}")))
         .collect();
     let of = |function: &str| -> Vec<_> {
         emf.iter()

@@ -71,6 +71,16 @@ pub(crate) fn parse_emf(line: &str) -> Option<Emf> {
     })
 }
 
+/// Lines that must all be EMF records (a sink's), parsed.
+pub(crate) fn emf_of(lines: &std::sync::Mutex<Vec<String>>) -> Vec<Emf> {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| parse_emf(l).unwrap_or_else(|| panic!("not an EMF line: {l}")))
+        .collect()
+}
+
 /// Every line of a function's output: its EMF records, and its log records (each of which
 /// must be a JSON object, as Lambda's JSON log format wants).
 fn split(output: &str) -> (Vec<Emf>, Vec<Value>) {

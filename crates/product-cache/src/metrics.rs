@@ -58,28 +58,20 @@ impl Metric {
 pub mod read {
     use super::Metric;
 
-    const fn count(name: &'static str) -> Metric {
-        Metric::count(name)
-    }
-
-    const fn millis(name: &'static str) -> Metric {
-        Metric::millis(name)
-    }
-
     /// Answered from Redis.
-    pub const HITS: Metric = count("Hits");
+    pub const HITS: Metric = Metric::count("Hits");
     /// Redis had nothing; answered from the table.
-    pub const MISSES: Metric = count("Misses");
+    pub const MISSES: Metric = Metric::count("Misses");
     /// Redis failed or timed out; answered from the table without it.
-    pub const BYPASSES: Metric = count("Bypasses");
+    pub const BYPASSES: Metric = Metric::count("Bypasses");
     /// Requests that found another reader's lease and waited for its fill.
-    pub const LEASE_WAITS: Metric = count("LeaseWaits");
+    pub const LEASE_WAITS: Metric = Metric::count("LeaseWaits");
     /// Time those requests spent waiting (summed per invocation).
-    pub const LEASE_WAIT_TIME: Metric = millis("LeaseWaitTime");
+    pub const LEASE_WAIT_TIME: Metric = Metric::millis("LeaseWaitTime");
     /// Fills Redis refused: the key changed since the lease, or the fill was older.
-    pub const REFUSED_FILLS: Metric = count("RefusedFills");
+    pub const REFUSED_FILLS: Metric = Metric::count("RefusedFills");
     /// Requests with an id that is not one (answered 400; not a cache event).
-    pub const INVALID_REQUESTS: Metric = count("InvalidRequests");
+    pub const INVALID_REQUESTS: Metric = Metric::count("InvalidRequests");
 
     pub const ALL: [Metric; 7] = [
         HITS,
@@ -96,28 +88,20 @@ pub mod read {
 pub mod invalidator {
     use super::Metric;
 
-    const fn count(name: &'static str) -> Metric {
-        Metric::count(name)
-    }
-
-    const fn millis(name: &'static str) -> Metric {
-        Metric::millis(name)
-    }
-
     /// Records in the batch Lambda delivered.
-    pub const BATCH_SIZE: Metric = count("BatchSize");
+    pub const BATCH_SIZE: Metric = Metric::count("BatchSize");
     /// Records whose change reached Redis (collapsed ones included: their newest covered them).
-    pub const RECORDS_APPLIED: Metric = count("RecordsApplied");
+    pub const RECORDS_APPLIED: Metric = Metric::count("RecordsApplied");
     /// Records Redis refused as older than a change the key had already seen (replays).
-    pub const RECORDS_REFUSED_AS_OLDER: Metric = count("RecordsRefusedAsOlder");
+    pub const RECORDS_REFUSED_AS_OLDER: Metric = Metric::count("RecordsRefusedAsOlder");
     /// Records that could not be understood; skipped so they never block the shard.
-    pub const RECORDS_SKIPPED_MALFORMED: Metric = count("RecordsSkippedMalformed");
+    pub const RECORDS_SKIPPED_MALFORMED: Metric = Metric::count("RecordsSkippedMalformed");
     /// Records handed back to Lambda as failed (Redis failed): they will be retried.
-    pub const RECORDS_FAILED: Metric = count("RecordsFailed");
+    pub const RECORDS_FAILED: Metric = Metric::count("RecordsFailed");
     /// From a record's creation to its change being applied. An upper bound: DynamoDB Streams
     /// rounds `ApproximateCreationDateTime` down to the second, so each value is the true lag
     /// plus up to one second.
-    pub const INVALIDATION_LAG: Metric = millis("InvalidationLag");
+    pub const INVALIDATION_LAG: Metric = Metric::millis("InvalidationLag");
 
     pub const ALL: [Metric; 6] = [
         BATCH_SIZE,

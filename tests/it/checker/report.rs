@@ -58,14 +58,7 @@ impl Report {
             self.text
         );
         // Its metrics, as CloudWatch would read them, keep the template's alarm quiet.
-        let emf: Vec<_> = self
-            .inspected
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|l| crate::metrics::parse_emf(l).expect("an EMF line"))
-            .collect();
+        let emf = crate::metrics::emf_of(&self.inspected.lines);
         assert!(
             crate::metrics::total(&emf, "KeysChecked") > 0.0
                 && !crate::metrics::alarm_fires("InconsistentKeysAlarm", &emf, "product-cache"),
