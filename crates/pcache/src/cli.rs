@@ -12,8 +12,8 @@ pub const DEFAULT_STATE_DIR: &str = "target/local-stack";
 #[derive(Parser)]
 #[command(
     name = "pcache",
-    about = "Operates the product cache: runs the whole system locally, changes prices in its \
-             table and warms its cache",
+    about = "Operates the product cache: runs the whole system locally, and inspects, purges, \
+             redrives and warms a cache, local or on AWS",
     after_help = "scripts/run.sh with no subcommand (or only options) runs `pcache dev`.",
     subcommand_required = true,
     arg_required_else_help = true
