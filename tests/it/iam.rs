@@ -189,9 +189,14 @@ async fn reconnect_with_fresh_tokens(url: String, cluster: bool, ports: &[u16]) 
     clock.advance(Duration::from_secs(660));
     let second = current_token(&sdk).await;
     assert_ne!(second, first);
-    let mut killed = 0;
+    // Every node takes the new token before any connection is killed: on a cluster, a client
+    // reconnecting to one node may open a connection to another, which must not still want the
+    // old token (ElastiCache validates tokens for the whole group at once).
     for &port in ports {
         set_password(port, &second).await;
+    }
+    let mut killed = 0;
+    for &port in ports {
         killed += kill_iam_connections(port).await;
     }
     assert!(killed >= 2, "killed {killed}");
@@ -210,6 +215,8 @@ async fn reconnect_with_fresh_tokens(url: String, cluster: bool, ports: &[u16]) 
     let third = current_token(&sdk).await;
     for &port in ports {
         set_password(port, &third).await;
+    }
+    for &port in ports {
         kill_iam_connections(port).await;
     }
     // A new change of kb-001, so that the batch has something to apply.

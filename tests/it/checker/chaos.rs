@@ -332,8 +332,21 @@ async fn lose_data(loss: DataLoss, redis: &mut Redis, shared: &Shared) -> String
             )
         }
         (DataLoss::Flushall, Redis::Cluster(cluster)) => {
+            // Each node says what it is (`ROLE`): one node's `CLUSTER NODES` can still show the
+            // shard of the earlier failover the old way round, and a FLUSHALL sent to what has
+            // become a replica is refused.
             let roles = cluster.roles().await.expect("cluster roles");
-            let primaries: Vec<u16> = roles.iter().filter(|r| r.primary).map(|r| r.port).collect();
+            let mut primaries = Vec::new();
+            for role in roles.iter().filter(|r| !r.failed) {
+                let mut conn = node_connection(role.port).await;
+                let said: Vec<redis::Value> = redis::cmd("ROLE")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("ROLE");
+                if matches!(said.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                    primaries.push(role.port);
+                }
+            }
             let (at, uptime) = flush(&primaries, shared).await;
             format!(
                 "FLUSHALL on every primary ({}) at {at:.1} ms (no restart: uptimes {uptime:?} s)",
