@@ -75,10 +75,15 @@ fn inconsistent(report: &product_cache::inspect::Report) -> impl Iterator<Item =
         .map(|r| r.key.as_str())
 }
 
-/// One inspection of every item once the stream is drained and nothing changes any more.
+/// One inspection of every item once the stream is drained and nothing changes any more. Its
+/// metrics line joins the others: in a short run it may be the only one that checked a key.
 pub async fn at_rest(sut: &Sut, items: &[String], tally: &mut Tally) {
     let report = inspector(sut, items.len())
         .await
+        .with_metrics(
+            product_cache::metrics::MetricsSettings::default(),
+            product_cache::metrics::Sink::Memory(tally.lines.clone()),
+        )
         .run(Target::Ids(items.to_vec()))
         .await
         .expect("the inspection at rest");
