@@ -239,8 +239,19 @@ impl<S: ProductStore> Inspector<S> {
         let prefix = &self.settings.key_prefix;
         let (keys, ids, sampled) = match target {
             Target::Sample(n) => {
-                let keys = self.cache.sample_keys(prefix, n).await?;
-                let ids = keys.iter().map(|k| k[prefix.len()..].to_owned()).collect();
+                // A key under the prefix that names no valid id (another writer's, or a
+                // numeric table's stray) is not ours to judge: left out, not a failed run.
+                let (keys, ids): (Vec<String>, Vec<String>) = self
+                    .cache
+                    .sample_keys(prefix, n)
+                    .await?
+                    .into_iter()
+                    .map(|k| {
+                        let id = k[prefix.len()..].to_owned();
+                        (k, id)
+                    })
+                    .filter(|(_, id)| ProductId::parse(id, self.settings.key_type).is_ok())
+                    .unzip();
                 (keys, ids, true)
             }
             Target::Ids(ids) => {
