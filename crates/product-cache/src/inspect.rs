@@ -201,10 +201,6 @@ impl<S: ProductStore> Inspector<S> {
         self
     }
 
-    pub fn settings(&self) -> &InspectSettings {
-        &self.inspect
-    }
-
     /// The inspector function's invocation: a scheduled event (or anything else) inspects a
     /// sample of the configured size; `{"ids": [...]}` inspects those ids. Answers a summary.
     pub async fn handle(

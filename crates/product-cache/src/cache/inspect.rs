@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::redis::Conn;
+use super::redis::{to_node, Conn};
 use super::{lease_key, version_key, CacheError, RedisCache};
 
 /// How many times a sample is drawn again when too few product keys came back (side keys and
@@ -20,31 +20,16 @@ impl RedisCache {
         self.timeout + Duration::from_micros(50 * commands as u64) + Duration::from_millis(200)
     }
 
-    /// Sends `pipe` to one node: `node` on a cluster (a primary from `CLUSTER SLOTS`), the one
-    /// node otherwise.
-    async fn to_node(
+    /// `pipe` to one node (see [`to_node`]), within a budget for its size.
+    async fn bounded_to_node(
         &self,
         conn: &mut Conn,
-        pipe: &redis::Pipeline,
+        pipe: redis::Pipeline,
         node: Option<&(String, u16)>,
     ) -> Result<Vec<redis::Value>, CacheError> {
         let count = pipe.len();
-        let sent = async {
-            match (conn, node) {
-                (Conn::Cluster(c), Some((host, port))) => {
-                    let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-                        host: host.clone(),
-                        port: *port,
-                    };
-                    c.route_pipeline(pipe.clone(), 0, count, route).await
-                }
-                (conn, _) => {
-                    use redis::aio::ConnectionLike as _;
-                    conn.req_packed_commands(pipe, 0, count).await
-                }
-            }
-        };
-        self.bounded(self.budget(count), sent).await
+        self.bounded(self.budget(count), to_node(conn, pipe, node.cloned()))
+            .await
     }
 
     /// The primaries to sample: every one on a cluster, the one node otherwise (`None`).
@@ -82,7 +67,7 @@ impl RedisCache {
                     pipe.cmd("RANDOMKEY");
                 }
                 let before = found.len();
-                for reply in self.to_node(&mut conn, &pipe, node.as_ref()).await? {
+                for reply in self.bounded_to_node(&mut conn, pipe, node.as_ref()).await? {
                     // An error reply (a user without RANDOMKEY) fails the sample: an empty one
                     // would read as "nothing cached", an all-clear that checked nothing.
                     let reply = reply.extract_error()?;

@@ -277,19 +277,8 @@ impl RedisCache {
             let mut conn = conn.clone();
             let node = group.node.clone();
             async move {
-                let count = pipe.len();
-                let replies = match (&mut conn, node) {
-                    (Conn::Cluster(c), Some((host, port))) => {
-                        let route =
-                            redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port };
-                        c.route_pipeline(pipe, 0, count, route).await?
-                    }
-                    _ => {
-                        use redis::aio::ConnectionLike as _;
-                        conn.req_packed_commands(&pipe, 0, count).await?
-                    }
-                };
-                replies
+                to_node(&mut conn, pipe, node)
+                    .await?
                     .into_iter()
                     .map(redis::Value::extract_error)
                     .collect::<redis::RedisResult<Vec<_>>>()
@@ -477,6 +466,28 @@ fn certificates(root_cert: Vec<u8>) -> redis::TlsCertificates {
     redis::TlsCertificates {
         client_tls: None,
         root_cert: Some(root_cert),
+    }
+}
+
+/// Sends `pipe` to one node: `node` on a cluster (a primary's address from `CLUSTER SLOTS`,
+/// so that a `WAIT` at its end follows its writes), the one node otherwise. Error replies stay
+/// in the result. Owned, since the cluster client takes the pipeline so: a batch's pipeline
+/// holds its documents, megabytes not worth a copy.
+pub(super) async fn to_node(
+    conn: &mut Conn,
+    pipe: redis::Pipeline,
+    node: Option<(String, u16)>,
+) -> redis::RedisResult<Vec<redis::Value>> {
+    let count = pipe.len();
+    match (conn, node) {
+        (Conn::Cluster(c), Some((host, port))) => {
+            let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port };
+            c.route_pipeline(pipe, 0, count, route).await
+        }
+        (conn, _) => {
+            use redis::aio::ConnectionLike as _;
+            conn.req_packed_commands(&pipe, 0, count).await
+        }
     }
 }
 
