@@ -170,7 +170,7 @@ impl<C: Cache> Cache for Counting<C> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.probe(key, token, lease)
     }
-    fn fill(&self, fill: Fill<'_>) -> impl Future<Output = Result<bool, CacheError>> + Send {
+    fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.fill(fill)
     }

@@ -39,8 +39,11 @@ impl<C: Cache> Cache for FailingCache<C> {
         self.inner.probe(key, token, lease).await
     }
 
-    async fn fill(&self, fill: Fill<'_>) -> Result<bool, CacheError> {
-        self.inner.fill(fill).await
+    fn fill(
+        &self,
+        fill: Fill,
+    ) -> impl std::future::Future<Output = Result<bool, CacheError>> + Send + 'static {
+        self.inner.fill(fill)
     }
 
     fn release(

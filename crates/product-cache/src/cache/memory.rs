@@ -28,6 +28,30 @@ impl MemoryCache {
         }
     }
 
+    /// `fill.lua`, done at once: the returned future only carries the result.
+    fn fill_now(&self, f: Fill) -> bool {
+        let mut leases = self.leases.lock().unwrap();
+        if leases.get(&f.key) != Some(&f.token) {
+            return false;
+        }
+        if let Some(order) = &f.order {
+            let mut versions = self.versions.lock().unwrap();
+            match versions.get(&f.key).map(|cur| newer(cur, order)) {
+                Some(Some(true)) => {
+                    leases.remove(&f.key);
+                    return false;
+                }
+                Some(None) => {} // the other kind: the lease alone guards the fill
+                None | Some(Some(false)) => {
+                    versions.insert(f.key.clone(), order.clone());
+                }
+            }
+        }
+        leases.remove(&f.key);
+        self.entries.lock().unwrap().insert(f.key, (f.value, f.ttl));
+        true
+    }
+
     pub fn value(&self, key: &str) -> Option<String> {
         self.entries.lock().unwrap().get(key).map(|e| e.0.clone())
     }
@@ -52,31 +76,11 @@ impl Cache for MemoryCache {
         Ok(Probe::Lease)
     }
 
-    async fn fill(&self, f: Fill<'_>) -> Result<bool, CacheError> {
-        self.enter()?;
-        let mut leases = self.leases.lock().unwrap();
-        if leases.get(f.key).map(String::as_str) != Some(f.token) {
-            return Ok(false);
-        }
-        if let Some(order) = f.order {
-            let mut versions = self.versions.lock().unwrap();
-            match versions.get(f.key).map(|cur| newer(cur, order)) {
-                Some(Some(true)) => {
-                    leases.remove(f.key);
-                    return Ok(false);
-                }
-                Some(None) => {} // the other kind: the lease alone guards the fill
-                None | Some(Some(false)) => {
-                    versions.insert(f.key.to_owned(), order.clone());
-                }
-            }
-        }
-        leases.remove(f.key);
-        self.entries
-            .lock()
-            .unwrap()
-            .insert(f.key.to_owned(), (f.value.to_owned(), f.ttl));
-        Ok(true)
+    fn fill(
+        &self,
+        f: Fill,
+    ) -> impl std::future::Future<Output = Result<bool, CacheError>> + Send + 'static {
+        std::future::ready(self.enter().map(|()| self.fill_now(f)))
     }
 
     fn release(

@@ -249,16 +249,17 @@ impl BatchError {
     }
 }
 
-/// A fill request: the value for `key`, allowed only while `token` holds the lease.
-#[derive(Debug, Clone, Copy)]
-pub struct Fill<'a> {
-    pub key: &'a str,
-    pub token: &'a str,
-    pub value: &'a str,
+/// A fill request: the value for `key`, allowed only while `token` holds the lease. Owned, so a
+/// fill can outlive the request that read the table: the read path answers first and fills after.
+#[derive(Debug, Clone)]
+pub struct Fill {
+    pub key: String,
+    pub token: String,
+    pub value: String,
     pub ttl: Duration,
     /// The item's version, when a version attribute is configured: a fill older than what the
     /// key has seen is refused.
-    pub order: Option<&'a Order>,
+    pub order: Option<Order>,
 }
 
 /// What the read path and the invalidator need from a cache. A trait so the logic can be unit
@@ -271,8 +272,9 @@ pub trait Cache: Send + Sync {
         token: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<Probe, CacheError>> + Send;
-    /// Writes a value if the lease is still held; `Ok(false)` when refused.
-    fn fill(&self, fill: Fill<'_>) -> impl Future<Output = Result<bool, CacheError>> + Send;
+    /// Writes a value if the lease is still held; `Ok(false)` when refused. The future owns what
+    /// it needs: the read path runs it after the answer has gone out.
+    fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static;
     /// Hands back a lease this reader will not fill with, if it is still this reader's. The
     /// future owns what it needs, so a caller can also leave it running in the background.
     fn release(

@@ -552,23 +552,26 @@ impl Cache for RedisCache {
         }
     }
 
-    async fn fill(&self, fill: Fill<'_>) -> Result<bool, CacheError> {
-        let mut conn = self.conn().await?;
-        let mut invocation = scripts().fill.key(fill.key);
-        invocation
-            .key(lease_key(fill.key))
-            .key(version_key(fill.key))
-            .arg(fill.token)
-            .arg(fill.value)
-            .arg(secs(fill.ttl))
-            .arg(fill.order.map(Order::encode).unwrap_or_default())
-            .arg(secs(VERSION_TTL.max(fill.ttl)))
-            .arg(flag(self.guards.leases))
-            .arg(flag(self.guards.ordering));
-        let written: u8 = self
-            .bounded(self.timeout, invocation.invoke_async(&mut conn))
-            .await?;
-        Ok(written == 1)
+    fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let mut conn = this.conn().await?;
+            let mut invocation = scripts().fill.key(&fill.key);
+            invocation
+                .key(lease_key(&fill.key))
+                .key(version_key(&fill.key))
+                .arg(&fill.token)
+                .arg(&fill.value)
+                .arg(secs(fill.ttl))
+                .arg(fill.order.as_ref().map(Order::encode).unwrap_or_default())
+                .arg(secs(VERSION_TTL.max(fill.ttl)))
+                .arg(flag(this.guards.leases))
+                .arg(flag(this.guards.ordering));
+            let written: u8 = this
+                .bounded(this.timeout, invocation.invoke_async(&mut conn))
+                .await?;
+            Ok(written == 1)
+        }
     }
 
     fn release(

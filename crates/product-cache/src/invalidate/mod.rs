@@ -621,8 +621,12 @@ mod tests {
         ) -> Result<crate::cache::Probe, crate::cache::CacheError> {
             self.0.probe(k, t, l).await
         }
-        async fn fill(&self, f: crate::cache::Fill<'_>) -> Result<bool, crate::cache::CacheError> {
-            self.0.fill(f).await
+        fn fill(
+            &self,
+            f: crate::cache::Fill,
+        ) -> impl std::future::Future<Output = Result<bool, crate::cache::CacheError>> + Send + 'static
+        {
+            self.0.fill(f)
         }
         fn release(
             &self,

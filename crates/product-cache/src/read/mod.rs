@@ -3,6 +3,9 @@
 //! [`ReadPath::get`] holds the logic; [`http`] is its HTTP edge (API Gateway HTTP API, payload
 //! v2, through `lambda_http`), used unchanged by the Lambda and by the local stack.
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub mod http;
@@ -57,12 +60,42 @@ pub enum ReadError {
     Document(#[from] DocumentError),
 }
 
+/// What is left of a request once its answer is ready: the fill (or handing a lease back), which
+/// needs no reply before the caller's. Awaiting it runs it; dropping it abandons it, and the
+/// lease it held lapses after `LEASE_MS`.
+#[must_use = "a fill left unawaited never happens"]
+pub struct AfterAnswer(Option<Pin<Box<dyn Future<Output = ()> + Send + 'static>>>);
+
+impl AfterAnswer {
+    fn nothing() -> Self {
+        Self(None)
+    }
+
+    fn run(work: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(Some(Box::pin(work)))
+    }
+
+    /// Whether there is anything to run.
+    pub fn is_pending(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl IntoFuture for AfterAnswer {
+    type Output = ();
+    type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        self.0.unwrap_or_else(|| Box::pin(std::future::ready(())))
+    }
+}
+
 /// Cache-aside over a [`Cache`] and a [`ProductStore`]. Built once per process; cheap to share.
 pub struct ReadPath<C, S> {
     cache: C,
     store: S,
     settings: CacheSettings,
-    metrics: Recorder,
+    metrics: Arc<Recorder>,
 }
 
 impl<C: Cache, S: ProductStore> ReadPath<C, S> {
@@ -71,13 +104,15 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             cache,
             store,
             settings,
-            metrics: Recorder::off("read", &metrics::read::ALL),
+            metrics: Arc::new(Recorder::off("read", &metrics::read::ALL)),
         }
     }
 
     /// Where the metrics go ([`http::handle_request`] flushes them after each request).
     pub fn with_metrics(mut self, settings: MetricsSettings, sink: Sink) -> Self {
-        self.metrics.set_sink(settings, sink);
+        Arc::get_mut(&mut self.metrics)
+            .expect("metrics are set before the read path is shared")
+            .set_sink(settings, sink);
         self
     }
 
@@ -97,19 +132,32 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         &self.store
     }
 
-    /// Looks a product up. The status is returned also on error, for the `X-Cache` header.
+    /// Looks a product up, fill included: [`ReadPath::answer`] and then what it left to do. The
+    /// status is returned also on error, for the `X-Cache` header.
+    pub async fn get(&self, raw_id: &str) -> (CacheStatus, Result<Lookup, ReadError>) {
+        let (status, result, after) = self.answer(raw_id).await;
+        after.await;
+        (status, result)
+    }
+
+    /// Looks a product up and returns as soon as the answer is known, with the fill still to
+    /// run: a caller that can respond first (the Lambda function) saves the fill's round trip
+    /// on every miss.
     ///
     /// A miss takes the key's lease before reading the table, and the fill succeeds only while
     /// the lease is held: an invalidation in between cancels it, so a read of the old item can
     /// never be written back over the change (the stale-fill race). Readers that find another
     /// reader's lease wait for its fill instead of all reading the table (the stampede).
     #[tracing::instrument(skip(self), fields(cache))]
-    pub async fn get(&self, raw_id: &str) -> (CacheStatus, Result<Lookup, ReadError>) {
+    pub async fn answer(
+        &self,
+        raw_id: &str,
+    ) -> (CacheStatus, Result<Lookup, ReadError>, AfterAnswer) {
         let id = match ProductId::parse(raw_id, self.settings.key_type) {
             Ok(id) => id,
             Err(e) => {
                 self.metrics.incr(metrics::read::INVALID_REQUESTS);
-                return (CacheStatus::Bypass, Err(e.into()));
+                return (CacheStatus::Bypass, Err(e.into()), AfterAnswer::nothing());
             }
         };
         let key = id.cache_key(&self.settings.key_prefix);
@@ -124,7 +172,11 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                     tracing::Span::current().record("cache", "hit");
                     self.note_wait(waited, waited_since);
                     self.metrics.incr(metrics::read::HITS);
-                    return (CacheStatus::Hit, Ok(lookup_of(cached)));
+                    return (
+                        CacheStatus::Hit,
+                        Ok(lookup_of(cached)),
+                        AfterAnswer::nothing(),
+                    );
                 }
                 Ok(Probe::Lease) => break (CacheStatus::Miss, true),
                 Ok(Probe::Wait) => {
@@ -170,46 +222,57 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         let (lookup, order) = match read {
             Ok(read) => read,
             Err(e) => {
-                if holds_lease {
-                    // Nothing to fill with: hand the lease back now (Redis answered a moment
-                    // ago), or every reader of this key waits out `LEASE_MS` while the table
-                    // fails, even after it has recovered.
-                    if let Err(e) = self.cache.release(&key, &token).await {
-                        tracing::warn!(error = %e, key, "handing the lease back failed");
-                    }
-                }
-                return (status, Err(e));
+                // Nothing to fill with: hand the lease back, or every reader of this key waits
+                // out `LEASE_MS` while the table fails, even after it has recovered.
+                let after = if holds_lease {
+                    let release = self.cache.release(&key, &token);
+                    AfterAnswer::run(async move {
+                        if let Err(e) = release.await {
+                            tracing::warn!(error = %e, "handing the lease back failed");
+                        }
+                    })
+                } else {
+                    AfterAnswer::nothing()
+                };
+                return (status, Err(e), after);
             }
         };
-
-        if holds_lease {
-            let (value, ttl) = match &lookup {
-                Lookup::Found(doc) => (doc.as_str(), self.settings.ttl),
-                Lookup::NotFound => (NOT_FOUND, self.settings.negative_ttl),
-            };
-            let fill = Fill {
-                key: &key,
-                token: &token,
-                value,
-                ttl,
-                order: order.as_ref(),
-            };
-            match self.cache.fill(fill).await {
+        if !holds_lease {
+            return (status, Ok(lookup), AfterAnswer::nothing());
+        }
+        let (value, ttl) = match &lookup {
+            Lookup::Found(doc) => (doc.as_str().to_owned(), self.settings.ttl),
+            Lookup::NotFound => (NOT_FOUND.to_owned(), self.settings.negative_ttl),
+        };
+        let fill = self.cache.fill(Fill {
+            key: key.clone(),
+            token: token.clone(),
+            value,
+            ttl,
+            order,
+        });
+        // Built now, run later: the release must be ready should the fill fail.
+        let release = self.cache.release(&key, &token);
+        let metrics = Arc::clone(&self.metrics);
+        let after = AfterAnswer::run(async move {
+            match fill.await {
                 Ok(true) => {}
                 // Refused: the lease was cancelled by a change, or the fill was older than the
                 // key's position (the script then handed the lease back itself).
                 Ok(false) => {
-                    self.metrics.incr(metrics::read::REFUSED_FILLS);
+                    metrics.incr(metrics::read::REFUSED_FILLS);
                     tracing::debug!(key, "fill refused: the key changed since the lease")
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, key, "cache fill failed");
                     // It may not have landed; if not, its lease must not outlive it.
-                    tokio::spawn(self.cache.release(&key, &token));
+                    if let Err(e) = release.await {
+                        tracing::warn!(error = %e, key, "handing the lease back failed");
+                    }
                 }
             }
-        }
-        (status, Ok(lookup))
+        });
+        (status, Ok(lookup), after)
     }
 
     /// A request that found another reader's lease: counted, with how long it waited.
@@ -316,8 +379,11 @@ mod tests {
             self.0.probe(key, token, lease).await?;
             Err(CacheError::Timeout(Duration::from_millis(100)))
         }
-        async fn fill(&self, fill: Fill<'_>) -> Result<bool, CacheError> {
-            self.0.fill(fill).await
+        fn fill(
+            &self,
+            fill: Fill,
+        ) -> impl std::future::Future<Output = Result<bool, CacheError>> + Send + 'static {
+            self.0.fill(fill)
         }
         fn release(
             &self,
