@@ -53,6 +53,42 @@ async fn raw_get(conn: &mut redis::aio::ConnectionManager) -> bool {
         .is_ok_and(|v| v.is_some())
 }
 
+/// Rounds of sustained load per side in the command-time figure.
+const ROUNDS: u32 = 5;
+
+/// One side of the command-time figure, summed over its rounds.
+#[derive(Default)]
+struct Side {
+    ok: u64,
+    bad: u64,
+    elapsed: std::time::Duration,
+    redis_usec: f64,
+    top_level_calls: f64,
+    cpu_secs: f64,
+}
+
+impl Side {
+    /// Runs one round of `load` with Redis's counters reset before it, and adds what it cost.
+    async fn round(
+        &mut self,
+        env: &Env,
+        mix: &stats::Mix,
+        load: impl std::future::Future<Output = stats::Load>,
+    ) -> Result<(), Error> {
+        env.resetstat().await?;
+        let cpu = env.cpu_seconds().await?;
+        let load = load.await;
+        self.cpu_secs += env.cpu_seconds().await? - cpu;
+        let counted = env.commandstats().await?;
+        self.redis_usec += stats::redis_time(&counted, mix);
+        self.top_level_calls += stats::top_level_calls(&counted, mix);
+        self.ok += load.ok;
+        self.bad += load.bad;
+        self.elapsed += load.elapsed;
+        Ok(())
+    }
+}
+
 /// Redis command time per hit, from `INFO commandstats`, with callers keeping Redis busy.
 pub async fn redis_time(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> {
     cache_the_product(env).await?;
@@ -72,50 +108,52 @@ pub async fn redis_time(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, 
         }
     })
     .await?;
-    env.resetstat().await?;
-    let cpu = env.cpu_seconds().await?;
-    let product = {
-        let read = read.clone();
-        stats::sustained(sizes.load_callers, sizes.load_time, move || {
-            let read = read.clone();
-            async move { hit(&read).await }
-        })
-        .await
-    };
-    let product_cpu = env.cpu_seconds().await? - cpu;
-    let product_stats = env.commandstats().await?;
-
     let (_, baseline_mix) = stats::sample_mix(port, &mut env.control(), async {
         for _ in 0..200 {
             raw_get(&mut conn.clone()).await;
         }
     })
     .await?;
-    env.resetstat().await?;
-    let cpu = env.cpu_seconds().await?;
-    let baseline = {
-        let conn = conn.clone();
-        stats::sustained(sizes.load_callers, sizes.load_time, move || {
-            let mut conn = conn.clone();
-            async move { raw_get(&mut conn).await }
-        })
-        .await
-    };
-    let baseline_cpu = env.cpu_seconds().await? - cpu;
-    let baseline_stats = env.commandstats().await?;
+
+    // Alternating rounds, so whatever drifts during the figure (another process, the CPU's
+    // clock, the proxy's scheduling) falls on both sides alike; one long phase of each moved
+    // the ratio by a third between runs on a shared machine.
+    let round_time = sizes.load_time / ROUNDS;
+    let (mut product, mut baseline) = (Side::default(), Side::default());
+    for _ in 0..ROUNDS {
+        product
+            .round(env, &product_mix, {
+                let read = read.clone();
+                stats::sustained(sizes.load_callers, round_time, move || {
+                    let read = read.clone();
+                    async move { hit(&read).await }
+                })
+            })
+            .await?;
+        baseline
+            .round(env, &baseline_mix, {
+                let conn = conn.clone();
+                stats::sustained(sizes.load_callers, round_time, move || {
+                    let mut conn = conn.clone();
+                    async move { raw_get(&mut conn).await }
+                })
+            })
+            .await?;
+    }
 
     let requests = (product.ok + product.bad).max(1) as f64;
-    let per_hit = stats::redis_time(&product_stats, &product_mix) / requests;
-    let commands_per_hit = stats::top_level_calls(&product_stats, &product_mix) / requests;
+    let per_hit = product.redis_usec / requests;
+    let commands_per_hit = product.top_level_calls / requests;
     let gets = (baseline.ok + baseline.bad).max(1) as f64;
-    let per_get = stats::redis_time(&baseline_stats, &baseline_mix) / gets;
-    let rate = |ops: u64, load: &stats::Load| ops as f64 / load.elapsed.as_secs_f64();
+    let per_get = baseline.redis_usec / gets;
+    let (product_cpu, baseline_cpu) = (product.cpu_secs, baseline.cpu_secs);
+    let rate = |side: &Side| side.ok as f64 / side.elapsed.as_secs_f64();
     let mut note = format!(
-        "{} callers for {:.1} s: {:.0} hits/s vs {:.0} GET/s; a hit is {} ({commands_per_hit:.2} top-level commands); whole-process CPU (INFO cpu) {:.1} us vs {:.1} us",
+        "{} callers, {ROUNDS} alternating rounds of {:.1} s each side: {:.0} hits/s vs {:.0} GET/s; a hit is {} ({commands_per_hit:.2} top-level commands); whole-process CPU (INFO cpu) {:.1} us vs {:.1} us",
         sizes.load_callers,
-        sizes.load_time.as_secs_f64(),
-        rate(product.ok, &product),
-        rate(baseline.ok, &baseline),
+        round_time.as_secs_f64(),
+        rate(&product),
+        rate(&baseline),
         product_mix.describe(),
         product_cpu * 1e6 / requests,
         baseline_cpu * 1e6 / gets,
