@@ -1,5 +1,5 @@
-//! A single node's batch of deletes, without a script: the positions read in one pipeline, the
-//! documents and leases deleted and the newer positions recorded in a second.
+//! A single node's batch of deletes, without a script: the positions read in one `MGET`, the
+//! documents and leases deleted and the newer positions recorded in a pipeline after it.
 //!
 //! Why: in delete mode (without a version attribute) a batch is nothing but ordered deletes,
 //! and Redis runs each `redis.call` of a script at several times the cost of the same command
@@ -36,24 +36,26 @@ pub(super) fn scriptless(ops: &[CacheOp], group: &[usize]) -> bool {
     })
 }
 
-/// The first pipeline: a `GET` of the position of each op of `group` that is ordered, and
-/// which ops those are.
+/// The first request: one `MGET` of the positions of the ops of `group` that are ordered (one
+/// command where a `GET` each cost the node a command dispatch per key), and which ops those
+/// are. `None` when no op is ordered.
 pub(super) fn read_positions(
     ops: &[CacheOp],
     group: &[usize],
     ordering: bool,
-) -> (redis::Pipeline, Vec<usize>) {
-    let mut pipe = redis::pipe();
+) -> (Option<redis::Cmd>, Vec<usize>) {
+    if !ordering {
+        return (None, Vec::new());
+    }
+    let mut mget = redis::cmd("MGET");
     let mut read = Vec::new();
-    if ordering {
-        for &i in group {
-            if ops[i].order.is_some() {
-                pipe.cmd("GET").arg(version_key(&ops[i].key));
-                read.push(i);
-            }
+    for &i in group {
+        if ops[i].order.is_some() {
+            mget.arg(version_key(&ops[i].key));
+            read.push(i);
         }
     }
-    (pipe, read)
+    ((!read.is_empty()).then_some(mget), read)
 }
 
 /// The second pipeline, from the positions the first read (`positions[j]` for op `read[j]`):

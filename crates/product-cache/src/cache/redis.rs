@@ -362,14 +362,19 @@ impl RedisCache {
         let reads = futures::future::join_all(groups.iter().map(|group| {
             let mut conn = conn.clone();
             bounded(async move {
-                let (pipe, read) =
+                let (mget, read) =
                     deletes::read_positions(ops, &group.slots[0], self.guards.ordering);
-                if read.is_empty() {
+                let Some(mget) = mget else {
                     return Ok((read, Vec::new()));
-                }
-                let replies = send_idempotent(&mut conn, &pipe).await?;
-                let positions = redis::from_redis_value(redis::Value::Array(replies))
-                    .map_err(|e| CacheError::Unexpected(format!("GET of positions: {e}")))?;
+                };
+                let mut pipe = redis::pipe();
+                pipe.add_command(mget);
+                let mut replies = send_idempotent(&mut conn, &pipe).await?;
+                let reply = replies.pop().ok_or_else(|| {
+                    CacheError::Unexpected("no reply to the MGET of positions".into())
+                })?;
+                let positions = redis::from_redis_value(reply)
+                    .map_err(|e| CacheError::Unexpected(format!("MGET of positions: {e}")))?;
                 Ok((read, positions))
             })
         }))
