@@ -4,6 +4,7 @@
 //!
 //! Needs the binaries: `cargo build -p functions` first.
 
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use crate::support::{fixture, moto_endpoint, TestEnv};
-use local_stack::runtime_api::{Outcome, RuntimeApi};
+use local_stack::runtime_api::{Event, Logged, Options, Outcome, RuntimeApi};
 
 /// Bound on one invocation, start-up included (a cold start builds the SDK client).
 const INVOKE_WITHIN: Duration = Duration::from_secs(15);
@@ -38,8 +39,17 @@ impl Function {
     /// Spawns `name` with the variables Lambda sets for a custom runtime plus the function's
     /// own `vars`. Nothing else is inherited from the test's environment.
     pub(crate) async fn spawn(name: &'static str, vars: Vars<'_>) -> Self {
-        let path = crate::support::binary(name);
-        let api = RuntimeApi::start(name).await;
+        Self::spawn_from(name, crate::support::binary(name), Options::default(), vars).await
+    }
+
+    /// [`Function::spawn`] of the binary at `path`, under a Runtime API with `options`.
+    pub(crate) async fn spawn_from(
+        name: &'static str,
+        path: PathBuf,
+        options: Options,
+        vars: Vars<'_>,
+    ) -> Self {
+        let api = RuntimeApi::start_with(name, options).await;
         let mut cmd = Command::new(&path);
         cmd.env_clear()
             .env("AWS_LAMBDA_RUNTIME_API", api.host_port())
@@ -118,6 +128,38 @@ impl Function {
                 self.output.lock().unwrap()
             ),
         }
+    }
+
+    /// Waits until the last invocation handed out is over: the runtime and every extension have
+    /// asked for their next event, so its after-work (a miss's fill, the metrics line) is done.
+    pub(crate) async fn settled(&self) {
+        let last = self
+            .api
+            .events()
+            .into_iter()
+            .rev()
+            .find_map(|l| match l.event {
+                Event::Delivered { request_id } => Some(request_id),
+                _ => None,
+            });
+        let Some(id) = last else { return };
+        let over = |log: &[Logged]| {
+            log.iter()
+                .any(|l| matches!(&l.event, Event::Settled { request_id: Some(r) } if *r == id))
+        };
+        assert!(
+            self.api.wait_for(INVOKE_WITHIN, over).await,
+            "{id} was not settled within {INVOKE_WITHIN:?}; events: {:?}",
+            self.api.events()
+        );
+    }
+
+    pub(crate) fn api(&self) -> &RuntimeApi {
+        &self.api
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("running")
     }
 
     fn is_running(&mut self) -> bool {
@@ -215,6 +257,8 @@ async fn read_function_answers_api_gateway_events_from_one_process() {
 
     let first = function.respond(fixture("apigw-get-product.json")).await;
     assert_eq!(http_parts(&first), (200, "miss".into(), item.clone()));
+    // The fill runs after the response, within the invocation.
+    function.settled().await;
     assert_eq!(
         env.raw_get("product:kb-001").await.as_deref(),
         first["body"].as_str(),

@@ -6,6 +6,7 @@
 mod checker;
 mod cluster_and_auth;
 mod consistency;
+mod deferred_fill;
 mod end_to_end;
 mod failure_paths;
 mod freeze;

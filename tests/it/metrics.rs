@@ -140,10 +140,14 @@ async fn the_read_function_emits_one_metrics_line_per_invocation_and_json_logs()
     assert_eq!(http_parts(&bad).0, 400);
     let missing = function.respond(get_product_event("nope", "nope")).await;
     assert_eq!(status(&missing), "miss");
+    // The miss's fill runs after its response: stop Redis only once the invocation is over.
+    function.settled().await;
     // A cache fault: the answer bypasses Redis and a warning is logged inside the invocation.
     env.redis.stop().await;
     let bypass = function.respond(fixture("apigw-get-product.json")).await;
     assert_eq!(status(&bypass), "bypass");
+    // Each line is written after its response, before the invocation is over.
+    function.settled().await;
 
     let output = function.output().await;
     let (emf, logs) = split(&output);

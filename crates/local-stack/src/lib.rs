@@ -22,7 +22,8 @@
 //! - [`error`]: the one formatter of an error and its causes on one line.
 //! - [`proxy`]: a TCP proxy adding network delay (ElastiCache in another AZ) and counting round
 //!   trips; [`services`] puts one in front of a Redis or of every node of a Redis Cluster.
-//! - [`runtime_api`]: a minimal Lambda Runtime API to run the compiled function binaries under.
+//! - [`runtime_api`]: a minimal Lambda Runtime API (and Extensions API) to run the compiled
+//!   function binaries under, with Lambda's lifecycle and, optionally, its freezes.
 //!
 //! Install both server binaries with `scripts/setup.sh`.
 

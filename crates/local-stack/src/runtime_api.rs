@@ -1,18 +1,29 @@
-//! A minimal Lambda Runtime API (version 2018-06-01) on 127.0.0.1, enough to drive a function
-//! binary the way Lambda does: the function long-polls `GET /runtime/invocation/next`, answers on
-//! `POST /runtime/invocation/{id}/response` or `/error`, and reports a failed start-up on
-//! `POST /runtime/init/error`.
+//! A minimal Lambda Runtime API (version 2018-06-01) and Extensions API (2020-01-01) on
+//! 127.0.0.1, enough to drive a function binary the way Lambda does: the function long-polls
+//! `GET /runtime/invocation/next`, answers on `POST /runtime/invocation/{id}/response` or
+//! `/error`, and reports a failed start-up on `POST /runtime/init/error`; an extension registers
+//! on `POST /extension/register` and long-polls `GET /extension/event/next` for `INVOKE` events.
 //!
-//! [`RuntimeApi::invoke`] queues one event and awaits the function's answer. The server also
-//! records when the function first asked for an event (the end of its init) and, per
-//! invocation, when the event was handed out and when the answer came back, for the cold-start
-//! benchmark. Used by the integration tests and by `crates/bench`.
+//! Lambda's lifecycle, as far as a function can tell: an invocation's answer goes to the caller
+//! as soon as the runtime posts it, but the next event is handed out only once the runtime and
+//! every registered extension have asked for their next one (the invocation is then settled).
+//! Registration closes with the first event. With [`RuntimeApi::freeze`] given the function's
+//! pid, the process is also frozen (SIGSTOP) whenever the invocation is settled and no event is
+//! waiting, and thawed (SIGCONT) when the next event is handed out, as Lambda freezes an
+//! execution environment between invocations.
+//!
+//! [`RuntimeApi::invoke`] queues one event and awaits the function's answer. The server records
+//! what happened in order ([`RuntimeApi::events`]): each event handed out, each answer, each
+//! `next` of the runtime and of every extension, each settlement, freeze and thaw; and when the
+//! function first asked for an event (the end of its init) and, per invocation, when the event
+//! was handed out, answered and settled, for the cold-start benchmark. Used by the integration
+//! tests and by `crates/bench`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,10 +33,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
-const PREFIX: &str = "/2018-06-01/runtime";
+const RUNTIME: &str = "/2018-06-01/runtime";
+const EXTENSION: &str = "/2020-01-01/extension";
+const EXTENSION_ID: &str = "lambda-extension-identifier";
 /// The deadline announced to the function (`Lambda-Runtime-Deadline-Ms`), from the moment the
 /// function picks the event up.
 const FUNCTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,71 +47,182 @@ const FUNCTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// `{"errorType", "errorMessage"}` diagnostic).
 pub type Outcome = Result<Value, Value>;
 
+/// How the server behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Serve the Extensions API. Without it its routes answer 404, as a Runtime API emulator
+    /// that has none would.
+    pub extensions_api: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            extensions_api: true,
+        }
+    }
+}
+
 struct Queued {
     event: Value,
     answer: oneshot::Sender<Outcome>,
 }
 
-/// When one invocation's event was handed to the function and when its answer arrived.
+/// When one invocation's event was handed to the function, when its answer arrived, and when
+/// the runtime and every extension had asked for their next event after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InvocationTiming {
     pub delivered: Instant,
     pub answered: Instant,
+    /// `None` until the invocation is settled.
+    pub settled: Option<Instant>,
 }
 
 impl InvocationTiming {
+    /// From handing the event out to the answer: what the caller waits.
     pub fn duration(&self) -> Duration {
         self.answered.saturating_duration_since(self.delivered)
     }
 }
 
+/// Something the server saw or did, in [`RuntimeApi::events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An extension registered.
+    Registered { name: String },
+    /// An event handed to the runtime (and to every extension registered for `INVOKE`).
+    Delivered { request_id: String },
+    /// The runtime posted the invocation's response or error: the caller has it from here.
+    Answered { request_id: String },
+    /// The runtime asked for its next event.
+    RuntimeNext,
+    /// An extension asked for its next event.
+    ExtensionNext { name: String },
+    /// The runtime and every extension are waiting for their next event: the invocation (or,
+    /// with `None`, the init) is over.
+    Settled { request_id: Option<String> },
+    /// The function's process was stopped.
+    Frozen,
+    /// The function's process was continued, just before an event was handed out.
+    Thawed,
+}
+
+/// An [`Event`] and when it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub at: Instant,
+    pub event: Event,
+}
+
+/// What an event hands to the runtime and the extensions.
+struct Delivery {
+    request_id: String,
+    event: Value,
+    deadline_ms: u128,
+    trace_id: String,
+}
+
+struct Extension {
+    id: String,
+    name: String,
+    invoke: bool,
+    /// Its `next` long poll, while it waits.
+    waiting: Option<oneshot::Sender<Value>>,
+}
+
+/// Who waits for what; one lock, so that "everyone is waiting" is one consistent look.
+#[derive(Default)]
+struct Lifecycle {
+    /// The runtime's `next` long poll, while it waits.
+    runtime: Option<oneshot::Sender<Delivery>>,
+    extensions: Vec<Extension>,
+    /// Registration closes with the first event handed out.
+    invoked: bool,
+    /// The invocation handed out and not settled yet.
+    current: Option<String>,
+    /// Set once init has settled.
+    init_settled: bool,
+    freeze_pid: Option<i32>,
+    frozen: bool,
+    log: Vec<Logged>,
+    /// Events handed out and not answered yet, by request id, with when.
+    in_flight: HashMap<String, (oneshot::Sender<Outcome>, Instant)>,
+    /// Answered invocations, in the order of their answers.
+    timings: Vec<(String, InvocationTiming)>,
+    init_error: Option<Value>,
+    next_polls: usize,
+    first_poll: Option<Instant>,
+}
+
+impl Lifecycle {
+    fn everyone_waits(&self) -> bool {
+        self.runtime.is_some() && self.extensions.iter().all(|e| e.waiting.is_some())
+    }
+}
+
 struct State {
+    function_name: String,
     function_arn: String,
-    queue: mpsc::UnboundedSender<Queued>,
-    /// Held by the one `/next` long poll that is waiting for an event.
-    pending: tokio::sync::Mutex<mpsc::UnboundedReceiver<Queued>>,
-    /// Events handed out by `/next` and not answered yet, by request id, with when.
-    in_flight: Mutex<HashMap<String, (oneshot::Sender<Outcome>, Instant)>>,
-    init_error: Mutex<Option<Value>>,
-    next_polls: AtomicUsize,
-    /// The number of `/next` polls so far, for waiting on one.
+    options: Options,
+    lifecycle: Mutex<Lifecycle>,
+    /// A party started waiting for its next event: the dispatcher looks again.
+    waiting: Notify,
+    /// Bumped on every logged event, for waiting on one.
+    changes: watch::Sender<u64>,
+    /// The number of runtime `next` polls so far.
     polls_seen: watch::Sender<usize>,
-    first_poll: Mutex<Option<Instant>>,
-    timings: Mutex<Vec<InvocationTiming>>,
     ids: AtomicU64,
 }
 
-/// The server. It stops (and drops its connections) when this value is dropped.
+impl State {
+    fn log(&self, lifecycle: &mut Lifecycle, event: Event) {
+        lifecycle.log.push(Logged {
+            at: Instant::now(),
+            event,
+        });
+        self.changes.send_modify(|n| *n += 1);
+    }
+}
+
+/// The server. It stops (and drops its connections) when this value is dropped, and continues
+/// a process it froze.
 pub struct RuntimeApi {
     addr: SocketAddr,
     state: Arc<State>,
-    server: JoinHandle<()>,
+    queue: mpsc::UnboundedSender<Queued>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl RuntimeApi {
     pub async fn start(function_name: &str) -> Self {
+        Self::start_with(function_name, Options::default()).await
+    }
+
+    pub async fn start_with(function_name: &str, options: Options) -> Self {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
-        let (queue, pending) = mpsc::unbounded_channel();
+        let (queue, queued) = mpsc::unbounded_channel();
         let state = Arc::new(State {
+            function_name: function_name.to_owned(),
             function_arn: format!("arn:aws:lambda:us-east-1:123456789012:function:{function_name}"),
-            queue,
-            pending: tokio::sync::Mutex::new(pending),
-            in_flight: Mutex::default(),
-            init_error: Mutex::default(),
-            next_polls: AtomicUsize::new(0),
+            options,
+            lifecycle: Mutex::default(),
+            waiting: Notify::new(),
+            changes: watch::Sender::new(0),
             polls_seen: watch::Sender::new(0),
-            first_poll: Mutex::default(),
-            timings: Mutex::default(),
             ids: AtomicU64::new(1),
         });
-        let server = tokio::spawn(serve(listener, state.clone()));
+        let tasks = vec![
+            tokio::spawn(serve(listener, state.clone())),
+            tokio::spawn(dispatch(queued, state.clone())),
+        ];
         Self {
             addr,
             state,
-            server,
+            queue,
+            tasks,
         }
     }
 
@@ -107,14 +231,21 @@ impl RuntimeApi {
         self.addr.to_string()
     }
 
+    /// Freezes the process `pid` whenever an invocation (or the init) is settled and no event
+    /// waits, and thaws it when the next event is handed out. Takes effect at the next
+    /// settlement.
+    pub fn freeze(&self, pid: u32) {
+        let pid = i32::try_from(pid).expect("a pid fits in pid_t");
+        self.state.lifecycle.lock().unwrap().freeze_pid = Some(pid);
+    }
+
     /// Queues `event` for the function's next `/next` and awaits its answer. The returned future
     /// panics if there is no answer within `within`.
     pub fn invoke(&self, event: Value, within: Duration) -> impl Future<Output = Outcome> {
         let (answer, rx) = oneshot::channel();
-        self.state
-            .queue
+        self.queue
             .send(Queued { event, answer })
-            .unwrap_or_else(|_| unreachable!("the receiver lives in `self.state`"));
+            .unwrap_or_else(|_| unreachable!("the dispatcher runs as long as `self`"));
         async move {
             match tokio::time::timeout(within, rx).await {
                 Ok(Ok(outcome)) => outcome,
@@ -126,20 +257,20 @@ impl RuntimeApi {
 
     /// The body of `POST /runtime/init/error`, if the function reported one.
     pub fn init_error(&self) -> Option<Value> {
-        self.state.init_error.lock().unwrap().clone()
+        self.state.lifecycle.lock().unwrap().init_error.clone()
     }
 
-    /// How many times the function has asked for an event (including the poll still waiting).
+    /// How many times the runtime has asked for an event (including the poll still waiting).
     pub fn next_polls(&self) -> usize {
-        self.state.next_polls.load(Ordering::SeqCst)
+        self.state.lifecycle.lock().unwrap().next_polls
     }
 
-    /// When the function first asked for an event: the end of its initialisation.
+    /// When the runtime first asked for an event: the end of its initialisation.
     pub fn first_poll_at(&self) -> Option<Instant> {
-        *self.state.first_poll.lock().unwrap()
+        self.state.lifecycle.lock().unwrap().first_poll
     }
 
-    /// Waits until the function has asked for an event `n` times in all; `false` if that did not
+    /// Waits until the runtime has asked for an event `n` times in all; `false` if that did not
     /// happen `within`.
     pub async fn wait_for_polls(&self, n: usize, within: Duration) -> bool {
         let mut polls = self.state.polls_seen.subscribe();
@@ -149,14 +280,151 @@ impl RuntimeApi {
 
     /// Every answered invocation so far, in the order the answers came.
     pub fn timings(&self) -> Vec<InvocationTiming> {
-        self.state.timings.lock().unwrap().clone()
+        let lifecycle = self.state.lifecycle.lock().unwrap();
+        lifecycle.timings.iter().map(|(_, t)| *t).collect()
+    }
+
+    /// Everything the server saw or did so far, in order.
+    pub fn events(&self) -> Vec<Logged> {
+        self.state.lifecycle.lock().unwrap().log.clone()
+    }
+
+    /// Whether the function's process is frozen now.
+    pub fn is_frozen(&self) -> bool {
+        self.state.lifecycle.lock().unwrap().frozen
+    }
+
+    /// Waits until `done` holds for the events so far; `false` if it did not `within`.
+    pub async fn wait_for(&self, within: Duration, done: impl Fn(&[Logged]) -> bool) -> bool {
+        let mut changes = self.state.changes.subscribe();
+        let waited = tokio::time::timeout(within, async {
+            loop {
+                if done(&self.state.lifecycle.lock().unwrap().log) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await;
+        waited.is_ok()
     }
 }
 
 impl Drop for RuntimeApi {
     fn drop(&mut self) {
-        self.server.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+        // A process left stopped would outlive its test.
+        let mut lifecycle = self.state.lifecycle.lock().unwrap();
+        if let (true, Some(pid)) = (lifecycle.frozen, lifecycle.freeze_pid) {
+            signal(pid, libc::SIGCONT);
+            lifecycle.frozen = false;
+        }
     }
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) takes any pid and signal number; a process that is gone gives ESRCH,
+    // which is no concern here (its test is over).
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Hands out each queued event once everyone waits for one, and settles (and freezes) between.
+async fn dispatch(mut queued: mpsc::UnboundedReceiver<Queued>, state: Arc<State>) {
+    loop {
+        // `Notify` keeps a permit for a notification that comes before this wait.
+        while !state.lifecycle.lock().unwrap().everyone_waits() {
+            state.waiting.notified().await;
+        }
+        let next = {
+            let mut lifecycle = state.lifecycle.lock().unwrap();
+            let settled = lifecycle.current.take();
+            if settled.is_some() || !lifecycle.init_settled {
+                lifecycle.init_settled = true;
+                let now = Instant::now();
+                if let Some(id) = &settled {
+                    if let Some((_, t)) = lifecycle.timings.iter_mut().find(|(i, _)| i == id) {
+                        t.settled = Some(now);
+                    }
+                }
+                state.log(
+                    &mut lifecycle,
+                    Event::Settled {
+                        request_id: settled,
+                    },
+                );
+            }
+            match queued.try_recv() {
+                Ok(next) => Some(next),
+                Err(_) => {
+                    if let (false, Some(pid)) = (lifecycle.frozen, lifecycle.freeze_pid) {
+                        signal(pid, libc::SIGSTOP);
+                        lifecycle.frozen = true;
+                        state.log(&mut lifecycle, Event::Frozen);
+                    }
+                    None
+                }
+            }
+        };
+        let next = match next {
+            Some(next) => next,
+            None => match queued.recv().await {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        hand_out(&state, next);
+    }
+}
+
+fn hand_out(state: &State, queued: Queued) {
+    let n = state.ids.fetch_add(1, Ordering::SeqCst);
+    let request_id = format!("8476a536-e9f4-11e8-9739-{n:012x}");
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let deadline_ms = (now + FUNCTION_TIMEOUT).as_millis();
+    let trace_id = format!(
+        "Root=1-{:08x}-{n:024x};Parent={n:016x};Sampled=0;Lineage=1:0a1b2c3d:0",
+        now.as_secs()
+    );
+    let mut lifecycle = state.lifecycle.lock().unwrap();
+    if lifecycle.frozen {
+        if let Some(pid) = lifecycle.freeze_pid {
+            signal(pid, libc::SIGCONT);
+        }
+        lifecycle.frozen = false;
+        state.log(&mut lifecycle, Event::Thawed);
+    }
+    lifecycle.invoked = true;
+    lifecycle.current = Some(request_id.clone());
+    lifecycle
+        .in_flight
+        .insert(request_id.clone(), (queued.answer, Instant::now()));
+    // As Lambda documents the extension's `INVOKE` event.
+    let invoke = json!({
+        "eventType": "INVOKE",
+        "deadlineMs": deadline_ms as u64,
+        "requestId": request_id,
+        "invokedFunctionArn": state.function_arn,
+        "tracing": {"type": "X-Amzn-Trace-Id", "value": trace_id},
+    });
+    for extension in lifecycle.extensions.iter_mut().filter(|e| e.invoke) {
+        if let Some(waiting) = extension.waiting.take() {
+            // An extension that hung up misses the event; it is still counted as not waiting.
+            let _ = waiting.send(invoke.clone());
+        }
+    }
+    let runtime = lifecycle.runtime.take().expect("everyone waits");
+    // A runtime that hung up leaves the invocation unanswered; `invoke` reports that.
+    let _ = runtime.send(Delivery {
+        request_id: request_id.clone(),
+        event: queued.event,
+        deadline_ms,
+        trace_id,
+    });
+    state.log(&mut lifecycle, Event::Delivered { request_id });
 }
 
 async fn serve(listener: TcpListener, state: Arc<State>) {
@@ -182,15 +450,31 @@ type Reply = Response<Full<Bytes>>;
 
 async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infallible> {
     let path = req.uri().path().to_owned();
-    let Some(rest) = path.strip_prefix(PREFIX) else {
-        return Ok(reply(StatusCode::NOT_FOUND, json!({"errorMessage": path})));
+    let not_found = || reply(StatusCode::NOT_FOUND, json!({"errorMessage": path}));
+    if let Some(rest) = path.strip_prefix(EXTENSION) {
+        if !state.options.extensions_api {
+            return Ok(not_found());
+        }
+        return Ok(match (req.method().clone(), rest) {
+            (Method::POST, "/register") => register(&state, req).await,
+            (Method::GET, "/event/next") => extension_next(&state, req).await,
+            (Method::POST, "/init/error" | "/exit/error") => {
+                let body = body_json(req).await;
+                tracing::warn!(%body, "an extension reported an error");
+                accepted()
+            }
+            _ => not_found(),
+        });
+    }
+    let Some(rest) = path.strip_prefix(RUNTIME) else {
+        return Ok(not_found());
     };
     let method = req.method().clone();
     Ok(match (method, rest) {
-        (Method::GET, "/invocation/next") => next(&state).await,
+        (Method::GET, "/invocation/next") => runtime_next(&state).await,
         (Method::POST, "/init/error") => {
             let body = body_json(req).await;
-            *state.init_error.lock().unwrap() = Some(body);
+            state.lifecycle.lock().unwrap().init_error = Some(body);
             accepted()
         }
         (Method::POST, rest) => {
@@ -203,66 +487,169 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infal
                 Some((id, ok)) => {
                     let id = id.to_owned();
                     let body = body_json(req).await;
-                    let answered = Instant::now();
-                    let Some((waiter, delivered)) = state.in_flight.lock().unwrap().remove(&id)
-                    else {
-                        return Ok(reply(
-                            StatusCode::BAD_REQUEST,
-                            json!({"errorType": "InvalidRequestID", "errorMessage": id}),
-                        ));
-                    };
-                    state.timings.lock().unwrap().push(InvocationTiming {
-                        delivered,
-                        answered,
-                    });
-                    // The caller may have given up waiting; that is its own failure.
-                    let _ = waiter.send(if ok { Ok(body) } else { Err(body) });
-                    accepted()
+                    answered(&state, id, if ok { Ok(body) } else { Err(body) })
                 }
-                None => reply(StatusCode::NOT_FOUND, json!({"errorMessage": path})),
+                None => not_found(),
             }
         }
-        _ => reply(StatusCode::NOT_FOUND, json!({"errorMessage": path})),
+        _ => not_found(),
     })
 }
 
-/// `GET /runtime/invocation/next`: waits until an event is queued.
-async fn next(state: &State) -> Reply {
-    let polled = Instant::now();
-    state.first_poll.lock().unwrap().get_or_insert(polled);
-    let polls = state.next_polls.fetch_add(1, Ordering::SeqCst) + 1;
-    state.polls_seen.send_replace(polls);
-    let queued = {
-        let mut pending = state.pending.lock().await;
-        pending
-            .recv()
-            .await
-            .expect("the sender lives in the same `State`")
+/// `POST /runtime/invocation/{id}/response` or `/error`: the caller gets it at once.
+fn answered(state: &State, id: String, outcome: Outcome) -> Reply {
+    let answered = Instant::now();
+    let mut lifecycle = state.lifecycle.lock().unwrap();
+    let Some((waiter, delivered)) = lifecycle.in_flight.remove(&id) else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"errorType": "InvalidRequestID", "errorMessage": id}),
+        );
     };
-    let n = state.ids.fetch_add(1, Ordering::SeqCst);
-    let request_id = format!("8476a536-e9f4-11e8-9739-{n:012x}");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let deadline_ms = (now + FUNCTION_TIMEOUT).as_millis();
-    let trace_id = format!(
-        "Root=1-{:08x}-{n:024x};Parent={n:016x};Sampled=0;Lineage=1:0a1b2c3d:0",
-        now.as_secs()
-    );
-    state
-        .in_flight
-        .lock()
-        .unwrap()
-        .insert(request_id.clone(), (queued.answer, Instant::now()));
+    let timing = InvocationTiming {
+        delivered,
+        answered,
+        settled: None,
+    };
+    lifecycle.timings.push((id.clone(), timing));
+    state.log(&mut lifecycle, Event::Answered { request_id: id });
+    // The caller may have given up waiting; that is its own failure.
+    let _ = waiter.send(outcome);
+    accepted()
+}
+
+/// `GET /runtime/invocation/next`: waits until an event is handed out.
+async fn runtime_next(state: &State) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    {
+        let mut lifecycle = state.lifecycle.lock().unwrap();
+        let polled = Instant::now();
+        lifecycle.first_poll.get_or_insert(polled);
+        lifecycle.next_polls += 1;
+        state.polls_seen.send_replace(lifecycle.next_polls);
+        lifecycle.runtime = Some(tx);
+        state.log(&mut lifecycle, Event::RuntimeNext);
+    }
+    state.waiting.notify_one();
+    let Ok(delivery) = rx.await else {
+        // Another poll took this one's place.
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"errorMessage": "superseded by another next"}),
+        );
+    };
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
-        .header("lambda-runtime-aws-request-id", request_id)
-        .header("lambda-runtime-deadline-ms", deadline_ms.to_string())
+        .header("lambda-runtime-aws-request-id", delivery.request_id)
+        .header(
+            "lambda-runtime-deadline-ms",
+            delivery.deadline_ms.to_string(),
+        )
         .header(
             "lambda-runtime-invoked-function-arn",
             state.function_arn.as_str(),
         )
-        .header("lambda-runtime-trace-id", trace_id)
-        .body(Full::new(Bytes::from(queued.event.to_string())))
+        .header("lambda-runtime-trace-id", delivery.trace_id)
+        .body(Full::new(Bytes::from(delivery.event.to_string())))
+        .unwrap()
+}
+
+/// `POST /extension/register`: `{"events": [...]}` with the `Lambda-Extension-Name` header;
+/// answers with the extension's identifier in a header and the function in the body.
+async fn register(state: &State, req: Request<Incoming>) -> Reply {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let Some(name) = header("lambda-extension-name") else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"errorType": "InvalidRequest", "errorMessage": "Lambda-Extension-Name is missing"}),
+        );
+    };
+    let with_account = header("lambda-extension-accept-feature")
+        .is_some_and(|f| f.split(',').any(|f| f.trim() == "accountId"));
+    let body = body_json(req).await;
+    let Some(events) = body["events"].as_array() else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"errorType": "InvalidRequest", "errorMessage": "events is missing"}),
+        );
+    };
+    let invoke = events.iter().any(|e| e == "INVOKE");
+    let n = state.ids.fetch_add(1, Ordering::SeqCst);
+    let id = format!("c3a6f7e0-1b2d-4e5f-8a9b-{n:012x}");
+    {
+        let mut lifecycle = state.lifecycle.lock().unwrap();
+        // Lambda accepts registrations during init only.
+        if lifecycle.invoked {
+            return reply(
+                StatusCode::FORBIDDEN,
+                json!({"errorType": "Extension.RegistrationAfterInit", "errorMessage": name}),
+            );
+        }
+        lifecycle.extensions.push(Extension {
+            id: id.clone(),
+            name: name.clone(),
+            invoke,
+            waiting: None,
+        });
+        state.log(&mut lifecycle, Event::Registered { name });
+    }
+    let mut function = json!({
+        "functionName": state.function_name,
+        "functionVersion": "$LATEST",
+        "handler": "bootstrap",
+    });
+    if with_account {
+        function["accountId"] = json!("123456789012");
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .header(EXTENSION_ID, id)
+        .body(Full::new(Bytes::from(function.to_string())))
+        .unwrap()
+}
+
+/// `GET /extension/event/next`: waits for the next `INVOKE` (an extension registered for no
+/// events waits for ever, as it would for a `SHUTDOWN` this server never sends).
+async fn extension_next(state: &State, req: Request<Incoming>) -> Reply {
+    let id = req
+        .headers()
+        .get(EXTENSION_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let (tx, rx) = oneshot::channel();
+    {
+        let mut lifecycle = state.lifecycle.lock().unwrap();
+        let Some(extension) = lifecycle.extensions.iter_mut().find(|e| e.id == id) else {
+            return reply(
+                StatusCode::FORBIDDEN,
+                json!({"errorType": "Extension.UnknownExtensionIdentifier", "errorMessage": id}),
+            );
+        };
+        extension.waiting = Some(tx);
+        let name = extension.name.clone();
+        state.log(&mut lifecycle, Event::ExtensionNext { name });
+    }
+    state.waiting.notify_one();
+    let Ok(event) = rx.await else {
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"errorMessage": "superseded by another next"}),
+        );
+    };
+    let event_id = event["requestId"].as_str().unwrap_or_default().to_owned();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .header("lambda-extension-event-identifier", event_id)
+        .body(Full::new(Bytes::from(event.to_string())))
         .unwrap()
 }
 
@@ -286,4 +673,224 @@ fn reply(status: StatusCode, body: Value) -> Reply {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const WITHIN: Duration = Duration::from_secs(5);
+
+    /// One request on its own connection: (status, headers in lower case, JSON body).
+    async fn call(
+        api: &RuntimeApi,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, HashMap<String, String>, Value) {
+        let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n",
+            api.addr,
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+        let mut lines = head.lines();
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let body = serde_json::from_str(body).unwrap_or(Value::Null);
+        (status.parse().unwrap(), headers, body)
+    }
+
+    async fn register(api: &RuntimeApi, events: &[&str]) -> String {
+        let body = json!({ "events": events }).to_string();
+        let (status, headers, function) = call(
+            api,
+            "POST",
+            "/2020-01-01/extension/register",
+            &[
+                ("lambda-extension-name", "test-extension"),
+                ("lambda-extension-accept-feature", "accountId"),
+            ],
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "{function}");
+        assert_eq!(function["functionName"], "fn", "{function}");
+        assert_eq!(function["accountId"], "123456789012", "{function}");
+        headers[EXTENSION_ID].clone()
+    }
+
+    fn spawn_call(
+        api: &RuntimeApi,
+        method: &'static str,
+        path: &'static str,
+        extension: Option<String>,
+    ) -> JoinHandle<(u16, HashMap<String, String>, Value)> {
+        // A second handle on the same server for the task (the test keeps `api`).
+        let api = RuntimeApi {
+            addr: api.addr,
+            state: api.state.clone(),
+            queue: api.queue.clone(),
+            tasks: Vec::new(),
+        };
+        tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = match &extension {
+                Some(id) => vec![(EXTENSION_ID, id.as_str())],
+                None => Vec::new(),
+            };
+            call(&api, method, path, &headers, "").await
+        })
+    }
+
+    fn delivered(log: &[Logged]) -> bool {
+        log.iter()
+            .any(|l| matches!(l.event, Event::Delivered { .. }))
+    }
+
+    #[tokio::test]
+    async fn an_event_waits_for_every_extension_but_its_answer_does_not() {
+        let api = RuntimeApi::start("fn").await;
+        let extension = register(&api, &["INVOKE"]).await;
+        let runtime = spawn_call(&api, "GET", "/2018-06-01/runtime/invocation/next", None);
+        let answer = api.invoke(json!({"n": 1}), WITHIN);
+        assert!(api.wait_for_polls(1, WITHIN).await);
+        // The runtime waits, the extension has not asked yet: nothing may be handed out.
+        assert!(!api.wait_for(Duration::from_millis(200), delivered).await);
+
+        let ext = spawn_call(
+            &api,
+            "GET",
+            "/2020-01-01/extension/event/next",
+            Some(extension.clone()),
+        );
+        let (status, headers, event) = runtime.await.unwrap();
+        assert_eq!((status, event), (200, json!({"n": 1})));
+        let id = headers["lambda-runtime-aws-request-id"].clone();
+        let (status, _, invoke) = ext.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(invoke["eventType"], "INVOKE");
+        assert_eq!(invoke["requestId"], id.as_str());
+        assert!(invoke["deadlineMs"].is_u64() && invoke["tracing"]["value"].is_string());
+
+        // The caller has its answer as soon as the runtime posts it...
+        let path = format!("/2018-06-01/runtime/invocation/{id}/response");
+        let (status, _, _) = call(&api, "POST", &path, &[], r#"{"ok":true}"#).await;
+        assert_eq!(status, 202);
+        assert_eq!(answer.await, Ok(json!({"ok": true})));
+        // ...but the invocation is over only once the extension asks again, after the runtime.
+        let _runtime = spawn_call(&api, "GET", "/2018-06-01/runtime/invocation/next", None);
+        assert!(api.wait_for_polls(2, WITHIN).await);
+        let settled = |log: &[Logged]| {
+            log.iter().any(|l| {
+                matches!(
+                    l.event,
+                    Event::Settled {
+                        request_id: Some(_)
+                    }
+                )
+            })
+        };
+        assert!(!api.wait_for(Duration::from_millis(200), settled).await);
+        let _ext = spawn_call(
+            &api,
+            "GET",
+            "/2020-01-01/extension/event/next",
+            Some(extension),
+        );
+        assert!(api.wait_for(WITHIN, settled).await);
+        let timing = api.timings()[0];
+        assert!(timing.settled.is_some_and(|s| s >= timing.answered));
+
+        // Registration closed with the first event.
+        let (status, _, _) = call(
+            &api,
+            "POST",
+            "/2020-01-01/extension/register",
+            &[("lambda-extension-name", "late")],
+            r#"{"events":["INVOKE"]}"#,
+        )
+        .await;
+        assert_eq!(status, 403);
+    }
+
+    #[tokio::test]
+    async fn without_the_extensions_api_its_routes_are_not_found() {
+        let api = RuntimeApi::start_with(
+            "fn",
+            Options {
+                extensions_api: false,
+            },
+        )
+        .await;
+        let (status, _, _) = call(
+            &api,
+            "POST",
+            "/2020-01-01/extension/register",
+            &[("lambda-extension-name", "x")],
+            r#"{"events":["INVOKE"]}"#,
+        )
+        .await;
+        assert_eq!(status, 404);
+    }
+
+    fn process_state(pid: u32) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The state follows the command name's closing parenthesis.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.chars().next().unwrap()
+    }
+
+    /// Until the process is (or is not) stopped: a signal takes effect when the kernel delivers
+    /// it, a moment after kill(2) returns.
+    async fn stopped_is(pid: u32, stopped: bool) -> bool {
+        for _ in 0..1000 {
+            if (process_state(pid) == 'T') == stopped {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_settled_process_is_frozen_until_the_next_event() {
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("30")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let api = RuntimeApi::start("fn").await;
+        api.freeze(pid);
+        let runtime = spawn_call(&api, "GET", "/2018-06-01/runtime/invocation/next", None);
+        let frozen = |log: &[Logged]| log.iter().any(|l| l.event == Event::Frozen);
+        assert!(api.wait_for(WITHIN, frozen).await);
+        assert!(stopped_is(pid, true).await);
+
+        let _answer = api.invoke(json!({}), WITHIN);
+        runtime.await.unwrap();
+        assert!(!api.is_frozen());
+        assert!(stopped_is(pid, false).await);
+        let log = api.events();
+        let thawed = log.iter().position(|l| l.event == Event::Thawed).unwrap();
+        assert!(
+            matches!(log[thawed + 1].event, Event::Delivered { .. }),
+            "{log:?}"
+        );
+        child.kill().await.unwrap();
+    }
 }

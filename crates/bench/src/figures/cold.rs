@@ -1,14 +1,15 @@
 //! Cold starts: the release function binaries under a local Lambda Runtime API, with the
-//! environment Lambda sets. Init is spawn until the first `GET /runtime/invocation/next`; the
-//! first event is from handing the event out until the answer is posted; peak RSS is `VmHWM`
-//! after the first event.
+//! environment Lambda sets. Init is spawn until the runtime and every extension it registered
+//! (the read function's fill extension) wait for their first event, where Lambda's init ends;
+//! the first event is from handing the event out until the answer is posted; peak RSS is
+//! `VmHWM` after the first event.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use local_stack::runtime_api::RuntimeApi;
+use local_stack::runtime_api::{Event, Logged, RuntimeApi};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
@@ -107,13 +108,20 @@ async fn one(env: &Env, net: Net, name: &str, table: &str) -> Result<Start, Erro
     let pid = child.id().ok_or("the function exited at once")?;
     let log = |what: &str| format!("{name} {what}; its output:\n{}", output.lock().unwrap());
 
-    if !api.wait_for_polls(1, WITHIN).await {
+    let init_over = |log: &[Logged]| {
+        log.iter()
+            .any(|l| l.event == Event::Settled { request_id: None })
+    };
+    if !api.wait_for(WITHIN, init_over).await {
         let _ = child.kill().await;
         return Err(log("never asked for an event").into());
     }
     let init = api
-        .first_poll_at()
-        .ok_or("no first poll recorded")?
+        .events()
+        .iter()
+        .find(|l| l.event == Event::Settled { request_id: None })
+        .ok_or("no end of init recorded")?
+        .at
         .saturating_duration_since(spawned);
     // `invoke` panics when there is no answer in time; a task turns that into an error.
     let answer = tokio::spawn(api.invoke(event, WITHIN)).await;

@@ -2,45 +2,71 @@
 //! response with an `X-Cache` header, and takes such a response apart again for the callers that
 //! print or check it (the command-line tool's demo, the tests).
 
+use std::sync::Arc;
+
 use lambda_http::http::{header, Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt as _, Response};
 use serde_json::json;
 
-use super::{CacheStatus, Lookup, ReadError, ReadPath};
+use super::{AfterAnswer, CacheStatus, Lookup, ReadError, ReadPath};
 use crate::cache::Cache;
 use crate::store::ProductStore;
 
 /// The HTTP edge: routes `GET /products/{id}` and turns every outcome into a JSON response with
-/// an `X-Cache` header. Never fails: every error becomes a response. Flushes the read path's
-/// metrics when the answer is ready, one line per invocation.
+/// an `X-Cache` header. Never fails: every error becomes a response. Runs the fill (if any)
+/// before it returns, then flushes the read path's metrics, one line per invocation: for callers
+/// that cannot run work after their response (the local HTTP server, the tests).
 pub async fn handle_request<C: Cache, S: ProductStore>(
     read: &ReadPath<C, S>,
     req: Request,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let response = answer(read, req).await;
-    read.metrics().flush();
+    let (response, after) = answer_request(read, req).await;
+    after.await;
     Ok(response)
 }
 
-async fn answer<C: Cache, S: ProductStore>(read: &ReadPath<C, S>, req: Request) -> Response<Body> {
+/// [`handle_request`] without waiting for the fill: the response, and what is left to do
+/// after it (the fill or a lease hand-back, then the metrics flush). The caller sends the
+/// response first and must then await the [`AfterAnswer`] within the same invocation (see
+/// [`super::deferred`]); the flush comes last so that a refused fill is counted in its own
+/// invocation's metrics line.
+pub async fn answer_request<C: Cache, S: ProductStore>(
+    read: &ReadPath<C, S>,
+    req: Request,
+) -> (Response<Body>, AfterAnswer) {
+    let (response, after) = answer(read, req).await;
+    let metrics = Arc::clone(&read.metrics);
+    let after = AfterAnswer::run(async move {
+        after.await;
+        metrics.flush();
+    });
+    (response, after)
+}
+
+async fn answer<C: Cache, S: ProductStore>(
+    read: &ReadPath<C, S>,
+    req: Request,
+) -> (Response<Body>, AfterAnswer) {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error(
+        let response = error(
             StatusCode::METHOD_NOT_ALLOWED,
             CacheStatus::Bypass,
             "method_not_allowed",
             "only GET is supported",
         );
+        return (response, AfterAnswer::nothing());
     }
     let Some(raw_id) = product_id_of(&req) else {
-        return error(
+        let response = error(
             StatusCode::NOT_FOUND,
             CacheStatus::Bypass,
             "no_route",
             "expected GET /products/{id}",
         );
+        return (response, AfterAnswer::nothing());
     };
-    let (status, result) = read.get(&raw_id).await;
-    match result {
+    let (status, result, after) = read.answer(&raw_id).await;
+    let response = match result {
         Ok(Lookup::Found(doc)) => response(StatusCode::OK, status, doc.into_string()),
         Ok(Lookup::NotFound) => error(
             StatusCode::NOT_FOUND,
@@ -72,7 +98,8 @@ async fn answer<C: Cache, S: ProductStore>(read: &ReadPath<C, S>, req: Request) 
                 "the product could not be encoded",
             )
         }
-    }
+    };
+    (response, after)
 }
 
 /// The `{id}` of `/products/{id}`: API Gateway's path parameter when the route declared it, else
@@ -175,6 +202,69 @@ mod tests {
         assert_eq!(answer.content_type, "application/json");
         let body = serde_json::from_str(&answer.body).unwrap();
         (answer.status, answer.x_cache, body)
+    }
+
+    /// A cache that refuses every fill, as if each lease had been cancelled by a change.
+    struct Refusing(MemoryCache);
+
+    impl Cache for Refusing {
+        async fn probe(
+            &self,
+            key: &str,
+            token: &str,
+            lease: std::time::Duration,
+        ) -> Result<crate::cache::Probe, crate::cache::CacheError> {
+            self.0.probe(key, token, lease).await
+        }
+        fn fill(
+            &self,
+            _: crate::cache::Fill,
+        ) -> impl std::future::Future<Output = Result<bool, crate::cache::CacheError>> + Send + 'static
+        {
+            std::future::ready(Ok(false))
+        }
+        fn release(
+            &self,
+            key: &str,
+            token: &str,
+        ) -> impl std::future::Future<Output = Result<(), crate::cache::CacheError>> + Send + 'static
+        {
+            self.0.release(key, token)
+        }
+        async fn apply(
+            &self,
+            ops: &[crate::cache::CacheOp],
+        ) -> Result<crate::cache::Applied, crate::cache::BatchError> {
+            self.0.apply(ops).await
+        }
+    }
+
+    #[tokio::test]
+    async fn the_metrics_line_waits_for_the_fill_and_counts_its_refusal() {
+        let rp = read_path();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rp = ReadPath::new(Refusing(MemoryCache::default()), rp.store, rp.settings)
+            .with_metrics(
+                crate::metrics::MetricsSettings::default(),
+                crate::metrics::Sink::Memory(lines.clone()),
+            );
+        let req = lambda_http::http::Request::builder()
+            .uri("/products/kb-001")
+            .body(Body::Empty)
+            .unwrap();
+        let (response, after) = answer_request(&rp, req).await;
+        assert_eq!(Answer::of(&response).x_cache, "miss");
+        assert!(after.is_pending());
+        assert!(lines.lock().unwrap().is_empty(), "flushed before the fill");
+        after.await;
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let line: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(
+            (&line["Misses"], &line["RefusedFills"]),
+            (&serde_json::json!(1), &serde_json::json!(1)),
+            "{line}"
+        );
     }
 
     #[tokio::test]

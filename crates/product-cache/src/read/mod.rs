@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod deferred;
 pub mod http;
 
 pub use http::{handle_request, Answer};
