@@ -254,3 +254,82 @@ async fn a_tls_cluster_is_verified_against_the_hostnames_it_reports() {
         );
     }
 }
+
+/// A refresh batch in three parts (`invalidate::PARTS`) at production latency and the default
+/// timeout: its parts go out one after another without waiting for each other's replies, each
+/// document rendered from the record that decided its key. Every key ends with its newest
+/// record's document, and no staged document is left behind.
+#[tokio::test]
+async fn a_refresh_batch_in_many_parts_lands_whole_on_a_distant_cluster() {
+    let cluster = RedisCluster::start_with_delay(3, Duration::from_micros(500))
+        .await
+        .unwrap();
+    let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+    let redis = RedisSettings {
+        cluster: true,
+        ..RedisSettings::new(cluster.url())
+    };
+    let settings = InvalidatorSettings {
+        redis: redis.clone(),
+        mode: InvalidationMode::Refresh,
+        cache: CacheSettings::default(),
+    };
+    let invalidator = Invalidator::build(settings, &sdk).await.unwrap();
+    // A long-running deployment's slots have their epochs: refreshes write.
+    let mut declared = false;
+    for _ in 0..100 {
+        if invalidator.cache().declare_empty().await.is_ok() {
+            declared = true;
+            break;
+        }
+    }
+    assert!(declared, "the cluster never took the epochs");
+    let template =
+        crate::support::fresh(crate::support::fixture("modify.json"))["Records"][0].clone();
+    let keys = 1000;
+    // Two records per key, the second newer, each record's price its sequence number.
+    let records: Vec<serde_json::Value> = (0..2 * keys)
+        .map(|i| {
+            let mut r = template.clone();
+            let id = format!("p{}", i % keys);
+            r["dynamodb"]["Keys"]["productId"] = json!({ "S": id });
+            r["dynamodb"]["NewImage"]["productId"] = json!({ "S": id });
+            r["dynamodb"]["NewImage"]["price"] = json!({ "N": format!("{}", 5000 + i) });
+            r["dynamodb"]["SequenceNumber"] = json!(format!("{}", 5000 + i));
+            r
+        })
+        .collect();
+    let response = invalidator
+        .handle(json!({ "Records": records.clone() }))
+        .await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{response:?} after {} round trips",
+        cluster.round_trips()
+    );
+    let client = redis::cluster::ClusterClient::new(vec![cluster.url()]).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    for k in (0..keys).step_by(37).chain([keys - 1]) {
+        let cached: Option<String> = redis::cmd("GET")
+            .arg(format!("product:p{k}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let cached: serde_json::Value = serde_json::from_str(&cached.unwrap()).unwrap();
+        assert_eq!(
+            cached["price"],
+            json!(5000 + keys + k),
+            "p{k} holds an older record's document"
+        );
+    }
+    for port in cluster.ports() {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut node = client.get_multiplexed_async_connection().await.unwrap();
+        let staged: Vec<String> = redis::cmd("KEYS")
+            .arg("*:staged:*")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert!(staged.is_empty(), "left behind on {port}: {staged:?}");
+    }
+}

@@ -2,9 +2,9 @@
 //!
 //! Both functions run the same commands: `GET` (a hit), `EVALSHA` and `SCRIPT LOAD` (the
 //! scripts, loaded again after a restart or failover), `WAIT` (replicas confirming a batch),
-//! `SET` (a refresh stages its new documents), and, from inside the scripts (and directly, for a
-//! single node's delete-mode batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and
-//! its slot's epoch key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
+//! `SET` (a refresh stages its new documents), `MGET` (a single node's delete-mode batch reads
+//! its positions), and, from inside the scripts (and directly, for a single node's delete-mode
+//! batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and its slot's epoch key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
 //! replicas, marks their connections `READONLY`. Nothing needs `INFO`, `CONFIG`, `KEYS` or
 //! `SCAN`.
 
@@ -14,7 +14,7 @@
 pub fn rules(key_prefix: &str) -> String {
     format!(
         "resetkeys ~{key_prefix}* ~{{{key_prefix}* ~product-cache:epoch:* resetchannels \
-         -@all +get +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly"
+         -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly"
     )
 }
 
@@ -33,7 +33,7 @@ mod tests {
         assert_eq!(
             rules,
             "resetkeys ~product:* ~{product:* ~product-cache:epoch:* resetchannels \
-             -@all +get +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly"
+             -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly"
         );
     }
 

@@ -286,6 +286,17 @@ pub trait Cache: Send + Sync {
     /// as few round trips as the deployment allows. Which ops failed is reported exactly, so
     /// the invalidator can name the earliest record whose change is not known to be applied.
     fn apply(&self, ops: &[CacheOp]) -> impl Future<Output = Result<Applied, BatchError>> + Send;
+    /// [`Cache::apply`] for a part of a batch sent while `ahead` ops of the same batch are still
+    /// in flight before it: its time budget covers theirs too, since the server works through
+    /// them first.
+    fn apply_after(
+        &self,
+        ops: &[CacheOp],
+        ahead: usize,
+    ) -> impl Future<Output = Result<Applied, BatchError>> + Send {
+        let _ = ahead;
+        self.apply(ops)
+    }
 }
 
 /// How long `{key}:ver` lives: past the stream's 24-hour retention, so no record still

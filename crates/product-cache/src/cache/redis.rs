@@ -600,10 +600,14 @@ impl Cache for RedisCache {
     /// per-operation timeout once per 1,000 ops, a budget that follows the work; the
     /// connection itself has no response timeout that could cut a large pipeline short.
     async fn apply(&self, ops: &[CacheOp]) -> Result<Applied, BatchError> {
+        self.apply_after(ops, 0).await
+    }
+
+    async fn apply_after(&self, ops: &[CacheOp], ahead: usize) -> Result<Applied, BatchError> {
         if ops.is_empty() {
             return Ok(Applied::default());
         }
-        let budget = self.timeout * (ops.len() / CHUNK + 1) as u32;
+        let budget = self.timeout * ((ahead + ops.len()) / CHUNK + 1) as u32;
         // A batch waits for a connection still forming (a cold start) up to the connect budget:
         // failing it would only have Lambda deliver it again later. A read bypasses instead.
         let conn = self

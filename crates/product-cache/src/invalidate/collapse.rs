@@ -13,6 +13,10 @@ pub struct Collapsed {
     pub op: CacheOp,
     /// The index of the key's first record in the batch: what a failure reports.
     pub first_record: usize,
+    /// The index of the record whose op this is (the one holding the key's newest position,
+    /// else an unordered delete): where a refresh's document is rendered from when the plan
+    /// left it for later.
+    pub decided_by: usize,
 }
 
 /// Collapses each key's ops to one, keys in the order of their first record.
@@ -66,6 +70,7 @@ pub fn collapse(plan: &mut [Planned]) -> Vec<Collapsed> {
                 return Collapsed {
                     op: CacheOp::delete(plan[any].op.key.as_str()),
                     first_record: key.first_record,
+                    decided_by: plan[any].record,
                 };
             };
             let delete_before = key.first_unordered.is_some_and(|u| u < at);
@@ -82,6 +87,7 @@ pub fn collapse(plan: &mut [Planned]) -> Vec<Collapsed> {
             Collapsed {
                 op,
                 first_record: key.first_record,
+                decided_by: plan[at].record,
             }
         })
         .collect()

@@ -30,6 +30,67 @@ pub struct Planned {
 /// A record whose fields are not where the documented shape puts them.
 struct Malformed(&'static str);
 
+/// A refresh batch goes out in this many parts: enough for Redis to store one while the client
+/// renders the next, few enough that the parts leave before the first one's reply is back
+/// (at 0.5 ms a round trip), so the batch still costs about one round trip.
+const PARTS: usize = 3;
+
+/// The smallest part: a batch of up to this many ops (the usual 100-record batch) goes out
+/// whole, since a part's fixed costs (a pipeline, a script call per node or slot) would
+/// outweigh what overlapping saves.
+const MIN_PART: usize = 200;
+
+/// When a refresh's document is built: in planning, or once collapsing has picked the ops that
+/// will be sent (`Invalidator::handle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Render {
+    Now,
+    Later,
+}
+
+/// The outcomes of a batch's parts, as one.
+#[derive(Default)]
+struct PartsOutcome {
+    refused: Vec<usize>,
+    failed: Vec<usize>,
+    first_error: Option<crate::cache::CacheError>,
+}
+
+impl PartsOutcome {
+    /// A part's outcome, its indexes shifted by `base` (where the part starts in the batch).
+    fn absorb(
+        &mut self,
+        base: usize,
+        outcome: Result<crate::cache::Applied, crate::cache::BatchError>,
+    ) {
+        match outcome {
+            Ok(applied) => self
+                .refused
+                .extend(applied.refused.iter().map(|i| base + i)),
+            Err(e) => {
+                self.failed.extend(e.failed.iter().map(|i| base + i));
+                self.first_error.get_or_insert(e.source);
+            }
+        }
+    }
+
+    fn into_result(mut self) -> Result<crate::cache::Applied, crate::cache::BatchError> {
+        self.refused.sort_unstable();
+        match self.first_error {
+            None => Ok(crate::cache::Applied {
+                refused: self.refused,
+            }),
+            Some(source) => {
+                self.failed.sort_unstable();
+                Err(crate::cache::BatchError {
+                    failed: self.failed,
+                    source,
+                })
+            }
+        }
+    }
+}
+
 /// Why a record was skipped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SkipReason {
@@ -80,18 +141,22 @@ impl<C: Cache> Invalidator<C> {
                 &[]
             }
         };
-        let mut plan = self.plan(records);
-        // Moved, not cloned: a 10,000-record batch has thousands of ops, and in refresh mode
-        // they hold the documents, megabytes a batch.
-        let (ops, first_records): (Vec<CacheOp>, Vec<usize>) = collapse(&mut plan)
-            .into_iter()
-            .map(|c| (c.op, c.first_record))
-            .unzip();
+        // A refresh's document is rendered after collapsing, part by part as the parts go out
+        // (`apply_rendering`): none for records a newer one of their key overrides, and
+        // building the next part overlaps with Redis storing the last.
+        let mut plan = self.plan_with(records, Render::Later);
+        let mut ops = Vec::new();
+        let (mut first_records, mut decided_by) = (Vec::new(), Vec::new());
+        for c in collapse(&mut plan) {
+            ops.push(c.op);
+            first_records.push(c.first_record);
+            decided_by.push(c.decided_by);
+        }
         let mut response = DynamoDbEventResponse::default();
         let mut retried_from = records.len();
         // A refused (older) op is not a failure: the key already holds something newer.
         let mut refused = Vec::new();
-        match self.cache.apply(&ops).await {
+        match self.apply_rendering(records, &mut ops, &decided_by).await {
             Ok(applied) => refused = applied.refused,
             Err(e) => {
                 // The earliest record whose change is not known to be applied: the first
@@ -141,6 +206,10 @@ impl<C: Cache> Invalidator<C> {
     /// image, and that key deleted (right whatever the change was); if none can be found, it is
     /// logged and skipped rather than failing the batch and blocking the shard behind it.
     pub fn plan(&self, records: &[Value]) -> Vec<Planned> {
+        self.plan_with(records, Render::Now)
+    }
+
+    fn plan_with(&self, records: &[Value], render: Render) -> Vec<Planned> {
         let mut plan = Vec::with_capacity(records.len());
         for (index, raw) in records.iter().enumerate() {
             // Looked up once and borrowed: `Value::pointer` would allocate for every step of
@@ -150,7 +219,7 @@ impl<C: Cache> Invalidator<C> {
                 .and_then(|c| field_of(c, "SequenceNumber"))
                 .and_then(Value::as_str)
                 .filter(|s| !s.is_empty());
-            let result = match self.plan_record(raw, change, sequence_number) {
+            let result = match self.plan_record(raw, change, sequence_number, render) {
                 Err(Malformed(what)) => {
                     tracing::warn!(
                         index,
@@ -183,6 +252,7 @@ impl<C: Cache> Invalidator<C> {
         raw: &Value,
         change: Option<&serde_json::Map<String, Value>>,
         sequence_number: Option<&str>,
+        render: Render,
     ) -> Result<Result<CacheOp, SkipReason>, Malformed> {
         let change = change.ok_or(Malformed("no `dynamodb` object"))?;
         let event_name = field(raw, "eventName")
@@ -235,22 +305,98 @@ impl<C: Cache> Invalidator<C> {
             .and_then(Value::as_f64)
             .map_or(0, |secs| (secs * 1000.0) as i64)
             - self.settings.clock_margin.as_millis() as i64;
-        Ok(Ok(match Document::from_image(new_image) {
-            Ok(doc) => CacheOp {
-                key,
-                kind: OpKind::Set {
-                    value: doc.into_string(),
-                    ttl: self.settings.ttl,
-                },
-                order,
-                created_ms: Some(created_ms),
-                delete_if_refused: false,
+        let mut op = CacheOp {
+            key,
+            kind: OpKind::Set {
+                value: String::new(),
+                ttl: self.settings.ttl,
             },
+            order,
+            created_ms: Some(created_ms),
+            delete_if_refused: false,
+        };
+        if render == Render::Now {
+            self.render(&mut op, new_image);
+        }
+        Ok(Ok(op))
+    }
+
+    /// Writes the document of a refresh into `op` from the record's new image. An image with
+    /// no JSON form makes the op a delete at the same position: right whatever the change was,
+    /// and its position is still recorded, so an older record replayed later is refused.
+    fn render(&self, op: &mut CacheOp, new_image: &Value) {
+        let OpKind::Set { value, .. } = &mut op.kind else {
+            return;
+        };
+        match Document::from_image(new_image) {
+            Ok(doc) => *value = doc.into_string(),
             Err(error) => {
-                tracing::warn!(%error, key, "new image has no JSON form; deleting instead");
-                CacheOp::delete(key)
+                tracing::warn!(%error, key = op.key, "new image has no JSON form; deleting instead");
+                op.kind = OpKind::Delete;
             }
-        }))
+        }
+    }
+
+    /// Applies `ops`, rendering each refresh's document (left for later by the plan) from the
+    /// record that decided it, in [`PARTS`] parts of at least [`MIN_PART`] ops: each part goes
+    /// out as soon as its documents are built, so the client builds the next while Redis stores
+    /// the last, where rendering everything first left Redis idle for milliseconds and the
+    /// client idle after (a 1,000-document batch went from about 3x a pipeline of `SET`s to
+    /// about 2.5x). A batch without refreshes goes out whole.
+    async fn apply_rendering(
+        &self,
+        records: &[Value],
+        ops: &mut [CacheOp],
+        decided_by: &[usize],
+    ) -> Result<crate::cache::Applied, crate::cache::BatchError> {
+        let refreshes = ops.iter().any(|op| matches!(op.kind, OpKind::Set { .. }));
+        let part_len = ops.len().div_ceil(PARTS).max(MIN_PART);
+        if !refreshes || ops.len() <= part_len {
+            for (op, &record) in ops.iter_mut().zip(decided_by) {
+                self.render_from(op, &records[record]);
+            }
+            return self.cache.apply(ops).await;
+        }
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut outcome = PartsOutcome::default();
+        for (n, (part, from)) in ops
+            .chunks_mut(part_len)
+            .zip(decided_by.chunks(part_len))
+            .enumerate()
+        {
+            for (op, &record) in part.iter_mut().zip(from) {
+                self.render_from(op, &records[record]);
+            }
+            let base = n * part_len;
+            let part: &[CacheOp] = part;
+            in_flight.push(async move { (base, self.cache.apply_after(part, base).await) });
+            // Poll the new part until it waits on Redis, and let the connection's task write
+            // it (on a one-CPU Lambda that task runs only when this one yields).
+            if let std::task::Poll::Ready(Some((base, r))) =
+                futures::poll!(futures::StreamExt::next(&mut in_flight))
+            {
+                outcome.absorb(base, r);
+            }
+            tokio::task::yield_now().await;
+        }
+        while let Some((base, r)) = futures::StreamExt::next(&mut in_flight).await {
+            outcome.absorb(base, r);
+        }
+        outcome.into_result()
+    }
+
+    /// [`Invalidator::render`] from a raw record, for a refresh the plan left unrendered.
+    fn render_from(&self, op: &mut CacheOp, raw: &Value) {
+        let OpKind::Set { value, .. } = &op.kind else {
+            return;
+        };
+        if !value.is_empty() {
+            return;
+        }
+        let image = field(raw, "dynamodb")
+            .and_then(|c| c.get("NewImage"))
+            .unwrap_or(&Value::Null);
+        self.render(op, image);
     }
 
     /// Counts a handled batch: its size, what was skipped, what goes back to Lambda (every
@@ -681,6 +827,103 @@ mod tests {
             })
             .collect();
         serde_json::json!({ "Records": records })
+    }
+
+    /// A refresh batch of `keys` keys, two records each (the second newer), each record's
+    /// price its sequence number.
+    fn refresh_batch(keys: usize) -> Value {
+        let records: Vec<(String, u64)> = (0..2 * keys)
+            .map(|i| (format!("k{}", i % keys), 1000 + i as u64))
+            .collect();
+        let refs: Vec<(&str, Option<u64>)> = records
+            .iter()
+            .map(|(k, s)| (k.as_str(), Some(*s)))
+            .collect();
+        let mut event = batch(&refs);
+        for r in event["Records"].as_array_mut().unwrap() {
+            let seq = r["dynamodb"]["SequenceNumber"].clone();
+            r["dynamodb"]["NewImage"]["price"] = serde_json::json!({ "N": seq });
+        }
+        event
+    }
+
+    /// More keys than one part: every key ends up with its newest record's document, rendered
+    /// after collapsing, and the older records' documents are never built.
+    #[tokio::test]
+    async fn a_refresh_batch_goes_out_in_parts_with_the_newest_documents() {
+        let keys = 2 * MIN_PART + 50;
+        let inv = invalidator(InvalidationMode::Refresh);
+        let event = refresh_batch(keys);
+        let newest: Vec<String> = event["Records"].as_array().unwrap()[keys..]
+            .iter()
+            .map(|r| {
+                Document::from_image(&r["dynamodb"]["NewImage"])
+                    .unwrap()
+                    .into_string()
+            })
+            .collect();
+        let r = inv.handle(event).await;
+        assert!(r.batch_item_failures.is_empty(), "{r:?}");
+        assert_eq!(
+            inv.cache.calls.load(Ordering::SeqCst),
+            PARTS,
+            "one apply per part"
+        );
+        for (k, want) in newest.iter().enumerate() {
+            assert_eq!(
+                inv.cache.value(&format!("product:k{k}")).as_ref(),
+                Some(want),
+                "k{k}"
+            );
+        }
+    }
+
+    /// A failure in a later part names that part's earliest record, counted in the whole
+    /// batch: the parts' indexes are shifted back into the batch's.
+    #[tokio::test]
+    async fn a_failed_part_names_its_earliest_record_in_the_batch() {
+        let keys = 2 * MIN_PART + 50;
+        let failed = [MIN_PART + 7, 2 * MIN_PART + 3];
+        let inv = Invalidator::new(
+            FailKeys(
+                MemoryCache::default(),
+                failed.iter().map(|k| format!("product:k{k}")).collect(),
+            ),
+            InvalidationMode::Refresh,
+            CacheSettings::default(),
+        );
+        let r = inv.handle(refresh_batch(keys)).await;
+        assert_eq!(r.batch_item_failures.len(), 1);
+        // Key k<n>'s first record is record n, sequence number 1000 + n.
+        assert_eq!(
+            r.batch_item_failures[0].item_identifier.as_deref(),
+            Some((1000 + failed[0]).to_string().as_str())
+        );
+        // The parts before it landed.
+        assert!(inv.cache.0.value("product:k0").is_some());
+        assert!(inv.cache.0.value("product:k199").is_some());
+    }
+
+    /// A new image with no JSON form deletes at its record's position: the key's document goes,
+    /// and a replay of an older record is still refused.
+    #[tokio::test]
+    async fn an_image_with_no_json_form_deletes_at_its_position() {
+        let inv = invalidator(InvalidationMode::Refresh);
+        let mut event = batch(&[("a", Some(10)), ("a", Some(11))]);
+        event["Records"][1]["dynamodb"]["NewImage"]["price"] = serde_json::json!({ "X": "1" });
+        assert!(inv.handle(event).await.batch_item_failures.is_empty());
+        assert_eq!(inv.cache.value("product:a"), None);
+        assert_eq!(
+            inv.cache.versions.lock().unwrap()["product:a"],
+            Order::sequence("11").unwrap()
+        );
+        // The older record again, alone: refused, nothing cached.
+        assert!(inv
+            .handle(batch(&[("a", Some(10))]))
+            .await
+            .batch_item_failures
+            .is_empty());
+        assert_eq!(inv.cache.value("product:a"), None);
     }
 
     #[tokio::test]
