@@ -206,8 +206,9 @@ async fn run(args: Args) -> Result<bool, Error> {
     }
     let mut miss_table: Option<(String, Vec<String>)> = None;
     if figures.contains(&Figure::MissLatency) || figures.contains(&Figure::ColdStart) {
-        // Each network's misses need products nobody has read, plus the warm-ups'.
-        let n = (4 * sizes.misses + 40).max(100);
+        // Each network's misses (three contenders) need products nobody has read, plus the
+        // warm-ups'.
+        let n = (6 * sizes.misses + 40).max(100);
         miss_table = Some(figures::miss::prepare_table(&env, n).await?);
     }
     for figure in figures {
