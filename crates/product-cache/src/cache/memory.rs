@@ -1,5 +1,6 @@
 //! An in-memory [`Cache`] for unit tests (feature `test-support`): the same semantics as the
-//! scripts, no TTLs, optional failure injection.
+//! scripts, no TTLs, and the failures the tests inject (all calls, some keys of a batch, a lost
+//! probe reply, refused fills) as switches rather than wrappers around it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,7 +15,14 @@ pub struct MemoryCache {
     pub entries: Mutex<HashMap<String, (String, Duration)>>,
     pub leases: Mutex<HashMap<String, String>>,
     pub versions: Mutex<HashMap<String, Order>>,
+    /// Every call fails.
     pub fail: AtomicBool,
+    /// A batch's ops on these keys fail; the others are applied.
+    pub fail_keys: Mutex<Vec<String>>,
+    /// A probe is carried out, but its reply is lost: the caller sees a timeout.
+    pub lose_probe_replies: AtomicBool,
+    /// Every fill is refused, as if each lease had been cancelled by a change.
+    pub refuse_fills: AtomicBool,
     pub calls: AtomicUsize,
 }
 
@@ -65,22 +73,31 @@ fn newer(a: &Order, b: &Order) -> Option<bool> {
 impl Cache for MemoryCache {
     async fn probe(&self, key: &str, token: &str, _: Duration) -> Result<Probe, CacheError> {
         self.enter()?;
-        if let Some(v) = self.value(key) {
-            return Ok(Probe::Hit(v));
+        let probe = if let Some(v) = self.value(key) {
+            Probe::Hit(v)
+        } else {
+            let mut leases = self.leases.lock().unwrap();
+            if leases.contains_key(key) {
+                Probe::Wait
+            } else {
+                leases.insert(key.to_owned(), token.to_owned());
+                Probe::Lease
+            }
+        };
+        if self.lose_probe_replies.load(Ordering::SeqCst) {
+            return Err(CacheError::Timeout(Duration::from_millis(100)));
         }
-        let mut leases = self.leases.lock().unwrap();
-        if leases.contains_key(key) {
-            return Ok(Probe::Wait);
-        }
-        leases.insert(key.to_owned(), token.to_owned());
-        Ok(Probe::Lease)
+        Ok(probe)
     }
 
     fn fill(
         &self,
         f: Fill,
     ) -> impl std::future::Future<Output = Result<bool, CacheError>> + Send + 'static {
-        std::future::ready(self.enter().map(|()| self.fill_now(f)))
+        std::future::ready(
+            self.enter()
+                .map(|()| !self.refuse_fills.load(Ordering::SeqCst) && self.fill_now(f)),
+        )
     }
 
     fn release(
@@ -101,8 +118,13 @@ impl Cache for MemoryCache {
         self.enter().map_err(|e| BatchError::all(ops.len(), e))?;
         let mut entries = self.entries.lock().unwrap();
         let mut versions = self.versions.lock().unwrap();
-        let mut refused = Vec::new();
+        let fail_keys = self.fail_keys.lock().unwrap();
+        let (mut refused, mut failed) = (Vec::new(), Vec::new());
         for (i, op) in ops.iter().enumerate() {
+            if fail_keys.contains(&op.key) {
+                failed.push(i);
+                continue;
+            }
             // An in-memory cache never loses its data: every record is newer than its epoch.
             let mut kind = &op.kind;
             if let Some(order) = &op.order {
@@ -130,6 +152,13 @@ impl Cache for MemoryCache {
                 }
             }
         }
-        Ok(Applied { refused })
+        if failed.is_empty() {
+            Ok(Applied { refused })
+        } else {
+            Err(BatchError {
+                failed,
+                source: CacheError::Timeout(Duration::from_millis(100)),
+            })
+        }
     }
 }

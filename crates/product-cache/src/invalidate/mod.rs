@@ -755,55 +755,6 @@ mod tests {
         );
     }
 
-    /// Fails the ops of the keys it is told to, applies the rest.
-    struct FailKeys(MemoryCache, Vec<String>);
-
-    impl Cache for FailKeys {
-        async fn probe(
-            &self,
-            k: &str,
-            t: &str,
-            l: std::time::Duration,
-        ) -> Result<crate::cache::Probe, crate::cache::CacheError> {
-            self.0.probe(k, t, l).await
-        }
-        fn fill(
-            &self,
-            f: crate::cache::Fill,
-        ) -> impl std::future::Future<Output = Result<bool, crate::cache::CacheError>> + Send + 'static
-        {
-            self.0.fill(f)
-        }
-        fn release(
-            &self,
-            key: &str,
-            token: &str,
-        ) -> impl std::future::Future<Output = Result<(), crate::cache::CacheError>> + Send + 'static
-        {
-            self.0.release(key, token)
-        }
-        async fn apply(
-            &self,
-            ops: &[CacheOp],
-        ) -> Result<crate::cache::Applied, crate::cache::BatchError> {
-            let failed: Vec<usize> = (0..ops.len())
-                .filter(|&i| self.1.contains(&ops[i].key))
-                .collect();
-            let landed: Vec<CacheOp> = (0..ops.len())
-                .filter(|i| !failed.contains(i))
-                .map(|i| ops[i].clone())
-                .collect();
-            let applied = self.0.apply(&landed).await?;
-            if failed.is_empty() {
-                return Ok(applied);
-            }
-            Err(crate::cache::BatchError {
-                failed,
-                source: crate::cache::CacheError::Timeout(Default::default()),
-            })
-        }
-    }
-
     /// `(key, sequence number)` records as a MODIFY batch.
     pub(super) fn batch(records: &[(&str, Option<u64>)]) -> Value {
         let template = fixture("modify.json")["Records"][0].clone();
@@ -884,14 +835,9 @@ mod tests {
     async fn a_failed_part_names_its_earliest_record_in_the_batch() {
         let keys = 2 * MIN_PART + 50;
         let failed = [MIN_PART + 7, 2 * MIN_PART + 3];
-        let inv = Invalidator::new(
-            FailKeys(
-                MemoryCache::default(),
-                failed.iter().map(|k| format!("product:k{k}")).collect(),
-            ),
-            InvalidationMode::Refresh,
-            CacheSettings::default(),
-        );
+        let inv = invalidator(InvalidationMode::Refresh);
+        *inv.cache.fail_keys.lock().unwrap() =
+            failed.iter().map(|k| format!("product:k{k}")).collect();
         let r = inv.handle(refresh_batch(keys)).await;
         assert_eq!(r.batch_item_failures.len(), 1);
         // Key k<n>'s first record is record n, sequence number 1000 + n.
@@ -900,8 +846,8 @@ mod tests {
             Some((1000 + failed[0]).to_string().as_str())
         );
         // The parts before it landed.
-        assert!(inv.cache.0.value("product:k0").is_some());
-        assert!(inv.cache.0.value("product:k199").is_some());
+        assert!(inv.cache.value("product:k0").is_some());
+        assert!(inv.cache.value("product:k199").is_some());
     }
 
     /// A new image with no JSON form deletes at its record's position: the key's document goes,
@@ -936,16 +882,12 @@ mod tests {
             ("b", Some(5)),
         ];
         let failing = |keys: &[&str]| {
-            Invalidator::new(
-                FailKeys(
-                    MemoryCache::default(),
-                    keys.iter().map(|k| format!("product:{k}")).collect(),
-                ),
-                InvalidationMode::Delete,
-                CacheSettings::default(),
-            )
+            let inv = invalidator(InvalidationMode::Delete);
+            *inv.cache.fail_keys.lock().unwrap() =
+                keys.iter().map(|k| format!("product:{k}")).collect();
+            inv
         };
-        let reported = |inv: Invalidator<FailKeys>, event: Value| async move {
+        let reported = |inv: Invalidator<MemoryCache>, event: Value| async move {
             let r = inv.handle(event).await;
             assert!(r.batch_item_failures.len() <= 1);
             r.batch_item_failures

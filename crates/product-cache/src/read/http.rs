@@ -204,50 +204,17 @@ mod tests {
         (answer.status, answer.x_cache, body)
     }
 
-    /// A cache that refuses every fill, as if each lease had been cancelled by a change.
-    struct Refusing(MemoryCache);
-
-    impl Cache for Refusing {
-        async fn probe(
-            &self,
-            key: &str,
-            token: &str,
-            lease: std::time::Duration,
-        ) -> Result<crate::cache::Probe, crate::cache::CacheError> {
-            self.0.probe(key, token, lease).await
-        }
-        fn fill(
-            &self,
-            _: crate::cache::Fill,
-        ) -> impl std::future::Future<Output = Result<bool, crate::cache::CacheError>> + Send + 'static
-        {
-            std::future::ready(Ok(false))
-        }
-        fn release(
-            &self,
-            key: &str,
-            token: &str,
-        ) -> impl std::future::Future<Output = Result<(), crate::cache::CacheError>> + Send + 'static
-        {
-            self.0.release(key, token)
-        }
-        async fn apply(
-            &self,
-            ops: &[crate::cache::CacheOp],
-        ) -> Result<crate::cache::Applied, crate::cache::BatchError> {
-            self.0.apply(ops).await
-        }
-    }
-
     #[tokio::test]
     async fn the_metrics_line_waits_for_the_fill_and_counts_its_refusal() {
         let rp = read_path();
+        rp.cache
+            .refuse_fills
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let rp = ReadPath::new(Refusing(MemoryCache::default()), rp.store, rp.settings)
-            .with_metrics(
-                crate::metrics::MetricsSettings::default(),
-                crate::metrics::Sink::Memory(lines.clone()),
-            );
+        let rp = rp.with_metrics(
+            crate::metrics::MetricsSettings::default(),
+            crate::metrics::Sink::Memory(lines.clone()),
+        );
         let req = lambda_http::http::Request::builder()
             .uri("/products/kb-001")
             .body(Body::Empty)
