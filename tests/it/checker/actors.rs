@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue as Av;
 use product_cache::cache::RedisCache;
@@ -36,7 +37,8 @@ pub struct Budget {
     reads_per_write: u64,
     /// Signalled after every write, and when the writers stop.
     pub written: Notify,
-    deadline: Nanos,
+    /// When the budget ends whatever is left of it ([`Budget::end_now`] brings it forward).
+    deadline: AtomicU64,
     clock: Clock,
     /// Percent of the budget used, for the chaos schedule.
     progress: watch::Sender<u64>,
@@ -45,7 +47,7 @@ pub struct Budget {
 impl Budget {
     pub fn take(&self) -> bool {
         let n = self.issued.fetch_add(1, Ordering::Relaxed);
-        let pct = if n >= self.total || self.clock.now() > self.deadline {
+        let pct = if n >= self.total || self.clock.now() > self.deadline.load(Ordering::Relaxed) {
             100
         } else {
             (n + 1) * 100 / self.total
@@ -58,6 +60,11 @@ impl Budget {
             newer
         });
         pct < 100
+    }
+
+    /// Ends the budget now: the next `take` is refused (a run that lasts by time).
+    pub fn end_now(&self) {
+        self.deadline.store(self.clock.now(), Ordering::Relaxed);
     }
 
     /// Readers keep to `reads_per_write` reads per write while the writers run (plus a slack of
@@ -132,7 +139,7 @@ impl Shared {
                 reads: AtomicU64::new(0),
                 reads_per_write: cfg.reads_per_write,
                 written: Notify::new(),
-                deadline: clock.now() + cfg.max_duration.as_nanos() as Nanos,
+                deadline: AtomicU64::new(clock.now() + cfg.max_duration.as_nanos() as Nanos),
                 clock,
                 progress,
             },
@@ -158,6 +165,7 @@ pub fn spawn_writers(cfg: &Config, shared: &Arc<Shared>) -> Vec<JoinHandle<Vec<W
             owned,
             rng,
             cfg.delete_probability,
+            cfg.write_pause,
         )));
     }
     writers
@@ -217,6 +225,7 @@ async fn writer(
     owned: Vec<u16>,
     mut rng: fastrand::Rng,
     delete_probability: f64,
+    pause: Option<Duration>,
 ) -> Vec<Write> {
     // (last index, exists)
     let mut state: HashMap<u16, (u32, bool)> = owned.iter().map(|&i| (i, (0, false))).collect();
@@ -285,6 +294,9 @@ async fn writer(
             start,
             end,
         });
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
     }
     out
 }

@@ -16,7 +16,7 @@ use product_cache::read::{CacheStatus, Lookup};
 use tokio::sync::watch;
 
 use super::actors::{Phase, Shared};
-use super::config::{Config, DataLoss, Deployment};
+use super::config::{Cluster, Config, DataLoss, Deployment, GameDay};
 use super::history::{ms, Nanos, Tally};
 use super::system::{node_connection, Redis, Sut};
 use crate::support::Counting;
@@ -59,6 +59,7 @@ enum Event {
     Herd(usize),
     Failover,
     Kill,
+    GameDay,
 }
 
 /// The percent of the run's operations a fraction of them stands for, within the run.
@@ -82,10 +83,17 @@ pub async fn inject(
     let mut schedule: Vec<(u64, Event)> = (0..cfg.herds)
         .map(|h| (10 + 80 * h as u64 / cfg.herds.max(1) as u64, Event::Herd(h)))
         .collect();
-    schedule.push((45, Event::DataLoss));
-    if let Deployment::Cluster(_) = cfg.deployment {
-        schedule.push((33, Event::Failover));
-        schedule.push((67, Event::Kill));
+    match cfg.deployment {
+        // The game day is the run: it starts at once, and the budget ends with it.
+        Deployment::Cluster(Cluster {
+            game_day: Some(_), ..
+        }) => schedule.push((0, Event::GameDay)),
+        Deployment::Cluster(_) => {
+            schedule.push((45, Event::DataLoss));
+            schedule.push((33, Event::Failover));
+            schedule.push((67, Event::Kill));
+        }
+        Deployment::Single => schedule.push((45, Event::DataLoss)),
     }
     if let Some(at) = cfg.flip_version_attribute {
         schedule.push((percent(at.invalidator), Event::FlipInvalidator));
@@ -153,6 +161,21 @@ pub async fn inject(
                 // The readers' clients have a second on the new topology before the run may
                 // end (it waits for the chaos), however early the writers stop.
                 tokio::time::sleep(SETTLE).await;
+            }
+            Event::GameDay => {
+                let (Redis::Cluster(cluster), Deployment::Cluster(settings)) =
+                    (&mut *redis, cfg.deployment)
+                else {
+                    unreachable!("game days are run on clusters only")
+                };
+                let plan = settings.game_day.expect("a game day's settings");
+                let (lines, stretches) = game_day(cluster, plan, shared, &mut faults).await;
+                for line in &lines {
+                    tracing::info!(event = %line, "game day");
+                }
+                events.extend(lines);
+                windows.extend(stretches);
+                shared.budget.end_now();
             }
             Event::Herd(h) => {
                 events.push(format!("herd on cold-{h} at {:.1} ms", ms(clock.now())));
@@ -301,6 +324,148 @@ async fn kill(
         to,
     };
     (event, window)
+}
+
+/// Issue 17's game day, in sequence: a healthy stretch; a primary (not the entry node) killed
+/// and left down for `plan.down`, its shard served by the promoted replica alone (a primary
+/// with no replica: every batch there is confirmed by the replicas that are there, none); the
+/// killed node started again, rejoining as the replica, until in sync; another primary stalled
+/// (SIGSTOP) for `plan.stall`, which the cluster fails over meanwhile; resumed, rejoining as a
+/// replica, until in sync; a last healthy stretch. Returns the events' lines and the windows:
+/// `healthy`, `under-replicated`, `stalled`, `restored` (the report and the assertions read
+/// them by name).
+async fn game_day(
+    cluster: &mut RedisCluster,
+    plan: GameDay,
+    shared: &Shared,
+    faults: &mut Tally,
+) -> (Vec<String>, Vec<Window>) {
+    let clock = shared.clock;
+    let mut lines = Vec::new();
+    let mut windows = Vec::new();
+    let entry = cluster.ports()[0];
+
+    let from = clock.now();
+    tokio::time::sleep(plan.healthy).await;
+    windows.push(Window {
+        what: "healthy",
+        from,
+        to: clock.now(),
+    });
+
+    // Killed, left down: the promoted replica serves its shard alone.
+    let victim = other_primary(cluster, entry, None).await;
+    let killed = clock.now();
+    let promoted = cluster.kill(victim).await.expect("replica promoted");
+    let promoted_at = clock.now();
+    faults.add("primaries killed", 1);
+    tokio::time::sleep(
+        plan.down
+            .saturating_sub(Duration::from_nanos(promoted_at - killed)),
+    )
+    .await;
+    let down_to = clock.now();
+    windows.push(Window {
+        what: "under-replicated",
+        from: promoted_at,
+        to: down_to,
+    });
+    cluster.revive(victim).await.expect("killed node revived");
+    in_sync(victim).await;
+    let synced = clock.now();
+    lines.push(format!(
+        "primary :{victim} killed at {:.1} ms; :{promoted} primary alone from {:.1} ms;          :{victim} back at {:.1} ms, its replica in sync by {:.1} ms",
+        ms(killed),
+        ms(promoted_at),
+        ms(down_to),
+        ms(synced)
+    ));
+    tokio::time::sleep(plan.healthy).await;
+
+    // Stalled: connections open, nothing answers; the cluster fails it over meanwhile.
+    let stalled = other_primary(cluster, entry, Some(promoted)).await;
+    let replica = cluster
+        .roles()
+        .await
+        .expect("cluster roles")
+        .iter()
+        .find(|r| r.replica_of == Some(stalled))
+        .map(|r| r.port)
+        .expect("the stalled primary has a replica");
+    let stall_from = clock.now();
+    cluster.stall(stalled);
+    faults.add("nodes stalled", 1);
+    tokio::time::sleep(plan.stall).await;
+    cluster.resume(stalled);
+    let stall_to = clock.now();
+    windows.push(Window {
+        what: "stalled",
+        from: stall_from,
+        to: stall_to,
+    });
+    // Stalled past `cluster-node-timeout`, it was failed over to its replica: it comes back as
+    // that replica's replica. (Had the cluster not promoted the replica, it is primary still.)
+    let roles = cluster.roles().await.expect("cluster roles");
+    let now_replica = roles.iter().any(|r| r.port == replica && r.primary);
+    if now_replica {
+        cluster
+            .await_role(stalled, false)
+            .await
+            .expect("the stalled node rejoins as a replica");
+        in_sync(stalled).await;
+    }
+    let restored = clock.now();
+    lines.push(format!(
+        "primary :{stalled} stalled from {:.1} ms to {:.1} ms; {} by {:.1} ms",
+        ms(stall_from),
+        ms(stall_to),
+        if now_replica {
+            "failed over meanwhile, back as a replica in sync"
+        } else {
+            "still primary"
+        },
+        ms(restored)
+    ));
+    tokio::time::sleep(plan.healthy).await;
+    windows.push(Window {
+        what: "restored",
+        from: restored,
+        to: clock.now(),
+    });
+    (lines, windows)
+}
+
+/// The primary with the lowest port that is neither `entry` (where new clients start) nor
+/// `except`.
+async fn other_primary(cluster: &RedisCluster, entry: u16, except: Option<u16>) -> u16 {
+    let roles = cluster.roles().await.expect("cluster roles");
+    roles
+        .iter()
+        .filter(|r| r.primary && !r.failed && r.port != entry && Some(r.port) != except)
+        .map(|r| r.port)
+        .min()
+        .expect("another primary")
+}
+
+/// Waits (up to 30 s) until the replica on `port` reports its link up.
+async fn in_sync(port: u16) {
+    let mut conn = node_connection(port).await;
+    let waiting = std::time::Instant::now();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO replication");
+        if info.contains("master_link_status:up") {
+            return;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "the node :{port} never synced: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The fault tally's name for a data loss.

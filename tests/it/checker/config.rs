@@ -34,6 +34,9 @@ pub struct Config {
     pub reads_per_write: u64,
     /// Of the writes to an existing item.
     pub delete_probability: f64,
+    /// A writer's pause between its writes, for runs that last by time rather than by
+    /// operations (the game day): a long run's history stays small enough to check.
+    pub write_pause: Option<Duration>,
     pub lease: Duration,
     pub lease_wait: Duration,
     /// Of the readers' `GetItem`s: pause after the table answered, before the fill.
@@ -84,6 +87,37 @@ pub struct Cluster {
     /// How long the primary runs with its replica's link cut before it is killed; `None` kills
     /// it with the link up (its replica then trails it by at most a moment).
     pub cut_before_kill: Option<Duration>,
+    /// Every function connects as the least-privilege user of `product_cache::acl::rules`,
+    /// which every node knows from its start (a revived node too).
+    pub least_privilege: bool,
+    /// Instead of the failover and the kill: a managed cluster's ordinary bad days, in sequence.
+    pub game_day: Option<GameDay>,
+}
+
+/// A game day (issue 17): healthy, then a primary killed and left down (its shard serves from
+/// the promoted replica alone, a primary with no replica), then it comes back as a replica and
+/// syncs, then another primary stalls (SIGSTOP) and is failed over meanwhile, then everything
+/// is restored and healthy again. Writers and readers go on throughout; the run's operation
+/// budget ends once the last healthy stretch is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GameDay {
+    /// Each healthy stretch: before the kill, between the phases and at the end.
+    pub healthy: Duration,
+    /// How long the killed primary stays down (`CHECKER_GAME_DAY_DOWN_SECS`).
+    pub down: Duration,
+    /// How long the stalled node stays stalled (`CHECKER_GAME_DAY_STALL_SECS`).
+    pub stall: Duration,
+}
+
+impl GameDay {
+    /// The issue's: 60 s down, 10 s stalled.
+    pub fn issue_17() -> Self {
+        Self {
+            healthy: Duration::from_secs(5),
+            down: Duration::from_secs(env_u64("CHECKER_GAME_DAY_DOWN_SECS").unwrap_or(60)),
+            stall: Duration::from_secs(env_u64("CHECKER_GAME_DAY_STALL_SECS").unwrap_or(10)),
+        }
+    }
 }
 
 impl Cluster {
@@ -93,6 +127,8 @@ impl Cluster {
             confirm_replicas: 1,
             read_from_replicas: false,
             cut_before_kill: None,
+            least_privilege: false,
+            game_day: None,
         }
     }
 }
@@ -143,6 +179,7 @@ impl Config {
             readers: 8,
             reads_per_write: env_u64("CHECKER_READS_PER_WRITE").unwrap_or(4),
             delete_probability: 0.08,
+            write_pause: None,
             lease,
             lease_wait: lease * 3,
             // Refresh mode misses rarely: make its few table reads slow more often.
@@ -163,6 +200,30 @@ impl Config {
             max_duration: Duration::from_secs(
                 env_u64("CHECKER_MAX_SECS").unwrap_or_else(|| (ops / 2_000).max(90)),
             ),
+        }
+    }
+
+    /// The game day on a cluster of 3 primaries with a replica each, every batch confirmed by
+    /// the replicas there are, under the least-privilege user and the default Redis timeout.
+    /// It lasts by time: writers pace themselves, and the operation budget ends with the game
+    /// day (no data loss, no herds: the run is about availability).
+    pub fn game_day(name: &'static str, mode: InvalidationMode) -> Self {
+        let game_day = GameDay::issue_17();
+        let lasts = game_day.healthy * 4 + game_day.down + game_day.stall;
+        Self {
+            ops: u64::MAX / 2,
+            herds: 0,
+            write_pause: Some(Duration::from_millis(20)),
+            max_duration: lasts + Duration::from_secs(120),
+            ..Self::on_cluster(
+                name,
+                mode,
+                Cluster {
+                    least_privilege: true,
+                    game_day: Some(game_day),
+                    ..Cluster::confirmed()
+                },
+            )
         }
     }
 

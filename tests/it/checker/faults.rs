@@ -13,6 +13,9 @@ use product_cache::store::{Item, ProductStore, StoreError};
 pub struct FailingCache<C> {
     pub inner: C,
     armed: Mutex<Option<usize>>,
+    /// When a batch failed because a replica did not confirm it (`CacheError::Unconfirmed`):
+    /// the game day requires none while a shard merely has fewer replicas than configured.
+    pub unconfirmed: Mutex<Vec<std::time::Instant>>,
 }
 
 impl<C> FailingCache<C> {
@@ -20,6 +23,7 @@ impl<C> FailingCache<C> {
         Self {
             inner,
             armed: Mutex::new(None),
+            unconfirmed: Mutex::default(),
         }
     }
 
@@ -57,7 +61,18 @@ impl<C: Cache> Cache for FailingCache<C> {
     async fn apply(&self, ops: &[CacheOp]) -> Result<product_cache::cache::Applied, BatchError> {
         let armed = self.armed.lock().unwrap().take();
         let Some(prefix) = armed else {
-            return self.inner.apply(ops).await;
+            let applied = self.inner.apply(ops).await;
+            if let Err(BatchError {
+                source: CacheError::Unconfirmed { .. },
+                ..
+            }) = &applied
+            {
+                self.unconfirmed
+                    .lock()
+                    .unwrap()
+                    .push(std::time::Instant::now());
+            }
+            return applied;
         };
         let prefix = prefix.min(ops.len());
         if prefix > 0 {

@@ -40,6 +40,8 @@ pub struct FeedOutcome {
     pub stats: Tally,
     /// Every write's record was acknowledged within [`DRAIN_WITHIN`] of the writers stopping.
     pub drained: bool,
+    /// When batches failed for want of a replica's confirmation.
+    pub unconfirmed: Vec<Nanos>,
 }
 
 /// What Lambda's event source mapping does: reads the stream, forms batches, invokes the
@@ -269,10 +271,18 @@ impl Feeder {
                 });
             }
         }
+        let mut unconfirmed: Vec<Nanos> = [Some(&self.invalidator), self.flipped.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i.cache().unconfirmed.lock().unwrap().clone())
+            .map(|t| clock.at(t))
+            .collect();
+        unconfirmed.sort_unstable();
         FeedOutcome {
             acks,
             stats: self.stats,
             drained,
+            unconfirmed,
         }
     }
 

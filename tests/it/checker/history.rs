@@ -24,6 +24,10 @@ impl Clock {
     pub fn now(&self) -> Nanos {
         self.0.elapsed().as_nanos() as Nanos
     }
+    /// `t` on this clock.
+    pub fn at(&self, t: Instant) -> Nanos {
+        t.saturating_duration_since(self.0).as_nanos() as Nanos
+    }
 }
 
 pub fn ms(t: Nanos) -> f64 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use product_cache::read::CacheStatus;
 
 use super::chaos::{data_loss_fault, Chaos, Window};
-use super::config::{Config, Deployment};
+use super::config::{Cluster, Config, Deployment};
 use super::feeder::FeedOutcome;
 use super::history::{ms, percentile, Clock, History, Nanos, Read, Seen, Tally, Write, WriteKind};
 use super::invariants::Replay;
@@ -30,9 +30,28 @@ pub struct Report {
     required: Vec<(&'static str, u64)>,
     /// The cache inspector's findings over the run.
     pub inspected: super::inspector::Tally,
+    /// On a game day: batches that failed for want of a replica's confirmation while their
+    /// shard was served by a primary with no replica (from a second after the promotion, when
+    /// every client has the new topology, to the killed node's return).
+    pub unconfirmed_while_short: Option<usize>,
 }
 
 impl Report {
+    /// A game day: the four invariants hold ([`Report::assert_clean`]), every record was
+    /// acknowledged (nothing given up: the stream drained, or invariant 3 counts it), every
+    /// read answered, every reader hit again after the stall, and no batch failed while its
+    /// shard simply had fewer replicas than configured.
+    pub fn assert_game_day(&self) {
+        self.assert_clean();
+        self.assert_served_through_failovers();
+        assert_eq!(
+            self.unconfirmed_while_short,
+            Some(0),
+            "batches failed unconfirmed while a shard had no replica:\n{}",
+            self.text
+        );
+    }
+
     /// Zero violations, and proof that the run exercised what it claims to.
     pub fn assert_clean(&self) {
         assert_eq!(
@@ -171,21 +190,44 @@ impl Report {
         let (staleness, unseen) = history.staleness();
 
         let violations = [stale, inv2.len(), inv3.len(), herd_violations.len()];
+        let game_day = matches!(
+            cfg.deployment,
+            Deployment::Cluster(Cluster {
+                game_day: Some(_),
+                ..
+            })
+        );
         let mut required = vec![
             ("duplicate batches", 1),
             ("partial failures", 1),
             ("bisections", 1),
-            (data_loss_fault(cfg.data_loss), 1),
             ("slow reads", 1),
-            ("herds", 1),
         ];
+        if !game_day {
+            required.push((data_loss_fault(cfg.data_loss), 1));
+            required.push(("herds", 1));
+        }
         if cfg.replay_after_data_loss {
             required.push(("batches replayed after the data loss", 1));
         }
-        if let Deployment::Cluster(_) = cfg.deployment {
+        if game_day {
+            required.push(("primaries killed", 1));
+            required.push(("nodes stalled", 1));
+        } else if let Deployment::Cluster(_) = cfg.deployment {
             required.push(("failovers", 1));
             required.push(("primaries killed", 1));
         }
+        let unconfirmed_while_short = game_day.then(|| {
+            let short = windows
+                .iter()
+                .find(|w| w.what == "under-replicated")
+                .expect("the game day's under-replicated window");
+            let settled = short.from + Duration::from_secs(1).as_nanos() as Nanos;
+            feed.unconfirmed
+                .iter()
+                .filter(|&&t| t > settled && t < short.to)
+                .count()
+        });
         if cfg.flip_version_attribute.is_some() {
             required.push(("version attribute flips", 2));
             required.push(("batches with the flipped version attribute", 1));
@@ -209,9 +251,14 @@ impl Report {
                     } else {
                         "primaries"
                     },
-                    match c.cut_before_kill {
-                        Some(cut) => format!("replication cut {cut:?} before the kill"),
-                        None => "the kill with replication up".to_owned(),
+                    match (c.game_day, c.cut_before_kill) {
+                        (Some(g), _) => format!(
+                            "game day: {:?} healthy, a primary down {:?}, another stalled {:?}; \
+                             least-privilege user {}",
+                            g.healthy, g.down, g.stall, c.least_privilege
+                        ),
+                        (None, Some(cut)) => format!("replication cut {cut:?} before the kill"),
+                        (None, None) => "the kill with replication up".to_owned(),
                     }
                 ),
             },
@@ -257,6 +304,13 @@ impl Report {
         let _ = writeln!(text, "  {latencies}");
         let _ = writeln!(text, "faults and feeder: {}", faults.line());
         let _ = writeln!(text, "  chaos: {}", chaos_events.join(", "));
+        if let Some(n) = unconfirmed_while_short {
+            let _ = writeln!(
+                text,
+                "  batches failed unconfirmed: {} in all, {n} while a shard had no replica",
+                feed.unconfirmed.len()
+            );
+        }
         if let Some(around) = around {
             let _ = writeln!(text, "  {around}");
         }
@@ -307,6 +361,7 @@ impl Report {
             readers_hitting_after_failovers,
             required,
             inspected,
+            unconfirmed_while_short,
         }
     }
 }
@@ -397,7 +452,13 @@ fn around_failovers(
             )
         })
         .collect();
-    let last = windows.iter().map(|w| w.to).max().unwrap_or(0);
+    // The game day's healthy stretches are not failovers.
+    let last = windows
+        .iter()
+        .filter(|w| !matches!(w.what, "healthy" | "restored"))
+        .map(|w| w.to)
+        .max()
+        .unwrap_or(0);
     let mut hitting = std::collections::BTreeSet::new();
     for r in reads.iter().filter(|r| r.start > last) {
         if r.status == CacheStatus::Hit {

@@ -162,8 +162,12 @@ pub async fn run(cfg: Config) -> Report {
     )
 }
 
-/// A line per tenth of the run, for long runs (`--nocapture`).
+/// A line per tenth of the run, for long runs (`--nocapture`). A run that lasts by time (the
+/// game day) has no tenths of its operations to report.
 async fn progress_lines(cfg: &Config, shared: &Shared, mut progress: watch::Receiver<u64>) {
+    if cfg.write_pause.is_some() {
+        return;
+    }
     let clock = shared.clock;
     for tenth in 1..=10 {
         if progress.wait_for(|p| *p >= tenth * 10).await.is_err() {

@@ -15,7 +15,7 @@ use product_cache::invalidate::Invalidator;
 use product_cache::read::ReadPath;
 use product_cache::store::{DynamoStore, ProductStore};
 
-use super::config::{Config, DataLoss, Deployment};
+use super::config::{Cluster, Config, DataLoss, Deployment};
 use crate::support::{dynamo_store, moto_endpoint, unique_table};
 
 /// The run's Redis processes. Chaos restarts, fails over or kills them while the actors use the
@@ -24,6 +24,11 @@ pub enum Redis {
     Single(Box<RedisServer>),
     Cluster(RedisCluster),
 }
+
+/// The functions' user on a least-privilege run (`Cluster::least_privilege`), and its password
+/// as an ACL rule.
+const LEAST_PRIVILEGE_USER: &str = "product-cache";
+const LEAST_PRIVILEGE_PASS: &str = ">checker-least-privilege";
 
 pub struct Sut {
     pub sdk: aws_config::SdkConfig,
@@ -63,14 +68,30 @@ impl Sut {
                     DataLoss::Restart,
                     "a cluster's data loss is a FLUSHALL of every primary"
                 );
-                let nodes = RedisCluster::start_with_replicas(3, 1)
+                // The user is part of every node's command line, so a node killed and started
+                // again knows it too.
+                let rules = product_cache::acl::rules(&CacheSettings::default().key_prefix);
+                let mut user = vec!["--user", LEAST_PRIVILEGE_USER, "on", LEAST_PRIVILEGE_PASS];
+                user.extend(rules.split_whitespace());
+                let extra: &[&str] = if cluster.least_privilege { &user } else { &[] };
+                let nodes = RedisCluster::start_with_replicas_and(3, 1, extra)
                     .await
                     .expect("redis cluster with replicas starts");
+                let url = if cluster.least_privilege {
+                    let password = LEAST_PRIVILEGE_PASS.trim_start_matches('>');
+                    nodes.url().replacen(
+                        "redis://",
+                        &format!("redis://{LEAST_PRIVILEGE_USER}:{password}@"),
+                        1,
+                    )
+                } else {
+                    nodes.url()
+                };
                 let settings = RedisSettings {
                     cluster: true,
                     confirm_replicas: cluster.confirm_replicas,
                     read_from_replicas: cluster.read_from_replicas,
-                    ..RedisSettings::new(nodes.url())
+                    ..RedisSettings::new(url)
                 };
                 let urls = nodes
                     .ports()
@@ -91,7 +112,14 @@ impl Sut {
         let cache_settings = CacheSettings {
             lease: cfg.lease,
             lease_wait: cfg.lease_wait,
-            redis_timeout: Duration::from_millis(250),
+            // The game day runs at the functions' default: what a stall costs there is what it
+            // is about. Other runs allow a loaded machine more.
+            redis_timeout: match cfg.deployment {
+                Deployment::Cluster(Cluster {
+                    game_day: Some(_), ..
+                }) => CacheSettings::default().redis_timeout,
+                _ => Duration::from_millis(250),
+            },
             version_attribute: cfg.version_attribute.clone(),
             guards: cfg.guards,
             ..CacheSettings::default()

@@ -1,6 +1,9 @@
-//! A miss: the handler's answer latency (lease-taking probe, `GetItem`; the lease-guarded fill
-//! runs after the response, as the read function runs it) against what a bare cache-aside would
-//! do before answering (`GetItem`, then `SET`).
+//! A miss: the handler's answer latency (`GET`, the lease-taking probe, `GetItem`; the
+//! lease-guarded fill runs after the response, as the read function runs it) against a plain
+//! cache-aside miss (`GET` that finds nothing, `GetItem`, `SET`) in the same run: issue 9's open
+//! budget was decided so, since every cache-aside miss starts with that `GET`. Leases must cost
+//! the reader nothing on the response path: at most 1.1x, and at most 2 Redis round trips before
+//! the answer. The bare `GetItem` + `SET` stays in the note.
 //!
 //! The timed section ends when [`ReadPath::answer`] has the answer; the fill it leaves is awaited
 //! outside it, before the next sample, as a Lambda environment serves one request at a time and
@@ -65,8 +68,7 @@ async fn bare(
 }
 
 /// What a plain cache-aside miss does, leases aside: the `GET` that finds nothing, then
-/// [`bare`]. Not judged: the budget's baseline is [`bare`]; the note gives this one, since every
-/// cache-aside miss starts with that `GET`.
+/// [`bare`]. The budget's baseline.
 async fn plain(
     env: &Env,
     table: &str,
@@ -109,16 +111,18 @@ pub async fn latency(
     }
     let (mut product_ms, mut product_rt, mut product_all_rt) = (Vec::new(), Vec::new(), Vec::new());
     let (mut baseline_ms, mut baseline_rt) = (Vec::new(), Vec::new());
-    let mut plain_ms = Vec::new();
+    let (mut plain_ms, mut plain_rt) = (Vec::new(), Vec::new());
     let mut not_misses = 0;
     for i in 0..n {
         let (a, b, c) = (&ids[3 * i], &ids[3 * i + 1], &ids[3 * i + 2]);
         // Rotate which goes first.
         for turn in 0..3 {
             if (turn + i) % 3 == 2 {
+                let rt = env.round_trips();
                 let started = Instant::now();
                 plain(env, table, &mut conn, c).await?;
                 plain_ms.push(stats::millis(started.elapsed()));
+                plain_rt.push((env.round_trips() - rt) as f64);
             } else if (turn + i) % 3 == 0 {
                 let rt = env.round_trips();
                 let started = Instant::now();
@@ -147,31 +151,30 @@ pub async fn latency(
         &mut baseline_ms,
         &mut baseline_rt,
         &mut plain_ms,
+        &mut plain_rt,
     ] {
         v.sort_by(f64::total_cmp);
     }
-    let p50 = (percentile(&product_ms, 0.5), percentile(&baseline_ms, 0.5));
-    let p99 = (
-        percentile(&product_ms, 0.99),
-        percentile(&baseline_ms, 0.99),
-    );
+    let p50 = (percentile(&product_ms, 0.5), percentile(&plain_ms, 0.5));
+    let p99 = (percentile(&product_ms, 0.99), percentile(&plain_ms, 0.99));
+    let bare_p50 = percentile(&baseline_ms, 0.5);
     let mut note = String::from("answer latency; the fill runs after the response");
     if net == Net::Proxy {
         note.push_str(&format!(
-            ": {:.0} round trips before the answer, {:.0} in all (bare: {:.0})",
+            ": {:.0} round trips before the answer, {:.0} in all (plain: {:.0})",
             percentile(&product_rt, 0.5),
             percentile(&product_all_rt, 0.5),
-            percentile(&baseline_rt, 0.5)
+            percentile(&plain_rt, 0.5)
         ));
     }
-    let plain_p50 = percentile(&plain_ms, 0.5);
     note.push_str(&format!(
-        "; {n} misses each; p99 {:.2} ms vs {:.2} ms; vs a plain cache-aside miss (GET, GetItem, SET; not judged) {:.2}x of {plain_p50:.2} ms; DynamoDB is moto",
+        "; {n} misses each; p99 {:.2} ms vs {:.2} ms; vs a bare GetItem + SET (not judged) {:.2}x of {bare_p50:.2} ms; DynamoDB is moto",
         p99.0,
         p99.1,
-        p50.0 / plain_p50
+        p50.0 / bare_p50
     ));
-    Ok(vec![Row {
+    let failure = (not_misses > 0).then(|| format!("{not_misses} reads were not misses"));
+    let mut rows = vec![Row {
         figure: "miss-latency",
         what: "miss answer latency p50".into(),
         net,
@@ -179,9 +182,28 @@ pub async fn latency(
         unit: Unit::Millis,
         measured: p50.0,
         baseline: Some(p50.1),
-        baseline_label: "bare GetItem + SET".into(),
-        budget: Budget::RatioAtMost(1.2),
+        baseline_label: "plain cache-aside miss: GET, GetItem, SET".into(),
+        budget: Budget::RatioAtMost(1.1),
         note,
-        failure: (not_misses > 0).then(|| format!("{not_misses} reads were not misses")),
-    }])
+        failure: failure.clone(),
+    }];
+    if net == Net::Proxy {
+        rows.push(Row {
+            figure: "miss-latency",
+            what: "miss round trips before the answer".into(),
+            net,
+            judged_on: "round trips",
+            unit: Unit::RoundTrips,
+            measured: percentile(&product_rt, 0.5),
+            baseline: Some(percentile(&plain_rt, 0.5)),
+            baseline_label: "plain cache-aside miss: GET, GetItem, SET".into(),
+            budget: Budget::AtMost(2.0),
+            note: format!(
+                "median; {:.0} in all with the fill after the response",
+                percentile(&product_all_rt, 0.5)
+            ),
+            failure,
+        });
+    }
+    Ok(rows)
 }

@@ -55,7 +55,19 @@ impl RedisCluster {
         primaries: usize,
         replicas: usize,
     ) -> Result<RedisCluster, ServiceError> {
+        Self::start_with_replicas_and(primaries, replicas, &[]).await
+    }
+
+    /// Like [`start_with_replicas`](Self::start_with_replicas), with extra `redis-server`
+    /// arguments for every node, kept for restarts (e.g. `--user ...`, so an ACL user survives
+    /// a node's revival).
+    pub async fn start_with_replicas_and(
+        primaries: usize,
+        replicas: usize,
+        extra: &[&str],
+    ) -> Result<RedisCluster, ServiceError> {
         let mut args: Vec<&str> = CLUSTER_NODE_ARGS.to_vec();
+        args.extend(extra);
         // Fast failure detection, and a replica's first sync without the default 5 s wait.
         args.extend([
             "--cluster-node-timeout",
@@ -260,6 +272,25 @@ impl RedisCluster {
         self.await_role(port, false).await
     }
 
+    /// Stalls the node on `port` (SIGSTOP) until [`resume`](Self::resume): its connections stay
+    /// open and nothing answers. Longer than `cluster-node-timeout`, a stalled primary is
+    /// failed over to its replica, and rejoins as a replica once resumed.
+    pub fn stall(&self, port: u16) {
+        self.node(port).stall();
+    }
+
+    /// Lets a stalled node go on.
+    pub fn resume(&self, port: u16) {
+        self.node(port).resume();
+    }
+
+    fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port() == port)
+            .expect("a node of this cluster")
+    }
+
     /// Cuts `replica`'s replication link and keeps it cut, as a partition between a primary and
     /// its replica would: the replica's `masteruser` becomes a user no node knows, its link to
     /// the primary is closed, and every attempt to sync again fails `AUTH`. The primary keeps
@@ -317,7 +348,7 @@ impl RedisCluster {
 
     /// Waits (up to 20 s) until the cluster sees `port` as a primary (or a replica) and every
     /// running node reports the cluster healthy.
-    async fn await_role(&self, port: u16, primary: bool) -> Result<(), ServiceError> {
+    pub async fn await_role(&self, port: u16, primary: bool) -> Result<(), ServiceError> {
         let started = Instant::now();
         loop {
             let roles = self.roles().await.unwrap_or_default();

@@ -75,6 +75,25 @@ impl RedisServer {
         self.child.is_some()
     }
 
+    /// Stalls the server (SIGSTOP): connections stay open and nothing answers, as a node in a
+    /// long command, a swap storm or a failover's first seconds. [`resume`](Self::resume) ends it.
+    pub fn stall(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a [`stall`](Self::stall)ed server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.as_ref().and_then(Child::id);
+        if let Some(pid) = pid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) on our own child's pid, which tokio has not reaped (it is running).
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // An error here means the child is already gone, which is the goal.
