@@ -17,6 +17,8 @@ use crate::Error;
 
 pub struct Env {
     pub redis: DelayedRedis,
+    /// What the proxy adds per round trip.
+    delay: Duration,
     pub moto: Option<MotoServer>,
     pub sdk: SdkConfig,
     pub dynamodb: aws_sdk_dynamodb::Client,
@@ -81,6 +83,7 @@ impl Env {
             .await?;
         Ok(Env {
             redis,
+            delay,
             moto,
             sdk,
             dynamodb,
@@ -89,6 +92,11 @@ impl Env {
             moto_gc_off,
             _scratch: scratch,
         })
+    }
+
+    /// What the proxy adds per round trip, for figures that start servers of their own.
+    pub fn delay(&self) -> Duration {
+        self.delay
     }
 
     /// The URL the code under test uses.

@@ -57,10 +57,11 @@ enum Figure {
     ClusterHotKey,
     ColdStart,
     FlashSale,
+    Degraded,
 }
 
 impl Figure {
-    const ALL: [Figure; 8] = [
+    const ALL: [Figure; 9] = [
         Figure::HitRedisTime,
         Figure::HitLatency,
         Figure::MissLatency,
@@ -69,6 +70,7 @@ impl Figure {
         Figure::ClusterHotKey,
         Figure::ColdStart,
         Figure::FlashSale,
+        Figure::Degraded,
     ];
 
     fn name(self) -> &'static str {
@@ -81,13 +83,14 @@ impl Figure {
             Figure::ClusterHotKey => "cluster-hot-key",
             Figure::ColdStart => "cold-start",
             Figure::FlashSale => "flash-sale",
+            Figure::Degraded => "degraded",
         }
     }
 
     fn needs_moto(self) -> bool {
         matches!(
             self,
-            Figure::MissLatency | Figure::ColdStart | Figure::FlashSale
+            Figure::MissLatency | Figure::ColdStart | Figure::FlashSale | Figure::Degraded
         )
     }
 }
@@ -113,6 +116,10 @@ pub struct Sizes {
     pub sale_readers: usize,
     pub sale_write_share: f64,
     pub sale_zipf_s: f64,
+    pub stall_rounds: usize,
+    pub stall_reads: usize,
+    pub lag_batch: usize,
+    pub lag_batches: usize,
 }
 
 impl Sizes {
@@ -137,6 +144,10 @@ impl Sizes {
             sale_readers: 64,
             sale_write_share: 0.01,
             sale_zipf_s: 1.1,
+            stall_rounds: pick(5, 2),
+            stall_reads: pick(200, 50),
+            lag_batch: 100,
+            lag_batches: pick(500, 100),
         }
     }
 }
@@ -205,7 +216,10 @@ async fn run(args: Args) -> Result<bool, Error> {
         );
     }
     let mut miss_table: Option<(String, Vec<String>)> = None;
-    if figures.contains(&Figure::MissLatency) || figures.contains(&Figure::ColdStart) {
+    if figures.contains(&Figure::MissLatency)
+        || figures.contains(&Figure::ColdStart)
+        || figures.contains(&Figure::Degraded)
+    {
         // Each network's misses (three contenders) need products nobody has read, plus the
         // warm-ups'.
         let n = (6 * sizes.misses + 40).max(100);
@@ -261,6 +275,22 @@ async fn run(args: Args) -> Result<bool, Error> {
                 Figure::FlashSale => {
                     let sale = sale.as_ref().expect("prepared above");
                     figures::flash_sale::run(&env, &sizes, net, sale, args.flash_sale_mode).await
+                }
+                Figure::Degraded => {
+                    // Products the misses do not use (they were read by the cold starts at
+                    // most): these reads fill them first anyway.
+                    let (table, ids) = miss_table.as_ref().expect("prepared above");
+                    let stall = figures::degraded::stall(&env, &sizes, net, table, ids).await;
+                    match (
+                        stall,
+                        figures::degraded::under_replicated(&env, &sizes, net).await,
+                    ) {
+                        (Ok(mut a), Ok(b)) => {
+                            a.extend(b);
+                            Ok(a)
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
                 }
             };
             let new_rows = result.unwrap_or_else(|e| vec![failed_row(figure, net, &e)]);

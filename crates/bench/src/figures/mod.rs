@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod cluster;
 pub mod cold;
+pub mod degraded;
 pub mod flash_sale;
 pub mod hit;
 pub mod miss;
