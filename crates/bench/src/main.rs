@@ -58,10 +58,11 @@ enum Figure {
     ColdStart,
     FlashSale,
     Degraded,
+    GameDay,
 }
 
 impl Figure {
-    const ALL: [Figure; 9] = [
+    const ALL: [Figure; 10] = [
         Figure::HitRedisTime,
         Figure::HitLatency,
         Figure::MissLatency,
@@ -71,6 +72,7 @@ impl Figure {
         Figure::ColdStart,
         Figure::FlashSale,
         Figure::Degraded,
+        Figure::GameDay,
     ];
 
     fn name(self) -> &'static str {
@@ -84,13 +86,18 @@ impl Figure {
             Figure::ColdStart => "cold-start",
             Figure::FlashSale => "flash-sale",
             Figure::Degraded => "degraded",
+            Figure::GameDay => "game-day",
         }
     }
 
     fn needs_moto(self) -> bool {
         matches!(
             self,
-            Figure::MissLatency | Figure::ColdStart | Figure::FlashSale | Figure::Degraded
+            Figure::MissLatency
+                | Figure::ColdStart
+                | Figure::FlashSale
+                | Figure::Degraded
+                | Figure::GameDay
         )
     }
 }
@@ -118,8 +125,10 @@ pub struct Sizes {
     pub sale_zipf_s: f64,
     pub stall_rounds: usize,
     pub stall_reads: usize,
-    pub lag_batch: usize,
-    pub lag_batches: usize,
+    pub game_day_products: usize,
+    pub game_day_healthy: Duration,
+    pub game_day_down: Duration,
+    pub game_day_stall: Duration,
 }
 
 impl Sizes {
@@ -146,8 +155,10 @@ impl Sizes {
             sale_zipf_s: 1.1,
             stall_rounds: pick(5, 2),
             stall_reads: pick(200, 50),
-            lag_batch: 100,
-            lag_batches: pick(500, 100),
+            game_day_products: pick(300, 60),
+            game_day_healthy: Duration::from_secs(if quick { 5 } else { 10 }),
+            game_day_down: Duration::from_secs(if quick { 15 } else { 60 }),
+            game_day_stall: Duration::from_secs(10),
         }
     }
 }
@@ -280,18 +291,9 @@ async fn run(args: Args) -> Result<bool, Error> {
                     // Products the misses do not use (they were read by the cold starts at
                     // most): these reads fill them first anyway.
                     let (table, ids) = miss_table.as_ref().expect("prepared above");
-                    let stall = figures::degraded::stall(&env, &sizes, net, table, ids).await;
-                    match (
-                        stall,
-                        figures::degraded::under_replicated(&env, &sizes, net).await,
-                    ) {
-                        (Ok(mut a), Ok(b)) => {
-                            a.extend(b);
-                            Ok(a)
-                        }
-                        (Err(e), _) | (_, Err(e)) => Err(e),
-                    }
+                    figures::degraded::stall(&env, &sizes, net, table, ids).await
                 }
+                Figure::GameDay => figures::game_day::run(&env, &sizes, net).await,
             };
             let new_rows = result.unwrap_or_else(|e| vec![failed_row(figure, net, &e)]);
             for row in &new_rows {

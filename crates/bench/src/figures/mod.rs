@@ -6,5 +6,6 @@ pub mod cluster;
 pub mod cold;
 pub mod degraded;
 pub mod flash_sale;
+pub mod game_day;
 pub mod hit;
 pub mod miss;

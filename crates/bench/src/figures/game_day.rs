@@ -1,0 +1,487 @@
+//! Issue 17's game day as a benchmark figure: 3 primaries with a replica each, every function
+//! connected as the least-privilege user (`product_cache::acl::rules`), the invalidator on the
+//! table's real stream through the event source mapping the SAM template declares
+//! (`REDIS_CONFIRM_REPLICAS=1`), a writer changing prices throughout. In sequence:
+//!
+//! 1. healthy, 10 s;
+//! 2. a primary killed and left down for 60 s: its shard is served by the promoted replica
+//!    alone. Judged: the invalidation lag (change to cache) p99 of this stretch against the
+//!    healthy one's;
+//! 3. the node back as a replica, in sync; a few healthy seconds;
+//! 4. another primary stalled (SIGSTOP) for 10 s, which the cluster fails over meanwhile.
+//!    Judged: reads of that shard's products once the readers' breaker has opened, against the
+//!    same reads with Redis unreachable by configuration (alternating); and the time from the
+//!    shard's recovery (its replica promoted) to hits again.
+//!
+//! Loopback only: the cluster with replicas has no delaying proxies, and the figure is about
+//! what the faults cost, not the network.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use local_stack::poller::{BatchFunction, Poller, StartingPosition};
+use local_stack::services::RedisCluster;
+use local_stack::stream::StreamReader;
+use product_cache::config::{
+    CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
+};
+use product_cache::invalidate::Invalidator;
+use product_cache::read::{CacheStatus, ReadPath};
+use serde_json::Value;
+
+use crate::env::Env;
+use crate::records::now_secs;
+use crate::report::{Budget, Net, Row, Unit};
+use crate::stats::{self, percentile};
+use crate::{Error, Sizes};
+
+const USER: &str = "product-cache";
+const PASSWORD: &str = "bench-least-privilege";
+
+/// The invalidator, noting when each record was applied and how long after its change.
+struct Timed<F> {
+    inner: F,
+    /// (applied at, in epoch seconds; lag in ms)
+    lags: Mutex<Vec<(f64, f64)>>,
+}
+
+impl<F: BatchFunction> BatchFunction for Timed<F> {
+    async fn invoke(&self, event: Value) -> Result<Value, String> {
+        let created: Vec<f64> = event["Records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["dynamodb"]["ApproximateCreationDateTime"].as_f64())
+            .collect();
+        let out = self.inner.invoke(event).await;
+        let now = now_secs();
+        self.lags
+            .lock()
+            .unwrap()
+            .extend(created.iter().map(|c| (now, (now - c) * 1e3)));
+        out
+    }
+}
+
+pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> {
+    if net == Net::Proxy {
+        return Ok(Vec::new());
+    }
+    let settings = CacheSettings {
+        version_attribute: Some("version".into()),
+        ..CacheSettings::default()
+    };
+    let rules = product_cache::acl::rules(&settings.key_prefix);
+    let password = format!(">{PASSWORD}");
+    let mut user = vec!["--user", USER, "on", &password];
+    user.extend(rules.split_whitespace());
+    let mut cluster = RedisCluster::start_with_replicas_and(3, 1, &user).await?;
+    let entry = cluster.ports()[0];
+    let url = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{entry}");
+    let redis = RedisSettings {
+        cluster: true,
+        confirm_replicas: 1,
+        ..RedisSettings::new(&url)
+    };
+
+    // A table of its own, with its stream.
+    let table = format!("bench-game-day-{}", std::process::id());
+    let stream_arn = local_stack::table::ensure_table(
+        &env.dynamodb,
+        &table,
+        "productId",
+        product_cache::id::KeyType::S,
+    )
+    .await?;
+    let products = local_stack::seed::catalog(sizes.game_day_products);
+    let items = products.iter().map(|p| p.item("productId")).collect();
+    local_stack::seed::batch_write(&env.dynamodb, &table, items).await?;
+    let ids: Vec<String> = products.into_iter().map(|p| p.id).collect();
+
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../infra/template.yaml");
+    let mut esm = local_stack::esm_template::local(&template)?.config;
+    esm.starting_position = StartingPosition::Latest;
+    esm.on_failure = None;
+    let invalidator = Invalidator::build(
+        InvalidatorSettings {
+            redis: redis.clone(),
+            mode: InvalidationMode::Refresh,
+            cache: settings.clone(),
+        },
+        &env.sdk,
+    )
+    .await?;
+    let stream = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&env.sdk), &stream_arn);
+    let poller = Arc::new(Poller::new(
+        stream,
+        esm,
+        Timed {
+            inner: invalidator,
+            lags: Mutex::default(),
+        },
+    ));
+    let poller_stats = poller.stats();
+    let (stop_polling, stopped) = tokio::sync::oneshot::channel::<()>();
+    let polling = {
+        let poller = poller.clone();
+        tokio::spawn(async move {
+            poller
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+
+    let read = ReadPath::build(
+        ReadSettings::new(redis.clone(), &table, settings.clone()),
+        &env.sdk,
+    )
+    .await?;
+    let closed = local_stack::services::free_port();
+    let unreachable = ReadPath::build(
+        ReadSettings::new(
+            RedisSettings::new(format!("redis://127.0.0.1:{closed}")),
+            &table,
+            settings.clone(),
+        ),
+        &env.sdk,
+    )
+    .await?;
+    for id in &ids {
+        let _ = read.get(id).await;
+    }
+
+    // The writer: a price change every 20 ms, throughout.
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (dynamodb, table, ids, writing) = (
+            env.dynamodb.clone(),
+            table.clone(),
+            ids.clone(),
+            writing.clone(),
+        );
+        tokio::spawn(async move {
+            let mut written = 0u64;
+            let mut version = 1_000u64;
+            while writing.load(Ordering::Relaxed) {
+                version += 1;
+                let id = &ids[fastrand::usize(..ids.len())];
+                let sent = dynamodb
+                    .update_item()
+                    .table_name(&table)
+                    .key("productId", AttributeValue::S(id.clone()))
+                    .update_expression("SET price = :p, version = :v")
+                    .expression_attribute_values(":p", AttributeValue::N(format!("{version}.99")))
+                    .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
+                    .send()
+                    .await;
+                written += u64::from(sent.is_ok());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            written
+        })
+    };
+
+    // 1. Healthy.
+    let healthy_from = now_secs();
+    tokio::time::sleep(sizes.game_day_healthy).await;
+    let healthy = (healthy_from, now_secs());
+
+    // 2. A primary killed, left down: its replica serves the shard alone.
+    let victim = other_primary(&cluster, entry, None).await?;
+    let killed = Instant::now();
+    let promoted = cluster.kill(victim).await?;
+    let short_from = now_secs();
+    tokio::time::sleep(sizes.game_day_down.saturating_sub(killed.elapsed())).await;
+    let short = (short_from, now_secs());
+    cluster.revive(victim).await?;
+    in_sync(victim).await?;
+    tokio::time::sleep(sizes.game_day_healthy / 2).await;
+
+    // 4. Another primary stalled; the cluster fails it over meanwhile.
+    let stalled = other_primary(&cluster, entry, Some(promoted)).await?;
+    let replica = cluster
+        .roles()
+        .await?
+        .into_iter()
+        .find(|r| r.replica_of == Some(stalled))
+        .map(|r| r.port)
+        .ok_or("the stalled primary has no replica")?;
+    let on_stalled = products_on(entry, stalled, &ids, &settings.key_prefix).await?;
+    cluster.stall(stalled);
+    let stall_started = Instant::now();
+    let promoted_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let watching = {
+        let promoted_at = promoted_at.clone();
+        tokio::spawn(async move {
+            while promoted_at.lock().unwrap().is_none() {
+                if is_primary(replica).await {
+                    *promoted_at.lock().unwrap() = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Until the breaker opens, reads pay the timeout: not what is judged.
+    let mut breaker_open = false;
+    let (mut stalled_ms, mut baseline_ms) = (Vec::new(), Vec::new());
+    let mut first_hit_after_promotion = None;
+    let mut i = 0;
+    while stall_started.elapsed() < sizes.game_day_stall {
+        let id = &on_stalled[i % on_stalled.len()];
+        i += 1;
+        let started = Instant::now();
+        let (status, _) = read.get(id).await;
+        let took = started.elapsed();
+        let promoted = *promoted_at.lock().unwrap();
+        if status == CacheStatus::Hit {
+            if let Some(p) = promoted {
+                first_hit_after_promotion.get_or_insert_with(|| p.elapsed());
+            }
+        }
+        if !breaker_open {
+            breaker_open = status == CacheStatus::Bypass && took < settings.redis_timeout / 2;
+            continue;
+        }
+        stalled_ms.push(stats::millis(took));
+        let started = Instant::now();
+        let _ = unreachable.get(id).await;
+        baseline_ms.push(stats::millis(started.elapsed()));
+    }
+    cluster.resume(stalled);
+    // Hits again, if the promotion came late in the stall.
+    let waiting = Instant::now();
+    while first_hit_after_promotion.is_none() && waiting.elapsed() < Duration::from_secs(30) {
+        let (status, _) = read.get(&on_stalled[0]).await;
+        if let (CacheStatus::Hit, Some(p)) = (status, *promoted_at.lock().unwrap()) {
+            first_hit_after_promotion = Some(p.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    watching.abort();
+    if cluster
+        .roles()
+        .await?
+        .iter()
+        .any(|r| r.port == replica && r.primary)
+    {
+        cluster.await_role(stalled, false).await?;
+        in_sync(stalled).await?;
+    }
+    tokio::time::sleep(sizes.game_day_healthy / 2).await;
+
+    writing.store(false, Ordering::Relaxed);
+    let written = writer.await?;
+    let drained = Instant::now();
+    while poller_stats.records_acknowledged.load(Ordering::Relaxed)
+        + poller_stats.records_given_up.load(Ordering::Relaxed)
+        < written
+        && drained.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_polling.send(());
+    polling.await??;
+
+    let lags = poller.function().lags.lock().unwrap().clone();
+    let within = |(from, to): (f64, f64)| {
+        let mut v: Vec<f64> = lags
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .map(|(_, lag)| *lag)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (lag_healthy, lag_short) = (within(healthy), within(short));
+    for v in [&mut stalled_ms, &mut baseline_ms] {
+        v.sort_by(f64::total_cmp);
+    }
+    let given_up = poller_stats.records_given_up.load(Ordering::Relaxed);
+    let acknowledged = poller_stats.records_acknowledged.load(Ordering::Relaxed);
+    let stream_failure = (given_up > 0 || acknowledged < written).then(|| {
+        format!("{written} changes written, {acknowledged} acknowledged, {given_up} given up")
+    });
+    let counts = format!(
+        "{written} changes written, {acknowledged} records acknowledged, {} function errors, {} \
+         partial failures, {given_up} given up",
+        poller_stats.function_errors.load(Ordering::Relaxed),
+        poller_stats.partial_failures.load(Ordering::Relaxed),
+    );
+    Ok(vec![
+        Row {
+            figure: "game-day",
+            what: "invalidation lag p99, a shard on its promoted replica alone".into(),
+            net,
+            judged_on: "change to cache",
+            unit: Unit::Millis,
+            measured: percentile(&lag_short, 0.99),
+            baseline: Some(percentile(&lag_healthy, 0.99)),
+            baseline_label: "the same, healthy".into(),
+            budget: Budget::RatioAtMost(1.5),
+            note: format!(
+                "3+3 cluster, least-privilege user, REDIS_CONFIRM_REPLICAS=1; {} vs {} records; \
+                 p50 {:.0} ms vs {:.0} ms (ApproximateCreationDateTime to the invocation's end; \
+                 the stream is polled every 250 ms); {counts}",
+                lag_short.len(),
+                lag_healthy.len(),
+                percentile(&lag_short, 0.5),
+                percentile(&lag_healthy, 0.5)
+            ),
+            failure: stream_failure.or_else(|| {
+                lag_short
+                    .is_empty()
+                    .then(|| "no record in the stretch".into())
+            }),
+        },
+        Row {
+            figure: "game-day",
+            what: "read latency p50, a stalled primary's products, breaker open".into(),
+            net,
+            judged_on: "wall",
+            unit: Unit::Millis,
+            measured: percentile(&stalled_ms, 0.5),
+            baseline: Some(percentile(&baseline_ms, 0.5)),
+            baseline_label: "Redis unreachable by configuration".into(),
+            budget: Budget::RatioAtMost(1.2),
+            note: format!(
+                "{} reads each side, alternating, over the {} products on the stalled shard, from \
+                 the breaker's opening to the end of the 10 s stall (hits once the promoted \
+                 replica serves them); p99 {:.2} ms vs {:.2} ms",
+                stalled_ms.len(),
+                on_stalled.len(),
+                percentile(&stalled_ms, 0.99),
+                percentile(&baseline_ms, 0.99)
+            ),
+            failure: (!breaker_open).then(|| "the breaker never opened".into()),
+        },
+        Row {
+            figure: "game-day",
+            what: "stalled shard recovered (replica promoted) to hits again".into(),
+            net,
+            judged_on: "wall",
+            unit: Unit::Millis,
+            measured: first_hit_after_promotion.map_or(f64::NAN, stats::millis),
+            baseline: None,
+            baseline_label: String::new(),
+            budget: Budget::AtMost(2000.0),
+            note: format!(
+                "promoted {:.1} s into the stall",
+                promoted_at
+                    .lock()
+                    .unwrap()
+                    .map_or(f64::NAN, |p| (p - stall_started).as_secs_f64())
+            ),
+            failure: first_hit_after_promotion
+                .is_none()
+                .then(|| "no hit after the promotion".into()),
+        },
+    ])
+}
+
+/// The primary with the lowest port that is neither `entry` nor `except`.
+async fn other_primary(
+    cluster: &RedisCluster,
+    entry: u16,
+    except: Option<u16>,
+) -> Result<u16, Error> {
+    cluster
+        .roles()
+        .await?
+        .iter()
+        .filter(|r| r.primary && !r.failed && r.port != entry && Some(r.port) != except)
+        .map(|r| r.port)
+        .min()
+        .ok_or_else(|| "no other primary".into())
+}
+
+async fn node(port: u16) -> Result<redis::aio::MultiplexedConnection, Error> {
+    Ok(redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+/// Whether the node on `port` says it is a primary (`ROLE`), within 50 ms.
+async fn is_primary(port: u16) -> bool {
+    let asked = async {
+        let mut conn = node(port).await.ok()?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.ok()?;
+        Some(matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(50), asked).await,
+        Ok(Some(true))
+    )
+}
+
+/// Waits (up to 30 s) until the replica on `port` reports its link up.
+async fn in_sync(port: u16) -> Result<(), Error> {
+    let mut conn = node(port).await?;
+    let started = Instant::now();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await?;
+        if info.contains("master_link_status:up") {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(format!(":{port} never synced: {info}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The products whose keys live on the primary `port`, by the slot map `entry` reports.
+async fn products_on(
+    entry: u16,
+    port: u16,
+    ids: &[String],
+    prefix: &str,
+) -> Result<Vec<String>, Error> {
+    let mut conn = node(entry).await?;
+    let slots: Vec<(u16, u16, (String, u16))> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async::<Vec<redis::Value>>(&mut conn)
+        .await?
+        .into_iter()
+        .filter_map(|range| {
+            let redis::Value::Array(f) = range else {
+                return None;
+            };
+            let (redis::Value::Int(a), redis::Value::Int(b), redis::Value::Array(p)) =
+                (f.first()?, f.get(1)?, f.get(2)?)
+            else {
+                return None;
+            };
+            let host: String = redis::from_redis_value(p.first()?.clone()).ok()?;
+            let redis::Value::Int(port) = p.get(1)? else {
+                return None;
+            };
+            Some((*a as u16, *b as u16, (host, *port as u16)))
+        })
+        .collect();
+    let mine: BTreeMap<u16, u16> = slots
+        .iter()
+        .filter(|(_, _, (_, p))| *p == port)
+        .map(|(a, b, _)| (*a, *b))
+        .collect();
+    let on: Vec<String> = ids
+        .iter()
+        .filter(|id| {
+            let slot = product_cache::cache::slots::slot_of(&format!("{prefix}{id}"));
+            mine.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+        })
+        .cloned()
+        .collect();
+    if on.is_empty() {
+        return Err(format!("no product lives on :{port}").into());
+    }
+    Ok(on)
+}
