@@ -129,7 +129,7 @@ pub struct WarmArgs {
     #[arg(long)]
     pub first: Option<usize>,
     /// Reads in flight at once
-    #[arg(long, default_value_t = local_stack::warm::DEFAULT_CONCURRENCY)]
+    #[arg(long, default_value_t = pcache::warm::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     #[command(flatten)]
     pub target: Target,

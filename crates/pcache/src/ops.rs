@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use local_stack::redrive::{self, Destination, FailedBatch, Outcome};
+use pcache::redrive::{self, Destination, FailedBatch, Outcome};
 use product_cache::config::InvalidatorSettings;
 use product_cache::id::ProductId;
 use product_cache::inspect::{InspectSettings, Inspector, Target as Inspect, Verdict};
@@ -130,11 +130,11 @@ pub async fn purge(args: PurgeArgs) -> Result<(), Error> {
 }
 
 fn ids_from(path: &Path) -> Result<Vec<String>, Error> {
-    Ok(local_stack::warm::ids_from_file(path)
+    Ok(pcache::warm::ids_from_file(path)
         .map_err(|e| format!("reading {}: {e}", path.display()))?)
 }
 
-/// Applies each failed batch again (see `local_stack::redrive`), then removes the records that
+/// Applies each failed batch again (see `pcache::redrive`), then removes the records that
 /// were dealt with from their destination.
 pub async fn redrive(args: RedriveArgs) -> Result<(), Error> {
     let place = args.target.place().await?;

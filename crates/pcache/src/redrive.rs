@@ -18,7 +18,7 @@ use product_cache::cache::RedisCache;
 use product_cache::invalidate::Invalidator;
 use serde_json::Value;
 
-use crate::stream::{lambda_event, Position, StreamReader};
+use local_stack::stream::{lambda_event, Position, StreamReader};
 
 /// The stream keeps records this long.
 pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -169,7 +169,7 @@ fn seq_of(record: &Value) -> Option<&str> {
 async fn read_range(
     reader: &StreamReader,
     batch: &FailedBatch,
-) -> Result<Vec<Value>, crate::stream::StreamError> {
+) -> Result<Vec<Value>, local_stack::stream::StreamError> {
     let mut records = Vec::new();
     let mut next = reader
         .iterator(&batch.shard_id, &Position::At(batch.start.clone()))
@@ -227,13 +227,13 @@ pub async fn redrive(
         // Readable but empty, or not readable: trimmed (past retention) unless the stream
         // itself failed, which a later redrive can retry.
         Some(Err(e)) if !is_trimmed(&e) => Outcome::Failed {
-            why: crate::error::chain(&e),
+            why: local_stack::error::chain(&e),
         },
         _ => purge_named(batch, invalidator, dry_run).await,
     }
 }
 
-fn is_trimmed(e: &crate::stream::StreamError) -> bool {
+fn is_trimmed(e: &local_stack::stream::StreamError) -> bool {
     let text = format!("{e:?}");
     ["TrimmedDataAccess", "ResourceNotFound", "ExpiredIterator"]
         .iter()
@@ -267,7 +267,7 @@ async fn purge_named(
     match invalidator.cache().purge(&keys).await {
         Ok(_) => Outcome::Purged { keys: keys.len() },
         Err(e) => Outcome::Failed {
-            why: crate::error::chain(&e),
+            why: local_stack::error::chain(&e),
         },
     }
 }
