@@ -20,6 +20,16 @@ async fn pcache(env: &TestEnv, args: &[&str]) -> Output {
 
 /// `pcache <args>` with AWS at `endpoint` (moto, or a proxy in front of it).
 async fn pcache_at(env: &TestEnv, endpoint: &str, args: &[&str]) -> Output {
+    pcache_with(env, endpoint, &[], args).await
+}
+
+/// `pcache <args>` with AWS at `endpoint` and the variables `vars` set, as the functions'.
+async fn pcache_with(
+    env: &TestEnv,
+    endpoint: &str,
+    vars: &[(&str, &str)],
+    args: &[&str],
+) -> Output {
     let redis_url = env.redis.url();
     let state_dir = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(crate::support::binary("pcache"));
@@ -31,6 +41,7 @@ async fn pcache_at(env: &TestEnv, endpoint: &str, args: &[&str]) -> Output {
         .arg(state_dir.path())
         .env_remove("REDIS_URL")
         .env_remove("TABLE_NAME")
+        .envs(vars.iter().copied())
         .kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
@@ -549,4 +560,65 @@ async fn an_aws_endpoint_that_never_answers_fails_the_command_instead_of_hanging
         out.to_lowercase().contains("timeout") || out.contains("timed out"),
         "{out}"
     );
+}
+
+/// Waits (bounded) until `replica` reports its link to the primary up.
+async fn linked(replica: &local_stack::services::RedisServer) {
+    let client = redis::Client::open(replica.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..100 {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
+        let state = role
+            .get(3)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+        if state.as_deref() == Some("connected") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replica never connected");
+}
+
+#[tokio::test]
+async fn a_redrive_is_acknowledged_by_the_invalidators_confirmation_rule() {
+    use local_stack::proxy::DelayProxy;
+
+    let mut env = TestEnv::new(Delete).await;
+    // A replica, attached through a link that can be held: it stays attached but confirms
+    // nothing more.
+    let mut primary = env.redis_conn().await;
+    redis::cmd("CONFIG")
+        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
+        .query_async::<()>(&mut primary)
+        .await
+        .unwrap();
+    let primary = (std::net::Ipv4Addr::LOCALHOST, env.redis.port()).into();
+    let link = DelayProxy::start(primary, Duration::ZERO).await.unwrap();
+    let link_port = link.port().to_string();
+    let replica =
+        local_stack::services::RedisServer::start_with(&["--replicaof", "127.0.0.1", &link_port])
+            .await
+            .unwrap();
+    linked(&replica).await;
+    let (client, url) = one_lost_batch(&mut env).await;
+    link.set_delay(Duration::from_secs(3600));
+
+    // The function's variables: one replica must confirm each batch.
+    let confirm = [
+        ("REDIS_CONFIRM_REPLICAS", "1"),
+        ("REDIS_CONFIRM_TIMEOUT_MS", "200"),
+    ];
+    let args = ["redrive", "--queue-url", &url, "--wait-seconds", "1"];
+    let held = pcache_with(&env, moto_endpoint(), &confirm, &args).await;
+    let out = text(&held);
+    assert!(!held.status.success(), "an unconfirmed batch fails: {out}");
+    assert!(out.contains("the cache refused the batch"), "{out}");
+    assert_eq!(queued(&client, &url).await, 1, "and its record is kept");
+
+    // Without the rule the same batch is acknowledged on the primary's word.
+    let unconfirmed = pcache_with(&env, moto_endpoint(), &[], &args).await;
+    let out = text(&unconfirmed);
+    assert!(unconfirmed.status.success(), "{out}");
+    assert!(out.contains("applied 3 records"), "{out}");
+    assert_eq!(queued(&client, &url).await, 0);
 }
