@@ -242,7 +242,7 @@ async fn warming_the_first_50_ids_makes_their_reads_hits() {
     // Enough products that the first 50 of a Scan are a part of the table, not all of it.
     let stack = start_stack(&redis, 200, dir.path()).await;
     let client = dynamodb().await;
-    let ids = local_stack::warm::first_ids(&client, stack.table(), "productId", 50)
+    let ids = pcache::warm::first_ids(&client, stack.table(), "productId", 50)
         .await
         .unwrap();
     assert_eq!(ids.len(), 50);
@@ -261,7 +261,7 @@ async fn warming_the_first_50_ids_makes_their_reads_hits() {
     let tick = || {
         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
-    let summary = local_stack::warm::warm(&read, ids.clone(), 16, tick).await;
+    let summary = pcache::warm::warm(&read, ids.clone(), 16, tick).await;
     assert_eq!(
         (summary.filled, summary.already_cached, summary.errors),
         (50, 0, 0),
@@ -280,7 +280,7 @@ async fn warming_the_first_50_ids_makes_their_reads_hits() {
         assert_eq!(answer.body["productId"], json!(id));
     }
     // Warming again leaves everything as it is.
-    let again = local_stack::warm::warm(&read, ids, 16, || {}).await;
+    let again = pcache::warm::warm(&read, ids, 16, || {}).await;
     assert_eq!(again.already_cached, 50, "{again}");
     stack.shutdown().await;
 }

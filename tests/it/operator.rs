@@ -10,21 +10,38 @@ use std::time::{Duration, SystemTime};
 use product_cache::config::InvalidationMode::Delete;
 use serde_json::{json, Value};
 
+use crate::aws_proxy::{AwsProxy, Behaviour};
 use crate::support::{moto_endpoint, TestEnv};
 
 /// `pcache <args>` pointed at this environment; its output, whatever the exit status.
 async fn pcache(env: &TestEnv, args: &[&str]) -> Output {
+    pcache_at(env, moto_endpoint(), args).await
+}
+
+/// `pcache <args>` with AWS at `endpoint` (moto, or a proxy in front of it).
+async fn pcache_at(env: &TestEnv, endpoint: &str, args: &[&str]) -> Output {
+    pcache_with(env, endpoint, &[], args).await
+}
+
+/// `pcache <args>` with AWS at `endpoint` and the variables `vars` set, as the functions'.
+async fn pcache_with(
+    env: &TestEnv,
+    endpoint: &str,
+    vars: &[(&str, &str)],
+    args: &[&str],
+) -> Output {
     let redis_url = env.redis.url();
     let state_dir = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(crate::support::binary("pcache"));
     cmd.args(args)
-        .args(["--endpoint", moto_endpoint(), "--redis-url", &redis_url])
+        .args(["--endpoint", endpoint, "--redis-url", &redis_url])
         .args(["--table", &env.table])
         // No running stack is looked for: everything it needs is given.
         .arg("--state-dir")
         .arg(state_dir.path())
         .env_remove("REDIS_URL")
         .env_remove("TABLE_NAME")
+        .envs(vars.iter().copied())
         .kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
@@ -278,4 +295,330 @@ async fn inspect_shows_both_sides_and_repairs_and_purge_has_a_dry_run() {
         "{}",
         text(&bad)
     );
+}
+
+async fn send(client: &aws_sdk_sqs::Client, url: &str, record: &Value) {
+    client
+        .send_message()
+        .queue_url(url)
+        .message_body(record.to_string())
+        .send()
+        .await
+        .unwrap();
+}
+
+/// The bodies of the messages left on the queue (received and made visible again).
+async fn bodies(client: &aws_sdk_sqs::Client, url: &str) -> Vec<String> {
+    let out = client
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .unwrap();
+    out.messages
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.body)
+        .collect()
+}
+
+/// Three stale products, the batch of their changes lost and its on-failure record on the
+/// queue: the situation every redrive test starts from.
+async fn one_lost_batch(env: &mut TestEnv) -> (aws_sdk_sqs::Client, String) {
+    let records = stale_products(env).await;
+    let (client, url) = sqs(env).await;
+    let record = failure_record(env, &records, Duration::from_secs(60)).await;
+    send(&client, &url, &record).await;
+    (client, url)
+}
+
+#[tokio::test]
+async fn a_redrive_reads_a_range_through_empty_pages_in_its_middle_and_applies_it_whole() {
+    let mut env = TestEnv::new(Delete).await;
+    let (client, url) = one_lost_batch(&mut env).await;
+    // One record per page, and three empty pages before each page after the first.
+    let proxy = AwsProxy::start(
+        moto_endpoint(),
+        Behaviour {
+            empty_pages: 3,
+            page_limit: Some(1),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let run = pcache_at(
+        &env,
+        &proxy.endpoint(),
+        &["redrive", "--queue-url", &url, "--wait-seconds", "1"],
+    )
+    .await;
+    let out = text(&run);
+    assert!(run.status.success(), "{out}");
+    assert!(out.contains("applied 3 records"), "{out}");
+    assert!(proxy.counts().empty_pages >= 6, "{:?}", proxy.counts());
+    assert_eq!(
+        prices(&env).await,
+        vec![json!(20), json!(20), json!(20)],
+        "every record of the range was applied: {out}"
+    );
+    assert_eq!(queued(&client, &url).await, 0, "the record is removed");
+}
+
+#[tokio::test]
+async fn an_empty_first_page_does_not_make_a_readable_range_unrecoverable() {
+    let mut env = TestEnv::new(Delete).await;
+    let records = stale_products(&mut env).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("on-failure.jsonl");
+    let record = failure_record(&env, &records, Duration::from_secs(60)).await;
+    std::fs::write(&file, format!("{record}\n")).unwrap();
+    let proxy = AwsProxy::start(
+        moto_endpoint(),
+        Behaviour {
+            empty_pages: 2,
+            empty_first_page: true,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let run = pcache_at(
+        &env,
+        &proxy.endpoint(),
+        &["redrive", "--from-file", file.to_str().unwrap()],
+    )
+    .await;
+    let out = text(&run);
+    assert!(run.status.success(), "{out}");
+    assert!(out.contains("applied 3 records"), "{out}");
+    assert!(!out.contains("UNRECOVERABLE"), "{out}");
+    assert_eq!(proxy.counts().empty_pages, 2, "{:?}", proxy.counts());
+    assert_eq!(prices(&env).await, vec![json!(20), json!(20), json!(20)]);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "",
+        "the record is removed"
+    );
+}
+
+#[tokio::test]
+async fn a_range_behind_more_empty_pages_than_the_cap_is_kept_as_not_read() {
+    let mut env = TestEnv::new(Delete).await;
+    let (client, url) = one_lost_batch(&mut env).await;
+    let proxy = AwsProxy::start(
+        moto_endpoint(),
+        Behaviour {
+            empty_pages: 1000,
+            empty_first_page: true,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let run = pcache_at(
+        &env,
+        &proxy.endpoint(),
+        &[
+            "redrive",
+            "--queue-url",
+            &url,
+            "--wait-seconds",
+            "1",
+            "--max-empty-pages",
+            "5",
+        ],
+    )
+    .await;
+    let out = text(&run);
+    assert!(
+        !run.status.success(),
+        "a range not read fails the command: {out}"
+    );
+    assert!(
+        out.contains("not read: 5 empty pages in a row"),
+        "the command says why: {out}"
+    );
+    assert!(
+        !out.contains("applied") && !out.contains("UNRECOVERABLE"),
+        "{out}"
+    );
+    assert_eq!(proxy.counts().empty_pages, 5, "{:?}", proxy.counts());
+    assert_eq!(
+        prices(&env).await,
+        vec![json!(10), json!(10), json!(10)],
+        "nothing of it is applied"
+    );
+    assert_eq!(queued(&client, &url).await, 1, "the record is kept: {out}");
+}
+
+#[tokio::test]
+async fn one_failed_delete_is_reported_and_the_other_records_are_still_removed() {
+    let mut env = TestEnv::new(Delete).await;
+    let records = stale_products(&mut env).await;
+    let (client, url) = sqs(&env).await;
+    // One on-failure record per change; the first one sent is the one whose delete fails
+    // (moto hands messages out in the order they were sent, so it is settled first).
+    for (i, record) in records.iter().enumerate() {
+        let mut failure =
+            failure_record(&env, std::slice::from_ref(record), Duration::from_secs(60)).await;
+        if i == 0 {
+            failure["requestContext"]["requestId"] = json!("delete-refused");
+        }
+        send(&client, &url, &failure).await;
+    }
+    let proxy = AwsProxy::start(
+        moto_endpoint(),
+        Behaviour {
+            fail_delete_of: Some("delete-refused".into()),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let run = pcache_at(
+        &env,
+        &proxy.endpoint(),
+        &["redrive", "--queue-url", &url, "--wait-seconds", "1"],
+    )
+    .await;
+    let out = text(&run);
+    assert!(
+        !run.status.success(),
+        "a failed delete fails the command: {out}"
+    );
+    assert!(out.contains("SQS DeleteMessage of message"), "{out}");
+    assert!(
+        out.contains("2 of 3 failed batches redriven and removed"),
+        "{out}"
+    );
+    assert_eq!(proxy.counts().failed_deletes, 1, "{:?}", proxy.counts());
+    assert_eq!(prices(&env).await, vec![json!(20), json!(20), json!(20)]);
+    let left = bodies(&client, &url).await;
+    assert_eq!(left.len(), 1, "only the refused one stays: {left:?}\n{out}");
+    assert!(left[0].contains("delete-refused"), "{left:?}");
+}
+
+#[tokio::test]
+async fn the_queue_is_drained_with_long_polls_where_short_polls_answer_nothing() {
+    let mut env = TestEnv::new(Delete).await;
+    let (client, url) = one_lost_batch(&mut env).await;
+    let proxy = AwsProxy::start(
+        moto_endpoint(),
+        Behaviour {
+            empty_short_polls: true,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let run = pcache_at(
+        &env,
+        &proxy.endpoint(),
+        &["redrive", "--queue-url", &url, "--wait-seconds", "1"],
+    )
+    .await;
+    let out = text(&run);
+    assert!(run.status.success(), "{out}");
+    assert!(out.contains("applied 3 records"), "{out}");
+    assert_eq!(proxy.counts().empty_short_polls, 0, "{out}");
+    assert_eq!(prices(&env).await, vec![json!(20), json!(20), json!(20)]);
+    assert_eq!(queued(&client, &url).await, 0, "the record is removed");
+}
+
+#[tokio::test]
+async fn an_aws_endpoint_that_never_answers_fails_the_command_instead_of_hanging_it() {
+    let env = TestEnv::new(Delete).await;
+    // Accepts connections and reads requests, never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let url = format!("{endpoint}/123456789012/failures");
+    let run = pcache_at(
+        &env,
+        &endpoint,
+        &[
+            "redrive",
+            "--queue-url",
+            &url,
+            "--wait-seconds",
+            "1",
+            "--aws-attempt-timeout-ms",
+            "300",
+            "--aws-timeout-ms",
+            "1500",
+        ],
+    )
+    .await;
+    let out = text(&run);
+    assert!(!run.status.success(), "{out}");
+    assert!(out.contains("ReceiveMessage"), "{out}");
+    assert!(
+        out.to_lowercase().contains("timeout") || out.contains("timed out"),
+        "{out}"
+    );
+}
+
+/// Waits (bounded) until `replica` reports its link to the primary up.
+async fn linked(replica: &local_stack::services::RedisServer) {
+    let client = redis::Client::open(replica.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..100 {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
+        let state = role
+            .get(3)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+        if state.as_deref() == Some("connected") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replica never connected");
+}
+
+#[tokio::test]
+async fn a_redrive_is_acknowledged_by_the_invalidators_confirmation_rule() {
+    use local_stack::proxy::DelayProxy;
+
+    let mut env = TestEnv::new(Delete).await;
+    // A replica, attached through a link that can be held: it stays attached but confirms
+    // nothing more.
+    let mut primary = env.redis_conn().await;
+    redis::cmd("CONFIG")
+        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
+        .query_async::<()>(&mut primary)
+        .await
+        .unwrap();
+    let primary = (std::net::Ipv4Addr::LOCALHOST, env.redis.port()).into();
+    let link = DelayProxy::start(primary, Duration::ZERO).await.unwrap();
+    let link_port = link.port().to_string();
+    let replica =
+        local_stack::services::RedisServer::start_with(&["--replicaof", "127.0.0.1", &link_port])
+            .await
+            .unwrap();
+    linked(&replica).await;
+    let (client, url) = one_lost_batch(&mut env).await;
+    link.set_delay(Duration::from_secs(3600));
+
+    // The function's variables: one replica must confirm each batch.
+    let confirm = [
+        ("REDIS_CONFIRM_REPLICAS", "1"),
+        ("REDIS_CONFIRM_TIMEOUT_MS", "200"),
+    ];
+    let args = ["redrive", "--queue-url", &url, "--wait-seconds", "1"];
+    let held = pcache_with(&env, moto_endpoint(), &confirm, &args).await;
+    let out = text(&held);
+    assert!(!held.status.success(), "an unconfirmed batch fails: {out}");
+    assert!(out.contains("the cache refused the batch"), "{out}");
+    assert_eq!(queued(&client, &url).await, 1, "and its record is kept");
+
+    // Without the rule the same batch is acknowledged on the primary's word.
+    let unconfirmed = pcache_with(&env, moto_endpoint(), &[], &args).await;
+    let out = text(&unconfirmed);
+    assert!(unconfirmed.status.success(), "{out}");
+    assert!(out.contains("applied 3 records"), "{out}");
+    assert_eq!(queued(&client, &url).await, 0);
 }

@@ -1,20 +1,17 @@
 //! Runs the whole system on one machine: real `redis-server` and `moto_server` (DynamoDB and
 //! DynamoDB Streams) processes, the table with its stream, the read function's handler behind
 //! local HTTP, and the stream read the way Lambda's event source mapping reads it. Tests use the
-//! same pieces, and so does the `pcache` command (crates/pcache), which adds only the command
-//! line.
+//! same pieces, and so does the `pcache` command (crates/pcache), which adds the command line
+//! and the operator commands that act on real AWS as well (warm, redrive).
 //!
 //! # Layout
 //! - [`stack`]: [`stack::Stack`], everything below wired into one running system, split by job:
 //!   its lifecycle (start, run until stopped or failed, shut down), what it shows (the banner and
-//!   the status line), and the state file the `set-price` and `warm` commands find it by.
+//!   the status line), and the state file the operator commands find it by.
 //! - [`http`]: the read path over HTTP, with requests shaped as API Gateway (HTTP API) sends them.
 //! - [`seed`]: the deterministic sample catalog, batch writes, and the `set-price` change.
-//! - [`warm`]: cache warming through the read path's lease-guarded fill.
 //! - [`esm_template`]: the invalidator's event source mapping, read from the SAM template.
 //! - [`poller`]: the local event source mapping: batches, retries, bisection, on-failure file.
-//! - [`redrive`]: the failed batches of the on-failure destination, applied again from the
-//!   stream (or purged, past its retention).
 //! - [`demo`]: a one-shot walk of a price change through the whole system.
 //! - [`services`]: spawns throwaway `redis-server` and `moto_server` children on free ports.
 //! - [`table`]: SDK configuration for a local endpoint; creates the table with its stream.
@@ -33,11 +30,9 @@ pub mod esm_template;
 pub mod http;
 pub mod poller;
 pub mod proxy;
-pub mod redrive;
 pub mod runtime_api;
 pub mod seed;
 pub mod services;
 pub mod stack;
 pub mod stream;
 pub mod table;
-pub mod warm;

@@ -107,6 +107,13 @@ pub struct Target {
     /// AWS profile: act on real AWS, through the standard SDK configuration
     #[arg(long)]
     pub profile: Option<String>,
+    /// Bound on one attempt of an AWS call (DynamoDB, its stream, SQS): a hung connection costs
+    /// this, then the SDK retries
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub aws_attempt_timeout_ms: u64,
+    /// Bound on one AWS call with all its retries
+    #[arg(long, value_name = "MS", default_value_t = 30000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub aws_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -129,7 +136,7 @@ pub struct WarmArgs {
     #[arg(long)]
     pub first: Option<usize>,
     /// Reads in flight at once
-    #[arg(long, default_value_t = local_stack::warm::DEFAULT_CONCURRENCY)]
+    #[arg(long, default_value_t = pcache::warm::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     #[command(flatten)]
     pub target: Target,
@@ -181,6 +188,14 @@ pub struct RedriveArgs {
     /// Say what would be applied or purged, change nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Empty stream pages in a row after which a range is left for the next redrive (a shard
+    /// can answer empty pages before the records it holds)
+    #[arg(long, default_value_t = pcache::redrive::DEFAULT_MAX_EMPTY_PAGES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_empty_pages: u32,
+    /// How long each receive from the queue waits for messages (SQS long polling); the queue is
+    /// drained when a receive answers nothing
+    #[arg(long, value_name = "SECONDS", default_value_t = pcache::redrive::DEFAULT_RECEIVE_WAIT_SECONDS, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub wait_seconds: u32,
     #[command(flatten)]
     pub target: Target,
 }

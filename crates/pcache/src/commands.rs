@@ -129,10 +129,10 @@ pub async fn warm(args: WarmArgs) -> Result<(), Error> {
     let client = aws_sdk_dynamodb::Client::new(&sdk);
     let settings = place.settings.clone();
     let ids = match (&args.ids, args.first) {
-        (Some(path), _) => local_stack::warm::ids_from_file(path)
+        (Some(path), _) => pcache::warm::ids_from_file(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?,
         (None, Some(n)) => {
-            local_stack::warm::first_ids(&client, &place.table, &settings.key_attribute, n).await?
+            pcache::warm::first_ids(&client, &place.table, &settings.key_attribute, n).await?
         }
         (None, None) => unreachable!("clap requires --ids or --first"),
     };
@@ -141,7 +141,7 @@ pub async fn warm(args: WarmArgs) -> Result<(), Error> {
         indicatif::ProgressStyle::with_template("warming {bar:40} {pos}/{len} ids ({per_sec})")
             .expect("a valid template"),
     );
-    let summary = local_stack::warm::warm(&read, ids, args.concurrency, || progress.inc(1)).await;
+    let summary = pcache::warm::warm(&read, ids, args.concurrency, || progress.inc(1)).await;
     progress.finish_and_clear();
     println!("{summary}");
     if summary.errors > 0 {

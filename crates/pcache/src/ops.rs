@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use local_stack::redrive::{self, Destination, FailedBatch, Outcome};
+use pcache::redrive::{self, Destination, FailedBatch, Outcome};
 use product_cache::config::InvalidatorSettings;
 use product_cache::id::ProductId;
 use product_cache::inspect::{InspectSettings, Inspector, Target as Inspect, Verdict};
@@ -130,11 +130,13 @@ pub async fn purge(args: PurgeArgs) -> Result<(), Error> {
 }
 
 fn ids_from(path: &Path) -> Result<Vec<String>, Error> {
-    Ok(local_stack::warm::ids_from_file(path)
-        .map_err(|e| format!("reading {}: {e}", path.display()))?)
+    Ok(
+        pcache::warm::ids_from_file(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?,
+    )
 }
 
-/// Applies each failed batch again (see `local_stack::redrive`), then removes the records that
+/// Applies each failed batch again (see `pcache::redrive`), then removes the records that
 /// were dealt with from their destination.
 pub async fn redrive(args: RedriveArgs) -> Result<(), Error> {
     let place = args.target.place().await?;
@@ -142,10 +144,13 @@ pub async fn redrive(args: RedriveArgs) -> Result<(), Error> {
         (Some(url), _) => Destination::Sqs {
             client: aws_sdk_sqs::Client::new(&place.sdk),
             queue_url: url.clone(),
+            wait_seconds: args.wait_seconds,
         },
         (None, Some(path)) => Destination::File(path.clone()),
         (None, None) => Destination::File(args.target.state_dir.join("on-failure.jsonl")),
     };
+    // The invalidator function's own settings (REDIS_CONFIRM_REPLICAS and the rest come with
+    // `place.redis`), so a redriven batch is acknowledged by the same rule as the function's.
     let invalidator = Invalidator::build(
         InvalidatorSettings {
             redis: place.redis.clone(),
@@ -170,7 +175,14 @@ pub async fn redrive(args: RedriveArgs) -> Result<(), Error> {
         let outcome = match FailedBatch::parse(&message.record) {
             Ok(batch) => {
                 let reader = redrive::reader_for(&streams, &batch);
-                let outcome = redrive::redrive(&batch, &reader, &invalidator, args.dry_run).await;
+                let outcome = redrive::redrive(
+                    &batch,
+                    &reader,
+                    &invalidator,
+                    args.max_empty_pages,
+                    args.dry_run,
+                )
+                .await;
                 progress.suspend(|| {
                     println!(
                         "{} {}..{}: {outcome}",
@@ -194,14 +206,30 @@ pub async fn redrive(args: RedriveArgs) -> Result<(), Error> {
         progress.inc(1);
     }
     progress.finish_and_clear();
-    destination.settle(&messages, &done).await?;
-    let redriven = done.iter().filter(|d| **d).count();
+    let settled = destination.settle(&messages, &done).await;
+    for e in &settled.errors {
+        println!(
+            "not settled, stays for the next redrive: {}",
+            local_stack::error::chain(e)
+        );
+    }
     println!(
-        "{redriven} of {} failed batches redriven and removed from the destination",
+        "{} of {} failed batches redriven and removed from the destination",
+        settled.removed,
         messages.len()
     );
+    let mut failed = Vec::new();
     if left > 0 {
-        return Err(format!("{left} failed batches could not be redriven (see above)").into());
+        failed.push(format!("{left} failed batches could not be redriven"));
+    }
+    if !settled.errors.is_empty() {
+        failed.push(format!(
+            "{} records could not be settled at the destination",
+            settled.errors.len()
+        ));
+    }
+    if !failed.is_empty() {
+        return Err(format!("{} (see above)", failed.join("; ")).into());
     }
     Ok(())
 }

@@ -3,6 +3,9 @@
 //! `--profile`, the environment), with Redis and the key mapping from the same variables the
 //! functions read (`REDIS_URL`, `REDIS_CLUSTER`, `REDIS_AUTH_SECRET_ARN`, `KEY_ATTRIBUTE`, ...).
 
+use std::time::Duration;
+
+use aws_config::timeout::TimeoutConfig;
 use aws_config::SdkConfig;
 use local_stack::stack::StackState;
 use product_cache::config::{CacheSettings, Env, ReadSettings, RedisSettings, Source};
@@ -61,7 +64,7 @@ impl Target {
             if let Some(endpoint) = &self.endpoint {
                 loader = loader.endpoint_url(endpoint);
             }
-            let sdk = loader.load().await;
+            let sdk = self.with_timeouts(loader.load().await);
             let redis = RedisSettings::from_source(&WithRedisUrl(self.redis_url.as_deref()))?;
             let region = sdk.region().map_or("(no region)".into(), |r| r.to_string());
             return Ok(Place {
@@ -97,11 +100,33 @@ impl Target {
         };
         Ok(Place {
             description: format!("table {table} at {endpoint}, Redis {redis_url}"),
-            sdk: local_stack::table::local_sdk_config(&endpoint).await,
-            redis: RedisSettings::new(&redis_url),
+            sdk: self.with_timeouts(local_stack::table::local_sdk_config(&endpoint).await),
+            // The functions' settings (REDIS_CLUSTER, REDIS_CONFIRM_REPLICAS, ...) with this URL,
+            // as on AWS: a redrive confirms its writes by the invalidator's rule.
+            redis: RedisSettings::from_source(&WithRedisUrl(Some(&redis_url)))?,
             table,
             settings,
         })
+    }
+}
+
+impl Target {
+    /// `sdk` with this command's bounds on AWS calls: an attempt that hangs (a dead connection,
+    /// an endpoint that never answers) is abandoned after `--aws-attempt-timeout-ms` and
+    /// retried, and a call with its retries ends after `--aws-timeout-ms`, so an operator
+    /// command reports a failure instead of hanging. The SDK's connect timeout is kept.
+    fn with_timeouts(&self, sdk: SdkConfig) -> SdkConfig {
+        let timeouts = TimeoutConfig::builder()
+            .operation_attempt_timeout(Duration::from_millis(self.aws_attempt_timeout_ms))
+            .operation_timeout(Duration::from_millis(self.aws_timeout_ms))
+            .take_unset_from(
+                sdk.timeout_config()
+                    .cloned()
+                    .unwrap_or_else(TimeoutConfig::disabled)
+                    .into(),
+            )
+            .build();
+        sdk.to_builder().timeout_config(timeouts).build()
     }
 }
 

@@ -74,7 +74,7 @@ pub async fn warm<C: Cache, S: ProductStore>(
             (CacheStatus::Bypass, Ok(Lookup::Found(_))) => {
                 summary.record_error(id, "Redis could not be used; nothing was cached".into())
             }
-            (_, Err(e)) => summary.record_error(id, crate::error::chain(&e)),
+            (_, Err(e)) => summary.record_error(id, local_stack::error::chain(&e)),
         }
     }
     summary
@@ -107,7 +107,7 @@ pub async fn first_ids(
     table: &str,
     key_attribute: &str,
     n: usize,
-) -> Result<Vec<String>, crate::seed::SeedError> {
+) -> Result<Vec<String>, local_stack::seed::SeedError> {
     let mut ids = Vec::with_capacity(n);
     let mut start = None;
     while ids.len() < n {
@@ -120,7 +120,7 @@ pub async fn first_ids(
             .set_exclusive_start_key(start.take())
             .send()
             .await
-            .map_err(|e| crate::seed::SeedError::Dynamo {
+            .map_err(|e| local_stack::seed::SeedError::Dynamo {
                 operation: "Scan",
                 table: table.to_owned(),
                 source: Box::new(e),

@@ -12,13 +12,16 @@
 //!
 //! A record is removed from its destination only once its range was applied (or purged).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aws_sdk_sqs::config::timeout::TimeoutConfig;
 
 use product_cache::cache::RedisCache;
 use product_cache::invalidate::Invalidator;
 use serde_json::Value;
 
-use crate::stream::{lambda_event, Position, StreamReader};
+use local_stack::stream::{lambda_event, Position, StreamReader};
 
 /// The stream keeps records this long.
 pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -43,6 +46,14 @@ pub enum RedriveError {
     #[error("SQS {operation} on {queue_url} failed")]
     Sqs {
         operation: &'static str,
+        queue_url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("SQS {operation} of message {message_id} on {queue_url} failed")]
+    SqsMessage {
+        operation: &'static str,
+        message_id: String,
         queue_url: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -164,30 +175,64 @@ fn seq_of(record: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
-/// The records of `batch`'s range, read from its shard; `Err` when the range cannot be read
+/// Consecutive empty `GetRecords` pages after which a range is given up for now, unless told
+/// otherwise. A shard can answer empty pages in its middle (the records are further on), and
+/// reaching them can take several calls; a hundred is far more than that, and still ends in
+/// seconds. No pause between them: a throttled call (`LimitExceededException`) is retried by
+/// the SDK with backoff.
+pub const DEFAULT_MAX_EMPTY_PAGES: u32 = 100;
+
+/// What reading a failed range from its shard came to.
+#[derive(Debug)]
+enum RangeRead {
+    /// Every record of the range the shard still holds: read up to the range's end sequence
+    /// number, or to the shard's end.
+    Whole(Vec<Value>),
+    /// `empty_pages` empty pages in a row before the range's end was reached: not read (yet).
+    Stalled { records: usize, empty_pages: u32 },
+}
+
+/// Reads `batch`'s range from its shard to the range's end, through empty pages: it stops at
+/// the end sequence number or the shard's end (no next iterator), never at an empty page, and
+/// gives up after `max_empty_pages` of them in a row. `Err` when the range cannot be read
 /// (trimmed, the shard gone, or the stream failing).
 async fn read_range(
     reader: &StreamReader,
     batch: &FailedBatch,
-) -> Result<Vec<Value>, crate::stream::StreamError> {
+    max_empty_pages: u32,
+) -> Result<RangeRead, local_stack::stream::StreamError> {
     let mut records = Vec::new();
+    let mut empty_pages = 0;
     let mut next = reader
         .iterator(&batch.shard_id, &Position::At(batch.start.clone()))
         .await?;
-    'read: while let Some(iterator) = next {
+    while let Some(iterator) = next {
         let (page, following) = reader.read(&iterator, 1000).await?;
         if page.is_empty() {
-            break;
+            empty_pages += 1;
+            if following.is_some() && empty_pages >= max_empty_pages {
+                return Ok(RangeRead::Stalled {
+                    records: records.len(),
+                    empty_pages,
+                });
+            }
+        } else {
+            empty_pages = 0;
         }
         for record in page {
-            if seq_of(&record).is_some_and(|s| seq_cmp(s, &batch.end).is_gt()) {
-                break 'read;
+            match seq_of(&record).map(|s| seq_cmp(s, &batch.end)) {
+                Some(std::cmp::Ordering::Greater) => return Ok(RangeRead::Whole(records)),
+                // The range's last record: an open shard has nothing more to give for it.
+                Some(std::cmp::Ordering::Equal) => {
+                    records.push(record);
+                    return Ok(RangeRead::Whole(records));
+                }
+                _ => records.push(record),
             }
-            records.push(record);
         }
         next = following;
     }
-    Ok(records)
+    Ok(RangeRead::Whole(records))
 }
 
 /// Redrives one failed batch: from the stream through `invalidator`, or, past retention, by
@@ -196,16 +241,29 @@ pub async fn redrive(
     batch: &FailedBatch,
     reader: &StreamReader,
     invalidator: &Invalidator<RedisCache>,
+    max_empty_pages: u32,
     dry_run: bool,
 ) -> Outcome {
     let past = batch.past_retention(std::time::SystemTime::now());
     let read = if past {
         None
     } else {
-        Some(read_range(reader, batch).await)
+        Some(read_range(reader, batch, max_empty_pages).await)
     };
     match read {
-        Some(Ok(records)) if !records.is_empty() => {
+        // Nothing of a range cut short is applied: the record stays, and a later redrive reads
+        // it whole.
+        Some(Ok(RangeRead::Stalled {
+            records,
+            empty_pages,
+        })) => Outcome::Failed {
+            why: format!(
+                "not read: {empty_pages} empty pages in a row from the stream after {records} \
+                 records, before the range's end {} (see --max-empty-pages)",
+                batch.end
+            ),
+        },
+        Some(Ok(RangeRead::Whole(records))) if !records.is_empty() => {
             let n = records.len();
             if dry_run {
                 return Outcome::WouldApply { records: n };
@@ -227,13 +285,13 @@ pub async fn redrive(
         // Readable but empty, or not readable: trimmed (past retention) unless the stream
         // itself failed, which a later redrive can retry.
         Some(Err(e)) if !is_trimmed(&e) => Outcome::Failed {
-            why: crate::error::chain(&e),
+            why: local_stack::error::chain(&e),
         },
         _ => purge_named(batch, invalidator, dry_run).await,
     }
 }
 
-fn is_trimmed(e: &crate::stream::StreamError) -> bool {
+fn is_trimmed(e: &local_stack::stream::StreamError) -> bool {
     let text = format!("{e:?}");
     ["TrimmedDataAccess", "ResourceNotFound", "ExpiredIterator"]
         .iter()
@@ -267,16 +325,24 @@ async fn purge_named(
     match invalidator.cache().purge(&keys).await {
         Ok(_) => Outcome::Purged { keys: keys.len() },
         Err(e) => Outcome::Failed {
-            why: crate::error::chain(&e),
+            why: local_stack::error::chain(&e),
         },
     }
 }
+
+/// How long a `ReceiveMessage` waits for messages unless told otherwise (long polling). A short
+/// poll samples only some of SQS's servers and can answer nothing from a small queue that
+/// still holds messages, so the queue counts as drained only when a long poll answers nothing;
+/// that last poll costs this long.
+pub const DEFAULT_RECEIVE_WAIT_SECONDS: u32 = 10;
 
 /// Where failed batches' records are: the mapping's SQS queue, or the local stack's file.
 pub enum Destination {
     Sqs {
         client: aws_sdk_sqs::Client,
         queue_url: String,
+        /// `WaitTimeSeconds` of each `ReceiveMessage` (1 to 20).
+        wait_seconds: u32,
     },
     File(PathBuf),
 }
@@ -284,6 +350,8 @@ pub enum Destination {
 /// A record taken from a [`Destination`], with what it takes to remove it there.
 pub struct Message {
     pub record: Value,
+    /// The SQS message id, or the file's line: names the record in reports.
+    pub id: String,
     handle: Handle,
 }
 
@@ -292,9 +360,39 @@ enum Handle {
     Line(usize),
 }
 
+/// What settling the records at their destination came to. A failure for one record does not
+/// stop the others.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Records removed from the destination.
+    pub removed: usize,
+    /// Why some records could not be removed (or, on SQS, made visible again at once); each
+    /// stays where it was, to be redriven again (applying a range again is harmless).
+    pub errors: Vec<RedriveError>,
+}
+
+/// A `ReceiveMessage` call's timeouts: the client's (the operator command's), each lengthened by
+/// the long poll's wait, which the call spends waiting by design.
+fn long_poll_timeouts(
+    client: &aws_sdk_sqs::Client,
+    wait_seconds: u32,
+) -> aws_sdk_sqs::config::Builder {
+    let base = client
+        .config()
+        .timeout_config()
+        .cloned()
+        .unwrap_or_else(TimeoutConfig::disabled);
+    let wait = Duration::from_secs(wait_seconds.into());
+    let mut timeouts = base.to_builder();
+    timeouts.set_operation_attempt_timeout(base.operation_attempt_timeout().map(|t| t + wait));
+    timeouts.set_operation_timeout(base.operation_timeout().map(|t| t + wait));
+    aws_sdk_sqs::config::Builder::default().timeout_config(timeouts.build())
+}
+
 impl Destination {
-    /// Every record waiting. From SQS they are received with a visibility timeout long enough
-    /// for the redrive; [`Destination::release`] makes those left over visible again at once.
+    /// Every record waiting. From SQS they are received with long polling until a poll answers
+    /// nothing, with a visibility timeout long enough for the redrive; [`Destination::settle`]
+    /// makes those left over visible again at once.
     pub async fn take(&self) -> Result<Vec<Message>, RedriveError> {
         match self {
             Destination::File(path) => {
@@ -320,20 +418,17 @@ impl Destination {
                                     source,
                                 }
                             })?,
+                            id: format!("line {}", i + 1),
                             handle: Handle::Line(i),
                         })
                     })
                     .collect()
             }
-            Destination::Sqs { client, queue_url } => {
-                let sqs_error = |operation| {
-                    let queue_url = queue_url.clone();
-                    move |e: Box<dyn std::error::Error + Send + Sync>| RedriveError::Sqs {
-                        operation,
-                        queue_url,
-                        source: e,
-                    }
-                };
+            Destination::Sqs {
+                client,
+                queue_url,
+                wait_seconds,
+            } => {
                 let mut messages = Vec::new();
                 loop {
                     let out = client
@@ -341,9 +436,16 @@ impl Destination {
                         .queue_url(queue_url)
                         .max_number_of_messages(10)
                         .visibility_timeout(300)
+                        .wait_time_seconds(*wait_seconds as i32)
+                        .customize()
+                        .config_override(long_poll_timeouts(client, *wait_seconds))
                         .send()
                         .await
-                        .map_err(|e| sqs_error("ReceiveMessage")(e.into()))?;
+                        .map_err(|e| RedriveError::Sqs {
+                            operation: "ReceiveMessage",
+                            queue_url: queue_url.clone(),
+                            source: e.into(),
+                        })?;
                     let batch = out.messages.unwrap_or_default();
                     if batch.is_empty() {
                         break;
@@ -353,6 +455,7 @@ impl Destination {
                         let record = serde_json::from_str(&body).unwrap_or(Value::String(body));
                         messages.push(Message {
                             record,
+                            id: m.message_id.unwrap_or_default(),
                             handle: Handle::Receipt(m.receipt_handle.unwrap_or_default()),
                         });
                     }
@@ -362,9 +465,10 @@ impl Destination {
         }
     }
 
-    /// Removes the records that were redriven; the others stay (and on SQS, are visible again
-    /// at once rather than after the visibility timeout).
-    pub async fn settle(&self, messages: &[Message], done: &[bool]) -> Result<(), RedriveError> {
+    /// Removes the records that were redriven (`done`); the others stay (and on SQS, are
+    /// visible again at once rather than after the visibility timeout). On SQS each record is
+    /// settled on its own: one that fails is reported and the rest are still settled.
+    pub async fn settle(&self, messages: &[Message], done: &[bool]) -> Settled {
         match self {
             Destination::File(path) => {
                 let removed: std::collections::HashSet<usize> = messages
@@ -376,41 +480,26 @@ impl Destination {
                         Handle::Receipt(_) => None,
                     })
                     .collect();
-                if removed.is_empty() {
-                    return Ok(());
+                match remove_lines(path, &removed) {
+                    Ok(()) => Settled {
+                        removed: removed.len(),
+                        errors: Vec::new(),
+                    },
+                    Err(e) => Settled {
+                        removed: 0,
+                        errors: vec![e],
+                    },
                 }
-                let io = |source| RedriveError::File {
-                    path: path.clone(),
-                    source,
-                };
-                let text = std::fs::read_to_string(path).map_err(io)?;
-                let kept: String = text
-                    .lines()
-                    .enumerate()
-                    .filter(|(i, l)| !removed.contains(i) && !l.trim().is_empty())
-                    .map(|(_, l)| format!("{l}\n"))
-                    .collect();
-                // Replaced whole (a new file renamed over the old): a crash leaves one or the
-                // other, never half.
-                let tmp = path.with_extension("redrive.tmp");
-                std::fs::write(&tmp, kept).map_err(io)?;
-                std::fs::rename(&tmp, path).map_err(io)
             }
-            Destination::Sqs { client, queue_url } => {
+            Destination::Sqs {
+                client, queue_url, ..
+            } => {
+                let mut settled = Settled::default();
                 for (m, &d) in messages.iter().zip(done) {
                     let Handle::Receipt(receipt) = &m.handle else {
                         continue;
                     };
-                    let result = if d {
-                        client
-                            .delete_message()
-                            .queue_url(queue_url)
-                            .receipt_handle(receipt)
-                            .send()
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| ("DeleteMessage", e.into()))
-                    } else {
+                    let release = || async {
                         client
                             .change_message_visibility()
                             .queue_url(queue_url)
@@ -421,20 +510,64 @@ impl Destination {
                             .map(|_| ())
                             .map_err(|e| ("ChangeMessageVisibility", e.into()))
                     };
-                    result.map_err(
-                        |(operation, source): (_, Box<dyn std::error::Error + Send + Sync>)| {
-                            RedriveError::Sqs {
-                                operation,
-                                queue_url: queue_url.clone(),
-                                source,
-                            }
-                        },
-                    )?;
+                    let result = if d {
+                        let deleted = client
+                            .delete_message()
+                            .queue_url(queue_url)
+                            .receipt_handle(receipt)
+                            .send()
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| ("DeleteMessage", e.into()));
+                        if deleted.is_err() {
+                            // Back on the queue at once, like every record not removed. If this
+                            // fails too, it comes back when its visibility timeout ends.
+                            let _ = release().await;
+                        }
+                        deleted
+                    } else {
+                        release().await
+                    };
+                    match result {
+                        Ok(()) => settled.removed += usize::from(d),
+                        Err((operation, source)) => settled.errors.push(RedriveError::SqsMessage {
+                            operation,
+                            message_id: m.id.clone(),
+                            queue_url: queue_url.clone(),
+                            source,
+                        }),
+                    }
                 }
-                Ok(())
+                settled
             }
         }
     }
+}
+
+/// Removes lines `removed` (0-based) from the file at `path`.
+fn remove_lines(
+    path: &Path,
+    removed: &std::collections::HashSet<usize>,
+) -> Result<(), RedriveError> {
+    if removed.is_empty() {
+        return Ok(());
+    }
+    let io = |source| RedriveError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let kept: String = text
+        .lines()
+        .enumerate()
+        .filter(|(i, l)| !removed.contains(i) && !l.trim().is_empty())
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    // Replaced whole (a new file renamed over the old): a crash leaves one or the other, never
+    // half.
+    let tmp = path.with_extension("redrive.tmp");
+    std::fs::write(&tmp, kept).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// A reader for the stream a failed batch names, on `client`.
