@@ -3,6 +3,7 @@
 //! Needs `redis-server` and `.venv/bin/moto_server` (`scripts/setup.sh` installs both).
 //! `TEST_LOG=debug` shows the handlers' logs.
 
+mod aws_timeouts;
 mod checker;
 mod cluster_and_auth;
 mod consistency;
