@@ -358,3 +358,40 @@ async fn without_an_extensions_api_the_fill_runs_before_the_response() {
         "{output}"
     );
 }
+
+/// The fill extension's loop ends (its `event/next` answered with an error) while the function
+/// is serving: the process exits, non-zero, so that Lambda starts a fresh environment. Serving
+/// on would leave an extension registered that never asks again, and Lambda would hold every
+/// later invocation until the function's timeout.
+#[tokio::test]
+async fn when_the_extensions_loop_ends_the_process_exits() {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    let url = env.redis.url();
+    // No freezing: a stopped process could not notice its extension's failure.
+    let mut function = Function::spawn(
+        "read-function",
+        &[("REDIS_URL", &url), ("TABLE_NAME", &env.table)],
+    )
+    .await;
+    let answer = function.respond(fixture("apigw-get-product.json")).await;
+    assert_eq!(http_parts(&answer).0, 200, "{answer}");
+    function.settled().await;
+
+    function.api().fail_extension_next();
+    // Queued now, and never handed out: the extension does not ask again. On Lambda it would
+    // go to the fresh environment.
+    let _held = function
+        .api()
+        .invoke(fixture("apigw-get-product.json"), Duration::from_secs(60));
+    let status = function.exit_status().await;
+    let output = function.output().await;
+    assert!(
+        !status.success(),
+        "exited with {status}, expected a failure; output:\n{output}"
+    );
+    assert!(
+        output.contains("the fill extension stopped"),
+        "no error logged; output:\n{output}"
+    );
+}

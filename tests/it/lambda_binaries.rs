@@ -119,7 +119,7 @@ impl Function {
     }
 
     /// Waits for a function that should stop by itself.
-    async fn exit_status(&mut self) -> ExitStatus {
+    pub(crate) async fn exit_status(&mut self) -> ExitStatus {
         match tokio::time::timeout(EXIT_WITHIN, self.child.wait()).await {
             Ok(status) => status.unwrap(),
             Err(_) => panic!(

@@ -4,6 +4,7 @@
 //! `TEST_LOG=debug` shows the handlers' logs.
 
 mod aws_proxy;
+mod aws_timeouts;
 mod checker;
 mod cluster_and_auth;
 mod consistency;

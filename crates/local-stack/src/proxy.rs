@@ -11,6 +11,10 @@
 //! too coarse for a 0.25 ms hold, so the last stretch of every wait is served by one timer
 //! thread that sleeps with the kernel's precision.
 //!
+//! It can also swallow connections ([`DelayProxy::swallow_connections`]): accept them, read
+//! what comes, never forward nor answer, as a route that drops packets or a peer that died
+//! while its client's environment was frozen.
+//!
 //! The proxy also counts round trips: the times a client sent after having received a reply
 //! (or sent for the first time on a connection). A pipeline of any length is one round trip;
 //! sequential commands are one each. A large pipeline may still be streaming in when the first
@@ -41,6 +45,10 @@ struct Shared {
     round_trips: AtomicU64,
     bytes: AtomicU64,
     connections: AtomicU64,
+    /// Connections still to swallow; `u64::MAX` swallows every one.
+    swallow: AtomicU64,
+    /// What each swallowed connection has received, in the order they were accepted.
+    swallowed: Mutex<Vec<Arc<Mutex<Vec<u8>>>>>,
 }
 
 impl Shared {
@@ -123,6 +131,22 @@ impl DelayProxy {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
+    /// Swallows the next `n` connections accepted (`u64::MAX`: every one from now on, `0`:
+    /// none): each is accepted and read until the client closes it, and never forwarded nor
+    /// answered.
+    pub fn swallow_connections(&self, n: u64) {
+        self.shared.swallow.store(n, Ordering::SeqCst);
+    }
+
+    /// What each swallowed connection has received so far, in the order they were accepted.
+    pub fn swallowed(&self) -> Vec<Vec<u8>> {
+        let swallowed = self.shared.swallowed.lock().unwrap();
+        swallowed
+            .iter()
+            .map(|c| c.lock().unwrap().clone())
+            .collect()
+    }
+
     pub fn reset(&self) {
         self.shared.round_trips.store(0, Ordering::SeqCst);
         self.shared.bytes.store(0, Ordering::SeqCst);
@@ -151,12 +175,34 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         while connections.try_join_next().is_some() {}
         shared.connections.fetch_add(1, Ordering::SeqCst);
+        let swallow = shared
+            .swallow
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                0 => None,
+                u64::MAX => Some(n),
+                n => Some(n - 1),
+            })
+            .is_ok();
+        if swallow {
+            let received = Arc::default();
+            shared.swallowed.lock().unwrap().push(Arc::clone(&received));
+            connections.spawn(swallow_connection(client, received));
+            continue;
+        }
         let shared = shared.clone();
         connections.spawn(async move {
             if let Err(e) = relay(client, &shared).await {
                 tracing::debug!(error = %e, "proxied connection ended");
             }
         });
+    }
+}
+
+/// Reads what the client sends until it closes, and answers nothing.
+async fn swallow_connection(mut client: TcpStream, received: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = vec![0; CHUNK];
+    while let Ok(n @ 1..) = client.read(&mut buf).await {
+        received.lock().unwrap().extend_from_slice(&buf[..n]);
     }
 }
 
@@ -439,6 +485,26 @@ mod tests {
         let ((), got) = tokio::join!(send, receive);
         assert_eq!(got, expected, "replies in order");
         assert_eq!(proxy.round_trips(), 1);
+    }
+
+    #[tokio::test]
+    async fn swallowed_connections_are_read_and_never_answered() {
+        let (_redis, proxy) = redis_behind(Duration::ZERO).await;
+        proxy.swallow_connections(1);
+        let mut swallowed = TcpStream::connect(proxy.addr()).await.unwrap();
+        swallowed.write_all(b"PING\r\n").await.unwrap();
+        let mut forwarded = TcpStream::connect(proxy.addr()).await.unwrap();
+        forwarded.write_all(b"PING\r\n").await.unwrap();
+        assert_eq!(read_exact_len(&mut forwarded, 7).await, b"+PONG\r\n");
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(200), swallowed.read(&mut buf));
+        assert!(read.await.is_err(), "the swallowed connection answered");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.swallowed() != [b"PING\r\n".to_vec()] {
+            assert!(Instant::now() < deadline, "{:?}", proxy.swallowed());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(proxy.connections(), 2);
     }
 
     #[tokio::test]

@@ -12,6 +12,9 @@
 //! waiting, and thawed (SIGCONT) when the next event is handed out, as Lambda freezes an
 //! execution environment between invocations.
 //!
+//! [`RuntimeApi::fail_extension_next`] breaks the extensions' `next`, for the tests of what a
+//! function does when its extension's loop ends.
+//!
 //! [`RuntimeApi::invoke`] queues one event and awaits the function's answer. The server records
 //! what happened in order ([`RuntimeApi::events`]): each event handed out, each answer, each
 //! `next` of the runtime and of every extension, each settlement, freeze and thaw; and when the
@@ -150,6 +153,8 @@ struct Lifecycle {
     /// Answered invocations, in the order of their answers.
     timings: Vec<(String, InvocationTiming)>,
     init_error: Option<Value>,
+    /// Set by [`RuntimeApi::fail_extension_next`]: every extension `next` is answered 500.
+    extension_fault: bool,
     next_polls: usize,
     first_poll: Option<Instant>,
 }
@@ -252,6 +257,19 @@ impl RuntimeApi {
                 Ok(Err(_)) => panic!("the Runtime API dropped the invocation unanswered"),
                 Err(_) => panic!("the function did not answer within {within:?}"),
             }
+        }
+    }
+
+    /// From now on, answers every extension's `event/next` with a 500 instead of an event,
+    /// the polls waiting now included: the extensions' loops end, as they would on a broken
+    /// Extensions API. Nothing settles after that (an extension that stopped asking is not
+    /// waiting), as Lambda then holds each invocation until the function's timeout.
+    pub fn fail_extension_next(&self) {
+        let mut lifecycle = self.state.lifecycle.lock().unwrap();
+        lifecycle.extension_fault = true;
+        for extension in &mut lifecycle.extensions {
+            // Dropped, the waiting poll answers with an error (see `extension_next`).
+            extension.waiting = None;
         }
     }
 
@@ -376,6 +394,11 @@ async fn dispatch(mut queued: mpsc::UnboundedReceiver<Queued>, state: Arc<State>
                 None => return,
             },
         };
+        // A party may have stopped waiting meanwhile (an extension whose `next` failed): the
+        // event is held until it asks again, as Lambda holds it.
+        while !state.lifecycle.lock().unwrap().everyone_waits() {
+            state.waiting.notified().await;
+        }
         hand_out(&state, next);
     }
 }
@@ -627,18 +650,25 @@ async fn extension_next(state: &State, req: Request<Incoming>) -> Reply {
     let (tx, rx) = oneshot::channel();
     {
         let mut lifecycle = state.lifecycle.lock().unwrap();
+        let fault = lifecycle.extension_fault;
         let Some(extension) = lifecycle.extensions.iter_mut().find(|e| e.id == id) else {
             return reply(
                 StatusCode::FORBIDDEN,
                 json!({"errorType": "Extension.UnknownExtensionIdentifier", "errorMessage": id}),
             );
         };
+        if fault {
+            return extension_fault();
+        }
         extension.waiting = Some(tx);
         let name = extension.name.clone();
         state.log(&mut lifecycle, Event::ExtensionNext { name });
     }
     state.waiting.notify_one();
     let Ok(event) = rx.await else {
+        if state.lifecycle.lock().unwrap().extension_fault {
+            return extension_fault();
+        }
         return reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"errorMessage": "superseded by another next"}),
@@ -651,6 +681,14 @@ async fn extension_next(state: &State, req: Request<Incoming>) -> Reply {
         .header("lambda-extension-event-identifier", event_id)
         .body(Full::new(Bytes::from(event.to_string())))
         .unwrap()
+}
+
+/// The answer to an extension's `next` once [`RuntimeApi::fail_extension_next`] was called.
+fn extension_fault() -> Reply {
+    reply(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        json!({"errorType": "Extension.Fault", "errorMessage": "fault injected by the test"}),
+    )
 }
 
 /// A body that is not JSON is kept as a JSON string, so the caller can show it.
@@ -845,6 +883,41 @@ mod tests {
         )
         .await;
         assert_eq!(status, 404);
+    }
+
+    #[tokio::test]
+    async fn a_failed_extension_next_answers_an_error_and_nothing_settles_after() {
+        let api = RuntimeApi::start("fn").await;
+        let extension = register(&api, &["INVOKE"]).await;
+        let waiting = spawn_call(
+            &api,
+            "GET",
+            "/2020-01-01/extension/event/next",
+            Some(extension.clone()),
+        );
+        let _runtime = spawn_call(&api, "GET", "/2018-06-01/runtime/invocation/next", None);
+        let init_settled = |log: &[Logged]| {
+            log.iter()
+                .any(|l| l.event == Event::Settled { request_id: None })
+        };
+        assert!(api.wait_for(WITHIN, init_settled).await);
+
+        api.fail_extension_next();
+        let (status, _, body) = waiting.await.unwrap();
+        assert_eq!(
+            (status, &body["errorType"]),
+            (500, &json!("Extension.Fault"))
+        );
+        let again = spawn_call(
+            &api,
+            "GET",
+            "/2020-01-01/extension/event/next",
+            Some(extension),
+        );
+        assert_eq!(again.await.unwrap().0, 500);
+        // The extension no longer waits: an event stays queued.
+        let _answer = api.invoke(json!({}), WITHIN);
+        assert!(!api.wait_for(Duration::from_millis(200), delivered).await);
     }
 
     fn process_state(pid: u32) -> char {

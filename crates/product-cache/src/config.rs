@@ -261,6 +261,55 @@ impl RedisSettings {
     }
 }
 
+/// Bounds on the table's calls (`DYNAMODB_ATTEMPT_TIMEOUT_MS`, `DYNAMODB_TIMEOUT_MS`). The SDK
+/// bounds only connecting by default: a request sent on a pooled connection that died while
+/// the environment was frozen, or over a route that drops packets, would wait for an answer
+/// until the function's own timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwsTimeouts {
+    /// One attempt, connecting included. A timed-out attempt is retried (the SDK's standard
+    /// retries) on a new connection: the one it gave up on is closed. Far above a healthy
+    /// `GetItem` (single-digit milliseconds from Lambda in the table's Region).
+    pub attempt: Duration,
+    /// The whole call, every retry and its backoff included; then the read answers 503. Well
+    /// inside the read function's timeout and API Gateway's 30 s.
+    pub operation: Duration,
+}
+
+impl Default for AwsTimeouts {
+    fn default() -> Self {
+        Self {
+            attempt: Duration::from_millis(1000),
+            operation: Duration::from_millis(3000),
+        }
+    }
+}
+
+impl AwsTimeouts {
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let attempt = duration(
+            src,
+            "DYNAMODB_ATTEMPT_TIMEOUT_MS",
+            d.attempt,
+            Unit::Millis,
+            true,
+        )?;
+        let operation = duration(src, "DYNAMODB_TIMEOUT_MS", d.operation, Unit::Millis, true)?;
+        if attempt > operation {
+            return Err(ConfigError::Invalid {
+                name: "DYNAMODB_ATTEMPT_TIMEOUT_MS",
+                value: attempt.as_millis().to_string(),
+                reason: format!(
+                    "must not exceed DYNAMODB_TIMEOUT_MS ({} ms), which bounds every attempt",
+                    operation.as_millis()
+                ),
+            });
+        }
+        Ok(Self { attempt, operation })
+    }
+}
+
 /// Settings of the read function.
 #[derive(Debug, Clone)]
 pub struct ReadSettings {
@@ -271,6 +320,8 @@ pub struct ReadSettings {
     /// and put it back into the cache.
     pub consistent_read: bool,
     pub cache: CacheSettings,
+    /// Bounds on each `GetItem`.
+    pub table_timeouts: AwsTimeouts,
 }
 
 impl ReadSettings {
@@ -281,6 +332,7 @@ impl ReadSettings {
             table_name: table_name.into(),
             consistent_read: true,
             cache,
+            table_timeouts: AwsTimeouts::default(),
         }
     }
 }
@@ -449,6 +501,7 @@ impl ReadSettings {
         );
         Ok(Self {
             consistent_read: parsed(src, "CONSISTENT_READ", d.consistent_read)?,
+            table_timeouts: AwsTimeouts::from_source(src)?,
             ..d
         })
     }
@@ -496,6 +549,8 @@ mod tests {
         assert_eq!(s.redis.confirm_timeout, Duration::from_millis(500));
         assert!(!s.redis.read_from_replicas);
         assert_eq!(s.redis.iam, None);
+        assert_eq!(s.table_timeouts.attempt, Duration::from_millis(1000));
+        assert_eq!(s.table_timeouts.operation, Duration::from_millis(3000));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -523,6 +578,8 @@ mod tests {
             ("REDIS_CONFIRM_REPLICAS", "2"),
             ("REDIS_CONFIRM_TIMEOUT_MS", "250"),
             ("REDIS_READ_FROM_REPLICAS", "true"),
+            ("DYNAMODB_ATTEMPT_TIMEOUT_MS", "400"),
+            ("DYNAMODB_TIMEOUT_MS", "1500"),
             (
                 "REDIS_AUTH_SECRET_ARN",
                 "arn:aws:secretsmanager:us-east-1:1:secret:x",
@@ -551,6 +608,13 @@ mod tests {
         assert_eq!(s.redis.confirm_timeout, Duration::from_millis(250));
         assert!(s.redis.read_from_replicas);
         assert!(s.redis.auth_secret_arn.as_deref().unwrap().ends_with(":x"));
+        assert_eq!(
+            s.table_timeouts,
+            AwsTimeouts {
+                attempt: Duration::from_millis(400),
+                operation: Duration::from_millis(1500),
+            }
+        );
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Refresh);
     }
@@ -591,6 +655,9 @@ mod tests {
         bad("REDIS_IAM_USER", "-starts-with-a-hyphen");
         bad("REDIS_IAM_USER", "has space");
         bad("REDIS_IAM_REPLICATION_GROUP", "with/slash");
+        bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "0");
+        bad("DYNAMODB_TIMEOUT_MS", "3s");
+        bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "3001"); // over the operation's default 3000
     }
 
     fn iam_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {

@@ -4,10 +4,11 @@
 //! functions, so what the tests run is wired the way the functions are (zero2prod's
 //! `Application::build`). Clients are built once per process, outside any handler.
 
+use aws_config::timeout::TimeoutConfig;
 use aws_config::SdkConfig;
 
 use crate::cache::RedisCache;
-use crate::config::{CacheSettings, InvalidatorSettings, ReadSettings, RedisSettings};
+use crate::config::{AwsTimeouts, CacheSettings, InvalidatorSettings, ReadSettings, RedisSettings};
 use crate::inspect::{InspectSettings, Inspector};
 use crate::invalidate::Invalidator;
 use crate::metrics::{MetricsSettings, Sink};
@@ -45,7 +46,17 @@ impl RedisCache {
     ) -> Result<Self, StartupError> {
         let url = match &redis.auth_secret_arn {
             Some(arn) => {
-                let client = aws_sdk_secretsmanager::Client::new(sdk);
+                // Reading the token is part of connecting to Redis, and it holds up the cold
+                // start: bounded by the connect budget, with a retry on a new connection
+                // within it.
+                let timeouts = AwsTimeouts {
+                    attempt: redis.connect_timeout / 2,
+                    operation: redis.connect_timeout,
+                };
+                let config = aws_sdk_secretsmanager::config::Builder::from(sdk)
+                    .timeout_config(aws_timeouts(&timeouts))
+                    .build();
+                let client = aws_sdk_secretsmanager::Client::from_conf(config);
                 let token = secrets::fetch_token(&client, arn).await?;
                 secrets::with_password(&redis.url, &token)?
             }
@@ -85,7 +96,7 @@ impl DynamoStore {
     /// The table the read settings name, keyed and read the way they say.
     pub fn from_settings(settings: &ReadSettings, sdk: &SdkConfig) -> Self {
         DynamoStore::new(
-            aws_sdk_dynamodb::Client::new(sdk),
+            dynamodb_client(sdk, &settings.table_timeouts),
             &settings.table_name,
             &settings.cache.key_attribute,
             settings.cache.key_type,
@@ -164,6 +175,25 @@ pub async fn invalidator_from_env() -> Result<Invalidator<RedisCache>, StartupEr
 pub fn startup_failed(e: StartupError) -> Box<dyn std::error::Error + Send + Sync> {
     tracing::error!("{e}");
     e.to_string().into()
+}
+
+/// `timeouts` as the SDK takes them: a bound on each attempt and on the whole call. The SDK's
+/// connect timeout stays as the SDK configuration has it (3.1 s by default), within the attempt
+/// timeout whenever that is shorter.
+pub fn aws_timeouts(timeouts: &AwsTimeouts) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .operation_attempt_timeout(timeouts.attempt)
+        .operation_timeout(timeouts.operation)
+        .build()
+}
+
+/// A DynamoDB client whose every call is bounded by `timeouts`: the read path's and the
+/// inspector's table client, and the one for any tool that reads or writes the table.
+pub fn dynamodb_client(sdk: &SdkConfig, timeouts: &AwsTimeouts) -> aws_sdk_dynamodb::Client {
+    let config = aws_sdk_dynamodb::config::Builder::from(sdk)
+        .timeout_config(aws_timeouts(timeouts))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(config)
 }
 
 /// Loads the AWS SDK configuration from the environment (region, credentials and endpoint

@@ -21,6 +21,10 @@
 //!
 //! Without an Extensions API (registration fails), [`run`] logs a warning and serves with
 //! [`handle_request`], which runs the fill before the response: slower misses, no lost fill.
+//!
+//! If the extension's loop ends once registered (its `event/next` fails), [`run`] logs an
+//! error and returns [`ExtensionStopped`], and the function's `main` exits with it: a process
+//! that served on would have every later invocation held by Lambda until its timeout.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -45,7 +49,8 @@ pub const EXTENSION_NAME: &str = "product-cache-fill";
 
 /// Serves the read function until the runtime stops: with the extension when it can be
 /// registered, else (one warning) with the fill before each response. Call it during init: an
-/// extension must register before the runtime first asks for an event.
+/// extension must register before the runtime first asks for an event. Returns
+/// [`ExtensionStopped`] if the extension's loop ends: the caller must then exit, non-zero.
 pub async fn run<C: Cache, S: ProductStore>(read: &ReadPath<C, S>) -> Result<(), Error> {
     let (tx, rx) = mpsc::unbounded_channel();
     // A tokio Mutex: the extension holds the receiver across the await of each after-work.
@@ -81,19 +86,29 @@ pub async fn run<C: Cache, S: ProductStore>(read: &ReadPath<C, S>) -> Result<(),
         waiting: Mutex::default(),
         hand_to: HandTo::Extension(tx),
     });
-    let extension = async {
-        // Its receiver is gone with it: from here on the layer spawns each after-work.
-        match extension.run().await {
-            Ok(()) => tracing::warn!("the fill extension stopped"),
-            Err(e) => tracing::warn!(error = %e, "the fill extension failed"),
-        }
-        std::future::pending::<()>().await
-    };
     tokio::select! {
         biased;
         served = serve(read, deferral) => served,
-        () = extension => unreachable!("pending forever"),
+        stopped = extension.run() => Err(stopped_extension(stopped).into()),
     }
+}
+
+/// The fill extension's loop ended (its `event/next` failed, or its events ran out): the
+/// process must end too. Lambda still counts the extension as registered and waits for its next
+/// `next` before it settles an invocation, so serving on would hold every later invocation
+/// until the function's timeout. Once the process has exited, Lambda starts a fresh execution
+/// environment for the next event instead.
+#[derive(Debug, thiserror::Error)]
+#[error("the fill extension stopped; exiting so that Lambda starts a fresh execution environment")]
+pub struct ExtensionStopped(#[source] pub Option<Error>);
+
+fn stopped_extension(stopped: Result<(), Error>) -> ExtensionStopped {
+    let stopped = ExtensionStopped(stopped.err());
+    match &stopped.0 {
+        Some(e) => tracing::error!(error = %e, "{stopped}"),
+        None => tracing::error!("{stopped}"),
+    }
+    stopped
 }
 
 /// [`run`] with every after-work spawned and nothing holding the invocation, as a handler
@@ -201,7 +216,8 @@ impl Deferral {
         match &self.hand_to {
             HandTo::Extension(tx) => {
                 if let Err(mpsc::error::SendError(h)) = tx.send(HandOver { request_id, after }) {
-                    // The extension has stopped; running the work unheld beats dropping it.
+                    // The extension has stopped and `run` is returning: running the work unheld
+                    // beats dropping it in the moment before the process exits.
                     tokio::spawn(h.after.into_future());
                 }
             }
