@@ -192,6 +192,13 @@ pub fn aws_timeouts(timeouts: &AwsTimeouts) -> TimeoutConfig {
 pub fn dynamodb_client(sdk: &SdkConfig, timeouts: &AwsTimeouts) -> aws_sdk_dynamodb::Client {
     let config = aws_sdk_dynamodb::config::Builder::from(sdk)
         .timeout_config(aws_timeouts(timeouts))
+        // The SDK's standard first backoff is up to a second, drawn at random: a reader whose
+        // attempt ran out would wait that much again before its retry. DynamoDB's own SDKs start
+        // at tens of milliseconds; a retry that must fit in `DYNAMODB_TIMEOUT_MS` wants the same.
+        .retry_config(
+            aws_config::retry::RetryConfig::standard()
+                .with_initial_backoff(std::time::Duration::from_millis(25)),
+        )
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
 }
