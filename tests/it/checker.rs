@@ -329,7 +329,7 @@ async fn a_write_lost_with_its_primary_is_not_confirmed() {
     use product_cache::cache::{Cache, CacheOp, OpKind, RedisCache, UnderReplicated};
     use product_cache::config::{CacheSettings, RedisSettings};
 
-    let mut cluster = RedisCluster::start_with_replicas(3, 1).await.unwrap();
+    let cluster = RedisCluster::start_with_replicas(3, 1).await.unwrap();
     let settings = RedisSettings {
         cluster: true,
         confirm_replicas: 1,

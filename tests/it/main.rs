@@ -5,6 +5,7 @@
 
 mod checker;
 mod cluster_and_auth;
+mod connections;
 mod consistency;
 mod deferred_fill;
 mod end_to_end;
