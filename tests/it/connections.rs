@@ -1,5 +1,6 @@
-//! The functions' Redis connections themselves: TCP keepalive on every one, and a topology
-//! refresh under the least-privilege ACL that reconnects no node it did not have to.
+//! The functions' Redis connections themselves: TCP keepalive on every one, a topology refresh
+//! under the least-privilege ACL that reconnects no node it did not have to, and a cluster that
+//! reports its nodes' endpoints as unknown.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -234,4 +235,33 @@ async fn a_failover_reconnects_no_other_shard_under_the_least_privilege_user() {
         deltas.iter().any(|&(_, n)| n > 0),
         "without +ping, no node of an unchanged shard was reconnected: {deltas:?}"
     );
+}
+
+/// A cluster that reports every endpoint as NULL (`cluster-preferred-endpoint-type
+/// unknown-endpoint`: "the node you asked"): the slot map resolves them to the node asked, and
+/// a batch over every shard applies (with each pipeline sent to its own primary).
+#[tokio::test]
+async fn a_batch_applies_on_a_cluster_that_reports_unknown_endpoints() {
+    let cluster = RedisCluster::start_with(
+        3,
+        &["--cluster-preferred-endpoint-type", "unknown-endpoint"],
+    )
+    .await
+    .unwrap();
+    let client = redis::Client::open(cluster.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let slots: redis::Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(format!("{slots:?}").contains("nil"), "{slots:?}");
+    let cache = cache_of(&RedisSettings {
+        cluster: true,
+        ..RedisSettings::new(cluster.url())
+    })
+    .await;
+    applied(&cache).await;
+    let ops: Vec<CacheOp> = keys().into_iter().map(CacheOp::delete).collect();
+    cache.apply(&ops).await.unwrap();
 }
