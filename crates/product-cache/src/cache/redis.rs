@@ -120,6 +120,9 @@ pub struct RedisCache {
 /// A node a pipeline goes to: a primary's address on a cluster, `None` for the single node.
 type Node = Option<(String, u16)>;
 
+/// The primaries' addresses by slot range: first and last slot, host and port.
+pub(super) type SlotMap = Vec<(u16, u16, (String, u16))>;
+
 impl RedisCache {
     /// A single node. Building it starts connecting in the background and never fails for a
     /// Redis that is down: the function still starts and serves from DynamoDB meanwhile.
@@ -492,7 +495,7 @@ impl RedisCache {
     pub(super) async fn slot_map(
         &self,
         conn: &mut redis::cluster_async::ClusterConnection,
-    ) -> Result<Vec<(u16, u16, (String, u16))>, CacheError> {
+    ) -> Result<SlotMap, CacheError> {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let slots = |route: SingleNodeRoutingInfo| {
             let mut conn = conn.clone();
@@ -555,7 +558,7 @@ impl RedisCache {
 pub(super) fn parse_slot_map(
     reply: &redis::Value,
     answering: &str,
-) -> Result<Vec<(u16, u16, (String, u16))>, CacheError> {
+) -> Result<SlotMap, CacheError> {
     let unexpected = || CacheError::Unexpected(format!("CLUSTER SLOTS replied {reply:?}"));
     let redis::Value::Array(ranges) = reply else {
         return Err(unexpected());
