@@ -1077,7 +1077,7 @@ EMITTED = {
     "read": {"Hits", "Misses", "Bypasses", "LeaseWaits", "LeaseWaitTime", "RefusedFills", "InvalidRequests"},
     "invalidator": {
         "BatchSize", "RecordsApplied", "RecordsRefusedAsOlder", "RecordsSkippedMalformed",
-        "RecordsFailed", "InvalidationLag",
+        "RecordsFailed", "InvalidationLag", "BatchesUnderReplicated",
     },
     "inspector": {"KeysChecked", "InconsistentKeys", "KeysSettled", "KeysRepaired"},
 }
@@ -1280,6 +1280,14 @@ def check_metric_alarms(t: dict) -> list[str]:
     if p and not (p.get("Statistic") == "Sum" and float(p.get("Threshold", -1)) == 0
                   and p.get("ComparisonOperator") == "GreaterThanThreshold" and p.get("TreatMissingData") == "notBreaching"):
         problems.append("RecordsSkippedMalformed alarm must be Sum > 0, missing data not breaching")
+    # A shard short of replicas for longer than a node replacement and its full sync take: any
+    # under-replicated batch in every period of at least 30 minutes, quiet periods not breaching.
+    p = one("invalidator", "BatchesUnderReplicated")
+    if p and not (p.get("Statistic") == "Sum" and float(p.get("Threshold", -1)) == 0
+                  and p.get("ComparisonOperator") == "GreaterThanThreshold" and p.get("TreatMissingData") == "notBreaching"
+                  and int(p.get("DatapointsToAlarm", p.get("EvaluationPeriods", 0))) == int(p.get("EvaluationPeriods", 0))
+                  and int(p.get("Period", 0)) * int(p.get("EvaluationPeriods", 0)) >= 1800):
+        problems.append("BatchesUnderReplicated alarm must be Sum > 0 in every period of 30+ minutes, missing data not breaching")
     # The inspector's failures show at once, not only after the heartbeat's intervals.
     errors = [n for n, a in resources(t, "AWS::CloudWatch::Alarm").items()
               if a["Properties"].get("MetricName") == "Errors"

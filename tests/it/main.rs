@@ -7,6 +7,7 @@ mod aws_proxy;
 mod aws_timeouts;
 mod checker;
 mod cluster_and_auth;
+mod connections;
 mod consistency;
 mod deferred_fill;
 mod end_to_end;

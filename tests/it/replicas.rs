@@ -43,28 +43,101 @@ async fn replica_of(env: &TestEnv) -> RedisServer {
     replica
 }
 
+/// `INFO replication` of the node on `port`, on a connection of its own.
+async fn replication(port: u16) -> String {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) until the primary on `port` has `n` replicas attached and streaming
+/// (`state=online`), the count a batch's confirmation goes by.
+async fn await_online(port: u16, n: usize) {
+    for _ in 0..200 {
+        let info = replication(port).await;
+        if info.matches("state=online").count() == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the primary never had {n} replicas online");
+}
+
+/// The process id of the redis-server on `port`, to signal it.
+async fn process_id(port: u16) -> i32 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn signal(pid: i32, signal: libc::c_int) {
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// A batch waits for the replicas attached to its primary, up to `REDIS_CONFIRM_REPLICAS`: with
+/// the replica gone (the shard after a failover, its replacement not there or still syncing)
+/// batches are acknowledged and counted under-replicated rather than stalling the stream; once
+/// it is back, it confirms them again; a replica attached but stalled still fails the batch.
 #[tokio::test]
-async fn a_batch_is_acknowledged_only_once_its_replicas_confirm_it() {
+async fn a_batch_waits_for_the_replicas_that_are_attached() {
+    use product_cache::cache::{Cache, CacheOp, OpKind, RedisCache, UnderReplicated};
+    use product_cache::metrics::{MetricsSettings, Sink};
+
     let env = TestEnv::new(Delete).await;
     let mut replica = replica_of(&env).await;
-    let invalidator = |confirm_replicas| {
-        let settings = InvalidatorSettings {
-            redis: RedisSettings {
-                confirm_replicas,
-                confirm_timeout: std::time::Duration::from_millis(200),
-                ..RedisSettings::new(env.redis.url())
-            },
-            mode: Delete,
-            cache: CacheSettings::default(),
-        };
-        Invalidator::build(settings, &env.sdk)
+    let port = env.redis.port();
+    await_online(port, 1).await;
+    let redis = RedisSettings {
+        confirm_replicas: 1,
+        confirm_timeout: std::time::Duration::from_millis(200),
+        ..RedisSettings::new(env.redis.url())
     };
-    let confirmed = invalidator(1).await.unwrap();
-    let event = fresh(fixture("batch-mixed.json"));
-    let first = event["Records"][0]["dynamodb"]["SequenceNumber"].clone();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let settings = InvalidatorSettings {
+        redis: redis.clone(),
+        mode: Delete,
+        cache: CacheSettings::default(),
+    };
+    let invalidator = Invalidator::build(settings, &env.sdk)
+        .await
+        .unwrap()
+        .with_metrics(MetricsSettings::default(), Sink::Memory(lines.clone()));
+    let under_replicated = || {
+        let emf = crate::metrics::emf_of(&lines);
+        crate::metrics::total(&emf, "BatchesUnderReplicated")
+    };
+    // The same cache, for what a batch reports: a refresh (the script) and a delete (a single
+    // node's deletes go without it), each confirmed on its own path.
+    let cache = RedisCache::from_settings(&redis, &CacheSettings::default(), &env.sdk)
+        .await
+        .unwrap();
+    let ops = [
+        CacheOp {
+            kind: OpKind::Set {
+                value: "{}".into(),
+                ttl: std::time::Duration::from_secs(60),
+            },
+            ..CacheOp::delete("product:refreshed")
+        },
+        CacheOp::delete("product:deleted"),
+    ];
     let mut attempts = 0;
-    while !confirmed
-        .handle(event.clone())
+    while !invalidator
+        .handle(fresh(fixture("batch-mixed.json")))
         .await
         .batch_item_failures
         .is_empty()
@@ -72,32 +145,147 @@ async fn a_batch_is_acknowledged_only_once_its_replicas_confirm_it() {
         attempts += 1;
         assert!(attempts < 50, "never connected");
     }
+    for op in &ops {
+        let applied = cache.apply(std::slice::from_ref(op)).await.unwrap();
+        assert_eq!(applied.under_replicated, vec![], "{op:?}");
+    }
+    assert_eq!(under_replicated(), 0.0);
 
-    // The replica is gone: its primary still applies the batch, but nothing confirms it, so
-    // Lambda is told to retry it from its first record.
+    // The replica is gone: the primary has none attached, and every batch is acknowledged,
+    // reported under-replicated.
     replica.stop().await;
-    let response = serde_json::to_value(confirmed.handle(event.clone()).await).unwrap();
+    await_online(port, 0).await;
+    assert!(replication(port).await.contains("connected_slaves:0"));
+    for batch in 0..3 {
+        let response = invalidator.handle(fresh(fixture("batch-mixed.json"))).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "batch {batch}: {response:?}"
+        );
+    }
+    assert_eq!(under_replicated(), 3.0);
+    let short = UnderReplicated {
+        node: format!("127.0.0.1:{port}"),
+        online: 0,
+        wanted: 1,
+    };
+    for op in &ops {
+        let applied = cache.apply(std::slice::from_ref(op)).await.unwrap();
+        assert_eq!(applied.under_replicated, vec![short.clone()], "{op:?}");
+    }
+
+    // Back and linked: it confirms the batches again (the first one's `WAIT` asked for none,
+    // the count remembered; the second `WAIT` on the same connection gets its acknowledgement).
+    replica.restart().await.unwrap();
+    linked(&replica).await;
+    await_online(port, 1).await;
+    for batch in 0..2 {
+        let response = invalidator.handle(fresh(fixture("batch-mixed.json"))).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "batch {batch}: {response:?}"
+        );
+    }
+    assert_eq!(under_replicated(), 3.0, "batches confirmed by the replica");
+    for op in &ops {
+        let applied = cache.apply(std::slice::from_ref(op)).await.unwrap();
+        assert_eq!(applied.under_replicated, vec![], "{op:?}");
+    }
+
+    // Stalled (SIGSTOP): still attached as far as its primary knows, it cannot acknowledge,
+    // and the batch is reported for retry from its first record.
+    let pid = process_id(replica.port()).await;
+    signal(pid, libc::SIGSTOP);
+    let event = fresh(fixture("batch-mixed.json"));
+    let first = event["Records"][0]["dynamodb"]["SequenceNumber"].clone();
+    let response = serde_json::to_value(invalidator.handle(event).await).unwrap();
+    // One after the other: a `WAIT` holds its connection, so a second batch on the same one
+    // would queue behind it and run out of its own budget instead.
+    let mut stalled = Vec::new();
+    for op in &ops {
+        stalled.push(cache.apply(std::slice::from_ref(op)).await.map(drop));
+    }
+    signal(pid, libc::SIGCONT);
     assert_eq!(
         response,
         json!({"batchItemFailures": [{"itemIdentifier": first}]})
     );
-    // Without confirmation, the same batch is acknowledged: what a failover could lose.
-    let unconfirmed = invalidator(0).await.unwrap();
-    let mut attempts = 0;
-    while !unconfirmed
-        .handle(event.clone())
-        .await
-        .batch_item_failures
-        .is_empty()
-    {
-        attempts += 1;
-        assert!(attempts < 50, "never connected");
+    for outcome in stalled {
+        assert!(
+            matches!(
+                outcome,
+                Err(product_cache::cache::BatchError {
+                    source: product_cache::cache::CacheError::Unconfirmed {
+                        acked: 0,
+                        wanted: 1,
+                        ..
+                    },
+                    ..
+                })
+            ),
+            "{outcome:?}"
+        );
     }
-    // The replica is back and catches up: the batch is confirmed again.
-    replica.restart().await.unwrap();
-    linked(&replica).await;
-    let response = confirmed.handle(event).await;
-    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    assert_eq!(under_replicated(), 3.0);
+}
+
+/// On a cluster, the shard whose replica is gone is the only one reported: batches over every
+/// shard are acknowledged, and only its primary is named under-replicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_shard_short_of_a_replica_is_under_replicated() {
+    use local_stack::services::RedisCluster;
+    use product_cache::cache::{Cache, CacheOp, RedisCache, UnderReplicated};
+
+    let mut cluster = RedisCluster::start_with_replicas(3, 1).await.unwrap();
+    let redis = RedisSettings {
+        cluster: true,
+        confirm_replicas: 1,
+        confirm_timeout: std::time::Duration::from_millis(500),
+        ..RedisSettings::new(cluster.url())
+    };
+    let sdk = local_stack::table::local_sdk_config(crate::support::moto_endpoint()).await;
+    let cache = RedisCache::from_settings(&redis, &CacheSettings::default(), &sdk)
+        .await
+        .unwrap();
+    let ops: Vec<CacheOp> = (0..300)
+        .map(|i| CacheOp::delete(format!("product:k{i}")))
+        .collect();
+    let mut attempts = 0;
+    loop {
+        match cache.apply(&ops).await {
+            Ok(applied) => {
+                assert_eq!(applied.under_replicated, vec![]);
+                break;
+            }
+            Err(e) => {
+                attempts += 1;
+                assert!(attempts < 50, "never confirmed: {e:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let roles = cluster.roles().await.unwrap();
+    let short = roles.iter().find(|r| r.primary).unwrap().port;
+    let replica = roles
+        .iter()
+        .find(|r| r.replica_of == Some(short))
+        .unwrap()
+        .port;
+    // Killed outright: `kill` stops it, then finds no replica of a replica to wait for.
+    assert!(cluster.kill(replica).await.is_err());
+    await_online(short, 0).await;
+    for batch in 0..3 {
+        let applied = cache.apply(&ops).await.unwrap();
+        assert_eq!(
+            applied.under_replicated,
+            vec![UnderReplicated {
+                node: format!("127.0.0.1:{short}"),
+                online: 0,
+                wanted: 1,
+            }],
+            "batch {batch}"
+        );
+    }
 }
 
 /// An asynchronous-replication failover: the replica's link is cut (its stream held in a proxy),

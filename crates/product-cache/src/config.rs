@@ -120,6 +120,10 @@ pub struct RedisSettings {
     /// ElastiCache IAM authentication instead of an AUTH token: the user to authenticate as,
     /// with a token the function signs itself (`crate::iam`).
     pub iam: Option<IamSettings>,
+    /// Idle time before TCP keepalive probes start on every Redis connection
+    /// (`REDIS_TCP_KEEPALIVE_SECS`, 0 = off): a connection a middle box dropped while the
+    /// function sat idle is found dead by the probes rather than by a request's timeout.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// ElastiCache IAM authentication (`REDIS_IAM_USER`, `REDIS_IAM_REPLICATION_GROUP`). The
@@ -191,6 +195,7 @@ impl RedisSettings {
             confirm_timeout: Duration::from_millis(500),
             read_from_replicas: false,
             iam: None,
+            tcp_keepalive: Some(Duration::from_secs(30)),
         }
     }
 
@@ -246,6 +251,14 @@ impl RedisSettings {
                 true,
             )?,
             read_from_replicas: parsed(src, "REDIS_READ_FROM_REPLICAS", d.read_from_replicas)?,
+            tcp_keepalive: Some(duration(
+                src,
+                "REDIS_TCP_KEEPALIVE_SECS",
+                d.tcp_keepalive.unwrap_or_default(),
+                Unit::Secs,
+                false,
+            )?)
+            .filter(|idle| !idle.is_zero()),
             ..d
         })
         .and_then(|s: Self| {
@@ -551,6 +564,7 @@ mod tests {
         assert_eq!(s.redis.iam, None);
         assert_eq!(s.table_timeouts.attempt, Duration::from_millis(1000));
         assert_eq!(s.table_timeouts.operation, Duration::from_millis(3000));
+        assert_eq!(s.redis.tcp_keepalive, Some(Duration::from_secs(30)));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -580,6 +594,7 @@ mod tests {
             ("REDIS_READ_FROM_REPLICAS", "true"),
             ("DYNAMODB_ATTEMPT_TIMEOUT_MS", "400"),
             ("DYNAMODB_TIMEOUT_MS", "1500"),
+            ("REDIS_TCP_KEEPALIVE_SECS", "45"),
             (
                 "REDIS_AUTH_SECRET_ARN",
                 "arn:aws:secretsmanager:us-east-1:1:secret:x",
@@ -607,6 +622,7 @@ mod tests {
         assert_eq!(s.redis.confirm_replicas, 2);
         assert_eq!(s.redis.confirm_timeout, Duration::from_millis(250));
         assert!(s.redis.read_from_replicas);
+        assert_eq!(s.redis.tcp_keepalive, Some(Duration::from_secs(45)));
         assert!(s.redis.auth_secret_arn.as_deref().unwrap().ends_with(":x"));
         assert_eq!(
             s.table_timeouts,
@@ -652,12 +668,26 @@ mod tests {
         bad("REDIS_CONFIRM_REPLICAS", "-1");
         bad("REDIS_CONFIRM_TIMEOUT_MS", "0");
         bad("REDIS_READ_FROM_REPLICAS", "true"); // without REDIS_CLUSTER
+        bad("REDIS_TCP_KEEPALIVE_SECS", "-1");
+        bad("REDIS_TCP_KEEPALIVE_SECS", "half a minute");
         bad("REDIS_IAM_USER", "-starts-with-a-hyphen");
         bad("REDIS_IAM_USER", "has space");
         bad("REDIS_IAM_REPLICATION_GROUP", "with/slash");
         bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "0");
         bad("DYNAMODB_TIMEOUT_MS", "3s");
         bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "3001"); // over the operation's default 3000
+    }
+
+    #[test]
+    fn a_zero_keepalive_turns_the_probes_off() {
+        let env = [
+            ("REDIS_URL", "redis://h"),
+            ("REDIS_TCP_KEEPALIVE_SECS", "0"),
+        ];
+        assert_eq!(
+            RedisSettings::from_source(&env[..]).unwrap().tcp_keepalive,
+            None
+        );
     }
 
     fn iam_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {

@@ -102,14 +102,19 @@ pub mod invalidator {
     /// rounds `ApproximateCreationDateTime` down to the second, so each value is the true lag
     /// plus up to one second.
     pub const INVALIDATION_LAG: Metric = Metric::millis("InvalidationLag");
+    /// Batches acknowledged with fewer replicas confirming than `REDIS_CONFIRM_REPLICAS`,
+    /// because a node they wrote to had fewer attached (a shard after a failover, until its
+    /// replacement replica has synced).
+    pub const BATCHES_UNDER_REPLICATED: Metric = Metric::count("BatchesUnderReplicated");
 
-    pub const ALL: [Metric; 6] = [
+    pub const ALL: [Metric; 7] = [
         BATCH_SIZE,
         RECORDS_APPLIED,
         RECORDS_REFUSED_AS_OLDER,
         RECORDS_SKIPPED_MALFORMED,
         RECORDS_FAILED,
         INVALIDATION_LAG,
+        BATCHES_UNDER_REPLICATED,
     ];
 }
 

@@ -83,6 +83,7 @@ impl RedisCache {
                 Some(iam) => Some(crate::iam::IamCredentials::from_sdk(iam, sdk)?),
                 None => None,
             },
+            tcp_keepalive: redis.tcp_keepalive,
         };
         Ok(if redis.cluster {
             RedisCache::cluster(&url, options)?

@@ -153,7 +153,10 @@ impl Cache for MemoryCache {
             }
         }
         if failed.is_empty() {
-            Ok(Applied { refused })
+            Ok(Applied {
+                refused,
+                ..Applied::default()
+            })
         } else {
             Err(BatchError {
                 failed,

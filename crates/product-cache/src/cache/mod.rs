@@ -226,6 +226,22 @@ pub enum CacheError {
 pub struct Applied {
     /// Indexes into the ops passed to [`Cache::apply`], ascending.
     pub refused: Vec<usize>,
+    /// The nodes that had fewer replicas attached than configured to confirm (a shard after a
+    /// failover, while its replacement replica syncs): their writes were confirmed by every
+    /// replica they had, which a second failure before the replica has synced can still lose.
+    pub under_replicated: Vec<UnderReplicated>,
+}
+
+/// A node whose writes were confirmed by fewer replicas than configured, because it had no
+/// more attached (`state=online` in its `INFO replication`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnderReplicated {
+    /// `host:port` on a cluster; the configured endpoint's node otherwise.
+    pub node: String,
+    /// Replicas attached when the batch was confirmed, and how many acknowledged it.
+    pub online: u32,
+    /// `REDIS_CONFIRM_REPLICAS`.
+    pub wanted: u32,
 }
 
 /// A batch that was not applied in full: the ops whose outcome is unknown, and why.

@@ -16,7 +16,7 @@ use super::slots::{self, slot_of};
 use super::VERSION_TTL;
 use super::{
     epoch_key, lease_key, staged_key, version_key, Applied, BatchError, Cache, CacheError, CacheOp,
-    Fill, Guards, OpKind, Order, Probe,
+    Fill, Guards, OpKind, Order, Probe, UnderReplicated,
 };
 
 fn flag(on: bool) -> &'static str {
@@ -86,6 +86,8 @@ pub(crate) struct Options {
     pub guards: Guards,
     /// ElastiCache IAM authentication: a token on every new connection, refreshed on it.
     pub credentials: Option<crate::iam::IamCredentials>,
+    /// Idle time before TCP keepalive probes start on every connection; `None` leaves them off.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// How many replicas confirm a batch, and how long that may take.
@@ -104,15 +106,34 @@ pub struct RedisCache {
     connect_timeout: Duration,
     confirm: Option<Confirm>,
     guards: Guards,
+    /// How many replicas each node (by its address on a cluster, `None` for the single node)
+    /// had attached at its last batch: the next `WAIT` asks for no more, so a shard short of
+    /// replicas does not cost every batch the confirmation timeout.
+    attached: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Node, u32>>>,
+    /// The configured endpoint's host and port: the single node, named in reports; on a
+    /// cluster, a node to ask for the slot map.
+    endpoint: (String, u16),
+    /// A primary of the last slot map, to ask for the next (see `slot_map`).
+    last_primary: std::sync::Arc<std::sync::Mutex<Option<(String, u16)>>>,
 }
+
+/// A node a pipeline goes to: a primary's address on a cluster, `None` for the single node.
+type Node = Option<(String, u16)>;
+
+/// The primaries' addresses by slot range: first and last slot, host and port.
+pub(super) type SlotMap = Vec<(u16, u16, (String, u16))>;
 
 impl RedisCache {
     /// A single node. Building it starts connecting in the background and never fails for a
     /// Redis that is down: the function still starts and serves from DynamoDB meanwhile.
     pub(crate) fn single(url: &str, options: Options) -> Result<Self, CacheError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+        let endpoint = host_port(info.addr());
+        let tcp = tcp_settings(info.tcp_settings().clone(), options.tcp_keepalive);
+        let info = info.set_tcp_settings(tcp);
         let client = match options.root_cert.clone() {
-            Some(pem) => redis::Client::build_with_tls(url, certificates(pem))?,
-            None => redis::Client::open(url)?,
+            Some(pem) => redis::Client::build_with_tls(info, certificates(pem))?,
+            None => redis::Client::open(info)?,
         };
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
@@ -136,13 +157,18 @@ impl RedisCache {
             }
             .boxed()
         });
-        Ok(Self::with(connector, &options))
+        Ok(Self::with(connector, &options, endpoint))
     }
 
     /// A Redis Cluster reached through `url` (the ElastiCache configuration endpoint). It
     /// follows MOVED/ASK redirections during resharding and failover.
     pub(crate) fn cluster(url: &str, options: Options) -> Result<Self, CacheError> {
+        let endpoint = host_port(redis::IntoConnectionInfo::into_connection_info(url)?.addr());
         let mut builder = redis::cluster::ClusterClient::builder(vec![url])
+            .tcp_settings(tcp_settings(
+                redis::io::tcp::TcpSettings::default(),
+                options.tcp_keepalive,
+            ))
             .connection_timeout(options.connect_timeout)
             // The client's own bound on a request, for what it does by itself (refreshing the
             // slot map); every call of ours is bounded by `timeout` on top.
@@ -165,16 +191,19 @@ impl RedisCache {
             let client = client.clone();
             async move { client.get_async_connection().await.map(Conn::Cluster) }.boxed()
         });
-        Ok(Self::with(connector, &options))
+        Ok(Self::with(connector, &options, endpoint))
     }
 
-    fn with(connector: Connector<Conn>, options: &Options) -> Self {
+    fn with(connector: Connector<Conn>, options: &Options, endpoint: (String, u16)) -> Self {
         Self {
             connector: std::sync::Arc::new(connector),
             timeout: options.timeout,
             connect_timeout: options.connect_timeout,
             confirm: options.confirm,
             guards: options.guards,
+            attached: Default::default(),
+            endpoint,
+            last_primary: Default::default(),
         }
     }
 
@@ -255,8 +284,9 @@ impl RedisCache {
         group: &Group,
         now_ms: u64,
         batch: &str,
-    ) -> Result<Vec<usize>, CacheError> {
+    ) -> Result<(Vec<usize>, Option<UnderReplicated>), CacheError> {
         let script = &scripts().apply;
+        let asked = self.to_ask(&group.node);
         let pipeline = |load: bool| {
             let mut pipe = redis::pipe();
             if load {
@@ -266,11 +296,7 @@ impl RedisCache {
                 let invocation = self.apply_invocation(&mut pipe, script, ops, slot, now_ms, batch);
                 pipe.invoke_script(&invocation);
             }
-            if let Some(confirm) = self.confirm {
-                pipe.cmd("WAIT")
-                    .arg(confirm.replicas)
-                    .arg(confirm.timeout.as_millis() as u64);
-            }
+            self.ask_confirmation(&mut pipe, asked);
             pipe
         };
         let send = |pipe: redis::Pipeline| {
@@ -294,8 +320,10 @@ impl RedisCache {
             Err(e) if is_dead_connection(&e) => send(pipeline(true)).await,
             other => other,
         }?;
+        let short = self
+            .confirmed(&mut conn.clone(), &group.node, asked, &replies)
+            .await?;
         drop(conn);
-        self.confirmed(&replies)?;
         // The script calls' replies are the arrays (the staging SETs, SCRIPT LOAD and WAIT
         // answer otherwise), one per slot in order: the refused changes' indexes in it.
         let mut refused = Vec::new();
@@ -315,28 +343,86 @@ impl RedisCache {
                 }
             }
         }
-        Ok(refused)
+        Ok((refused, short))
     }
 
-    /// Whether the `WAIT` ending a pipeline's `replies` (when replicas must confirm) counted
-    /// enough of them.
-    fn confirmed(&self, replies: &[redis::Value]) -> Result<(), CacheError> {
-        if let Some(confirm) = self.confirm {
-            let acked = match replies.last() {
-                Some(redis::Value::Int(n)) => *n,
-                other => {
-                    return Err(CacheError::Unexpected(format!("WAIT replied {other:?}")));
-                }
-            };
-            if acked < i64::from(confirm.replicas) {
-                return Err(CacheError::Unconfirmed {
-                    acked,
-                    wanted: confirm.replicas,
-                    within: confirm.timeout,
-                });
-            }
+    /// How many replicas the `WAIT` of a pipeline to `node` asks for: the configured number,
+    /// or fewer when the node had fewer attached at its last batch. `None` when nothing is
+    /// confirmed.
+    fn to_ask(&self, node: &Node) -> Option<u32> {
+        let confirm = self.confirm?;
+        let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            attached
+                .get(node)
+                .map_or(confirm.replicas, |&n| n.min(confirm.replicas)),
+        )
+    }
+
+    /// Ends a pipeline with `INFO replication` (which replicas are attached now, after its
+    /// writes) and `WAIT` for `asked` of them, on the same connection, since `WAIT` waits for
+    /// that connection's writes and no other's.
+    fn ask_confirmation(&self, pipe: &mut redis::Pipeline, asked: Option<u32>) {
+        if let (Some(confirm), Some(asked)) = (self.confirm, asked) {
+            pipe.cmd("INFO").arg("replication");
+            pipe.cmd("WAIT")
+                .arg(asked)
+                .arg(confirm.timeout.as_millis() as u64);
         }
-        Ok(())
+    }
+
+    /// Whether the `INFO replication` and `WAIT` ending a pipeline's `replies` (when replicas
+    /// must confirm) say its writes are held by every replica attached to `node`, up to the
+    /// configured number: a replica still syncing (or not there at all, the shard after a
+    /// failover) cannot acknowledge and must not stall the stream, while one attached that does
+    /// not acknowledge in time (stalled, cut off) fails the batch. A `WAIT` that asked for fewer
+    /// than are attached now (a replica came back) goes once more, on the same connection.
+    /// `Some` when fewer than configured were attached.
+    async fn confirmed(
+        &self,
+        conn: &mut Conn,
+        node: &Node,
+        asked: Option<u32>,
+        replies: &[redis::Value],
+    ) -> Result<Option<UnderReplicated>, CacheError> {
+        let (Some(confirm), Some(asked)) = (self.confirm, asked) else {
+            return Ok(None);
+        };
+        let [.., info, wait] = replies else {
+            return Err(CacheError::Unexpected(format!(
+                "no INFO and WAIT replies in {replies:?}"
+            )));
+        };
+        let online = online_replicas(info)?;
+        self.attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.clone(), online);
+        let required = confirm.replicas.min(online);
+        let mut acked = wait_reply(wait)?;
+        if acked < i64::from(required) && asked < required {
+            let mut pipe = redis::pipe();
+            pipe.cmd("WAIT")
+                .arg(required)
+                .arg(confirm.timeout.as_millis() as u64);
+            let replies = to_node(conn, pipe, node.clone()).await?;
+            acked = wait_reply(replies.last().unwrap_or(&redis::Value::Nil))?;
+        }
+        if acked < i64::from(required) {
+            return Err(CacheError::Unconfirmed {
+                acked,
+                wanted: required,
+                within: confirm.timeout,
+            });
+        }
+        Ok((required < confirm.replicas).then(|| UnderReplicated {
+            node: match node {
+                Some((host, port)) => format!("{host}:{port}"),
+                None => format!("{}:{}", self.endpoint.0, self.endpoint.1),
+            },
+            online,
+            wanted: confirm.replicas,
+        }))
     }
 
     /// A single node's batch of deletes, without the script (see `deletes.rs` for why that is
@@ -352,7 +438,7 @@ impl RedisCache {
         groups: &[Group],
         deadline: tokio::time::Instant,
         budget: Duration,
-    ) -> Vec<Result<Vec<usize>, CacheError>> {
+    ) -> Vec<Result<(Vec<usize>, Option<UnderReplicated>), CacheError>> {
         let bounded = |fut| async move {
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(r) => r,
@@ -384,75 +470,130 @@ impl RedisCache {
             async move {
                 let (read, positions) = read?;
                 let (mut pipe, refused) = deletes::write(ops, &group.slots[0], &read, positions);
-                if let Some(confirm) = self.confirm {
-                    pipe.cmd("WAIT")
-                        .arg(confirm.replicas)
-                        .arg(confirm.timeout.as_millis() as u64);
-                }
+                let asked = self.to_ask(&None);
+                self.ask_confirmation(&mut pipe, asked);
                 if pipe.is_empty() {
-                    return Ok(refused);
+                    return Ok((refused, None));
                 }
-                let replies = tokio::time::timeout_at(deadline, send_idempotent(&mut conn, &pipe))
+                let confirmed = async {
+                    let replies = send_idempotent(&mut conn, &pipe).await?;
+                    self.confirmed(&mut conn, &None, asked, &replies).await
+                };
+                let short = tokio::time::timeout_at(deadline, confirmed)
                     .await
                     .map_err(|_| CacheError::Timeout(budget))??;
-                self.confirmed(&replies)?;
-                Ok(refused)
+                Ok((refused, short))
             }
         }))
         .await
     }
 
     /// The primaries' addresses by slot range, as the cluster reports them (`CLUSTER SLOTS`).
+    /// Asked of a node whose address is known (a primary of the last map, else the configured
+    /// endpoint, else any node), since an endpoint reported as NULL or "" means the node that
+    /// answered (see [`parse_slot_map`]).
     pub(super) async fn slot_map(
         &self,
         conn: &mut redis::cluster_async::ClusterConnection,
-    ) -> Result<Vec<(u16, u16, (String, u16))>, CacheError> {
+    ) -> Result<SlotMap, CacheError> {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-        let slots = || {
+        let slots = |route: SingleNodeRoutingInfo| {
             let mut conn = conn.clone();
             async move {
                 conn.route_command(
                     redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                    RoutingInfo::SingleNode(route),
                 )
                 .await
             }
         };
-        // Once more on a dead connection (a thawed environment), as any idempotent read.
-        let reply = match self.bounded(self.timeout, slots()).await {
-            Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
-                self.bounded(self.timeout, slots()).await?
+        let known = self
+            .last_primary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut answered = None;
+        for (host, port) in known.into_iter().chain([self.endpoint.clone()]) {
+            let route = SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port,
+            };
+            // A node the client has no connection to (the configuration endpoint's name is not
+            // one of the nodes'), or one gone since, is passed over.
+            if let Ok(reply) = self.bounded(self.timeout, slots(route)).await {
+                answered = Some((reply, host));
+                break;
             }
-            other => other?,
-        };
-        let unexpected = || CacheError::Unexpected(format!("CLUSTER SLOTS replied {reply:?}"));
-        let redis::Value::Array(ranges) = &reply else {
-            return Err(unexpected());
-        };
-        let mut map = Vec::with_capacity(ranges.len());
-        for range in ranges {
-            let redis::Value::Array(fields) = range else {
-                return Err(unexpected());
-            };
-            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
-                (fields.first(), fields.get(1))
-            else {
-                return Err(unexpected());
-            };
-            let Some(redis::Value::Array(primary)) = fields.get(2) else {
-                return Err(unexpected());
-            };
-            let host: String = primary
-                .first()
-                .and_then(|h| redis::from_redis_value(h.clone()).ok())
-                .ok_or_else(unexpected)?;
-            let Some(redis::Value::Int(port)) = primary.get(1) else {
-                return Err(unexpected());
-            };
-            map.push((*start as u16, *end as u16, (host, *port as u16)));
         }
+        let (reply, host) = match answered {
+            Some(answered) => answered,
+            None => {
+                // Any node; an endpoint it reports as NULL then resolves to the configured
+                // endpoint's host, as the client itself resolves it for the node it asked.
+                let random = || slots(SingleNodeRoutingInfo::Random);
+                // Once more on a dead connection (a thawed environment), as any idempotent read.
+                let reply = match self.bounded(self.timeout, random()).await {
+                    Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
+                        self.bounded(self.timeout, random()).await?
+                    }
+                    other => other?,
+                };
+                (reply, self.endpoint.0.clone())
+            }
+        };
+        let map = parse_slot_map(&reply, &host)?;
+        *self.last_primary.lock().unwrap_or_else(|e| e.into_inner()) =
+            map.first().map(|(_, _, node)| node.clone());
         Ok(map)
     }
+}
+
+/// The primaries by slot range of a `CLUSTER SLOTS` reply from a node whose host is
+/// `answering`. As redis-rs reads it (`cluster_handling/topology.rs`), and as the command's
+/// documentation says: a NULL or empty host (what `cluster-preferred-endpoint-type
+/// unknown-endpoint` reports), or a wildcard one (`0.0.0.0`, `::`), is the answering node's
+/// host, with the port reported; `?` is a node whose endpoint is unknown, and a range whose
+/// primary is unknown is left out (its ops go without a node address, as for slots not in
+/// the map).
+pub(super) fn parse_slot_map(
+    reply: &redis::Value,
+    answering: &str,
+) -> Result<SlotMap, CacheError> {
+    let unexpected = || CacheError::Unexpected(format!("CLUSTER SLOTS replied {reply:?}"));
+    let redis::Value::Array(ranges) = reply else {
+        return Err(unexpected());
+    };
+    let mut map = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let redis::Value::Array(fields) = range else {
+            return Err(unexpected());
+        };
+        let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+            (fields.first(), fields.get(1))
+        else {
+            return Err(unexpected());
+        };
+        let Some(redis::Value::Array(primary)) = fields.get(2) else {
+            return Err(unexpected());
+        };
+        let host = match primary.first() {
+            Some(redis::Value::Nil) => answering.to_owned(),
+            Some(h) => {
+                let host: String = redis::from_redis_value(h.clone()).map_err(|_| unexpected())?;
+                match host.as_str() {
+                    "" | "0.0.0.0" | "::" => answering.to_owned(),
+                    "?" => continue,
+                    _ => host,
+                }
+            }
+            None => return Err(unexpected()),
+        };
+        let Some(redis::Value::Int(port)) = primary.get(1) else {
+            return Err(unexpected());
+        };
+        map.push((*start as u16, *end as u16, (host, *port as u16)));
+    }
+    Ok(map)
 }
 
 /// The ops one pipeline carries: the node it goes to (on a cluster), and its ops by slot.
@@ -464,6 +605,31 @@ struct Group {
 impl Group {
     fn ops(&self) -> impl Iterator<Item = usize> + '_ {
         self.slots.iter().flatten().copied()
+    }
+}
+
+/// `base` with TCP keepalive probes after `idle` without traffic (and every `idle` after that):
+/// a connection a middle box dropped silently while the function was idle is found dead by the
+/// probes, not by a request that waits out its timeout on it.
+fn tcp_settings(
+    base: redis::io::tcp::TcpSettings,
+    idle: Option<Duration>,
+) -> redis::io::tcp::TcpSettings {
+    match idle {
+        Some(idle) => base.set_keepalive(
+            redis::io::tcp::socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(idle),
+        ),
+        None => base,
+    }
+}
+
+fn host_port(addr: &redis::ConnectionAddr) -> (String, u16) {
+    match addr {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
+        other => (other.to_string(), 0),
     }
 }
 
@@ -496,6 +662,28 @@ pub(super) async fn to_node(
     }
 }
 
+/// The replicas `INFO replication` lists as `state=online`: attached and streaming, so able to
+/// acknowledge a `WAIT`. One still loading its full sync (`wait_bgsave`, `send_bulk`) cannot.
+fn online_replicas(info: &redis::Value) -> Result<u32, CacheError> {
+    let text: String = redis::from_redis_value(info.clone())
+        .map_err(|e| CacheError::Unexpected(format!("INFO replication: {e}")))?;
+    Ok(text
+        .lines()
+        .filter(|line| {
+            line.strip_prefix("slave")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+                && line.split([':', ',']).any(|field| field == "state=online")
+        })
+        .count() as u32)
+}
+
+fn wait_reply(reply: &redis::Value) -> Result<i64, CacheError> {
+    match reply {
+        redis::Value::Int(n) => Ok(*n),
+        other => Err(CacheError::Unexpected(format!("WAIT replied {other:?}"))),
+    }
+}
+
 /// Sends a pipeline of idempotent commands, once more on a connection found dead (the server
 /// restarted or closed it while this process was idle or frozen); any error reply fails it.
 async fn send_idempotent(
@@ -521,6 +709,10 @@ fn is_dead_connection(e: &redis::RedisError) -> bool {
 /// Ops per pipeline on a single node: bounds one request's size, and what a failure of it
 /// leaves unknown.
 const CHUNK: usize = 1000;
+
+/// How late a server may end a `WAIT` past its timeout: blocked clients' timeouts are checked
+/// on the server's timer, every 100 ms at the default `hz` of 10.
+const WAIT_TICK: Duration = Duration::from_millis(100);
 
 /// How many groups of a batch are in flight at once.
 const IN_FLIGHT: usize = 64;
@@ -655,14 +847,20 @@ impl Cache for RedisCache {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let batch = format!("{:016x}", fastrand::u64(..));
-        let confirming = self.confirm.map_or(Duration::ZERO, |c| c.timeout);
+        // Up to two `WAIT`s (a second when a replica came back, see `confirmed`), each of which
+        // a server may end up to one of its timer ticks (100 ms at the default `hz` 10) late.
+        // A batch cut short here would never learn how many replicas its node has attached.
+        let confirming = self
+            .confirm
+            .map_or(Duration::ZERO, |c| 2 * (c.timeout + WAIT_TICK));
         let deadline = tokio::time::Instant::now() + budget + confirming;
         // A single node's deletes go without the script (`deletes.rs`).
         let scriptless = matches!(conn, Conn::Single(_))
             && groups
                 .iter()
                 .all(|g| g.slots.iter().all(|s| deletes::scriptless(ops, s)));
-        let outcomes: Vec<(Group, Result<Vec<usize>, CacheError>)> = if scriptless {
+        type Outcome = Result<(Vec<usize>, Option<UnderReplicated>), CacheError>;
+        let outcomes: Vec<(Group, Outcome)> = if scriptless {
             let outcomes = self
                 .apply_deletes(&conn, ops, &groups, deadline, budget + confirming)
                 .await;
@@ -686,10 +884,20 @@ impl Cache for RedisCache {
         };
         let mut failed = Vec::new();
         let mut refused = Vec::new();
+        let mut under_replicated: Vec<UnderReplicated> = Vec::new();
         let mut first_error = None;
         for (group, outcome) in outcomes {
             match outcome {
-                Ok(r) => refused.extend(r),
+                Ok((r, short)) => {
+                    refused.extend(r);
+                    // Once per node: a single node's chunks, or a node of several pipelines.
+                    if let Some(short) = short {
+                        match under_replicated.iter_mut().find(|u| u.node == short.node) {
+                            Some(known) => known.online = known.online.min(short.online),
+                            None => under_replicated.push(short),
+                        }
+                    }
+                }
                 Err(e) => {
                     // Not applied, or applied on a primary that no replica confirmed: a
                     // failover could still lose it, so it counts as not applied and Lambda
@@ -702,7 +910,10 @@ impl Cache for RedisCache {
         match first_error {
             None => {
                 refused.sort_unstable();
-                Ok(Applied { refused })
+                Ok(Applied {
+                    refused,
+                    under_replicated,
+                })
             }
             Some(source) => {
                 failed.sort_unstable();
@@ -756,5 +967,62 @@ impl RedisCache {
     pub async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
         let mut conn = self.conn().await?;
         self.bounded(self.timeout, conn.get(key)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::Value;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn range(start: i64, end: i64, host: Value, port: i64) -> Value {
+        let replica = Value::Array(vec![bulk("10.0.0.9"), Value::Int(7001), bulk("id2")]);
+        Value::Array(vec![
+            Value::Int(start),
+            Value::Int(end),
+            Value::Array(vec![host, Value::Int(port), bulk("id1")]),
+            replica,
+        ])
+    }
+
+    #[test]
+    fn a_slot_map_resolves_endpoints_as_redis_rs_does() {
+        let reply = Value::Array(vec![
+            range(0, 5460, bulk("10.0.0.1"), 7000),
+            range(5461, 10922, Value::Nil, 7002),
+            range(10923, 16000, bulk(""), 7004),
+            range(16001, 16100, bulk("0.0.0.0"), 7006),
+            range(16101, 16383, bulk("?"), 7008),
+        ]);
+        let map = super::parse_slot_map(&reply, "node-a.example").unwrap();
+        let at = |host: &str, port| (host.to_owned(), port);
+        assert_eq!(
+            map,
+            vec![
+                (0, 5460, at("10.0.0.1", 7000)),
+                (5461, 10922, at("node-a.example", 7002)),
+                (10923, 16000, at("node-a.example", 7004)),
+                (16001, 16100, at("node-a.example", 7006)),
+                // "?": unknown, left out rather than taken literally.
+            ]
+        );
+        assert!(super::parse_slot_map(&bulk("ERR"), "h").is_err());
+    }
+
+    #[test]
+    fn only_online_replicas_count() {
+        let info = bulk(
+            "# Replication\r\nrole:master\r\nconnected_slaves:3\r\n\
+             slave0:ip=10.0.0.2,port=6379,state=online,offset=100,lag=0\r\n\
+             slave1:ip=10.0.0.3,port=6379,state=wait_bgsave,offset=0,lag=0\r\n\
+             slave2:ip=10.0.0.4,port=6379,state=online,offset=90,lag=1\r\n\
+             master_failover_state:no-failover\r\nslave_read_only:1\r\n",
+        );
+        assert_eq!(super::online_replicas(&info).unwrap(), 2);
+        let none = bulk("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
+        assert_eq!(super::online_replicas(&none).unwrap(), 0);
     }
 }

@@ -52,6 +52,7 @@ enum Render {
 #[derive(Default)]
 struct PartsOutcome {
     refused: Vec<usize>,
+    under_replicated: Vec<crate::cache::UnderReplicated>,
     failed: Vec<usize>,
     first_error: Option<crate::cache::CacheError>,
 }
@@ -64,9 +65,11 @@ impl PartsOutcome {
         outcome: Result<crate::cache::Applied, crate::cache::BatchError>,
     ) {
         match outcome {
-            Ok(applied) => self
-                .refused
-                .extend(applied.refused.iter().map(|i| base + i)),
+            Ok(applied) => {
+                self.refused
+                    .extend(applied.refused.iter().map(|i| base + i));
+                self.under_replicated.extend(applied.under_replicated);
+            }
             Err(e) => {
                 self.failed.extend(e.failed.iter().map(|i| base + i));
                 self.first_error.get_or_insert(e.source);
@@ -79,6 +82,7 @@ impl PartsOutcome {
         match self.first_error {
             None => Ok(crate::cache::Applied {
                 refused: self.refused,
+                under_replicated: self.under_replicated,
             }),
             Some(source) => {
                 self.failed.sort_unstable();
@@ -157,7 +161,24 @@ impl<C: Cache> Invalidator<C> {
         // A refused (older) op is not a failure: the key already holds something newer.
         let mut refused = Vec::new();
         match self.apply_rendering(records, &mut ops, &decided_by).await {
-            Ok(applied) => refused = applied.refused,
+            Ok(applied) => {
+                refused = applied.refused;
+                // Acknowledged: every replica the node had confirmed it. Fewer than configured
+                // is a shard still short of replicas after a failover; only a second failure
+                // before its replica has synced can lose these writes.
+                for short in &applied.under_replicated {
+                    tracing::warn!(
+                        node = short.node,
+                        online = short.online,
+                        configured = short.wanted,
+                        "batch confirmed by fewer replicas than configured: the node has no more attached"
+                    );
+                }
+                if !applied.under_replicated.is_empty() {
+                    self.metrics
+                        .add(metrics::invalidator::BATCHES_UNDER_REPLICATED, 1);
+                }
+            }
             Err(e) => {
                 // The earliest record whose change is not known to be applied: the first
                 // record of each failed key. Every record before it either had its key applied
