@@ -16,6 +16,8 @@ pub struct FailingCache<C> {
     /// When a batch failed because a replica did not confirm it (`CacheError::Unconfirmed`):
     /// the game day requires none while a shard merely has fewer replicas than configured.
     pub unconfirmed: Mutex<Vec<std::time::Instant>>,
+    /// When a batch was acknowledged with a node confirmed by fewer replicas than configured.
+    pub under_replicated: Mutex<Vec<std::time::Instant>>,
 }
 
 impl<C> FailingCache<C> {
@@ -24,6 +26,7 @@ impl<C> FailingCache<C> {
             inner,
             armed: Mutex::new(None),
             unconfirmed: Mutex::default(),
+            under_replicated: Mutex::default(),
         }
     }
 
@@ -62,15 +65,16 @@ impl<C: Cache> Cache for FailingCache<C> {
         let armed = self.armed.lock().unwrap().take();
         let Some(prefix) = armed else {
             let applied = self.inner.apply(ops).await;
-            if let Err(BatchError {
-                source: CacheError::Unconfirmed { .. },
-                ..
-            }) = &applied
-            {
-                self.unconfirmed
-                    .lock()
-                    .unwrap()
-                    .push(std::time::Instant::now());
+            let log = match &applied {
+                Err(BatchError {
+                    source: CacheError::Unconfirmed { .. },
+                    ..
+                }) => Some(&self.unconfirmed),
+                Ok(a) if !a.under_replicated.is_empty() => Some(&self.under_replicated),
+                _ => None,
+            };
+            if let Some(log) = log {
+                log.lock().unwrap().push(std::time::Instant::now());
             }
             return applied;
         };

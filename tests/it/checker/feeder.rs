@@ -42,6 +42,8 @@ pub struct FeedOutcome {
     pub drained: bool,
     /// When batches failed for want of a replica's confirmation.
     pub unconfirmed: Vec<Nanos>,
+    /// When batches were acknowledged confirmed by fewer replicas than configured.
+    pub under_replicated: Vec<Nanos>,
 }
 
 /// What Lambda's event source mapping does: reads the stream, forms batches, invokes the
@@ -271,18 +273,25 @@ impl Feeder {
                 });
             }
         }
-        let mut unconfirmed: Vec<Nanos> = [Some(&self.invalidator), self.flipped.as_ref()]
-            .into_iter()
-            .flatten()
-            .flat_map(|i| i.cache().unconfirmed.lock().unwrap().clone())
-            .map(|t| clock.at(t))
-            .collect();
-        unconfirmed.sort_unstable();
+        let times =
+            |log: fn(&FailingCache<RedisCache>) -> &std::sync::Mutex<Vec<std::time::Instant>>| {
+                let mut at: Vec<Nanos> = [Some(&self.invalidator), self.flipped.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|i| log(i.cache()).lock().unwrap().clone())
+                    .map(|t| clock.at(t))
+                    .collect();
+                at.sort_unstable();
+                at
+            };
+        let unconfirmed = times(|c| &c.unconfirmed);
+        let under_replicated = times(|c| &c.under_replicated);
         FeedOutcome {
             acks,
             stats: self.stats,
             drained,
             unconfirmed,
+            under_replicated,
         }
     }
 

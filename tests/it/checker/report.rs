@@ -34,6 +34,9 @@ pub struct Report {
     /// shard was served by a primary with no replica (from a second after the promotion, when
     /// every client has the new topology, to the killed node's return).
     pub unconfirmed_while_short: Option<usize>,
+    /// On a game day: batches acknowledged under-replicated in that stretch (the promoted
+    /// replica, alone, confirmed by the replicas it had).
+    pub under_replicated_while_short: Option<usize>,
 }
 
 impl Report {
@@ -48,6 +51,11 @@ impl Report {
             self.unconfirmed_while_short,
             Some(0),
             "batches failed unconfirmed while a shard had no replica:\n{}",
+            self.text
+        );
+        assert!(
+            self.under_replicated_while_short.unwrap_or(0) > 0,
+            "no batch was acknowledged under-replicated while a shard had no replica:\n{}",
             self.text
         );
     }
@@ -217,17 +225,17 @@ impl Report {
             required.push(("failovers", 1));
             required.push(("primaries killed", 1));
         }
-        let unconfirmed_while_short = game_day.then(|| {
-            let short = windows
-                .iter()
-                .find(|w| w.what == "under-replicated")
-                .expect("the game day's under-replicated window");
+        let short = windows.iter().find(|w| w.what == "under-replicated");
+        let in_short = |times: &[Nanos]| {
+            let short = short.expect("the game day's under-replicated window");
             let settled = short.from + Duration::from_secs(1).as_nanos() as Nanos;
-            feed.unconfirmed
+            times
                 .iter()
                 .filter(|&&t| t > settled && t < short.to)
                 .count()
-        });
+        };
+        let unconfirmed_while_short = game_day.then(|| in_short(&feed.unconfirmed));
+        let under_replicated_while_short = game_day.then(|| in_short(&feed.under_replicated));
         if cfg.flip_version_attribute.is_some() {
             required.push(("version attribute flips", 2));
             required.push(("batches with the flipped version attribute", 1));
@@ -304,11 +312,13 @@ impl Report {
         let _ = writeln!(text, "  {latencies}");
         let _ = writeln!(text, "faults and feeder: {}", faults.line());
         let _ = writeln!(text, "  chaos: {}", chaos_events.join(", "));
-        if let Some(n) = unconfirmed_while_short {
+        if let (Some(n), Some(m)) = (unconfirmed_while_short, under_replicated_while_short) {
             let _ = writeln!(
                 text,
-                "  batches failed unconfirmed: {} in all, {n} while a shard had no replica",
-                feed.unconfirmed.len()
+                "  batches failed unconfirmed: {} in all, {n} while a shard had no replica; \
+                 acknowledged under-replicated: {} in all, {m} then",
+                feed.unconfirmed.len(),
+                feed.under_replicated.len()
             );
         }
         if let Some(around) = around {
@@ -362,6 +372,7 @@ impl Report {
             required,
             inspected,
             unconfirmed_while_short,
+            under_replicated_while_short,
         }
     }
 }

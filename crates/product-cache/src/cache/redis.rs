@@ -555,10 +555,7 @@ impl RedisCache {
 /// host, with the port reported; `?` is a node whose endpoint is unknown, and a range whose
 /// primary is unknown is left out (its ops go without a node address, as for slots not in
 /// the map).
-pub(super) fn parse_slot_map(
-    reply: &redis::Value,
-    answering: &str,
-) -> Result<SlotMap, CacheError> {
+pub(super) fn parse_slot_map(reply: &redis::Value, answering: &str) -> Result<SlotMap, CacheError> {
     let unexpected = || CacheError::Unexpected(format!("CLUSTER SLOTS replied {reply:?}"));
     let redis::Value::Array(ranges) = reply else {
         return Err(unexpected());
