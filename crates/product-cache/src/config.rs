@@ -120,6 +120,38 @@ pub struct RedisSettings {
     /// ElastiCache IAM authentication instead of an AUTH token: the user to authenticate as,
     /// with a token the function signs itself (`crate::iam`).
     pub iam: Option<IamSettings>,
+    /// The circuit breaker each process keeps per cache node (`cache/breaker.rs`).
+    pub breaker: BreakerSettings,
+}
+
+/// A cache node's circuit breaker (`REDIS_BREAKER_FAILURES`, `REDIS_BREAKER_OPEN_MS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive failed calls to a node (timeouts, failed connects, dropped connections)
+    /// after which its calls fail fast; 0 turns the breaker off.
+    pub failures: u32,
+    /// How long they fail fast before one trial call goes through. Short: a node's recovery is
+    /// noticed within it.
+    pub open_for: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failures: 3,
+            open_for: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl BreakerSettings {
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            failures: parsed(src, "REDIS_BREAKER_FAILURES", d.failures)?,
+            open_for: duration(src, "REDIS_BREAKER_OPEN_MS", d.open_for, Unit::Millis, true)?,
+        })
+    }
 }
 
 /// ElastiCache IAM authentication (`REDIS_IAM_USER`, `REDIS_IAM_REPLICATION_GROUP`). The
@@ -191,6 +223,7 @@ impl RedisSettings {
             confirm_timeout: Duration::from_millis(500),
             read_from_replicas: false,
             iam: None,
+            breaker: BreakerSettings::default(),
         }
     }
 
@@ -246,6 +279,7 @@ impl RedisSettings {
                 true,
             )?,
             read_from_replicas: parsed(src, "REDIS_READ_FROM_REPLICAS", d.read_from_replicas)?,
+            breaker: BreakerSettings::from_source(src)?,
             ..d
         })
         .and_then(|s: Self| {
@@ -496,6 +530,8 @@ mod tests {
         assert_eq!(s.redis.confirm_timeout, Duration::from_millis(500));
         assert!(!s.redis.read_from_replicas);
         assert_eq!(s.redis.iam, None);
+        assert_eq!(s.redis.breaker.failures, 3);
+        assert_eq!(s.redis.breaker.open_for, Duration::from_millis(1000));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -523,6 +559,8 @@ mod tests {
             ("REDIS_CONFIRM_REPLICAS", "2"),
             ("REDIS_CONFIRM_TIMEOUT_MS", "250"),
             ("REDIS_READ_FROM_REPLICAS", "true"),
+            ("REDIS_BREAKER_FAILURES", "5"),
+            ("REDIS_BREAKER_OPEN_MS", "250"),
             (
                 "REDIS_AUTH_SECRET_ARN",
                 "arn:aws:secretsmanager:us-east-1:1:secret:x",
@@ -551,6 +589,13 @@ mod tests {
         assert_eq!(s.redis.confirm_timeout, Duration::from_millis(250));
         assert!(s.redis.read_from_replicas);
         assert!(s.redis.auth_secret_arn.as_deref().unwrap().ends_with(":x"));
+        assert_eq!(
+            s.redis.breaker,
+            BreakerSettings {
+                failures: 5,
+                open_for: Duration::from_millis(250),
+            }
+        );
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Refresh);
     }
@@ -591,6 +636,18 @@ mod tests {
         bad("REDIS_IAM_USER", "-starts-with-a-hyphen");
         bad("REDIS_IAM_USER", "has space");
         bad("REDIS_IAM_REPLICATION_GROUP", "with/slash");
+        bad("REDIS_BREAKER_FAILURES", "-1");
+        bad("REDIS_BREAKER_FAILURES", "three");
+        bad("REDIS_BREAKER_OPEN_MS", "0");
+        bad("REDIS_BREAKER_OPEN_MS", "1s");
+    }
+
+    #[test]
+    fn zero_breaker_failures_turn_the_breaker_off() {
+        let env = [("REDIS_URL", "redis://h"), ("REDIS_BREAKER_FAILURES", "0")];
+        let s = RedisSettings::from_source(&env[..]).unwrap();
+        assert_eq!(s.breaker.failures, 0);
+        assert_eq!(s.breaker.open_for, BreakerSettings::default().open_for);
     }
 
     fn iam_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
