@@ -3,12 +3,12 @@
 //! Needs `redis-server` and `.venv/bin/moto_server` (`scripts/setup.sh` installs both).
 //! `TEST_LOG=debug` shows the handlers' logs.
 
+mod breaker;
 mod checker;
 mod cluster_and_auth;
 mod consistency;
 mod deferred_fill;
 mod end_to_end;
-mod failure_paths;
 mod freeze;
 mod iam;
 mod inspector;

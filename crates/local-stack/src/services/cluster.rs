@@ -341,6 +341,11 @@ impl RedisCluster {
         }
     }
 
+    /// The node listening on `port` (a real port, as [`ports`](Self::ports) lists them).
+    pub fn node(&self, port: u16) -> Option<&RedisServer> {
+        self.nodes.iter().find(|n| n.port() == port)
+    }
+
     /// The nodes' real ports (not delayed).
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()

@@ -63,6 +63,12 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's process id while it runs: a test can stall it (`SIGSTOP`) as a node that
+    /// stops answering without closing its connections, and resume it (`SIGCONT`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     /// `redis://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)

@@ -142,6 +142,13 @@ impl RedisCache {
         }
     }
 
+    /// The name of the breaker guarding `key` (`host:port` of its node, or the whole cluster's
+    /// until the slot map is known): for tests, which wait for the map before stalling a node.
+    #[cfg(feature = "test-support")]
+    pub fn breaker_node(&self, key: &str) -> String {
+        self.node_of(key)
+    }
+
     /// A background fetch of the slot map, if one is due.
     fn refresh_slot_map(&self) {
         let Nodes::Cluster { map, .. } = &*self.nodes else {
