@@ -9,6 +9,7 @@ mod cluster_and_auth;
 mod consistency;
 mod deferred_fill;
 mod end_to_end;
+mod failure_paths;
 mod freeze;
 mod iam;
 mod inspector;

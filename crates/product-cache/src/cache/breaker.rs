@@ -10,9 +10,13 @@
 //! failure opens it again for another interval. So a stalled node costs an environment a few
 //! timeouts, then one trial call per interval, and its recovery is noticed within an interval.
 //!
-//! Only what says the node is unreachable counts as a failure: a timeout, a failed or
-//! unfinished connect, a dropped connection, an I/O error. An error reply (NOSCRIPT, a script's
-//! error, READONLY, a refused ACL) proves the node answered and counts as a success.
+//! Only what says the node is unreachable counts as a failure: a timeout, a failed connect, a
+//! dropped connection, an I/O error. An error reply (NOSCRIPT, a script's error, READONLY, a
+//! refused ACL) proves the node answered and counts as a success. A call that gave up waiting
+//! for the first connection, still forming (a cold start), says nothing either way: that
+//! attempt has its own budget (`REDIS_CONNECT_TIMEOUT_MS`) and its failure counts when it comes;
+//! counting the waits would open the breaker on every slow cold start and send the environment's
+//! reads to the table for an interval after the connection was up.
 //!
 //! The state is per process (one Lambda execution environment), kept in memory: each
 //! environment finds out by itself, at the price of its own few timeouts.
@@ -30,7 +34,7 @@ use crate::config::BreakerSettings;
 /// Whether `e` says the node could not be reached, as opposed to an answer it sent.
 pub(super) fn is_node_failure(e: &CacheError) -> bool {
     match e {
-        CacheError::Timeout(_) | CacheError::Connecting(_) | CacheError::Connect(_) => true,
+        CacheError::Timeout(_) | CacheError::Connect(_) => true,
         CacheError::Redis(e) => {
             e.is_io_error()
                 || e.is_connection_dropped()
@@ -38,8 +42,31 @@ pub(super) fn is_node_failure(e: &CacheError) -> bool {
                 || e.is_connection_refusal()
                 || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
         }
-        CacheError::Unconfirmed { .. } | CacheError::Unexpected(_) | CacheError::BreakerOpen(_) => {
-            false
+        CacheError::Connecting(_)
+        | CacheError::Unconfirmed { .. }
+        | CacheError::Unexpected(_)
+        | CacheError::BreakerOpen(_) => false,
+    }
+}
+
+/// What a call's outcome says about its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// It answered (an error reply included).
+    Answered,
+    /// It could not be reached.
+    Failed,
+    /// Nothing: the call never reached the point of talking to it (see the module's doc).
+    Unknown,
+}
+
+impl Verdict {
+    fn of<T>(outcome: &Result<T, CacheError>) -> Self {
+        match outcome {
+            Ok(_) => Verdict::Answered,
+            Err(e) if is_node_failure(e) => Verdict::Failed,
+            Err(CacheError::Connecting(_) | CacheError::BreakerOpen(_)) => Verdict::Unknown,
+            Err(_) => Verdict::Answered,
         }
     }
 }
@@ -117,13 +144,20 @@ impl Breaker {
     }
 
     /// The outcome of a call admitted in `generation`.
-    fn record(&self, generation: u64, trial: bool, failed: bool) {
+    fn record(&self, generation: u64, trial: bool, verdict: Verdict) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.generation != generation {
             return;
         }
         let now = Instant::now();
         let open_for = self.settings.open_for;
+        // A trial that learnt nothing cannot close the breaker.
+        let failed = match verdict {
+            Verdict::Answered => false,
+            Verdict::Failed => true,
+            Verdict::Unknown if trial => true,
+            Verdict::Unknown => return,
+        };
         match (state.phase, trial, failed) {
             (Phase::Closed { .. }, false, false) => state.phase = Phase::Closed { failures: 0 },
             (Phase::Closed { failures }, false, true) => {
@@ -204,9 +238,8 @@ impl Permit {
 
     /// Records the call's outcome.
     pub fn record<T>(mut self, outcome: &Result<T, CacheError>) {
-        let failed = outcome.as_ref().err().is_some_and(is_node_failure);
         if let Some(breaker) = self.breaker.take() {
-            breaker.record(self.generation, self.trial, failed);
+            breaker.record(self.generation, self.trial, Verdict::of(outcome));
         }
     }
 }
@@ -215,7 +248,7 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(breaker) = self.breaker.take() {
             if self.trial {
-                breaker.record(self.generation, true, true);
+                breaker.record(self.generation, true, Verdict::Failed);
             }
         }
     }
@@ -439,6 +472,22 @@ mod tests {
             .unwrap()
             .record::<()>(&Err(CacheError::Redis(dropped)));
         assert!(open(&b), "a dropped connection is a failure");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_the_first_connection_says_nothing_but_fails_a_trial() {
+        let b = breaker(2);
+        let connecting = || Err::<(), _>(CacheError::Connecting(Duration::from_millis(100)));
+        fail(&b);
+        for _ in 0..5 {
+            b.admit().unwrap().record(&connecting());
+        }
+        assert_eq!(b.phase(), Phase::Closed { failures: 1 }, "counted or reset");
+        fail(&b);
+        assert!(open(&b));
+        tokio::time::advance(OPEN).await;
+        b.admit().unwrap().record(&connecting());
+        assert!(open(&b), "a trial that learnt nothing closed the breaker");
     }
 
     #[tokio::test(start_paused = true)]
