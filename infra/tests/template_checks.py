@@ -1074,7 +1074,10 @@ def check_checkov_skips(t: dict) -> list[str]:
 # crates/product-cache/src/metrics.rs and inspect.rs; `emitted_metrics_in_code` reads them back
 # from there so this list cannot drift.
 EMITTED = {
-    "read": {"Hits", "Misses", "Bypasses", "LeaseWaits", "LeaseWaitTime", "RefusedFills", "InvalidRequests"},
+    "read": {
+        "Hits", "Misses", "Bypasses", "BreakerBypasses", "LeaseWaits", "LeaseWaitTime", "RefusedFills",
+        "InvalidRequests",
+    },
     "invalidator": {
         "BatchSize", "RecordsApplied", "RecordsRefusedAsOlder", "RecordsSkippedMalformed",
         "RecordsFailed", "InvalidationLag", "BatchesUnderReplicated",
@@ -1489,7 +1492,8 @@ def check_dashboard(t: dict) -> list[str]:
                     problems.append(f"{where}: expression {e!r} uses ids {sorted(missing)} its widget lacks")
             expressions += widget_expressions
         wanted = {
-            "read": {("Hits", "Sum"), ("Misses", "Sum"), ("Bypasses", "Sum"), ("LeaseWaits", "Sum"), ("RefusedFills", "Sum")},
+            "read": {("Hits", "Sum"), ("Misses", "Sum"), ("Bypasses", "Sum"), ("BreakerBypasses", "Sum"),
+                     ("LeaseWaits", "Sum"), ("RefusedFills", "Sum")},
             "invalidator": {("InvalidationLag", "p50"), ("InvalidationLag", "p99"), ("InvalidationLag", "Maximum"),
                             ("BatchSize", "Average"), ("RecordsApplied", "Sum"), ("RecordsRefusedAsOlder", "Sum"),
                             ("RecordsSkippedMalformed", "Sum"), ("RecordsFailed", "Sum")},

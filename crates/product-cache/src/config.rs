@@ -124,6 +124,38 @@ pub struct RedisSettings {
     /// (`REDIS_TCP_KEEPALIVE_SECS`, 0 = off): a connection a middle box dropped while the
     /// function sat idle is found dead by the probes rather than by a request's timeout.
     pub tcp_keepalive: Option<Duration>,
+    /// The circuit breaker each process keeps per cache node (`cache/breaker.rs`).
+    pub breaker: BreakerSettings,
+}
+
+/// A cache node's circuit breaker (`REDIS_BREAKER_FAILURES`, `REDIS_BREAKER_OPEN_MS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive failed calls to a node (timeouts, failed connects, dropped connections)
+    /// after which its calls fail fast; 0 turns the breaker off.
+    pub failures: u32,
+    /// How long they fail fast before one trial call goes through. Short: a node's recovery is
+    /// noticed within it.
+    pub open_for: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failures: 3,
+            open_for: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl BreakerSettings {
+    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            failures: parsed(src, "REDIS_BREAKER_FAILURES", d.failures)?,
+            open_for: duration(src, "REDIS_BREAKER_OPEN_MS", d.open_for, Unit::Millis, true)?,
+        })
+    }
 }
 
 /// ElastiCache IAM authentication (`REDIS_IAM_USER`, `REDIS_IAM_REPLICATION_GROUP`). The
@@ -196,6 +228,7 @@ impl RedisSettings {
             read_from_replicas: false,
             iam: None,
             tcp_keepalive: Some(Duration::from_secs(30)),
+            breaker: BreakerSettings::default(),
         }
     }
 
@@ -259,6 +292,7 @@ impl RedisSettings {
                 false,
             )?)
             .filter(|idle| !idle.is_zero()),
+            breaker: BreakerSettings::from_source(src)?,
             ..d
         })
         .and_then(|s: Self| {
@@ -565,6 +599,8 @@ mod tests {
         assert_eq!(s.table_timeouts.attempt, Duration::from_millis(1000));
         assert_eq!(s.table_timeouts.operation, Duration::from_millis(3000));
         assert_eq!(s.redis.tcp_keepalive, Some(Duration::from_secs(30)));
+        assert_eq!(s.redis.breaker.failures, 3);
+        assert_eq!(s.redis.breaker.open_for, Duration::from_millis(1000));
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
         assert_eq!(i.mode, InvalidationMode::Delete);
     }
@@ -595,6 +631,8 @@ mod tests {
             ("DYNAMODB_ATTEMPT_TIMEOUT_MS", "400"),
             ("DYNAMODB_TIMEOUT_MS", "1500"),
             ("REDIS_TCP_KEEPALIVE_SECS", "45"),
+            ("REDIS_BREAKER_FAILURES", "5"),
+            ("REDIS_BREAKER_OPEN_MS", "250"),
             (
                 "REDIS_AUTH_SECRET_ARN",
                 "arn:aws:secretsmanager:us-east-1:1:secret:x",
@@ -629,6 +667,13 @@ mod tests {
             AwsTimeouts {
                 attempt: Duration::from_millis(400),
                 operation: Duration::from_millis(1500),
+            }
+        );
+        assert_eq!(
+            s.redis.breaker,
+            BreakerSettings {
+                failures: 5,
+                open_for: Duration::from_millis(250),
             }
         );
         let i = InvalidatorSettings::from_source(&env[..]).unwrap();
@@ -676,6 +721,10 @@ mod tests {
         bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "0");
         bad("DYNAMODB_TIMEOUT_MS", "3s");
         bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "3001"); // over the operation's default 3000
+        bad("REDIS_BREAKER_FAILURES", "-1");
+        bad("REDIS_BREAKER_FAILURES", "three");
+        bad("REDIS_BREAKER_OPEN_MS", "0");
+        bad("REDIS_BREAKER_OPEN_MS", "1s");
     }
 
     #[test]
@@ -688,6 +737,14 @@ mod tests {
             RedisSettings::from_source(&env[..]).unwrap().tcp_keepalive,
             None
         );
+    }
+
+    #[test]
+    fn zero_breaker_failures_turn_the_breaker_off() {
+        let env = [("REDIS_URL", "redis://h"), ("REDIS_BREAKER_FAILURES", "0")];
+        let s = RedisSettings::from_source(&env[..]).unwrap();
+        assert_eq!(s.breaker.failures, 0);
+        assert_eq!(s.breaker.open_for, BreakerSettings::default().open_for);
     }
 
     fn iam_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {

@@ -64,6 +64,9 @@ pub mod read {
     pub const MISSES: Metric = Metric::count("Misses");
     /// Redis failed or timed out; answered from the table without it.
     pub const BYPASSES: Metric = Metric::count("Bypasses");
+    /// Of those, the ones that did not even try Redis: the circuit breaker of the key's node
+    /// was open (the node had just failed several calls in a row).
+    pub const BREAKER_BYPASSES: Metric = Metric::count("BreakerBypasses");
     /// Requests that found another reader's lease and waited for its fill.
     pub const LEASE_WAITS: Metric = Metric::count("LeaseWaits");
     /// Time those requests spent waiting (summed per invocation).
@@ -73,10 +76,11 @@ pub mod read {
     /// Requests with an id that is not one (answered 400; not a cache event).
     pub const INVALID_REQUESTS: Metric = Metric::count("InvalidRequests");
 
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 8] = [
         HITS,
         MISSES,
         BYPASSES,
+        BREAKER_BYPASSES,
         LEASE_WAITS,
         LEASE_WAIT_TIME,
         REFUSED_FILLS,

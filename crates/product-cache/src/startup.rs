@@ -78,6 +78,7 @@ impl RedisCache {
                 timeout: redis.confirm_timeout,
             }),
             read_from_replicas: redis.read_from_replicas,
+            breaker: redis.breaker,
             guards: cache.guards(),
             credentials: match &redis.iam {
                 Some(iam) => Some(crate::iam::IamCredentials::from_sdk(iam, sdk)?),

@@ -276,19 +276,12 @@ impl RedisCluster {
     /// open and nothing answers. Longer than `cluster-node-timeout`, a stalled primary is
     /// failed over to its replica, and rejoins as a replica once resumed.
     pub fn stall(&self, port: u16) {
-        self.node(port).stall();
+        self.node(port).expect("a node of this cluster").stall();
     }
 
     /// Lets a stalled node go on.
     pub fn resume(&self, port: u16) {
-        self.node(port).resume();
-    }
-
-    fn node(&self, port: u16) -> &RedisServer {
-        self.nodes
-            .iter()
-            .find(|n| n.port() == port)
-            .expect("a node of this cluster")
+        self.node(port).expect("a node of this cluster").resume();
     }
 
     /// Cuts `replica`'s replication link and keeps it cut, as a partition between a primary and
@@ -370,6 +363,11 @@ impl RedisCluster {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// The node listening on `port` (a real port, as [`ports`](Self::ports) lists them).
+    pub fn node(&self, port: u16) -> Option<&RedisServer> {
+        self.nodes.iter().find(|n| n.port() == port)
     }
 
     /// The nodes' real ports (not delayed).

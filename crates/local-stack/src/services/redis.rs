@@ -63,6 +63,12 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's process id while it runs: a test can stall it (`SIGSTOP`) as a node that
+    /// stops answering without closing its connections, and resume it (`SIGCONT`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     /// `redis://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -87,8 +93,7 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: libc::c_int) {
-        let pid = self.child.as_ref().and_then(Child::id);
-        if let Some(pid) = pid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+        if let Some(pid) = self.pid().and_then(|p| libc::pid_t::try_from(p).ok()) {
             // SAFETY: kill(2) on our own child's pid, which tokio has not reaped (it is running).
             unsafe { libc::kill(pid, signal) };
         }

@@ -1,10 +1,10 @@
 //! An in-memory [`Cache`] for unit tests (feature `test-support`): the same semantics as the
-//! scripts, no TTLs, and the failures the tests inject (all calls, some keys of a batch, a lost
-//! probe reply, refused fills) as switches rather than wrappers around it.
+//! scripts, no TTLs, and the failures the tests inject (all calls, an open breaker, some keys of
+//! a batch, a lost probe reply, refused fills) as switches rather than wrappers around it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Applied, BatchError, Cache, CacheError, CacheOp, Fill, OpKind, Order, Probe};
@@ -13,10 +13,13 @@ use super::{Applied, BatchError, Cache, CacheError, CacheOp, Fill, OpKind, Order
 pub struct MemoryCache {
     // A std Mutex: it is never held across an await.
     pub entries: Mutex<HashMap<String, (String, Duration)>>,
-    pub leases: Mutex<HashMap<String, String>>,
+    /// Shared with the release futures, which hand a lease back when awaited, as Redis's do.
+    pub leases: Arc<Mutex<HashMap<String, String>>>,
     pub versions: Mutex<HashMap<String, Order>>,
     /// Every call fails.
     pub fail: AtomicBool,
+    /// Every call fails at once, as through a node's open circuit breaker.
+    pub breaker_open: AtomicBool,
     /// A batch's ops on these keys fail; the others are applied.
     pub fail_keys: Mutex<Vec<String>>,
     /// A probe is carried out, but its reply is lost: the caller sees a timeout.
@@ -29,6 +32,9 @@ pub struct MemoryCache {
 impl MemoryCache {
     fn enter(&self) -> Result<(), CacheError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.breaker_open.load(Ordering::SeqCst) {
+            return Err(CacheError::BreakerOpen("memory".into()));
+        }
         if self.fail.load(Ordering::SeqCst) {
             Err(CacheError::Unexpected("injected failure".into()))
         } else {
@@ -105,13 +111,16 @@ impl Cache for MemoryCache {
         key: &str,
         token: &str,
     ) -> impl std::future::Future<Output = Result<(), CacheError>> + Send + 'static {
-        let result = self.enter().map(|()| {
-            let mut leases = self.leases.lock().unwrap();
-            if leases.get(key).map(String::as_str) == Some(token) {
-                leases.remove(key);
+        let entered = self.enter();
+        let (leases, key, token) = (Arc::clone(&self.leases), key.to_owned(), token.to_owned());
+        async move {
+            entered?;
+            let mut leases = leases.lock().unwrap();
+            if leases.get(&key) == Some(&token) {
+                leases.remove(&key);
             }
-        });
-        std::future::ready(result)
+            Ok(())
+        }
     }
 
     async fn apply(&self, ops: &[CacheOp]) -> Result<Applied, BatchError> {

@@ -19,6 +19,8 @@
 //! # Layout
 //! - this file: the values that cross the [`Cache`] trait, and the key names.
 //! - `redis.rs`: [`RedisCache`], the trait over a single node or a cluster, with timeouts.
+//! - `breaker.rs`: a circuit breaker per node, so a stalled node costs a few timeouts, not one
+//!   per call; `nodes.rs`: which node a key is on (a cluster's slot map), for its breaker.
 //! - `deletes.rs`: a single node's batch of deletes as plain commands, with the script's rules.
 //! - `slots.rs`: Redis Cluster hash slots, and the epoch key of each.
 //! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering
@@ -30,11 +32,13 @@
 use std::future::Future;
 use std::time::Duration;
 
+mod breaker;
 mod connect;
 mod deletes;
 mod inspect;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
+mod nodes;
 mod redis;
 mod scripts;
 pub mod slots;
@@ -218,6 +222,9 @@ pub enum CacheError {
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
+    /// The node's circuit breaker is open: the call was not made (see `breaker.rs`).
+    #[error("the circuit breaker of cache node {0} is open; not called")]
+    BreakerOpen(String),
 }
 
 /// A batch applied in full: which of its ops Redis refused as older than what their key had

@@ -9,8 +9,10 @@ use futures::{FutureExt as _, StreamExt as _};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
+use super::breaker::Breakers;
 use super::connect::Connector;
 use super::deletes;
+use super::nodes::Nodes;
 use super::scripts::scripts;
 use super::slots::{self, slot_of};
 use super::VERSION_TTL;
@@ -88,6 +90,8 @@ pub(crate) struct Options {
     pub credentials: Option<crate::iam::IamCredentials>,
     /// Idle time before TCP keepalive probes start on every connection; `None` leaves them off.
     pub tcp_keepalive: Option<Duration>,
+    /// A circuit breaker per node (`breaker.rs`).
+    pub breaker: crate::config::BreakerSettings,
 }
 
 /// How many replicas confirm a batch, and how long that may take.
@@ -115,6 +119,9 @@ pub struct RedisCache {
     endpoint: (String, u16),
     /// A primary of the last slot map, to ask for the next (see `slot_map`).
     last_primary: std::sync::Arc<std::sync::Mutex<Option<(String, u16)>>>,
+    /// Each node's circuit breaker, and which node a key is on (a cluster's slot map, kept).
+    pub(super) breakers: std::sync::Arc<Breakers>,
+    pub(super) nodes: std::sync::Arc<Nodes>,
 }
 
 /// A node a pipeline goes to: a primary's address on a cluster, `None` for the single node.
@@ -135,6 +142,7 @@ impl RedisCache {
             Some(pem) => redis::Client::build_with_tls(info, certificates(pem))?,
             None => redis::Client::open(info)?,
         };
+        let nodes = Nodes::single(&client.get_connection_info().addr().to_string());
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             // No response timeout on the connection: it would apply to a whole pipeline, and a
@@ -157,7 +165,7 @@ impl RedisCache {
             }
             .boxed()
         });
-        Ok(Self::with(connector, &options, endpoint))
+        Ok(Self::with(connector, &options, endpoint, nodes))
     }
 
     /// A Redis Cluster reached through `url` (the ElastiCache configuration endpoint). It
@@ -187,14 +195,24 @@ impl RedisCache {
             builder = builder.set_credentials_provider(credentials);
         }
         let client = builder.build()?;
+        let nodes = Nodes::cluster(
+            &redis::IntoConnectionInfo::into_connection_info(url)?
+                .addr()
+                .to_string(),
+        );
         let connector = Connector::start(move || {
             let client = client.clone();
             async move { client.get_async_connection().await.map(Conn::Cluster) }.boxed()
         });
-        Ok(Self::with(connector, &options, endpoint))
+        Ok(Self::with(connector, &options, endpoint, nodes))
     }
 
-    fn with(connector: Connector<Conn>, options: &Options, endpoint: (String, u16)) -> Self {
+    fn with(
+        connector: Connector<Conn>,
+        options: &Options,
+        endpoint: (String, u16),
+        nodes: Nodes,
+    ) -> Self {
         Self {
             connector: std::sync::Arc::new(connector),
             timeout: options.timeout,
@@ -204,6 +222,8 @@ impl RedisCache {
             attached: Default::default(),
             endpoint,
             last_primary: Default::default(),
+            breakers: std::sync::Arc::new(Breakers::new(options.breaker)),
+            nodes: std::sync::Arc::new(nodes),
         }
     }
 
@@ -719,52 +739,59 @@ impl Cache for RedisCache {
     /// Only when it finds nothing does the probe script run, which looks again and takes the
     /// lease atomically, so a fill racing an invalidation is still caught.
     async fn probe(&self, key: &str, token: &str, lease: Duration) -> Result<Probe, CacheError> {
-        let mut conn = self.conn().await?;
-        let cached: Option<String> = match self.bounded(self.timeout, conn.get(key)).await {
-            Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
-                self.bounded(self.timeout, conn.get(key)).await?
+        // Through the key's node's breaker: while it is open, no I/O at all.
+        let probe = async {
+            let mut conn = self.conn().await?;
+            let cached: Option<String> = match self.bounded(self.timeout, conn.get(key)).await {
+                Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
+                    self.bounded(self.timeout, conn.get(key)).await?
+                }
+                other => other?,
+            };
+            if let Some(value) = cached {
+                return Ok(Probe::Hit(value));
             }
-            other => other?,
+            let mut invocation = scripts().probe.key(key);
+            invocation
+                .key(lease_key(key))
+                .arg(token)
+                .arg(lease.as_millis().max(1) as u64)
+                .arg(flag(self.guards.leases));
+            let (tag, value): (u8, Option<String>) = self
+                .bounded(self.timeout, invocation.invoke_async(&mut conn))
+                .await?;
+            match (tag, value) {
+                (1, Some(v)) => Ok(Probe::Hit(v)),
+                (2, _) => Ok(Probe::Lease),
+                (3, _) => Ok(Probe::Wait),
+                other => Err(CacheError::Unexpected(format!("probe replied {other:?}"))),
+            }
         };
-        if let Some(value) = cached {
-            return Ok(Probe::Hit(value));
-        }
-        let mut invocation = scripts().probe.key(key);
-        invocation
-            .key(lease_key(key))
-            .arg(token)
-            .arg(lease.as_millis().max(1) as u64)
-            .arg(flag(self.guards.leases));
-        let (tag, value): (u8, Option<String>) = self
-            .bounded(self.timeout, invocation.invoke_async(&mut conn))
-            .await?;
-        match (tag, value) {
-            (1, Some(v)) => Ok(Probe::Hit(v)),
-            (2, _) => Ok(Probe::Lease),
-            (3, _) => Ok(Probe::Wait),
-            other => Err(CacheError::Unexpected(format!("probe replied {other:?}"))),
-        }
+        self.guarded(key, probe).await
     }
 
     fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static {
         let this = self.clone();
         async move {
-            let mut conn = this.conn().await?;
-            let mut invocation = scripts().fill.key(&fill.key);
-            invocation
-                .key(lease_key(&fill.key))
-                .key(version_key(&fill.key))
-                .arg(&fill.token)
-                .arg(&fill.value)
-                .arg(secs(fill.ttl))
-                .arg(fill.order.as_ref().map(Order::encode).unwrap_or_default())
-                .arg(secs(VERSION_TTL.max(fill.ttl)))
-                .arg(flag(this.guards.leases))
-                .arg(flag(this.guards.ordering));
-            let written: u8 = this
-                .bounded(this.timeout, invocation.invoke_async(&mut conn))
-                .await?;
-            Ok(written == 1)
+            let write = async {
+                let mut conn = this.conn().await?;
+                let mut invocation = scripts().fill.key(&fill.key);
+                invocation
+                    .key(lease_key(&fill.key))
+                    .key(version_key(&fill.key))
+                    .arg(&fill.token)
+                    .arg(&fill.value)
+                    .arg(secs(fill.ttl))
+                    .arg(fill.order.as_ref().map(Order::encode).unwrap_or_default())
+                    .arg(secs(VERSION_TTL.max(fill.ttl)))
+                    .arg(flag(this.guards.leases))
+                    .arg(flag(this.guards.ordering));
+                let written: u8 = this
+                    .bounded(this.timeout, invocation.invoke_async(&mut conn))
+                    .await?;
+                Ok(written == 1)
+            };
+            this.guarded(&fill.key, write).await
         }
     }
 
@@ -775,12 +802,15 @@ impl Cache for RedisCache {
     ) -> impl Future<Output = Result<(), CacheError>> + Send + 'static {
         let (this, key, token) = (self.clone(), key.to_owned(), token.to_owned());
         async move {
-            let mut conn = this.conn().await?;
-            let mut invocation = scripts().release.key(lease_key(&key));
-            invocation.arg(&token);
-            this.bounded(this.timeout, invocation.invoke_async::<u8>(&mut conn))
-                .await
-                .map(drop)
+            let release = async {
+                let mut conn = this.conn().await?;
+                let mut invocation = scripts().release.key(lease_key(&key));
+                invocation.arg(&token);
+                this.bounded(this.timeout, invocation.invoke_async::<u8>(&mut conn))
+                    .await
+                    .map(drop)
+            };
+            this.guarded(&key, release).await
         }
     }
 
@@ -815,7 +845,7 @@ impl Cache for RedisCache {
                 .collect(),
             Conn::Cluster(cluster) => {
                 // One pipeline per primary, so its `WAIT` follows its writes on one connection.
-                let map = match self.slot_map(&mut cluster.clone()).await {
+                let map = match self.batch_slot_map(&mut cluster.clone()).await {
                     Ok(map) => map,
                     Err(e) => return Err(BatchError::all(ops.len(), e)),
                 };
@@ -840,6 +870,16 @@ impl Cache for RedisCache {
                     .collect()
             }
         };
+        // Each node through its breaker: the groups for a node whose breaker is open fail now,
+        // unsent, and every other node's go ahead.
+        let mut permits = self.batch_permits();
+        let (groups, unsent): (Vec<Group>, Vec<Group>) = groups
+            .into_iter()
+            .partition(|g| permits.admit(&self.group_node(g.node.as_ref())));
+        let unsent = unsent.into_iter().map(|g| {
+            let node = self.group_node(g.node.as_ref());
+            (g, Err(CacheError::BreakerOpen(node)))
+        });
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -883,7 +923,8 @@ impl Cache for RedisCache {
         let mut refused = Vec::new();
         let mut under_replicated: Vec<UnderReplicated> = Vec::new();
         let mut first_error = None;
-        for (group, outcome) in outcomes {
+        for (group, outcome) in outcomes.into_iter().chain(unsent) {
+            permits.note(&self.group_node(group.node.as_ref()), &outcome);
             match outcome {
                 Ok((r, short)) => {
                     refused.extend(r);
@@ -904,6 +945,7 @@ impl Cache for RedisCache {
                 }
             }
         }
+        self.finish_batch(permits);
         match first_error {
             None => {
                 refused.sort_unstable();

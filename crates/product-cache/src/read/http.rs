@@ -235,6 +235,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_open_breaker_is_a_bypass_without_fill_lease_or_release() {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rp = read_path().with_metrics(
+            crate::metrics::MetricsSettings::default(),
+            crate::metrics::Sink::Memory(lines.clone()),
+        );
+        rp.cache.breaker_open.store(true, Ordering::SeqCst);
+        let (code, xc, body) = call(&rp, "GET", "/products/kb-001").await;
+        assert_eq!(
+            (code, xc.as_str(), &body["price"]),
+            (200, "bypass", &serde_json::json!(129.99))
+        );
+        // The probe only: no fill, no release after it.
+        assert_eq!(rp.cache.calls.load(Ordering::SeqCst), 1);
+        assert!(rp.cache.leases.lock().unwrap().is_empty());
+        let line: serde_json::Value = serde_json::from_str(&lines.lock().unwrap()[0]).unwrap();
+        assert_eq!(
+            (&line["Bypasses"], &line["BreakerBypasses"], &line["Misses"]),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!(1),
+                &serde_json::json!(0)
+            ),
+            "{line}"
+        );
+        // Another failure is a bypass, but not the breaker's.
+        rp.cache.breaker_open.store(false, Ordering::SeqCst);
+        rp.cache.fail.store(true, Ordering::SeqCst);
+        assert_eq!(call(&rp, "GET", "/products/kb-001").await.1, "bypass");
+        let line: serde_json::Value = serde_json::from_str(&lines.lock().unwrap()[1]).unwrap();
+        assert_eq!(
+            (&line["Bypasses"], &line["BreakerBypasses"]),
+            (&serde_json::json!(1), &serde_json::json!(0)),
+            "{line}"
+        );
+    }
+
+    #[tokio::test]
     async fn http_edge_maps_every_outcome_to_json() {
         let rp = read_path();
         let (code, xc, body) = call(&rp, "GET", "/products/kb-001").await;

@@ -167,6 +167,8 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         let waited_since = tokio::time::Instant::now();
         let mut waited = false;
         let mut backoff = Duration::from_millis(2);
+        // A lease to hand back although the probe failed (its reply may have been lost).
+        let mut hand_back = None;
         let (status, holds_lease) = loop {
             match self.cache.probe(&key, &token, self.settings.lease).await {
                 Ok(Probe::Hit(cached)) => {
@@ -194,13 +196,22 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                     tokio::time::sleep(backoff.min(left)).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
+                Err(CacheError::BreakerOpen(_)) => {
+                    // The key's node failed its last calls: not asked at all, so no lease was
+                    // taken and none is handed back. No warning per read: the breaker logs its
+                    // opening and closing once.
+                    self.metrics.incr(metrics::read::BREAKER_BYPASSES);
+                    break (CacheStatus::Bypass, false);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, key, "cache read failed; answering from the table");
                     if matches!(e, CacheError::Timeout(_)) {
                         // The reply may have been lost after Redis granted the lease: hand it
-                        // back in the background, so Redis's trouble costs this answer nothing
-                        // more and the next reader does not wait for the lease to lapse.
-                        tokio::spawn(self.cache.release(&key, &token));
+                        // back after the answer, so Redis's trouble costs this answer nothing
+                        // more and the next reader does not wait for the lease to lapse. In
+                        // the after-work, not a spawned task: on Lambda that would be frozen
+                        // with the environment, lease and all, as soon as the answer is out.
+                        hand_back = Some(self.cache.release(&key, &token));
                     }
                     break (CacheStatus::Bypass, false);
                 }
@@ -225,21 +236,14 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             Err(e) => {
                 // Nothing to fill with: hand the lease back, or every reader of this key waits
                 // out `LEASE_MS` while the table fails, even after it has recovered.
-                let after = if holds_lease {
-                    let release = self.cache.release(&key, &token);
-                    AfterAnswer::run(async move {
-                        if let Err(e) = release.await {
-                            tracing::warn!(error = %e, "handing the lease back failed");
-                        }
-                    })
-                } else {
-                    AfterAnswer::nothing()
-                };
-                return (status, Err(e), after);
+                if holds_lease {
+                    hand_back = Some(self.cache.release(&key, &token));
+                }
+                return (status, Err(e), handing_back(hand_back));
             }
         };
         if !holds_lease {
-            return (status, Ok(lookup), AfterAnswer::nothing());
+            return (status, Ok(lookup), handing_back(hand_back));
         }
         let (value, ttl) = match &lookup {
             Lookup::Found(doc) => (doc.as_str().to_owned(), self.settings.ttl),
@@ -295,6 +299,25 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             _ => None,
         }
     }
+}
+
+/// The after-work of an answer that will not fill: handing back `lease`, if there is one.
+fn handing_back(
+    lease: Option<impl Future<Output = Result<(), CacheError>> + Send + 'static>,
+) -> AfterAnswer {
+    let Some(release) = lease else {
+        return AfterAnswer::nothing();
+    };
+    AfterAnswer::run(async move {
+        match release.await {
+            Ok(()) => {}
+            // Its node has just failed several calls: the lease lapses after `LEASE_MS`.
+            Err(e @ CacheError::BreakerOpen(_)) => {
+                tracing::debug!(error = %e, "lease not handed back")
+            }
+            Err(e) => tracing::warn!(error = %e, "handing the lease back failed"),
+        }
+    })
 }
 
 fn lookup_of(cached: String) -> Lookup {
@@ -378,6 +401,33 @@ mod tests {
         assert!(
             rp.cache.leases.lock().unwrap().is_empty(),
             "the lease was kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_lease_hand_back_after_a_lost_probe_reply_rides_in_the_after_work() {
+        let rp = read_path();
+        rp.cache.lose_probe_replies.store(true, Ordering::SeqCst);
+        let (status, r, after) = rp.answer("kb-001").await;
+        assert_eq!(status, CacheStatus::Bypass);
+        assert!(matches!(r.unwrap(), Lookup::Found(_)));
+        assert!(after.is_pending(), "no hand-back left to the after-work");
+        // Yield to anything spawned: nothing may hand the lease back behind the after-work.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            rp.cache
+                .leases
+                .lock()
+                .unwrap()
+                .contains_key("product:kb-001"),
+            "the lease was handed back outside the after-work"
+        );
+        after.await;
+        assert!(
+            rp.cache.leases.lock().unwrap().is_empty(),
+            "the after-work kept the lease"
         );
     }
 
