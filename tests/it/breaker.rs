@@ -397,3 +397,99 @@ async fn on_a_cluster_only_the_stalled_primarys_keys_bypass_and_fail() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Fencing: the breaker's trial is the first call to a node that had stopped answering, which
+/// may be a primary replaced while it stalled, answering from its old data before it learns
+/// so. The trial's hit is not served (the read answers from the table), though it closes the
+/// breaker: the next read hits.
+#[tokio::test]
+async fn the_first_answer_of_a_node_that_stalled_is_not_served() {
+    let breaker = BreakerSettings {
+        open_for: Duration::from_millis(200),
+        ..BreakerSettings::default()
+    };
+    let (_env, redis, read, lines) = single_node(breaker).await;
+    {
+        let _stalled = Stalled::new(redis.server());
+        let mut reads = 0;
+        while get(&read, &lines, "kb-001").await.2 == 0 {
+            reads += 1;
+            assert!(reads <= breaker.failures, "the breaker never opened");
+        }
+    }
+    // Resumed, and the interval over (a time, not a condition): the next read is the trial.
+    tokio::time::sleep(breaker.open_for).await;
+    let (x_cache, price, breaker_bypass) = get(&read, &lines, "kb-001").await;
+    assert_eq!(
+        (x_cache.as_str(), &price, breaker_bypass),
+        ("bypass", &json!(129.99), 1),
+        "the trial's answer was served"
+    );
+    // The node did answer it: the document was there all along, and the breaker has closed.
+    let mut conn = node_conn(redis.server().port()).await;
+    let cached: Option<String> = redis::cmd("GET")
+        .arg("product:kb-001")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(cached.is_some(), "the document was not cached");
+    let (x_cache, _, breaker_bypass) = get(&read, &lines, "kb-001").await;
+    assert_eq!((x_cache.as_str(), breaker_bypass), ("hit", 0));
+}
+
+/// Fencing for batches: a primary with no replica attached is taken at its word (a promoted
+/// replica alone), except on the breaker's trial, when it may be a demoted primary that has not
+/// heard yet: then the batch needs every replica configured, fails, and is delivered again; the
+/// next batch, the node caught up, is acknowledged under-replicated as before.
+#[tokio::test]
+async fn a_stalled_nodes_first_batch_needs_every_configured_replica() {
+    let env = TestEnv::new(Delete).await;
+    let primary = RedisServer::start().await.unwrap();
+    let breaker = BreakerSettings {
+        open_for: Duration::from_millis(200),
+        ..BreakerSettings::default()
+    };
+    let redis = RedisSettings {
+        confirm_replicas: 1,
+        confirm_timeout: Duration::from_millis(200),
+        breaker,
+        ..RedisSettings::new(primary.url())
+    };
+    let invalidator = Invalidator::build(
+        InvalidatorSettings {
+            redis,
+            mode: Delete,
+            cache: CacheSettings::default(),
+        },
+        &env.sdk,
+    )
+    .await
+    .unwrap();
+    let ops = vec![CacheOp::delete("product:kb-001")];
+    let under_replicated = |applied: &product_cache::cache::Applied| {
+        applied.under_replicated.len() == 1 && applied.under_replicated[0].online == 0
+    };
+    let first = invalidator.cache().apply(&ops).await.expect("applied");
+    assert!(under_replicated(&first), "{first:?}");
+    {
+        let _stalled = Stalled::new(&primary);
+        for batch in 0.. {
+            assert!(batch <= breaker.failures, "the breaker never opened");
+            let err = invalidator.cache().apply(&ops).await.unwrap_err();
+            if matches!(err.source, CacheError::BreakerOpen(_)) {
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(breaker.open_for).await;
+    let trial = invalidator.cache().apply(&ops).await;
+    assert!(
+        matches!(
+            trial,
+            Err(ref e) if matches!(e.source, CacheError::Unconfirmed { acked: 0, wanted: 1, .. })
+        ),
+        "the trial batch was acknowledged without the configured replica: {trial:?}"
+    );
+    let next = invalidator.cache().apply(&ops).await.expect("applied");
+    assert!(under_replicated(&next), "{next:?}");
+}

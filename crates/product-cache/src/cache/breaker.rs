@@ -282,15 +282,21 @@ impl Breakers {
     }
 
     /// `call` through `node`'s breaker: not started while it is open, its outcome recorded.
+    /// Also whether it was the breaker's trial: the first call to a node that had stopped
+    /// answering, whose answer the caller may not trust (see `nodes.rs`, fencing).
     pub async fn call<T>(
         &self,
         node: &str,
         call: impl Future<Output = Result<T, CacheError>>,
-    ) -> Result<T, CacheError> {
-        let permit = self.of(node).admit()?;
+    ) -> (Result<T, CacheError>, bool) {
+        let permit = match self.of(node).admit() {
+            Ok(permit) => permit,
+            Err(e) => return (Err(e), false),
+        };
+        let trial = permit.trial;
         let outcome = call.await;
         permit.record(&outcome);
-        outcome
+        (outcome, trial)
     }
 
     /// Whether any node's breaker is open or half-open now: the cache is known to be degraded.
@@ -338,6 +344,15 @@ impl<'a> BatchPermits<'a> {
                     Err(_) => Admission::Refused,
                 });
         matches!(admission, Admission::Admitted { .. })
+    }
+
+    /// Whether the batch's call to `node` is its breaker's trial: the first after the node had
+    /// stopped answering.
+    pub fn is_trial(&self, node: &str) -> bool {
+        matches!(
+            self.nodes.get(node),
+            Some(Admission::Admitted { permit, .. }) if permit.trial
+        )
     }
 
     /// The outcome of one pipeline sent to `node`.
@@ -530,11 +545,11 @@ mod tests {
             failures: 1,
             open_for: OPEN,
         });
-        let failed = breakers.call("a:1", async { timeout() }).await;
+        let (failed, _) = breakers.call("a:1", async { timeout() }).await;
         assert!(matches!(failed, Err(CacheError::Timeout(_))));
         assert!(breakers.any_open());
         let mut ran = false;
-        let fast = breakers
+        let (fast, _) = breakers
             .call("a:1", async {
                 ran = true;
                 Ok(())
@@ -542,7 +557,7 @@ mod tests {
             .await;
         assert!(matches!(fast, Err(CacheError::BreakerOpen(_))));
         assert!(!ran, "a call was started through an open breaker");
-        breakers.call("b:2", async { Ok(()) }).await.unwrap();
+        breakers.call("b:2", async { Ok(()) }).await.0.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

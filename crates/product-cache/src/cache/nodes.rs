@@ -177,14 +177,32 @@ impl RedisCache {
         key: &str,
         call: impl std::future::Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
+        self.guarded_trial(key, call).await.0
+    }
+
+    /// [`guarded`](Self::guarded), also saying whether the call was its breaker's trial.
+    ///
+    /// **Fencing.** The trial's answer is the first from a node that had stopped answering,
+    /// and it may come from a node that is no longer what it was: a primary stalled for longer
+    /// than the cluster's node timeout has been replaced by its replica meanwhile, and when it
+    /// goes on it answers the requests it held from its old data before the cluster bus tells it
+    /// it was demoted. So the trial closes the breaker (the node answers) but its data is not
+    /// served: a read's hit is answered from the table instead, and a batch must be confirmed by
+    /// every replica configured, not only those attached (a demoted primary has none). By the
+    /// next call the node has caught up with the cluster.
+    pub(super) async fn guarded_trial<T>(
+        &self,
+        key: &str,
+        call: impl std::future::Future<Output = Result<T, CacheError>>,
+    ) -> (Result<T, CacheError>, bool) {
         let node = self.node_of(key);
-        let outcome = self.breakers.call(&node, call).await;
+        let (outcome, trial) = self.breakers.call(&node, call).await;
         if let (Err(e), Nodes::Cluster { map, .. }) = (&outcome, &*self.nodes) {
             if is_node_failure(e) {
                 map.suspect();
             }
         }
-        outcome
+        (outcome, trial)
     }
 
     /// The breaker name of a batch's group bound for `node` (`None`: the one node, or a slot

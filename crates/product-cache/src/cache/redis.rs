@@ -306,7 +306,7 @@ impl RedisCache {
         batch: &str,
     ) -> Result<(Vec<usize>, Option<UnderReplicated>), CacheError> {
         let script = &scripts().apply;
-        let asked = self.to_ask(&group.node);
+        let asked = self.to_ask(&group.node, group.fenced);
         let pipeline = |load: bool| {
             let mut pipe = redis::pipe();
             if load {
@@ -341,7 +341,13 @@ impl RedisCache {
             other => other,
         }?;
         let short = self
-            .confirmed(&mut conn.clone(), &group.node, asked, &replies)
+            .confirmed(
+                &mut conn.clone(),
+                &group.node,
+                asked,
+                group.fenced,
+                &replies,
+            )
             .await?;
         drop(conn);
         // The script calls' replies are the arrays (the staging SETs, SCRIPT LOAD and WAIT
@@ -369,8 +375,11 @@ impl RedisCache {
     /// How many replicas the `WAIT` of a pipeline to `node` asks for: the configured number,
     /// or fewer when the node had fewer attached at its last batch. `None` when nothing is
     /// confirmed.
-    fn to_ask(&self, node: &Node) -> Option<u32> {
+    fn to_ask(&self, node: &Node, fenced: bool) -> Option<u32> {
         let confirm = self.confirm?;
+        if fenced {
+            return Some(confirm.replicas);
+        }
         let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
         Some(
             attached
@@ -397,12 +406,14 @@ impl RedisCache {
     /// failover) cannot acknowledge and must not stall the stream, while one attached that does
     /// not acknowledge in time (stalled, cut off) fails the batch. A `WAIT` that asked for fewer
     /// than are attached now (a replica came back) goes once more, on the same connection.
-    /// `Some` when fewer than configured were attached.
+    /// `Some` when fewer than configured were attached. A `fenced` pipeline (its node's breaker
+    /// trial) needs every replica configured.
     async fn confirmed(
         &self,
         conn: &mut Conn,
         node: &Node,
         asked: Option<u32>,
+        fenced: bool,
         replies: &[redis::Value],
     ) -> Result<Option<UnderReplicated>, CacheError> {
         let (Some(confirm), Some(asked)) = (self.confirm, asked) else {
@@ -418,7 +429,11 @@ impl RedisCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(node.clone(), online);
-        let required = confirm.replicas.min(online);
+        let required = if fenced {
+            confirm.replicas
+        } else {
+            confirm.replicas.min(online)
+        };
         let mut acked = wait_reply(wait)?;
         if acked < i64::from(required) && asked < required {
             let mut pipe = redis::pipe();
@@ -490,14 +505,15 @@ impl RedisCache {
             async move {
                 let (read, positions) = read?;
                 let (mut pipe, refused) = deletes::write(ops, &group.slots[0], &read, positions);
-                let asked = self.to_ask(&None);
+                let asked = self.to_ask(&None, group.fenced);
                 self.ask_confirmation(&mut pipe, asked);
                 if pipe.is_empty() {
                     return Ok((refused, None));
                 }
                 let confirmed = async {
                     let replies = send_idempotent(&mut conn, &pipe).await?;
-                    self.confirmed(&mut conn, &None, asked, &replies).await
+                    self.confirmed(&mut conn, &None, asked, group.fenced, &replies)
+                        .await
                 };
                 let short = tokio::time::timeout_at(deadline, confirmed)
                     .await
@@ -617,6 +633,9 @@ pub(super) fn parse_slot_map(reply: &redis::Value, answering: &str) -> Result<Sl
 struct Group {
     node: Option<(String, u16)>,
     slots: Vec<Vec<usize>>,
+    /// Its node's breaker trial: confirmed by every replica configured, or not at all (see
+    /// fencing in `nodes.rs`).
+    fenced: bool,
 }
 
 impl Group {
@@ -767,7 +786,11 @@ impl Cache for RedisCache {
                 other => Err(CacheError::Unexpected(format!("probe replied {other:?}"))),
             }
         };
-        self.guarded(key, probe).await
+        match self.guarded_trial(key, probe).await {
+            // Not served: the trial's answer may be a demoted primary's (see `nodes.rs`).
+            (Ok(Probe::Hit(_)), true) => Err(CacheError::BreakerOpen(self.breaker_node(key))),
+            (outcome, _) => outcome,
+        }
     }
 
     fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static {
@@ -841,6 +864,7 @@ impl Cache for RedisCache {
                 .map(|chunk| Group {
                     node: None,
                     slots: vec![chunk.to_vec()],
+                    fenced: false,
                 })
                 .collect(),
             Conn::Cluster(cluster) => {
@@ -866,16 +890,23 @@ impl Cache for RedisCache {
                 }
                 by_node
                     .into_iter()
-                    .map(|(node, slots)| Group { node, slots })
+                    .map(|(node, slots)| Group {
+                        node,
+                        slots,
+                        fenced: false,
+                    })
                     .collect()
             }
         };
         // Each node through its breaker: the groups for a node whose breaker is open fail now,
         // unsent, and every other node's go ahead.
         let mut permits = self.batch_permits();
-        let (groups, unsent): (Vec<Group>, Vec<Group>) = groups
+        let (mut groups, unsent): (Vec<Group>, Vec<Group>) = groups
             .into_iter()
             .partition(|g| permits.admit(&self.group_node(g.node.as_ref())));
+        for group in &mut groups {
+            group.fenced = permits.is_trial(&self.group_node(group.node.as_ref()));
+        }
         let unsent = unsent.into_iter().map(|g| {
             let node = self.group_node(g.node.as_ref());
             (g, Err(CacheError::BreakerOpen(node)))
