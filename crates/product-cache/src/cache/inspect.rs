@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::redis::{to_node, Conn};
+use super::topology::{to_node, Conn};
 use super::{lease_key, version_key, CacheError, RedisCache};
 
 /// How many times a sample is drawn again when too few product keys came back (side keys and

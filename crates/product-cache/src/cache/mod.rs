@@ -18,7 +18,12 @@
 //!
 //! # Layout
 //! - this file: the values that cross the [`Cache`] trait, and the key names.
-//! - `redis.rs`: [`RedisCache`], the trait over a single node or a cluster, with timeouts.
+//! - `redis.rs`: [`RedisCache`], built from settings (TLS, IAM, keepalive), and the trait over a
+//!   single node or a cluster for reads (probe, fill, hand-back), each call with its timeout.
+//! - `batch.rs`: the invalidator's batches: ops grouped by node and hash slot, in flight
+//!   together, failures reported exactly; `confirm.rs`: replicas confirming them (`WAIT` for
+//!   the replicas attached); `connect.rs`: forming the connection in the background;
+//!   `topology.rs`: the connection, a pipeline to one node, the cluster's slot map.
 //! - `breaker.rs`: a circuit breaker per node, so a stalled node costs a few timeouts, not one
 //!   per call; `nodes.rs`: which node a key is on (a cluster's slot map), for its breaker.
 //! - `deletes.rs`: a single node's batch of deletes as plain commands, with the script's rules.
@@ -32,7 +37,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+mod batch;
 mod breaker;
+mod confirm;
 mod connect;
 mod deletes;
 mod inspect;
@@ -42,6 +49,7 @@ mod nodes;
 mod redis;
 mod scripts;
 pub mod slots;
+mod topology;
 
 pub use self::redis::Confirm;
 pub(crate) use self::redis::Options;

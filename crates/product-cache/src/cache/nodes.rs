@@ -18,12 +18,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::breaker::{is_node_failure, BatchPermits};
-use super::redis::Conn;
 use super::slots::slot_of;
+use super::topology::{Conn, SlotMap};
 use super::{CacheError, RedisCache};
-
-/// Primaries by slot range: `(first slot, last slot, (host, port))`, as `CLUSTER SLOTS` says.
-pub(super) type SlotMap = Vec<(u16, u16, (String, u16))>;
 
 /// A map older than this is fetched again at the next call.
 const MAX_AGE: Duration = Duration::from_secs(60);
@@ -132,7 +129,7 @@ impl SlotMapCache {
 impl RedisCache {
     /// The name of the breaker guarding `key`'s node; on a cluster, starts a fetch of the slot
     /// map in the background when one is due.
-    fn node_of(&self, key: &str) -> String {
+    pub(super) fn node_of(&self, key: &str) -> String {
         match &*self.nodes {
             Nodes::Single(node) => node.clone(),
             Nodes::Cluster { whole, map } => {

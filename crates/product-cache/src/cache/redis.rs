@@ -9,19 +9,20 @@ use futures::{FutureExt as _, StreamExt as _};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
+use super::batch::{CHUNK, IN_FLIGHT};
 use super::breaker::Breakers;
 use super::connect::Connector;
-use super::deletes;
 use super::nodes::Nodes;
 use super::scripts::scripts;
-use super::slots::{self, slot_of};
+use super::slots;
+use super::topology::{is_dead_connection, Conn, Node};
 use super::VERSION_TTL;
 use super::{
-    epoch_key, lease_key, staged_key, version_key, Applied, BatchError, Cache, CacheError, CacheOp,
-    Fill, Guards, OpKind, Order, Probe, UnderReplicated,
+    lease_key, version_key, Applied, BatchError, Cache, CacheError, CacheOp, Fill, Guards, Order,
+    Probe,
 };
 
-fn flag(on: bool) -> &'static str {
+pub(super) fn flag(on: bool) -> &'static str {
     if on {
         "1"
     } else {
@@ -29,48 +30,8 @@ fn flag(on: bool) -> &'static str {
     }
 }
 
-fn secs(d: Duration) -> u64 {
+pub(super) fn secs(d: Duration) -> u64 {
     d.as_secs().max(1)
-}
-
-/// A connection to one Redis node or to a Redis Cluster; both multiplex requests and reconnect
-/// by themselves (a Lambda environment thawed after minutes may hold a connection the server has
-/// long closed).
-#[derive(Clone)]
-pub(super) enum Conn {
-    Single(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
 }
 
 /// How a [`RedisCache`] connects and bounds its calls.
@@ -105,30 +66,24 @@ pub struct Confirm {
 /// place that knows about secrets, TLS roots and clusters.
 #[derive(Clone)]
 pub struct RedisCache {
-    connector: std::sync::Arc<Connector<Conn>>,
+    pub(super) connector: std::sync::Arc<Connector<Conn>>,
     pub(super) timeout: Duration,
-    connect_timeout: Duration,
-    confirm: Option<Confirm>,
-    guards: Guards,
+    pub(super) connect_timeout: Duration,
+    pub(super) confirm: Option<Confirm>,
+    pub(super) guards: Guards,
     /// How many replicas each node (by its address on a cluster, `None` for the single node)
     /// had attached at its last batch: the next `WAIT` asks for no more, so a shard short of
     /// replicas does not cost every batch the confirmation timeout.
-    attached: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Node, u32>>>,
+    pub(super) attached: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Node, u32>>>,
     /// The configured endpoint's host and port: the single node, named in reports; on a
     /// cluster, a node to ask for the slot map.
-    endpoint: (String, u16),
+    pub(super) endpoint: (String, u16),
     /// A primary of the last slot map, to ask for the next (see `slot_map`).
-    last_primary: std::sync::Arc<std::sync::Mutex<Option<(String, u16)>>>,
+    pub(super) last_primary: std::sync::Arc<std::sync::Mutex<Option<(String, u16)>>>,
     /// Each node's circuit breaker, and which node a key is on (a cluster's slot map, kept).
     pub(super) breakers: std::sync::Arc<Breakers>,
     pub(super) nodes: std::sync::Arc<Nodes>,
 }
-
-/// A node a pipeline goes to: a primary's address on a cluster, `None` for the single node.
-type Node = Option<(String, u16)>;
-
-/// The primaries' addresses by slot range: first and last slot, host and port.
-pub(super) type SlotMap = Vec<(u16, u16, (String, u16))>;
 
 impl RedisCache {
     /// A single node. Building it starts connecting in the background and never fails for a
@@ -241,407 +196,6 @@ impl RedisCache {
             Err(_) => Err(CacheError::Timeout(budget)),
         }
     }
-
-    /// One call of the apply script for `ops[group]` (see `apply.lua` for the layout), with
-    /// the `SET`s staging its new documents first (`batch` names the staged keys).
-    fn apply_invocation<'a>(
-        &self,
-        pipe: &mut redis::Pipeline,
-        script: &'a redis::Script,
-        ops: &[CacheOp],
-        group: &[usize],
-        now_ms: u64,
-        batch: &str,
-    ) -> redis::ScriptInvocation<'a> {
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .arg(flag(self.guards.ordering))
-            .arg(now_ms)
-            .arg(VERSION_TTL.as_secs());
-        for op in group.iter().map(|&i| &ops[i]) {
-            let (kind, ttl) = match &op.kind {
-                OpKind::Delete => ("del", Duration::ZERO),
-                OpKind::Set { ttl, .. } => ("set", *ttl),
-            };
-            invocation
-                .key(&op.key)
-                .key(lease_key(&op.key))
-                .key(version_key(&op.key))
-                .key(epoch_key(&op.key))
-                .arg(kind)
-                .arg(secs(ttl))
-                .arg(op.order.as_ref().map(Order::encode).unwrap_or_default())
-                .arg(op.created_ms.map(|c| c.to_string()).unwrap_or_default())
-                .arg(flag(op.delete_if_refused));
-        }
-        for op in group.iter().map(|&i| &ops[i]) {
-            if let OpKind::Set { value, ttl } = &op.kind {
-                let staged = staged_key(&op.key, batch);
-                // Its TTL is the document's: RENAME carries it over, and a document whose
-                // script never ran (the pipeline was cut) does not outlive it.
-                pipe.cmd("SET")
-                    .arg(&staged)
-                    .arg(value)
-                    .arg("EX")
-                    .arg(secs(*ttl));
-                invocation.key(staged);
-            }
-        }
-        invocation
-    }
-
-    /// One pipeline to one node: a script call per hash slot of `group` (a script's keys must
-    /// share a slot), each after the `SET`s that stage its new documents, then, when replicas
-    /// must confirm, `WAIT` on the same connection, since it waits for that connection's writes
-    /// and no other's. Sent optimistically as EVALSHAs; a node that does not know the script
-    /// (restarted, failed over, new) answers NOSCRIPT, and the pipeline goes again with the
-    /// script loaded first. Every op is idempotent, so repeating the ones that did land changes
-    /// nothing.
-    async fn apply_group(
-        &self,
-        conn: Conn,
-        ops: &[CacheOp],
-        group: &Group,
-        now_ms: u64,
-        batch: &str,
-    ) -> Result<(Vec<usize>, Option<UnderReplicated>), CacheError> {
-        let script = &scripts().apply;
-        let asked = self.to_ask(&group.node, group.fenced);
-        let pipeline = |load: bool| {
-            let mut pipe = redis::pipe();
-            if load {
-                pipe.load_script(script);
-            }
-            for slot in &group.slots {
-                let invocation = self.apply_invocation(&mut pipe, script, ops, slot, now_ms, batch);
-                pipe.invoke_script(&invocation);
-            }
-            self.ask_confirmation(&mut pipe, asked);
-            pipe
-        };
-        let send = |pipe: redis::Pipeline| {
-            let mut conn = conn.clone();
-            let node = group.node.clone();
-            async move {
-                to_node(&mut conn, pipe, node)
-                    .await?
-                    .into_iter()
-                    .map(redis::Value::extract_error)
-                    .collect::<redis::RedisResult<Vec<_>>>()
-            }
-        };
-        let replies = match send(pipeline(false)).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                send(pipeline(true)).await
-            }
-            // The connection was dead (the server restarted or closed it while this process
-            // was idle or frozen); the client has reconnected meanwhile. Once more, loaded,
-            // since a restarted server has no scripts either.
-            Err(e) if is_dead_connection(&e) => send(pipeline(true)).await,
-            other => other,
-        }?;
-        let short = self
-            .confirmed(
-                &mut conn.clone(),
-                &group.node,
-                asked,
-                group.fenced,
-                &replies,
-            )
-            .await?;
-        drop(conn);
-        // The script calls' replies are the arrays (the staging SETs, SCRIPT LOAD and WAIT
-        // answer otherwise), one per slot in order: the refused changes' indexes in it.
-        let mut refused = Vec::new();
-        let calls = replies.iter().filter_map(|r| match r {
-            redis::Value::Array(items) => Some(items),
-            _ => None,
-        });
-        for (slot, items) in group.slots.iter().zip(calls) {
-            for item in items {
-                match item {
-                    redis::Value::Int(j) => refused.extend(slot.get(*j as usize).copied()),
-                    other => {
-                        return Err(CacheError::Unexpected(format!(
-                            "the apply script replied {other:?}"
-                        )))
-                    }
-                }
-            }
-        }
-        Ok((refused, short))
-    }
-
-    /// How many replicas the `WAIT` of a pipeline to `node` asks for: the configured number,
-    /// or fewer when the node had fewer attached at its last batch. `None` when nothing is
-    /// confirmed.
-    fn to_ask(&self, node: &Node, fenced: bool) -> Option<u32> {
-        let confirm = self.confirm?;
-        if fenced {
-            return Some(confirm.replicas);
-        }
-        let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
-        Some(
-            attached
-                .get(node)
-                .map_or(confirm.replicas, |&n| n.min(confirm.replicas)),
-        )
-    }
-
-    /// Ends a pipeline with `INFO replication` (which replicas are attached now, after its
-    /// writes) and `WAIT` for `asked` of them, on the same connection, since `WAIT` waits for
-    /// that connection's writes and no other's.
-    fn ask_confirmation(&self, pipe: &mut redis::Pipeline, asked: Option<u32>) {
-        if let (Some(confirm), Some(asked)) = (self.confirm, asked) {
-            pipe.cmd("INFO").arg("replication");
-            pipe.cmd("WAIT")
-                .arg(asked)
-                .arg(confirm.timeout.as_millis() as u64);
-        }
-    }
-
-    /// Whether the `INFO replication` and `WAIT` ending a pipeline's `replies` (when replicas
-    /// must confirm) say its writes are held by every replica attached to `node`, up to the
-    /// configured number: a replica still syncing (or not there at all, the shard after a
-    /// failover) cannot acknowledge and must not stall the stream, while one attached that does
-    /// not acknowledge in time (stalled, cut off) fails the batch. A `WAIT` that asked for fewer
-    /// than are attached now (a replica came back) goes once more, on the same connection.
-    /// `Some` when fewer than configured were attached. A `fenced` pipeline (its node's breaker
-    /// trial) needs every replica configured.
-    async fn confirmed(
-        &self,
-        conn: &mut Conn,
-        node: &Node,
-        asked: Option<u32>,
-        fenced: bool,
-        replies: &[redis::Value],
-    ) -> Result<Option<UnderReplicated>, CacheError> {
-        let (Some(confirm), Some(asked)) = (self.confirm, asked) else {
-            return Ok(None);
-        };
-        let [.., info, wait] = replies else {
-            return Err(CacheError::Unexpected(format!(
-                "no INFO and WAIT replies in {replies:?}"
-            )));
-        };
-        let online = online_replicas(info)?;
-        self.attached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node.clone(), online);
-        let required = if fenced {
-            confirm.replicas
-        } else {
-            confirm.replicas.min(online)
-        };
-        let mut acked = wait_reply(wait)?;
-        if acked < i64::from(required) && asked < required {
-            let mut pipe = redis::pipe();
-            pipe.cmd("WAIT")
-                .arg(required)
-                .arg(confirm.timeout.as_millis() as u64);
-            let replies = to_node(conn, pipe, node.clone()).await?;
-            acked = wait_reply(replies.last().unwrap_or(&redis::Value::Nil))?;
-        }
-        if acked < i64::from(required) {
-            return Err(CacheError::Unconfirmed {
-                acked,
-                wanted: required,
-                within: confirm.timeout,
-            });
-        }
-        Ok((required < confirm.replicas).then(|| UnderReplicated {
-            node: match node {
-                Some((host, port)) => format!("{host}:{port}"),
-                None => format!("{}:{}", self.endpoint.0, self.endpoint.1),
-            },
-            online,
-            wanted: confirm.replicas,
-        }))
-    }
-
-    /// A single node's batch of deletes, without the script (see `deletes.rs` for why that is
-    /// as safe): every group's positions read, then every group's deletes and newer positions
-    /// written, the second pipelines ending with `WAIT` when replicas must confirm. All first
-    /// pipelines go out together and all second ones once every first has its reply: two
-    /// round trips for the batch, where a group going on by itself as its reply arrived would
-    /// start a round trip of its own. One outcome per group, each bounded by `deadline`.
-    async fn apply_deletes(
-        &self,
-        conn: &Conn,
-        ops: &[CacheOp],
-        groups: &[Group],
-        deadline: tokio::time::Instant,
-        budget: Duration,
-    ) -> Vec<Result<(Vec<usize>, Option<UnderReplicated>), CacheError>> {
-        let bounded = |fut| async move {
-            match tokio::time::timeout_at(deadline, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(CacheError::Timeout(budget)),
-            }
-        };
-        let reads = futures::future::join_all(groups.iter().map(|group| {
-            let mut conn = conn.clone();
-            bounded(async move {
-                let (mget, read) =
-                    deletes::read_positions(ops, &group.slots[0], self.guards.ordering);
-                let Some(mget) = mget else {
-                    return Ok((read, Vec::new()));
-                };
-                let mut pipe = redis::pipe();
-                pipe.add_command(mget);
-                let mut replies = send_idempotent(&mut conn, &pipe).await?;
-                let reply = replies.pop().ok_or_else(|| {
-                    CacheError::Unexpected("no reply to the MGET of positions".into())
-                })?;
-                let positions = redis::from_redis_value(reply)
-                    .map_err(|e| CacheError::Unexpected(format!("MGET of positions: {e}")))?;
-                Ok((read, positions))
-            })
-        }))
-        .await;
-        futures::future::join_all(groups.iter().zip(reads).map(|(group, read)| {
-            let mut conn = conn.clone();
-            async move {
-                let (read, positions) = read?;
-                let (mut pipe, refused) = deletes::write(ops, &group.slots[0], &read, positions);
-                let asked = self.to_ask(&None, group.fenced);
-                self.ask_confirmation(&mut pipe, asked);
-                if pipe.is_empty() {
-                    return Ok((refused, None));
-                }
-                let confirmed = async {
-                    let replies = send_idempotent(&mut conn, &pipe).await?;
-                    self.confirmed(&mut conn, &None, asked, group.fenced, &replies)
-                        .await
-                };
-                let short = tokio::time::timeout_at(deadline, confirmed)
-                    .await
-                    .map_err(|_| CacheError::Timeout(budget))??;
-                Ok((refused, short))
-            }
-        }))
-        .await
-    }
-
-    /// The primaries' addresses by slot range, as the cluster reports them (`CLUSTER SLOTS`).
-    /// Asked of a node whose address is known (a primary of the last map, else the configured
-    /// endpoint, else any node), since an endpoint reported as NULL or "" means the node that
-    /// answered (see [`parse_slot_map`]).
-    pub(super) async fn slot_map(
-        &self,
-        conn: &mut redis::cluster_async::ClusterConnection,
-    ) -> Result<SlotMap, CacheError> {
-        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-        let slots = |route: SingleNodeRoutingInfo| {
-            let mut conn = conn.clone();
-            async move {
-                conn.route_command(
-                    redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
-                    RoutingInfo::SingleNode(route),
-                )
-                .await
-            }
-        };
-        let known = self
-            .last_primary
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut answered = None;
-        for (host, port) in known.into_iter().chain([self.endpoint.clone()]) {
-            let route = SingleNodeRoutingInfo::ByAddress {
-                host: host.clone(),
-                port,
-            };
-            // A node the client has no connection to (the configuration endpoint's name is not
-            // one of the nodes'), or one gone since, is passed over.
-            if let Ok(reply) = self.bounded(self.timeout, slots(route)).await {
-                answered = Some((reply, host));
-                break;
-            }
-        }
-        let (reply, host) = match answered {
-            Some(answered) => answered,
-            None => {
-                // Any node; an endpoint it reports as NULL then resolves to the configured
-                // endpoint's host, as the client itself resolves it for the node it asked.
-                let random = || slots(SingleNodeRoutingInfo::Random);
-                // Once more on a dead connection (a thawed environment), as any idempotent read.
-                let reply = match self.bounded(self.timeout, random()).await {
-                    Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
-                        self.bounded(self.timeout, random()).await?
-                    }
-                    other => other?,
-                };
-                (reply, self.endpoint.0.clone())
-            }
-        };
-        let map = parse_slot_map(&reply, &host)?;
-        *self.last_primary.lock().unwrap_or_else(|e| e.into_inner()) =
-            map.first().map(|(_, _, node)| node.clone());
-        Ok(map)
-    }
-}
-
-/// The primaries by slot range of a `CLUSTER SLOTS` reply from a node whose host is
-/// `answering`. As redis-rs reads it (`cluster_handling/topology.rs`), and as the command's
-/// documentation says: a NULL or empty host (what `cluster-preferred-endpoint-type
-/// unknown-endpoint` reports), or a wildcard one (`0.0.0.0`, `::`), is the answering node's
-/// host, with the port reported; `?` is a node whose endpoint is unknown, and a range whose
-/// primary is unknown is left out (its ops go without a node address, as for slots not in
-/// the map).
-pub(super) fn parse_slot_map(reply: &redis::Value, answering: &str) -> Result<SlotMap, CacheError> {
-    let unexpected = || CacheError::Unexpected(format!("CLUSTER SLOTS replied {reply:?}"));
-    let redis::Value::Array(ranges) = reply else {
-        return Err(unexpected());
-    };
-    let mut map = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        let redis::Value::Array(fields) = range else {
-            return Err(unexpected());
-        };
-        let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
-            (fields.first(), fields.get(1))
-        else {
-            return Err(unexpected());
-        };
-        let Some(redis::Value::Array(primary)) = fields.get(2) else {
-            return Err(unexpected());
-        };
-        let host = match primary.first() {
-            Some(redis::Value::Nil) => answering.to_owned(),
-            Some(h) => {
-                let host: String = redis::from_redis_value(h.clone()).map_err(|_| unexpected())?;
-                match host.as_str() {
-                    "" | "0.0.0.0" | "::" => answering.to_owned(),
-                    "?" => continue,
-                    _ => host,
-                }
-            }
-            None => return Err(unexpected()),
-        };
-        let Some(redis::Value::Int(port)) = primary.get(1) else {
-            return Err(unexpected());
-        };
-        map.push((*start as u16, *end as u16, (host, *port as u16)));
-    }
-    Ok(map)
-}
-
-/// The ops one pipeline carries: the node it goes to (on a cluster), and its ops by slot.
-struct Group {
-    node: Option<(String, u16)>,
-    slots: Vec<Vec<usize>>,
-    /// Its node's breaker trial: confirmed by every replica configured, or not at all (see
-    /// fencing in `nodes.rs`).
-    fenced: bool,
-}
-
-impl Group {
-    fn ops(&self) -> impl Iterator<Item = usize> + '_ {
-        self.slots.iter().flatten().copied()
-    }
 }
 
 /// `base` with TCP keepalive probes after `idle` without traffic (and every `idle` after that):
@@ -675,83 +229,6 @@ fn certificates(root_cert: Vec<u8>) -> redis::TlsCertificates {
         root_cert: Some(root_cert),
     }
 }
-
-/// Sends `pipe` to one node: `node` on a cluster (a primary's address from `CLUSTER SLOTS`,
-/// so that a `WAIT` at its end follows its writes), the one node otherwise. Error replies stay
-/// in the result. Owned, since the cluster client takes the pipeline so: a batch's pipeline
-/// holds its documents, megabytes not worth a copy.
-pub(super) async fn to_node(
-    conn: &mut Conn,
-    pipe: redis::Pipeline,
-    node: Option<(String, u16)>,
-) -> redis::RedisResult<Vec<redis::Value>> {
-    let count = pipe.len();
-    match (conn, node) {
-        (Conn::Cluster(c), Some((host, port))) => {
-            let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port };
-            c.route_pipeline(pipe, 0, count, route).await
-        }
-        (conn, _) => {
-            use redis::aio::ConnectionLike as _;
-            conn.req_packed_commands(&pipe, 0, count).await
-        }
-    }
-}
-
-/// The replicas `INFO replication` lists as `state=online`: attached and streaming, so able to
-/// acknowledge a `WAIT`. One still loading its full sync (`wait_bgsave`, `send_bulk`) cannot.
-fn online_replicas(info: &redis::Value) -> Result<u32, CacheError> {
-    let text: String = redis::from_redis_value(info.clone())
-        .map_err(|e| CacheError::Unexpected(format!("INFO replication: {e}")))?;
-    Ok(text
-        .lines()
-        .filter(|line| {
-            line.strip_prefix("slave")
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-                && line.split([':', ',']).any(|field| field == "state=online")
-        })
-        .count() as u32)
-}
-
-fn wait_reply(reply: &redis::Value) -> Result<i64, CacheError> {
-    match reply {
-        redis::Value::Int(n) => Ok(*n),
-        other => Err(CacheError::Unexpected(format!("WAIT replied {other:?}"))),
-    }
-}
-
-/// Sends a pipeline of idempotent commands, once more on a connection found dead (the server
-/// restarted or closed it while this process was idle or frozen); any error reply fails it.
-async fn send_idempotent(
-    conn: &mut Conn,
-    pipe: &redis::Pipeline,
-) -> redis::RedisResult<Vec<redis::Value>> {
-    use redis::aio::ConnectionLike as _;
-    let sent = match conn.req_packed_commands(pipe, 0, pipe.len()).await {
-        Err(e) if is_dead_connection(&e) => conn.req_packed_commands(pipe, 0, pipe.len()).await,
-        other => other,
-    }?;
-    sent.into_iter()
-        .map(redis::Value::extract_error)
-        .collect::<redis::RedisResult<Vec<_>>>()
-}
-
-/// An error that says the connection was lost before or while the request went out, as opposed
-/// to one the server answered or a timeout. Worth one retry for an idempotent request.
-fn is_dead_connection(e: &redis::RedisError) -> bool {
-    e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error()
-}
-
-/// Ops per pipeline on a single node: bounds one request's size, and what a failure of it
-/// leaves unknown.
-const CHUNK: usize = 1000;
-
-/// How late a server may end a `WAIT` past its timeout: blocked clients' timeouts are checked
-/// on the server's timer, every 100 ms at the default `hz` of 10.
-const WAIT_TICK: Duration = Duration::from_millis(100);
-
-/// How many groups of a batch are in flight at once.
-const IN_FLIGHT: usize = 64;
 
 impl Cache for RedisCache {
     /// A hit is one plain `GET`: no script, so it costs the node what any reader's `GET` costs.
@@ -788,7 +265,7 @@ impl Cache for RedisCache {
         };
         match self.guarded_trial(key, probe).await {
             // Not served: the trial's answer may be a demoted primary's (see `nodes.rs`).
-            (Ok(Probe::Hit(_)), true) => Err(CacheError::BreakerOpen(self.breaker_node(key))),
+            (Ok(Probe::Hit(_)), true) => Err(CacheError::BreakerOpen(self.node_of(key))),
             (outcome, _) => outcome,
         }
     }
@@ -846,150 +323,7 @@ impl Cache for RedisCache {
     }
 
     async fn apply_after(&self, ops: &[CacheOp], ahead: usize) -> Result<Applied, BatchError> {
-        if ops.is_empty() {
-            return Ok(Applied::default());
-        }
-        let budget = self.timeout * ((ahead + ops.len()) / CHUNK + 1) as u32;
-        // A batch waits for a connection still forming (a cold start) up to the connect budget:
-        // failing it would only have Lambda deliver it again later. A read bypasses instead.
-        let conn = self
-            .connector
-            .get(budget.max(self.connect_timeout))
-            .await
-            .map_err(|e| BatchError::all(ops.len(), e))?;
-        let groups: Vec<Group> = match &conn {
-            Conn::Single(_) => (0..ops.len())
-                .collect::<Vec<_>>()
-                .chunks(CHUNK)
-                .map(|chunk| Group {
-                    node: None,
-                    slots: vec![chunk.to_vec()],
-                    fenced: false,
-                })
-                .collect(),
-            Conn::Cluster(cluster) => {
-                // One pipeline per primary, so its `WAIT` follows its writes on one connection.
-                let map = match self.batch_slot_map(&mut cluster.clone()).await {
-                    Ok(map) => map,
-                    Err(e) => return Err(BatchError::all(ops.len(), e)),
-                };
-                let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
-                for (i, op) in ops.iter().enumerate() {
-                    by_slot.entry(slot_of(&op.key)).or_default().push(i);
-                }
-                let mut by_node: std::collections::BTreeMap<
-                    Option<(String, u16)>,
-                    Vec<Vec<usize>>,
-                > = Default::default();
-                for (slot, group) in by_slot {
-                    let node = map
-                        .iter()
-                        .find(|(start, end, _)| (*start..=*end).contains(&slot))
-                        .map(|(_, _, node)| node.clone());
-                    by_node.entry(node).or_default().push(group);
-                }
-                by_node
-                    .into_iter()
-                    .map(|(node, slots)| Group {
-                        node,
-                        slots,
-                        fenced: false,
-                    })
-                    .collect()
-            }
-        };
-        // Each node through its breaker: the groups for a node whose breaker is open fail now,
-        // unsent, and every other node's go ahead.
-        let mut permits = self.batch_permits();
-        let (mut groups, unsent): (Vec<Group>, Vec<Group>) = groups
-            .into_iter()
-            .partition(|g| permits.admit(&self.group_node(g.node.as_ref())));
-        for group in &mut groups {
-            group.fenced = permits.is_trial(&self.group_node(group.node.as_ref()));
-        }
-        let unsent = unsent.into_iter().map(|g| {
-            let node = self.group_node(g.node.as_ref());
-            (g, Err(CacheError::BreakerOpen(node)))
-        });
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let batch = format!("{:016x}", fastrand::u64(..));
-        // Up to two `WAIT`s (a second when a replica came back, see `confirmed`), each of which
-        // a server may end up to one of its timer ticks (100 ms at the default `hz` 10) late.
-        // A batch cut short here would never learn how many replicas its node has attached.
-        let confirming = self
-            .confirm
-            .map_or(Duration::ZERO, |c| 2 * (c.timeout + WAIT_TICK));
-        let deadline = tokio::time::Instant::now() + budget + confirming;
-        // A single node's deletes go without the script (`deletes.rs`).
-        let scriptless = matches!(conn, Conn::Single(_))
-            && groups
-                .iter()
-                .all(|g| g.slots.iter().all(|s| deletes::scriptless(ops, s)));
-        type Outcome = Result<(Vec<usize>, Option<UnderReplicated>), CacheError>;
-        let outcomes: Vec<(Group, Outcome)> = if scriptless {
-            let outcomes = self
-                .apply_deletes(&conn, ops, &groups, deadline, budget + confirming)
-                .await;
-            groups.into_iter().zip(outcomes).collect()
-        } else {
-            futures::stream::iter(groups)
-                .map(|group| {
-                    let (conn, batch) = (conn.clone(), &batch);
-                    async move {
-                        let sent = self.apply_group(conn, ops, &group, now_ms, batch);
-                        let outcome = match tokio::time::timeout_at(deadline, sent).await {
-                            Ok(r) => r,
-                            Err(_) => Err(CacheError::Timeout(budget + confirming)),
-                        };
-                        (group, outcome)
-                    }
-                })
-                .buffer_unordered(IN_FLIGHT)
-                .collect()
-                .await
-        };
-        let mut failed = Vec::new();
-        let mut refused = Vec::new();
-        let mut under_replicated: Vec<UnderReplicated> = Vec::new();
-        let mut first_error = None;
-        for (group, outcome) in outcomes.into_iter().chain(unsent) {
-            permits.note(&self.group_node(group.node.as_ref()), &outcome);
-            match outcome {
-                Ok((r, short)) => {
-                    refused.extend(r);
-                    // Once per node: a single node's chunks, or a node of several pipelines.
-                    if let Some(short) = short {
-                        match under_replicated.iter_mut().find(|u| u.node == short.node) {
-                            Some(known) => known.online = known.online.min(short.online),
-                            None => under_replicated.push(short),
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Not applied, or applied on a primary that no replica confirmed: a
-                    // failover could still lose it, so it counts as not applied and Lambda
-                    // retries it.
-                    failed.extend(group.ops());
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        self.finish_batch(permits);
-        match first_error {
-            None => {
-                refused.sort_unstable();
-                Ok(Applied {
-                    refused,
-                    under_replicated,
-                })
-            }
-            Some(source) => {
-                failed.sort_unstable();
-                Err(BatchError { failed, source })
-            }
-        }
+        self.apply_batch(ops, ahead).await
     }
 }
 
@@ -1037,62 +371,5 @@ impl RedisCache {
     pub async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
         let mut conn = self.conn().await?;
         self.bounded(self.timeout, conn.get(key)).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use redis::Value;
-
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
-    }
-
-    fn range(start: i64, end: i64, host: Value, port: i64) -> Value {
-        let replica = Value::Array(vec![bulk("10.0.0.9"), Value::Int(7001), bulk("id2")]);
-        Value::Array(vec![
-            Value::Int(start),
-            Value::Int(end),
-            Value::Array(vec![host, Value::Int(port), bulk("id1")]),
-            replica,
-        ])
-    }
-
-    #[test]
-    fn a_slot_map_resolves_endpoints_as_redis_rs_does() {
-        let reply = Value::Array(vec![
-            range(0, 5460, bulk("10.0.0.1"), 7000),
-            range(5461, 10922, Value::Nil, 7002),
-            range(10923, 16000, bulk(""), 7004),
-            range(16001, 16100, bulk("0.0.0.0"), 7006),
-            range(16101, 16383, bulk("?"), 7008),
-        ]);
-        let map = super::parse_slot_map(&reply, "node-a.example").unwrap();
-        let at = |host: &str, port| (host.to_owned(), port);
-        assert_eq!(
-            map,
-            vec![
-                (0, 5460, at("10.0.0.1", 7000)),
-                (5461, 10922, at("node-a.example", 7002)),
-                (10923, 16000, at("node-a.example", 7004)),
-                (16001, 16100, at("node-a.example", 7006)),
-                // "?": unknown, left out rather than taken literally.
-            ]
-        );
-        assert!(super::parse_slot_map(&bulk("ERR"), "h").is_err());
-    }
-
-    #[test]
-    fn only_online_replicas_count() {
-        let info = bulk(
-            "# Replication\r\nrole:master\r\nconnected_slaves:3\r\n\
-             slave0:ip=10.0.0.2,port=6379,state=online,offset=100,lag=0\r\n\
-             slave1:ip=10.0.0.3,port=6379,state=wait_bgsave,offset=0,lag=0\r\n\
-             slave2:ip=10.0.0.4,port=6379,state=online,offset=90,lag=1\r\n\
-             master_failover_state:no-failover\r\nslave_read_only:1\r\n",
-        );
-        assert_eq!(super::online_replicas(&info).unwrap(), 2);
-        let none = bulk("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
-        assert_eq!(super::online_replicas(&none).unwrap(), 0);
     }
 }
