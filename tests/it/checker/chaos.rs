@@ -286,23 +286,7 @@ async fn kill(
         .expect("replication mended");
     cluster.revive(primary).await.expect("killed node revived");
     let revived = clock.now();
-    let mut conn = node_connection(primary).await;
-    let waiting = std::time::Instant::now();
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
-            .await
-            .expect("INFO replication");
-        if info.contains("master_link_status:up") {
-            break;
-        }
-        assert!(
-            waiting.elapsed() < Duration::from_secs(20),
-            "the revived node never synced: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    in_sync(primary).await;
     let to = clock.now();
     let _ = write!(
         event,

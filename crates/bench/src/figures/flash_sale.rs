@@ -49,11 +49,31 @@ impl ProductStore for Counting {
     }
 }
 
-/// The invalidator, noting for every record how long after its change it was applied: the
-/// stream-to-cache lag (moto's `ApproximateCreationDateTime` to the end of the invocation).
-struct Timed<F> {
-    inner: F,
-    lags_ms: Mutex<Vec<f64>>,
+/// The invalidator, noting for every record when it was applied (epoch seconds) and how long
+/// after its change: the stream-to-cache lag (moto's `ApproximateCreationDateTime` to the end of
+/// the invocation). The game day reads it by stretch of time too.
+pub(crate) struct Timed<F> {
+    pub inner: F,
+    pub lags: Mutex<Vec<(f64, f64)>>,
+}
+
+impl<F> Timed<F> {
+    pub fn new(inner: F) -> Self {
+        Self {
+            inner,
+            lags: Mutex::default(),
+        }
+    }
+
+    /// Every lag so far, in ms.
+    fn lags_ms(&self) -> Vec<f64> {
+        self.lags
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, lag)| *lag)
+            .collect()
+    }
 }
 
 impl<F: BatchFunction> BatchFunction for Timed<F> {
@@ -66,10 +86,10 @@ impl<F: BatchFunction> BatchFunction for Timed<F> {
             .collect();
         let out = self.inner.invoke(event).await;
         let now = crate::records::now_secs();
-        self.lags_ms
+        self.lags
             .lock()
             .unwrap()
-            .extend(created.iter().map(|c| (now - c) * 1e3));
+            .extend(created.iter().map(|c| (now, (now - c) * 1e3)));
         out
     }
 }
@@ -251,14 +271,7 @@ pub async fn run(
         aws_sdk_dynamodbstreams::Client::new(&env.sdk),
         &sale.stream_arn,
     );
-    let poller = Poller::new(
-        reader,
-        esm,
-        Timed {
-            inner: invalidator,
-            lags_ms: Mutex::default(),
-        },
-    );
+    let poller = Poller::new(reader, esm, Timed::new(invalidator));
     let poller_stats = poller.stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let poller = Arc::new(poller);
@@ -390,7 +403,7 @@ pub async fn run(
             poller_stats.function_errors.load(Ordering::Relaxed),
             poller_stats.partial_failures.load(Ordering::Relaxed),
             poller_stats.records_given_up.load(Ordering::Relaxed),
-            lag_summary(&poller.function().lags_ms.lock().unwrap()),
+            lag_summary(&poller.function().lags_ms()),
             slowest_us.load(Ordering::Relaxed) as f64 / 1e3,
         ),
     ))

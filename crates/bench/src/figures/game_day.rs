@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use local_stack::poller::{BatchFunction, Poller, StartingPosition};
+use local_stack::poller::{Poller, StartingPosition};
 use local_stack::services::RedisCluster;
 use local_stack::stream::StreamReader;
 use product_cache::config::{
@@ -31,8 +31,8 @@ use product_cache::config::{
 };
 use product_cache::invalidate::Invalidator;
 use product_cache::read::{CacheStatus, ReadPath};
-use serde_json::Value;
 
+use super::flash_sale::Timed;
 use crate::env::Env;
 use crate::records::now_secs;
 use crate::report::{Budget, Net, Row, Unit};
@@ -41,31 +41,6 @@ use crate::{Error, Sizes};
 
 const USER: &str = "product-cache";
 const PASSWORD: &str = "bench-least-privilege";
-
-/// The invalidator, noting when each record was applied and how long after its change.
-struct Timed<F> {
-    inner: F,
-    /// (applied at, in epoch seconds; lag in ms)
-    lags: Mutex<Vec<(f64, f64)>>,
-}
-
-impl<F: BatchFunction> BatchFunction for Timed<F> {
-    async fn invoke(&self, event: Value) -> Result<Value, String> {
-        let created: Vec<f64> = event["Records"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r["dynamodb"]["ApproximateCreationDateTime"].as_f64())
-            .collect();
-        let out = self.inner.invoke(event).await;
-        let now = now_secs();
-        self.lags
-            .lock()
-            .unwrap()
-            .extend(created.iter().map(|c| (now, (now - c) * 1e3)));
-        out
-    }
-}
 
 pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> {
     if net == Net::Proxy {
@@ -116,14 +91,7 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
     )
     .await?;
     let stream = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&env.sdk), &stream_arn);
-    let poller = Arc::new(Poller::new(
-        stream,
-        esm,
-        Timed {
-            inner: invalidator,
-            lags: Mutex::default(),
-        },
-    ));
+    let poller = Arc::new(Poller::new(stream, esm, Timed::new(invalidator)));
     let poller_stats = poller.stats();
     let (stop_polling, stopped) = tokio::sync::oneshot::channel::<()>();
     let polling = {
