@@ -493,3 +493,44 @@ async fn a_stalled_nodes_first_batch_needs_every_configured_replica() {
     let next = invalidator.cache().apply(&ops).await.expect("applied");
     assert!(under_replicated(&next), "{next:?}");
 }
+
+/// Pacing: a batch refused by an open breaker fails without calling the node, but answers only
+/// once that breaker admits its trial, so the batch Lambda delivers again is the trial (it calls
+/// the node) rather than another instant failure: a stall spends one of the mapping's retry
+/// attempts per open interval, not hundreds a second.
+#[tokio::test]
+async fn a_batch_refused_by_an_open_breaker_answers_when_its_trial_is_due() {
+    let env = TestEnv::new(Delete).await;
+    let redis = DelayedRedis::start(Duration::ZERO).await.unwrap();
+    let invalidator = Invalidator::build(
+        InvalidatorSettings {
+            redis: RedisSettings::new(redis.url()),
+            mode: Delete,
+            cache: CacheSettings::default(),
+        },
+        &env.sdk,
+    )
+    .await
+    .unwrap();
+    let ops = vec![CacheOp::delete("product:kb-001")];
+    invalidator.cache().apply(&ops).await.expect("connected");
+    let _stalled = Stalled::new(redis.server());
+    for batch in 0.. {
+        assert!(
+            batch <= BreakerSettings::default().failures,
+            "never refused"
+        );
+        let err = invalidator.cache().apply(&ops).await.unwrap_err();
+        if matches!(err.source, CacheError::BreakerOpen(_)) {
+            break;
+        }
+    }
+    // Delivered again at once: the trial, which calls the stalled node.
+    let sent = redis.proxy().bytes();
+    let err = invalidator.cache().apply(&ops).await.unwrap_err();
+    assert!(
+        !matches!(err.source, CacheError::BreakerOpen(_)),
+        "the refused batch answered before its breaker's trial was due: {err:?}"
+    );
+    assert!(redis.proxy().bytes() > sent, "the trial sent nothing");
+}

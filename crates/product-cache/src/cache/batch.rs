@@ -303,6 +303,13 @@ impl RedisCache {
         for group in &mut groups {
             group.fenced = permits.is_trial(&self.group_node(group.node.as_ref()));
         }
+        // When the refused nodes' breakers admit their trials: the batch answers no sooner.
+        let paced_until = self.breakers.trial_due(
+            &unsent
+                .iter()
+                .map(|g| self.group_node(g.node.as_ref()))
+                .collect::<Vec<_>>(),
+        );
         let unsent = unsent.into_iter().map(|g| {
             let node = self.group_node(g.node.as_ref());
             (g, Err(CacheError::BreakerOpen(node)))
@@ -373,6 +380,15 @@ impl RedisCache {
             }
         }
         self.finish_batch(permits);
+        // Pacing. Ops refused by an open breaker fail without a call, but the batch's answer
+        // waits until those breakers admit a trial: Lambda delivers a failed batch again at
+        // once, and a batch that failed in microseconds would spend the mapping's
+        // `MaximumRetryAttempts` (the template's 100) within a second or two of a node's stall,
+        // giving its records up. Paced, each retry is a trial: 100 of them outlast a stall of
+        // well over a minute.
+        if let Some(until) = paced_until {
+            tokio::time::sleep_until(until).await;
+        }
         match first_error {
             None => {
                 refused.sort_unstable();

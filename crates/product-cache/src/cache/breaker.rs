@@ -299,6 +299,29 @@ impl Breakers {
         (outcome, trial)
     }
 
+    /// When the latest of `nodes`' open breakers admits its trial (at most one open interval
+    /// from now); `None` when none of them is open.
+    pub fn trial_due(&self, nodes: &[String]) -> Option<Instant> {
+        let latest = Instant::now() + self.settings.open_for;
+        nodes
+            .iter()
+            .filter_map(|node| {
+                match self
+                    .of(node)
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .phase
+                {
+                    Phase::Open { until } => Some(until.min(latest)),
+                    // Another call is its trial: the next interval's at most.
+                    Phase::Trial => Some(latest),
+                    Phase::Closed { .. } => None,
+                }
+            })
+            .max()
+    }
+
     /// Whether any node's breaker is open or half-open now: the cache is known to be degraded.
     pub fn any_open(&self) -> bool {
         let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
