@@ -28,6 +28,12 @@ if ! command -v openssl >/dev/null 2>&1; then
     apt_install openssl
 fi
 
+# The keepalive test reads the functions' sockets and their timers with ss.
+if ! command -v ss >/dev/null 2>&1; then
+    log "installing iproute2"
+    apt_install iproute2
+fi
+
 ensure_python3
 # Stamped with both pins, so a bumped pin also reaches machines that already have a .venv.
 ensure_venv "$venv" "$moto_spec" "$botocore_spec"
