@@ -155,7 +155,15 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
         })
     };
 
-    // 1. Healthy.
+    // 1. Healthy, once the mapping is under way: it finds the stream's shards and starts
+    // reading at LATEST within its first seconds, which is its start, not the cache's health.
+    let started = Instant::now();
+    while poller_stats.records_acknowledged.load(Ordering::Relaxed) == 0 {
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err("the stream poller never acknowledged a record".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let healthy_from = now_secs();
     tokio::time::sleep(sizes.game_day_healthy).await;
     let healthy = (healthy_from, now_secs());
