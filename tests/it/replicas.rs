@@ -250,6 +250,11 @@ async fn only_the_shard_short_of_a_replica_is_under_replicated() {
     let ops: Vec<CacheOp> = (0..300)
         .map(|i| CacheOp::delete(format!("product:k{i}")))
         .collect();
+    // Every replica in sync first: a cluster just created may still be running their full syncs,
+    // and a shard whose replica is not online yet is rightly under-replicated.
+    for role in cluster.roles().await.unwrap().iter().filter(|r| r.primary) {
+        await_online(role.port, 1).await;
+    }
     let mut attempts = 0;
     loop {
         match cache.apply(&ops).await {
