@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::SdkConfig;
 use local_stack::stack::StackState;
-use product_cache::config::{CacheSettings, Env, ReadSettings, RedisSettings, Source};
+use product_cache::config::{AwsTimeouts, CacheSettings, Env, ReadSettings, RedisSettings, Source};
 
 use crate::cli::Target;
 use crate::commands::Error;
@@ -116,9 +116,12 @@ impl Target {
     /// retried, and a call with its retries ends after `--aws-timeout-ms`, so an operator
     /// command reports a failure instead of hanging. The SDK's connect timeout is kept.
     fn with_timeouts(&self, sdk: SdkConfig) -> SdkConfig {
-        let timeouts = TimeoutConfig::builder()
-            .operation_attempt_timeout(Duration::from_millis(self.aws_attempt_timeout_ms))
-            .operation_timeout(Duration::from_millis(self.aws_timeout_ms))
+        let bounds = product_cache::startup::aws_timeouts(&AwsTimeouts {
+            attempt: Duration::from_millis(self.aws_attempt_timeout_ms),
+            operation: Duration::from_millis(self.aws_timeout_ms),
+        });
+        let timeouts = bounds
+            .to_builder()
             .take_unset_from(
                 sdk.timeout_config()
                     .cloned()

@@ -94,10 +94,7 @@ impl RedisCache {
             });
         }
         Ok((required < confirm.replicas).then(|| UnderReplicated {
-            node: match node {
-                Some((host, port)) => format!("{host}:{port}"),
-                None => format!("{}:{}", self.endpoint.0, self.endpoint.1),
-            },
+            node: self.group_node(node.as_ref()),
             online,
             wanted: confirm.replicas,
         }))

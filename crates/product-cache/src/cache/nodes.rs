@@ -37,15 +37,26 @@ pub(super) enum Nodes {
 }
 
 impl Nodes {
-    pub fn single(addr: &str) -> Self {
-        Nodes::Single(addr.to_owned())
+    /// The node at `(host, port)`.
+    pub fn single((host, port): &(String, u16)) -> Self {
+        Nodes::Single(format!("{host}:{port}"))
     }
 
-    pub fn cluster(addr: &str) -> Self {
+    /// The cluster reached through `(host, port)`.
+    pub fn cluster((host, port): &(String, u16)) -> Self {
         Nodes::Cluster {
-            whole: format!("cluster {addr}"),
+            whole: format!("cluster {host}:{port}"),
             map: SlotMapCache::default(),
         }
+    }
+
+    /// The first primary of the slot map kept: a node to ask for the next map. None for a
+    /// single node, or before the first map.
+    pub fn first_primary(&self) -> Option<(String, u16)> {
+        let Nodes::Cluster { map, .. } = self else {
+            return None;
+        };
+        map.kept()?.first().map(|(_, _, node)| node.clone())
     }
 }
 
@@ -155,8 +166,8 @@ impl RedisCache {
             return;
         }
         let this = self.clone();
-        // In the background: `CLUSTER SLOTS` goes to a random node, which may be the one that
-        // stalled, and no caller should wait for that.
+        // In the background: the node it asks may be the one that stalled, and no caller should
+        // wait for that.
         tokio::spawn(async move {
             let fetched = match this.conn().await {
                 Ok(Conn::Cluster(mut conn)) => this.slot_map(&mut conn).await.ok(),
@@ -229,9 +240,8 @@ impl RedisCache {
 
     /// The slot map a batch groups its ops by: fresh from the cluster, as every batch reads it,
     /// unless a node's breaker is open, or `CLUSTER SLOTS` failed to reach the node it went to:
-    /// then the one kept, if any. `CLUSTER SLOTS` goes to a random node, possibly the stalled
-    /// one, and waiting out its timeout would fail the whole batch where only that node's ops
-    /// need to. A kept map that is out of date sends some ops to a node that no longer serves
+    /// then the one kept, if any. `CLUSTER SLOTS` may go to the stalled node, and waiting out
+    /// its timeout would fail the whole batch where only that node's ops need to. A kept map that is out of date sends some ops to a node that no longer serves
     /// their slots: they fail (a redirection, a read-only replica) and are retried, as they
     /// would be had the map changed just after a fresh read.
     pub(super) async fn batch_slot_map(

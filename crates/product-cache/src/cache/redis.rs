@@ -75,11 +75,8 @@ pub struct RedisCache {
     /// had attached at its last batch: the next `WAIT` asks for no more, so a shard short of
     /// replicas does not cost every batch the confirmation timeout.
     pub(super) attached: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Node, u32>>>,
-    /// The configured endpoint's host and port: the single node, named in reports; on a
-    /// cluster, a node to ask for the slot map.
+    /// The configured endpoint's host and port: on a cluster, a node to ask for the slot map.
     pub(super) endpoint: (String, u16),
-    /// A primary of the last slot map, to ask for the next (see `slot_map`).
-    pub(super) last_primary: std::sync::Arc<std::sync::Mutex<Option<(String, u16)>>>,
     /// Each node's circuit breaker, and which node a key is on (a cluster's slot map, kept).
     pub(super) breakers: std::sync::Arc<Breakers>,
     pub(super) nodes: std::sync::Arc<Nodes>,
@@ -97,7 +94,6 @@ impl RedisCache {
             Some(pem) => redis::Client::build_with_tls(info, certificates(pem))?,
             None => redis::Client::open(info)?,
         };
-        let nodes = Nodes::single(&client.get_connection_info().addr().to_string());
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             // No response timeout on the connection: it would apply to a whole pipeline, and a
@@ -120,6 +116,7 @@ impl RedisCache {
             }
             .boxed()
         });
+        let nodes = Nodes::single(&endpoint);
         Ok(Self::with(connector, &options, endpoint, nodes))
     }
 
@@ -150,11 +147,7 @@ impl RedisCache {
             builder = builder.set_credentials_provider(credentials);
         }
         let client = builder.build()?;
-        let nodes = Nodes::cluster(
-            &redis::IntoConnectionInfo::into_connection_info(url)?
-                .addr()
-                .to_string(),
-        );
+        let nodes = Nodes::cluster(&endpoint);
         let connector = Connector::start(move || {
             let client = client.clone();
             async move { client.get_async_connection().await.map(Conn::Cluster) }.boxed()
@@ -176,7 +169,6 @@ impl RedisCache {
             guards: options.guards,
             attached: Default::default(),
             endpoint,
-            last_primary: Default::default(),
             breakers: std::sync::Arc::new(Breakers::new(options.breaker)),
             nodes: std::sync::Arc::new(nodes),
         }

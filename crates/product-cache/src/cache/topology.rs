@@ -55,9 +55,9 @@ pub(super) type SlotMap = Vec<(u16, u16, (String, u16))>;
 
 impl RedisCache {
     /// The primaries' addresses by slot range, as the cluster reports them (`CLUSTER SLOTS`).
-    /// Asked of a node whose address is known (a primary of the last map, else the configured
-    /// endpoint, else any node), since an endpoint reported as NULL or "" means the node that
-    /// answered (see [`parse_slot_map`]).
+    /// Asked of a node whose address is known (the first primary of the map kept, else the
+    /// configured endpoint, else any node), since an endpoint reported as NULL or "" means the
+    /// node that answered (see [`parse_slot_map`]).
     pub(super) async fn slot_map(
         &self,
         conn: &mut redis::cluster_async::ClusterConnection,
@@ -73,11 +73,7 @@ impl RedisCache {
                 .await
             }
         };
-        let known = self
-            .last_primary
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let known = self.nodes.first_primary();
         let mut answered = None;
         for (host, port) in known.into_iter().chain([self.endpoint.clone()]) {
             let route = SingleNodeRoutingInfo::ByAddress {
@@ -107,10 +103,7 @@ impl RedisCache {
                 (reply, self.endpoint.0.clone())
             }
         };
-        let map = parse_slot_map(&reply, &host)?;
-        *self.last_primary.lock().unwrap_or_else(|e| e.into_inner()) =
-            map.first().map(|(_, _, node)| node.clone());
-        Ok(map)
+        parse_slot_map(&reply, &host)
     }
 }
 
