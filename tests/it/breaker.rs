@@ -8,34 +8,29 @@ use std::time::{Duration, Instant};
 use local_stack::services::{DelayedRedis, RedisCluster, RedisServer};
 use product_cache::cache::{Cache, CacheError, CacheOp, RedisCache};
 use product_cache::config::{
-    BreakerSettings, CacheSettings, InvalidationMode::*, InvalidatorSettings, ReadSettings,
-    RedisSettings,
+    BreakerSettings, CacheSettings, InvalidationMode::*, ReadSettings, RedisSettings,
 };
-use product_cache::invalidate::Invalidator;
 use product_cache::metrics::{MetricsSettings, Sink};
 use product_cache::read::ReadPath;
 use product_cache::store::DynamoStore;
 use serde_json::json;
 
-use crate::support::{http_get, TestEnv};
+use crate::support::{cache_with, http_get, TestEnv};
 
 /// A `redis-server` stopped (SIGSTOP) while this lives: it keeps its connections open and
 /// answers nothing. Resumed (SIGCONT) when dropped, also when the test fails.
-struct Stalled(libc::pid_t);
+struct Stalled<'a>(&'a RedisServer);
 
-impl Stalled {
-    fn new(server: &RedisServer) -> Self {
-        let pid = server.pid().expect("the server runs") as libc::pid_t;
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
-        Self(pid)
+impl<'a> Stalled<'a> {
+    fn new(server: &'a RedisServer) -> Self {
+        server.stall();
+        Self(server)
     }
 }
 
-impl Drop for Stalled {
+impl Drop for Stalled<'_> {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
+        self.0.resume();
     }
 }
 
@@ -193,36 +188,17 @@ async fn without_the_breaker_every_read_goes_to_the_stalled_node() {
     }
 }
 
-/// Which node (real port) serves each of `ids`' keys, from `CLUSTER SLOTS`.
+/// Which node (real port) serves each of `ids`' keys, by the cluster's view now.
 async fn owners(cluster: &RedisCluster, ids: &[String]) -> Vec<u16> {
-    let mut conn = node_conn(cluster.ports()[0]).await;
-    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    // Each range: [first slot, last slot, [primary host, primary port, ...], replicas...].
-    let ranges: Vec<(u16, u16, u16)> = ranges
-        .into_iter()
-        .map(|range| {
-            let redis::Value::Array(fields) = range else {
-                panic!("CLUSTER SLOTS: {range:?}")
-            };
-            let redis::Value::Array(primary) = &fields[2] else {
-                panic!("CLUSTER SLOTS: {fields:?}")
-            };
-            let int = |v: &redis::Value| redis::from_redis_value::<u16>(v.clone()).unwrap();
-            (int(&fields[0]), int(&fields[1]), int(&primary[1]))
-        })
-        .collect();
+    let roles = cluster.roles().await.unwrap();
     ids.iter()
         .map(|id| {
             let slot = product_cache::cache::slots::slot_of(&format!("product:{id}"));
-            ranges
+            roles
                 .iter()
-                .find(|(first, last, _)| (*first..=*last).contains(&slot))
-                .map(|(_, _, port)| *port)
+                .find(|r| r.primary && r.serves(slot))
                 .expect("every slot is served")
+                .port
         })
         .collect()
 }
@@ -292,24 +268,15 @@ async fn on_a_cluster_only_the_stalled_primarys_keys_bypass_and_fail() {
         until_hit(&read, &lines, id, Duration::from_secs(10)).await;
     }
     until_mapped(read.cache(), &keys, &ports).await;
-    let invalidator = Invalidator::build(
-        InvalidatorSettings {
-            redis,
-            mode: Delete,
-            cache: CacheSettings::default(),
-        },
-        &env.sdk,
-    )
-    .await
-    .unwrap();
+    let batches = cache_with(&redis, &CacheSettings::default()).await;
     let ops: Vec<CacheOp> = keys.iter().map(CacheOp::delete).collect();
     for attempt in 0.. {
         assert!(attempt < 100, "the invalidator never connected");
-        if invalidator.cache().apply(&ops).await.is_ok() {
+        if batches.apply(&ops).await.is_ok() {
             break;
         }
     }
-    until_mapped(invalidator.cache(), &keys, &ports).await;
+    until_mapped(&batches, &keys, &ports).await;
     for id in &ids {
         until_hit(&read, &lines, id, Duration::from_secs(5)).await;
     }
@@ -360,8 +327,7 @@ async fn on_a_cluster_only_the_stalled_primarys_keys_bypass_and_fail() {
                 .await
                 .unwrap();
         }
-        let err = invalidator
-            .cache()
+        let err = batches
             .apply(&ops)
             .await
             .expect_err("the stalled node's ops cannot succeed");
@@ -389,7 +355,7 @@ async fn on_a_cluster_only_the_stalled_primarys_keys_bypass_and_fail() {
         until_hit(&read, &lines, id, Duration::from_secs(5)).await;
     }
     let resumed = Instant::now();
-    while invalidator.cache().apply(&ops).await.is_err() {
+    while batches.apply(&ops).await.is_err() {
         assert!(
             resumed.elapsed() < Duration::from_secs(5),
             "batches still fail after the node resumed"
@@ -443,7 +409,6 @@ async fn the_first_answer_of_a_node_that_stalled_is_not_served() {
 /// next batch, the node caught up, is acknowledged under-replicated as before.
 #[tokio::test]
 async fn a_stalled_nodes_first_batch_needs_every_configured_replica() {
-    let env = TestEnv::new(Delete).await;
     let primary = RedisServer::start().await.unwrap();
     let breaker = BreakerSettings {
         open_for: Duration::from_millis(200),
@@ -455,34 +420,25 @@ async fn a_stalled_nodes_first_batch_needs_every_configured_replica() {
         breaker,
         ..RedisSettings::new(primary.url())
     };
-    let invalidator = Invalidator::build(
-        InvalidatorSettings {
-            redis,
-            mode: Delete,
-            cache: CacheSettings::default(),
-        },
-        &env.sdk,
-    )
-    .await
-    .unwrap();
+    let batches = cache_with(&redis, &CacheSettings::default()).await;
     let ops = vec![CacheOp::delete("product:kb-001")];
     let under_replicated = |applied: &product_cache::cache::Applied| {
         applied.under_replicated.len() == 1 && applied.under_replicated[0].online == 0
     };
-    let first = invalidator.cache().apply(&ops).await.expect("applied");
+    let first = batches.apply(&ops).await.expect("applied");
     assert!(under_replicated(&first), "{first:?}");
     {
         let _stalled = Stalled::new(&primary);
         for batch in 0.. {
             assert!(batch <= breaker.failures, "the breaker never opened");
-            let err = invalidator.cache().apply(&ops).await.unwrap_err();
+            let err = batches.apply(&ops).await.unwrap_err();
             if matches!(err.source, CacheError::BreakerOpen(_)) {
                 break;
             }
         }
     }
     tokio::time::sleep(breaker.open_for).await;
-    let trial = invalidator.cache().apply(&ops).await;
+    let trial = batches.apply(&ops).await;
     assert!(
         matches!(
             trial,
@@ -490,7 +446,7 @@ async fn a_stalled_nodes_first_batch_needs_every_configured_replica() {
         ),
         "the trial batch was acknowledged without the configured replica: {trial:?}"
     );
-    let next = invalidator.cache().apply(&ops).await.expect("applied");
+    let next = batches.apply(&ops).await.expect("applied");
     assert!(under_replicated(&next), "{next:?}");
 }
 
@@ -500,34 +456,24 @@ async fn a_stalled_nodes_first_batch_needs_every_configured_replica() {
 /// attempts per open interval, not hundreds a second.
 #[tokio::test]
 async fn a_batch_refused_by_an_open_breaker_answers_when_its_trial_is_due() {
-    let env = TestEnv::new(Delete).await;
     let redis = DelayedRedis::start(Duration::ZERO).await.unwrap();
-    let invalidator = Invalidator::build(
-        InvalidatorSettings {
-            redis: RedisSettings::new(redis.url()),
-            mode: Delete,
-            cache: CacheSettings::default(),
-        },
-        &env.sdk,
-    )
-    .await
-    .unwrap();
+    let batches = cache_with(&RedisSettings::new(redis.url()), &CacheSettings::default()).await;
     let ops = vec![CacheOp::delete("product:kb-001")];
-    invalidator.cache().apply(&ops).await.expect("connected");
+    batches.apply(&ops).await.expect("connected");
     let _stalled = Stalled::new(redis.server());
     for batch in 0.. {
         assert!(
             batch <= BreakerSettings::default().failures,
             "never refused"
         );
-        let err = invalidator.cache().apply(&ops).await.unwrap_err();
+        let err = batches.apply(&ops).await.unwrap_err();
         if matches!(err.source, CacheError::BreakerOpen(_)) {
             break;
         }
     }
     // Delivered again at once: the trial, which calls the stalled node.
     let sent = redis.proxy().bytes();
-    let err = invalidator.cache().apply(&ops).await.unwrap_err();
+    let err = batches.apply(&ops).await.unwrap_err();
     assert!(
         !matches!(err.source, CacheError::BreakerOpen(_)),
         "the refused batch answered before its breaker's trial was due: {err:?}"

@@ -340,7 +340,7 @@ async fn a_primary_lost_while_its_shard_is_short_of_replicas_loses_invalidations
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_lost_with_its_primary_is_not_confirmed() {
     use local_stack::services::RedisCluster;
-    use product_cache::cache::{Cache, CacheOp, OpKind, RedisCache, UnderReplicated};
+    use product_cache::cache::{Cache, CacheOp, OpKind, UnderReplicated};
     use product_cache::config::{CacheSettings, RedisSettings};
 
     let cluster = RedisCluster::start_with_replicas(3, 1).await.unwrap();
@@ -350,22 +350,10 @@ async fn a_write_lost_with_its_primary_is_not_confirmed() {
         confirm_timeout: Duration::from_millis(1500),
         ..RedisSettings::new(cluster.url())
     };
-    let sdk = local_stack::table::local_sdk_config(crate::support::moto_endpoint()).await;
-    let cache = RedisCache::from_settings(&settings, &CacheSettings::default(), &sdk)
-        .await
-        .unwrap();
-    let roles = cluster.roles().await.unwrap();
+    let cache = crate::support::cache_with(&settings, &CacheSettings::default()).await;
     let entry = cluster.ports()[0];
-    let primary = roles
-        .iter()
-        .find(|r| r.primary && r.port != entry)
-        .unwrap()
-        .port;
-    let replica = roles
-        .iter()
-        .find(|r| r.replica_of == Some(primary))
-        .unwrap()
-        .port;
+    let primary = cluster.primary_except(&[entry]).await.unwrap();
+    let replica = cluster.replica_of(primary).await.unwrap();
     // A key of the primary's: it answers a GET of it without MOVED.
     let mut conn = system::node_connection(primary).await;
     let mut key = None;
@@ -397,24 +385,8 @@ async fn a_write_lost_with_its_primary_is_not_confirmed() {
         assert!(attempts < 50, "v1 never confirmed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let pid = |port: u16| async move {
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut system::node_connection(port).await)
-            .await
-            .unwrap();
-        let pid: i32 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("process_id:"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        pid
-    };
-    let signal = |pid: i32, signal| assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    let (primary_pid, replica_pid) = (pid(primary).await, pid(replica).await);
-    signal(replica_pid, libc::SIGSTOP);
+    // Stalled, not killed: it stays attached as far as the primary knows.
+    cluster.stall(replica);
     assert!(
         cache.apply(&set("v2")).await.is_err(),
         "confirmed with the replica stalled"
@@ -426,9 +398,17 @@ async fn a_write_lost_with_its_primary_is_not_confirmed() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Killed outright while the replica is still stopped; then the replica resumes and the
     // cluster promotes it.
-    signal(primary_pid, libc::SIGKILL);
+    let primary_pid = cluster
+        .node(primary)
+        .and_then(|n| n.pid())
+        .expect("running");
+    // SAFETY: kill(2) on the cluster's own child, which has not been reaped (it runs).
+    assert_eq!(
+        unsafe { libc::kill(primary_pid as libc::pid_t, libc::SIGKILL) },
+        0
+    );
     let confirmed = pending.await.unwrap();
-    signal(replica_pid, libc::SIGCONT);
+    cluster.resume(replica);
     assert!(
         confirmed.is_err(),
         "v3 was confirmed ({confirmed:?}) with its only replica stopped"

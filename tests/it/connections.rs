@@ -9,12 +9,7 @@ use local_stack::services::{RedisCluster, RedisServer};
 use product_cache::cache::{Cache, CacheOp, RedisCache};
 use product_cache::config::{CacheSettings, RedisSettings};
 
-async fn cache_of(redis: &RedisSettings) -> RedisCache {
-    let sdk = local_stack::table::local_sdk_config(crate::support::moto_endpoint()).await;
-    RedisCache::from_settings(redis, &CacheSettings::default(), &sdk)
-        .await
-        .unwrap()
-}
+use crate::support::cache_with;
 
 /// Keys over every slot range of a 3-node cluster (and more).
 fn keys() -> Vec<String> {
@@ -82,7 +77,7 @@ async fn every_redis_connection_has_tcp_keepalive() {
             tcp_keepalive: keepalive,
             ..RedisSettings::new(single.url())
         };
-        let cache = cache_of(&redis).await;
+        let cache = cache_with(&redis, &CacheSettings::default()).await;
         applied(&cache).await;
         read_all(&cache).await;
         assert_keepalive(&[single.port()], keepalive.is_some());
@@ -93,7 +88,7 @@ async fn every_redis_connection_has_tcp_keepalive() {
             tcp_keepalive: keepalive,
             ..RedisSettings::new(cluster.url())
         };
-        let cache = cache_of(&redis).await;
+        let cache = cache_with(&redis, &CacheSettings::default()).await;
         applied(&cache).await;
         read_all(&cache).await;
         assert_keepalive(&cluster.ports(), keepalive.is_some());
@@ -149,21 +144,12 @@ async fn reconnections_through_a_failover(rules: &str) -> Vec<(u16, i64)> {
         confirm_replicas: 1,
         ..RedisSettings::new(format!("redis://product-cache:pw@127.0.0.1:{entry}"))
     };
-    let cache = cache_of(&redis).await;
+    let cache = cache_with(&redis, &CacheSettings::default()).await;
     applied(&cache).await;
     read_all(&cache).await;
 
-    let roles = cluster.roles().await.unwrap();
-    let primary = roles
-        .iter()
-        .find(|r| r.primary && r.port != entry)
-        .unwrap()
-        .port;
-    let replica = roles
-        .iter()
-        .find(|r| r.replica_of == Some(primary))
-        .unwrap()
-        .port;
+    let primary = cluster.primary_except(&[entry]).await.unwrap();
+    let replica = cluster.replica_of(primary).await.unwrap();
     let before = connections_received(&mut admin).await;
     // Over the admin connections: `RedisCluster::failover` would open new ones to every node
     // while it waits.
@@ -256,11 +242,11 @@ async fn a_batch_applies_on_a_cluster_that_reports_unknown_endpoints() {
         .await
         .unwrap();
     assert!(format!("{slots:?}").contains("nil"), "{slots:?}");
-    let cache = cache_of(&RedisSettings {
+    let redis = RedisSettings {
         cluster: true,
         ..RedisSettings::new(cluster.url())
-    })
-    .await;
+    };
+    let cache = cache_with(&redis, &CacheSettings::default()).await;
     applied(&cache).await;
     let ops: Vec<CacheOp> = keys().into_iter().map(CacheOp::delete).collect();
     cache.apply(&ops).await.unwrap();

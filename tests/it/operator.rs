@@ -562,23 +562,6 @@ async fn an_aws_endpoint_that_never_answers_fails_the_command_instead_of_hanging
     );
 }
 
-/// Waits (bounded) until `replica` reports its link to the primary up.
-async fn linked(replica: &local_stack::services::RedisServer) {
-    let client = redis::Client::open(replica.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for _ in 0..100 {
-        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
-        let state = role
-            .get(3)
-            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
-        if state.as_deref() == Some("connected") {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the replica never connected");
-}
-
 #[tokio::test]
 async fn a_redrive_is_acknowledged_by_the_invalidators_confirmation_rule() {
     use local_stack::proxy::DelayProxy;
@@ -586,20 +569,9 @@ async fn a_redrive_is_acknowledged_by_the_invalidators_confirmation_rule() {
     let mut env = TestEnv::new(Delete).await;
     // A replica, attached through a link that can be held: it stays attached but confirms
     // nothing more.
-    let mut primary = env.redis_conn().await;
-    redis::cmd("CONFIG")
-        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
-        .query_async::<()>(&mut primary)
-        .await
-        .unwrap();
     let primary = (std::net::Ipv4Addr::LOCALHOST, env.redis.port()).into();
     let link = DelayProxy::start(primary, Duration::ZERO).await.unwrap();
-    let link_port = link.port().to_string();
-    let replica =
-        local_stack::services::RedisServer::start_with(&["--replicaof", "127.0.0.1", &link_port])
-            .await
-            .unwrap();
-    linked(&replica).await;
+    let _replica = crate::support::replica_of_port(env.redis.port(), link.port()).await;
     let (client, url) = one_lost_batch(&mut env).await;
     link.set_delay(Duration::from_secs(3600));
 

@@ -1,47 +1,12 @@
 //! Replicas: a batch is acknowledged only once replicas hold its writes (`WAIT`), so a failover
 //! cannot lose an invalidation Lambda was told had been applied.
 
-use local_stack::services::RedisServer;
 use product_cache::config::RedisSettings;
 use product_cache::config::{CacheSettings, InvalidationMode::*, InvalidatorSettings};
 use product_cache::invalidate::Invalidator;
 use serde_json::json;
 
-use crate::support::{fixture, fresh, TestEnv};
-
-/// Waits (bounded) until `replica` reports its link to the primary up.
-async fn linked(replica: &RedisServer) {
-    let client = redis::Client::open(replica.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for _ in 0..100 {
-        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
-        let state = role
-            .get(3)
-            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
-        if state.as_deref() == Some("connected") {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("the replica never connected");
-}
-
-/// A replica of `env`'s Redis, once its link is up.
-async fn replica_of(env: &TestEnv) -> RedisServer {
-    // A replica's first sync waits 5 s by default, for more replicas to share it.
-    let mut primary = env.redis_conn().await;
-    redis::cmd("CONFIG")
-        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
-        .query_async::<()>(&mut primary)
-        .await
-        .unwrap();
-    let port = env.redis.port().to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port])
-        .await
-        .unwrap();
-    linked(&replica).await;
-    replica
-}
+use crate::support::{fixture, fresh, linked, replica_of_port, TestEnv};
 
 /// `INFO replication` of the node on `port`, on a connection of its own.
 async fn replication(port: u16) -> String {
@@ -98,7 +63,7 @@ async fn a_batch_waits_for_the_replicas_that_are_attached() {
     use product_cache::metrics::{MetricsSettings, Sink};
 
     let env = TestEnv::new(Delete).await;
-    let mut replica = replica_of(&env).await;
+    let mut replica = replica_of_port(env.redis.port(), env.redis.port()).await;
     let port = env.redis.port();
     await_online(port, 1).await;
     let redis = RedisSettings {
@@ -234,7 +199,7 @@ async fn a_batch_waits_for_the_replicas_that_are_attached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_shard_short_of_a_replica_is_under_replicated() {
     use local_stack::services::RedisCluster;
-    use product_cache::cache::{Cache, CacheOp, RedisCache, UnderReplicated};
+    use product_cache::cache::{Cache, CacheOp, UnderReplicated};
 
     let mut cluster = RedisCluster::start_with_replicas(3, 1).await.unwrap();
     let redis = RedisSettings {
@@ -243,10 +208,7 @@ async fn only_the_shard_short_of_a_replica_is_under_replicated() {
         confirm_timeout: std::time::Duration::from_millis(500),
         ..RedisSettings::new(cluster.url())
     };
-    let sdk = local_stack::table::local_sdk_config(crate::support::moto_endpoint()).await;
-    let cache = RedisCache::from_settings(&redis, &CacheSettings::default(), &sdk)
-        .await
-        .unwrap();
+    let cache = crate::support::cache_with(&redis, &CacheSettings::default()).await;
     let ops: Vec<CacheOp> = (0..300)
         .map(|i| CacheOp::delete(format!("product:k{i}")))
         .collect();
@@ -269,13 +231,8 @@ async fn only_the_shard_short_of_a_replica_is_under_replicated() {
             }
         }
     }
-    let roles = cluster.roles().await.unwrap();
-    let short = roles.iter().find(|r| r.primary).unwrap().port;
-    let replica = roles
-        .iter()
-        .find(|r| r.replica_of == Some(short))
-        .unwrap()
-        .port;
+    let short = cluster.primary_except(&[]).await.unwrap();
+    let replica = cluster.replica_of(short).await.unwrap();
     // Killed outright: `kill` stops it, then finds no replica of a replica to wait for.
     assert!(cluster.kill(replica).await.is_err());
     await_online(short, 0).await;
@@ -302,21 +259,11 @@ async fn failover_after_an_unreplicated_change(confirm_replicas: u32) -> serde_j
     use local_stack::proxy::DelayProxy;
 
     let mut env = TestEnv::new(Delete).await;
-    let mut primary_conn = env.redis_conn().await;
-    redis::cmd("CONFIG")
-        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
-        .query_async::<()>(&mut primary_conn)
-        .await
-        .unwrap();
     let primary = (std::net::Ipv4Addr::LOCALHOST, env.redis.port()).into();
     let link = DelayProxy::start(primary, std::time::Duration::ZERO)
         .await
         .unwrap();
-    let link_port = link.port().to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &link_port])
-        .await
-        .unwrap();
-    linked(&replica).await;
+    let replica = replica_of_port(env.redis.port(), link.port()).await;
     let endpoint = DelayProxy::start(primary, std::time::Duration::ZERO)
         .await
         .unwrap();
@@ -365,16 +312,7 @@ async fn failover_after_an_unreplicated_change(confirm_replicas: u32) -> serde_j
         .unwrap();
     endpoint.set_upstream((std::net::Ipv4Addr::LOCALHOST, replica.port()).into());
     // As ElastiCache replaces the lost node: a new replica of the promoted one.
-    redis::cmd("CONFIG")
-        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
-        .query_async::<()>(&mut replica_conn)
-        .await
-        .unwrap();
-    let promoted = replica.port().to_string();
-    let replacement = RedisServer::start_with(&["--replicaof", "127.0.0.1", &promoted])
-        .await
-        .unwrap();
-    linked(&replacement).await;
+    let _replacement = replica_of_port(replica.port(), replica.port()).await;
     // Lambda delivers the batch again only if it was reported failed.
     if !first.batch_item_failures.is_empty() {
         for attempt in 0.. {
@@ -423,7 +361,7 @@ async fn a_failover_loses_no_acknowledged_invalidation() {
 #[ignore = "a measurement; run it with --ignored --nocapture"]
 async fn confirmation_cost() {
     let env = TestEnv::new(Delete).await;
-    let _replica = replica_of(&env).await;
+    let _replica = replica_of_port(env.redis.port(), env.redis.port()).await;
     let template = fresh(fixture("modify.json"))["Records"][0].clone();
     let batch = |round: usize| {
         let records: Vec<serde_json::Value> = (0..1000)

@@ -415,10 +415,16 @@ impl TestEnv {
 /// A single Redis node at `url`, built the way the functions build their client (with the
 /// test's guards, which only the `test-support` feature lets a test switch off).
 pub async fn redis_cache(url: &str, settings: &CacheSettings) -> RedisCache {
+    cache_with(&RedisSettings::new(url), settings).await
+}
+
+/// The functions' Redis client over `redis` (a cluster, confirmation, the breaker, ...), built
+/// the way they build it.
+pub async fn cache_with(redis: &RedisSettings, settings: &CacheSettings) -> RedisCache {
     let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
-    RedisCache::from_settings(&RedisSettings::new(url), settings, &sdk)
+    RedisCache::from_settings(redis, settings, &sdk)
         .await
-        .expect("a valid Redis URL")
+        .expect("valid Redis settings")
 }
 
 /// `table` read the way the read function reads it (strongly consistent).
@@ -572,4 +578,43 @@ pub async fn connected<C, S, I>(
         read.get("kb-001").await.0,
         product_cache::read::CacheStatus::Miss
     );
+}
+
+/// Waits (bounded) until `replica` reports its link to the primary up.
+pub async fn linked(replica: &RedisServer) {
+    let client = redis::Client::open(replica.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..100 {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
+        let state = role
+            .get(3)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+        if state.as_deref() == Some("connected") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replica never connected");
+}
+
+/// A replica of the Redis on `primary`, replicating through `via` (the primary's own port, or
+/// a proxy's in front of it whose stream a test can hold), once its link is up.
+pub async fn replica_of_port(primary: u16, via: u16) -> RedisServer {
+    // A replica's first sync waits 5 s by default, for more replicas to share it.
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{primary}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg(&["SET", "repl-diskless-sync-delay", "0"][..])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let via = via.to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &via])
+        .await
+        .unwrap();
+    linked(&replica).await;
+    replica
 }

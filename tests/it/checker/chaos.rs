@@ -203,15 +203,8 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// the new primary.
 async fn failover(cluster: &RedisCluster, shared: &Shared) -> (String, Window, u16) {
     let clock = shared.clock;
-    let roles = cluster.roles().await.expect("cluster roles");
-    let mut primaries: Vec<u16> = roles.iter().filter(|r| r.primary).map(|r| r.port).collect();
-    primaries.sort_unstable();
-    let primary = primaries[0];
-    let replica = roles
-        .iter()
-        .find(|r| r.replica_of == Some(primary))
-        .expect("the primary has a replica")
-        .port;
+    let primary = cluster.primary_except(&[]).await.expect("a primary");
+    let replica = cluster.replica_of(primary).await.expect("a replica");
     let from = clock.now();
     cluster.failover(replica).await.expect("CLUSTER FAILOVER");
     let to = clock.now();
@@ -251,11 +244,7 @@ async fn kill(
         .collect();
     primaries.sort_unstable_by_key(|&p| (p == entry, p));
     let primary = primaries[0];
-    let replica = roles
-        .iter()
-        .find(|r| r.replica_of == Some(primary))
-        .expect("the primary has a replica")
-        .port;
+    let replica = cluster.replica_of(primary).await.expect("a replica");
     let from = clock.now();
     let mut event = String::new();
     if let Some(cut) = cut {
@@ -286,7 +275,10 @@ async fn kill(
         .expect("replication mended");
     cluster.revive(primary).await.expect("killed node revived");
     let revived = clock.now();
-    in_sync(primary).await;
+    cluster
+        .await_in_sync(primary)
+        .await
+        .expect("the revived node syncs");
     let to = clock.now();
     let _ = write!(
         event,
@@ -338,7 +330,7 @@ async fn game_day(
     });
 
     // Killed, left down: the promoted replica serves its shard alone.
-    let victim = other_primary(cluster, entry, None).await;
+    let victim = cluster.primary_except(&[entry]).await.expect("a primary");
     let killed = clock.now();
     let promoted = cluster.kill(victim).await.expect("replica promoted");
     let promoted_at = clock.now();
@@ -355,10 +347,14 @@ async fn game_day(
         to: down_to,
     });
     cluster.revive(victim).await.expect("killed node revived");
-    in_sync(victim).await;
+    cluster
+        .await_in_sync(victim)
+        .await
+        .expect("the revived node syncs");
     let synced = clock.now();
     lines.push(format!(
-        "primary :{victim} killed at {:.1} ms; :{promoted} primary alone from {:.1} ms;          :{victim} back at {:.1} ms, its replica in sync by {:.1} ms",
+        "primary :{victim} killed at {:.1} ms; :{promoted} primary alone from {:.1} ms; \
+         :{victim} back at {:.1} ms, its replica in sync by {:.1} ms",
         ms(killed),
         ms(promoted_at),
         ms(down_to),
@@ -367,15 +363,11 @@ async fn game_day(
     tokio::time::sleep(plan.healthy).await;
 
     // Stalled: connections open, nothing answers; the cluster fails it over meanwhile.
-    let stalled = other_primary(cluster, entry, Some(promoted)).await;
-    let replica = cluster
-        .roles()
+    let stalled = cluster
+        .primary_except(&[entry, promoted])
         .await
-        .expect("cluster roles")
-        .iter()
-        .find(|r| r.replica_of == Some(stalled))
-        .map(|r| r.port)
-        .expect("the stalled primary has a replica");
+        .expect("a primary");
+    let replica = cluster.replica_of(stalled).await.expect("a replica");
     let stall_from = clock.now();
     cluster.stall(stalled);
     faults.add("nodes stalled", 1);
@@ -396,7 +388,10 @@ async fn game_day(
             .await_role(stalled, false)
             .await
             .expect("the stalled node rejoins as a replica");
-        in_sync(stalled).await;
+        cluster
+            .await_in_sync(stalled)
+            .await
+            .expect("the stalled node syncs");
     }
     let restored = clock.now();
     lines.push(format!(
@@ -417,39 +412,6 @@ async fn game_day(
         to: clock.now(),
     });
     (lines, windows)
-}
-
-/// The primary with the lowest port that is neither `entry` (where new clients start) nor
-/// `except`.
-async fn other_primary(cluster: &RedisCluster, entry: u16, except: Option<u16>) -> u16 {
-    let roles = cluster.roles().await.expect("cluster roles");
-    roles
-        .iter()
-        .filter(|r| r.primary && !r.failed && r.port != entry && Some(r.port) != except)
-        .map(|r| r.port)
-        .min()
-        .expect("another primary")
-}
-
-/// Waits (up to 30 s) until the replica on `port` reports its link up.
-async fn in_sync(port: u16) {
-    let mut conn = node_connection(port).await;
-    let waiting = std::time::Instant::now();
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
-            .await
-            .expect("INFO replication");
-        if info.contains("master_link_status:up") {
-            return;
-        }
-        assert!(
-            waiting.elapsed() < Duration::from_secs(30),
-            "the node :{port} never synced: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The fault tally's name for a data loss.

@@ -16,7 +16,6 @@
 //! Loopback only: the cluster with replicas has no delaying proxies, and the figure is about
 //! what the faults cost, not the network.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -169,7 +168,7 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
     let healthy = (healthy_from, now_secs());
 
     // 2. A primary killed, left down: its replica serves the shard alone.
-    let victim = other_primary(&cluster, entry, None).await?;
+    let victim = cluster.primary_except(&[entry]).await?;
     let killed = Instant::now();
     let promoted = cluster.kill(victim).await?;
     // The shard runs on its promoted replica alone from here; the clients' first second on the
@@ -178,19 +177,13 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
     tokio::time::sleep(sizes.game_day_down.saturating_sub(killed.elapsed())).await;
     let short = (short_from, now_secs());
     cluster.revive(victim).await?;
-    in_sync(victim).await?;
+    cluster.await_in_sync(victim).await?;
     tokio::time::sleep(sizes.game_day_healthy / 2).await;
 
     // 4. Another primary stalled; the cluster fails it over meanwhile.
-    let stalled = other_primary(&cluster, entry, Some(promoted)).await?;
-    let replica = cluster
-        .roles()
-        .await?
-        .into_iter()
-        .find(|r| r.replica_of == Some(stalled))
-        .map(|r| r.port)
-        .ok_or("the stalled primary has no replica")?;
-    let on_stalled = products_on(entry, stalled, &ids, &settings.key_prefix).await?;
+    let stalled = cluster.primary_except(&[entry, promoted]).await?;
+    let replica = cluster.replica_of(stalled).await?;
+    let on_stalled = products_on(&cluster, stalled, &ids, &settings.key_prefix).await?;
     cluster.stall(stalled);
     let stall_started = Instant::now();
     let promoted_at: Arc<Mutex<Option<Instant>>> = Arc::default();
@@ -249,7 +242,7 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
         .any(|r| r.port == replica && r.primary)
     {
         cluster.await_role(stalled, false).await?;
-        in_sync(stalled).await?;
+        cluster.await_in_sync(stalled).await?;
     }
     tokio::time::sleep(sizes.game_day_healthy / 2).await;
 
@@ -368,32 +361,14 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
     ])
 }
 
-/// The primary with the lowest port that is neither `entry` nor `except`.
-async fn other_primary(
-    cluster: &RedisCluster,
-    entry: u16,
-    except: Option<u16>,
-) -> Result<u16, Error> {
-    cluster
-        .roles()
-        .await?
-        .iter()
-        .filter(|r| r.primary && !r.failed && r.port != entry && Some(r.port) != except)
-        .map(|r| r.port)
-        .min()
-        .ok_or_else(|| "no other primary".into())
-}
-
-async fn node(port: u16) -> Result<redis::aio::MultiplexedConnection, Error> {
-    Ok(redis::Client::open(format!("redis://127.0.0.1:{port}"))?
-        .get_multiplexed_async_connection()
-        .await?)
-}
-
 /// Whether the node on `port` says it is a primary (`ROLE`), within 50 ms.
 async fn is_primary(port: u16) -> bool {
     let asked = async {
-        let mut conn = node(port).await.ok()?;
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.ok()?;
         Some(matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master"))
     };
@@ -403,64 +378,24 @@ async fn is_primary(port: u16) -> bool {
     )
 }
 
-/// Waits (up to 30 s) until the replica on `port` reports its link up.
-async fn in_sync(port: u16) -> Result<(), Error> {
-    let mut conn = node(port).await?;
-    let started = Instant::now();
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
-            .await?;
-        if info.contains("master_link_status:up") {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            return Err(format!(":{port} never synced: {info}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The products whose keys live on the primary `port`, by the slot map `entry` reports.
+/// The products whose keys live on the primary `port`, by the cluster's view now.
 async fn products_on(
-    entry: u16,
+    cluster: &RedisCluster,
     port: u16,
     ids: &[String],
     prefix: &str,
 ) -> Result<Vec<String>, Error> {
-    let mut conn = node(entry).await?;
-    let slots: Vec<(u16, u16, (String, u16))> = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async::<Vec<redis::Value>>(&mut conn)
-        .await?
-        .into_iter()
-        .filter_map(|range| {
-            let redis::Value::Array(f) = range else {
-                return None;
-            };
-            let (redis::Value::Int(a), redis::Value::Int(b), redis::Value::Array(p)) =
-                (f.first()?, f.get(1)?, f.get(2)?)
-            else {
-                return None;
-            };
-            let host: String = redis::from_redis_value(p.first()?.clone()).ok()?;
-            let redis::Value::Int(port) = p.get(1)? else {
-                return None;
-            };
-            Some((*a as u16, *b as u16, (host, *port as u16)))
-        })
-        .collect();
-    let mine: BTreeMap<u16, u16> = slots
+    let roles = cluster.roles().await?;
+    let node = roles
         .iter()
-        .filter(|(_, _, (_, p))| *p == port)
-        .map(|(a, b, _)| (*a, *b))
-        .collect();
+        .find(|r| r.port == port)
+        .ok_or_else(|| format!("no node :{port}"))?;
     let on: Vec<String> = ids
         .iter()
         .filter(|id| {
-            let slot = product_cache::cache::slots::slot_of(&format!("{prefix}{id}"));
-            mine.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+            node.serves(product_cache::cache::slots::slot_of(&format!(
+                "{prefix}{id}"
+            )))
         })
         .cloned()
         .collect();

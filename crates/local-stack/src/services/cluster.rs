@@ -241,6 +241,58 @@ impl RedisCluster {
         Err(last.map_or_else(|| io::Error::other("no node is running").into(), Into::into))
     }
 
+    /// The running primary with the lowest port that is none of `except`.
+    pub async fn primary_except(&self, except: &[u16]) -> Result<u16, ServiceError> {
+        self.roles()
+            .await?
+            .iter()
+            .filter(|r| r.primary && !r.failed && !except.contains(&r.port))
+            .map(|r| r.port)
+            .min()
+            .ok_or_else(|| io::Error::other("no other primary").into())
+    }
+
+    /// The replica of the primary on `primary`.
+    pub async fn replica_of(&self, primary: u16) -> Result<u16, ServiceError> {
+        self.roles()
+            .await?
+            .iter()
+            .find(|r| r.replica_of == Some(primary))
+            .map(|r| r.port)
+            .ok_or_else(|| io::Error::other(format!(":{primary} has no replica")).into())
+    }
+
+    /// The primary serving `slot` now.
+    pub async fn primary_of_slot(&self, slot: u16) -> Result<u16, ServiceError> {
+        self.roles()
+            .await?
+            .iter()
+            .find(|r| r.primary && !r.failed && r.serves(slot))
+            .map(|r| r.port)
+            .ok_or_else(|| io::Error::other(format!("no primary serves slot {slot}")).into())
+    }
+
+    /// Waits (up to 30 s) until the replica on `port` reports its link to its primary up: in
+    /// sync, able to confirm writes.
+    pub async fn await_in_sync(&self, port: u16) -> Result<(), ServiceError> {
+        let started = Instant::now();
+        loop {
+            let info = command(port, &["INFO", "replication"]).await?;
+            if info.contains("master_link_status:up") {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(ServiceError::NotReady {
+                    what: "redis replica sync",
+                    port,
+                    waited: started.elapsed(),
+                    log_tail: info,
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// Hands the primary role of `replica`'s shard to it (`CLUSTER FAILOVER` on the replica, the
     /// coordinated failover of a maintenance or a test), and waits until the cluster agrees.
     pub async fn failover(&self, replica: u16) -> Result<(), ServiceError> {
@@ -407,9 +459,21 @@ pub struct Role {
     pub replica_of: Option<u16>,
     /// Whether the cluster considers it failed.
     pub failed: bool,
+    /// The hash slots it serves, as first and last slot of each range (a primary's).
+    pub slots: Vec<(u16, u16)>,
 }
 
-/// `CLUSTER NODES` lines: `<id> <ip:port@bus> <flags> <primary id or -> ...`.
+impl Role {
+    /// Whether it serves `slot`.
+    pub fn serves(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|(first, last)| (*first..=*last).contains(&slot))
+    }
+}
+
+/// `CLUSTER NODES` lines: `<id> <ip:port@bus> <flags> <primary id or -> <ping> <pong> <epoch>
+/// <link> <slot range>...`, a range `first-last` or one slot (`[...]` marks a slot migrating).
 fn parse_roles(nodes: &str) -> Vec<Role> {
     let lines: Vec<Vec<&str>> = nodes
         .lines()
@@ -432,6 +496,15 @@ fn parse_roles(nodes: &str) -> Vec<Role> {
                 primary: f[2].contains("master"),
                 replica_of: (f[3] != "-").then(|| port_of_id(f[3])).flatten(),
                 failed: f[2].contains("fail"),
+                slots: f
+                    .iter()
+                    .skip(8)
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|s| match s.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => s.parse().ok().map(|n| (n, n)),
+                    })
+                    .collect(),
             })
         })
         .collect()
@@ -507,4 +580,25 @@ async fn cluster_ok(port: u16) -> bool {
         tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
         Ok(Ok(true))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn roles_and_slots_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460 [5461->-b2]
+b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922 16383
+c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected
+d4 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
+";
+        let roles = super::parse_roles(nodes);
+        assert_eq!(roles.len(), 4);
+        assert_eq!((roles[0].port, roles[0].primary), (7000, true));
+        assert_eq!(roles[0].slots, vec![(0, 5460)]);
+        assert_eq!(roles[1].slots, vec![(5461, 10922), (16383, 16383)]);
+        assert!(roles[1].serves(16383) && !roles[1].serves(0));
+        assert_eq!((roles[2].replica_of, roles[2].slots.len()), (Some(7000), 0));
+        assert!(roles[3].failed);
+    }
 }
