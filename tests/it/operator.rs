@@ -142,6 +142,20 @@ async fn prices(env: &TestEnv) -> Vec<Value> {
     out
 }
 
+/// A redrive that applied every record of the three stale products: it succeeded, says so, and
+/// each price is the new one. Its output, for the checks a test adds.
+async fn assert_redrove_all(run: &Output, env: &TestEnv) -> String {
+    let out = text(run);
+    assert!(run.status.success(), "{out}");
+    assert!(out.contains("applied 3 records"), "{out}");
+    assert_eq!(
+        prices(env).await,
+        vec![json!(20), json!(20), json!(20)],
+        "no stale key is left: {out}"
+    );
+    out
+}
+
 #[tokio::test]
 async fn a_redrive_from_the_queue_after_a_failed_batch_leaves_no_stale_key() {
     let mut env = TestEnv::new(Delete).await;
@@ -194,13 +208,7 @@ async fn a_redrive_from_the_queue_after_a_failed_batch_leaves_no_stale_key() {
     assert_eq!(queued(&client, &url).await, 1, "and keeps the record");
 
     let run = pcache(&env, &["redrive", "--queue-url", &url]).await;
-    assert!(run.status.success(), "{}", text(&run));
-    assert!(text(&run).contains("applied 3 records"), "{}", text(&run));
-    assert_eq!(
-        prices(&env).await,
-        vec![json!(20), json!(20), json!(20)],
-        "no stale key is left"
-    );
+    assert_redrove_all(&run, &env).await;
     assert_eq!(queued(&client, &url).await, 0, "the record is removed");
 }
 
@@ -355,15 +363,8 @@ async fn a_redrive_reads_a_range_through_empty_pages_in_its_middle_and_applies_i
         &["redrive", "--queue-url", &url, "--wait-seconds", "1"],
     )
     .await;
-    let out = text(&run);
-    assert!(run.status.success(), "{out}");
-    assert!(out.contains("applied 3 records"), "{out}");
+    assert_redrove_all(&run, &env).await;
     assert!(proxy.counts().empty_pages >= 6, "{:?}", proxy.counts());
-    assert_eq!(
-        prices(&env).await,
-        vec![json!(20), json!(20), json!(20)],
-        "every record of the range was applied: {out}"
-    );
     assert_eq!(queued(&client, &url).await, 0, "the record is removed");
 }
 
@@ -390,12 +391,9 @@ async fn an_empty_first_page_does_not_make_a_readable_range_unrecoverable() {
         &["redrive", "--from-file", file.to_str().unwrap()],
     )
     .await;
-    let out = text(&run);
-    assert!(run.status.success(), "{out}");
-    assert!(out.contains("applied 3 records"), "{out}");
+    let out = assert_redrove_all(&run, &env).await;
     assert!(!out.contains("UNRECOVERABLE"), "{out}");
     assert_eq!(proxy.counts().empty_pages, 2, "{:?}", proxy.counts());
-    assert_eq!(prices(&env).await, vec![json!(20), json!(20), json!(20)]);
     assert_eq!(
         std::fs::read_to_string(&file).unwrap(),
         "",
@@ -516,11 +514,8 @@ async fn the_queue_is_drained_with_long_polls_where_short_polls_answer_nothing()
         &["redrive", "--queue-url", &url, "--wait-seconds", "1"],
     )
     .await;
-    let out = text(&run);
-    assert!(run.status.success(), "{out}");
-    assert!(out.contains("applied 3 records"), "{out}");
+    let out = assert_redrove_all(&run, &env).await;
     assert_eq!(proxy.counts().empty_short_polls, 0, "{out}");
-    assert_eq!(prices(&env).await, vec![json!(20), json!(20), json!(20)]);
     assert_eq!(queued(&client, &url).await, 0, "the record is removed");
 }
 
