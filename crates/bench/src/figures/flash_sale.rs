@@ -94,6 +94,25 @@ impl<F: BatchFunction> BatchFunction for Timed<F> {
     }
 }
 
+/// Runs `poller` in a task of its own until the sender returned is used (or dropped).
+pub(crate) fn in_background<F: BatchFunction + Send + Sync + 'static>(
+    poller: &Arc<Poller<F>>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), local_stack::poller::PollerError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let poller = Arc::clone(poller);
+    let polling = tokio::spawn(async move {
+        poller
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (stop, polling)
+}
+
 /// The seeded catalog.
 pub struct Sale {
     table: String,
@@ -271,20 +290,9 @@ pub async fn run(
         aws_sdk_dynamodbstreams::Client::new(&env.sdk),
         &sale.stream_arn,
     );
-    let poller = Poller::new(reader, esm, Timed::new(invalidator));
+    let poller = Arc::new(Poller::new(reader, esm, Timed::new(invalidator)));
     let poller_stats = poller.stats();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let poller = Arc::new(poller);
-    let polling = {
-        let poller = poller.clone();
-        tokio::spawn(async move {
-            poller
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let (stop, polling) = in_background(&poller);
     let deadline = Instant::now() + Duration::from_secs(30);
     while poller_stats.polls.load(Ordering::Relaxed) == 0 {
         if Instant::now() > deadline {

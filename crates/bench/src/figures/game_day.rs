@@ -31,7 +31,7 @@ use product_cache::config::{
 use product_cache::invalidate::Invalidator;
 use product_cache::read::{CacheStatus, ReadPath};
 
-use super::flash_sale::Timed;
+use super::flash_sale::{in_background, Timed};
 use crate::env::Env;
 use crate::records::now_secs;
 use crate::report::{Budget, Net, Row, Unit};
@@ -92,17 +92,7 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
     let stream = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&env.sdk), &stream_arn);
     let poller = Arc::new(Poller::new(stream, esm, Timed::new(invalidator)));
     let poller_stats = poller.stats();
-    let (stop_polling, stopped) = tokio::sync::oneshot::channel::<()>();
-    let polling = {
-        let poller = poller.clone();
-        tokio::spawn(async move {
-            poller
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let (stop_polling, polling) = in_background(&poller);
 
     let read = ReadPath::build(
         ReadSettings::new(redis.clone(), &table, settings.clone()),
