@@ -68,7 +68,17 @@ impl PartsOutcome {
             Ok(applied) => {
                 self.refused
                     .extend(applied.refused.iter().map(|i| base + i));
-                self.under_replicated.extend(applied.under_replicated);
+                // Once per node: a batch sent in parts meets the same short node in each.
+                for short in applied.under_replicated {
+                    match self
+                        .under_replicated
+                        .iter_mut()
+                        .find(|u| u.node == short.node)
+                    {
+                        Some(known) => known.online = known.online.min(short.online),
+                        None => self.under_replicated.push(short),
+                    }
+                }
             }
             Err(e) => {
                 self.failed.extend(e.failed.iter().map(|i| base + i));
