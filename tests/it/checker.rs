@@ -122,6 +122,7 @@ async fn catches_stale_fills_without_leases() {
         guards: Guards {
             leases: false,
             ordering: true,
+            evictions: true,
         },
         ..Config::new("catches_stale_fills_without_leases", Delete)
     })
@@ -149,6 +150,7 @@ async fn catches_regressions_without_ordering() {
         guards: Guards {
             leases: true,
             ordering: false,
+            evictions: true,
         },
         ..Config::new("catches_regressions_without_ordering", Refresh)
     })

@@ -18,10 +18,12 @@ use crate::support::{Counting, TestEnv};
 const NO_LEASES: Guards = Guards {
     leases: false,
     ordering: true,
+    evictions: true,
 };
 const NO_ORDERING: Guards = Guards {
     leases: true,
     ordering: false,
+    evictions: true,
 };
 
 /// A store whose first read pauses after reading the table until the test releases it: the

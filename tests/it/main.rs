@@ -12,6 +12,7 @@ mod connections;
 mod consistency;
 mod deferred_fill;
 mod end_to_end;
+mod eviction;
 mod failure_paths;
 mod freeze;
 mod iam;

@@ -6,7 +6,8 @@
 //! its positions), and, from inside the scripts (and directly, for a single node's delete-mode
 //! batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and its slot's epoch key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
 //! replicas, marks their connections `READONLY`. A confirmed batch asks `INFO replication` how
-//! many replicas are attached (only that section: `+info|replication`). The cluster client
+//! many replicas are attached (only that section: `+info|replication`), and the apply script asks
+//! `INFO stats` for the node's eviction count (`+info|stats`). The cluster client
 //! checks each node's connection with `PING` when it refreshes its topology and reconnects
 //! every node whose `PING` is refused, so it is allowed. (`CLIENT SETINFO`, sent on connecting,
 //! may stay refused: the client ignores its reply.) Nothing needs `CONFIG`, `KEYS` or `SCAN`.
@@ -17,7 +18,7 @@
 pub fn rules(key_prefix: &str) -> String {
     format!(
         "resetkeys ~{key_prefix}* ~{{{key_prefix}* ~product-cache:epoch:* resetchannels \
-         -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication"
+         -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats"
     )
 }
 
@@ -36,7 +37,7 @@ mod tests {
         assert_eq!(
             rules,
             "resetkeys ~product:* ~{product:* ~product-cache:epoch:* resetchannels \
-             -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication"
+             -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats"
         );
     }
 

@@ -3,8 +3,8 @@
 -- cost once per group instead of once per key.
 -- KEYS: per change 4: key, lease, ver, the slot's epoch key; then, per 'set' change in order,
 -- the key its new document was staged in.
--- ARGV: use ordering (1/0), now (epoch ms, the invalidator's clock), ver ttl s; then per change
--- 5: 'set' or 'del', ttl s, order ('' for none), the record's creation time less the clock
+-- ARGV: use ordering (1/0), now (epoch ms, the invalidator's clock), ver ttl s, watch evictions
+-- (1/0); then per change 5: 'set' or 'del', ttl s, order ('' for none), the record's creation time less the clock
 -- margin (epoch ms, '' if unknown), delete even if refused (1/0).
 -- Returns the 0-based indexes of the changes refused as older than what their key has seen
 -- (empty, the usual case, when every change was applied).
@@ -16,20 +16,58 @@
 --
 -- Each change: skip it if not newer than the key's position, else cancel the lease, delete or
 -- set the document, and record the position. A write from a record created before the slot's
--- epoch is applied as a delete. The epoch key is set the first time a write reaches a slot
--- whose data is new (a restart, FLUSHALL, a replica promoted empty: the epoch key went with
--- the positions), so such a record may be a replay older than changes acknowledged before the
--- loss, and a delete is right whatever it is. Records created after the epoch are ordered by
--- positions this data has seen, all of them.
+-- epoch is applied as a delete. The epoch, `<ms>:<evicted_keys>`, says since when the
+-- positions this slot holds are complete, and it is set to now whenever that stopped being
+-- true:
+-- - the slot has none: its data is new (a restart, FLUSHALL, a replica promoted empty: the
+--   epoch key went with the positions);
+-- - the node has evicted keys since the epoch was set (INFO's `evicted_keys` moved): a full
+--   node evicts positions too (volatile-ttl samples a few keys and drops the nearest expiry,
+--   sometimes a position whose document stays), and a key whose position is gone cannot tell
+--   a redelivered older change from a newer one.
+-- A record created before the epoch may then be a replay older than a change whose position
+-- was forgotten, and a delete is right whatever it is. A record created after it is newer than
+-- every change applied before it, and changes applied since have their positions (an eviction
+-- since would have moved the count). So while a node evicts, refreshes there delete; when it
+-- stops, they refresh again a couple of seconds later (`CLOCK_MARGIN_MS`). An epoch ending in
+-- `?` (`declare_empty`, a Redis known to have started empty) takes the count it first meets.
 local use_ordering = ARGV[1] == '1'
 local now = ARGV[2]
 local ver_ttl = tonumber(ARGV[3])
+local watch_evictions = ARGV[4] == '1'
 local refused_at = {}
-local changes = (#ARGV - 3) / 5
+local changes = (#ARGV - 4) / 5
+-- The node's eviction count, asked once per call and only if a write needs it: INFO costs the
+-- node a few microseconds, once per call, not per key.
+local evicted = nil
+local function evictions()
+  if not evicted then
+    evicted = '-'
+    if watch_evictions then
+      evicted = string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '-'
+    end
+  end
+  return evicted
+end
+-- Since when `epoch_key`'s slot has kept every position, recording it now where it cannot say.
+local function epoch_of(epoch_key)
+  local epoch = redis.call('GET', epoch_key)
+  local since, seen
+  if epoch then since, seen = string.match(epoch, '^(%d+):(.*)$') end
+  local count = evictions()
+  if since and seen == count then return since end
+  if since and seen == '?' then
+    redis.call('SET', epoch_key, since .. ':' .. count)
+    return since
+  end
+  -- None, an earlier release's (no count), or evictions since.
+  redis.call('SET', epoch_key, now .. ':' .. count)
+  return now
+end
 local staged_keys = 0
 for i = 0, changes - 1 do
   local key, lease, ver, epoch_key = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
-  local a = 3 + 5 * i
+  local a = 4 + 5 * i
   local kind, ttl, order = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local created, delete_if_refused = ARGV[a + 4], ARGV[a + 5] == '1'
   -- Taken before `kind` may turn into a delete below: a staged document always goes.
@@ -55,9 +93,8 @@ for i = 0, changes - 1 do
       kind = 'del'
     end
     if not refused and kind == 'set' then
-      -- SET NX GET (Redis 7): the epoch, written now if this slot has none.
-      local epoch = redis.call('SET', epoch_key, now, 'NX', 'GET') or now
-      if created == '' or tonumber(created) < tonumber(epoch) then kind = 'del' end
+      local since = epoch_of(epoch_key)
+      if created == '' or tonumber(created) < tonumber(since) then kind = 'del' end
     end
   end
   if refused then

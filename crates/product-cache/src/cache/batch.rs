@@ -57,7 +57,8 @@ impl RedisCache {
         invocation
             .arg(flag(self.guards.ordering))
             .arg(now_ms)
-            .arg(VERSION_TTL.as_secs());
+            .arg(VERSION_TTL.as_secs())
+            .arg(flag(self.guards.evictions));
         for op in group.iter().map(|&i| &ops[i]) {
             let (kind, ttl) = match &op.kind {
                 OpKind::Delete => ("del", Duration::ZERO),

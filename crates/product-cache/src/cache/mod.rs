@@ -9,9 +9,10 @@
 //! - `{product:42}:ver`: the newest [`Order`] applied to the key. An older or repeated record is
 //!   refused, and after a REMOVE it is the tombstone that keeps an older refresh out.
 //! - `product-cache:epoch:{<tag>}`, one per hash slot in use: since when this slot's positions
-//!   are complete. It vanishes with the data (restart, `FLUSHALL`, a replica promoted empty), so
-//!   a refresh from a record older than it becomes a delete: it may be a replay of a change
-//!   whose newer successor was forgotten.
+//!   are complete, and the node's eviction count then. It vanishes with the data (restart,
+//!   `FLUSHALL`, a replica promoted empty) and is set anew when the node has evicted keys since
+//!   (positions among them, perhaps), so a refresh from a record older than it becomes a
+//!   delete: it may be a replay of a change whose newer successor was forgotten.
 //!
 //! The braces make the side keys hash like `product:42` itself, so each script touches a single
 //! Redis Cluster slot.
@@ -201,6 +202,9 @@ pub struct Guards {
     pub leases: bool,
     /// Invalidations and versioned fills never replace newer state with older.
     pub ordering: bool,
+    /// A node that evicted keys since a slot's epoch gets a new epoch: positions may be gone,
+    /// so refreshes from records created before it delete (`apply.lua`).
+    pub evictions: bool,
 }
 
 impl Default for Guards {
@@ -208,6 +212,7 @@ impl Default for Guards {
         Self {
             leases: true,
             ordering: true,
+            evictions: true,
         }
     }
 }

@@ -322,7 +322,8 @@ impl Cache for RedisCache {
 impl RedisCache {
     /// Declares this Redis empty of any earlier data of this cache: every slot's epoch becomes
     /// 0 (where none is set yet), so refreshes write from the first record on instead of
-    /// deleting until a slot's epoch is newer than the records in flight. Only for a Redis the
+    /// deleting until a slot's epoch is newer than the records in flight. The node's eviction
+    /// count is left for the first write to take (`0:?`, see `apply.lua`). Only for a Redis the
     /// caller knows it just started empty (the local stack, tests); after a deploy or a data
     /// loss, leave it to the first write of each slot, which is always safe.
     pub async fn declare_empty(&self) -> Result<(), CacheError> {
@@ -343,7 +344,7 @@ impl RedisCache {
                     for key in group {
                         pipe.set_options(
                             key,
-                            0,
+                            "0:?",
                             redis::SetOptions::default().conditional_set(redis::ExistenceCheck::NX),
                         )
                         .ignore();
