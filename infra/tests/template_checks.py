@@ -799,6 +799,7 @@ def check_alarms(t: dict) -> list[str]:
         ("AWS/Lambda", "Throttles", INVALIDATOR),
         ("AWS/ElastiCache", "EngineCPUUtilization", CACHE),
         ("AWS/ElastiCache", "DatabaseMemoryUsagePercentage", CACHE),
+        ("AWS/ElastiCache", "Evictions", CACHE),
     ]
     for ns, metric, ref in wanted:
         if not has(ns, metric, ref):
@@ -1515,7 +1516,7 @@ def check_dashboard(t: dict) -> list[str]:
                     problems.append(f"{where}: {name}'s {ns_} {m.get('MetricName')} is not graphed")
         shards, replicas = int(params["CacheShards"]), int(params["CacheReplicasPerShard"])
         want_nodes = {f"-{s_:04d}-{n:03d}" for s_ in range(1, shards + 1) for n in range(1, replicas + 2)}
-        for metric in ("EngineCPUUtilization", "DatabaseMemoryUsagePercentage"):
+        for metric in ("EngineCPUUtilization", "DatabaseMemoryUsagePercentage", "Evictions"):
             if nodes.get(metric) != want_nodes:
                 problems.append(f"{where}: {metric} graph shows {sorted(nodes.get(metric, []))}, the cache has {sorted(want_nodes)}")
     return problems

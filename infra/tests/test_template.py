@@ -255,6 +255,15 @@ def cache_alarm_misses_third_shard(t):
     alarm["Metrics"] = [m for m in alarm["Metrics"] if "s3n" not in str(m)]
 
 
+def no_evictions_alarm(t):
+    del t["Resources"]["CacheEvictionsAlarm"]
+
+
+def evictions_alarm_misses_third_shard(t):
+    alarm = props(t, "CacheEvictionsAlarm")
+    alarm["Metrics"] = [m for m in alarm["Metrics"] if "s3n" not in str(m)]
+
+
 def cache_alarm_watches_a_shard_too_early(t):
     metrics = props(t, "CacheEngineCpuAlarm")["Metrics"]
     guarded = next(m for m in metrics if isinstance(m, dict) and "Fn::If" in m and m["Fn::If"][0] == "HasShard3")
@@ -553,6 +562,11 @@ def dashboard_misses_third_shard(t):
     rows[:] = [r for r in rows if "0003-" not in str(r)]
 
 
+def dashboard_evictions_miss_third_shard(t):
+    rows = dashboard_text(t)[1]["CacheEvictionsNodes"]["Fn::Join"][1]
+    rows[:] = [r for r in rows if "0003-" not in str(r)]
+
+
 def dashboard_expression_without_its_metric(t):
     set_dashboard_text(t, dashboard_text(t)[0].replace('{"id": "misses", "visible": false}', '{"id": "miss", "visible": false}', 1))
 
@@ -605,7 +619,9 @@ WEAKENED = [
     (plain_redis_url, c.check_environment),
     (eventually_consistent_reads, c.check_environment),
     (no_iterator_age_alarm, c.check_alarms),
+    (no_evictions_alarm, c.check_alarms),
     (cache_alarm_misses_third_shard, c.check_cache_alarm_topology),
+    (evictions_alarm_misses_third_shard, c.check_cache_alarm_topology),
     (cache_alarm_watches_a_shard_too_early, c.check_cache_alarm_topology),
     (no_reserved_concurrency, c.check_function_sizing),
     (read_timeout_beyond_api_gateway, c.check_function_sizing),
@@ -675,6 +691,7 @@ WEAKENED = [
     (dashboard_without_lag_p99, c.check_dashboard),
     (dashboard_without_iterator_age, c.check_dashboard),
     (dashboard_misses_third_shard, c.check_dashboard),
+    (dashboard_evictions_miss_third_shard, c.check_dashboard),
     (dashboard_expression_without_its_metric, c.check_dashboard),
 ]
 
