@@ -74,6 +74,7 @@
 //! `CHECKER_READS_PER_WRITE` sets the readers' pace (default 4).
 
 mod actors;
+mod ballast;
 mod chaos;
 mod config;
 mod faults;
@@ -90,7 +91,7 @@ use std::time::Duration;
 use product_cache::cache::Guards;
 use product_cache::config::InvalidationMode::{Delete, Refresh};
 
-use config::{Cluster, Config, DataLoss, FlipAt};
+use config::{Cluster, Config, DataLoss, FlipAt, MemoryPressure};
 use run::run;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,6 +223,62 @@ async fn no_violations_when_a_version_attribute_is_turned_on_mid_run() {
     })
     .await;
     report.assert_clean();
+}
+
+/// Issue 20: the node full throughout the writes (`MemoryPressure`: ballast that outlives the
+/// product's keys, so volatile-ttl evicts documents, positions and leases), in refresh mode with
+/// the restart and its replay: the four invariants hold. Invariant 2's replay may delete a
+/// document where the node has evicted since its slot's epoch (counted apart), never write one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_violations_under_memory_pressure() {
+    let report = run(Config {
+        memory_pressure: Some(MemoryPressure::full()),
+        replay_after_data_loss: true,
+        ..Config::new("no_violations_under_memory_pressure", Refresh)
+    })
+    .await;
+    report.assert_clean();
+}
+
+/// The same with the eviction guard off: an older record delivered again after its key's
+/// position was evicted writes its older document back, and the checker must see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catches_regressions_under_memory_pressure_without_the_eviction_guard() {
+    let report = run(Config {
+        memory_pressure: Some(MemoryPressure::full()),
+        guards: Guards {
+            evictions: false,
+            ..Guards::default()
+        },
+        ..Config::new(
+            "catches_regressions_under_memory_pressure_without_the_eviction_guard",
+            Refresh,
+        )
+    })
+    .await;
+    report.assert_exercised();
+    assert!(
+        report.violations[0] + report.violations[2] > 0,
+        "no stale read was reported under memory pressure without the eviction guard:\n{}",
+        report.text
+    );
+}
+
+/// Memory pressure on a cluster of three primaries with a replica each, every batch confirmed,
+/// through the failover, the kill and the `FLUSHALL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_violations_under_memory_pressure_on_a_cluster() {
+    let report = run(Config {
+        memory_pressure: Some(MemoryPressure::full_cluster_node()),
+        ..Config::on_cluster(
+            "no_violations_under_memory_pressure_on_a_cluster",
+            Refresh,
+            Cluster::confirmed(),
+        )
+    })
+    .await;
+    report.assert_clean();
+    report.assert_served_through_failovers();
 }
 
 /// A Redis Cluster of three primaries with a replica each, every batch confirmed by each

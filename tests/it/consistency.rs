@@ -141,15 +141,23 @@ async fn a_fill_that_outlived_its_lease_is_refused() {
     let reader = read.get("kb-001");
     let slow_table = async {
         gate.read_done.await.unwrap();
-        // Model a GetItem slower than the lease; the lease key lapsing is what is awaited.
+        // Model a GetItem slower than the lease; the lease lapsing (its expiry, in its value,
+        // passed by the node's clock) is what is awaited.
         let mut conn = env.redis_conn().await;
         loop {
-            let held: bool = redis::cmd("EXISTS")
+            let lease: Option<String> = redis::cmd("GET")
                 .arg("{product:kb-001}:lease")
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            if !held {
+            let (secs, micros): (u64, u64) =
+                redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+            let now_ms = secs * 1000 + micros / 1000;
+            let expiry = lease
+                .as_deref()
+                .and_then(|l| l.split_once(':'))
+                .and_then(|(e, _)| e.parse::<u64>().ok());
+            if expiry.is_none_or(|e| e <= now_ms) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -118,7 +118,8 @@ async fn a_fill_refused_as_older_hands_its_lease_back() {
 }
 
 /// Both functions, both modes, under exactly the ACL the README documents: a user allowed only
-/// the commands and keys in `product_cache::acl::rules` (no `INFO`, no `CONFIG`).
+/// the commands and keys in `product_cache::acl::rules` (`INFO` only for its replication and
+/// stats sections, no `CONFIG`).
 #[tokio::test]
 async fn both_functions_work_under_the_documented_least_privilege_user() {
     use product_cache::config::{InvalidatorSettings, ReadSettings, RedisSettings};

@@ -61,6 +61,44 @@ pub struct Config {
     /// (`old_records_replayed_after_a_restart`, `no_violations_after_a_flushall`). Single
     /// duplicates are drawn from all acknowledged batches, before or after the loss, either way.
     pub replay_after_data_loss: bool,
+    /// Issue 20: every node full, evicting throughout the writes (`MemoryPressure`).
+    pub memory_pressure: Option<MemoryPressure>,
+}
+
+/// A node kept full (`maxmemory`, the template's `volatile-ttl`): ballast keys that outlive
+/// the product's (48 h TTLs, past the positions' 25 h) are written throughout the writes, so
+/// each one evicts the product's nearest-expiry keys, documents, positions and leases alike, as
+/// a full node with a larger catalogue does. The ballast stops when the writers do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPressure {
+    /// Each node's `maxmemory`, in bytes: what Redis uses empty, with the 16,384 epoch keys
+    /// (no TTL, never evicted), and a little room.
+    pub maxmemory: u64,
+    /// One ballast key of this many bytes...
+    pub ballast_bytes: usize,
+    /// ... every this often.
+    pub ballast_every: Duration,
+}
+
+impl MemoryPressure {
+    /// A single node: 4 MB, of which Redis and the epoch keys use about 2.5.
+    pub fn full() -> Self {
+        Self {
+            maxmemory: 4 * 1024 * 1024,
+            ballast_bytes: 32 * 1024,
+            ballast_every: Duration::from_millis(20),
+        }
+    }
+
+    /// A cluster node with a replica: 6 MB, since its replication backlog (1 MB) and its
+    /// clients' buffers count against `maxmemory` too (at 4 MB a primary had nothing left to
+    /// evict and answered OOM).
+    pub fn full_cluster_node() -> Self {
+        Self {
+            maxmemory: 6 * 1024 * 1024,
+            ..Self::full()
+        }
+    }
 }
 
 /// Where the cache lives.
@@ -197,6 +235,7 @@ impl Config {
             herd_size: 200,
             data_loss: DataLoss::Restart,
             replay_after_data_loss: false,
+            memory_pressure: None,
             max_duration: Duration::from_secs(
                 env_u64("CHECKER_MAX_SECS").unwrap_or_else(|| (ops / 2_000).max(90)),
             ),

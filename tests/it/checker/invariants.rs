@@ -77,6 +77,9 @@ pub struct Replay {
     pub replayed: usize,
     /// `null`s that timed out during the replay, which are not its doing.
     pub expired: usize,
+    /// Under memory pressure: documents the replay deleted, as it must where the node has
+    /// evicted since its slot's epoch (a position may be gone). Never a value written.
+    pub deleted: usize,
 }
 
 /// Invariant 2: replays the whole stream through a fresh invalidator with `settings` (the
@@ -86,6 +89,7 @@ pub async fn replay_changes_nothing(
     settings: &CacheSettings,
     conn: &mut Look,
     clock: Clock,
+    evicting: bool,
 ) -> Replay {
     let before_at = clock.now();
     let before = snapshot(conn).await;
@@ -117,6 +121,7 @@ pub async fn replay_changes_nothing(
     let after = snapshot(conn).await;
     let mut inv2 = Vec::new();
     let mut expired = 0;
+    let mut deleted = 0;
     for key in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
         let (was, is) = (before.get(key), after.get(key));
         match (was, is) {
@@ -125,6 +130,7 @@ pub async fn replay_changes_nothing(
             (Some((_, Some(ttl))), None) if before_at + ttl.as_nanos() as Nanos <= clock.now() => {
                 expired += 1;
             }
+            (Some(_), None) if evicting => deleted += 1,
             _ => inv2.push(format!(
                 "{key}: {:?} became {:?}",
                 was.map(|w| &w.0),
@@ -136,6 +142,7 @@ pub async fn replay_changes_nothing(
         violations: inv2,
         replayed,
         expired,
+        deleted,
     }
 }
 

@@ -168,6 +168,7 @@ impl Report {
             violations: inv2,
             replayed,
             expired,
+            deleted,
         } = replay;
         let Chaos {
             faults: chaos_faults,
@@ -214,6 +215,9 @@ impl Report {
         if !game_day {
             required.push((data_loss_fault(cfg.data_loss), 1));
             required.push(("herds", 1));
+        }
+        if cfg.memory_pressure.is_some() {
+            required.push(("keys evicted", 1));
         }
         if cfg.replay_after_data_loss {
             required.push(("batches replayed after the data loss", 1));
@@ -326,7 +330,8 @@ impl Report {
         }
         let _ = writeln!(
             text,
-            "  TRIM_HORIZON replay: {replayed} records ({expired} keys timed out meanwhile)"
+            "  TRIM_HORIZON replay: {replayed} records ({expired} keys timed out meanwhile, \
+             {deleted} deleted on a node that had evicted)"
         );
         let _ = writeln!(
             text,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::actors::{self, Phase, Shared};
+use super::ballast;
 use super::chaos;
 use super::config::Config;
 use super::faults::FailingCache;
@@ -51,6 +52,18 @@ pub async fn run(cfg: Config) -> Report {
     let writers = actors::spawn_writers(&cfg, &shared);
     let readers = actors::spawn_readers(&cfg, &sut, &shared).await;
     let inspections = inspector::spawn(&sut, &shared).await;
+    let ballast = cfg.memory_pressure.map(|full| {
+        let target = ballast::Target {
+            cluster: sut.redis.cluster,
+            url: sut.redis.url.clone(),
+            nodes: sut.nodes.clone(),
+            ports: match &redis {
+                Redis::Single(server) => vec![server.port()],
+                Redis::Cluster(cluster) => cluster.ports(),
+            },
+        };
+        tokio::spawn(ballast::fill(target, full, shared.phase.subscribe()))
+    });
 
     // On this task (not spawned): a restarted (or revived) redis-server is tied to the thread
     // that spawns it.
@@ -99,9 +112,14 @@ pub async fn run(cfg: Config) -> Report {
         }
         (writes, writers_done, feed, reads)
     };
-    let (chaos, (writes, writers_done, feed, reads), ()) =
+    let (mut chaos, (writes, writers_done, feed, reads), ()) =
         tokio::join!(chaos, actors, progress_lines);
     let run_time = clock.now();
+    if let Some(ballast) = ballast {
+        let filled = ballast.await.expect("ballast task");
+        chaos.faults.add("ballast keys written", filled.written);
+        chaos.faults.add("keys evicted", filled.evicted);
+    }
     let mut inspected = inspections.await.expect("inspector task");
     inspector::at_rest(&sut, &shared.items, &mut inspected).await;
     println!(
@@ -131,7 +149,14 @@ pub async fn run(cfg: Config) -> Report {
     } else {
         &sut.settings
     };
-    let replay = invariants::replay_changes_nothing(&sut, settings, &mut conn, clock).await;
+    let replay = invariants::replay_changes_nothing(
+        &sut,
+        settings,
+        &mut conn,
+        clock,
+        cfg.memory_pressure.is_some(),
+    )
+    .await;
     drop(redis);
     println!(
         "[{}] replayed {} records by {:.1} s; analysing the history",

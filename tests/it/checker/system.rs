@@ -54,7 +54,12 @@ impl Sut {
     pub async fn start(cfg: &Config) -> (Redis, Self) {
         let (redis, settings, nodes) = match cfg.deployment {
             Deployment::Single => {
-                let server = RedisServer::start().await.expect("redis-server starts");
+                // Arguments, not CONFIG SET: a restarted server keeps them.
+                let full = full_args(cfg);
+                let full: Vec<&str> = full.iter().map(String::as_str).collect();
+                let server = RedisServer::start_with(&full)
+                    .await
+                    .expect("redis-server starts");
                 let url = server.url();
                 (
                     Redis::Single(Box::new(server)),
@@ -73,8 +78,14 @@ impl Sut {
                 let rules = product_cache::acl::rules(&CacheSettings::default().key_prefix);
                 let mut user = vec!["--user", LEAST_PRIVILEGE_USER, "on", LEAST_PRIVILEGE_PASS];
                 user.extend(rules.split_whitespace());
-                let extra: &[&str] = if cluster.least_privilege { &user } else { &[] };
-                let nodes = RedisCluster::start_with_replicas_and(3, 1, extra)
+                let mut extra: Vec<&str> = if cluster.least_privilege {
+                    user
+                } else {
+                    Vec::new()
+                };
+                let full = full_args(cfg);
+                extra.extend(full.iter().map(String::as_str));
+                let nodes = RedisCluster::start_with_replicas_and(3, 1, &extra)
                     .await
                     .expect("redis cluster with replicas starts");
                 let url = if cluster.least_privilege {
@@ -182,21 +193,25 @@ impl Sut {
     /// between: on a cluster it routes each key to its slot's primary (never a replica), and
     /// `KEYS` to every primary.
     pub async fn redis_connection(&self) -> Look {
-        if self.redis.cluster {
-            let conn = redis::cluster::ClusterClient::new(self.nodes.clone())
-                .expect("cluster URLs")
-                .get_async_connection()
-                .await
-                .expect("redis cluster connection");
-            Look::Cluster(conn)
-        } else {
-            let conn = redis::Client::open(self.redis.url.clone())
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .expect("redis connection");
-            Look::Single(conn)
-        }
+        look(self.redis.cluster, &self.redis.url, &self.nodes)
+            .await
+            .expect("redis connection")
+    }
+}
+
+/// A connection like [`Sut::redis_connection`]'s, to `url` (a single node) or `nodes` (a
+/// cluster's), or the error of making it.
+pub async fn look(cluster: bool, url: &str, nodes: &[String]) -> redis::RedisResult<Look> {
+    if cluster {
+        let conn = redis::cluster::ClusterClient::new(nodes.to_vec())?
+            .get_async_connection()
+            .await?;
+        Ok(Look::Cluster(conn))
+    } else {
+        let conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        Ok(Look::Single(conn))
     }
 }
 
@@ -235,6 +250,19 @@ impl redis::aio::ConnectionLike for Look {
             Look::Single(c) => c.get_db(),
             Look::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+/// The node arguments of a run under memory pressure: its `maxmemory` and the template's policy.
+fn full_args(cfg: &Config) -> Vec<String> {
+    match cfg.memory_pressure {
+        Some(full) => vec![
+            "--maxmemory".into(),
+            full.maxmemory.to_string(),
+            "--maxmemory-policy".into(),
+            "volatile-ttl".into(),
+        ],
+        None => Vec::new(),
     }
 }
 

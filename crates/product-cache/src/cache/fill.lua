@@ -2,7 +2,7 @@
 -- invalidation in between deleted it), and with a version, only if not older than the key's.
 -- KEYS: key, lease, ver. ARGV: token, value, ttl s, order ('' for none), ver ttl s,
 -- use leases (1/0), use ordering (1/0). Returns 1 if written, 0 if refused.
-if ARGV[6] == '1' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[6] == '1' and not holds(redis.call('GET', KEYS[2]), ARGV[1], now_ms()) then return 0 end
 if ARGV[7] == '1' and ARGV[4] ~= '' then
   local cur = redis.call('GET', KEYS[3])
   local cur_newer = cur and newer(cur, ARGV[4])

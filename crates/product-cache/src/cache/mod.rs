@@ -5,7 +5,9 @@
 //! # Keys of one product
 //! - `product:42`: the plain JSON document (or `null` for "not found"), what any reader sees.
 //! - `{product:42}:lease`: the token of the one reader allowed to fill the key (Facebook
-//!   memcache's leases). Any invalidation deletes it, so a fill that raced an invalidation fails.
+//!   memcache's leases), with its expiry. Any invalidation deletes it, so a fill that raced an
+//!   invalidation fails. Its key outlives the others (`LEASE_KEY_TTL`), so a full node evicts
+//!   it last.
 //! - `{product:42}:ver`: the newest [`Order`] applied to the key. An older or repeated record is
 //!   refused, and after a REMOVE it is the tombstone that keeps an older refresh out.
 //! - `product-cache:epoch:{<tag>}`, one per hash slot in use: since when this slot's positions
@@ -338,6 +340,12 @@ pub trait Cache: Send + Sync {
 /// How long `{key}:ver` lives: past the stream's 24-hour retention, so no record still
 /// deliverable can be older than a forgotten version.
 pub const VERSION_TTL: Duration = Duration::from_secs(25 * 3600);
+
+/// How long a lease's key lives in Redis (its expiry is in its value, `lease.lua`): past
+/// [`VERSION_TTL`], so volatile-ttl evicts a lease after the product's other keys. A lease is
+/// deleted when its reader fills or hands it back, or by the next change of its key; only a
+/// reader that died holding one leaves it to this.
+pub const LEASE_KEY_TTL: Duration = Duration::from_secs(26 * 3600);
 
 /// The lease key of a cache key.
 pub fn lease_key(key: &str) -> String {

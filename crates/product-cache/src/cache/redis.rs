@@ -19,7 +19,7 @@ use super::topology::{is_dead_connection, Conn, Node};
 use super::VERSION_TTL;
 use super::{
     lease_key, version_key, Applied, BatchError, Cache, CacheError, CacheOp, Fill, Guards, Order,
-    Probe,
+    Probe, LEASE_KEY_TTL,
 };
 
 pub(super) fn flag(on: bool) -> &'static str {
@@ -244,7 +244,8 @@ impl Cache for RedisCache {
                 .key(lease_key(key))
                 .arg(token)
                 .arg(lease.as_millis().max(1) as u64)
-                .arg(flag(self.guards.leases));
+                .arg(flag(self.guards.leases))
+                .arg(LEASE_KEY_TTL.as_secs());
             let (tag, value): (u8, Option<String>) = self
                 .bounded(self.timeout, invocation.invoke_async(&mut conn))
                 .await?;

@@ -7,6 +7,9 @@ use std::sync::OnceLock;
 
 /// `newer(a, b)`, shared by the scripts that compare positions.
 const NEWER: &str = include_str!("newer.lua");
+/// `now_ms()`, `held(lease, now)` and `holds(lease, token, now)`, shared by the scripts that
+/// take, check or hand back a lease.
+const LEASE: &str = include_str!("lease.lua");
 const PROBE: &str = include_str!("probe.lua");
 const FILL: &str = include_str!("fill.lua");
 const APPLY: &str = include_str!("apply.lua");
@@ -23,9 +26,9 @@ pub(super) struct Scripts {
 pub(super) fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        probe: redis::Script::new(PROBE),
-        fill: redis::Script::new(&format!("{NEWER}{FILL}")),
+        probe: redis::Script::new(&format!("{LEASE}{PROBE}")),
+        fill: redis::Script::new(&format!("{NEWER}{LEASE}{FILL}")),
         apply: redis::Script::new(&format!("{NEWER}{APPLY}")),
-        release: redis::Script::new(RELEASE),
+        release: redis::Script::new(&format!("{LEASE}{RELEASE}")),
     })
 }

@@ -1,0 +1,174 @@
+//! Memory pressure (issue 20): ballast written into a full node throughout the writes, each key
+//! evicting the product's nearest-expiry keys (see [`MemoryPressure`]), and the evictions
+//! counted.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use redis::AsyncCommands as _;
+use tokio::sync::watch;
+
+use super::actors::Phase;
+use super::config::MemoryPressure;
+use super::system::{look, node_connection, Look};
+
+/// Past the positions' 25 hours and short of the leases' 26: volatile-ttl takes documents and
+/// positions before the ballast, and the ballast before a lease, as a full node with a larger
+/// catalogue (documents and positions of other products) would.
+const BALLAST_TTL: Duration = Duration::from_secs(25 * 3600 + 600);
+
+/// Where the ballast goes: the run's Redis, as the checker looks at it, and every node's port
+/// for its eviction count.
+pub struct Target {
+    pub cluster: bool,
+    pub url: String,
+    pub nodes: Vec<String>,
+    pub ports: Vec<u16>,
+}
+
+/// What the ballast did by the time the writers stopped.
+pub struct Filled {
+    pub written: u64,
+    /// Keys every node evicted meanwhile (a restarted node's count starts again from 0).
+    pub evicted: u64,
+}
+
+/// Writes ballast until the writers stop, connecting again after a restart or a failover.
+pub async fn fill(
+    target: Target,
+    full: MemoryPressure,
+    mut phase: watch::Receiver<Phase>,
+) -> Filled {
+    let value = "b".repeat(full.ballast_bytes);
+    let mut tick = tokio::time::interval(full.ballast_every);
+    let mut conn: Option<Look> = None;
+    let mut counts = HashMap::new();
+    let mut filled = Filled {
+        written: 0,
+        evicted: 0,
+    };
+    for n in 0u64.. {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = phase.wait_for(|p| *p != Phase::Running) => break,
+        }
+        if n % 10 == 0 {
+            filled.evicted += evicted_since(&target.ports, &mut counts).await;
+        }
+        if conn.is_none() {
+            conn = look(target.cluster, &target.url, &target.nodes).await.ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        // Refused while a node is down, or out of memory with nothing left to evict: the
+        // ballast is not what the run checks.
+        let set: redis::RedisResult<()> = c
+            .set_ex(format!("ballast:{n}"), &value, BALLAST_TTL.as_secs())
+            .await;
+        match set {
+            Ok(()) => filled.written += 1,
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => conn = None,
+            Err(e) => {
+                if std::env::var("BALLAST_DEBUG").is_ok() {
+                    eprintln!("ballast refused: {e}");
+                }
+            }
+        }
+    }
+    filled.evicted += evicted_since(&target.ports, &mut counts).await;
+    filled
+}
+
+/// Keys evicted on the nodes at `ports` since the counts in `last` (`INFO stats`), which it
+/// updates; a count that went down belongs to a node restarted since.
+async fn evicted_since(ports: &[u16], last: &mut HashMap<u16, u64>) -> u64 {
+    let mut total = 0;
+    for &port in ports {
+        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+            continue;
+        };
+        let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        else {
+            continue;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let Some(now) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("evicted_keys:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let before = last.insert(port, now).unwrap_or(0);
+        total += if now >= before { now - before } else { now };
+    }
+    total
+}
+
+/// The channel a node announces its evictions on (keyspace notifications, `Ee`).
+const EVICTED: &str = "__keyevent@0__:evicted";
+
+/// The keys one node evicts from when it is made until [`EvictionWatch::stop`]: what a herd
+/// under memory pressure is allowed to read the table again for.
+pub struct EvictionWatch {
+    admin: redis::aio::MultiplexedConnection,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+/// Starts announcing the evictions of the node at `port` and listening to them.
+pub async fn watch_evictions(port: u16) -> EvictionWatch {
+    let mut admin = node_connection(port).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Ee")
+        .query_async(&mut admin)
+        .await
+        .expect("keyspace notifications on");
+    let mut pubsub = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .expect("a pub/sub connection");
+    pubsub.subscribe(EVICTED).await.expect("subscribed");
+    let task = tokio::spawn(async move {
+        let mut keys = Vec::new();
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            let key: String = message.get_payload().unwrap_or_default();
+            if key == MARKER {
+                break;
+            }
+            keys.push(key);
+        }
+        keys
+    });
+    EvictionWatch { admin, task }
+}
+
+/// Published last on the channel: every eviction announced before it has arrived once it has.
+const MARKER: &str = "checker:end-of-watch";
+
+impl EvictionWatch {
+    /// The keys evicted since the watch began.
+    pub async fn stop(mut self) -> Vec<String> {
+        let _: () = redis::cmd("PUBLISH")
+            .arg(EVICTED)
+            .arg(MARKER)
+            .query_async(&mut self.admin)
+            .await
+            .expect("marker published");
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the marker arrives")
+            .expect("watch task")
+    }
+}
