@@ -48,7 +48,10 @@
 //!
 //! The runs: delete mode, refresh mode, a version attribute, the restart replay, the `FLUSHALL`
 //! replay, a version attribute turned on mid-run (the invalidator at a quarter of the run, the
-//! readers at half), and two with a guard switched off that must report violations; on a cluster
+//! readers at half), and two with a guard switched off that must report violations; under memory
+//! pressure (issue 20: `maxmemory` and `volatile-ttl`, ballast keeping every node evicting) on a
+//! node and on a cluster, and on a node with the eviction guard off, which must report stale
+//! reads; on a cluster
 //! with every batch confirmed by each primary's replica (`REDIS_CONFIRM_REPLICAS=1`), through the
 //! failovers, hits read from primaries and from replicas (`REDIS_READ_FROM_REPLICAS`): both must
 //! report no violation, no failed read (bypasses are fine) and hits by every reader after the

@@ -68,11 +68,7 @@ pub async fn fill(
         match set {
             Ok(()) => filled.written += 1,
             Err(e) if e.is_io_error() || e.is_connection_dropped() => conn = None,
-            Err(e) => {
-                if std::env::var("BALLAST_DEBUG").is_ok() {
-                    eprintln!("ballast refused: {e}");
-                }
-            }
+            Err(_) => {}
         }
     }
     filled.evicted += evicted_since(&target.ports, &mut counts).await;
