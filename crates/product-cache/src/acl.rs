@@ -7,7 +7,8 @@
 //! batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and its slot's epoch key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
 //! replicas, marks their connections `READONLY`. A confirmed batch asks `INFO replication` how
 //! many replicas are attached (only that section: `+info|replication`), and the apply script asks
-//! `INFO stats` for the node's eviction count (`+info|stats`). The cluster client
+//! `INFO stats` for the node's eviction count (`+info|stats`); the lease scripts read the node's
+//! clock (`TIME`), which dates every lease by one clock. The cluster client
 //! checks each node's connection with `PING` when it refreshes its topology and reconnects
 //! every node whose `PING` is refused, so it is allowed. (`CLIENT SETINFO`, sent on connecting,
 //! may stay refused: the client ignores its reply.) Nothing needs `CONFIG`, `KEYS` or `SCAN`.
@@ -18,7 +19,7 @@
 pub fn rules(key_prefix: &str) -> String {
     format!(
         "resetkeys ~{key_prefix}* ~{{{key_prefix}* ~product-cache:epoch:* resetchannels \
-         -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats"
+         -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats +time"
     )
 }
 
@@ -37,7 +38,7 @@ mod tests {
         assert_eq!(
             rules,
             "resetkeys ~product:* ~{product:* ~product-cache:epoch:* resetchannels \
-             -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats"
+             -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats +time"
         );
     }
 
