@@ -305,3 +305,59 @@ async fn refreshes_delete_while_the_node_evicts_and_resume_after() {
     let doc: Value = serde_json::from_str(&item0().await.expect("refreshed")).unwrap();
     assert_eq!(doc["price"], json!(3));
 }
+
+/// A lease is evicted last, but it can be (a node holding nothing else with a nearer expiry):
+/// its holder's fill is then refused, as after any lapse, and the next reader takes a lease of
+/// its own. The lease's key is evicted for real here: ballast that outlives it fills the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_whose_lease_was_evicted_is_refused() {
+    use product_cache::cache::{lease_key, Cache, Fill, Probe};
+
+    let redis = full_node(256 * 1024).await;
+    let cache = functions_cache(&redis, Guards::default()).await;
+    let mut conn = admin(&redis).await;
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        cache.probe("product:p0", "first", lease).await.unwrap(),
+        Probe::Lease
+    );
+    let held = || async {
+        let mut conn = admin(&redis).await;
+        redis::cmd("EXISTS")
+            .arg(lease_key("product:p0"))
+            .query_async::<bool>(&mut conn)
+            .await
+            .unwrap()
+    };
+    // Ballast with a TTL past the lease key's 26 hours, until the lease is the one evicted.
+    for n in 0.. {
+        if !held().await {
+            break;
+        }
+        assert!(n < 1_000, "the lease was never evicted");
+        let _: () = redis::cmd("SET")
+            .arg(format!("ballast:{n}"))
+            .arg("b".repeat(16 * 1024))
+            .arg("EX")
+            .arg(48 * 3600)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let fill = |token: &str| Fill {
+        key: "product:p0".into(),
+        token: token.into(),
+        value: r#"{"productId":"p0","price":1}"#.into(),
+        ttl: Duration::from_secs(3600),
+        order: None,
+    };
+    assert!(
+        !cache.fill(fill("first")).await.unwrap(),
+        "a fill was written without its lease"
+    );
+    assert_eq!(
+        cache.probe("product:p0", "second", lease).await.unwrap(),
+        Probe::Lease
+    );
+    assert!(cache.fill(fill("second")).await.unwrap());
+}
