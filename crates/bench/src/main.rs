@@ -54,25 +54,29 @@ enum Figure {
     MissLatency,
     Batch,
     Refresh,
+    EvictionGuard,
     ClusterHotKey,
     ColdStart,
     FlashSale,
     Degraded,
     GameDay,
+    Memory,
 }
 
 impl Figure {
-    const ALL: [Figure; 10] = [
+    const ALL: [Figure; 12] = [
         Figure::HitRedisTime,
         Figure::HitLatency,
         Figure::MissLatency,
         Figure::Batch,
         Figure::Refresh,
+        Figure::EvictionGuard,
         Figure::ClusterHotKey,
         Figure::ColdStart,
         Figure::FlashSale,
         Figure::Degraded,
         Figure::GameDay,
+        Figure::Memory,
     ];
 
     fn name(self) -> &'static str {
@@ -82,11 +86,13 @@ impl Figure {
             Figure::MissLatency => "miss-latency",
             Figure::Batch => "batch",
             Figure::Refresh => "refresh",
+            Figure::EvictionGuard => "eviction-guard",
             Figure::ClusterHotKey => "cluster-hot-key",
             Figure::ColdStart => "cold-start",
             Figure::FlashSale => "flash-sale",
             Figure::Degraded => "degraded",
             Figure::GameDay => "game-day",
+            Figure::Memory => "memory",
         }
     }
 
@@ -116,6 +122,8 @@ pub struct Sizes {
     pub refresh_records: usize,
     pub refresh_bytes: usize,
     pub refresh_reps: usize,
+    pub guard_rounds: usize,
+    pub memory_keys: usize,
     pub hot_key_records: usize,
     pub cold_runs: usize,
     pub sale_products: usize,
@@ -146,6 +154,10 @@ impl Sizes {
             refresh_records: 1000,
             refresh_bytes: 5000,
             refresh_reps: pick(5, 2),
+            guard_rounds: pick(15, 4),
+            // 0.75 of a power of two: the dicts' bucket arrays as full as a big node's are on
+            // average (they double when full).
+            memory_keys: pick(24_576, 6_144),
             hot_key_records: 1000,
             cold_runs: pick(5, 2),
             sale_products: pick(100_000, 10_000),
@@ -240,7 +252,7 @@ async fn run(args: Args) -> Result<bool, Error> {
         let figure_started = Instant::now();
         let mut cluster = None;
         let mut sale = None;
-        if figure == Figure::ClusterHotKey {
+        if figure == Figure::ClusterHotKey || figure == Figure::EvictionGuard {
             cluster = Some(local_stack::services::RedisCluster::start_with_delay(3, delay).await?);
         }
         if figure == Figure::FlashSale {
@@ -275,6 +287,10 @@ async fn run(args: Args) -> Result<bool, Error> {
                 }
                 Figure::Batch => figures::batch::mixed(&env, &sizes, net).await,
                 Figure::Refresh => figures::batch::refresh(&env, &sizes, net).await,
+                Figure::EvictionGuard => {
+                    let cluster = cluster.as_ref().expect("started above");
+                    figures::eviction_guard::run(&env, &sizes, net, cluster).await
+                }
                 Figure::ClusterHotKey => {
                     let cluster = cluster.as_ref().expect("started above");
                     figures::cluster::hot_key(&env, &sizes, net, cluster, delay).await
@@ -294,6 +310,7 @@ async fn run(args: Args) -> Result<bool, Error> {
                     figures::degraded::stall(&env, &sizes, net, table, ids).await
                 }
                 Figure::GameDay => figures::game_day::run(&env, &sizes, net).await,
+                Figure::Memory => figures::memory::run(&env, &sizes, net).await,
             };
             let new_rows = result.unwrap_or_else(|e| vec![failed_row(figure, net, &e)]);
             for row in &new_rows {

@@ -33,6 +33,7 @@ pub enum Unit {
     Percent,
     Count,
     MiB,
+    Bytes,
 }
 
 impl Unit {
@@ -50,6 +51,7 @@ impl Unit {
             Unit::Percent => format!("{v:.2} %"),
             Unit::Count => format!("{v:.0}"),
             Unit::MiB => format!("{v:.1} MiB"),
+            Unit::Bytes => format!("{v:.0} B"),
         }
     }
 
@@ -61,6 +63,7 @@ impl Unit {
             Unit::Percent => "percent",
             Unit::Count => "count",
             Unit::MiB => "MiB",
+            Unit::Bytes => "bytes",
         }
     }
 }
