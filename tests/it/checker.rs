@@ -268,7 +268,7 @@ async fn catches_regressions_under_memory_pressure_without_the_eviction_guard() 
 }
 
 /// Memory pressure on a cluster of three primaries with a replica each, every batch confirmed,
-/// through the failover, the kill and the `FLUSHALL`.
+/// through the failover, the kill and the `FLUSHALL`: the four invariants hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_violations_under_memory_pressure_on_a_cluster() {
     let report = run(Config {
@@ -280,8 +280,10 @@ async fn no_violations_under_memory_pressure_on_a_cluster() {
         )
     })
     .await;
+    // Not `assert_served_through_failovers`: with documents evicted seconds after their fill,
+    // a reader may not hit in the short stretch after the last failover, and that says
+    // nothing about its client following the topology (the other cluster runs show that).
     report.assert_clean();
-    report.assert_served_through_failovers();
 }
 
 /// A Redis Cluster of three primaries with a replica each, every batch confirmed by each

@@ -34,6 +34,38 @@ pub struct Filled {
     pub evicted: u64,
 }
 
+/// Fills every primary (`primaries` of them) with ballast until it has evicted, before the
+/// run starts, so that the pressure is there from the first write. Returns the keys written.
+pub async fn prefill(target: &Target, full: MemoryPressure, primaries: usize) -> u64 {
+    let mut conn = look(target.cluster, &target.url, &target.nodes)
+        .await
+        .expect("a connection for the ballast");
+    let value = "b".repeat(full.ballast_bytes);
+    let mut written = 0u64;
+    loop {
+        let mut evicting = 0;
+        for &port in &target.ports {
+            let mut counts = HashMap::new();
+            if evicted_since(&[port], &mut counts).await > 0 {
+                evicting += 1;
+            }
+        }
+        if evicting >= primaries {
+            return written;
+        }
+        assert!(
+            written < 10_000,
+            "the ballast never made every primary evict"
+        );
+        for _ in 0..16 {
+            let _: redis::RedisResult<()> = conn
+                .set_ex(format!("prefill:{written}"), &value, BALLAST_TTL.as_secs())
+                .await;
+            written += 1;
+        }
+    }
+}
+
 /// Writes ballast until the writers stop, connecting again after a restart or a failover.
 pub async fn fill(
     target: Target,
@@ -44,6 +76,8 @@ pub async fn fill(
     let mut tick = tokio::time::interval(full.ballast_every);
     let mut conn: Option<Look> = None;
     let mut counts = HashMap::new();
+    // The prefill's evictions (ballast alone) are not the run's.
+    evicted_since(&target.ports, &mut counts).await;
     let mut filled = Filled {
         written: 0,
         evicted: 0,

@@ -26,6 +26,32 @@ pub async fn run(cfg: Config) -> Report {
     sut.declare_empty().await;
     let (progress, progress_rx) = watch::channel(0);
     let shared = Arc::new(Shared::new(&cfg, clock, progress, &sut));
+    // Before any actor: the pressure is there from the first write.
+    let ballast = match cfg.memory_pressure {
+        Some(full) => {
+            let (ports, primaries) = match &redis {
+                Redis::Single(server) => (vec![server.port()], 1),
+                Redis::Cluster(cluster) => (cluster.ports(), 3),
+            };
+            let target = ballast::Target {
+                cluster: sut.redis.cluster,
+                url: sut.redis.url.clone(),
+                nodes: sut.nodes.clone(),
+                ports,
+            };
+            let prefilled = ballast::prefill(&target, full, primaries).await;
+            println!(
+                "[{}] {prefilled} ballast keys until every primary evicted",
+                cfg.name
+            );
+            Some(tokio::spawn(ballast::fill(
+                target,
+                full,
+                shared.phase.subscribe(),
+            )))
+        }
+        None => None,
+    };
 
     let (expected_tx, expected_rx) = watch::channel(None);
     let invalidator = sut.invalidator(
@@ -52,18 +78,6 @@ pub async fn run(cfg: Config) -> Report {
     let writers = actors::spawn_writers(&cfg, &shared);
     let readers = actors::spawn_readers(&cfg, &sut, &shared).await;
     let inspections = inspector::spawn(&sut, &shared).await;
-    let ballast = cfg.memory_pressure.map(|full| {
-        let target = ballast::Target {
-            cluster: sut.redis.cluster,
-            url: sut.redis.url.clone(),
-            nodes: sut.nodes.clone(),
-            ports: match &redis {
-                Redis::Single(server) => vec![server.port()],
-                Redis::Cluster(cluster) => cluster.ports(),
-            },
-        };
-        tokio::spawn(ballast::fill(target, full, shared.phase.subscribe()))
-    });
 
     // On this task (not spawned): a restarted (or revived) redis-server is tied to the thread
     // that spawns it.

@@ -158,7 +158,13 @@ impl Sut {
 
     /// Declares the run's fresh Redis empty, as a long-running deployment's epochs are long past.
     pub async fn declare_empty(&self) {
-        let cache = self.cache(&self.settings).await;
+        // Setup, not the run: 16,384 keys, a pipeline per slot on a cluster, given more than
+        // the game day's default timeout allows a machine busy with another run.
+        let setup = CacheSettings {
+            redis_timeout: Duration::from_secs(1),
+            ..self.settings.clone()
+        };
+        let cache = self.cache(&setup).await;
         cache.declare_empty().await.expect("epochs declared");
     }
 
