@@ -13,7 +13,7 @@ use product_cache::config::{CacheSettings, InvalidationMode::Refresh};
 use product_cache::invalidate::Invalidator;
 use serde_json::{json, Value};
 
-use crate::support::{fixture, redis_cache};
+use crate::support::{fixture, info_field, redis_cache};
 
 /// The reproduction: 4,000 items of ~1 KB documents in 3 MB.
 const ITEMS: usize = 4_000;
@@ -43,16 +43,9 @@ async fn full_node(room: u64) -> RedisServer {
     let cache = functions_cache(&redis, Guards::default()).await;
     cache.declare_empty().await.unwrap();
     let mut conn = admin(&redis).await;
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
+    let used = info_field(&mut conn, "memory", "used_memory")
         .await
-        .unwrap();
-    let used: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap();
+        .expect("INFO memory has used_memory");
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
@@ -123,14 +116,8 @@ async fn deliver(invalidator: &Invalidator<RedisCache>, records: Vec<Value>) {
 }
 
 async fn evicted_keys(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(conn)
+    info_field(conn, "stats", "evicted_keys")
         .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("evicted_keys:"))
-        .and_then(|n| n.trim().parse().ok())
         .expect("INFO stats has evicted_keys")
 }
 
@@ -271,12 +258,13 @@ async fn refreshes_delete_while_the_node_evicts_and_resume_after() {
     // Item 0 first, so its document and position are there before the node fills up.
     deliver(&invalidator, vec![record(0, 1, t0)]).await;
     assert_eq!(cached(&mut conn).await[0].1, 1);
-    // Fill the node: other items, then ballast that evicts whatever is nearest its expiry.
+    // Fill the node with the other items.
     deliver(&invalidator, (1..ITEMS).map(|i| record(i, 1, t0)).collect()).await;
     let evicted = evicted_keys(&mut conn).await;
     assert!(evicted > 0, "the node never filled up");
-    // Item 0's next change, made now: the node has evicted since its slot's epoch, so it
-    // deletes even though its position may still be there.
+    // Ballast evicts again, whatever is nearest its expiry. Item 0's next change, made now:
+    // the node has evicted since its slot's epoch, so it deletes even though its position may
+    // still be there.
     let _: () = redis::cmd("SET")
         .arg("ballast")
         .arg("b".repeat(200_000))
@@ -288,13 +276,15 @@ async fn refreshes_delete_while_the_node_evicts_and_resume_after() {
     assert!(evicted_keys(&mut conn).await > evicted);
     let now = now_secs();
     deliver(&invalidator, vec![record(0, 2, now)]).await;
-    let item0 = || async {
-        let mut conn = admin(&redis).await;
-        redis::cmd("GET")
-            .arg("product:p0")
-            .query_async::<Option<String>>(&mut conn)
-            .await
-            .unwrap()
+    let item0 = || {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("GET")
+                .arg("product:p0")
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(item0().await, None, "refreshed while the node evicts");
     // A change made past the margin (2 s) after that batch's epoch refreshes again. It is dated
@@ -321,17 +311,14 @@ async fn a_fill_whose_lease_was_evicted_is_refused() {
         cache.probe("product:p0", "first", lease).await.unwrap(),
         Probe::Lease
     );
-    let held = || async {
-        let mut conn = admin(&redis).await;
-        redis::cmd("EXISTS")
-            .arg(lease_key("product:p0"))
-            .query_async::<bool>(&mut conn)
-            .await
-            .unwrap()
-    };
     // Ballast with a TTL past the lease key's 26 hours, until the lease is the one evicted.
     for n in 0.. {
-        if !held().await {
+        let held: bool = redis::cmd("EXISTS")
+            .arg(lease_key("product:p0"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !held {
             break;
         }
         assert!(n < 1_000, "the lease was never evicted");

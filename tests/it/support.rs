@@ -412,6 +412,23 @@ impl TestEnv {
     }
 }
 
+/// A numeric field of an `INFO` section (`evicted_keys` of `stats`, `used_memory` of
+/// `memory`, ...); `None` when the node does not answer or has no such field.
+pub async fn info_field(
+    conn: &mut impl redis::aio::ConnectionLike,
+    section: &str,
+    field: &str,
+) -> Option<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// A single Redis node at `url`, built the way the functions build their client (with the
 /// test's guards, which only the `test-support` feature lets a test switch off).
 pub async fn redis_cache(url: &str, settings: &CacheSettings) -> RedisCache {

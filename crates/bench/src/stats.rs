@@ -44,15 +44,17 @@ pub fn parse_commandstats(info: &str) -> BTreeMap<String, CmdStat> {
     out
 }
 
+/// The numeric field `name` of an `INFO` reply, 0 when it has none.
+pub fn info_field(info: &str, name: &str) -> f64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 /// `used_cpu_sys + used_cpu_user` of `INFO cpu`: the server process's CPU time, in seconds.
 pub fn parse_cpu(info: &str) -> f64 {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    field("used_cpu_sys:") + field("used_cpu_user:")
+    info_field(info, "used_cpu_sys") + info_field(info, "used_cpu_user")
 }
 
 /// Which commands a workload sends itself and which its scripts run, from a `MONITOR` sample.

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use super::actors::Phase;
 use super::config::MemoryPressure;
 use super::system::{look, node_connection, Look};
+use crate::support::info_field;
 
 /// Past the positions' 25 hours and short of the leases' 26: volatile-ttl takes documents and
 /// positions before the ballast, and the ballast before a lease, as a full node with a larger
@@ -45,8 +46,7 @@ pub async fn prefill(target: &Target, full: MemoryPressure, primaries: usize) ->
     loop {
         let mut evicting = 0;
         for &port in &target.ports {
-            let mut counts = HashMap::new();
-            if evicted_since(&[port], &mut counts).await > 0 {
+            if evicted_keys(port).await.unwrap_or(0) > 0 {
                 evicting += 1;
             }
         }
@@ -109,38 +109,31 @@ pub async fn fill(
     filled
 }
 
-/// Keys evicted on the nodes at `ports` since the counts in `last` (`INFO stats`), which it
-/// updates; a count that went down belongs to a node restarted since.
+/// Keys evicted on the nodes at `ports` since the counts in `last`, which it updates; a count
+/// that went down belongs to a node restarted since.
 async fn evicted_since(ports: &[u16], last: &mut HashMap<u16, u64>) -> u64 {
     let mut total = 0;
     for &port in ports {
-        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
-            continue;
-        };
-        let Ok(Ok(mut conn)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        else {
-            continue;
-        };
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        let Some(now) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("evicted_keys:"))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-        else {
+        let Some(now) = evicted_keys(port).await else {
             continue;
         };
         let before = last.insert(port, now).unwrap_or(0);
         total += if now >= before { now - before } else { now };
     }
     total
+}
+
+/// The node's `evicted_keys` (`INFO stats`), or `None` while it is down.
+async fn evicted_keys(port: u16) -> Option<u64> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_millis(200),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    info_field(&mut conn, "stats", "evicted_keys").await
 }
 
 /// The channel a node announces its evictions on (keyspace notifications, `Ee`).

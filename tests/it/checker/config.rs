@@ -65,10 +65,11 @@ pub struct Config {
     pub memory_pressure: Option<MemoryPressure>,
 }
 
-/// A node kept full (`maxmemory`, the template's `volatile-ttl`): ballast keys that outlive
-/// the product's (48 h TTLs, past the positions' 25 h) are written throughout the writes, so
-/// each one evicts the product's nearest-expiry keys, documents, positions and leases alike, as
-/// a full node with a larger catalogue does. The ballast stops when the writers do.
+/// A node kept full (`maxmemory`, the template's `volatile-ttl`): filled with ballast until it
+/// evicts before the run, then ballast keys that outlive the documents and positions (a TTL
+/// past the positions' 25 h, short of the leases' 26 h: `ballast.rs`) are written throughout
+/// the writes, so each one evicts the product's nearest-expiry keys, as a full node with a
+/// larger catalogue does. The ballast stops when the writers do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPressure {
     /// Each node's `maxmemory`, in bytes: what Redis uses empty, with the 16,384 epoch keys

@@ -31,7 +31,10 @@ pub async fn run(cfg: Config) -> Report {
         Some(full) => {
             let (ports, primaries) = match &redis {
                 Redis::Single(server) => (vec![server.port()], 1),
-                Redis::Cluster(cluster) => (cluster.ports(), 3),
+                Redis::Cluster(cluster) => {
+                    let roles = cluster.roles().await.expect("cluster roles");
+                    (cluster.ports(), roles.iter().filter(|r| r.primary).count())
+                }
             };
             let target = ballast::Target {
                 cluster: sut.redis.cluster,

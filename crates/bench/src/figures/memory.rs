@@ -22,6 +22,7 @@ use redis::aio::MultiplexedConnection;
 use crate::env::Env;
 use crate::records::{self, image, item_of};
 use crate::report::{Budget, Net, Row, Unit};
+use crate::stats;
 use crate::{Error, Sizes};
 
 const FIGURE: &str = "memory";
@@ -105,13 +106,8 @@ impl Node {
             .arg("memory")
             .query_async(&mut self.conn.clone())
             .await?;
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .unwrap_or(0)
-        };
-        Ok(field("used_memory:") - field("mem_clients_normal:"))
+        let field = |name| stats::info_field(&info, name) as i64;
+        Ok(field("used_memory") - field("mem_clients_normal"))
     }
 
     /// `used()` once the server's cron has finished any dict rehashing the writes started.
