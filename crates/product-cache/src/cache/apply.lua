@@ -55,19 +55,22 @@ local function evictions()
   return evicted
 end
 -- Since when `epoch_key`'s slot has kept every position, recording it now where it cannot say.
+-- Asked once per slot per call: on a cluster every change of a call is in one slot.
+local epochs = {}
 local function epoch_of(epoch_key)
+  if epochs[epoch_key] then return epochs[epoch_key] end
   local epoch = redis.call('GET', epoch_key)
   local since, seen
   if epoch then since, seen = string.match(epoch, '^(%d+):(.*)$') end
   local count = evictions()
-  if since and seen == count then return since end
-  if since and seen == '?' then
+  if not (since and seen == count) then
+    -- `?`: declared empty, takes the count it meets. Otherwise none, an earlier release's
+    -- (no count), or evictions since: a new epoch.
+    if not (since and seen == '?') then since = now end
     redis.call('SET', epoch_key, since .. ':' .. count)
-    return since
   end
-  -- None, an earlier release's (no count), or evictions since.
-  redis.call('SET', epoch_key, now .. ':' .. count)
-  return now
+  epochs[epoch_key] = since
+  return since
 end
 local staged_keys = 0
 for i = 0, changes - 1 do
