@@ -2,7 +2,8 @@
 //! DynamoDB Streams `GetRecords` returning empty pages in the middle of a shard (AWS docs,
 //! "GetRecords": reaching records can take several calls), SQS short polls answering nothing
 //! from a queue that holds messages (only a subset of servers is sampled), and one message's
-//! `DeleteMessage` failing. Everything else is passed through unchanged. `pcache` is pointed at
+//! `DeleteMessage` failing, and `BatchGetItem` leaving keys unprocessed (as it does when
+//! throttled, or past 16 MB of answer). Everything else is passed through unchanged. `pcache` is pointed at
 //! it with `--endpoint`, as at any AWS endpoint.
 //!
 //! The operation is read from `X-Amz-Target` (DynamoDB Streams and SQS both speak AWS JSON).
@@ -35,6 +36,9 @@ pub struct Behaviour {
     pub empty_short_polls: bool,
     /// `DeleteMessage` fails for messages whose body contains this.
     pub fail_delete_of: Option<String>,
+    /// `BatchGetItem` leaves the last `.0` keys of its request unprocessed (not passed on,
+    /// handed back in `UnprocessedKeys`) in its first `.1` calls.
+    pub unprocessed_keys: Option<(usize, usize)>,
 }
 
 #[derive(Default)]
@@ -54,6 +58,11 @@ pub struct Counts {
     pub empty_pages: usize,
     pub empty_short_polls: usize,
     pub failed_deletes: usize,
+    /// `BatchGetItem` calls, those asking for strongly consistent reads, and the keys left
+    /// unprocessed.
+    pub batch_gets: usize,
+    pub consistent_batch_gets: usize,
+    pub unprocessed_keys: usize,
 }
 
 pub struct AwsProxy {
@@ -138,7 +147,55 @@ impl Shared {
         let mut input: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let b = &self.behaviour;
         let mut body = body;
+        // Keys held back from a `BatchGetItem`, by table.
+        let mut held_back: Vec<(String, Value)> = Vec::new();
         match operation {
+            "BatchGetItem" => {
+                let mut state = self.state.lock().unwrap();
+                state.counts.batch_gets += 1;
+                let tables = input["RequestItems"]
+                    .as_object_mut()
+                    .cloned()
+                    .unwrap_or_default();
+                let consistent = tables
+                    .values()
+                    .any(|t| t["ConsistentRead"].as_bool() == Some(true));
+                state.counts.consistent_batch_gets += usize::from(consistent);
+                if let Some((keys, calls)) = b.unprocessed_keys {
+                    if state.counts.batch_gets <= calls {
+                        for (table, mut request) in tables {
+                            let all = request["Keys"].as_array().cloned().unwrap_or_default();
+                            let kept = all.len().saturating_sub(keys);
+                            state.counts.unprocessed_keys += all.len() - kept;
+                            let mut back = request.clone();
+                            back["Keys"] = json!(all[kept..]);
+                            request["Keys"] = json!(all[..kept]);
+                            held_back.push((table.clone(), back));
+                            if kept == 0 {
+                                input["RequestItems"]
+                                    .as_object_mut()
+                                    .unwrap()
+                                    .remove(&table);
+                            } else {
+                                input["RequestItems"][&table] = request;
+                            }
+                        }
+                        body = Bytes::from(input.to_string());
+                    }
+                }
+                // Every key held back: DynamoDB would answer without reading any.
+                if input["RequestItems"]
+                    .as_object()
+                    .is_some_and(|t| t.is_empty())
+                {
+                    let unprocessed: serde_json::Map<String, Value> =
+                        held_back.into_iter().collect();
+                    return json_response(
+                        200,
+                        json!({"Responses": {}, "UnprocessedKeys": unprocessed}),
+                    );
+                }
+            }
             "GetRecords" => {
                 let iterator = input["ShardIterator"]
                     .as_str()
@@ -204,8 +261,14 @@ impl Shared {
             .await
             .expect("moto answers");
         let (parts, body) = answer.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        let output: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let mut body = body.collect().await.unwrap().to_bytes();
+        let mut output: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if !held_back.is_empty() && parts.status.is_success() {
+            for (table, keys) in held_back {
+                output["UnprocessedKeys"][&table] = keys;
+            }
+            body = Bytes::from(output.to_string());
+        }
         match operation {
             "GetShardIterator" => {
                 if let Some(it) = output["ShardIterator"].as_str() {

@@ -5,6 +5,7 @@
 
 mod aws_proxy;
 mod aws_timeouts;
+mod batch_read;
 mod breaker;
 mod checker;
 mod cluster_and_auth;

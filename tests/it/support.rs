@@ -16,7 +16,7 @@ use product_cache::config::{
 use product_cache::id::{KeyType, ProductId};
 use product_cache::invalidate::Invalidator;
 use product_cache::read::{Answer, ReadPath};
-use product_cache::store::{DynamoStore, Item, ProductStore, StoreError};
+use product_cache::store::{DynamoStore, Item, ManyItems, ProductStore, StoreError};
 use serde_json::Value;
 
 /// Test output is quiet unless `TEST_LOG` is set.
@@ -158,6 +158,11 @@ impl<S: ProductStore> ProductStore for Counting<S> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.get(id)
     }
+    /// One call: a `BatchGetItem`.
+    fn get_many(&self, ids: &[ProductId]) -> impl Future<Output = ManyItems> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_many(ids)
+    }
 }
 
 impl<C: Cache> Cache for Counting<C> {
@@ -169,6 +174,22 @@ impl<C: Cache> Cache for Counting<C> {
     ) -> impl Future<Output = Result<Probe, CacheError>> + Send {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.probe(key, token, lease)
+    }
+    fn get_many(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Vec<Result<Option<String>, CacheError>>> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_many(keys)
+    }
+    fn probe_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Vec<Result<Probe, CacheError>>> + Send {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.probe_many(keys, token, lease)
     }
     fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static {
         self.calls.fetch_add(1, Ordering::SeqCst);

@@ -36,6 +36,9 @@ impl Unit {
 pub struct Metric {
     pub name: &'static str,
     pub unit: Unit,
+    /// Emitted as the array of each event's value (for CloudWatch's percentiles), and left out
+    /// of a line with no events rather than written as a 0 that would pull them down.
+    pub sampled: bool,
 }
 
 impl Metric {
@@ -43,13 +46,25 @@ impl Metric {
         Metric {
             name,
             unit: Unit::Count,
+            sampled: false,
         }
     }
 
+    /// A duration, one value per event.
     pub const fn millis(name: &'static str) -> Metric {
         Metric {
             name,
             unit: Unit::Milliseconds,
+            sampled: true,
+        }
+    }
+
+    /// A size, one value per event (how many products one batch request asked for).
+    pub const fn sizes(name: &'static str) -> Metric {
+        Metric {
+            name,
+            unit: Unit::Count,
+            sampled: true,
         }
     }
 }
@@ -73,10 +88,16 @@ pub mod read {
     pub const LEASE_WAIT_TIME: Metric = Metric::millis("LeaseWaitTime");
     /// Fills Redis refused: the key changed since the lease, or the fill was older.
     pub const REFUSED_FILLS: Metric = Metric::count("RefusedFills");
-    /// Requests with an id that is not one (answered 400; not a cache event).
+    /// Requests with an id that is not one, or a batch request that is not one (answered 400;
+    /// not a cache event).
     pub const INVALID_REQUESTS: Metric = Metric::count("InvalidRequests");
+    /// Batch requests (`GET /products?ids=...`) answered. Their products count one by one in
+    /// Hits, Misses and Bypasses.
+    pub const BATCH_READS: Metric = Metric::count("BatchReads");
+    /// How many distinct products each batch request asked for.
+    pub const BATCH_SIZE: Metric = Metric::sizes("BatchSize");
 
-    pub const ALL: [Metric; 8] = [
+    pub const ALL: [Metric; 10] = [
         HITS,
         MISSES,
         BYPASSES,
@@ -85,6 +106,8 @@ pub mod read {
         LEASE_WAIT_TIME,
         REFUSED_FILLS,
         INVALID_REQUESTS,
+        BATCH_READS,
+        BATCH_SIZE,
     ];
 }
 
@@ -188,7 +211,7 @@ pub struct Recorder {
     function: &'static str,
     metrics: &'static [Metric],
     values: Box<[AtomicU64]>,
-    /// Per-event values of the millisecond metrics, for percentiles; at most [`MAX_SAMPLES`].
+    /// Per-event values of the sampled metrics, for percentiles; at most [`MAX_SAMPLES`].
     samples: Mutex<Vec<(usize, u64)>>,
     settings: MetricsSettings,
     sink: Sink,
@@ -240,7 +263,7 @@ impl Recorder {
         self.add(metric, 1);
     }
 
-    /// Records one event's value of a millisecond metric: emitted as the array of values (for
+    /// Records one event's value of a sampled metric: emitted as the array of values (for
     /// CloudWatch's percentiles), the first [`MAX_SAMPLES`] since the last flush.
     pub fn sample(&self, metric: Metric, value: u64) {
         let i = self.index(metric);
@@ -285,7 +308,7 @@ impl Recorder {
             };
             // A sampled metric with no events says nothing: left out rather than a 0 that would
             // pull its percentiles down.
-            if metric.unit == Unit::Milliseconds && sampled.is_empty() && values[i] == 0 {
+            if metric.sampled && sampled.is_empty() && values[i] == 0 {
                 continue;
             }
             declared.push(serde_json::json!({"Name": metric.name, "Unit": metric.unit.as_str()}));

@@ -20,7 +20,7 @@ pub struct MemoryCache {
     pub fail: AtomicBool,
     /// Every call fails at once, as through a node's open circuit breaker.
     pub breaker_open: AtomicBool,
-    /// A batch's ops on these keys fail; the others are applied.
+    /// A batch's ops on these keys fail; the others are applied. A batch read's too.
     pub fail_keys: Mutex<Vec<String>>,
     /// A probe is carried out, but its reply is lost: the caller sees a timeout.
     pub lose_probe_replies: AtomicBool,
@@ -94,6 +94,21 @@ impl Cache for MemoryCache {
             return Err(CacheError::Timeout(Duration::from_millis(100)));
         }
         Ok(probe)
+    }
+
+    /// One call; a key in `fail_keys` fails, as on a node that timed out.
+    async fn get_many(&self, keys: &[String]) -> Vec<Result<Option<String>, CacheError>> {
+        let entered = self.enter();
+        let fail_keys = self.fail_keys.lock().unwrap();
+        keys.iter()
+            .map(|key| match &entered {
+                Err(e) => Err(e.clone()),
+                Ok(()) if fail_keys.contains(key) => {
+                    Err(CacheError::Timeout(Duration::from_millis(100)))
+                }
+                Ok(()) => Ok(self.value(key)),
+            })
+            .collect()
     }
 
     fn fill(

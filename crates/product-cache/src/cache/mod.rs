@@ -29,6 +29,7 @@
 //!   `topology.rs`: the connection, a pipeline to one node, the cluster's slot map.
 //! - `breaker.rs`: a circuit breaker per node, so a stalled node costs a few timeouts, not one
 //!   per call; `nodes.rs`: which node a key is on (a cluster's slot map), for its breaker.
+//! - `many.rs`: batch reads: many keys' values (`MGET`) and leases, grouped by node.
 //! - `deletes.rs`: a single node's batch of deletes as plain commands, with the script's rules.
 //! - `slots.rs`: Redis Cluster hash slots, and the epoch key of each.
 //! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering
@@ -46,6 +47,7 @@ mod confirm;
 mod connect;
 mod deletes;
 mod inspect;
+mod many;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
 mod nodes;
@@ -219,7 +221,8 @@ impl Default for Guards {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Cloned when one failure answers for many keys (a node's part of a batch read).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
@@ -310,6 +313,24 @@ pub trait Cache: Send + Sync {
         token: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<Probe, CacheError>> + Send;
+    /// Many keys' cached values at once, no lease taken: per key in the order given, the value
+    /// or `None`. On a cluster the keys go to their nodes in parallel, each node's through its
+    /// breaker, so a failing node fails its own keys only.
+    fn get_many(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Vec<Result<Option<String>, CacheError>>> + Send;
+    /// [`Cache::probe`] for many keys at once, all with one `token`: what a batch read does for
+    /// the keys [`Cache::get_many`] found missing. This default probes them one by one, all in
+    /// flight together.
+    fn probe_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Vec<Result<Probe, CacheError>>> + Send {
+        futures::future::join_all(keys.iter().map(|key| self.probe(key, token, lease)))
+    }
     /// Writes a value if the lease is still held; `Ok(false)` when refused. The future owns what
     /// it needs: the read path runs it after the answer has gone out.
     fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static;

@@ -12,6 +12,7 @@ use redis::AsyncCommands as _;
 use super::batch::{CHUNK, IN_FLIGHT};
 use super::breaker::Breakers;
 use super::connect::Connector;
+use super::many::probe_of;
 use super::nodes::Nodes;
 use super::scripts::scripts;
 use super::slots;
@@ -249,18 +250,26 @@ impl Cache for RedisCache {
             let (tag, value): (u8, Option<String>) = self
                 .bounded(self.timeout, invocation.invoke_async(&mut conn))
                 .await?;
-            match (tag, value) {
-                (1, Some(v)) => Ok(Probe::Hit(v)),
-                (2, _) => Ok(Probe::Lease),
-                (3, _) => Ok(Probe::Wait),
-                other => Err(CacheError::Unexpected(format!("probe replied {other:?}"))),
-            }
+            probe_of(tag, value)
         };
         match self.guarded_trial(key, probe).await {
             // Not served: the trial's answer may be a demoted primary's (see `nodes.rs`).
             (Ok(Probe::Hit(_)), true) => Err(CacheError::BreakerOpen(self.node_of(key))),
             (outcome, _) => outcome,
         }
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Vec<Result<Option<String>, CacheError>> {
+        self.get_many_by_node(keys).await
+    }
+
+    async fn probe_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        lease: Duration,
+    ) -> Vec<Result<Probe, CacheError>> {
+        self.probe_many_by_node(keys, token, lease).await
     }
 
     fn fill(&self, fill: Fill) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static {

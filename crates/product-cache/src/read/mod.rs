@@ -1,6 +1,7 @@
 //! The read path: cache-aside for `GET /products/{id}`.
 //!
-//! [`ReadPath::get`] holds the logic; [`http`] is its HTTP edge (API Gateway HTTP API, payload
+//! [`ReadPath::get`] holds the logic, and [`ReadPath::get_many`] (`batch.rs`) the same for many
+//! products in one request (`GET /products?ids=...`); [`http`] is their HTTP edge (API Gateway HTTP API, payload
 //! v2, through `lambda_http`), used unchanged by the Lambda and by the local stack.
 
 use std::future::{Future, IntoFuture};
@@ -8,10 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod batch;
 pub mod deferred;
 pub mod http;
+mod ids;
 
+pub use batch::{BatchAnswer, BatchEntry};
 pub use http::{handle_request, Answer};
+pub use ids::{BatchIds, InvalidBatch, MAX_BATCH_IDS};
 
 use crate::cache::{Cache, CacheError, Fill, Order, Probe, NOT_FOUND};
 use crate::config::CacheSettings;
@@ -224,14 +229,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             _ => metrics::read::MISSES,
         });
 
-        let read = match self.store.get(&id).await {
-            Ok(Some(item)) => Document::from_item(&item)
-                .map(|doc| (Lookup::Found(doc), self.version_of(&item)))
-                .map_err(ReadError::from),
-            Ok(None) => Ok((Lookup::NotFound, None)),
-            Err(e) => Err(e.into()),
-        };
-        let (lookup, order) = match read {
+        let (lookup, order) = match self.read_of(self.store.get(&id).await) {
             Ok(read) => read,
             Err(e) => {
                 // Nothing to fill with: hand the lease back, or every reader of this key waits
@@ -245,21 +243,35 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         if !holds_lease {
             return (status, Ok(lookup), handing_back(hand_back));
         }
-        let (value, ttl) = match &lookup {
+        let after = self.filling(&key, &token, &lookup, order);
+        (status, Ok(lookup), after)
+    }
+
+    /// The fill of `key` with what the table answered, run after the answer while `token`
+    /// holds its lease; if the fill fails, the lease is handed back.
+    fn filling(
+        &self,
+        key: &str,
+        token: &str,
+        lookup: &Lookup,
+        order: Option<Order>,
+    ) -> AfterAnswer {
+        let (value, ttl) = match lookup {
             Lookup::Found(doc) => (doc.as_str().to_owned(), self.settings.ttl),
             Lookup::NotFound => (NOT_FOUND.to_owned(), self.settings.negative_ttl),
         };
         let fill = self.cache.fill(Fill {
-            key: key.clone(),
-            token: token.clone(),
+            key: key.to_owned(),
+            token: token.to_owned(),
             value,
             ttl,
             order,
         });
         // Built now, run later: the release must be ready should the fill fail.
-        let release = self.cache.release(&key, &token);
+        let release = self.cache.release(key, token);
         let metrics = Arc::clone(&self.metrics);
-        let after = AfterAnswer::run(async move {
+        let key = key.to_owned();
+        AfterAnswer::run(async move {
             match fill.await {
                 Ok(true) => {}
                 // Refused: the lease was cancelled by a change, or the fill was older than the
@@ -276,8 +288,22 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                     }
                 }
             }
-        });
-        (status, Ok(lookup), after)
+        })
+    }
+
+    /// What the table answered for one product, as the read path serves and fills it: the
+    /// document (or "not found") and its version.
+    fn read_of(
+        &self,
+        read: Result<Option<crate::store::Item>, StoreError>,
+    ) -> Result<(Lookup, Option<Order>), ReadError> {
+        match read {
+            Ok(Some(item)) => Document::from_item(&item)
+                .map(|doc| (Lookup::Found(doc), self.version_of(&item)))
+                .map_err(ReadError::from),
+            Ok(None) => Ok((Lookup::NotFound, None)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A request that found another reader's lease: counted, with how long it waited.

@@ -1,0 +1,347 @@
+//! Many products in one request (`GET /products?ids=...`) against real servers: a Redis
+//! Cluster whose slots are spread over every node, behind proxies adding ElastiCache's round
+//! trip, at the default timeouts; a node that stalls; and DynamoDB's `BatchGetItem` through
+//! moto, with the keys it leaves unprocessed.
+
+use std::time::Duration;
+
+use local_stack::services::RedisCluster;
+use product_cache::config::{CacheSettings, InvalidationMode::*, ReadSettings, RedisSettings};
+use product_cache::id::{KeyType, ProductId};
+use product_cache::metrics::{MetricsSettings, Sink};
+use product_cache::read::{BatchIds, CacheStatus, ReadPath};
+use product_cache::store::ProductStore;
+use serde_json::json;
+
+use crate::aws_proxy::{AwsProxy, Behaviour};
+use crate::support::{
+    cache_with, dynamo_store, http_get, key_type_n, moto_endpoint, Counting, TestEnv,
+};
+
+/// ElastiCache's cross-AZ round trip, as the other cluster tests emulate it.
+const ROUND_TRIP: Duration = Duration::from_micros(500);
+
+fn batch_path(ids: &[String]) -> String {
+    let encoded: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+                .to_string()
+        })
+        .collect();
+    format!("/products?ids={}", encoded.join(","))
+}
+
+/// Round trips each node's proxy counted since the last reset.
+fn per_node(cluster: &RedisCluster) -> Vec<u64> {
+    cluster.proxies().iter().map(|p| p.round_trips()).collect()
+}
+
+#[tokio::test]
+async fn on_a_cluster_hits_cost_one_round_trip_per_node_and_misses_two_and_one_table_read() {
+    let env = TestEnv::new(Delete).await;
+    let cluster = RedisCluster::start_with_delay(3, ROUND_TRIP).await.unwrap();
+    let settings = CacheSettings::default();
+    let redis = RedisSettings {
+        cluster: true,
+        ..RedisSettings::new(cluster.url())
+    };
+    let cache = cache_with(&redis, &settings).await;
+    let read = ReadPath::new(
+        Counting::new(cache.clone()),
+        Counting::new(env.store(&settings)),
+        settings.clone(),
+    );
+    // An id with a comma, one with a space and one with a `+`: each arrives encoded on its own.
+    let mut ids: Vec<String> = (0..47).map(|i| format!("{}-{i}", env.table)).collect();
+    ids.extend(["a,b", "a b", "a+b"].map(|s| format!("{}-{s}", env.table)));
+    for (i, id) in ids.iter().enumerate() {
+        env.put_json(json!({"productId": id, "price": i})).await;
+    }
+    // Connected, and the slot map known (a node's breaker per key), before anything is counted.
+    let warm = http_get(&read, &batch_path(&[format!("{}-warm", env.table)])).await;
+    assert_eq!(warm.0, 200, "{warm:?}");
+    let started = std::time::Instant::now();
+    while cache
+        .breaker_node(&format!("product:{}", ids[0]))
+        .starts_with("cluster")
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "no slot map");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // All misses: two round trips per node before the answer, one BatchGetItem.
+    let batch = BatchIds::parse(Some(&batch_path(&ids)["/products?".len()..]), KeyType::S).unwrap();
+    assert_eq!(batch.len(), 50);
+    cluster.reset_counters();
+    let table_reads = read.store().count();
+    let (answer, after) = read.answer_many(&batch).await;
+    let before_answer = per_node(&cluster);
+    assert_eq!(answer.count(CacheStatus::Miss), 50);
+    assert_eq!(
+        read.store().count() - table_reads,
+        1,
+        "not one BatchGetItem"
+    );
+    assert!(
+        before_answer.iter().all(|&n| (1..=2).contains(&n)),
+        "round trips per node before the answer: {before_answer:?}"
+    );
+    // The fills are the after-work's: nothing cached yet.
+    for id in &ids[..5] {
+        assert_eq!(
+            cache.get(&format!("product:{id}")).await.unwrap(),
+            None,
+            "{id}"
+        );
+    }
+    cluster.reset_counters();
+    after.await;
+
+    // All hits, in request order, each price its own: one round trip per node.
+    cluster.reset_counters();
+    let (code, x_cache, body) = http_get(&read, &batch_path(&ids)).await;
+    let hits = per_node(&cluster);
+    assert_eq!(
+        (code, x_cache.as_str()),
+        (200, "hits=50 misses=0 bypasses=0"),
+        "{body}"
+    );
+    assert!(
+        hits.iter().all(|&n| n == 1),
+        "round trips per node for hits: {hits:?}"
+    );
+    assert_eq!(read.store().count() - table_reads, 1, "hits read the table");
+    let products = body["products"].as_array().unwrap();
+    assert_eq!(products.len(), 50);
+    for (i, (entry, id)) in products.iter().zip(&ids).enumerate() {
+        assert_eq!(entry["id"], json!(id));
+        assert_eq!(entry["product"]["price"], json!(i), "{id}");
+    }
+    // The keys really were spread over every node: no single-node shortcut hid a CROSSSLOT.
+    let mut holding = 0;
+    for role in cluster.roles().await.unwrap().iter().filter(|r| r.primary) {
+        let slots: Vec<u16> = ids
+            .iter()
+            .map(|id| product_cache::cache::slots::slot_of(&format!("product:{id}")))
+            .collect();
+        holding += usize::from(slots.iter().any(|&s| role.serves(s)));
+    }
+    assert_eq!(holding, 3, "the batch's keys are not on every node");
+}
+
+#[tokio::test]
+async fn a_stalled_node_costs_its_own_products_a_bypass_and_the_others_nothing() {
+    let env = TestEnv::new(Delete).await;
+    let cluster = RedisCluster::start(3).await.unwrap();
+    let settings = CacheSettings::default();
+    let redis = RedisSettings {
+        cluster: true,
+        ..RedisSettings::new(cluster.url())
+    };
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let read = ReadPath::build(ReadSettings::new(redis, &env.table, settings), &env.sdk)
+        .await
+        .unwrap()
+        .with_metrics(MetricsSettings::default(), Sink::Memory(lines.clone()));
+    let ids: Vec<String> = (0..30).map(|i| format!("{}-{i}", env.table)).collect();
+    for id in &ids {
+        env.put_product(id, "10").await;
+    }
+    let path = batch_path(&ids);
+    let started = std::time::Instant::now();
+    loop {
+        let (code, x_cache, _) = http_get(&read, &path).await;
+        assert_eq!(code, 200);
+        if x_cache == "hits=30 misses=0 bypasses=0"
+            && !read
+                .cache()
+                .breaker_node("product:x")
+                .starts_with("cluster")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never all hits: {x_cache}"
+        );
+    }
+    let stalled_port = cluster
+        .primary_of_slot(product_cache::cache::slots::slot_of(&format!(
+            "product:{}",
+            ids[0]
+        )))
+        .await
+        .unwrap();
+    let on_stalled = ids
+        .iter()
+        .filter(|id| {
+            read.cache()
+                .breaker_node(&format!("product:{id}"))
+                .ends_with(&format!(":{stalled_port}"))
+        })
+        .count();
+    assert!(on_stalled > 0 && on_stalled < ids.len(), "{on_stalled}");
+
+    cluster.stall(stalled_port);
+    let stalled = scopeguard(&cluster, stalled_port);
+    // Every batch answers every product, the stalled node's from the table; once its breaker
+    // opens, without asking it.
+    let mut opened = false;
+    for _ in 0..10 {
+        lines.lock().unwrap().clear();
+        let (code, x_cache, body) = http_get(&read, &path).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            x_cache,
+            format!(
+                "hits={} misses=0 bypasses={on_stalled}",
+                ids.len() - on_stalled
+            )
+        );
+        assert!(body["products"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["product"]["price"] == json!(10)));
+        let line: serde_json::Value = serde_json::from_str(&lines.lock().unwrap()[0]).unwrap();
+        if line["BreakerBypasses"] == json!(on_stalled) {
+            opened = true;
+            break;
+        }
+    }
+    assert!(opened, "the stalled node's breaker never opened");
+    drop(stalled);
+    // Thawed: back to all hits within a breaker interval or two.
+    let started = std::time::Instant::now();
+    loop {
+        let (_, x_cache, _) = http_get(&read, &path).await;
+        if x_cache == "hits=30 misses=0 bypasses=0" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never recovered: {x_cache}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Resumes the stalled node when dropped, also when the test fails.
+fn scopeguard(cluster: &RedisCluster, port: u16) -> impl Drop + '_ {
+    struct Resume<'a>(&'a RedisCluster, u16);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.resume(self.1);
+        }
+    }
+    Resume(cluster, port)
+}
+
+#[tokio::test]
+async fn batch_get_item_reads_consistently_and_retries_what_it_left_unprocessed() {
+    let env = TestEnv::new(Delete).await;
+    let ids: Vec<ProductId> = (0..100)
+        .map(|i| ProductId::parse(&format!("{}-{i}", env.table), KeyType::S).unwrap())
+        .collect();
+    for id in &ids[..90] {
+        env.put_product(id.as_str(), "7").await;
+    }
+    let settings = CacheSettings::default();
+
+    // Left unprocessed twice, then read: every id answered, the last ten as absent.
+    let proxy = AwsProxy::start(
+        moto_endpoint(),
+        Behaviour {
+            unprocessed_keys: Some((30, 2)),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let sdk = local_stack::table::local_sdk_config(&proxy.endpoint()).await;
+    let store = dynamo_store(&sdk, &env.table, &settings);
+    let read = store.get_many(&ids).await;
+    assert_eq!(read.len(), 100);
+    for (i, item) in read.iter().enumerate() {
+        let item = item.as_ref().unwrap_or_else(|e| panic!("{i}: {e}"));
+        assert_eq!(item.is_some(), i < 90, "{i}");
+    }
+    let counts = proxy.counts();
+    assert_eq!((counts.batch_gets, counts.unprocessed_keys), (3, 60));
+    assert_eq!(
+        counts.consistent_batch_gets, 3,
+        "CONSISTENT_READ not honoured"
+    );
+
+    // Left unprocessed every time: those keys are errors, the rest answered, the retries bounded.
+    let proxy = AwsProxy::start(
+        moto_endpoint(),
+        Behaviour {
+            unprocessed_keys: Some((5, usize::MAX)),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let sdk = local_stack::table::local_sdk_config(&proxy.endpoint()).await;
+    let store = dynamo_store(&sdk, &env.table, &settings);
+    let read = store.get_many(&ids[80..]).await;
+    let failed: Vec<usize> = (0..read.len()).filter(|&i| read[i].is_err()).collect();
+    assert_eq!(failed.len(), 5, "{failed:?}");
+    assert!(read[..10].iter().all(|r| matches!(r, Ok(Some(_)))));
+    assert_eq!(
+        proxy.counts().batch_gets,
+        5,
+        "the retries are not bounded as documented"
+    );
+
+    // Eventually consistent when configured so.
+    let proxy = AwsProxy::start(moto_endpoint(), Behaviour::default()).await;
+    let sdk = local_stack::table::local_sdk_config(&proxy.endpoint()).await;
+    let read_settings = ReadSettings {
+        consistent_read: false,
+        ..ReadSettings::new(RedisSettings::new(""), &env.table, settings.clone())
+    };
+    let store = product_cache::store::DynamoStore::from_settings(&read_settings, &sdk);
+    assert!(store
+        .get_many(&ids[..3])
+        .await
+        .iter()
+        .all(|r| matches!(r, Ok(Some(_)))));
+    assert_eq!(proxy.counts().consistent_batch_gets, 0);
+}
+
+#[tokio::test]
+async fn number_keys_are_matched_back_to_their_ids() {
+    let env = TestEnv::with_settings(Delete, key_type_n()).await;
+    for (id, price) in [("1", "10"), ("-2.5", "20"), ("300", "30")] {
+        env.dynamodb
+            .put_item()
+            .table_name(&env.table)
+            .item(
+                "productId",
+                aws_sdk_dynamodb::types::AttributeValue::N(id.into()),
+            )
+            .item(
+                "price",
+                aws_sdk_dynamodb::types::AttributeValue::N(price.into()),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let (code, x_cache, body) = http_get(&env.read, "/products?ids=300,4,-2.5,1").await;
+    assert_eq!(
+        (code, x_cache.as_str()),
+        (200, "hits=0 misses=4 bypasses=0"),
+        "{body}"
+    );
+    let prices: Vec<_> = body["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["product"]["price"].clone())
+        .collect();
+    assert_eq!(prices, [json!(30), json!(null), json!(20), json!(10)]);
+    let (code, _, body) = http_get(&env.read, "/products?ids=1,01").await;
+    assert_eq!((code, body["error"].as_str()), (400, Some("invalid_ids")));
+}
