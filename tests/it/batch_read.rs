@@ -56,12 +56,24 @@ async fn on_a_cluster_hits_cost_one_round_trip_per_node_and_misses_two_and_one_t
     let mut ids: Vec<String> = (0..47).map(|i| format!("{}-{i}", env.table)).collect();
     ids.extend(["a,b", "a b", "a+b"].map(|s| format!("{}-{s}", env.table)));
     for (i, id) in ids.iter().enumerate() {
-        env.put_json(json!({"productId": id, "price": i})).await;
+        env.put_product(id, &i.to_string()).await;
     }
-    // Connected, and the slot map known (a node's breaker per key), before anything is counted.
-    let warm = http_get(&read, &batch_path(&[format!("{}-warm", env.table)])).await;
-    assert_eq!(warm.0, 200, "{warm:?}");
+    // Connected, the slot map known (a node's breaker per key) and the probe script loaded on
+    // every node (the first miss on a node costs one round trip more, once), before anything
+    // is counted.
+    let warm: Vec<String> = (0..30).map(|i| format!("{}-warm-{i}", env.table)).collect();
     let started = std::time::Instant::now();
+    while !http_get(&read, &batch_path(&warm))
+        .await
+        .1
+        .ends_with("bypasses=0")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     while cache
         .breaker_node(&format!("product:{}", ids[0]))
         .starts_with("cluster")
@@ -133,7 +145,11 @@ async fn on_a_cluster_hits_cost_one_round_trip_per_node_and_misses_two_and_one_t
 #[tokio::test]
 async fn a_stalled_node_costs_its_own_products_a_bypass_and_the_others_nothing() {
     let env = TestEnv::new(Delete).await;
-    let cluster = RedisCluster::start(3).await.unwrap();
+    // Nodes keep serving their own slots while another is down (the stall may outlast
+    // `cluster-node-timeout` on a loaded machine), as in `breaker.rs`.
+    let cluster = RedisCluster::start_with(3, &["--cluster-require-full-coverage", "no"])
+        .await
+        .unwrap();
     let settings = CacheSettings::default();
     let redis = RedisSettings {
         cluster: true,
@@ -344,4 +360,125 @@ async fn number_keys_are_matched_back_to_their_ids() {
     assert_eq!(prices, [json!(30), json!(null), json!(20), json!(10)]);
     let (code, _, body) = http_get(&env.read, "/products?ids=1,01").await;
     assert_eq!((code, body["error"].as_str()), (400, Some("invalid_ids")));
+}
+
+/// Until every node lists a replica for every slot range in `CLUSTER SLOTS`: the client reads
+/// its slot map once when it connects, and a replica missing from it then is never read from.
+async fn until_replicas_listed(cluster: &RedisCluster) {
+    let started = std::time::Instant::now();
+    'nodes: loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "replicas never listed"
+        );
+        for port in cluster.ports() {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if ranges.is_empty() || ranges.iter().any(|range| range.len() < 4) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue 'nodes;
+            }
+        }
+        return;
+    }
+}
+
+/// `MGET` calls a node has served (`INFO commandstats`).
+async fn mget_calls(port: u16) -> u64 {
+    calls(port, "mget").await
+}
+
+/// Calls of `command` a node has served (`INFO commandstats`).
+async fn calls(port: u16, command: &str) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=") as &str))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn with_replica_reads_a_batch_s_hits_come_from_the_replicas() {
+    let env = TestEnv::new(Delete).await;
+    let cluster = RedisCluster::start_with_replicas(3, 1).await.unwrap();
+    until_replicas_listed(&cluster).await;
+    let settings = CacheSettings::default();
+    let redis = RedisSettings {
+        cluster: true,
+        read_from_replicas: true,
+        ..RedisSettings::new(cluster.url())
+    };
+    let read = ReadPath::build(ReadSettings::new(redis, &env.table, settings), &env.sdk)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..30).map(|i| format!("{}-{i}", env.table)).collect();
+    for id in &ids {
+        env.put_product(id, "10").await;
+    }
+    let path = batch_path(&ids);
+    // Connected (the client forms its connection in the background) and the slot map known.
+    let started = std::time::Instant::now();
+    while http_get(&read, &batch_path(&[format!("{}-warm", env.table)]))
+        .await
+        .1
+        != "hits=0 misses=1 bypasses=0"
+        || read
+            .cache()
+            .breaker_node("product:x")
+            .starts_with("cluster")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        http_get(&read, &path).await.1,
+        "hits=0 misses=30 bypasses=0"
+    );
+    let roles = cluster.roles().await.unwrap();
+    for role in roles.iter().filter(|r| !r.primary) {
+        cluster.await_in_sync(role.port).await.unwrap();
+    }
+    // The first hits open the client's connections to the replicas: on a loaded machine that
+    // may take longer than a read's timeout once.
+    let started = std::time::Instant::now();
+    while http_get(&read, &path).await.1 != "hits=30 misses=0 bypasses=0" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never all hits"
+        );
+    }
+    let mut before = Vec::new();
+    for role in &roles {
+        before.push(mget_calls(role.port).await);
+    }
+    assert_eq!(
+        http_get(&read, &path).await.1,
+        "hits=30 misses=0 bypasses=0"
+    );
+    let (mut on_primaries, mut on_replicas) = (0, 0);
+    for (role, before) in roles.iter().zip(before) {
+        let served = mget_calls(role.port).await - before;
+        if role.primary {
+            on_primaries += served;
+        } else {
+            on_replicas += served;
+        }
+    }
+    assert_eq!(on_primaries, 0, "a hit's MGET went to a primary");
+    assert!(on_replicas > 0, "no MGET reached a replica");
 }

@@ -2,21 +2,27 @@
 //! keys grouped by node so that each node's part goes through that node's breaker and a failing
 //! node fails its own keys only. The groups are in flight together.
 //!
-//! A group's hits are one `MGET`. On a cluster its keys lie in many hash slots (50 products
+//! A single node's hits are one `MGET`. A cluster's keys lie in many hash slots (50 products
 //! fall into about 50 of the 16,384), and a multi-key command across slots is refused
-//! (`CROSSSLOT`), so the cluster client splits it into one `MGET` per slot, sends them to the
-//! slot's node together (to a replica with `REDIS_READ_FROM_REPLICAS`) and puts the answers back
-//! in order: what a pipeline per node would cost, and redirections during a failover handled
-//! as for any command. The misses' leases are the probe script per key, in flight together on
-//! the multiplexed connection: one round trip per node.
+//! (`CROSSSLOT`), so each node gets one pipeline of an `MGET` per slot, routed by the slot of
+//! its first key (to a replica of that shard with `REDIS_READ_FROM_REPLICAS`): one write and
+//! one round trip per node. (The cluster client would split a cross-slot `MGET` itself, but
+//! into one request per slot, written apart: more round trips as soon as replies come back
+//! between the writes.) A key whose slot has moved since the slot map was read answers with
+//! a redirection inside the pipeline: that key bypasses, the others are served. Until the
+//! slot map is known, the whole cluster is one group, left to the client's own split.
+//!
+//! The misses' leases are the probe script per key, in flight together on the multiplexed
+//! connection: one round trip per node.
 
 use std::time::Duration;
 
-use futures::future::{join_all, try_join_all};
+use futures::future::join_all;
 
 use super::redis::{flag, RedisCache};
 use super::scripts::scripts;
-use super::topology::is_dead_connection;
+use super::slots::slot_of;
+use super::topology::{is_dead_connection, Conn};
 use super::{lease_key, CacheError, Probe, LEASE_KEY_TTL};
 
 impl RedisCache {
@@ -45,7 +51,7 @@ impl RedisCache {
     ) -> Vec<Result<T, CacheError>>
     where
         F: Fn(Vec<String>) -> Fut,
-        Fut: std::future::Future<Output = Result<Vec<T>, CacheError>>,
+        Fut: std::future::Future<Output = Result<Vec<Result<T, CacheError>>, CacheError>>,
     {
         let groups = self.by_node(keys);
         let outcomes = join_all(groups.iter().map(|(node, group)| {
@@ -59,9 +65,9 @@ impl RedisCache {
                     )),
                     Ok(values) if trial => Ok(values
                         .into_iter()
-                        .map(|v| fence(v, node))
+                        .map(|v| v.and_then(|v| fence(v, node)))
                         .collect::<Vec<_>>()),
-                    Ok(values) => Ok(values.into_iter().map(Ok).collect()),
+                    Ok(values) => Ok(values),
                     Err(e) => Err(e),
                 }
             }
@@ -95,16 +101,13 @@ impl RedisCache {
     ) -> Vec<Result<Option<String>, CacheError>> {
         let mget = |group: Vec<String>| async move {
             let conn = self.conn().await?;
-            let mut cmd = redis::cmd("MGET");
-            cmd.arg(group);
-            let get = |mut conn| {
-                let cmd = &cmd;
-                async move { cmd.query_async::<Vec<Option<String>>>(&mut conn).await }
-            };
             // Once more on a dead connection (a thawed environment), as a single read does.
-            match self.bounded(self.timeout, get(conn.clone())).await {
+            match self
+                .bounded(self.timeout, self.mget(conn.clone(), &group))
+                .await
+            {
                 Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
-                    self.bounded(self.timeout, get(conn)).await
+                    self.bounded(self.timeout, self.mget(conn, &group)).await
                 }
                 other => other,
             }
@@ -128,25 +131,48 @@ impl RedisCache {
     ) -> Vec<Result<Probe, CacheError>> {
         let probe = |group: Vec<String>| async move {
             let conn = self.conn().await?;
-            let scripts = group.into_iter().map(|key| {
-                let mut conn = conn.clone();
-                async move {
-                    let mut invocation = scripts().probe.key(&key);
+            let script = &scripts().probe;
+            let pipeline = |load: bool| {
+                let mut pipe = redis::pipe();
+                if load {
+                    pipe.load_script(script);
+                }
+                for key in &group {
+                    let mut invocation = script.key(key);
                     invocation
-                        .key(lease_key(&key))
+                        .key(lease_key(key))
                         .arg(token)
                         .arg(lease.as_millis().max(1) as u64)
                         .arg(flag(self.guards.leases))
                         .arg(LEASE_KEY_TTL.as_secs());
-                    let (tag, value): (u8, Option<String>) =
-                        invocation.invoke_async(&mut conn).await?;
-                    probe_of(tag, value)
+                    pipe.invoke_script(&invocation);
                 }
-            });
-            self.bounded(self.timeout, async {
-                Ok::<_, redis::RedisError>(try_join_all(scripts).await)
-            })
-            .await?
+                pipe
+            };
+            let send = |pipe| {
+                self.bounded(
+                    self.timeout,
+                    self.to_keys_node(conn.clone(), pipe, &group, false),
+                )
+            };
+            // Sent as EVALSHAs; a node that does not know the script (restarted, failed over,
+            // new) answers NOSCRIPT, and the pipeline goes again with the script loaded first.
+            // Once more, too, on a dead connection (a thawed environment).
+            let replies = match send(pipeline(false)).await {
+                Ok(replies) if !replies.iter().any(is_noscript) => replies,
+                Err(CacheError::Redis(e)) if !is_dead_connection(&e) => return Err(e.into()),
+                Err(e @ (CacheError::Timeout(_) | CacheError::BreakerOpen(_))) => return Err(e),
+                // The script's load answers first; the calls after it.
+                _ => send(pipeline(true)).await?.into_iter().skip(1).collect(),
+            };
+            Ok(replies
+                .into_iter()
+                .map(|reply| {
+                    let (tag, value): (u8, Option<String>) = redis::from_redis_value(reply?)
+                        .map_err(|e| CacheError::Unexpected(format!("probe answered: {e}")))?;
+                    probe_of(tag, value)
+                })
+                .collect())
         };
         let fence = |probe: Probe, node: &str| match probe {
             Probe::Hit(_) => Err(CacheError::BreakerOpen(node.to_owned())),
@@ -154,6 +180,127 @@ impl RedisCache {
         };
         self.per_node(keys, probe, fence).await
     }
+}
+
+impl RedisCache {
+    /// The values of `keys`, all on one node: one `MGET` on a single node; on a cluster, a
+    /// pipeline of one `MGET` per slot to the node serving the first key's slot (see the
+    /// module's doc). A key whose `MGET` was refused (a redirection) fails alone.
+    async fn mget(
+        &self,
+        mut conn: Conn,
+        keys: &[String],
+    ) -> redis::RedisResult<Vec<Result<Option<String>, CacheError>>> {
+        if let (Conn::Single(_), _) | (_, 1) = (&conn, keys.len()) {
+            // One node, or one key: one command.
+            let values: Vec<Option<String>> =
+                redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+            return Ok(values.into_iter().map(Ok).collect());
+        }
+        let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let slot = slot_of(key);
+            match slots.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, group)) => group.push(i),
+                None => slots.push((slot, vec![i])),
+            }
+        }
+        let mut pipe = redis::pipe();
+        for (_, group) in &slots {
+            pipe.cmd("MGET")
+                .arg(group.iter().map(|&i| &keys[i]).collect::<Vec<_>>());
+        }
+        let replies = self
+            .to_keys_node(conn, pipe, keys, self.read_from_replicas)
+            .await?;
+        let mut values: Vec<Option<Result<Option<String>, CacheError>>> =
+            keys.iter().map(|_| None).collect();
+        for ((_, group), reply) in slots.iter().zip(replies) {
+            let answered: Result<Vec<Option<String>>, CacheError> = match reply {
+                Ok(value) => redis::from_redis_value(value)
+                    .map_err(|e| CacheError::Unexpected(format!("MGET answered: {e}"))),
+                Err(e) => Err(e.into()),
+            };
+            match answered {
+                Ok(found) if found.len() == group.len() => {
+                    for (&i, value) in group.iter().zip(found) {
+                        values[i] = Some(Ok(value));
+                    }
+                }
+                Ok(found) => {
+                    let e = CacheError::Unexpected(format!(
+                        "MGET of {} keys answered {}",
+                        group.len(),
+                        found.len()
+                    ));
+                    for &i in group {
+                        values[i] = Some(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for &i in group {
+                        values[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        Ok(values
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| Err(CacheError::Unexpected("no MGET answer".into()))))
+            .collect())
+    }
+}
+
+impl RedisCache {
+    /// Sends `pipe`, commands on `keys` (all on one node), in one write: to the single node;
+    /// on a cluster, to the node serving the first key's slot (a replica of its shard when
+    /// `replica`), or, before the slot map is known and for more than one key, as separate
+    /// commands the cluster client routes one by one. Error replies stay in the result.
+    async fn to_keys_node(
+        &self,
+        mut conn: Conn,
+        pipe: redis::Pipeline,
+        keys: &[String],
+        replica: bool,
+    ) -> redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> {
+        use redis::aio::ConnectionLike as _;
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+        let count = pipe.len();
+        match &mut conn {
+            Conn::Cluster(c) if !self.whole_cluster(&keys[0]) => {
+                let to = if replica {
+                    SlotAddr::ReplicaOptional
+                } else {
+                    SlotAddr::Master
+                };
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot_of(&keys[0]), to));
+                let replies = c.route_pipeline(pipe, 0, count, route).await?;
+                Ok(replies
+                    .into_iter()
+                    .map(redis::Value::extract_error)
+                    .collect())
+            }
+            Conn::Cluster(_) => {
+                let sent = pipe.cmd_iter().map(|cmd| {
+                    let mut conn = conn.clone();
+                    async move { conn.req_packed_command(cmd).await }
+                });
+                Ok(join_all(sent).await)
+            }
+            Conn::Single(_) => {
+                let replies = conn.req_packed_commands(&pipe, 0, count).await?;
+                Ok(replies
+                    .into_iter()
+                    .map(redis::Value::extract_error)
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Whether a reply is the NOSCRIPT error of a node that does not know the script.
+fn is_noscript(reply: &redis::RedisResult<redis::Value>) -> bool {
+    matches!(reply, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
 }
 
 /// The probe script's reply.

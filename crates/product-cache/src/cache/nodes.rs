@@ -150,6 +150,14 @@ impl RedisCache {
         }
     }
 
+    /// Whether `key` has no node of its own yet: a cluster whose slot map is not known.
+    pub(super) fn whole_cluster(&self, key: &str) -> bool {
+        match &*self.nodes {
+            Nodes::Single(_) => false,
+            Nodes::Cluster { whole, .. } => self.node_of(key) == *whole,
+        }
+    }
+
     /// The name of the breaker guarding `key` (`host:port` of its node, or the whole cluster's
     /// until the slot map is known): for tests, which wait for the map before stalling a node.
     #[cfg(feature = "test-support")]

@@ -81,6 +81,8 @@ pub struct RedisCache {
     /// Each node's circuit breaker, and which node a key is on (a cluster's slot map, kept).
     pub(super) breakers: std::sync::Arc<Breakers>,
     pub(super) nodes: std::sync::Arc<Nodes>,
+    /// Hits go to a replica of the key's shard (cluster only).
+    pub(super) read_from_replicas: bool,
 }
 
 impl RedisCache {
@@ -172,6 +174,7 @@ impl RedisCache {
             endpoint,
             breakers: std::sync::Arc::new(Breakers::new(options.breaker)),
             nodes: std::sync::Arc::new(nodes),
+            read_from_replicas: options.read_from_replicas,
         }
     }
 
