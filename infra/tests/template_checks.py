@@ -47,6 +47,15 @@ STREAM_READ_ACTIONS = {
 }
 # ElastiCache AUTH: 16-128 printable ASCII characters; of the special characters only these.
 AUTH_SPECIALS = set("!&#$^<>-")
+# The table actions each table reader may have, on the table only: the read function reads one
+# item on a single read's miss and up to 100 on a batch's; the inspector reads one at a time.
+TABLE_READS = {
+    READ: {"dynamodb:GetItem", "dynamodb:BatchGetItem"},
+    INSPECTOR: {"dynamodb:GetItem"},
+}
+# The read function's HTTP API routes, (method, path), on the template's HttpApi.
+API = "ProductApi"
+READ_ROUTES = {("GET", "/products/{id}"), ("GET", "/products")}
 # Lambda's limits for stream event source mappings (-1, "forever", is excluded on purpose).
 RETRY_BOUNDS = (0, 10_000)
 RECORD_AGE_BOUNDS = (60, 604_800)
@@ -321,7 +330,8 @@ def check_record_age_covers_ttl(t: dict) -> list[str]:
 
 
 def check_read_function_policies(t: dict) -> list[str]:
-    """The read function may GetItem on the table and read the AUTH token; nothing else."""
+    """The read function may GetItem and BatchGetItem on the table and read the AUTH token;
+    nothing else."""
     return _table_reader_problems(t, READ)
 
 
@@ -335,27 +345,51 @@ def _table_reader_problems(t: dict, function: str) -> list[str]:
     role, statements, problems = role_statements(t, function)
     if role is None:
         return problems
-    got_getitem = False
+    allowed = TABLE_READS[function]
+    granted: set[str] = set()
     for s in statements:
         problems += wildcard_problems(role, s)
         acts = actions_of(s)
         for a in acts:
-            if a.lower().startswith("dynamodb:") and a != "dynamodb:GetItem":
+            if a.lower().startswith("dynamodb:") and a not in allowed:
                 problems.append(f"{role}: {function} must not have {a}")
             elif a == "elasticache:Connect":
                 problems += _connect_problems(role, s, CACHE_USER_OF[function])
             elif not a.lower().startswith("dynamodb:") and a != "secretsmanager:GetSecretValue":
                 problems.append(f"{role}: unexpected action {a}")
-        if "dynamodb:GetItem" in acts:
-            got_getitem = True
+        reads = allowed & set(acts)
+        if reads:
+            granted |= reads
             for r in as_list(s.get("Resource")):
                 if not _is_table_arn(r):
-                    problems.append(f"{role}: GetItem on {r!r}, not the table ARN")
+                    problems.append(f"{role}: {sorted(reads)} on {r!r}, not the table ARN")
         if "secretsmanager:GetSecretValue" in acts:
             if [r for r in as_list(s.get("Resource")) if not is_ref(r, SECRET)]:
                 problems.append(f"{role}: GetSecretValue beyond {SECRET}")
-    if not got_getitem:
-        problems.append(f"{role}: no dynamodb:GetItem on the table")
+    for a in sorted(allowed - granted):
+        problems.append(f"{role}: no {a} on the table")
+    return problems
+
+
+def check_read_routes(t: dict) -> list[str]:
+    """The read function is invoked by the HTTP API's two routes, GET /products/{id} and GET
+    /products (the batch), on the template's own HttpApi, and by nothing else: no ANY method, no
+    catch-all, no implicit API without its throttling and logs."""
+    problems = []
+    events = props(t, READ).get("Events") or {}
+    routes = set()
+    for name, e in events.items():
+        p = e.get("Properties", {})
+        if e.get("Type") != "HttpApi":
+            problems.append(f"{READ} event {name} is a {e.get('Type')}, not an HttpApi route")
+            continue
+        if not is_ref(p.get("ApiId"), API):
+            problems.append(f"{READ} event {name} is not on {API}")
+        routes.add((str(p.get("Method", "ANY")).upper(), p.get("Path", "$default")))
+    for method, path in sorted(routes - READ_ROUTES):
+        problems.append(f"{READ} has the route {method} {path}; only {sorted(READ_ROUTES)}")
+    for method, path in sorted(READ_ROUTES - routes):
+        problems.append(f"{READ} lacks the route {method} {path}")
     return problems
 
 
@@ -634,6 +668,7 @@ def check_vpc_endpoints(t: dict) -> list[str]:
         if not (isinstance(rts, dict) and "Fn::If" in rts and {"PrivateRouteTableA", "PrivateRouteTableB"}
                 <= referenced_names(rts["Fn::If"][1])):
             problems.append(f"{n} must be attached to the private route tables")
+        problems += _gateway_policy_problems(n, p.get("PolicyDocument"))
     sm = [
         (n, r["Properties"]) for n, r in eps.items()
         if r["Properties"].get("ServiceName", {}).get("Fn::Sub", "").endswith(".secretsmanager")
@@ -654,6 +689,36 @@ def check_vpc_endpoints(t: dict) -> list[str]:
         vpc = props(t, name).get("VpcConfig", {})
         if not any(is_ref(sg, FUNCTION_SG) for sg in as_list(vpc.get("SecurityGroupIds"))):
             problems.append(f"{name} must run in the VPC with {FUNCTION_SG}")
+    return problems
+
+
+def _gateway_policy_problems(name: str, policy: Any) -> list[str]:
+    """In the stack's own VPC the DynamoDB endpoint carries the table reads of the read function
+    (GetItem, BatchGetItem) and the inspector (GetItem), on the table only; in a shared VPC it
+    keeps the default policy (NoValue), since other workloads use it too."""
+    if not (isinstance(policy, dict) and "Fn::If" in policy):
+        return [f"{name}'s policy must be narrowed under NarrowEndpointPolicies"]
+    cond, narrow, shared = policy["Fn::If"]
+    problems = []
+    if cond != "NarrowEndpointPolicies" or not is_ref(shared, "AWS::NoValue"):
+        problems.append(f"{name}'s policy must be narrowed under NarrowEndpointPolicies only")
+    allowed = TABLE_READS[READ] | TABLE_READS[INSPECTOR]
+    granted: set[str] = set()
+    for s in as_list((narrow or {}).get("Statement")):
+        if s.get("Effect") != "Allow":
+            continue
+        if "NotAction" in s or "NotResource" in s:
+            problems.append(f"{name} uses NotAction/NotResource: {s}")
+        acts = actions_of(s)
+        for a in acts:
+            if a not in allowed:
+                problems.append(f"{name}'s policy allows {a}; only {sorted(allowed)}")
+        granted |= set(acts) & allowed
+        for r in as_list(s.get("Resource")):
+            if not _is_table_arn(r):
+                problems.append(f"{name}'s policy allows {acts} on {r!r}, not the table ARN")
+    for a in sorted(allowed - granted):
+        problems.append(f"{name}'s policy does not allow {a} on the table (the read path needs it)")
     return problems
 
 
@@ -1077,7 +1142,7 @@ def check_checkov_skips(t: dict) -> list[str]:
 EMITTED = {
     "read": {
         "Hits", "Misses", "Bypasses", "BreakerBypasses", "LeaseWaits", "LeaseWaitTime", "RefusedFills",
-        "InvalidRequests",
+        "InvalidRequests", "BatchReads", "BatchSize",
     },
     "invalidator": {
         "BatchSize", "RecordsApplied", "RecordsRefusedAsOlder", "RecordsSkippedMalformed",
@@ -1096,7 +1161,8 @@ INTERVALS = "InspectorIntervals"
 
 def emitted_metrics_in_code() -> dict[str, set[str]]:
     """Function dimension -> metric names, from the Rust sources: each `Recorder::off("<fn>",
-    &<module>::ALL)` and the `count("..")` / `millis("..")` constants of that module."""
+    &<module>::ALL)` and the `count("..")` / `millis("..")` / `sizes("..")` constants of that
+    module."""
     src = REPO / "crates/product-cache/src"
     files = {p: p.read_text() for p in src.rglob("*.rs")}
     out: dict[str, set[str]] = {}
@@ -1106,7 +1172,7 @@ def emitted_metrics_in_code() -> dict[str, set[str]]:
             for body in files.values():
                 m = re.search(r"pub mod %s \{(.*?)\n\}" % re.escape(name), body, re.S)
                 if m:
-                    out[function] = set(re.findall(r'(?:count|millis)\("(\w+)"\)', m.group(1)))
+                    out[function] = set(re.findall(r'(?:count|millis|sizes)\("(\w+)"\)', m.group(1)))
     return out
 
 
@@ -1494,7 +1560,8 @@ def check_dashboard(t: dict) -> list[str]:
             expressions += widget_expressions
         wanted = {
             "read": {("Hits", "Sum"), ("Misses", "Sum"), ("Bypasses", "Sum"), ("BreakerBypasses", "Sum"),
-                     ("LeaseWaits", "Sum"), ("RefusedFills", "Sum")},
+                     ("LeaseWaits", "Sum"), ("RefusedFills", "Sum"), ("BatchReads", "Sum"),
+                     ("BatchSize", "p50"), ("BatchSize", "p99")},
             "invalidator": {("InvalidationLag", "p50"), ("InvalidationLag", "p99"), ("InvalidationLag", "Maximum"),
                             ("BatchSize", "Average"), ("RecordsApplied", "Sum"), ("RecordsRefusedAsOlder", "Sum"),
                             ("RecordsSkippedMalformed", "Sum"), ("RecordsFailed", "Sum")},
@@ -1526,6 +1593,7 @@ ALL_CHECKS = [
     check_stream_event_source,
     check_record_age_covers_ttl,
     check_read_function_policies,
+    check_read_routes,
     check_invalidator_policies,
     check_replication_group,
     check_auth_modes,

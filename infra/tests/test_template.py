@@ -6,7 +6,9 @@ that cannot fail would protect nothing.
 """
 
 import copy
+import json
 import os
+import re
 
 import pytest
 
@@ -106,6 +108,51 @@ def read_with_broad_managed_policy(t):
     props(t, "ReadFunctionRole")["ManagedPolicyArns"].append(
         "arn:aws:iam::aws:policy/AmazonDynamoDBReadOnlyAccess"
     )
+
+
+def read_without_batch_get_item(t):
+    role_policy(t, "ReadFunctionRole")[0]["Action"] = "dynamodb:GetItem"
+
+
+def read_batch_gets_every_table(t):
+    role_policy(t, "ReadFunctionRole").append(
+        {"Effect": "Allow", "Action": "dynamodb:BatchGetItem", "Resource": "*"}
+    )
+
+
+def read_batch_gets_another_table(t):
+    role_policy(t, "ReadFunctionRole")[0]["Resource"] = {
+        "Fn::Sub": "arn:${AWS::Partition}:dynamodb:${AWS::Region}:${AWS::AccountId}:table/*"
+    }
+
+
+def inspector_can_batch_get(t):
+    role_policy(t, "InspectorFunctionRole")[0]["Action"] = ["dynamodb:GetItem", "dynamodb:BatchGetItem"]
+
+
+# ---- the read function's routes ---------------------------------------------------------------
+
+
+def read_events(t):
+    return props(t, READ)["Events"]
+
+
+def no_batch_route(t):
+    del read_events(t)["GetProducts"]
+
+
+def batch_route_on_any_method(t):
+    read_events(t)["GetProducts"]["Properties"]["Method"] = "ANY"
+
+
+def batch_route_on_the_implicit_api(t):
+    del read_events(t)["GetProducts"]["Properties"]["ApiId"]
+
+
+def catch_all_route(t):
+    read_events(t)["Everything"] = {
+        "Type": "HttpApi", "Properties": {"ApiId": {"Ref": "ProductApi"}},
+    }
 
 
 def invalidator_can_delete_items(t):
@@ -222,6 +269,28 @@ def build_a_binary_that_does_not_exist(t):
 
 def no_gateway_endpoint(t):
     del t["Resources"]["DynamoDbGatewayEndpoint"]
+
+
+def gateway_policy(t):
+    return props(t, "DynamoDbGatewayEndpoint")["PolicyDocument"]["Fn::If"][1]["Statement"]
+
+
+def gateway_without_batch_get_item(t):
+    gateway_policy(t)[0]["Action"] = "dynamodb:GetItem"
+
+
+def gateway_allows_scan(t):
+    gateway_policy(t)[0]["Action"] = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"]
+
+
+def gateway_on_every_table(t):
+    gateway_policy(t)[0]["Resource"] = "*"
+
+
+def gateway_policy_everywhere(t):
+    props(t, "DynamoDbGatewayEndpoint")["PolicyDocument"] = props(t, "DynamoDbGatewayEndpoint")[
+        "PolicyDocument"
+    ]["Fn::If"][2]
 
 
 def secrets_endpoint_without_private_dns(t):
@@ -567,6 +636,14 @@ def dashboard_evictions_miss_third_shard(t):
     rows[:] = [r for r in rows if "0003-" not in str(r)]
 
 
+def dashboard_without_batch_size_p99(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('{"stat": "p99", "label": "products per batch p99"', '{"stat": "Maximum", "label": "products per batch max"', 1))
+
+
+def dashboard_batch_reads_of_the_invalidator(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"BatchReads", "Service", "${AWS::StackName}", "Function", "read"', '"BatchReads", "Service", "${AWS::StackName}", "Function", "invalidator"', 1))
+
+
 def dashboard_expression_without_its_metric(t):
     set_dashboard_text(t, dashboard_text(t)[0].replace('{"id": "misses", "visible": false}', '{"id": "miss", "visible": false}', 1))
 
@@ -584,6 +661,14 @@ WEAKENED = [
     (read_can_query, c.check_read_function_policies),
     (read_on_every_table, c.check_read_function_policies),
     (read_with_wildcard_action, c.check_read_function_policies),
+    (read_without_batch_get_item, c.check_read_function_policies),
+    (read_batch_gets_every_table, c.check_read_function_policies),
+    (read_batch_gets_another_table, c.check_read_function_policies),
+    (inspector_can_batch_get, c.check_inspector_policies),
+    (no_batch_route, c.check_read_routes),
+    (batch_route_on_any_method, c.check_read_routes),
+    (batch_route_on_the_implicit_api, c.check_read_routes),
+    (catch_all_route, c.check_read_routes),
     (read_through_a_separate_policy, c.check_read_function_policies),
     (read_with_sam_policy_template, c.check_read_function_policies),
     (read_with_broad_managed_policy, c.check_read_function_policies),
@@ -613,6 +698,10 @@ WEAKENED = [
     (build_without_cargo_lambda, c.check_function_build),
     (build_a_binary_that_does_not_exist, c.check_function_build),
     (no_gateway_endpoint, c.check_vpc_endpoints),
+    (gateway_without_batch_get_item, c.check_vpc_endpoints),
+    (gateway_allows_scan, c.check_vpc_endpoints),
+    (gateway_on_every_table, c.check_vpc_endpoints),
+    (gateway_policy_everywhere, c.check_vpc_endpoints),
     (secrets_endpoint_without_private_dns, c.check_vpc_endpoints),
     (table_name_ignores_existing_table, c.check_conditional_references),
     (subnet_group_ignores_existing_vpc, c.check_conditional_references),
@@ -693,6 +782,8 @@ WEAKENED = [
     (dashboard_misses_third_shard, c.check_dashboard),
     (dashboard_evictions_miss_third_shard, c.check_dashboard),
     (dashboard_expression_without_its_metric, c.check_dashboard),
+    (dashboard_without_batch_size_p99, c.check_dashboard),
+    (dashboard_batch_reads_of_the_invalidator, c.check_dashboard),
 ]
 
 
@@ -725,10 +816,8 @@ def test_emitted_metrics_match_the_code():
     assert c.emitted_metrics_in_code() == c.EMITTED
 
 
-def test_sam_transform_adds_no_permissions(template):
-    """The real SAM transform (as `sam deploy` runs it) keeps the explicit roles as the only
-    grants: no generated role, no AWSLambdaDynamoDBExecutionRole (stream actions on every stream),
-    and the event source mapping carries every safety setting through."""
+def sam_transformed(template):
+    """The template's resources after the real SAM transform, as `sam deploy` runs it."""
     transform_mod = pytest.importorskip("samtranslator.translator.transform")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     t = copy.deepcopy(template)
@@ -740,7 +829,14 @@ def test_sam_transform_adds_no_permissions(template):
         def load(self):
             return {}
 
-    out = transform_mod.transform(t, {}, Policies())["Resources"]
+    return transform_mod.transform(t, {}, Policies())["Resources"]
+
+
+def test_sam_transform_adds_no_permissions(template):
+    """The real SAM transform (as `sam deploy` runs it) keeps the explicit roles as the only
+    grants: no generated role, no AWSLambdaDynamoDBExecutionRole (stream actions on every stream),
+    and the event source mapping carries every safety setting through."""
+    out = sam_transformed(template)
     roles = {n for n, r in out.items() if r["Type"] == "AWS::IAM::Role"}
     assert roles == {"ReadFunctionRole", "InvalidatorFunctionRole", "InspectorFunctionRole"}
     assert not [n for n, r in out.items() if r["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy")]
@@ -777,3 +873,31 @@ def test_sam_transform_adds_no_permissions(template):
     # A failed run is not retried (the schedule is the retry).
     (invoke_config,) = [r["Properties"] for r in out.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"]
     assert invoke_config["MaximumRetryAttempts"] == 0
+
+
+def test_sam_transform_routes_both_paths_to_the_read_function(template):
+    """The HTTP API SAM generates has exactly the read function's two routes, GET /products/{id}
+    and GET /products (the batch), each integrated with the read function, and API Gateway may
+    invoke the function through those two routes only."""
+    out = sam_transformed(template)
+    api = out[c.API]
+    assert api["Type"] == "AWS::ApiGatewayV2::Api"
+    paths = api["Properties"]["Body"]["paths"]
+    assert {path: sorted(methods) for path, methods in paths.items()} == {
+        "/products/{id}": ["get"],
+        "/products": ["get"],
+    }
+    for path, methods in paths.items():
+        integration = methods["get"]["x-amazon-apigateway-integration"]
+        assert READ in json.dumps(integration["uri"]), (path, integration)
+        # The handler reads payload v2 (`routeKey`, `rawQueryString`).
+        assert integration["payloadFormatVersion"] == "2.0", (path, integration)
+    sources = sorted(
+        json.dumps(r["Properties"]["SourceArn"])
+        for r in out.values()
+        if r["Type"] == "AWS::Lambda::Permission"
+        and r["Properties"]["Principal"] == "apigateway.amazonaws.com"
+    )
+    assert len(sources) == 2, sources
+    assert any(s_.count("/GET/products/") == 1 for s_ in sources), sources
+    assert any(re.search(r"/GET/products\"", s_) for s_ in sources), sources
