@@ -162,9 +162,9 @@ async fn serves_the_read_path_over_http_and_a_table_change_reaches_it_through_th
     assert_eq!(get(&url).await.x_cache.as_deref(), Some("hit"));
 
     // API Gateway's own answer for what matches no route, without calling the function.
+    // (`GET /products` is the batch route: see the batch test.)
     for (method, path) in [
         ("GET", "/nope"),
-        ("GET", "/products"),
         ("GET", "/products/"),
         ("GET", "/products/kb-001/reviews"),
         ("POST", "/products/kb-001"),
@@ -233,6 +233,124 @@ async fn serves_the_read_path_over_http_and_a_table_change_reaches_it_through_th
     let port = stack.http_addr().port();
     stack.shutdown().await;
     assert!(refuses(port), "the HTTP port still accepts after shutdown");
+}
+
+/// Waits until the invalidator has acknowledged `records` stream records since the stack started.
+async fn until_invalidated(stack: &Stack, records: u64) {
+    let started = Instant::now();
+    while stack.stats().invalidations < records {
+        assert!(
+            started.elapsed() < CHANGE_VISIBLE_WITHIN,
+            "{} of {records} records applied after {CHANGE_VISIBLE_WITHIN:?}",
+            stack.stats().invalidations
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_batch_over_http_answers_every_product_in_request_order() {
+    let redis = RedisServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stack = start_stack(&redis, 20, dir.path()).await;
+    // An id holding a comma, written as any writer would. Its stream record is applied before
+    // the batch reads it, so that its invalidation cannot remove the batch's fill afterwards.
+    dynamodb()
+        .await
+        .put_item()
+        .table_name(stack.table())
+        .item("productId", AttributeValue::S("kb,002".into()))
+        .item("name", AttributeValue::S("Keyboard, compact".into()))
+        .item("price", AttributeValue::N("59.5".into()))
+        .send()
+        .await
+        .unwrap();
+    until_invalidated(&stack, stack.seeded() as u64 + 1).await;
+    let base = format!("{}/products", stack.http_url());
+
+    // The comma inside an id is sent as `%2C`; the repeated id collapses to its first place.
+    let first = get(&format!("{base}?ids=kb-001,kb%2C002,no-such-thing,kb-001")).await;
+    assert_eq!(
+        (first.status, first.x_cache.as_deref()),
+        (200, Some("hits=0 misses=3 bypasses=0")),
+        "{}",
+        first.body
+    );
+    assert_eq!(first.content_type.as_deref(), Some("application/json"));
+    let products = first.body["products"].as_array().unwrap().clone();
+    let ids: Vec<_> = products.iter().map(|p| p["id"].clone()).collect();
+    assert_eq!(
+        ids,
+        [json!("kb-001"), json!("kb,002"), json!("no-such-thing")]
+    );
+    assert_eq!(products[0]["product"]["name"], "Mechanical keyboard");
+    assert_eq!(products[0]["product"]["price"], json!(129.99));
+    assert_eq!(products[1]["product"]["name"], "Keyboard, compact");
+    assert_eq!(products[2], json!({"id": "no-such-thing", "product": null}));
+
+    // The fills went to the keys single reads use: all hits now, either way, in the new order.
+    let second = get(&format!("{base}?ids=no-such-thing,kb%2C002,kb-001")).await;
+    assert_eq!(
+        (second.status, second.x_cache.as_deref()),
+        (200, Some("hits=3 misses=0 bypasses=0")),
+        "{}",
+        second.body
+    );
+    assert_eq!(
+        second.body["products"],
+        json!([products[2], products[1], products[0]])
+    );
+    let single = get(&format!("{base}/kb%2C002")).await;
+    assert_eq!(
+        (single.status, single.x_cache.as_deref()),
+        (200, Some("hit"))
+    );
+    assert_eq!(single.body, products[1]["product"]);
+
+    // A request that is not a batch is the handler's 400, not API Gateway's 404.
+    for query in ["", "?ids=", "?ids=kb-001,%7Bbad%7D"] {
+        let bad = get(&format!("{base}{query}")).await;
+        assert_eq!(
+            (bad.status, bad.x_cache.as_deref()),
+            (400, Some("hits=0 misses=0 bypasses=0")),
+            "{query}: {}",
+            bad.body
+        );
+        assert_eq!(bad.body["error"], "invalid_ids", "{query}: {}", bad.body);
+    }
+    let post = request("POST", &format!("{base}?ids=kb-001")).await;
+    assert_eq!(
+        (post.status, post.x_cache),
+        (404, None),
+        "the route is GET only"
+    );
+
+    // The status line and the metrics count products, not requests.
+    let stats = stack.stats();
+    assert_eq!(
+        (stats.requests, stats.hits, stats.misses, stats.bypasses),
+        (6, 4, 3, 0),
+        "{stats}"
+    );
+    let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let read: Vec<_> = lines
+        .lines()
+        .map(|l| crate::metrics::parse_emf(l).unwrap_or_else(|| panic!("not an EMF line: {l}")))
+        .filter(|e| e.dimensions.contains(&("Function".into(), "read".into())))
+        .collect();
+    let total = |name| crate::metrics::total(&read, name);
+    assert_eq!(
+        (
+            total("BatchReads"),
+            total("BatchSize"),
+            total("Hits"),
+            total("Misses"),
+            total("InvalidRequests")
+        ),
+        (2.0, 6.0, 4.0, 3.0, 3.0),
+        "{lines}"
+    );
+    stack.shutdown().await;
 }
 
 #[tokio::test]

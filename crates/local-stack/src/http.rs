@@ -1,11 +1,11 @@
 //! The read path over local HTTP, as API Gateway (HTTP API) fronts the read function.
 //!
-//! A thin adapter: the route `GET /products/{id}` turns the request into the
-//! [`lambda_http::Request`] that `lambda_http` builds from a payload v2 event (path parameter,
-//! query parameters, raw path, request context) and hands it to
+//! A thin adapter: the routes `GET /products/{id}` and `GET /products` (`?ids=ID1,ID2,...`)
+//! turn the request into the [`lambda_http::Request`] that `lambda_http` builds from a payload
+//! v2 event (route key, path parameter, query string, raw path, request context) and hand it to
 //! [`product_cache::read::handle_request`], the function the Lambda runs. Any other method or
 //! path gets API Gateway's own `404 {"message":"Not Found"}` without reaching the handler, as a
-//! deployed HTTP API with only that route would answer.
+//! deployed HTTP API with only those routes would answer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,12 +26,30 @@ use product_cache::cache::Cache;
 use product_cache::read::{handle_request, ReadPath};
 use product_cache::store::ProductStore;
 
-/// The one route, in API Gateway's route-key syntax.
-pub const ROUTE_KEY: &str = "GET /products/{id}";
+/// The HTTP API's routes, as the template declares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /products/{id}`: one product.
+    Product,
+    /// `GET /products`: many, `?ids=ID1,ID2,...`.
+    Products,
+}
+
+impl Route {
+    /// The route key API Gateway puts in the event's `routeKey`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Route::Product => "GET /products/{id}",
+            Route::Products => "GET /products",
+        }
+    }
+}
+
 /// API Gateway's payload limit; larger requests are refused before reaching the function.
 const MAX_BODY: usize = 10 * 1024 * 1024;
 
-/// Answers by `X-Cache`, for the status line.
+/// Products answered, by `X-Cache`, for the status line: a batch counts each of its products
+/// (its header says `hits=H misses=M bypasses=B`), as the read function's metrics do.
 #[derive(Debug, Default)]
 pub struct HttpStats {
     pub requests: AtomicU64,
@@ -43,13 +61,32 @@ pub struct HttpStats {
 impl HttpStats {
     fn count(&self, response: &lambda_http::Response<lambda_http::Body>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let counter = match response.headers().get("x-cache").map(HeaderValue::as_bytes) {
-            Some(b"hit") => &self.hits,
-            Some(b"miss") => &self.misses,
-            Some(b"bypass") => &self.bypasses,
-            _ => return,
+        let Some(x_cache) = response
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let add = |counter: &AtomicU64, n: u64| {
+            counter.fetch_add(n, Ordering::Relaxed);
+        };
+        match x_cache {
+            "hit" => add(&self.hits, 1),
+            "miss" => add(&self.misses, 1),
+            "bypass" => add(&self.bypasses, 1),
+            batch => {
+                for (name, n) in batch.split(' ').filter_map(|part| part.split_once('=')) {
+                    let Ok(n) = n.parse() else { continue };
+                    match name {
+                        "hits" => add(&self.hits, n),
+                        "misses" => add(&self.misses, n),
+                        "bypasses" => add(&self.bypasses, n),
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -58,7 +95,8 @@ struct App<C, S> {
     stats: Arc<HttpStats>,
 }
 
-/// The HTTP API: `GET /products/{id}` to the read function's handler, everything else 404.
+/// The HTTP API: `GET /products/{id}` and `GET /products` to the read function's handler,
+/// everything else 404.
 ///
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the request context
 /// carries the caller's address, as API Gateway's `sourceIp` does.
@@ -71,6 +109,7 @@ where
         // `any`, not `get`: axum would also route HEAD to a GET handler, and API Gateway
         // matches the method exactly.
         .route("/products/{id}", any(product::<C, S>))
+        .route("/products", any(products::<C, S>))
         .fallback(|| async { not_found() })
         .with_state(Arc::new(App { read, stats }))
 }
@@ -78,6 +117,22 @@ where
 async fn product<C: Cache, S: ProductStore>(
     State(app): State<Arc<App<C, S>>>,
     request: Request,
+) -> Response {
+    answer(&app, request, Route::Product).await
+}
+
+async fn products<C: Cache, S: ProductStore>(
+    State(app): State<Arc<App<C, S>>>,
+    request: Request,
+) -> Response {
+    answer(&app, request, Route::Products).await
+}
+
+/// One request that matched `route`, through the read function's handler.
+async fn answer<C: Cache, S: ProductStore>(
+    app: &App<C, S>,
+    request: Request,
+    route: Route,
 ) -> Response {
     if request.method() != Method::GET {
         return not_found();
@@ -97,7 +152,7 @@ async fn product<C: Cache, S: ProductStore>(
     };
     let request = axum::http::Request::from_parts(parts, body);
     let request_id = format!("{:016x}", fastrand::u64(..));
-    let lambda_request = to_lambda_request(request, peer, &request_id);
+    let lambda_request = to_lambda_request(request, route, peer, &request_id);
     let Ok(response) = handle_request(&app.read, lambda_request).await;
     app.stats.count(&response);
     let mut response = from_lambda_response(response);
@@ -107,22 +162,34 @@ async fn product<C: Cache, S: ProductStore>(
     response
 }
 
-/// The request the read function receives for this HTTP request under the route
-/// [`ROUTE_KEY`]: what `lambda_http` builds from API Gateway's payload v2 event.
+/// The request the read function receives for this HTTP request under `route`: what
+/// `lambda_http` builds from API Gateway's payload v2 event.
 ///
-/// The path must be `/products/{id}` with a non-empty, single-segment id (the route
-/// guarantees it); `id` is percent-decoded, as API Gateway decodes path parameters.
+/// For [`Route::Product`] the path must be `/products/{id}` with a non-empty, single-segment id
+/// (the route guarantees it); `id` is percent-decoded, as API Gateway decodes path parameters.
+/// [`Route::Products`] has no path parameter. The query string reaches the function as sent
+/// (`rawQueryString`, and so the request's URI, which `lambda_http` builds from it): the batch
+/// route splits its ids there, where an id's own `%2C` is still told apart from the commas
+/// between ids.
 pub fn to_lambda_request(
     request: axum::http::Request<Bytes>,
+    route: Route,
     peer: Option<SocketAddr>,
     request_id: &str,
 ) -> lambda_http::Request {
     let (parts, body) = request.into_parts();
     let raw_path = parts.uri.path().to_owned();
-    let raw_id = raw_path.strip_prefix("/products/").unwrap_or_default();
-    let id = percent_encoding::percent_decode_str(raw_id)
-        .decode_utf8_lossy()
-        .into_owned();
+    // API Gateway leaves `pathParameters` out of the event of a route without any.
+    let path_parameters = match route {
+        Route::Product => {
+            let raw_id = raw_path.strip_prefix("/products/").unwrap_or_default();
+            let id = percent_encoding::percent_decode_str(raw_id)
+                .decode_utf8_lossy()
+                .into_owned();
+            std::collections::HashMap::from([("id".to_owned(), id)])
+        }
+        Route::Products => std::collections::HashMap::new(),
+    };
     let raw_query = parts.uri.query().unwrap_or_default().to_owned();
     let host = parts
         .headers
@@ -143,7 +210,7 @@ pub fn to_lambda_request(
     http.source_ip = peer.map(|p| p.ip().to_string());
     http.user_agent = user_agent;
     let mut context = ApiGatewayV2httpRequestContext::default();
-    context.route_key = Some(ROUTE_KEY.into());
+    context.route_key = Some(route.key().into());
     context.account_id = Some("000000000000".into());
     context.stage = Some("$default".into());
     context.request_id = Some(request_id.to_owned());
@@ -203,7 +270,7 @@ pub fn to_lambda_request(
                 .parse::<lambda_http::aws_lambda_events::query_map::QueryMap>()
                 .unwrap_or_default(),
         )
-        .with_path_parameters(std::collections::HashMap::from([("id".to_owned(), id)]))
+        .with_path_parameters(path_parameters)
         .with_request_context(RequestContext::ApiGatewayV2(context))
 }
 
@@ -263,6 +330,7 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:5555".parse().unwrap();
         let req = to_lambda_request(
             request("/products/a%20b%2Fc?x=1&x=2&y=", b""),
+            Route::Product,
             Some(peer),
             "req-1",
         );
@@ -278,7 +346,7 @@ mod tests {
         let Some(RequestContext::ApiGatewayV2(ctx)) = req.request_context_ref() else {
             panic!("no API Gateway v2 context");
         };
-        assert_eq!(ctx.route_key.as_deref(), Some(ROUTE_KEY));
+        assert_eq!(ctx.route_key.as_deref(), Some("GET /products/{id}"));
         assert_eq!(ctx.stage.as_deref(), Some("$default"));
         assert_eq!(ctx.request_id.as_deref(), Some("req-1"));
         assert_eq!(ctx.http.method, Method::GET);
@@ -287,10 +355,70 @@ mod tests {
     }
 
     #[test]
+    fn the_batch_route_hands_the_query_string_on_as_sent() {
+        let req = to_lambda_request(
+            request("/products?ids=kb-001,kb%2C002,caf%C3%A9&v=2", b""),
+            Route::Products,
+            None,
+            "r",
+        );
+        let Some(RequestContext::ApiGatewayV2(ctx)) = req.request_context_ref() else {
+            panic!("no API Gateway v2 context");
+        };
+        assert_eq!(ctx.route_key.as_deref(), Some("GET /products"));
+        assert_eq!(req.raw_http_path(), "/products");
+        assert!(req.path_parameters().is_empty(), "API Gateway sends none");
+        // `rawQueryString`, undecoded: the id `kb,002` is still one id here...
+        assert_eq!(req.uri().query(), Some("ids=kb-001,kb%2C002,caf%C3%A9&v=2"));
+        let ids =
+            product_cache::read::BatchIds::parse(req.uri().query(), product_cache::id::KeyType::S)
+                .unwrap();
+        let ids: Vec<_> = ids.as_slice().iter().map(|id| id.as_str()).collect();
+        assert_eq!(ids, ["kb-001", "kb,002", "café"]);
+        // ...and no longer in the decoded parameters, as in API Gateway's `queryStringParameters`.
+        assert_eq!(
+            req.query_string_parameters().first("ids"),
+            Some("kb-001,kb,002,café")
+        );
+    }
+
+    #[test]
+    fn a_batch_counts_each_of_its_products() {
+        let stats = HttpStats::default();
+        for x_cache in [
+            "hit",
+            "hits=3 misses=2 bypasses=1",
+            "miss",
+            "hits=0 misses=0 bypasses=0",
+        ] {
+            let response = lambda_http::Response::builder()
+                .header("x-cache", x_cache)
+                .body(lambda_http::Body::Empty)
+                .unwrap();
+            stats.count(&response);
+        }
+        let got = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(
+            (
+                got(&stats.requests),
+                got(&stats.hits),
+                got(&stats.misses),
+                got(&stats.bypasses)
+            ),
+            (4, 4, 3, 1)
+        );
+    }
+
+    #[test]
     fn bodies_become_text_or_binary() {
-        let text = to_lambda_request(request("/products/x", b"{}"), None, "r");
+        let text = to_lambda_request(request("/products/x", b"{}"), Route::Product, None, "r");
         assert!(matches!(text.body(), lambda_http::Body::Text(t) if t == "{}"));
-        let binary = to_lambda_request(request("/products/x", b"\xff\x00"), None, "r");
+        let binary = to_lambda_request(
+            request("/products/x", b"\xff\x00"),
+            Route::Product,
+            None,
+            "r",
+        );
         assert!(matches!(binary.body(), lambda_http::Body::Binary(b) if b == b"\xff\x00"));
     }
 
