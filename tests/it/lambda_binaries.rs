@@ -310,6 +310,55 @@ async fn read_function_answers_api_gateway_events_from_one_process() {
 }
 
 #[tokio::test]
+async fn read_function_answers_the_batch_fixture_with_the_encoded_comma_inside_one_id() {
+    let env = TestEnv::new(Delete).await;
+    env.put_product("kb-001", "129.99").await;
+    env.put_product("kb,002", "59.5").await;
+    let redis_url = env.redis.url();
+    let mut function = Function::spawn(
+        "read-function",
+        &[("REDIS_URL", &redis_url), ("TABLE_NAME", &env.table)],
+    )
+    .await;
+    let event = fixture("apigw-get-products-batch.json");
+    // The fixture as API Gateway sends it: the decoded parameter cannot tell the id's comma
+    // from the separators, the raw query string can.
+    assert_eq!(
+        event["queryStringParameters"]["ids"],
+        "kb-001,kb,002,kb-003"
+    );
+    let expected = json!({"products": [
+        {"id": "kb-001", "product": {"name": "Product kb-001", "price": 129.99, "productId": "kb-001"}},
+        {"id": "kb,002", "product": {"name": "Product kb,002", "price": 59.5, "productId": "kb,002"}},
+        {"id": "kb-003", "product": null},
+    ]});
+
+    let first = function.respond(event.clone()).await;
+    assert_eq!(
+        http_parts(&first),
+        (200, "hits=0 misses=3 bypasses=0".into(), expected.clone()),
+        "{first}"
+    );
+    // The fills run after the response, within the invocation.
+    function.settled().await;
+    let cached = env
+        .raw_get("product:kb,002")
+        .await
+        .expect("the batch filled the product whose id holds a comma");
+    assert_eq!(
+        serde_json::from_str::<Value>(&cached).unwrap(),
+        expected["products"][1]["product"]
+    );
+
+    let second = function.respond(event).await;
+    assert_eq!(
+        http_parts(&second),
+        (200, "hits=3 misses=0 bypasses=0".into(), expected),
+        "{second}"
+    );
+}
+
+#[tokio::test]
 async fn invalidator_function_applies_batches_and_reports_a_redis_outage() {
     let mut env = TestEnv::new(Delete).await;
     let stale = [
