@@ -135,7 +135,7 @@ pub struct WarmArgs {
     /// The first N ids a Scan of the table returns
     #[arg(long)]
     pub first: Option<usize>,
-    /// Reads in flight at once
+    /// Batch reads (of up to 100 ids each) in flight at once
     #[arg(long, default_value_t = pcache::warm::DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     #[command(flatten)]
