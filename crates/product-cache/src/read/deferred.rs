@@ -39,6 +39,7 @@ use lambda_http::{service_fn, Adapter, Body, Error, Request, RequestExt as _, Re
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+use super::event::RawQueryGuard;
 use super::http::{answer_request, handle_request};
 use super::{AfterAnswer, ReadPath};
 use crate::cache::Cache;
@@ -79,7 +80,8 @@ pub async fn run<C: Cache, S: ProductStore>(read: &ReadPath<C, S>) -> Result<(),
                 error = %e,
                 "no Lambda Extensions API; each miss fills the cache before it answers"
             );
-            return lambda_http::run(service_fn(|req| handle_request(read, req))).await;
+            let handler = Adapter::from(service_fn(|req| handle_request(read, req)));
+            return lambda_http::lambda_runtime::run(RawQueryGuard(handler)).await;
         }
     };
     let deferral = Arc::new(Deferral {
@@ -156,7 +158,7 @@ async fn serve<C: Cache, S: ProductStore>(
     };
     // A layer runs before the layers added earlier: tracing outermost, as `lambda_http::run`
     // has it; the hand-over around the response's post.
-    Runtime::new(Adapter::from(handler))
+    Runtime::new(RawQueryGuard(Adapter::from(handler)))
         .layer(AfterResponseLayer(deferral))
         .layer(TracingLayer::new())
         .run()

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 mod batch;
 pub mod deferred;
+mod event;
 pub mod http;
 mod ids;
 
