@@ -17,7 +17,7 @@ use std::path::Path;
 use aws_sdk_dynamodb::types::AttributeValue;
 use futures::stream::StreamExt as _;
 use product_cache::cache::Cache;
-use product_cache::id::{KeyType, ProductId};
+use product_cache::id::ProductId;
 use product_cache::read::{BatchEntry, BatchIds, CacheStatus, Lookup, ReadPath, MAX_BATCH_IDS};
 use product_cache::store::ProductStore;
 
@@ -101,7 +101,11 @@ pub async fn warm<C: Cache, S: ProductStore>(
         }
     }
     let mut answers = futures::stream::iter(distinct.chunks(MAX_BATCH_IDS))
-        .map(|chunk| async move { read.get_many(&batch_of(chunk, key_type)).await })
+        .map(|chunk| async move {
+            let batch =
+                BatchIds::new(chunk.iter().cloned()).expect("distinct ids, at most a batch");
+            read.get_many(&batch).await
+        })
         .buffer_unordered(concurrency.max(1));
     while let Some(answer) = answers.next().await {
         for entry in answer.entries {
@@ -140,28 +144,6 @@ impl Outcome {
             (_, Err(e)) => Outcome::Error(id, local_stack::error::chain(&e)),
         }
     }
-}
-
-/// `ids` (distinct, at most [`MAX_BATCH_IDS`]) as a batch request carries them. [`BatchIds`]
-/// has one way in, the parser of the request's query string, which keeps its promises (valid,
-/// distinct, not too many); so each id is percent-encoded as a caller would send it.
-fn batch_of(ids: &[ProductId], key_type: KeyType) -> BatchIds {
-    let mut query = String::from("ids=");
-    for (n, id) in ids.iter().enumerate() {
-        if n > 0 {
-            query.push(',');
-        }
-        for byte in id.as_str().bytes() {
-            match byte {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    query.push(byte as char)
-                }
-                _ => query.push_str(&format!("%{byte:02X}")),
-            }
-        }
-    }
-    BatchIds::parse(Some(&query), key_type)
-        .expect("ids parsed with this key type, distinct, at most a batch")
 }
 
 impl WarmSummary {

@@ -23,6 +23,18 @@ impl StoreError {
     }
 }
 
+/// `e`'s message followed by its sources', as one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
 /// What a batch read found, per id in the order asked: the item, `None` for one the table does
 /// not have, or why this id could not be read (the others may have been).
 pub type ManyItems = Vec<Result<Option<Item>, StoreError>>;
@@ -193,7 +205,9 @@ impl ProductStore for DynamoStore {
                 }
                 Err(e) => {
                     tracing::warn!(error = ?e, "BatchGetItem failed");
-                    let reason = e.to_string();
+                    // Each id's error carries the cause (a timeout, throttling, ...), which
+                    // `StoreError`'s own message leaves to its source.
+                    let reason = with_causes(&e);
                     answers.extend(chunk.iter().map(|_| Err(StoreError::new(reason.clone()))));
                 }
             }

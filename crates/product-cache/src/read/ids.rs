@@ -82,6 +82,21 @@ impl BatchIds {
         Ok(Self(ids))
     }
 
+    /// Ids already parsed (`pcache warm` reads a file of them), repeats collapsed to their
+    /// first place. More than [`MAX_BATCH_IDS`] distinct ids is the caller's mistake.
+    pub fn new(ids: impl IntoIterator<Item = ProductId>) -> Result<Self, InvalidBatch> {
+        let mut seen = HashSet::new();
+        let ids: Vec<ProductId> = ids
+            .into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect();
+        match ids.len() {
+            0 => Err(InvalidBatch::Empty),
+            n if n > MAX_BATCH_IDS => Err(InvalidBatch::TooMany(n)),
+            _ => Ok(Self(ids)),
+        }
+    }
+
     pub fn as_slice(&self) -> &[ProductId] {
         &self.0
     }
@@ -170,6 +185,16 @@ mod tests {
             ids("ids=a,"),
             Err(InvalidBatch::Id { position: 2, .. })
         ));
+    }
+
+    #[test]
+    fn parsed_ids_make_a_batch_too() {
+        let id = |s: &str| ProductId::parse(s, KeyType::S).unwrap();
+        let batch = BatchIds::new([id("b"), id("a"), id("b")]).unwrap();
+        assert_eq!(batch.as_slice(), [id("b"), id("a")]);
+        assert_eq!(BatchIds::new([]), Err(InvalidBatch::Empty));
+        let many = (0..=MAX_BATCH_IDS).map(|i| id(&i.to_string()));
+        assert_eq!(BatchIds::new(many), Err(InvalidBatch::TooMany(101)));
     }
 
     #[test]
