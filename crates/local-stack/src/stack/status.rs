@@ -129,7 +129,7 @@ impl Stack {
         format!(
             "listening on {url}\n\
              \n\
-             \x20 HTTP API    {url}/products/{{id}}  (the read function's handler)\n\
+             \x20 HTTP API    {url}/products/{{id}}, {url}/products?ids=ID1,ID2,...  (the read function's handler)\n\
              \x20 Redis       {redis}  ({redis_how})\n\
              \x20 DynamoDB    {dynamo}  ({dynamo_how}); table {table} {seeded}\n\
              \x20 stream      invalidator ({mode} mode) via {esm_desc}\n\
@@ -141,6 +141,7 @@ impl Stack {
              \x20 curl -si {url}/products/kb-001\n\
              \x20 {set_price}\n\
              \x20 curl -si {url}/products/kb-001\n\
+             \x20 curl -si '{url}/products?ids=kb-001,mouse-001,kb-002'\n\
              \n\
              Ctrl-C stops everything.",
             redis = self.redis_url,
