@@ -14,6 +14,12 @@
 //!   applied, and bisections of failed batches.
 //! - **Readers** call the real read path (`ReadPath` over `RedisCache` and a consistent
 //!   `DynamoStore`); some table reads pause for longer than the lease before the fill.
+//!   A quarter of them (`CHECKER_BATCH_READERS`, 2 of 8) send batch requests instead: 5 to 20
+//!   ids drawn from the items, repeats possible, through `ReadPath::answer_many` (half of them
+//!   answered before their fills, as the Lambda function answers, half filled first), their
+//!   `BatchGetItem`s slowed as the `GetItem`s are. Each product of a batch answer is one read
+//!   of the history, with the request's start and end, judged as a single read is; a quarter
+//!   of each herd's reads are batch requests for its key.
 //! - **Chaos**: one data loss (a Redis restart on the same port, empty, or a `FLUSHALL` with the
 //!   server up, of every primary on a cluster), a few herds of 200 concurrent reads of a cold
 //!   key, and in one run a version attribute turned on mid-run, in the invalidator first and in
@@ -37,8 +43,9 @@
 //!    replica holds what its primary holds;
 //! 4. a herd of concurrent misses on a cold key reads the table once per lease period;
 //!
-//! and prints a report: operations, faults, violations with the first ones in detail, and the
-//! staleness distribution (commit of each write to the end of the first read that started
+//! and prints a report: operations, faults, the batch reads (how many of the reads, in how many
+//! requests, by cache status, and how many were stale), violations with the first ones in
+//! detail (a batch read's among them if there is one), and the staleness distribution (commit of each write to the end of the first read that started
 //! after it and saw it or newer).
 //!
 //! Duplicates are drawn from every acknowledged batch, also from before the data loss, which
@@ -73,8 +80,10 @@
 //! ```
 //!
 //! `CHECKER_SEED` replays a run's random choices (the seed is printed, timing is not replayed),
-//! `CHECKER_MAX_SECS` bounds the run (default 90 s, or 1 s per 2,000 operations), and
-//! `CHECKER_READS_PER_WRITE` sets the readers' pace (default 4).
+//! `CHECKER_MAX_SECS` bounds the run (default 90 s, or 1 s per 2,000 operations),
+//! `CHECKER_READS_PER_WRITE` sets the readers' pace (default 4; a batch request is one read of
+//! the pace and of the operations), and `CHECKER_BATCH_READERS` how many of the 8 readers read
+//! in batches (default 2; 0 runs single readers only).
 
 mod actors;
 mod ballast;
@@ -137,6 +146,12 @@ async fn catches_stale_fills_without_leases() {
         "no stale read was reported without leases:\n{}",
         report.text
     );
+    // A batch request's reads are judged as single reads are: some of them are stale too.
+    assert!(
+        report.batch_reads.get("stale") > 0,
+        "no batch read was reported stale without leases:\n{}",
+        report.text
+    );
     // The inspector, looking at the drained cache, finds exactly the stale values invariant 3
     // finds.
     assert_eq!(
@@ -163,6 +178,11 @@ async fn catches_regressions_without_ordering() {
     assert!(
         report.violations[0] > 0,
         "no stale read was reported without ordering:\n{}",
+        report.text
+    );
+    assert!(
+        report.batch_reads.get("stale") > 0,
+        "no batch read was reported stale without ordering:\n{}",
         report.text
     );
     // The inspector, looking at the drained cache, finds exactly the stale values invariant 3

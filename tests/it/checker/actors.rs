@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue as Av;
 use product_cache::cache::RedisCache;
-use product_cache::read::{Lookup, ReadPath};
+use product_cache::read::{BatchAnswer, BatchIds, Lookup, ReadError, ReadPath};
 use product_cache::store::ProductStore;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::config::Config;
 use super::faults::SlowStore;
-use super::history::{Clock, Nanos, Read, Seen, Write, WriteKind};
+use super::history::{Batch, Clock, Nanos, Read, Seen, Write, WriteKind};
 use super::system::Sut;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,19 +173,51 @@ pub fn spawn_writers(cfg: &Config, shared: &Arc<Shared>) -> Vec<JoinHandle<Vec<W
 
 pub struct Readers {
     pub tasks: Vec<JoinHandle<Vec<Read>>>,
-    /// Table reads by all readers, and how many of them were slowed.
+    /// Products read from the table by all readers, how many table reads were slowed, and how
+    /// many were `BatchGetItem`s.
     pub table_reads: Arc<AtomicU64>,
     pub slowed: Arc<AtomicU64>,
+    pub batch_table_reads: Arc<AtomicU64>,
 }
 
-/// Readers over their own cache clients and slowed table stores. In a run that flips the version
+/// How a reader asks.
+#[derive(Debug, Clone, Copy)]
+enum Asks {
+    /// One product per request (`GET /products/{id}`).
+    One,
+    /// Many per request (`GET /products?ids=...`): `ids` drawn from the items, and how often
+    /// the answer comes before the fills.
+    Many {
+        ids: (usize, usize),
+        answer_first_probability: f64,
+    },
+}
+
+/// Readers over their own cache clients and slowed table stores, the last
+/// `batch_readers` of them reading in batches. In a run that flips the version
 /// attribute, each reader also has a read path with the flipped settings (a client of its own,
 /// the same store), built up front and used once `Flipped::readers` is set.
 pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Readers {
+    assert!(
+        cfg.batch_readers <= cfg.readers && cfg.batch_ids.0 >= 1,
+        "{} batch readers of {}, {:?} ids each",
+        cfg.batch_readers,
+        cfg.readers,
+        cfg.batch_ids
+    );
     let mut readers = Vec::new();
     let table_reads = Arc::new(AtomicU64::new(0));
     let slowed = Arc::new(AtomicU64::new(0));
+    let batch_table_reads = Arc::new(AtomicU64::new(0));
     for r in 0..cfg.readers {
+        let asks = if r >= cfg.readers - cfg.batch_readers {
+            Asks::Many {
+                ids: cfg.batch_ids,
+                answer_first_probability: cfg.batch_answer_first_probability,
+            }
+        } else {
+            Asks::One
+        };
         let store = SlowStore {
             inner: sut.store(),
             rng: Arc::new(Mutex::new(fastrand::Rng::with_seed(
@@ -195,6 +227,7 @@ pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Rea
             pause: cfg.slow_read_pause,
             reads: table_reads.clone(),
             slowed: slowed.clone(),
+            batches: batch_table_reads.clone(),
         };
         let flipped = match cfg.flip_version_attribute {
             Some(_) => {
@@ -209,6 +242,7 @@ pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Rea
             r as u16,
             read_path,
             flipped,
+            asks,
             rng,
         )));
     }
@@ -216,6 +250,7 @@ pub async fn spawn_readers(cfg: &Config, sut: &Sut, shared: &Arc<Shared>) -> Rea
         tasks: readers,
         table_reads,
         slowed,
+        batch_table_reads,
     }
 }
 
@@ -302,12 +337,13 @@ async fn writer(
 }
 
 /// Reads random items through the real read path until the run is over (through `flipped` once
-/// the readers' version attribute has flipped).
+/// the readers' version attribute has flipped), one per request or many.
 async fn reader<S: ProductStore>(
     shared: Arc<Shared>,
     id: u16,
     read_path: ReadPath<RedisCache, S>,
     flipped: Option<ReadPath<RedisCache, S>>,
+    asks: Asks,
     mut rng: fastrand::Rng,
 ) -> Vec<Read> {
     let mut out = Vec::new();
@@ -318,7 +354,6 @@ async fn reader<S: ProductStore>(
             .pace_reader(&phase, shared.items.len() as u64)
             .await;
         shared.budget.take();
-        let item = rng.usize(..shared.items.len());
         let read_path = match &flipped {
             Some(flipped) if shared.flipped.readers.load(Ordering::SeqCst) => {
                 shared.flipped.reads.fetch_add(1, Ordering::Relaxed);
@@ -326,24 +361,90 @@ async fn reader<S: ProductStore>(
             }
             _ => &read_path,
         };
-        let start = shared.clock.now();
-        let (status, result) = read_path.get(&shared.items[item]).await;
-        let end = shared.clock.now();
-        let seen = match result {
-            Ok(Lookup::Found(doc)) => Seen::Found(version_of(doc.as_str())),
-            Ok(Lookup::NotFound) => Seen::NotFound,
-            Err(_) => Seen::Error,
-        };
-        out.push(Read {
-            reader: id,
-            item: item as u16,
-            seen,
-            status,
-            start,
-            end,
-        });
+        match asks {
+            Asks::One => {
+                let item = rng.usize(..shared.items.len());
+                let start = shared.clock.now();
+                let (status, result) = read_path.get(&shared.items[item]).await;
+                let end = shared.clock.now();
+                out.push(Read {
+                    reader: id,
+                    item: item as u16,
+                    seen: seen(result),
+                    status,
+                    start,
+                    end,
+                    batch: None,
+                });
+            }
+            Asks::Many {
+                ids,
+                answer_first_probability,
+            } => {
+                let n = rng.usize(ids.0..=ids.1);
+                let drawn: Vec<&str> = (0..n)
+                    .map(|_| shared.items[rng.usize(..shared.items.len())].as_str())
+                    .collect();
+                let ids = BatchIds::parse(
+                    Some(&format!("ids={}", drawn.join(","))),
+                    read_path.settings().key_type,
+                )
+                .expect("the items' ids make a valid batch");
+                let answer_first = rng.f64() < answer_first_probability;
+                let start = shared.clock.now();
+                let (answer, end) = batch_read(read_path, &ids, answer_first, shared.clock).await;
+                let batch = Batch {
+                    size: answer.entries.len() as u16,
+                    answered_first: answer_first,
+                };
+                for entry in answer.entries {
+                    let item = shared
+                        .items
+                        .iter()
+                        .position(|i| i == entry.id.as_str())
+                        .expect("an item the batch asked for");
+                    out.push(Read {
+                        reader: id,
+                        item: item as u16,
+                        seen: seen(entry.result),
+                        status: entry.status,
+                        start,
+                        end,
+                        batch: Some(batch),
+                    });
+                }
+            }
+        }
     }
     out
+}
+
+/// One batch request, and when its answer was known: answered first and filled after the
+/// answer (the Lambda function, whose extension runs the after-work before the environment's
+/// next request), or filled before the answer.
+async fn batch_read<S: ProductStore>(
+    read_path: &ReadPath<RedisCache, S>,
+    ids: &BatchIds,
+    answer_first: bool,
+    clock: Clock,
+) -> (BatchAnswer, Nanos) {
+    if answer_first {
+        let (answer, after) = read_path.answer_many(ids).await;
+        let end = clock.now();
+        after.await;
+        (answer, end)
+    } else {
+        let answer = read_path.get_many(ids).await;
+        (answer, clock.now())
+    }
+}
+
+fn seen(result: Result<Lookup, ReadError>) -> Seen {
+    match result {
+        Ok(Lookup::Found(doc)) => Seen::Found(version_of(doc.as_str())),
+        Ok(Lookup::NotFound) => Seen::NotFound,
+        Err(_) => Seen::Error,
+    }
 }
 
 /// The `version` of a cached or read document; 0 (never written) if it has none.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use local_stack::services::RedisCluster;
 use product_cache::config::CacheSettings;
-use product_cache::read::{CacheStatus, Lookup};
+use product_cache::read::{BatchIds, CacheStatus, Lookup};
 use tokio::sync::watch;
 
 use super::actors::{Phase, Shared};
@@ -196,7 +196,10 @@ pub async fn inject(
                         )
                     }
                 };
-                let outcome = herd(sut, herd_settings, &id, cfg.herd_size, watch).await;
+                // As many of the herd's reads in batch requests as of the readers.
+                let batch_every = (cfg.batch_readers > 0).then(|| cfg.readers / cfg.batch_readers);
+                let outcome =
+                    herd(sut, herd_settings, &id, cfg.herd_size, batch_every, watch).await;
                 faults.add("herds", 1);
                 if let Some(v) = outcome {
                     herd_violations.push(v);
@@ -529,14 +532,17 @@ async fn uptime(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 }
 
 /// `n` concurrent reads of a key nobody has read: returns a violation of invariant 4, if any.
-/// With `evictions_on` (the key's node, under memory pressure), each eviction of the key's
-/// document or lease during the herd allows one table read more: the cache forgot, and the
-/// next read is a new miss.
+/// Every `batch_every`th read is a batch request for the key (alone: a batch's other products
+/// would be table reads of their own), through the batch path's leases and waits, each
+/// `BatchGetItem` one table read. With `evictions_on` (the key's node, under memory pressure),
+/// each eviction of the key's document or lease during the herd allows one table read more:
+/// the cache forgot, and the next read is a new miss.
 async fn herd(
     sut: &Sut,
     settings: &CacheSettings,
     id: &str,
     n: usize,
+    batch_every: Option<usize>,
     evictions_on: Option<u16>,
 ) -> Option<String> {
     let cache = sut.cache(settings).await;
@@ -558,10 +564,23 @@ async fn herd(
     };
     let started = std::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..n {
+    let batch = BatchIds::parse(Some(&format!("ids={id}")), settings.key_type)
+        .expect("a herd's key makes a valid batch");
+    let mut batches = 0;
+    for i in 0..n {
         let read_path = read_path.clone();
         let id = id.to_owned();
-        set.spawn(async move { read_path.get(&id).await });
+        if batch_every.is_some_and(|every| i % every == every - 1) {
+            batches += 1;
+            let batch = batch.clone();
+            set.spawn(async move {
+                let mut answer = read_path.get_many(&batch).await;
+                let entry = answer.entries.pop().expect("the batch's one product");
+                (entry.status, entry.result)
+            });
+        } else {
+            set.spawn(async move { read_path.get(&id).await });
+        }
     }
     let mut statuses: HashMap<&'static str, usize> = HashMap::new();
     let mut wrong = 0;
@@ -591,7 +610,7 @@ async fn herd(
             format!(
                 "{n} concurrent reads of {id} made {reads} table reads in {elapsed:?} \
                  (allowed {allowed}, {evicted} of them for evictions of its keys); answers \
-                 {statuses:?}, {wrong} not `not found`"
+                 {statuses:?} ({batches} in batch requests), {wrong} not `not found`"
             )
         },
     )

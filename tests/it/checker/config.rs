@@ -10,7 +10,7 @@ use product_cache::config::InvalidationMode;
 
 /// What to run. [`Config::new`] has the defaults; `CHECKER_OPS`, `CHECKER_SEED` and
 /// `CHECKER_MAX_SECS` override the size, the seed and the time bound, and
-/// `CHECKER_READS_PER_WRITE` the mix.
+/// `CHECKER_READS_PER_WRITE` and `CHECKER_BATCH_READERS` the mix.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub name: &'static str,
@@ -30,6 +30,18 @@ pub struct Config {
     pub items: usize,
     pub writers: usize,
     pub readers: usize,
+    /// Of the `readers`, how many read in batches (`GET /products?ids=...`, through
+    /// `ReadPath::answer_many`) rather than one product at a time (`CHECKER_BATCH_READERS`; 0
+    /// is the checker as it was before batch reads). A batch request is one operation of the
+    /// budget and of the readers' pace, and each product it answers one read of the history.
+    pub batch_readers: usize,
+    /// How many ids a batch request draws from the items, uniformly from this range, repeats
+    /// possible (a repeat collapses into its first place, as the route does).
+    pub batch_ids: (usize, usize),
+    /// Of the batch requests: answered first and filled after the answer (`answer_many` and
+    /// then its after-work, as the Lambda function with its extension does), rather than
+    /// filled before the answer (`get_many`, as the function without the Extensions API does).
+    pub batch_answer_first_probability: f64,
     /// The readers' pace while writers run (`CHECKER_READS_PER_WRITE`).
     pub reads_per_write: u64,
     /// Of the writes to an existing item.
@@ -40,6 +52,7 @@ pub struct Config {
     pub lease: Duration,
     pub lease_wait: Duration,
     /// Of the readers' `GetItem`s: pause after the table answered, before the fill.
+    /// Also of their `BatchGetItem`s, where the pause holds back every fill of the batch.
     pub slow_read_probability: f64,
     pub slow_read_pause: (Duration, Duration),
     pub max_batch: usize,
@@ -207,6 +220,7 @@ impl Config {
     pub fn new(name: &'static str, mode: InvalidationMode) -> Self {
         let ops = env_u64("CHECKER_OPS").unwrap_or(5_000);
         let lease = Duration::from_millis(150);
+        let readers = 8;
         Self {
             name,
             mode,
@@ -218,7 +232,11 @@ impl Config {
             seed: env_u64("CHECKER_SEED").unwrap_or(0x5EED_C0DE),
             items: 16,
             writers: 4,
-            readers: 8,
+            readers,
+            // One reader in four.
+            batch_readers: env_u64("CHECKER_BATCH_READERS").map_or(readers / 4, |n| n as usize),
+            batch_ids: (5, 20),
+            batch_answer_first_probability: 0.5,
             reads_per_write: env_u64("CHECKER_READS_PER_WRITE").unwrap_or(4),
             delete_probability: 0.08,
             write_pause: None,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use product_cache::cache::{BatchError, Cache, CacheError, CacheOp, Fill, Probe};
 use product_cache::id::ProductId;
-use product_cache::store::{Item, ProductStore, StoreError};
+use product_cache::store::{Item, ManyItems, ProductStore, StoreError};
 
 /// The invalidator's cache: when armed, the next `apply` applies only a prefix of its ops and
 /// then fails, as a Redis that dies mid-pipeline would.
@@ -44,6 +44,19 @@ impl<C> FailingCache<C> {
 impl<C: Cache> Cache for FailingCache<C> {
     async fn probe(&self, key: &str, token: &str, lease: Duration) -> Result<Probe, CacheError> {
         self.inner.probe(key, token, lease).await
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Vec<Result<Option<String>, CacheError>> {
+        self.inner.get_many(keys).await
+    }
+
+    async fn probe_many(
+        &self,
+        keys: &[String],
+        token: &str,
+        lease: Duration,
+    ) -> Vec<Result<Probe, CacheError>> {
+        self.inner.probe_many(keys, token, lease).await
     }
 
     fn fill(
@@ -92,9 +105,10 @@ impl<C: Cache> Cache for FailingCache<C> {
     }
 }
 
-/// The readers' table: some reads pause after `GetItem` returns, for longer than the lease, so
-/// their fills race invalidations and their leases lapse. A clone shares the random draws and
-/// the counts.
+/// The readers' table: some reads pause after the table answered, for longer than the lease, so
+/// their fills race invalidations and their leases lapse. A batch's `BatchGetItem` pauses as
+/// often as a `GetItem`, holding back every fill of the batch. A clone shares the random draws
+/// and the counts.
 #[derive(Clone)]
 pub struct SlowStore<S> {
     pub inner: S,
@@ -102,15 +116,16 @@ pub struct SlowStore<S> {
     pub probability: f64,
     /// Drawn uniformly from this range.
     pub pause: (Duration, Duration),
-    /// Table reads and slowed reads, shared by every reader's store.
+    /// Products read (one per `GetItem`, one per id of a `BatchGetItem`), table reads that
+    /// were slowed, and `BatchGetItem`s, shared by every reader's store.
     pub reads: Arc<AtomicU64>,
     pub slowed: Arc<AtomicU64>,
+    pub batches: Arc<AtomicU64>,
 }
 
-impl<S: ProductStore> ProductStore for SlowStore<S> {
-    async fn get(&self, id: &ProductId) -> Result<Option<Item>, StoreError> {
-        let result = self.inner.get(id).await;
-        self.reads.fetch_add(1, Ordering::Relaxed);
+impl<S> SlowStore<S> {
+    /// After a table read: pauses, with `probability`.
+    async fn maybe_pause(&self) {
         let pause = {
             let mut rng = self.rng.lock().unwrap();
             (rng.f64() < self.probability).then(|| {
@@ -122,6 +137,24 @@ impl<S: ProductStore> ProductStore for SlowStore<S> {
             self.slowed.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+impl<S: ProductStore> ProductStore for SlowStore<S> {
+    async fn get(&self, id: &ProductId) -> Result<Option<Item>, StoreError> {
+        let result = self.inner.get(id).await;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.maybe_pause().await;
+        result
+    }
+
+    /// The inner store's own batch read (the table's: one `BatchGetItem`), not the trait's
+    /// default of one `GetItem` per id.
+    async fn get_many(&self, ids: &[ProductId]) -> ManyItems {
+        let result = self.inner.get_many(ids).await;
+        self.reads.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.maybe_pause().await;
         result
     }
 }

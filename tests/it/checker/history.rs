@@ -62,6 +62,8 @@ pub enum Seen {
     Error,
 }
 
+/// One product as a reader saw it. A batch request is one read per product it answered, all
+/// with the request's start and end, so the invariants judge each as they judge a single read.
 #[derive(Debug, Clone)]
 pub struct Read {
     /// Which reader (each has a Redis client of its own).
@@ -70,7 +72,32 @@ pub struct Read {
     pub seen: Seen,
     pub status: CacheStatus,
     pub start: Nanos,
+    /// When the reader had its answer: a single read's `get` returns after its fill; a batch
+    /// answered first (`answer_many`) ends before its fills, one filled first (`get_many`)
+    /// after them.
     pub end: Nanos,
+    /// The batch request it was part of; `None` for a single read.
+    pub batch: Option<Batch>,
+}
+
+/// A batch request, as each of its reads records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// Distinct products asked for (and answered).
+    pub size: u16,
+    /// Answered before its fills (`answer_many`), or filled first (`get_many`).
+    pub answered_first: bool,
+}
+
+/// Invariant 1's findings (and reads of versions that were never written, or not yet).
+pub struct StaleReads {
+    pub count: usize,
+    /// Of `count`, reads made in batch requests.
+    pub in_batches: usize,
+    /// The first few in time order, and the first read made in a batch if none of those was.
+    pub first: Vec<StaleRead>,
+    pub phantoms: usize,
+    pub phantom_detail: Vec<String>,
 }
 
 /// The first acknowledgement of a stream record: the invalidator answered a batch holding it
@@ -158,7 +185,7 @@ impl History {
     }
 
     /// Invariant 1 (and reads of versions that were never written, or not yet).
-    pub fn stale_reads(&self) -> (usize, Vec<StaleRead>, usize, Vec<String>) {
+    pub fn stale_reads(&self) -> StaleReads {
         let mut stale = 0;
         let mut stale_detail = Vec::new();
         let mut phantom = 0;
@@ -232,10 +259,26 @@ impl History {
                 }
             }
         }
-        // The first few, in time order across items.
+        // The first few, in time order across items, and a batch's among them.
         stale_detail.sort_by_key(|s| s.read.start);
+        let in_batches = stale_detail
+            .iter()
+            .filter(|s| s.read.batch.is_some())
+            .count();
+        let first_in_a_batch = stale_detail
+            .iter()
+            .position(|s| s.read.batch.is_some())
+            .filter(|&i| i >= 5)
+            .map(|i| stale_detail[i].clone());
         stale_detail.truncate(5);
-        (stale, stale_detail, phantom, phantom_detail)
+        stale_detail.extend(first_in_a_batch);
+        StaleReads {
+            count: stale,
+            in_batches,
+            first: stale_detail,
+            phantoms: phantom,
+            phantom_detail,
+        }
     }
 
     /// For every write: the time from its commit to the end of the first read that started
@@ -279,11 +322,24 @@ impl History {
     pub fn describe_stale(&self, s: &StaleRead) -> String {
         let item = &self.items[s.read.item as usize];
         let mut out = format!(
-            "{item}: read [{:.3} ms .. {:.3} ms] ({}) returned {:?}; {} — record #{} ({}, seq {}) \
+            "{item}: read [{:.3} ms .. {:.3} ms] ({}{}) returned {:?}; {} — record #{} ({}, seq {}) \
              committed at {:.3} ms, acknowledged at {:.3} ms after {} deliveries",
             ms(s.read.start),
             ms(s.read.end),
             s.read.status.as_str(),
+            match s.read.batch {
+                Some(b) => format!(
+                    ", reader {} in a batch of {} {}",
+                    s.read.reader,
+                    b.size,
+                    if b.answered_first {
+                        "answered before its fills"
+                    } else {
+                        "filled before its answer"
+                    }
+                ),
+                None => format!(", reader {}", s.read.reader),
+            },
             s.read.seen,
             s.why,
             s.acked.index,

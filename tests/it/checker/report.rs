@@ -10,7 +10,9 @@ use product_cache::read::CacheStatus;
 use super::chaos::{data_loss_fault, Chaos, Window};
 use super::config::{Cluster, Config, Deployment};
 use super::feeder::FeedOutcome;
-use super::history::{ms, percentile, Clock, History, Nanos, Read, Seen, Tally, Write, WriteKind};
+use super::history::{
+    ms, percentile, Batch, Clock, History, Nanos, Read, Seen, StaleReads, Tally, Write, WriteKind,
+};
 use super::invariants::Replay;
 
 /// What a run found.
@@ -18,6 +20,10 @@ pub struct Report {
     pub text: String,
     pub writes: Tally,
     pub reads: Tally,
+    /// The reads made in batch requests: `reads`, `requests`, by cache status and what they
+    /// saw, `answered first` (requests answered before their fills) and `stale` (violations of
+    /// invariant 1 among them).
+    pub batch_reads: Tally,
     pub faults: Tally,
     /// Violations of invariants 1 to 4.
     pub violations: [usize; 4],
@@ -28,6 +34,8 @@ pub struct Report {
     pub readers_hitting_after_failovers: Option<(usize, usize)>,
     /// Faults the run's config asks for, with how many of each it must have injected.
     required: Vec<(&'static str, u64)>,
+    /// The run has batch readers: they must have read, hit and missed.
+    batch_readers: bool,
     /// The cache inspector's findings over the run.
     pub inspected: super::inspector::Tally,
     /// On a game day: batches that failed for want of a replica's confirmation while their
@@ -119,6 +127,16 @@ impl Report {
             );
         }
         assert!(self.reads.get("total") > 0, "no reads:\n{}", self.text);
+        if self.batch_readers {
+            // Batch requests answered from the cache and from the table, which fills.
+            for what in ["hit", "miss", "answered first"] {
+                assert!(
+                    self.batch_reads.get(what) > 0,
+                    "no batch reads ({what}):\n{}",
+                    self.text
+                );
+            }
+        }
         assert!(self.writes.get("delete") > 0, "no deletes:\n{}", self.text);
     }
 }
@@ -132,9 +150,11 @@ pub struct Findings {
     pub replay: Replay,
     /// Violations of invariant 3.
     pub mismatches: Vec<String>,
-    /// Table reads by the readers, and how many of them were slowed.
+    /// Products read from the table by the readers, how many table reads were slowed, and how
+    /// many were batch requests' `BatchGetItem`s.
     pub table_reads: u64,
     pub slowed: u64,
+    pub batch_table_reads: u64,
     /// Reads made with the flipped version attribute setting.
     pub flipped_reads: u64,
     /// When the stream was drained, and when the writers stopped.
@@ -158,6 +178,7 @@ impl Report {
             mismatches: inv3,
             table_reads,
             slowed,
+            batch_table_reads,
             flipped_reads,
             run_time,
             writers_done,
@@ -177,6 +198,7 @@ impl Report {
             windows,
         } = chaos;
         let (writes_tally, reads_tally) = tallies(&writes, &reads);
+        let mut batch_reads = batch_tally(&reads);
         let mut faults = feed.stats;
         for (k, v) in chaos_faults.0 {
             faults.add(k, v);
@@ -195,7 +217,14 @@ impl Report {
             }
         };
         let history = History::new(items, writes, feed.acks, reads);
-        let (stale, stale_detail, phantoms, phantom_detail) = history.stale_reads();
+        let StaleReads {
+            count: stale,
+            in_batches: stale_in_batches,
+            first: stale_detail,
+            phantoms,
+            phantom_detail,
+        } = history.stale_reads();
+        batch_reads.add("stale", stale_in_batches as u64);
         let (staleness, unseen) = history.staleness();
 
         let violations = [stale, inv2.len(), inv3.len(), herd_violations.len()];
@@ -310,8 +339,20 @@ impl Report {
         let _ = writeln!(text, "  writes: {}", writes_tally.line());
         let _ = writeln!(
             text,
-            "  reads:  {}; table reads by readers {table_reads}",
-            reads_tally.line()
+            "  reads:  {}; products read from the table by readers {table_reads} ({} \
+             BatchGetItems)",
+            reads_tally.line(),
+            batch_table_reads
+        );
+        let _ = writeln!(
+            text,
+            "  batch reads (of the {} reads; {} readers of {}, {}..={} ids drawn per request): {}",
+            reads_tally.get("total"),
+            cfg.batch_readers,
+            cfg.readers,
+            cfg.batch_ids.0,
+            cfg.batch_ids.1,
+            batch_reads.line()
         );
         let _ = writeln!(text, "  {latencies}");
         let _ = writeln!(text, "faults and feeder: {}", faults.line());
@@ -335,9 +376,9 @@ impl Report {
         );
         let _ = writeln!(
             text,
-            "violations: invariant 1 (stale reads) {stale}, 2 (replay changed the cache) {}, \
-             3 (cache differs from the table) {}, 4 (a herd read the table more than once per {:?} lease) {}; \
-             phantom reads {phantoms}",
+            "violations: invariant 1 (stale reads) {stale} ({stale_in_batches} by batch reads), \
+             2 (replay changed the cache) {}, 3 (cache differs from the table) {}, 4 (a herd read \
+             the table more than once per {:?} lease) {}; phantom reads {phantoms}",
             inv2.len(),
             inv3.len(),
             herd_lease,
@@ -370,11 +411,13 @@ impl Report {
             text,
             writes: writes_tally,
             reads: reads_tally,
+            batch_reads,
             faults,
             violations,
             phantoms,
             readers_hitting_after_failovers,
             required,
+            batch_readers: cfg.batch_readers > 0,
             inspected,
             unconfirmed_while_short,
             under_replicated_while_short,
@@ -399,21 +442,52 @@ fn tallies(writes: &[Write], reads: &[Read]) -> (Tally, Tally) {
     let mut reads_tally = Tally::default();
     for r in reads {
         reads_tally.add(r.status.as_str(), 1);
-        reads_tally.add(
-            match r.seen {
-                Seen::Found(_) => "found",
-                Seen::NotFound => "not found",
-                Seen::Error => "error",
-            },
-            1,
-        );
+        reads_tally.add(seen_name(r.seen), 1);
     }
     reads_tally.add("total", reads.len() as u64);
     (writes_tally, reads_tally)
 }
 
+/// The batch requests: the first read of each (a reader's reads of one request share its
+/// start), and the request.
+fn batch_requests(reads: &[Read]) -> impl Iterator<Item = (&Read, Batch)> + '_ {
+    let mut seen = std::collections::HashSet::new();
+    reads.iter().filter_map(move |r| {
+        let batch = r.batch?;
+        seen.insert((r.reader, r.start)).then_some((r, batch))
+    })
+}
+
+/// The batch reads: how many, in how many requests, by cache status and by what they saw.
+fn batch_tally(reads: &[Read]) -> Tally {
+    let mut tally = Tally::default();
+    for r in reads.iter().filter(|r| r.batch.is_some()) {
+        tally.add("reads", 1);
+        tally.add(r.status.as_str(), 1);
+        tally.add(seen_name(r.seen), 1);
+    }
+    for (_, batch) in batch_requests(reads) {
+        tally.add("requests", 1);
+        if batch.answered_first {
+            tally.add("answered first", 1);
+        }
+    }
+    tally
+}
+
+fn seen_name(seen: Seen) -> &'static str {
+    match seen {
+        Seen::Found(_) => "found",
+        Seen::NotFound => "not found",
+        Seen::Error => "error",
+    }
+}
+
 fn latencies(writes: &[Write], reads: &[Read]) -> String {
     let latency = |mut d: Vec<Nanos>| {
+        if d.is_empty() {
+            return "(none)".to_owned();
+        }
         d.sort_unstable();
         format!(
             "p50 {:.1} ms, p99 {:.1} ms",
@@ -421,21 +495,21 @@ fn latencies(writes: &[Write], reads: &[Read]) -> String {
             ms(percentile(&d, 99.0))
         )
     };
+    let single = |status| {
+        reads
+            .iter()
+            .filter(|r| r.batch.is_none() && r.status == status)
+            .map(|r| r.end - r.start)
+            .collect()
+    };
     format!(
-        "latency: writes {}; hits {}; misses {}",
+        "latency: writes {}; single hits {}; single misses {}; batch requests {}",
         latency(writes.iter().map(|w| w.end - w.start).collect()),
+        latency(single(CacheStatus::Hit)),
+        latency(single(CacheStatus::Miss)),
         latency(
-            reads
-                .iter()
-                .filter(|r| r.status == CacheStatus::Hit)
-                .map(|r| r.end - r.start)
-                .collect()
-        ),
-        latency(
-            reads
-                .iter()
-                .filter(|r| r.status == CacheStatus::Miss)
-                .map(|r| r.end - r.start)
+            batch_requests(reads)
+                .map(|(r, _)| r.end - r.start)
                 .collect()
         ),
     )

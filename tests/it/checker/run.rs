@@ -195,6 +195,7 @@ pub async fn run(cfg: Config) -> Report {
             mismatches,
             table_reads: readers.table_reads.load(Ordering::Relaxed),
             slowed: readers.slowed.load(Ordering::Relaxed),
+            batch_table_reads: readers.batch_table_reads.load(Ordering::Relaxed),
             flipped_reads: shared.flipped.reads.load(Ordering::Relaxed),
             run_time,
             writers_done,
