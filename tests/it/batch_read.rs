@@ -482,3 +482,87 @@ async fn with_replica_reads_a_batch_s_hits_come_from_the_replicas() {
     assert_eq!(on_primaries, 0, "a hit's MGET went to a primary");
     assert!(on_replicas > 0, "no MGET reached a replica");
 }
+
+/// Two batches each holding the lease of a key the other waits for. Each fills its own leased
+/// key as soon as the table answers (it is waiting anyway), so the other is served by that
+/// fill: each key is read from the table once. Holding the leases until after the answer, as
+/// a batch without waiters does, made both wait out `LEASE_WAIT_MS` and read the other's key
+/// again without filling it (found by the checker with every reader a batch reader).
+#[tokio::test]
+async fn two_batches_waiting_for_each_others_leases_serve_each_other() {
+    let env = TestEnv::new(Delete).await;
+    let (k1, k2) = (format!("{}-k1", env.table), format!("{}-k2", env.table));
+    env.put_product(&k1, "1").await;
+    env.put_product(&k2, "2").await;
+    let settings = CacheSettings::default();
+    let read = ReadPath::new(
+        env.cache(&settings).await,
+        Counting::new(env.store(&settings)),
+        settings.clone(),
+    );
+    // Connected before anything is counted.
+    let started = std::time::Instant::now();
+    while read.cache().get("product:none").await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lease_of = |id: &str| format!("{{product:{id}}}:lease");
+    // Another reader holds k1's lease, long enough.
+    let far = 4_102_444_800_000_u64; // 2100-01-01, in ms
+    env.raw_set(&lease_of(&k1), &format!("{far}:someone")).await;
+
+    let b = BatchIds::parse(Some(&format!("ids={k2},{k1}")), KeyType::S).unwrap();
+    let a = BatchIds::parse(Some(&format!("ids={k1},{k2}")), KeyType::S).unwrap();
+    let batch_b = async {
+        let (answer, after) = read.answer_many(&b).await;
+        after.await;
+        answer
+    };
+    let batch_a = async {
+        // B holds k2's lease and waits for k1's: now k1's holder goes away without filling,
+        // and A takes k1's lease and waits for k2's. A must probe k1 before B's next probe
+        // does, which nothing can be awaited for: by 120 ms of waiting B probes every 50 ms
+        // (its backoff), so A, a round trip away, is almost always first. (When B is first,
+        // B takes k1 and nobody waits for anybody: the test then passes without the fix too.)
+        let started = std::time::Instant::now();
+        while env.raw_get(&lease_of(&k2)).await.is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "B never leased k2"
+            );
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        env.raw_del(&lease_of(&k1)).await;
+        let (answer, after) = read.answer_many(&a).await;
+        after.await;
+        answer
+    };
+    let (answer_b, answer_a) = tokio::join!(batch_b, batch_a);
+    for answer in [&answer_a, &answer_b] {
+        assert!(
+            answer.entries.iter().all(|e| e.result.is_ok()),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(
+        read.store().count(),
+        2,
+        "a key was read from the table twice: A {:?}, B {:?}",
+        answer_a
+            .entries
+            .iter()
+            .map(|e| e.status)
+            .collect::<Vec<_>>(),
+        answer_b
+            .entries
+            .iter()
+            .map(|e| e.status)
+            .collect::<Vec<_>>()
+    );
+    assert!(env.raw_get(&format!("product:{k1}")).await.is_some());
+    assert!(env.raw_get(&format!("product:{k2}")).await.is_some());
+}

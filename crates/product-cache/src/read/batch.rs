@@ -9,7 +9,10 @@
 //!    serve (a failing node, an open breaker), while the keys whose lease another reader holds
 //!    wait for its fill (probing again, as a single read does, for at most `LEASE_WAIT_MS`);
 //!    those it did not serve are read afterwards, in one more `BatchGetItem`, without a fill;
-//! 4. after the answer, the fills, each under its own lease and position as a single read's.
+//! 4. the fills, each under its own lease and position as a single read's: after the answer,
+//!    unless some key waits, and then as soon as the table has answered. A request that waits
+//!    must not hold leases meanwhile: two batches each holding a key the other waits for would
+//!    both wait out `LEASE_WAIT_MS` and read the other's key without filling it.
 //!
 //! So all misses cost two Redis round trips and one table read before the answer, and a
 //! product whose key changes while the batch reads it is refused its fill as any other.
@@ -116,18 +119,30 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         // 3. The table, for the leased and the bypassed; meanwhile the waiters wait.
         let to_read = indexes(&steps, |s| matches!(s, Step::Leased | Step::Unfilled(_)));
         let waiting = indexes(&steps, |s| matches!(s, Step::Waiting));
+        let has_waiters = !waiting.is_empty();
         let wait = self.wait_for_fills(waiting, &keys, &token);
-        let (read, waited) = tokio::join!(self.read_table(ids, &to_read), wait);
-        let mut fills = Vec::new();
-        self.settle(
-            &to_read,
-            read,
-            &keys,
-            &token,
-            &mut steps,
-            &mut fills,
-            &mut hand_back,
-        );
+        let read_and_fill = async {
+            let read = self.read_table(ids, &to_read).await;
+            let mut fills = Vec::new();
+            self.settle(
+                &to_read,
+                read,
+                &keys,
+                &token,
+                &mut steps,
+                &mut fills,
+                &mut hand_back,
+            );
+            if has_waiters {
+                // Filled now, not after the answer: this request waits for other readers'
+                // fills anyway, and must not hold its own leases meanwhile. Two batches that
+                // each hold a key the other waits for would otherwise both wait out
+                // `LEASE_WAIT_MS` and read each other's key without filling it.
+                futures::future::join_all(fills.drain(..).map(AfterAnswer::into_future)).await;
+            }
+            fills
+        };
+        let (mut fills, waited) = tokio::join!(read_and_fill, wait);
         // The waiters the lease holders did not serve, and those that took over a lapsed lease.
         let late = waited.apply(&mut steps, &mut hand_back, &mut failures, &self.metrics);
         if !late.is_empty() {
