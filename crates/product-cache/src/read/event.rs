@@ -51,8 +51,12 @@ where
                     .call(LambdaEvent::new(request, context))
                     .map_err(Into::into as Boxed<S::Error>),
             ),
-            // Not an HTTP event: reported as the runtime reports any event it cannot read.
-            Err(e) => Either::Right(ready(Err(e.into()))),
+            // Not an HTTP event: reported as the runtime reports an event it cannot read.
+            Err(e) => Either::Right(ready(Err(format!(
+                "failed to deserialize the incoming data into the function's payload type \
+                 (an HTTP request): {e}"
+            )
+            .into()))),
         }
     }
 }
@@ -133,6 +137,10 @@ mod tests {
                 context,
             ))
             .await;
-        assert!(not_http.is_err());
+        let error = not_http
+            .err()
+            .expect("a non-HTTP event is an error")
+            .to_string();
+        assert!(error.contains("deserialize"), "{error}");
     }
 }

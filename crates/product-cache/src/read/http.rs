@@ -113,14 +113,15 @@ async fn answer<C: Cache, S: ProductStore>(
 }
 
 /// Whether `req` asks for many products: API Gateway's route `GET /products`, or the path
-/// `/products` (a `$default` route, or the local HTTP server).
+/// `/products` exactly (a `$default` route, or the local HTTP server; `/products/` is the single
+/// route with an empty id, a 400 as before).
 fn is_batch_route(req: &Request) -> bool {
     use lambda_http::request::RequestContext;
     match req.request_context_ref() {
         Some(RequestContext::ApiGatewayV2(ctx)) if ctx.route_key.as_deref() != Some("$default") => {
             ctx.route_key.as_deref() == Some("GET /products")
         }
-        _ => matches!(req.uri().path(), "/products" | "/products/"),
+        _ => req.uri().path() == "/products",
     }
 }
 
@@ -471,7 +472,7 @@ mod tests {
                 {"id": "nope", "product": null},
             ]})
         );
-        let (_, xc, _) = call(&rp, "GET", "/products/?ids=nope,kb-001").await;
+        let (_, xc, _) = call(&rp, "GET", "/products?ids=nope,kb-001").await;
         assert_eq!(xc, "hits=2 misses=0 bypasses=0");
         // An id holding a comma arrives encoded, and is one id.
         let (code, _, body) = call(&rp, "GET", "/products?ids=a%2Cb").await;
