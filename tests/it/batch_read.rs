@@ -566,3 +566,33 @@ async fn two_batches_waiting_for_each_others_leases_serve_each_other() {
     assert!(env.raw_get(&format!("product:{k1}")).await.is_some());
     assert!(env.raw_get(&format!("product:{k2}")).await.is_some());
 }
+
+/// Past Lambda's 6 MB, counted as Lambda escapes the body: a 413 that says so, never a cut
+/// body; the same products in two requests are answered.
+#[tokio::test]
+async fn an_answer_past_lambdas_response_limit_is_a_413_with_real_servers() {
+    let env = TestEnv::new(Delete).await;
+    // 60 documents of ~100 KB of quotes: 6 MB as stored, about 12 MB as Lambda escapes them.
+    let doc = format!(r#"{{"tags":[{}]}}"#, vec![r#""""#; 33_000].join(","));
+    let ids: Vec<String> = (0..60).map(|i| format!("{}-big{i}", env.table)).collect();
+    for id in &ids {
+        env.raw_set(&format!("product:{id}"), &doc).await;
+    }
+    let (code, x_cache, body) = http_get(&env.read, &batch_path(&ids)).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (413, Some("response_too_large")),
+        "{x_cache}"
+    );
+    assert_eq!(x_cache, "hits=60 misses=0 bypasses=0");
+    assert!(body["message"].as_str().unwrap().contains("fewer ids"));
+    for half in ids.chunks(30) {
+        let (code, x_cache, body) = http_get(&env.read, &batch_path(half)).await;
+        assert_eq!(
+            (code, x_cache.as_str()),
+            (200, "hits=30 misses=0 bypasses=0")
+        );
+        assert_eq!(body["products"].as_array().unwrap().len(), 30);
+    }
+    assert_eq!(env.read.store().count(), 0, "hits read the table");
+}
