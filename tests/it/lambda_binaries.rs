@@ -5,18 +5,15 @@
 //! Needs the binaries: `cargo build -p functions` first.
 
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use product_cache::config::InvalidationMode::Delete;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
-use tokio::task::JoinHandle;
 
 use crate::support::{fixture, moto_endpoint, TestEnv};
-use local_stack::runtime_api::{Event, Logged, Options, Outcome, RuntimeApi};
+use local_stack::function::{FunctionProcess, Launch};
+use local_stack::runtime_api::{Options, Outcome, RuntimeApi};
 
 /// Bound on one invocation, start-up included (a cold start builds the SDK client).
 const INVOKE_WITHIN: Duration = Duration::from_secs(15);
@@ -26,18 +23,16 @@ const EXIT_WITHIN: Duration = Duration::from_secs(15);
 /// A function's own environment variables.
 type Vars<'a> = &'a [(&'a str, &'a str)];
 
-/// A function binary running under its own [`RuntimeApi`]. Killed when dropped.
+/// A function binary running under its own [`RuntimeApi`] ([`FunctionProcess`]), whose
+/// failures are the test's: each panics with the function's output. Killed when dropped.
 pub(crate) struct Function {
-    name: &'static str,
-    api: RuntimeApi,
-    child: Child,
-    output: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
+    process: FunctionProcess,
 }
 
 impl Function {
     /// Spawns `name` with the variables Lambda sets for a custom runtime plus the function's
-    /// own `vars`. Nothing else is inherited from the test's environment.
+    /// own `vars`, DynamoDB at the tests' moto. Nothing else is inherited from the test's
+    /// environment.
     pub(crate) async fn spawn(name: &'static str, vars: Vars<'_>) -> Self {
         Self::spawn_from(name, crate::support::binary(name), Options::default(), vars).await
     }
@@ -49,57 +44,29 @@ impl Function {
         options: Options,
         vars: Vars<'_>,
     ) -> Self {
-        let api = RuntimeApi::start_with(name, options).await;
-        let mut cmd = Command::new(&path);
-        cmd.env_clear()
-            .env("AWS_LAMBDA_RUNTIME_API", api.host_port())
-            .env("AWS_LAMBDA_FUNCTION_NAME", name)
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
-            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
-            .env(
-                "AWS_LAMBDA_LOG_STREAM_NAME",
-                "2026/11/15/[$LATEST]0123456789abcdef0123456789abcdef",
-            )
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "local")
-            .env("AWS_SECRET_ACCESS_KEY", "local")
-            .env("AWS_ENDPOINT_URL_DYNAMODB", moto_endpoint())
-            .envs(vars.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
-        let output = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), output.clone()),
-            collect(child.stderr.take().unwrap(), output.clone()),
-        ];
-        Self {
+        let mut all = vec![("AWS_ENDPOINT_URL_DYNAMODB", moto_endpoint())];
+        all.extend_from_slice(vars);
+        let launch = Launch {
             name,
-            api,
-            child,
-            output,
-            readers,
+            binary: &path,
+            api: options,
+            vars: &all,
+            echo: std::env::var_os("TEST_LOG").is_some(),
+        };
+        match FunctionProcess::spawn(launch).await {
+            Ok(process) => Self { process },
+            Err(e) => panic!("{e}"),
         }
     }
 
     /// One invocation, as Lambda would make it. Panics, with the function's output, if the
     /// function exits or does not answer instead.
     pub(crate) async fn invoke(&mut self, event: Value) -> Outcome {
-        let answer = self.api.invoke(event, INVOKE_WITHIN);
-        tokio::select! {
-            biased;
-            outcome = answer => outcome,
-            status = self.child.wait() => {
-                let status = status.unwrap();
+        match self.process.invoke(event, INVOKE_WITHIN).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
                 let output = self.output().await;
-                panic!("{} exited ({status}) instead of answering:\n{output}", self.name)
+                panic!("{e}:\n{output}")
             }
         }
     }
@@ -112,7 +79,7 @@ impl Function {
                 let output = self.output().await;
                 panic!(
                     "{} reported an invocation error {error}; output:\n{output}",
-                    self.name
+                    self.process.name()
                 )
             }
         }
@@ -120,79 +87,41 @@ impl Function {
 
     /// Waits for a function that should stop by itself.
     pub(crate) async fn exit_status(&mut self) -> ExitStatus {
-        match tokio::time::timeout(EXIT_WITHIN, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!(
-                "{} still running after {EXIT_WITHIN:?}; output:\n{}",
-                self.name,
-                self.output.lock().unwrap()
-            ),
+        match self.process.exit_status(EXIT_WITHIN).await {
+            Ok(status) => status,
+            Err(e) => {
+                let output = self.output().await;
+                panic!("{e}; output:\n{output}")
+            }
         }
     }
 
     /// Waits until the last invocation handed out is over: the runtime and every extension have
     /// asked for their next event, so its after-work (a miss's fill, the metrics line) is done.
     pub(crate) async fn settled(&self) {
-        let last = self
-            .api
-            .events()
-            .into_iter()
-            .rev()
-            .find_map(|l| match l.event {
-                Event::Delivered { request_id } => Some(request_id),
-                _ => None,
-            });
-        let Some(id) = last else { return };
-        let over = |log: &[Logged]| {
-            log.iter()
-                .any(|l| matches!(&l.event, Event::Settled { request_id: Some(r) } if *r == id))
-        };
         assert!(
-            self.api.wait_for(INVOKE_WITHIN, over).await,
-            "{id} was not settled within {INVOKE_WITHIN:?}; events: {:?}",
-            self.api.events()
+            self.process.settled(INVOKE_WITHIN).await,
+            "the last invocation was not settled within {INVOKE_WITHIN:?}; events: {:?}",
+            self.api().events()
         );
     }
 
     pub(crate) fn api(&self) -> &RuntimeApi {
-        &self.api
+        self.process.api()
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id().expect("running")
+        self.process.pid().expect("running")
     }
 
     fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.process.is_running()
     }
 
     /// Everything the function printed. Complete once it has exited.
     pub(crate) async fn output(&mut self) -> String {
-        if !self.is_running() {
-            for reader in self.readers.drain(..) {
-                let _ = reader.await;
-            }
-        }
-        self.output.lock().unwrap().clone()
+        self.process.output().await
     }
-}
-
-fn collect(
-    pipe: impl AsyncRead + Unpin + Send + 'static,
-    into: Arc<Mutex<String>>,
-) -> JoinHandle<()> {
-    let echo = std::env::var_os("TEST_LOG").is_some();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if echo {
-                eprintln!("[function] {line}");
-            }
-            let mut out = into.lock().unwrap();
-            out.push_str(&line);
-            out.push('\n');
-        }
-    })
 }
 
 /// `GET /products/{id}` as API Gateway (HTTP API, payload 2.0) sends it, with `id` as the path
@@ -306,7 +235,7 @@ async fn read_function_answers_api_gateway_events_from_one_process() {
     let again = function.respond(fixture("apigw-get-product.json")).await;
     assert_eq!(http_parts(&again), (200, "hit".into(), item));
     assert!(function.is_running());
-    assert_eq!(function.api.init_error(), None);
+    assert_eq!(function.api().init_error(), None);
 }
 
 #[tokio::test]
@@ -459,9 +388,9 @@ async fn a_bad_configuration_stops_the_function_at_start_up_naming_the_variable(
             output.contains(&format!("environment variable {variable} ")),
             "{name}: the output does not name {variable}:\n{output}"
         );
-        assert_eq!(function.api.init_error(), None, "{name}");
+        assert_eq!(function.api().init_error(), None, "{name}");
         assert_eq!(
-            function.api.next_polls(),
+            function.api().next_polls(),
             0,
             "{name} reached the Runtime API before failing"
         );
@@ -590,7 +519,7 @@ async fn both_functions_thaw_after_the_server_closed_their_idle_connections() {
         panic!("the server never closed the idle connections");
     };
     let signal = |function: &Function, sig| {
-        let pid = function.child.id().expect("running") as i32;
+        let pid = function.pid() as i32;
         // SAFETY: kill(2) with a pid this test spawned and a valid signal number.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
     };

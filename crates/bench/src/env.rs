@@ -114,13 +114,9 @@ impl Env {
             .ok_or_else(|| "this figure needs moto, which was not started".into())
     }
 
-    /// Round trips through the proxy since its last reset.
+    /// Round trips through the proxy so far.
     pub fn round_trips(&self) -> u64 {
         self.redis.proxy().round_trips()
-    }
-
-    pub fn reset_proxy(&self) {
-        self.redis.proxy().reset();
     }
 
     pub fn control(&self) -> MultiplexedConnection {
@@ -186,11 +182,7 @@ impl Env {
     /// A plain connection of the kind the product uses for a single node (a connection
     /// manager), for the baselines.
     pub async fn raw_conn(&self, net: Net) -> Result<ConnectionManager, Error> {
-        let client = redis::Client::open(self.url(net))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(10)));
-        Ok(ConnectionManager::new_with_config(client, config).await?)
+        connection_manager(&self.url(net)).await
     }
 
     /// The read function's settings for `table`, with Redis where `net` says.
@@ -213,4 +205,14 @@ impl Env {
         }
         Ok((out[0], out[1]))
     }
+}
+
+/// A connection manager to `url`, as [`Env::raw_conn`] makes them: for baselines against a
+/// server of a figure's own (a cluster node through its proxy).
+pub async fn connection_manager(url: &str) -> Result<ConnectionManager, Error> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
 }

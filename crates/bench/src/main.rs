@@ -4,6 +4,8 @@
 //!
 //! Run it with `scripts/bench.sh` (README.md, "Benchmarks"); it is not part of the tests.
 
+mod compare;
+mod counting;
 mod env;
 mod figures;
 mod records;
@@ -52,6 +54,8 @@ enum Figure {
     HitRedisTime,
     HitLatency,
     MissLatency,
+    BatchRead,
+    BatchReadMiss,
     Batch,
     Refresh,
     EvictionGuard,
@@ -64,10 +68,12 @@ enum Figure {
 }
 
 impl Figure {
-    const ALL: [Figure; 12] = [
+    const ALL: [Figure; 14] = [
         Figure::HitRedisTime,
         Figure::HitLatency,
         Figure::MissLatency,
+        Figure::BatchRead,
+        Figure::BatchReadMiss,
         Figure::Batch,
         Figure::Refresh,
         Figure::EvictionGuard,
@@ -84,6 +90,8 @@ impl Figure {
             Figure::HitRedisTime => "hit-redis-time",
             Figure::HitLatency => "hit-latency",
             Figure::MissLatency => "miss-latency",
+            Figure::BatchRead => "batch-read",
+            Figure::BatchReadMiss => "batch-read-miss",
             Figure::Batch => "batch",
             Figure::Refresh => "refresh",
             Figure::EvictionGuard => "eviction-guard",
@@ -100,6 +108,7 @@ impl Figure {
         matches!(
             self,
             Figure::MissLatency
+                | Figure::BatchReadMiss
                 | Figure::ColdStart
                 | Figure::FlashSale
                 | Figure::Degraded
@@ -116,6 +125,9 @@ pub struct Sizes {
     pub latency_requests: usize,
     pub latency_requests_proxy: usize,
     pub misses: usize,
+    pub batch_read_requests: usize,
+    pub batch_read_requests_proxy: usize,
+    pub batch_read_misses: usize,
     pub batch_records: usize,
     pub batch_keys: usize,
     pub batch_reps: usize,
@@ -148,6 +160,9 @@ impl Sizes {
             latency_requests: pick(5000, 1000),
             latency_requests_proxy: pick(2000, 500),
             misses: pick(200, 50),
+            batch_read_requests: pick(2000, 400),
+            batch_read_requests_proxy: pick(600, 200),
+            batch_read_misses: pick(30, 6),
             batch_records: 10_000,
             batch_keys: 5_000,
             batch_reps: pick(5, 2),
@@ -240,6 +255,7 @@ async fn run(args: Args) -> Result<bool, Error> {
     }
     let mut miss_table: Option<(String, Vec<String>)> = None;
     if figures.contains(&Figure::MissLatency)
+        || figures.contains(&Figure::BatchReadMiss)
         || figures.contains(&Figure::ColdStart)
         || figures.contains(&Figure::Degraded)
     {
@@ -252,7 +268,13 @@ async fn run(args: Args) -> Result<bool, Error> {
         let figure_started = Instant::now();
         let mut cluster = None;
         let mut sale = None;
-        if figure == Figure::ClusterHotKey || figure == Figure::EvictionGuard {
+        if matches!(
+            figure,
+            Figure::ClusterHotKey
+                | Figure::EvictionGuard
+                | Figure::BatchRead
+                | Figure::BatchReadMiss
+        ) {
             cluster = Some(local_stack::services::RedisCluster::start_with_delay(3, delay).await?);
         }
         if figure == Figure::FlashSale {
@@ -284,6 +306,15 @@ async fn run(args: Args) -> Result<bool, Error> {
                         Net::Proxy => &ids[half..],
                     };
                     figures::miss::latency(&env, &sizes, net, table, ids).await
+                }
+                Figure::BatchRead => {
+                    let cluster = cluster.as_ref().expect("started above");
+                    figures::batch_read::hits(&env, &sizes, net, cluster).await
+                }
+                Figure::BatchReadMiss => {
+                    let cluster = cluster.as_ref().expect("started above");
+                    let (table, ids) = miss_table.as_ref().expect("prepared above");
+                    figures::batch_read::misses(&env, &sizes, net, cluster, table, ids).await
                 }
                 Figure::Batch => figures::batch::mixed(&env, &sizes, net).await,
                 Figure::Refresh => figures::batch::refresh(&env, &sizes, net).await,

@@ -50,6 +50,15 @@ const FUNCTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// `{"errorType", "errorMessage"}` diagnostic).
 pub type Outcome = Result<Value, Value>;
 
+/// Why [`RuntimeApi::try_invoke`] has no [`Outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unanswered {
+    #[error("the function did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the Runtime API dropped the invocation unanswered")]
+    Dropped,
+}
+
 /// How the server behaves.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -247,15 +256,26 @@ impl RuntimeApi {
     /// Queues `event` for the function's next `/next` and awaits its answer. The returned future
     /// panics if there is no answer within `within`.
     pub fn invoke(&self, event: Value, within: Duration) -> impl Future<Output = Outcome> {
+        let answer = self.try_invoke(event, within);
+        async move { answer.await.unwrap_or_else(|e| panic!("{e}")) }
+    }
+
+    /// [`invoke`](Self::invoke), with no answer as an error rather than a panic: for callers
+    /// that report it (the benchmark) or add the function's output to it.
+    pub fn try_invoke(
+        &self,
+        event: Value,
+        within: Duration,
+    ) -> impl Future<Output = Result<Outcome, Unanswered>> {
         let (answer, rx) = oneshot::channel();
         self.queue
             .send(Queued { event, answer })
             .unwrap_or_else(|_| unreachable!("the dispatcher runs as long as `self`"));
         async move {
             match tokio::time::timeout(within, rx).await {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(_)) => panic!("the Runtime API dropped the invocation unanswered"),
-                Err(_) => panic!("the function did not answer within {within:?}"),
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(_)) => Err(Unanswered::Dropped),
+                Err(_) => Err(Unanswered::Timeout(within)),
             }
         }
     }

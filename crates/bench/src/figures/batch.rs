@@ -1,17 +1,15 @@
 //! The invalidator's batches: a 10,000-record mix in delete mode (wall and Redis CPU), and
 //! refresh mode with large documents, against plain pipelines of `DEL`s and `SET`s.
 
-use std::time::{Duration, Instant};
-
 use product_cache::config::{CacheSettings, InvalidationMode, InvalidatorSettings, RedisSettings};
 use product_cache::document::Document;
 use product_cache::invalidate::Invalidator;
 use serde_json::Value;
 
+use crate::compare::{timed, Compare, Cost, Samples, ThroughProxy};
 use crate::env::Env;
 use crate::records::{self, image, item_of};
 use crate::report::{Budget, Net, Row, Unit};
-use crate::stats::{self, median};
 use crate::{Error, Sizes};
 
 async fn invalidator(
@@ -61,30 +59,15 @@ async fn warm_cache(env: &Env, ids: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// What one timed run cost.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cost {
-    wall: Duration,
-    round_trips: u64,
-    cpu_secs: f64,
-}
-
-async fn measured<F: std::future::Future>(env: &Env, work: F) -> Result<(F::Output, Cost), Error> {
+/// `work`, timed (round trips through the proxy), with the Redis server's CPU time it took.
+async fn measured<F: std::future::Future>(
+    env: &Env,
+    work: F,
+) -> Result<(F::Output, Cost, f64), Error> {
     let cpu = env.cpu_seconds().await?;
-    env.reset_proxy();
-    let started = Instant::now();
-    let out = work.await;
-    let wall = started.elapsed();
-    let round_trips = env.round_trips();
+    let (out, cost) = timed(env, work).await;
     let cpu_secs = env.cpu_seconds().await? - cpu;
-    Ok((
-        out,
-        Cost {
-            wall,
-            round_trips,
-            cpu_secs,
-        },
-    ))
+    Ok((out, cost, cpu_secs))
 }
 
 /// The commands Redis ran since `CONFIG RESETSTAT`, from `INFO commandstats` (script-run
@@ -117,7 +100,8 @@ pub async fn mixed(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error
     warm_cache(env, &ids).await?;
     inv.handle(warm_up).await;
 
-    let (mut product, mut baseline) = (Vec::new(), Vec::new());
+    let (mut product, mut baseline) = (Samples::default(), Samples::default());
+    let (mut product_cpu, mut baseline_cpu) = (0.0, 0.0);
     let mut failed = 0;
     let mut commands = String::new();
     let mut mix = String::new();
@@ -132,28 +116,30 @@ pub async fn mixed(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error
         warm_cache(env, &ids).await?;
         env.resetstat().await?;
         let info_before = env.info_calls();
-        let (response, cost) = measured(env, inv.handle(event)).await?;
+        let (response, cost, cpu) = measured(env, inv.handle(event)).await?;
         failed += response.batch_item_failures.len();
         if rep == 0 {
             commands = commands_since_reset(env, env.info_calls() - info_before).await?;
         }
         product.push(cost);
+        product_cpu += cpu;
 
         warm_cache(env, &ids).await?;
         let mut pipe = redis::pipe();
         for key in &keys {
             pipe.cmd("DEL").arg(key).ignore();
         }
-        let (result, cost) = measured(env, pipe.query_async::<()>(&mut conn)).await?;
+        let (result, cost, cpu) = measured(env, pipe.query_async::<()>(&mut conn)).await?;
         result?;
         baseline.push(cost);
+        baseline_cpu += cpu;
     }
 
     // One command per record, once: it is the slow one.
     let (ids, event) = records::mixed_batch(sizes.batch_records, sizes.batch_keys, 42);
     warm_cache(env, &ids).await?;
     let keys = keys_of(&event);
-    let (result, one_by_one) = measured(env, async {
+    let (result, one_by_one, _) = measured(env, async {
         for key in &keys {
             redis::cmd("DEL")
                 .arg(key)
@@ -165,111 +151,67 @@ pub async fn mixed(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error
     .await?;
     result?;
 
-    let wall = |costs: &[Cost]| {
-        median(
-            &costs
-                .iter()
-                .map(|c| stats::millis(c.wall))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let trips = |costs: &[Cost]| {
-        median(
-            &costs
-                .iter()
-                .map(|c| c.round_trips as f64)
-                .collect::<Vec<_>>(),
-        )
-    };
-    let cpu_per_record = |costs: &[Cost]| {
-        costs.iter().map(|c| c.cpu_secs).sum::<f64>() * 1e6
-            / (costs.len() * sizes.batch_records) as f64
-    };
+    let mut sequential = Samples::default();
+    sequential.push(one_by_one);
+    let cpu_per_record = |cpu: f64| cpu * 1e6 / (product.len() * sizes.batch_records) as f64;
     let failure = (failed > 0).then(|| format!("the batch reported {failed} failures"));
     let records = sizes.batch_records;
     let reps = sizes.batch_reps;
     let base_note = format!("{records} records ({mix}), median of {reps}");
-    let rows = match net {
-        Net::Loopback => vec![
-            Row {
-                figure: "batch",
-                what: format!("{records}-record batch, wall"),
-                net,
-                judged_on: "wall",
-                unit: Unit::Millis,
-                measured: wall(&product),
-                baseline: Some(wall(&baseline)),
-                baseline_label: format!("one pipeline of {records} DELs"),
-                budget: Budget::RatioAtMost(3.0),
-                note: format!("{base_note}; Redis ran (scripts' commands included): {commands}"),
-                failure: failure.clone(),
-            },
-            Row {
-                figure: "batch",
-                what: format!("{records}-record batch vs one command per record"),
-                net,
-                judged_on: "wall",
-                unit: Unit::Millis,
-                measured: wall(&product),
-                baseline: Some(stats::millis(one_by_one.wall)),
-                baseline_label: format!("{records} sequential DELs"),
-                budget: Budget::FasterAtLeast(10.0),
-                note: base_note.clone(),
-                failure: failure.clone(),
-            },
-        ],
-        Net::Proxy => vec![
-            Row {
-                figure: "batch",
-                what: format!("{records}-record batch, round trips"),
-                net,
-                judged_on: "round trips",
-                unit: Unit::RoundTrips,
-                measured: trips(&product),
-                baseline: Some(trips(&baseline)),
-                baseline_label: format!("one pipeline of {records} DELs"),
-                budget: Budget::RatioAtMost(3.0),
-                note: format!(
-                    "{base_note}; wall {:.1} ms vs {:.1} ms",
-                    wall(&product),
-                    wall(&baseline)
-                ),
-                failure: failure.clone(),
-            },
-            Row {
-                figure: "batch",
-                what: format!("{records}-record batch vs one command per record"),
-                net,
-                judged_on: "round trips",
-                unit: Unit::RoundTrips,
-                measured: trips(&product),
-                baseline: Some(one_by_one.round_trips as f64),
-                baseline_label: format!("{records} sequential DELs"),
-                budget: Budget::FasterAtLeast(10.0),
-                note: format!(
-                    "wall {:.1} ms vs {:.0} ms",
-                    wall(&product),
-                    stats::millis(one_by_one.wall)
-                ),
-                failure: failure.clone(),
-            },
-        ],
-    };
-    let mut rows = rows;
-    rows.push(Row {
+    let compare = |what: String, baseline_label: String, budget, note: String| Compare {
         figure: "batch",
-        what: "Redis server CPU per record".into(),
-        net,
-        judged_on: "INFO cpu (sys+user)",
-        unit: Unit::Micros,
-        measured: cpu_per_record(&product),
-        baseline: Some(cpu_per_record(&baseline)),
-        baseline_label: "one pipelined DEL".into(),
-        budget: Budget::RatioAtMost(4.0),
-        note: format!("CPU us per record over {reps} batches"),
-        failure,
-    });
-    Ok(rows)
+        what,
+        baseline_label,
+        budget,
+        unit: Unit::Millis,
+        p: 0.5,
+        through_proxy: ThroughProxy::RoundTrips,
+        note,
+        failure: failure.clone(),
+    };
+    Ok(vec![
+        compare(
+            format!(
+                "{records}-record batch, {}",
+                match net {
+                    Net::Loopback => "wall",
+                    Net::Proxy => "round trips",
+                }
+            ),
+            format!("one pipeline of {records} DELs"),
+            Budget::RatioAtMost(3.0),
+            match net {
+                Net::Loopback => {
+                    format!("{base_note}; Redis ran (scripts' commands included): {commands}")
+                }
+                Net::Proxy => base_note.clone(),
+            },
+        )
+        .row(net, &product, &baseline),
+        compare(
+            format!("{records}-record batch vs one command per record"),
+            format!("{records} sequential DELs"),
+            Budget::FasterAtLeast(10.0),
+            match net {
+                Net::Loopback => base_note.clone(),
+                Net::Proxy => String::new(),
+            },
+        )
+        .row(net, &product, &sequential),
+        Row {
+            figure: "batch",
+            what: "Redis server CPU per record".into(),
+            net,
+            judged_on: "INFO cpu (sys+user)",
+            unit: Unit::Micros,
+            measured: cpu_per_record(product_cpu),
+            baseline: Some(cpu_per_record(baseline_cpu)),
+            baseline_label: "one pipelined DEL".into(),
+            budget: Budget::RatioAtMost(4.0),
+            note: format!("CPU us per record over {reps} batches"),
+            failure,
+        },
+    ])
 }
 
 /// Refresh mode: 1,000 records carrying ~5 KB items (a `NEW_IMAGE` stream, so a record is
@@ -304,7 +246,7 @@ pub async fn refresh(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Err
     inv.cache().declare_empty().await?;
     inv.handle(make_event(1)).await;
 
-    let (mut product, mut baseline) = (Vec::new(), Vec::new());
+    let (mut product, mut baseline) = (Samples::default(), Samples::default());
     let mut failed = 0;
     let mut written = true;
     let mut commands = String::new();
@@ -314,7 +256,7 @@ pub async fn refresh(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Err
         inv.cache().declare_empty().await?;
         env.resetstat().await?;
         let info_before = env.info_calls();
-        let (response, cost) = measured(env, inv.handle(event)).await?;
+        let (response, cost) = timed(env, inv.handle(event)).await;
         failed += response.batch_item_failures.len();
         product.push(cost);
         if rep == 0 {
@@ -336,26 +278,10 @@ pub async fn refresh(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Err
                 .arg(3600)
                 .ignore();
         }
-        let (result, cost) = measured(env, pipe.query_async::<()>(&mut conn)).await?;
+        let (result, cost) = timed(env, pipe.query_async::<()>(&mut conn)).await;
         result?;
         baseline.push(cost);
     }
-    let wall = |costs: &[Cost]| {
-        median(
-            &costs
-                .iter()
-                .map(|c| stats::millis(c.wall))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let trips = |costs: &[Cost]| {
-        median(
-            &costs
-                .iter()
-                .map(|c| c.round_trips as f64)
-                .collect::<Vec<_>>(),
-        )
-    };
     let mut failure = (failed > 0).then(|| format!("the batch reported {failed} failures"));
     if !written {
         failure = Some("the refresh did not leave the new document in Redis".into());
@@ -365,36 +291,16 @@ pub async fn refresh(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Err
         bytes as f64 / n as f64 / 1024.0,
         sizes.refresh_reps
     );
-    Ok(vec![match net {
-        Net::Loopback => Row {
-            figure: "refresh",
-            what: format!("refresh mode, {n} records of ~5 KB"),
-            net,
-            judged_on: "wall",
-            unit: Unit::Millis,
-            measured: wall(&product),
-            baseline: Some(wall(&baseline)),
-            baseline_label: format!("one pipeline of {n} SETs"),
-            budget: Budget::RatioAtMost(3.0),
-            note,
-            failure,
-        },
-        Net::Proxy => Row {
-            figure: "refresh",
-            what: format!("refresh mode, {n} records of ~5 KB"),
-            net,
-            judged_on: "round trips",
-            unit: Unit::RoundTrips,
-            measured: trips(&product),
-            baseline: Some(trips(&baseline)),
-            baseline_label: format!("one pipeline of {n} SETs"),
-            budget: Budget::RatioAtMost(3.0),
-            note: format!(
-                "{note}; wall {:.1} ms vs {:.1} ms",
-                wall(&product),
-                wall(&baseline)
-            ),
-            failure,
-        },
-    }])
+    Ok(vec![Compare {
+        figure: "refresh",
+        what: format!("refresh mode, {n} records of ~5 KB"),
+        baseline_label: format!("one pipeline of {n} SETs"),
+        budget: Budget::RatioAtMost(3.0),
+        unit: Unit::Millis,
+        p: 0.5,
+        through_proxy: ThroughProxy::RoundTrips,
+        note,
+        failure,
+    }
+    .row(net, &product, &baseline)])
 }

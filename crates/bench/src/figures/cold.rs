@@ -5,14 +5,11 @@
 //! `VmHWM` after the first event.
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use local_stack::runtime_api::{Event, Logged, RuntimeApi};
+use local_stack::function::{FunctionProcess, Launch};
+use local_stack::runtime_api::{Event, Options};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Command;
 
 use crate::env::Env;
 use crate::report::{Budget, Net, Row, Unit};
@@ -38,29 +35,11 @@ fn binary(name: &str) -> Result<PathBuf, Error> {
     }
 }
 
-fn collect(pipe: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<String>>) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let mut out = into.lock().unwrap();
-            out.push_str(&line);
-            out.push('\n');
-        }
-    });
-}
-
-/// `VmHWM` of a process, in MiB.
-fn peak_rss(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+/// Stops a function that failed, and says how, with what it printed.
+async fn give_up(function: &mut FunctionProcess, what: String) -> Error {
+    function.kill().await;
+    let output = function.output().await;
+    format!("{} {what}; its output:\n{output}", function.name()).into()
 }
 
 struct Start {
@@ -78,71 +57,55 @@ async fn one(env: &Env, net: Net, name: &str, table: &str) -> Result<Start, Erro
     } else {
         BATCH_EVENT
     })?;
-    let api = RuntimeApi::start(name).await;
-    let mut cmd = Command::new(&path);
-    cmd.env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", api.host_port())
-        .env("AWS_LAMBDA_FUNCTION_NAME", name)
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "2026/11/26/[$LATEST]bench")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "local")
-        .env("AWS_SECRET_ACCESS_KEY", "local")
-        .env("AWS_ENDPOINT_URL_DYNAMODB", env.moto_endpoint()?)
-        .env("REDIS_URL", env.url(net))
-        .env("TABLE_NAME", table)
-        .env("INVALIDATION_MODE", "delete")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let spawned = Instant::now();
-    let mut child = cmd.spawn()?;
-    let output = Arc::new(Mutex::new(String::new()));
-    collect(child.stdout.take().expect("piped"), output.clone());
-    collect(child.stderr.take().expect("piped"), output.clone());
-    let pid = child.id().ok_or("the function exited at once")?;
-    let log = |what: &str| format!("{name} {what}; its output:\n{}", output.lock().unwrap());
+    let (moto, redis) = (env.moto_endpoint()?, env.url(net));
+    let vars = [
+        ("AWS_ENDPOINT_URL_DYNAMODB", moto.as_str()),
+        ("REDIS_URL", redis.as_str()),
+        ("TABLE_NAME", table),
+        ("INVALIDATION_MODE", "delete"),
+    ];
+    let mut function = FunctionProcess::spawn(Launch {
+        name,
+        binary: &path,
+        api: Options::default(),
+        vars: &vars,
+        echo: false,
+    })
+    .await?;
 
-    let init_over = |log: &[Logged]| {
-        log.iter()
-            .any(|l| l.event == Event::Settled { request_id: None })
-    };
-    if !api.wait_for(WITHIN, init_over).await {
-        let _ = child.kill().await;
-        return Err(log("never asked for an event").into());
+    if !function.initialised(WITHIN).await {
+        return Err(give_up(&mut function, "never asked for an event".into()).await);
     }
-    let init = api
+    let init = function
+        .api()
         .events()
         .iter()
         .find(|l| l.event == Event::Settled { request_id: None })
         .ok_or("no end of init recorded")?
         .at
-        .saturating_duration_since(spawned);
-    // `invoke` panics when there is no answer in time; a task turns that into an error.
-    let answer = tokio::spawn(api.invoke(event, WITHIN)).await;
-    let rss_mib = peak_rss(pid).unwrap_or(f64::NAN);
-    let _ = child.kill().await;
-    match answer {
-        Ok(Ok(response)) => {
-            let ok = match name {
-                "read-function" => response["statusCode"] == 200,
-                _ => response["batchItemFailures"]
-                    .as_array()
-                    .is_some_and(Vec::is_empty),
-            };
-            if !ok {
-                return Err(log(&format!("answered {response}")).into());
-            }
-        }
-        Ok(Err(error)) => return Err(log(&format!("reported an error {error}")).into()),
-        Err(_) => return Err(log("did not answer").into()),
+        .saturating_duration_since(function.started_at());
+    let answer = function.invoke(event, WITHIN).await;
+    let rss_mib = function.peak_rss_mib().unwrap_or(f64::NAN);
+    let ok = match &answer {
+        Ok(Ok(response)) => match name {
+            "read-function" => response["statusCode"] == 200,
+            _ => response["batchItemFailures"]
+                .as_array()
+                .is_some_and(Vec::is_empty),
+        },
+        _ => false,
+    };
+    if !ok {
+        let what = match answer {
+            Ok(Ok(response)) => format!("answered {response}"),
+            Ok(Err(error)) => format!("reported an error {error}"),
+            Err(e) => e.to_string(),
+        };
+        return Err(give_up(&mut function, what).await);
     }
-    let first_event = api
+    function.kill().await;
+    let first_event = function
+        .api()
         .timings()
         .first()
         .map(|t| t.duration())

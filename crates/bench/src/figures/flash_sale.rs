@@ -3,8 +3,11 @@
 //! readers through the read path (each its own client, as 64 Lambda environments would be),
 //! and 1% of operations writing a price change with an increasing `version` to the table.
 //!
-//! Judged: DynamoDB reads (`GetItem`s, counted around the store) against distinct keys plus
-//! writes; the hit ratio over reads after each key's first (that first read is a miss for any
+//! A fifth of the readers are batch readers: each of their requests reads 20 distinct products
+//! (`GET /products?ids=...`, through `ReadPath::get_many`), each product one read of the figure.
+//!
+//! Judged: DynamoDB reads (items read: one per `GetItem`, one per id of a `BatchGetItem`,
+//! counted around the store) against distinct keys plus writes; the hit ratio over reads after each key's first (that first read is a miss for any
 //! cache); and staleness: a read that returns a version older than one whose write had
 //! returned more than 1 s before the read started is a violation.
 
@@ -18,36 +21,22 @@ use local_stack::poller::{BatchFunction, Poller, StartingPosition};
 use local_stack::stream::StreamReader;
 use product_cache::cache::RedisCache;
 use product_cache::config::{CacheSettings, InvalidationMode, InvalidatorSettings, RedisSettings};
-use product_cache::id::ProductId;
+use product_cache::id::KeyType;
 use product_cache::invalidate::Invalidator;
-use product_cache::read::{CacheStatus, Lookup, ReadPath};
-use product_cache::store::{DynamoStore, Item, ProductStore, StoreError};
+use product_cache::read::{BatchIds, CacheStatus, Lookup, ReadPath};
+use product_cache::store::DynamoStore;
 use serde_json::Value;
 
+use crate::counting::{Counting, Counts, TableReads};
 use crate::env::Env;
 use crate::report::{Budget, Net, Row, Unit};
 use crate::{Error, Sizes};
 
 const STALE_AFTER: Duration = Duration::from_secs(1);
-
-/// The table's store, counting `GetItem`s into a counter shared by every reader, and keeping
-/// the slowest one (moto's pauses show there).
-struct Counting {
-    inner: DynamoStore,
-    gets: Arc<AtomicU64>,
-    slowest_us: Arc<AtomicU64>,
-}
-
-impl ProductStore for Counting {
-    async fn get(&self, id: &ProductId) -> Result<Option<Item>, StoreError> {
-        self.gets.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let out = self.inner.get(id).await;
-        self.slowest_us
-            .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        out
-    }
-}
+/// Every this many readers, one is a batch reader.
+const BATCH_READER_EVERY: usize = 5;
+/// Distinct products per batch request.
+const BATCH_SIZE: usize = 20;
 
 /// The invalidator, noting for every record when it was applied (epoch seconds) and how long
 /// after its change: the stream-to-cache lag (moto's `ApproximateCreationDateTime` to the end of
@@ -302,19 +291,18 @@ pub async fn run(
     }
 
     // 64 read-path instances, one per reader, like 64 Lambda environments.
-    let gets = Arc::new(AtomicU64::new(0));
-    let slowest_us = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Counts::default());
     let read_settings = env.read_settings(net, &sale.table, settings.clone());
     let mut readers = Vec::with_capacity(sizes.sale_readers);
     for _ in 0..sizes.sale_readers {
         let cache = RedisCache::from_settings(&read_settings.redis, &settings, &env.sdk).await?;
-        let store = Counting {
-            inner: DynamoStore::from_settings(&read_settings, &env.sdk),
-            gets: gets.clone(),
-            slowest_us: slowest_us.clone(),
-        };
+        let store = Counting::new(
+            DynamoStore::from_settings(&read_settings, &env.sdk),
+            counts.clone(),
+        );
         readers.push(Arc::new(ReadPath::new(cache, store, settings.clone())));
     }
+    let batch_readers = sizes.sale_readers.div_ceil(BATCH_READER_EVERY);
 
     let zipf = Arc::new(Zipf::new(sale.ids.len(), sizes.sale_zipf_s));
     // Ranks map to products through a seeded shuffle, so the hot ones are spread over the
@@ -365,22 +353,54 @@ pub async fn run(
                     }
                     continue;
                 }
-                if reads_left
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                        left.checked_sub(1)
+                let batch = n % BATCH_READER_EVERY == 0;
+                let want = if batch { BATCH_SIZE } else { 1 };
+                let Ok(left) =
+                    reads_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                        (left > 0).then(|| left.saturating_sub(want))
                     })
-                    .is_err()
-                {
+                else {
                     break;
-                }
+                };
                 let read_started = Instant::now();
-                let (status, result) = read.get(id).await;
-                my_reads.push(ReadRecord {
-                    product,
-                    started: read_started,
-                    version: result.as_ref().ok().and_then(version_of),
-                    status,
-                });
+                if !batch {
+                    let (status, result) = read.get(id).await;
+                    my_reads.push(ReadRecord {
+                        product,
+                        started: read_started,
+                        version: result.as_ref().ok().and_then(version_of),
+                        status,
+                    });
+                    continue;
+                }
+                // The product drawn first and more, until the request has as many distinct
+                // products as the reads it took.
+                let mut products = vec![product];
+                for _ in 0..100 * want {
+                    if products.len() == want.min(left) {
+                        break;
+                    }
+                    let more = order[zipf.sample(&mut rng)];
+                    if !products.contains(&more) {
+                        products.push(more);
+                    }
+                }
+                let query = products
+                    .iter()
+                    .map(|&p| ids[p as usize].as_str())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let batch_ids = BatchIds::parse(Some(&format!("ids={query}")), KeyType::S)
+                    .expect("the catalog's ids are valid and need no encoding");
+                let answer = read.get_many(&batch_ids).await;
+                for (&product, entry) in products.iter().zip(&answer.entries) {
+                    my_reads.push(ReadRecord {
+                        product,
+                        started: read_started,
+                        version: entry.result.as_ref().ok().and_then(version_of),
+                        status: entry.status,
+                    });
+                }
             }
             reads_log.lock().unwrap().extend(my_reads);
             writes_log.lock().unwrap().extend(my_writes);
@@ -395,24 +415,25 @@ pub async fn run(
 
     let reads = std::mem::take(&mut *reads_log.lock().unwrap());
     let writes = std::mem::take(&mut *writes_log.lock().unwrap());
-    let gets = gets.load(Ordering::Relaxed);
+    let table_reads = counts.now();
     Ok(judge(
         net,
         mode,
         &reads,
         &writes,
-        gets,
+        table_reads,
+        batch_readers,
         elapsed,
         write_errors.load(Ordering::Relaxed),
         &esm_text,
         &format!(
-            "{} records applied ({} function errors, {} partial failures, {} given up); change to cache {}; slowest GetItem {:.0} ms",
+            "{} records applied ({} function errors, {} partial failures, {} given up); change to cache {}; slowest table read {:.0} ms",
             poller_stats.records_acknowledged.load(Ordering::Relaxed),
             poller_stats.function_errors.load(Ordering::Relaxed),
             poller_stats.partial_failures.load(Ordering::Relaxed),
             poller_stats.records_given_up.load(Ordering::Relaxed),
             lag_summary(&poller.function().lags_ms()),
-            slowest_us.load(Ordering::Relaxed) as f64 / 1e3,
+            table_reads.slowest_us as f64 / 1e3,
         ),
     ))
 }
@@ -435,7 +456,8 @@ fn judge(
     mode: InvalidationMode,
     reads: &[ReadRecord],
     writes: &[WriteRecord],
-    gets: u64,
+    table: TableReads,
+    batch_readers: usize,
     elapsed: Duration,
     write_errors: u64,
     esm: &str,
@@ -517,17 +539,20 @@ fn judge(
     vec![
         Row {
             figure: "flash-sale",
-            what: "DynamoDB reads (GetItem)".into(),
+            what: "DynamoDB reads (items, GetItem and BatchGetItem)".into(),
             net,
             judged_on: "counted around the store",
             unit: Unit::Count,
-            measured: gets as f64,
+            measured: table.items() as f64,
             baseline: Some((distinct + writes_n) as f64),
             baseline_label: format!("{distinct} distinct keys + {writes_n} writes"),
             budget: Budget::AtMost((distinct + writes_n) as f64),
             note: format!(
-                "{total} reads by 64 readers in {:.1} s ({rate:.0}/s), {mode_text}, VERSION_ATTRIBUTE=version; {status_text}",
-                elapsed.as_secs_f64()
+                "{total} reads by 64 readers ({batch_readers} of them batch readers, {BATCH_SIZE} products a request) in {:.1} s ({rate:.0}/s), {mode_text}, VERSION_ATTRIBUTE=version; {status_text}; the table: {} GetItems, {} BatchGetItems of {} ids",
+                elapsed.as_secs_f64(),
+                table.gets,
+                table.batches,
+                table.batch_ids,
             ),
             failure: write_failure.clone(),
         },
@@ -607,7 +632,11 @@ mod tests {
             InvalidationMode::Delete,
             &reads,
             &writes,
-            1,
+            TableReads {
+                gets: 1,
+                ..TableReads::default()
+            },
+            0,
             Duration::from_secs(3),
             0,
             "",

@@ -2,16 +2,16 @@
 //! against a plain `GET` of the same key on the same kind of connection.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use product_cache::config::CacheSettings;
 use product_cache::document::Document;
 use product_cache::read::{CacheStatus, ReadPath};
 
+use crate::compare::{timed, Compare, Samples, ThroughProxy};
 use crate::env::Env;
 use crate::records::{image, item_of};
 use crate::report::{Budget, Net, Row, Unit};
-use crate::stats::{self, percentile};
+use crate::stats;
 use crate::{Error, Sizes};
 
 const ID: &str = "bench-hot-1";
@@ -195,74 +195,37 @@ pub async fn latency(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Err
         Net::Loopback => sizes.latency_requests,
         Net::Proxy => sizes.latency_requests_proxy,
     };
-    let (mut product_us, mut product_rt) = (Vec::new(), Vec::new());
-    let (mut baseline_us, mut baseline_rt) = (Vec::new(), Vec::new());
+    let (mut product, mut baseline) = (Samples::default(), Samples::default());
     let mut misses = 0;
     for _ in 0..requests.div_ceil(BLOCK) {
         for _ in 0..BLOCK {
-            let rt = env.round_trips();
-            let started = Instant::now();
-            let ok = hit(&read).await;
-            product_us.push(stats::micros(started.elapsed()));
-            product_rt.push((env.round_trips() - rt) as f64);
+            let (ok, cost) = timed(env, hit(&read)).await;
+            product.push(cost);
             misses += usize::from(!ok);
         }
         for _ in 0..BLOCK {
-            let rt = env.round_trips();
-            let started = Instant::now();
-            let ok = raw_get(&mut conn).await;
-            baseline_us.push(stats::micros(started.elapsed()));
-            baseline_rt.push((env.round_trips() - rt) as f64);
+            let (ok, cost) = timed(env, raw_get(&mut conn)).await;
+            baseline.push(cost);
             misses += usize::from(!ok);
         }
     }
-    for v in [
-        &mut product_us,
-        &mut product_rt,
-        &mut baseline_us,
-        &mut baseline_rt,
-    ] {
-        v.sort_by(f64::total_cmp);
-    }
     let failure = (misses > 0).then(|| format!("{misses} requests were not hits"));
-    let mut rows = Vec::new();
-    for (p, label, limit) in [(0.5, "p50", 1.1), (0.99, "p99", 1.3)] {
-        let wall = (percentile(&product_us, p), percentile(&baseline_us, p));
-        let rts = (percentile(&product_rt, p), percentile(&baseline_rt, p));
-        let row = match net {
-            Net::Loopback => Row {
-                figure: "hit-latency",
-                what: format!("hit handler latency {label}"),
-                net,
-                judged_on: "wall",
-                unit: Unit::Micros,
-                measured: wall.0,
-                baseline: Some(wall.1),
-                baseline_label: "raw GET, connection manager".into(),
-                budget: Budget::RatioAtMost(limit),
-                note: format!("{requests} sequential requests each"),
-                failure: failure.clone(),
+    let rows = [(0.5, "p50", 1.1), (0.99, "p99", 1.3)].map(|(p, label, limit)| {
+        Compare {
+            figure: "hit-latency",
+            what: format!("hit handler latency {label}"),
+            baseline_label: "raw GET, connection manager".into(),
+            budget: Budget::RatioAtMost(limit),
+            unit: Unit::Micros,
+            p,
+            through_proxy: ThroughProxy::RoundTrips,
+            note: match net {
+                Net::Loopback => format!("{requests} sequential requests each"),
+                Net::Proxy => String::new(),
             },
-            Net::Proxy => Row {
-                figure: "hit-latency",
-                what: format!("hit handler latency {label}"),
-                net,
-                judged_on: "round trips",
-                unit: Unit::RoundTrips,
-                measured: rts.0,
-                baseline: Some(rts.1),
-                baseline_label: "raw GET, connection manager".into(),
-                budget: Budget::RatioAtMost(limit),
-                note: format!(
-                    "wall {:.0} us vs {:.0} us ({:.2}x), not judged: the proxy's delay and the machine's noise dominate",
-                    wall.0,
-                    wall.1,
-                    wall.0 / wall.1
-                ),
-                failure: failure.clone(),
-            },
-        };
-        rows.push(row);
-    }
-    Ok(rows)
+            failure: failure.clone(),
+        }
+        .row(net, &product, &baseline)
+    });
+    Ok(rows.into())
 }

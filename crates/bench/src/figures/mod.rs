@@ -2,6 +2,7 @@
 //! and returns its rows.
 
 pub mod batch;
+pub mod batch_read;
 pub mod cluster;
 pub mod cold;
 pub mod degraded;
