@@ -26,10 +26,6 @@
 //!
 //! Install both server binaries with `scripts/setup.sh`.
 
-// The read path's futures nest deeply since batch reads (`Answer::get` holds the batch route's
-// steps): computing the layout of `demo::get`'s future passed the default limit of 128.
-#![recursion_limit = "256"]
-
 pub mod demo;
 pub mod error;
 pub mod esm_template;

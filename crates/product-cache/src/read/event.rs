@@ -138,8 +138,7 @@ mod tests {
             ))
             .await;
         let error = not_http
-            .err()
-            .expect("a non-HTTP event is an error")
+            .expect_err("a non-HTTP event is an error")
             .to_string();
         assert!(error.contains("deserialize"), "{error}");
     }

@@ -64,7 +64,10 @@ async fn answer<C: Cache, S: ProductStore>(
         return (response, AfterAnswer::nothing());
     }
     if is_batch_route(&req) {
-        return answer_batch(read, &req).await;
+        // Boxed: the batch's future is large and deeply nested, and every caller's future
+        // (the local stack's, the Lambda runtime's) would otherwise hold it inline, past the
+        // compiler's default depth for computing their layouts.
+        return Box::pin(answer_batch(read, &req)).await;
     }
     let Some(raw_id) = product_id_of(&req) else {
         let response = error(
