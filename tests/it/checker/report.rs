@@ -35,7 +35,7 @@ pub struct Report {
     /// Faults the run's config asks for, with how many of each it must have injected.
     required: Vec<(&'static str, u64)>,
     /// The run has batch readers: they must have read, hit and missed.
-    batch_readers: bool,
+    pub batch_readers: bool,
     /// The cache inspector's findings over the run.
     pub inspected: super::inspector::Tally,
     /// On a game day: batches that failed for want of a replica's confirmation while their
