@@ -388,11 +388,6 @@ async fn until_replicas_listed(cluster: &RedisCluster) {
     }
 }
 
-/// `MGET` calls a node has served (`INFO commandstats`).
-async fn mget_calls(port: u16) -> u64 {
-    calls(port, "mget").await
-}
-
 /// Calls of `command` a node has served (`INFO commandstats`).
 async fn calls(port: u16, command: &str) -> u64 {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
@@ -464,7 +459,7 @@ async fn with_replica_reads_a_batch_s_hits_come_from_the_replicas() {
     }
     let mut before = Vec::new();
     for role in &roles {
-        before.push(mget_calls(role.port).await);
+        before.push(calls(role.port, "get").await);
     }
     assert_eq!(
         http_get(&read, &path).await.1,
@@ -472,15 +467,18 @@ async fn with_replica_reads_a_batch_s_hits_come_from_the_replicas() {
     );
     let (mut on_primaries, mut on_replicas) = (0, 0);
     for (role, before) in roles.iter().zip(before) {
-        let served = mget_calls(role.port).await - before;
+        let served = calls(role.port, "get").await - before;
         if role.primary {
             on_primaries += served;
         } else {
             on_replicas += served;
         }
     }
-    assert_eq!(on_primaries, 0, "a hit's MGET went to a primary");
-    assert!(on_replicas > 0, "no MGET reached a replica");
+    assert_eq!(on_primaries, 0, "a hit's GET went to a primary");
+    assert!(
+        on_replicas >= 30,
+        "the hits' GETs did not reach the replicas"
+    );
 }
 
 /// Two batches each holding the lease of a key the other waits for. Each fills its own leased

@@ -8,7 +8,7 @@
 //!   in parallel: the fewest round trips a client can spend by hand); the busiest node's round
 //!   trips; and the same 50 products read one after another with `ReadPath::answer`.
 //! - `batch-read-miss`, all misses: the `BatchGetItem`s (one), counted around the store, and
-//!   the Redis round trips before the answer (at most 2 per node: the `MGET`s, then the
+//!   the Redis round trips before the answer (at most 2 per node: the hits' reads, then the
 //!   leases), against a plain cache-aside batch miss (the same `GET`s, one `BatchGetItem`, the
 //!   `SET`s after the answer). The fills run after the answer, outside the timed section, as
 //!   the miss-latency figure has it.

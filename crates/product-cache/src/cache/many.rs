@@ -4,13 +4,15 @@
 //!
 //! A single node's hits are one `MGET`. A cluster's keys lie in many hash slots (50 products
 //! fall into about 50 of the 16,384), and a multi-key command across slots is refused
-//! (`CROSSSLOT`), so each node gets one pipeline of an `MGET` per slot, routed by the slot of
-//! its first key (to a replica of that shard with `REDIS_READ_FROM_REPLICAS`): one write and
-//! one round trip per node. (The cluster client would split a cross-slot `MGET` itself, but
-//! into one request per slot, written apart: more round trips as soon as replies come back
-//! between the writes.) A key whose slot has moved since the slot map was read answers with
-//! a redirection inside the pipeline: that key bypasses, the others are served. Until the
-//! slot map is known, the whole cluster is one group, left to the client's own split.
+//! (`CROSSSLOT`), so each node gets one pipeline of `GET`s, routed by the slot of its first
+//! key (to a replica of that shard with `REDIS_READ_FROM_REPLICAS`): one write and one round
+//! trip per node. (The cluster client would split a cross-slot `MGET` itself, but into one
+//! request per slot, written apart: more round trips as soon as replies come back between the
+//! writes. An `MGET` per slot in the pipeline was the first form: with two or three keys per
+//! slot at most, its nested replies cost more to parse than the `GET`s' and saved nothing.) A
+//! key whose slot has moved since the slot map was read answers with a redirection inside the
+//! pipeline: that key bypasses, the others are served. Until the slot map is known, the whole
+//! cluster is one group, left to the client's routing command by command.
 //!
 //! The misses' leases are the probe script per key, in flight together on the multiplexed
 //! connection: one round trip per node.
@@ -26,22 +28,8 @@ use super::topology::{is_dead_connection, Conn};
 use super::{lease_key, CacheError, Probe, LEASE_KEY_TTL};
 
 impl RedisCache {
-    /// The keys' indexes grouped by the name of their node's breaker, in order of first
-    /// appearance.
-    fn by_node(&self, keys: &[String]) -> Vec<(String, Vec<usize>)> {
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
-            let node = self.node_of(key);
-            match groups.iter_mut().find(|(n, _)| *n == node) {
-                Some((_, group)) => group.push(i),
-                None => groups.push((node, vec![i])),
-            }
-        }
-        groups
-    }
-
-    /// Runs `call` for each node's group of keys, through the node's breaker, and spreads each
-    /// group's outcome over its keys. `fence` turns a breaker trial's answer for one key into
+    /// Runs `call` for each node's group of keys (their indexes in `keys`), through the node's
+    /// breaker, and spreads each group's outcome over its keys. `fence` turns a breaker trial's answer for one key into
     /// what the caller may serve (see fencing in `nodes.rs`).
     async fn per_node<T, F, Fut>(
         &self,
@@ -50,12 +38,12 @@ impl RedisCache {
         fence: impl Fn(T, &str) -> Result<T, CacheError>,
     ) -> Vec<Result<T, CacheError>>
     where
-        F: Fn(Vec<String>) -> Fut,
+        F: Fn(Vec<usize>) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<Result<T, CacheError>>, CacheError>>,
     {
-        let groups = self.by_node(keys);
+        let groups = self.group_by_node(keys);
         let outcomes = join_all(groups.iter().map(|(node, group)| {
-            let call = call(group.iter().map(|&i| keys[i].clone()).collect());
+            let call = call(group.clone());
             let fence = &fence;
             async move {
                 let (outcome, trial) = self.guarded_trial(&keys[group[0]], call).await;
@@ -99,15 +87,16 @@ impl RedisCache {
         &self,
         keys: &[String],
     ) -> Vec<Result<Option<String>, CacheError>> {
-        let mget = |group: Vec<String>| async move {
+        let mget = |group: Vec<usize>| async move {
             let conn = self.conn().await?;
             // Once more on a dead connection (a thawed environment), as a single read does.
             match self
-                .bounded(self.timeout, self.mget(conn.clone(), &group))
+                .bounded(self.timeout, self.mget(conn.clone(), keys, &group))
                 .await
             {
                 Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
-                    self.bounded(self.timeout, self.mget(conn, &group)).await
+                    self.bounded(self.timeout, self.mget(conn, keys, &group))
+                        .await
                 }
                 other => other,
             }
@@ -129,7 +118,7 @@ impl RedisCache {
         token: &str,
         lease: Duration,
     ) -> Vec<Result<Probe, CacheError>> {
-        let probe = |group: Vec<String>| async move {
+        let probe = |group: Vec<usize>| async move {
             let conn = self.conn().await?;
             let script = &scripts().probe;
             let pipeline = |load: bool| {
@@ -137,7 +126,7 @@ impl RedisCache {
                 if load {
                     pipe.load_script(script);
                 }
-                for key in &group {
+                for key in group.iter().map(|&i| &keys[i]) {
                     let mut invocation = script.key(key);
                     invocation
                         .key(lease_key(key))
@@ -152,7 +141,7 @@ impl RedisCache {
             let send = |pipe| {
                 self.bounded(
                     self.timeout,
-                    self.to_keys_node(conn.clone(), pipe, &group, false),
+                    self.to_keys_node(conn.clone(), pipe, &keys[group[0]], false),
                 )
             };
             // Sent as EVALSHAs; a node that does not know the script (restarted, failed over,
@@ -183,97 +172,72 @@ impl RedisCache {
 }
 
 impl RedisCache {
-    /// The values of `keys`, all on one node: one `MGET` on a single node; on a cluster, a
-    /// pipeline of one `MGET` per slot to the node serving the first key's slot (see the
-    /// module's doc). A key whose `MGET` was refused (a redirection) fails alone.
+    /// The values of the `group` of `keys`, all on one node: one `MGET` on a single node; on a
+    /// cluster, a pipeline of `GET`s to the node serving the first key's slot (see the module's
+    /// doc). A key whose `GET` was refused (a redirection) fails alone.
     async fn mget(
         &self,
         mut conn: Conn,
         keys: &[String],
+        group: &[usize],
     ) -> redis::RedisResult<Vec<Result<Option<String>, CacheError>>> {
-        if let (Conn::Single(_), _) | (_, 1) = (&conn, keys.len()) {
-            // One node, or one key: one command.
-            let values: Vec<Option<String>> =
-                redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        let group_keys = group.iter().map(|&i| &keys[i]);
+        if let Conn::Single(_) = conn {
+            let mut mget = redis::cmd("MGET");
+            for key in group_keys {
+                mget.arg(key);
+            }
+            let values: Vec<Option<String>> = mget.query_async(&mut conn).await?;
             return Ok(values.into_iter().map(Ok).collect());
         }
-        let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
-            let slot = slot_of(key);
-            match slots.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, group)) => group.push(i),
-                None => slots.push((slot, vec![i])),
-            }
-        }
         let mut pipe = redis::pipe();
-        for (_, group) in &slots {
-            pipe.cmd("MGET")
-                .arg(group.iter().map(|&i| &keys[i]).collect::<Vec<_>>());
+        for key in group_keys {
+            pipe.get(key);
         }
         let replies = self
-            .to_keys_node(conn, pipe, keys, self.read_from_replicas)
+            .to_keys_node(conn, pipe, &keys[group[0]], self.read_from_replicas)
             .await?;
-        let mut values: Vec<Option<Result<Option<String>, CacheError>>> =
-            keys.iter().map(|_| None).collect();
-        for ((_, group), reply) in slots.iter().zip(replies) {
-            let answered: Result<Vec<Option<String>>, CacheError> = match reply {
-                Ok(value) => redis::from_redis_value(value)
-                    .map_err(|e| CacheError::Unexpected(format!("MGET answered: {e}"))),
-                Err(e) => Err(e.into()),
-            };
-            match answered {
-                Ok(found) if found.len() == group.len() => {
-                    for (&i, value) in group.iter().zip(found) {
-                        values[i] = Some(Ok(value));
-                    }
-                }
-                Ok(found) => {
-                    let e = CacheError::Unexpected(format!(
-                        "MGET of {} keys answered {}",
-                        group.len(),
-                        found.len()
-                    ));
-                    for &i in group {
-                        values[i] = Some(Err(e.clone()));
-                    }
-                }
-                Err(e) => {
-                    for &i in group {
-                        values[i] = Some(Err(e.clone()));
-                    }
-                }
-            }
+        if replies.len() != group.len() {
+            let e = CacheError::Unexpected(format!(
+                "{} GETs answered {} replies",
+                group.len(),
+                replies.len()
+            ));
+            return Ok(group.iter().map(|_| Err(e.clone())).collect());
         }
-        Ok(values
+        Ok(replies
             .into_iter()
-            .map(|v| v.unwrap_or_else(|| Err(CacheError::Unexpected("no MGET answer".into()))))
+            .map(|reply| {
+                redis::from_redis_value(reply?)
+                    .map_err(|e| CacheError::Unexpected(format!("GET answered: {e}")))
+            })
             .collect())
     }
 }
 
 impl RedisCache {
-    /// Sends `pipe`, commands on `keys` (all on one node), in one write: to the single node;
-    /// on a cluster, to the node serving the first key's slot (a replica of its shard when
-    /// `replica`), or, before the slot map is known and for more than one key, as separate
-    /// commands the cluster client routes one by one. Error replies stay in the result.
+    /// Sends `pipe`, commands on keys all on one node, in one write: to the single node; on a
+    /// cluster, to the node serving `first_key`'s slot (a replica of its shard when `replica`),
+    /// or, before the slot map is known, as separate commands the cluster client routes one by
+    /// one. Error replies stay in the result.
     async fn to_keys_node(
         &self,
         mut conn: Conn,
         pipe: redis::Pipeline,
-        keys: &[String],
+        first_key: &str,
         replica: bool,
     ) -> redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> {
         use redis::aio::ConnectionLike as _;
         use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
         let count = pipe.len();
         match &mut conn {
-            Conn::Cluster(c) if !self.whole_cluster(&keys[0]) => {
+            Conn::Cluster(c) if !self.whole_cluster(first_key) => {
                 let to = if replica {
                     SlotAddr::ReplicaOptional
                 } else {
                     SlotAddr::Master
                 };
-                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot_of(&keys[0]), to));
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot_of(first_key), to));
                 let replies = c.route_pipeline(pipe, 0, count, route).await?;
                 Ok(replies
                     .into_iter()

@@ -29,7 +29,7 @@
 //!   `topology.rs`: the connection, a pipeline to one node, the cluster's slot map.
 //! - `breaker.rs`: a circuit breaker per node, so a stalled node costs a few timeouts, not one
 //!   per call; `nodes.rs`: which node a key is on (a cluster's slot map), for its breaker.
-//! - `many.rs`: batch reads: many keys' values (`MGET`) and leases, grouped by node.
+//! - `many.rs`: batch reads: many keys' values and leases, grouped by node.
 //! - `deletes.rs`: a single node's batch of deletes as plain commands, with the script's rules.
 //! - `slots.rs`: Redis Cluster hash slots, and the epoch key of each.
 //! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering

@@ -137,6 +137,28 @@ impl SlotMapCache {
     }
 }
 
+/// A node's address (`host`, `port`) in a slot map, and the indexes of a batch's keys it serves.
+type KeyGroup<'m> = (Option<&'m (String, u16)>, Vec<usize>);
+
+/// The keys' indexes grouped by the primary `map` says serves their slot (`None`: no map, or
+/// a slot it does not cover), in order of first appearance.
+fn group_keys<'m>(keys: &[String], map: Option<&'m SlotMap>) -> Vec<KeyGroup<'m>> {
+    let mut groups: Vec<KeyGroup<'m>> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let slot = slot_of(key);
+        let node = map.and_then(|map| {
+            map.iter()
+                .find(|(start, end, _)| (*start..=*end).contains(&slot))
+                .map(|(_, _, node)| node)
+        });
+        match groups.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, group)) => group.push(i),
+            None => groups.push((node, vec![i])),
+        }
+    }
+    groups
+}
+
 impl RedisCache {
     /// The name of the breaker guarding `key`'s node; on a cluster, starts a fetch of the slot
     /// map in the background when one is due.
@@ -148,6 +170,28 @@ impl RedisCache {
                 map.node_of(slot_of(key)).unwrap_or_else(|| whole.clone())
             }
         }
+    }
+
+    /// The keys' indexes grouped by the name of their node's breaker (as [`Self::node_of`]
+    /// names it), in order of first appearance. A batch looks at the slot map once, not once
+    /// per key: on a 2-core machine the per-key lookups were a tenth of a batch hit's time.
+    pub(super) fn group_by_node(&self, keys: &[String]) -> Vec<(String, Vec<usize>)> {
+        let (whole, map) = match &*self.nodes {
+            Nodes::Single(node) => return vec![(node.clone(), (0..keys.len()).collect())],
+            Nodes::Cluster { whole, map } => (whole, map),
+        };
+        self.refresh_slot_map();
+        let kept = map.kept();
+        group_keys(keys, kept.as_deref())
+            .into_iter()
+            .map(|(node, group)| {
+                let name = match node {
+                    Some((host, port)) => format!("{host}:{port}"),
+                    None => whole.clone(),
+                };
+                (name, group)
+            })
+            .collect()
     }
 
     /// Whether `key` has no node of its own yet: a cluster whose slot map is not known.
@@ -296,6 +340,36 @@ mod tests {
         assert_eq!(cache.node_of(0).as_deref(), Some("10.0.0.1:6379"));
         assert_eq!(cache.node_of(5461).as_deref(), Some("10.0.0.2:6379"));
         assert_eq!(cache.node_of(16383).as_deref(), Some("10.0.0.3:6379"));
+    }
+
+    #[test]
+    fn a_batch_groups_its_keys_by_the_primary_of_each_slot() {
+        let map = map();
+        let keys: Vec<String> = (0..60).map(|i| format!("product:k{i}")).collect();
+        let groups = group_keys(&keys, Some(&map));
+        let cache = SlotMapCache::default();
+        cache.store(map.clone());
+        let mut seen = Vec::new();
+        for (node, group) in &groups {
+            let (host, port) = node.expect("the map covers every slot");
+            for &i in group {
+                assert_eq!(
+                    cache.node_of(slot_of(&keys[i])),
+                    Some(format!("{host}:{port}")),
+                    "{} grouped with the wrong node",
+                    keys[i]
+                );
+                seen.push(i);
+            }
+        }
+        assert_eq!(groups.len(), 3, "60 keys fall on all three primaries");
+        seen.sort_unstable();
+        assert_eq!(seen, (0..60).collect::<Vec<_>>(), "every key in one group");
+        assert_eq!(groups[0].1[0], 0, "groups in order of first appearance");
+
+        let without = group_keys(&keys, None);
+        assert_eq!(without.len(), 1);
+        assert_eq!((without[0].0, without[0].1.len()), (None, 60));
     }
 
     #[tokio::test(start_paused = true)]

@@ -83,16 +83,41 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             .iter()
             .map(|id| id.cache_key(&self.settings.key_prefix))
             .collect();
+
+        // 1. The hits.
+        let got = self.cache.get_many(&keys).await;
+        if got.iter().all(|got| matches!(got, Ok(Some(_)))) {
+            // All hits, the common case: answered without the misses' steps, which are boxed
+            // below so that a hit's future stays small (it is moved before it is polled).
+            let values = got.into_iter().flat_map(|got| got.ok().flatten());
+            let entries = ids
+                .iter()
+                .zip(values)
+                .map(|(id, value)| BatchEntry {
+                    id: id.clone(),
+                    status: CacheStatus::Hit,
+                    result: Ok(lookup_of(value)),
+                })
+                .collect();
+            let answer = BatchAnswer { entries };
+            self.count(&answer, 0);
+            return (answer, AfterAnswer::nothing());
+        }
+        Box::pin(self.answer_misses(ids, keys, got)).await
+    }
+
+    /// Steps 2 to 4, for a batch whose `MGET`s left some products unanswered (`got`).
+    async fn answer_misses(
+        &self,
+        ids: &[ProductId],
+        keys: Vec<String>,
+        got: Vec<Result<Option<String>, CacheError>>,
+    ) -> (BatchAnswer, AfterAnswer) {
         let token = format!("{:032x}", fastrand::u128(..));
         // Leases that may have been granted behind a lost reply: handed back after the answer.
         let mut hand_back: Vec<usize> = Vec::new();
         let mut failures = Failures::default();
-
-        // 1. The hits.
-        let mut steps: Vec<Step> = self
-            .cache
-            .get_many(&keys)
-            .await
+        let mut steps: Vec<Step> = got
             .into_iter()
             .map(|got| match got {
                 Ok(Some(value)) => Step::Done(CacheStatus::Hit, Ok(lookup_of(value))),
@@ -176,18 +201,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             })
             .collect();
         let answer = BatchAnswer { entries };
-        self.metrics
-            .add(metrics::read::HITS, answer.count(CacheStatus::Hit) as u64);
-        self.metrics.add(
-            metrics::read::MISSES,
-            answer.count(CacheStatus::Miss) as u64,
-        );
-        self.metrics.add(
-            metrics::read::BYPASSES,
-            answer.count(CacheStatus::Bypass) as u64,
-        );
-        self.metrics
-            .add(metrics::read::BREAKER_BYPASSES, failures.breaker as u64);
+        self.count(&answer, failures.breaker);
 
         let releases: Vec<_> = hand_back
             .iter()
@@ -211,6 +225,23 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             })
         };
         (answer, after)
+    }
+
+    /// Counts a batch's products by cache status, and those its open breakers bypassed.
+    fn count(&self, answer: &BatchAnswer, breaker_bypasses: usize) {
+        let (mut hits, mut misses, mut bypasses) = (0, 0, 0);
+        for entry in &answer.entries {
+            match entry.status {
+                CacheStatus::Hit => hits += 1,
+                CacheStatus::Miss => misses += 1,
+                CacheStatus::Bypass => bypasses += 1,
+            }
+        }
+        self.metrics.add(metrics::read::HITS, hits);
+        self.metrics.add(metrics::read::MISSES, misses);
+        self.metrics.add(metrics::read::BYPASSES, bypasses);
+        self.metrics
+            .add(metrics::read::BREAKER_BYPASSES, breaker_bypasses as u64);
     }
 
     /// Probes `which` keys (step 2, and each round of waiting): a hit is answered, a lease or a
