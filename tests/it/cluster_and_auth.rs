@@ -299,14 +299,28 @@ async fn a_refresh_batch_in_many_parts_lands_whole_on_a_distant_cluster() {
             r
         })
         .collect();
-    let response = invalidator
-        .handle(json!({ "Records": records.clone() }))
-        .await;
-    assert!(
-        response.batch_item_failures.is_empty(),
-        "{response:?} after {} round trips",
-        cluster.round_trips()
-    );
+    // As Lambda delivers it: a record reported failed is sent again with all after it. On a
+    // loaded 2-core machine a part can miss the default timeout once (a clean-clone CI run
+    // reported one record failed); what must hold is the end state below.
+    let mut from = 0;
+    for attempt in 1.. {
+        let response = invalidator
+            .handle(json!({ "Records": records[from..].to_vec() }))
+            .await;
+        let Some(failed) = response.batch_item_failures.first() else {
+            break;
+        };
+        assert!(
+            attempt < 3,
+            "{response:?} after {attempt} attempts and {} round trips",
+            cluster.round_trips()
+        );
+        let failed = failed.item_identifier.clone().unwrap_or_default();
+        from = records
+            .iter()
+            .position(|r| r["dynamodb"]["SequenceNumber"] == json!(failed))
+            .expect("the failure names a record of the batch");
+    }
     let client = redis::cluster::ClusterClient::new(vec![cluster.url()]).unwrap();
     let mut conn = client.get_async_connection().await.unwrap();
     for k in (0..keys).step_by(37).chain([keys - 1]) {

@@ -348,7 +348,11 @@ impl RedisCache {
             Conn::Single(_) => vec![&keys[..]],
             Conn::Cluster(_) => keys.chunks(1).collect(),
         };
-        let budget = self.timeout * (keys.len() / CHUNK + 1) as u32;
+        // A timeout per round of requests: a single node's chunks, or a cluster's 16,384
+        // pipelines `IN_FLIGHT` at a time (at the default 100 ms timeout, 1.7 s for all of them
+        // was too little on a loaded 2-core machine).
+        let rounds = (keys.len() / CHUNK).max(groups.len() / IN_FLIGHT) + 1;
+        let budget = self.timeout * rounds as u32;
         let sent = futures::stream::iter(groups)
             .map(|group| {
                 let mut conn = conn.clone();
