@@ -29,8 +29,8 @@ use super::{lease_key, CacheError, Probe, LEASE_KEY_TTL};
 
 impl RedisCache {
     /// Runs `call` for each node's group of keys (their indexes in `keys`), through the node's
-    /// breaker, and spreads each group's outcome over its keys. `fence` turns a breaker trial's answer for one key into
-    /// what the caller may serve (see fencing in `nodes.rs`).
+    /// breaker, and spreads each group's outcome over its keys. `fence` turns a breaker trial's
+    /// answer for one key into what the caller may serve (see fencing in `nodes.rs`).
     async fn per_node<T, F, Fut>(
         &self,
         keys: &[String],

@@ -176,21 +176,14 @@ impl RedisCache {
     /// names it), in order of first appearance. A batch looks at the slot map once, not once
     /// per key: on a 2-core machine the per-key lookups were a tenth of a batch hit's time.
     pub(super) fn group_by_node(&self, keys: &[String]) -> Vec<(String, Vec<usize>)> {
-        let (whole, map) = match &*self.nodes {
-            Nodes::Single(node) => return vec![(node.clone(), (0..keys.len()).collect())],
-            Nodes::Cluster { whole, map } => (whole, map),
+        let Nodes::Cluster { map, .. } = &*self.nodes else {
+            return vec![(self.group_node(None), (0..keys.len()).collect())];
         };
         self.refresh_slot_map();
         let kept = map.kept();
         group_keys(keys, kept.as_deref())
             .into_iter()
-            .map(|(node, group)| {
-                let name = match node {
-                    Some((host, port)) => format!("{host}:{port}"),
-                    None => whole.clone(),
-                };
-                (name, group)
-            })
+            .map(|(node, group)| (self.group_node(node), group))
             .collect()
     }
 

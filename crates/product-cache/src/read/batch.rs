@@ -106,7 +106,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         Box::pin(self.answer_misses(ids, keys, got)).await
     }
 
-    /// Steps 2 to 4, for a batch whose `MGET`s left some products unanswered (`got`).
+    /// Steps 2 to 4, for a batch whose hits' reads (`got`) left some products unanswered.
     async fn answer_misses(
         &self,
         ids: &[ProductId],
