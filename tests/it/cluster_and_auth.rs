@@ -299,9 +299,10 @@ async fn a_refresh_batch_in_many_parts_lands_whole_on_a_distant_cluster() {
             r
         })
         .collect();
-    // As Lambda delivers it: a record reported failed is sent again with all after it. On a
-    // loaded 2-core machine a part can miss the default timeout once (a clean-clone CI run
-    // reported one record failed); what must hold is the end state below.
+    // As Lambda delivers it: a record reported failed is sent again with all after it (the
+    // template allows 100 retries). On a loaded 2-core machine a part can miss the default
+    // timeout (clean-clone CI runs reported a failed record, once twice in a row); what must
+    // hold is the end state below.
     let mut from = 0;
     for attempt in 1.. {
         let response = invalidator
@@ -311,7 +312,7 @@ async fn a_refresh_batch_in_many_parts_lands_whole_on_a_distant_cluster() {
             break;
         };
         assert!(
-            attempt < 3,
+            attempt < 10,
             "{response:?} after {attempt} attempts and {} round trips",
             cluster.round_trips()
         );

@@ -39,18 +39,27 @@ pub struct Budget {
     pub written: Notify,
     /// When the budget ends whatever is left of it ([`Budget::end_now`] brings it forward).
     deadline: AtomicU64,
+    /// When the budget began.
+    start: Nanos,
     clock: Clock,
-    /// Percent of the budget used, for the chaos schedule.
+    /// Percent of the budget used, for the chaos schedule: of the operations or of the time,
+    /// whichever is further along.
     progress: watch::Sender<u64>,
 }
 
 impl Budget {
     pub fn take(&self) -> bool {
         let n = self.issued.fetch_add(1, Ordering::Relaxed);
-        let pct = if n >= self.total || self.clock.now() > self.deadline.load(Ordering::Relaxed) {
+        let (now, deadline) = (self.clock.now(), self.deadline.load(Ordering::Relaxed));
+        // Time counts as well as operations: on a machine slowed down (a loaded CI host ran
+        // these at half the speed) the deadline would otherwise cut the run before the chaos
+        // due late in it, and skip it. By time, each event comes at its share of the deadline.
+        let by_time = (now.saturating_sub(self.start) as u128 * 100
+            / deadline.saturating_sub(self.start).max(1) as u128) as u64;
+        let pct = if n >= self.total || now > deadline {
             100
         } else {
-            (n + 1) * 100 / self.total
+            ((n + 1) * 100 / self.total).max(by_time.min(99))
         };
         self.progress.send_if_modified(|p| {
             let newer = pct > *p;
@@ -140,6 +149,7 @@ impl Shared {
                 reads_per_write: cfg.reads_per_write,
                 written: Notify::new(),
                 deadline: AtomicU64::new(clock.now() + cfg.max_duration.as_nanos() as Nanos),
+                start: clock.now(),
                 clock,
                 progress,
             },

@@ -217,10 +217,12 @@ async fn progress_lines(cfg: &Config, shared: &Shared, mut progress: watch::Rece
             break;
         }
         println!(
-            "[{}] {:>3}% of {} ops at {:.1} s: {} writes, {} reads, {} records acknowledged",
+            "[{}] {:>3}% of the run ({} ops or {:?}) at {:.1} s: {} writes, {} reads, {} records \
+             acknowledged",
             cfg.name,
             tenth * 10,
             cfg.ops,
+            cfg.max_duration,
             ms(clock.now()) / 1e3,
             shared.budget.writes.load(Ordering::Relaxed),
             shared.budget.reads.load(Ordering::Relaxed),
