@@ -32,12 +32,26 @@ pub fn init_logging() {
     });
 }
 
-/// The endpoint of the moto server shared by the whole test binary. It is started from a thread
-/// that never exits: the child is bound to the life of the thread that spawned it
-/// (PDEATHSIG), and each `#[tokio::test]` runs on a thread of its own that ends with the test.
+/// The endpoint of the moto server shared by the whole test binary, but for the checker's runs.
 pub fn moto_endpoint() -> &'static str {
     static ENDPOINT: OnceLock<String> = OnceLock::new();
-    ENDPOINT.get_or_init(|| {
+    shared_moto(&ENDPOINT)
+}
+
+/// The endpoint of the moto server the checker's runs share. Moto answers one request at a
+/// time: a checker run's readers and feeder keep it busy, and behind them the other tests'
+/// requests queued past their one-second attempt timeouts (a full CI run, two tests at a time,
+/// failed nine tests so).
+pub fn checker_moto_endpoint() -> &'static str {
+    static ENDPOINT: OnceLock<String> = OnceLock::new();
+    shared_moto(&ENDPOINT)
+}
+
+/// A moto server started once into `endpoint`, from a thread that never exits: the child is
+/// bound to the life of the thread that spawned it (PDEATHSIG), and each `#[tokio::test]` runs
+/// on a thread of its own that ends with the test.
+fn shared_moto(endpoint: &'static OnceLock<String>) -> &'static str {
+    endpoint.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("moto-owner".into())

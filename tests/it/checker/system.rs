@@ -16,7 +16,7 @@ use product_cache::read::ReadPath;
 use product_cache::store::{DynamoStore, ProductStore};
 
 use super::config::{Cluster, Config, DataLoss, Deployment};
-use crate::support::{dynamo_store, moto_endpoint, unique_table};
+use crate::support::{checker_moto_endpoint, dynamo_store, unique_table};
 
 /// The run's Redis processes. Chaos restarts, fails over or kills them while the actors use the
 /// rest of the system; dropping them ends the run's Redis.
@@ -112,7 +112,7 @@ impl Sut {
                 (Redis::Cluster(nodes), settings, urls)
             }
         };
-        let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
+        let sdk = local_stack::table::local_sdk_config(checker_moto_endpoint()).await;
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let table = unique_table("checker");
         let stream_arn =
