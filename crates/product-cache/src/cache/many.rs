@@ -28,8 +28,9 @@ use super::topology::{is_dead_connection, Conn};
 use super::{lease_key, CacheError, Probe, LEASE_KEY_TTL};
 
 impl RedisCache {
-    /// Runs `call` for each node's group of keys (their indexes in `keys`), through the node's
-    /// breaker, and spreads each group's outcome over its keys. `fence` turns a breaker trial's
+    /// Runs `call` for each node's group of keys (their indexes in `keys`, and whether the
+    /// group is the whole cluster's: see [`Self::to_keys_node`]), through the node's breaker,
+    /// and spreads each group's outcome over its keys. `fence` turns a breaker trial's
     /// answer for one key into what the caller may serve (see fencing in `nodes.rs`).
     async fn per_node<T, F, Fut>(
         &self,
@@ -38,15 +39,15 @@ impl RedisCache {
         fence: impl Fn(T, &str) -> Result<T, CacheError>,
     ) -> Vec<Result<T, CacheError>>
     where
-        F: Fn(Vec<usize>) -> Fut,
+        F: Fn(Vec<usize>, bool) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<Result<T, CacheError>>, CacheError>>,
     {
         let groups = self.group_by_node(keys);
         let outcomes = join_all(groups.iter().map(|(node, group)| {
-            let call = call(group.clone());
+            let call = call(group.clone(), self.is_whole_cluster(node));
             let fence = &fence;
             async move {
-                let (outcome, trial) = self.guarded_trial(&keys[group[0]], call).await;
+                let (outcome, trial) = self.guarded_trial_on(node, call).await;
                 match outcome {
                     Ok(values) if values.len() != group.len() => Err(CacheError::Unexpected(
                         format!("{} answers for {} keys", values.len(), group.len()),
@@ -61,6 +62,17 @@ impl RedisCache {
             }
         }))
         .await;
+        // One node with every key, in order (a single node's batch): its answers are the
+        // batch's, as they are.
+        if let [(_, group)] = groups.as_slice() {
+            if group.iter().copied().eq(0..keys.len()) {
+                let outcome = outcomes.into_iter().next().expect("one outcome per group");
+                return match outcome {
+                    Ok(values) => values,
+                    Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+                };
+            }
+        }
         let mut answers: Vec<Option<Result<T, CacheError>>> = keys.iter().map(|_| None).collect();
         for ((_, group), outcome) in groups.iter().zip(outcomes) {
             match outcome {
@@ -87,15 +99,15 @@ impl RedisCache {
         &self,
         keys: &[String],
     ) -> Vec<Result<Option<String>, CacheError>> {
-        let mget = |group: Vec<usize>| async move {
+        let mget = |group: Vec<usize>, whole: bool| async move {
             let conn = self.conn().await?;
             // Once more on a dead connection (a thawed environment), as a single read does.
             match self
-                .bounded(self.timeout, self.mget(conn.clone(), keys, &group))
+                .bounded(self.timeout, self.mget(conn.clone(), keys, &group, whole))
                 .await
             {
                 Err(CacheError::Redis(e)) if is_dead_connection(&e) => {
-                    self.bounded(self.timeout, self.mget(conn, keys, &group))
+                    self.bounded(self.timeout, self.mget(conn, keys, &group, whole))
                         .await
                 }
                 other => other,
@@ -118,7 +130,7 @@ impl RedisCache {
         token: &str,
         lease: Duration,
     ) -> Vec<Result<Probe, CacheError>> {
-        let probe = |group: Vec<usize>| async move {
+        let probe = |group: Vec<usize>, whole: bool| async move {
             let conn = self.conn().await?;
             let script = &scripts().probe;
             let pipeline = |load: bool| {
@@ -141,7 +153,7 @@ impl RedisCache {
             let send = |pipe| {
                 self.bounded(
                     self.timeout,
-                    self.to_keys_node(conn.clone(), pipe, &keys[group[0]], false),
+                    self.to_keys_node(conn.clone(), pipe, &keys[group[0]], false, whole),
                 )
             };
             // Sent as EVALSHAs; a node that does not know the script (restarted, failed over,
@@ -180,6 +192,7 @@ impl RedisCache {
         mut conn: Conn,
         keys: &[String],
         group: &[usize],
+        whole: bool,
     ) -> redis::RedisResult<Vec<Result<Option<String>, CacheError>>> {
         let group_keys = group.iter().map(|&i| &keys[i]);
         if let Conn::Single(_) = conn {
@@ -195,7 +208,7 @@ impl RedisCache {
             pipe.get(key);
         }
         let replies = self
-            .to_keys_node(conn, pipe, &keys[group[0]], self.read_from_replicas)
+            .to_keys_node(conn, pipe, &keys[group[0]], self.read_from_replicas, whole)
             .await?;
         if replies.len() != group.len() {
             let e = CacheError::Unexpected(format!(
@@ -218,20 +231,21 @@ impl RedisCache {
 impl RedisCache {
     /// Sends `pipe`, commands on keys all on one node, in one write: to the single node; on a
     /// cluster, to the node serving `first_key`'s slot (a replica of its shard when `replica`),
-    /// or, before the slot map is known, as separate commands the cluster client routes one by
-    /// one. Error replies stay in the result.
+    /// or, for the `whole` cluster's group (the slot map not known), as separate commands the
+    /// cluster client routes one by one. Error replies stay in the result.
     async fn to_keys_node(
         &self,
         mut conn: Conn,
         pipe: redis::Pipeline,
         first_key: &str,
         replica: bool,
+        whole: bool,
     ) -> redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> {
         use redis::aio::ConnectionLike as _;
         use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
         let count = pipe.len();
         match &mut conn {
-            Conn::Cluster(c) if !self.whole_cluster(first_key) => {
+            Conn::Cluster(c) if !whole => {
                 let to = if replica {
                     SlotAddr::ReplicaOptional
                 } else {

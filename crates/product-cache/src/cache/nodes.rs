@@ -187,11 +187,12 @@ impl RedisCache {
             .collect()
     }
 
-    /// Whether `key` has no node of its own yet: a cluster whose slot map is not known.
-    pub(super) fn whole_cluster(&self, key: &str) -> bool {
+    /// Whether `node` (a breaker's name) is the whole cluster's: keys with no node of their own
+    /// yet, the slot map not known.
+    pub(super) fn is_whole_cluster(&self, node: &str) -> bool {
         match &*self.nodes {
             Nodes::Single(_) => false,
-            Nodes::Cluster { whole, .. } => self.node_of(key) == *whole,
+            Nodes::Cluster { whole, .. } => node == whole,
         }
     }
 
@@ -248,8 +249,17 @@ impl RedisCache {
         key: &str,
         call: impl std::future::Future<Output = Result<T, CacheError>>,
     ) -> (Result<T, CacheError>, bool) {
-        let node = self.node_of(key);
-        let (outcome, trial) = self.breakers.call(&node, call).await;
+        self.guarded_trial_on(&self.node_of(key), call).await
+    }
+
+    /// [`guarded_trial`](Self::guarded_trial) through the breaker of `node`, named already (a
+    /// batch's group).
+    pub(super) async fn guarded_trial_on<T>(
+        &self,
+        node: &str,
+        call: impl std::future::Future<Output = Result<T, CacheError>>,
+    ) -> (Result<T, CacheError>, bool) {
+        let (outcome, trial) = self.breakers.call(node, call).await;
         if let (Err(e), Nodes::Cluster { map, .. }) = (&outcome, &*self.nodes) {
             if is_node_failure(e) {
                 map.suspect();
