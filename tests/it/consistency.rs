@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use product_cache::cache::{Guards, RedisCache};
-use product_cache::config::{CacheSettings, InvalidationMode, InvalidationMode::*};
+use product_cache::config::{
+    AwsTimeouts, CacheSettings, InvalidationMode, InvalidationMode::*, ReadSettings, RedisSettings,
+};
 use product_cache::id::ProductId;
 use product_cache::read::{CacheStatus, Lookup, ReadPath};
 use product_cache::store::{DynamoStore, Item, ProductStore, StoreError};
@@ -185,9 +187,17 @@ async fn stampede(guards: Guards, readers: usize) -> (usize, Vec<CacheStatus>) {
         ..CacheSettings::default()
     };
     let table_reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Its one GetItem, too, has time to spare: the shared moto server answers slowly beside a
+    // checker run on a loaded machine (a clean-clone CI run saw it miss the 1 s attempt timeout
+    // and its retries), and a reader whose lease holder failed reads the table itself.
+    let mut read = ReadSettings::new(RedisSettings::new(""), &env.table, settings.clone());
+    read.table_timeouts = AwsTimeouts {
+        attempt: Duration::from_secs(10),
+        operation: Duration::from_secs(20),
+    };
     let instances: Vec<_> = (0..4)
         .map(|_| {
-            let mut store = Counting::new(env.store(&settings));
+            let mut store = Counting::new(DynamoStore::from_settings(&read, &env.sdk));
             store.calls = table_reads.clone();
             async { ReadPath::new(env.cache(&settings).await, store, settings.clone()) }
         })
