@@ -6,16 +6,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use product_cache::cache::{Guards, RedisCache};
-use product_cache::config::{
-    AwsTimeouts, CacheSettings, InvalidationMode, InvalidationMode::*, ReadSettings, RedisSettings,
-};
+use product_cache::config::{AwsTimeouts, CacheSettings, InvalidationMode, InvalidationMode::*};
 use product_cache::id::ProductId;
 use product_cache::read::{CacheStatus, Lookup, ReadPath};
 use product_cache::store::{DynamoStore, Item, ProductStore, StoreError};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::support::{Counting, TestEnv};
+use crate::support::{dynamo_store_with, Counting, TestEnv};
 
 const NO_LEASES: Guards = Guards {
     leases: false,
@@ -190,14 +188,14 @@ async fn stampede(guards: Guards, readers: usize) -> (usize, Vec<CacheStatus>) {
     // Its one GetItem, too, has time to spare: the shared moto server answers slowly beside a
     // checker run on a loaded machine (a clean-clone CI run saw it miss the 1 s attempt timeout
     // and its retries), and a reader whose lease holder failed reads the table itself.
-    let mut read = ReadSettings::new(RedisSettings::new(""), &env.table, settings.clone());
-    read.table_timeouts = AwsTimeouts {
+    let table_timeouts = AwsTimeouts {
         attempt: Duration::from_secs(10),
         operation: Duration::from_secs(20),
     };
     let instances: Vec<_> = (0..4)
         .map(|_| {
-            let mut store = Counting::new(DynamoStore::from_settings(&read, &env.sdk));
+            let store = dynamo_store_with(&env.sdk, &env.table, &settings, table_timeouts);
+            let mut store = Counting::new(store);
             store.calls = table_reads.clone();
             async { ReadPath::new(env.cache(&settings).await, store, settings.clone()) }
         })

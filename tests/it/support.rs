@@ -11,7 +11,7 @@ use local_stack::services::{MotoServer, RedisServer};
 use local_stack::stream::{lambda_event, Position, StreamReader};
 use product_cache::cache::{BatchError, Cache, CacheError, CacheOp, Fill, Probe, RedisCache};
 use product_cache::config::{
-    CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
+    AwsTimeouts, CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
 };
 use product_cache::id::{KeyType, ProductId};
 use product_cache::invalidate::Invalidator;
@@ -485,8 +485,21 @@ pub fn dynamo_store(
     table: &str,
     settings: &CacheSettings,
 ) -> DynamoStore {
+    dynamo_store_with(sdk, table, settings, AwsTimeouts::default())
+}
+
+/// [`dynamo_store`] with `table_timeouts` bounding each `GetItem` and `BatchGetItem`.
+pub fn dynamo_store_with(
+    sdk: &aws_config::SdkConfig,
+    table: &str,
+    settings: &CacheSettings,
+    table_timeouts: AwsTimeouts,
+) -> DynamoStore {
     // The Redis URL is no part of a store; the read settings just carry one.
-    let read = ReadSettings::new(RedisSettings::new(""), table, settings.clone());
+    let read = ReadSettings {
+        table_timeouts,
+        ..ReadSettings::new(RedisSettings::new(""), table, settings.clone())
+    };
     DynamoStore::from_settings(&read, sdk)
 }
 

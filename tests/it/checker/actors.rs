@@ -136,6 +136,7 @@ impl Shared {
     /// `progress` gets the percent of the budget used.
     pub fn new(cfg: &Config, clock: Clock, progress: watch::Sender<u64>, sut: &Sut) -> Self {
         let (phase, _) = watch::channel(Phase::Running);
+        let start = clock.now();
         Self {
             generation: Generation::default(),
             flipped: Flipped::default(),
@@ -148,8 +149,8 @@ impl Shared {
                 reads: AtomicU64::new(0),
                 reads_per_write: cfg.reads_per_write,
                 written: Notify::new(),
-                deadline: AtomicU64::new(clock.now() + cfg.max_duration.as_nanos() as Nanos),
-                start: clock.now(),
+                deadline: AtomicU64::new(start + cfg.max_duration.as_nanos() as Nanos),
+                start,
                 clock,
                 progress,
             },
