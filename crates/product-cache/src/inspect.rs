@@ -15,9 +15,10 @@ use std::time::Duration;
 use futures::StreamExt as _;
 
 use crate::cache::{RedisCache, NOT_FOUND};
-use crate::config::{CacheSettings, ConfigError, Source};
+use crate::config::{CacheSettings, ConfigError, InvalidationMode, Source};
 use crate::document::Document;
 use crate::id::ProductId;
+use crate::invalidate::Invalidator;
 use crate::metrics::{Metric, MetricsSettings, Recorder, Sink};
 use crate::store::{Item, ProductStore, StoreError};
 
@@ -35,16 +36,36 @@ pub mod metric {
     pub const KEYS_REPAIRED: Metric = Metric::count("KeysRepaired");
 
     pub const ALL: [Metric; 4] = [KEYS_CHECKED, INCONSISTENT_KEYS, KEYS_SETTLED, KEYS_REPAIRED];
+
+    /// Every metric of the function: the sample's and the change monitor's.
+    pub(crate) const WITH_CHANGES: [Metric; 10] = {
+        use crate::monitor::metric as m;
+        [
+            KEYS_CHECKED,
+            INCONSISTENT_KEYS,
+            KEYS_SETTLED,
+            KEYS_REPAIRED,
+            m::CHANGES_CHECKED,
+            m::CHANGES_INCONSISTENT,
+            m::CHANGES_PENDING,
+            m::CHANGES_SUPERSEDED,
+            m::CHANGES_UNCHECKED,
+            m::PENDING_AGE,
+        ]
+    };
 }
 
 /// How the inspector runs: `INSPECT_SAMPLE` keys per run (default 200), `INSPECT_GRACE_MS`
-/// before a suspect is judged (default 5000: well past the invalidator's usual lag, and short
-/// of a scheduled run's timeout), `INSPECT_REPAIR` (`true` purges what it finds).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// before a suspect (or a change, for the change monitor) is judged (default 5000: well past
+/// the invalidator's usual lag, and short of a scheduled run's timeout), `INSPECT_REPAIR`
+/// (`true` purges what it finds), `MONITOR_SHARE` (the share of changed keys the change
+/// monitor judges, 0 to 1, default 1: every one).
+#[derive(Debug, Clone, PartialEq)]
 pub struct InspectSettings {
     pub sample: usize,
     pub grace: Duration,
     pub repair: bool,
+    pub change_share: f64,
 }
 
 impl Default for InspectSettings {
@@ -53,6 +74,7 @@ impl Default for InspectSettings {
             sample: 200,
             grace: Duration::from_secs(5),
             repair: false,
+            change_share: 1.0,
         }
     }
 }
@@ -85,10 +107,25 @@ impl InspectSettings {
             Some("true") | Some("1") => true,
             Some(v) => return Err(invalid("INSPECT_REPAIR", v.into(), "true or false")),
         };
+        let change_share = match src.get("MONITOR_SHARE") {
+            None => d.change_share,
+            Some(v) => v
+                .parse()
+                .ok()
+                .filter(|s: &f64| *s > 0.0 && *s <= 1.0)
+                .ok_or_else(|| {
+                    invalid(
+                        "MONITOR_SHARE",
+                        v,
+                        "a share of the changed keys, above 0 and at most 1",
+                    )
+                })?,
+        };
         Ok(Self {
             sample,
             grace,
             repair,
+            change_share,
         })
     }
 }
@@ -173,11 +210,14 @@ pub enum InspectError {
 
 /// Compares the cache with the table. Built once, like the functions' state.
 pub struct Inspector<S> {
-    cache: RedisCache,
-    store: S,
-    settings: CacheSettings,
-    inspect: InspectSettings,
-    metrics: Recorder,
+    pub(crate) cache: RedisCache,
+    pub(crate) store: S,
+    pub(crate) settings: CacheSettings,
+    pub(crate) inspect: InspectSettings,
+    pub(crate) metrics: Recorder,
+    /// Reads stream records as the invalidator does, in refresh mode whatever the deployed
+    /// one: the change monitor needs what each change made the item.
+    pub(crate) planner: Invalidator<RedisCache>,
 }
 
 impl<S: ProductStore> Inspector<S> {
@@ -188,11 +228,12 @@ impl<S: ProductStore> Inspector<S> {
         inspect: InspectSettings,
     ) -> Self {
         Self {
+            planner: Invalidator::new(cache.clone(), InvalidationMode::Refresh, settings.clone()),
             cache,
             store,
             settings,
             inspect,
-            metrics: Recorder::off("inspector", &metric::ALL),
+            metrics: Recorder::off("inspector", &metric::WITH_CHANGES),
         }
     }
 
@@ -201,12 +242,25 @@ impl<S: ProductStore> Inspector<S> {
         self
     }
 
-    /// The inspector function's invocation: a scheduled event (or anything else) inspects a
-    /// sample of the configured size; `{"ids": [...]}` inspects those ids. Answers a summary.
+    /// The inspector function's invocation: a DynamoDB stream batch (`{"Records": [...]}`,
+    /// from its event source mapping) is checked change by change; `{"ids": [...]}` inspects
+    /// those ids; a scheduled event (or anything else) inspects a sample of the configured
+    /// size. Answers a summary.
     pub async fn handle(
         &self,
         event: serde_json::Value,
     ) -> Result<serde_json::Value, InspectError> {
+        if let Some(records) = event.get("Records").and_then(serde_json::Value::as_array) {
+            let report = self.check_changes(records).await;
+            let inconsistent: Vec<&str> = report.inconsistent().collect();
+            return Ok(serde_json::json!({
+                "changes": report.rows.len(),
+                "inconsistent": inconsistent,
+                "pending": report.pending(),
+                "unchecked": report.unchecked,
+                "repaired": report.repaired,
+            }));
+        }
         let target = match event.get("ids").and_then(serde_json::Value::as_array) {
             Some(ids) => Target::Ids(
                 ids.iter()
@@ -378,7 +432,7 @@ impl<S: ProductStore> Inspector<S> {
     }
 
     /// The value the read path would cache for `item`.
-    fn cached_form(&self, item: Option<&Item>) -> String {
+    pub(crate) fn cached_form(&self, item: Option<&Item>) -> String {
         match item.map(Document::from_item) {
             Some(Ok(doc)) => doc.into_string(),
             // No JSON form: the read path answers 500 and caches nothing; nothing cached can

@@ -34,6 +34,7 @@ pub mod id;
 pub mod inspect;
 pub mod invalidate;
 pub mod metrics;
+pub mod monitor;
 pub mod read;
 pub mod secrets;
 pub mod startup;

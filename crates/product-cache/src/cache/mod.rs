@@ -134,6 +134,21 @@ impl Order {
         self.kind
     }
 
+    /// A position as Redis holds it (`{key}:ver`, see [`Order::encode`]); `None` for anything
+    /// else.
+    pub fn decode(encoded: &str) -> Option<Self> {
+        let (kind, rest) = match encoded.as_bytes().first()? {
+            b'S' => (OrderKind::Sequence, &encoded[1..]),
+            b'V' => (OrderKind::Version, &encoded[1..]),
+            _ => return None,
+        };
+        let mut parts = rest.split(':');
+        let (len, major, minor) = (parts.next()?, parts.next()?, parts.next()?);
+        let minor = minor.parse().ok()?;
+        (parts.next().is_none() && len.parse::<usize>().ok()? == major.len())
+            .then(|| Self::new(kind, major, minor))?
+    }
+
     /// `S<len>:<major>:<minor>` or `V<len>:<major>:<minor>`, the length of `major` in two
     /// digits: positions of one kind then compare as plain strings (`newer.lua`).
     fn encode(&self) -> String {
@@ -405,6 +420,29 @@ mod tests {
         for bad in ["", "-1", "01", "1.5", "1e3", "x"] {
             assert_eq!(Order::sequence(bad), None, "{bad}");
             assert_eq!(Order::version(bad, false), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_position_decodes_from_what_redis_holds_and_nothing_else() {
+        for order in [
+            Order::sequence("111000000000000000002").unwrap(),
+            Order::version("8", true).unwrap(),
+            Order::version("0", false).unwrap(),
+        ] {
+            assert_eq!(Order::decode(&order.encode()), Some(order));
+        }
+        for bad in [
+            "",
+            "S",
+            "S02:12",
+            "S03:12:0",
+            "X02:12:0",
+            "S02:12:0:1",
+            "S02:1x:0",
+            "S02:12:",
+        ] {
+            assert_eq!(Order::decode(bad), None, "{bad}");
         }
     }
 
