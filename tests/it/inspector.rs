@@ -23,6 +23,7 @@ fn settings(repair: bool) -> InspectSettings {
         sample: 1000,
         grace: GRACE,
         repair,
+        ..InspectSettings::default()
     }
 }
 

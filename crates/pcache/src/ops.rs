@@ -31,6 +31,7 @@ pub async fn inspect(args: InspectArgs) -> Result<(), Error> {
         sample: args.sample,
         grace: Duration::from_millis(args.grace_ms),
         repair: args.repair,
+        ..InspectSettings::default()
     };
     let inspector = Inspector::build(place.read_settings(), settings, &place.sdk).await?;
     let target = if args.ids.is_empty() {

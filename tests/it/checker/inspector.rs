@@ -58,6 +58,7 @@ async fn inspector(sut: &Sut, items: usize) -> Inspector<product_cache::store::D
         sample: items,
         grace: GRACE,
         repair: false,
+        ..InspectSettings::default()
     };
     Inspector::new(
         sut.cache(&sut.settings).await,
