@@ -48,10 +48,28 @@ STREAM_READ_ACTIONS = {
 # ElastiCache AUTH: 16-128 printable ASCII characters; of the special characters only these.
 AUTH_SPECIALS = set("!&#$^<>-")
 # The table actions each table reader may have, on the table only: the read function reads one
-# item on a single read's miss and up to 100 on a batch's; the inspector reads one at a time.
+# item on a single read's miss and up to 100 on a batch's; the inspector one at a time for its
+# sample and up to 100 at a time for the change monitor.
 TABLE_READS = {
     READ: {"dynamodb:GetItem", "dynamodb:BatchGetItem"},
-    INSPECTOR: {"dynamodb:GetItem"},
+    INSPECTOR: {"dynamodb:GetItem", "dynamodb:BatchGetItem"},
+}
+# Functions whose roles an event source mapping reads the table's stream with, on that stream
+# only: the invalidator, and the inspector for the change monitor.
+STREAM_READERS = {INVALIDATOR, INSPECTOR}
+# DynamoDB Streams serves at most two concurrent readers per shard; a third throttles them all.
+MAX_STREAM_READERS = 2
+# The change monitor: its switch, its mapping and the settings the issue fixes for it.
+MONITOR_PARAM = "ChangeMonitor"
+MONITOR_SHARE_PARAM = "ChangeMonitorShare"
+MONITOR_SETTINGS = {
+    "StartingPosition": "LATEST",
+    "BatchSize": 1000,
+    "MaximumBatchingWindowInSeconds": 10,
+    "ParallelizationFactor": 1,
+    "MaximumRetryAttempts": 2,
+    "MaximumRecordAgeInSeconds": 3600,
+    "BisectBatchOnFunctionError": False,
 }
 # The read function's HTTP API routes, (method, path), on the template's HttpApi.
 API = "ProductApi"
@@ -336,8 +354,9 @@ def check_read_function_policies(t: dict) -> list[str]:
 
 
 def check_inspector_policies(t: dict) -> list[str]:
-    """The inspector, like the read function, may only GetItem on the table and read the AUTH
-    token (or connect as its own cache user): it never writes the table."""
+    """The inspector, like the read function, may only GetItem and BatchGetItem on the table and
+    read the AUTH token (or connect as its own cache user): it never writes the table. For the
+    change monitor its mapping reads the table's stream, and that stream only."""
     return _table_reader_problems(t, INSPECTOR)
 
 
@@ -346,12 +365,19 @@ def _table_reader_problems(t: dict, function: str) -> list[str]:
     if role is None:
         return problems
     allowed = TABLE_READS[function]
+    stream_actions = STREAM_READ_ACTIONS if function in STREAM_READERS else set()
     granted: set[str] = set()
+    streamed: set[str] = set()
     for s in statements:
         problems += wildcard_problems(role, s)
         acts = actions_of(s)
         for a in acts:
-            if a.lower().startswith("dynamodb:") and a not in allowed:
+            if a in stream_actions:
+                streamed.add(a)
+                for r in as_list(s.get("Resource")):
+                    if not _is_stream_arn(r, a):
+                        problems.append(f"{role}: {a} on {r!r}, not the table's stream")
+            elif a.lower().startswith("dynamodb:") and a not in allowed:
                 problems.append(f"{role}: {function} must not have {a}")
             elif a == "elasticache:Connect":
                 problems += _connect_problems(role, s, CACHE_USER_OF[function])
@@ -368,6 +394,10 @@ def _table_reader_problems(t: dict, function: str) -> list[str]:
                 problems.append(f"{role}: GetSecretValue beyond {SECRET}")
     for a in sorted(allowed - granted):
         problems.append(f"{role}: no {a} on the table")
+    if streamed and streamed != stream_actions:
+        problems.append(
+            f"{role}: stream grant lacks {sorted(stream_actions - streamed)} (its mapping would fail)"
+        )
     return problems
 
 
@@ -694,7 +724,7 @@ def check_vpc_endpoints(t: dict) -> list[str]:
 
 def _gateway_policy_problems(name: str, policy: Any) -> list[str]:
     """In the stack's own VPC the DynamoDB endpoint carries the table reads of the read function
-    (GetItem, BatchGetItem) and the inspector (GetItem), on the table only; in a shared VPC it
+    (GetItem, BatchGetItem) and the inspector (the same), on the table only; in a shared VPC it
     keeps the default policy (NoValue), since other workloads use it too."""
     if not (isinstance(policy, dict) and "Fn::If" in policy):
         return [f"{name}'s policy must be narrowed under NarrowEndpointPolicies"]
@@ -1137,8 +1167,8 @@ def check_checkov_skips(t: dict) -> list[str]:
 # ---- metrics, the inspector, alarms on the functions' metrics, the dashboard ----------------------
 
 # What each function emits (the `Function` dimension -> metric names), as the code defines them in
-# crates/product-cache/src/metrics.rs and inspect.rs; `emitted_metrics_in_code` reads them back
-# from there so this list cannot drift.
+# crates/product-cache/src/metrics.rs, inspect.rs and monitor.rs; `emitted_metrics_in_code` reads
+# them back from there so this list cannot drift.
 EMITTED = {
     "read": {
         "Hits", "Misses", "Bypasses", "BreakerBypasses", "LeaseWaits", "LeaseWaitTime", "RefusedFills",
@@ -1148,31 +1178,63 @@ EMITTED = {
         "BatchSize", "RecordsApplied", "RecordsRefusedAsOlder", "RecordsSkippedMalformed",
         "RecordsFailed", "InvalidationLag", "BatchesUnderReplicated",
     },
-    "inspector": {"KeysChecked", "InconsistentKeys", "KeysSettled", "KeysRepaired"},
+    "inspector": {
+        "KeysChecked", "InconsistentKeys", "KeysSettled", "KeysRepaired",
+        # The change monitor's, in the same lines.
+        "ChangesChecked", "ChangesInconsistent", "ChangesPending", "ChangesSuperseded",
+        "ChangesUnchecked", "PendingChangeAge",
+    },
 }
 METRICS_NS = "MetricsNamespace"
 INSPECT_VARIABLES = {
     "INSPECT_SAMPLE": "InspectorSampleSize",
     "INSPECT_GRACE_MS": "InspectorGraceMs",
     "INSPECT_REPAIR": "InspectorRepair",
+    "MONITOR_SHARE": MONITOR_SHARE_PARAM,
 }
 INTERVALS = "InspectorIntervals"
 
 
 def emitted_metrics_in_code() -> dict[str, set[str]]:
     """Function dimension -> metric names, from the Rust sources: each `Recorder::off("<fn>",
-    &<module>::ALL)` and the `count("..")` / `millis("..")` / `sizes("..")` constants of that
-    module."""
+    &<module path>::<ARRAY>)`, the array's members (constants of that module, or `alias::NAME`
+    of a module the array's block `use`s as alias), each one's `count("..")` / `millis("..")` /
+    `sizes("..")` name."""
     src = REPO / "crates/product-cache/src"
-    files = {p: p.read_text() for p in src.rglob("*.rs")}
+    files = {path: path.read_text() for path in src.rglob("*.rs")}
+
+    def module_body(path: list[str], here: Path) -> str:
+        """The body of the module a path names, seen from the file `here`: `a::b` is module b
+        of src/a.rs (or src/a/mod.rs), a lone `b` is module b of `here` itself."""
+        path = [seg for seg in path if seg not in ("crate", "self")]
+        candidates = [here] if len(path) == 1 else [src / f"{path[0]}.rs", src / path[0] / "mod.rs"]
+        for file in candidates:
+            m = re.search(r"pub mod %s \{(.*?)\n\}" % re.escape(path[-1]), files.get(file, ""), re.S)
+            if m:
+                return m.group(1)
+        return ""
+
+    def names(body: str) -> dict[str, str]:
+        return dict(re.findall(r'const (\w+): Metric = Metric::(?:count|millis|sizes)\("(\w+)"\)', body))
+
     out: dict[str, set[str]] = {}
-    for text in files.values():
-        for function, module in re.findall(r'Recorder::off\("(\w+)",\s*&([\w:]+)::ALL\)', text):
-            name = module.split("::")[-1]
-            for body in files.values():
-                m = re.search(r"pub mod %s \{(.*?)\n\}" % re.escape(name), body, re.S)
-                if m:
-                    out[function] = set(re.findall(r'(?:count|millis|sizes)\("(\w+)"\)', m.group(1)))
+    for here, text in files.items():
+        for function, path in re.findall(r'Recorder::off\("(\w+)",\s*&([\w:]+)\)', text):
+            *module, array = path.split("::")
+            body = module_body(module, here)
+            m = re.search(r"const %s: \[Metric; \d+\] = (\{.*?\n\s*\};|\[.*?\];)" % re.escape(array), body, re.S)
+            if not m:
+                continue
+            definition = m.group(1)
+            aliases = {alias: target.split("::") for target, alias in re.findall(r"use ([\w:]+) as (\w+);", definition)}
+            own = names(body)
+            members = re.sub(r"use [\w:]+ as \w+;", "", definition)
+            metrics = set()
+            for alias, const in re.findall(r"\b(?:(\w+)::)?([A-Z][A-Z0-9_]+)\b", members):
+                table = names(module_body(aliases[alias], here)) if alias in aliases else own
+                if const in table:
+                    metrics.add(table[const])
+            out[function] = metrics
     return out
 
 
@@ -1250,10 +1312,93 @@ def check_inspector(t: dict) -> list[str]:
         problems.append("InspectorRepair must default to false (findings are looked at before anything is deleted)")
     grace = t.get("Parameters", {}).get("InspectorGraceMs", {})
     timeout = p.get("Timeout")
-    if "MaxValue" not in grace or not isinstance(timeout, int) or timeout * 1000 < float(grace["MaxValue"]) + 20_000:
-        problems.append(f"{INSPECTOR}.Timeout {timeout} s must exceed the longest InspectorGraceMs by 20 s (the reads, a cold start)")
+    # A change monitor batch waits until its newest change is the grace period + 1 s old (record
+    # times are whole seconds), then does its reads.
+    if "MaxValue" not in grace or not isinstance(timeout, int) or timeout * 1000 < float(grace["MaxValue"]) + 1_000 + 20_000:
+        problems.append(f"{INSPECTOR}.Timeout {timeout} s must exceed the longest InspectorGraceMs + 1 s by 20 s (the reads, a cold start)")
     if default_of(t, {"Ref": "InspectorReservedConcurrency"}) != 1:
         problems.append("InspectorReservedConcurrency must default to 1 (runs never overlap)")
+    return problems
+
+
+def _stream_readers(t: dict) -> list[str]:
+    """Everything that reads the table's stream: SAM DynamoDB events and event source mappings."""
+    readers = []
+    for name, r in resources(t).items():
+        if r.get("Type") == "AWS::Serverless::Function":
+            for event, e in (r.get("Properties", {}).get("Events") or {}).items():
+                if e.get("Type") == "DynamoDB":
+                    readers.append(f"{name}.Events.{event}")
+        elif r.get("Type") == "AWS::Lambda::EventSourceMapping":
+            arn = r.get("Properties", {}).get("EventSourceArn")
+            if any(is_getatt(b, TABLE, "StreamArn") or is_ref(b, "ExistingTableStreamArn") for b in if_branches(arn)):
+                readers.append(name)
+    return readers
+
+
+def check_change_monitor(t: dict) -> list[str]:
+    """The change monitor: the inspector on the table's stream through a mapping of its own, the
+    stream's second and last reader, with the settings the monitor is built for (LATEST, batches
+    of up to 1,000 gathered for 10 s, one at a time per shard, two retries, an hour's record age,
+    no bisecting and no partial batch responses). ChangeMonitor (default enabled) switches the
+    mapping and the role's stream grant together; MONITOR_SHARE only takes what the code accepts."""
+    problems = []
+    params = t.get("Parameters", {})
+    switch = params.get(MONITOR_PARAM, {})
+    if set(switch.get("AllowedValues", [])) != {"enabled", "disabled"} or switch.get("Default") != "enabled":
+        problems.append(f"parameter {MONITOR_PARAM} must allow enabled and disabled, default enabled")
+    share = params.get(MONITOR_SHARE_PARAM, {})
+    pattern = share.get("AllowedPattern")
+    if str(share.get("Default")) != "1":
+        problems.append(f"{MONITOR_SHARE_PARAM} must default to 1 (every changed key, the code's default)")
+    if not pattern:
+        problems.append(f"{MONITOR_SHARE_PARAM} needs an AllowedPattern (MONITOR_SHARE is above 0 and at most 1)")
+    else:
+        for value, ok in (("1", True), ("1.0", True), ("0.5", True), ("0.01", True), ("0", False),
+                          ("0.0", False), ("1.5", False), ("2", False), ("-1", False), ("", False), ("all", False)):
+            if bool(re.fullmatch(pattern, value)) != ok:
+                problems.append(f"{MONITOR_SHARE_PARAM} pattern {'rejects' if ok else 'accepts'} {value!r}")
+    readers = _stream_readers(t)
+    if len(readers) > MAX_STREAM_READERS:
+        problems.append(f"the table's stream has {len(readers)} readers {readers}; DynamoDB Streams serves {MAX_STREAM_READERS} per shard")
+    mappings = {
+        n: r for n, r in resources(t, "AWS::Lambda::EventSourceMapping").items()
+        if any(is_ref(f, INSPECTOR) or is_getatt(f, INSPECTOR, "Arn")
+               for f in if_branches(r.get("Properties", {}).get("FunctionName")))
+    }
+    if len(mappings) != 1:
+        return problems + [f"{INSPECTOR} needs exactly one event source mapping, has {sorted(mappings)}"]
+    (name, mapping), = mappings.items()
+    cond = mapping.get("Condition")
+    try:
+        on = isinstance(cond, str) and evaluate_condition(t, cond, {MONITOR_PARAM: "enabled"})
+        off = isinstance(cond, str) and evaluate_condition(t, cond, {MONITOR_PARAM: "disabled"})
+    except (KeyError, ValueError):
+        on, off = False, True
+    if not on or off:
+        problems.append(f"{name} must exist exactly when {MONITOR_PARAM} is enabled (a Condition on it)")
+    p = mapping.get("Properties", {})
+    arn = p.get("EventSourceArn")
+    if not (isinstance(arn, dict) and "Fn::If" in arn and arn["Fn::If"][0] == "CreateTable"
+            and is_getatt(arn["Fn::If"][1], TABLE, "StreamArn") and is_ref(arn["Fn::If"][2], "ExistingTableStreamArn")):
+        problems.append(f"{name} must read !If [CreateTable, ProductTable.StreamArn, ExistingTableStreamArn]")
+    for key, want in MONITOR_SETTINGS.items():
+        if p.get(key) != want:
+            problems.append(f"{name}.{key} is {p.get(key)!r}, must be {want!r}")
+    for key in ("FunctionResponseTypes", "DestinationConfig", "TumblingWindowInSeconds", "FilterCriteria"):
+        if key in p:
+            problems.append(f"{name} must not set {key} (the function never reports item failures or fails a batch)")
+    if p.get("Enabled", True) is not True:
+        problems.append(f"{name} is disabled; {MONITOR_PARAM}=disabled is the switch")
+    # The role's stream grant exists with the mapping and only with it.
+    for value, want in (("enabled", True), ("disabled", False)):
+        d = deployed(t, {MONITOR_PARAM: value})
+        role, statements, _ = role_statements(d, INSPECTOR)
+        granted = {a for s_ in statements for a in actions_of(s_)} & STREAM_READ_ACTIONS
+        if want and granted != STREAM_READ_ACTIONS:
+            problems.append(f"{MONITOR_PARAM}={value}: {role} lacks {sorted(STREAM_READ_ACTIONS - granted)} (the mapping would fail)")
+        if not want and granted:
+            problems.append(f"{MONITOR_PARAM}={value}: {role} keeps {sorted(granted)} without a mapping")
     return problems
 
 
@@ -1325,6 +1470,18 @@ def check_metric_alarms(t: dict) -> list[str]:
                   and p.get("ComparisonOperator") == "GreaterThanThreshold" and float(p.get("Threshold", -1)) == 0
                   and p.get("TreatMissingData") == "notBreaching"):
         problems.append("InconsistentKeys alarm must be Sum over the inspector's interval > 0, missing data not breaching")
+    # Any change found inconsistent (pending ones are counted apart), judged per 5 minutes; the
+    # alarm exists with the change monitor.
+    p = one("inspector", "ChangesInconsistent")
+    if p and not (p.get("Statistic") == "Sum" and int(p.get("Period", 0)) == 300
+                  and int(p.get("EvaluationPeriods", 0)) == 1
+                  and p.get("ComparisonOperator") == "GreaterThanThreshold" and float(p.get("Threshold", -1)) == 0
+                  and p.get("TreatMissingData") == "notBreaching"):
+        problems.append("ChangesInconsistent alarm must be Sum over 5 minutes > 0, missing data not breaching")
+    for name, _ in _alarm_on(t, "inspector", "ChangesInconsistent"):
+        cond = t["Resources"][name].get("Condition")
+        if cond is not None and not evaluate_condition(t, cond, {MONITOR_PARAM: "enabled"}):
+            problems.append(f"{name} must exist whenever the change monitor does")
     # An inspector that stops running must be noticed: a missing KeysChecked breaches, any
     # present data point (a run, even of 0 keys) does not.
     p = one("inspector", "KeysChecked")
@@ -1520,6 +1677,7 @@ def check_dashboard(t: dict) -> list[str]:
         aws: set[tuple[str, str]] = set()
         nodes: dict[str, set[str]] = {}  # cache metric -> node suffixes graphed
         expressions: list[str] = []
+        per_million: set[int] = set()  # periods of inconsistent-per-million-checked-changes math
         for w in body.get("widgets", []):
             if w.get("type") != "metric":
                 continue
@@ -1527,6 +1685,7 @@ def check_dashboard(t: dict) -> list[str]:
             if props_.get("region") != placeholder("AWS::Region"):
                 problems.append(f"{where}: widget {props_.get('title')!r} is not in the stack's Region")
             ids, widget_expressions = set(), []
+            own_ids: dict[str, tuple[str, Any, Any]] = {}  # id -> (metric, stat, period) of own metrics
             for values, options in _metric_rows(w):
                 if "id" in options:
                     ids.add(options["id"])
@@ -1540,6 +1699,8 @@ def check_dashboard(t: dict) -> list[str]:
                 stat = options.get("stat", props_.get("stat"))
                 if namespace == ns:
                     fn = dims.get("Function")
+                    if fn == "inspector" and "id" in options:
+                        own_ids[options["id"]] = (metric, stat, options.get("period", props_.get("period")))
                     if dims != {"Service": stack, "Function": fn} or metric not in EMITTED.get(fn, set()):
                         problems.append(f"{where}: {metric} {dims} is not a metric the functions emit for this stack")
                     own.setdefault(fn, set()).add((metric, stat))
@@ -1557,6 +1718,14 @@ def check_dashboard(t: dict) -> list[str]:
                 missing = set(re.findall(r"\b([a-z]\w*)\b", e)) - ids
                 if missing:
                     problems.append(f"{where}: expression {e!r} uses ids {sorted(missing)} its widget lacks")
+                # The change monitor's "nines": inconsistent changes per million checked, both
+                # summed over the same period.
+                m = re.fullmatch(r"\s*1000000\s*\*\s*(\w+)\s*/\s*(\w+)\s*", e)
+                if m and m.group(1) in own_ids and m.group(2) in own_ids:
+                    (inc, inc_stat, inc_period), (chk, chk_stat, chk_period) = own_ids[m.group(1)], own_ids[m.group(2)]
+                    if ((inc, chk) == ("ChangesInconsistent", "ChangesChecked") and inc_stat == chk_stat == "Sum"
+                            and inc_period == chk_period and isinstance(inc_period, int)):
+                        per_million.add(inc_period)
             expressions += widget_expressions
         wanted = {
             "read": {("Hits", "Sum"), ("Misses", "Sum"), ("Bypasses", "Sum"), ("BreakerBypasses", "Sum"),
@@ -1565,7 +1734,9 @@ def check_dashboard(t: dict) -> list[str]:
             "invalidator": {("InvalidationLag", "p50"), ("InvalidationLag", "p99"), ("InvalidationLag", "Maximum"),
                             ("BatchSize", "Average"), ("RecordsApplied", "Sum"), ("RecordsRefusedAsOlder", "Sum"),
                             ("RecordsSkippedMalformed", "Sum"), ("RecordsFailed", "Sum")},
-            "inspector": {("KeysChecked", "Sum"), ("InconsistentKeys", "Sum")},
+            "inspector": {("KeysChecked", "Sum"), ("InconsistentKeys", "Sum"),
+                          ("ChangesChecked", "Sum"), ("ChangesPending", "Sum"), ("ChangesInconsistent", "Sum"),
+                          ("PendingChangeAge", "p99"), ("PendingChangeAge", "Maximum")},
         }
         for fn, want in wanted.items():
             missing = want - own.get(fn, set())
@@ -1574,6 +1745,9 @@ def check_dashboard(t: dict) -> list[str]:
         for pattern in (r"hits\s*/\s*\(hits \+ misses \+ bypasses\)", r"bypasses\s*/\s*\(hits \+ misses \+ bypasses\)"):
             if not any(re.search(pattern, e) for e in expressions):
                 problems.append(f"{where}: no expression {pattern}")
+        for period, span in ((86400, "a day"), (604800, "a week")):
+            if period not in per_million:
+                problems.append(f"{where}: no 1000000 * ChangesInconsistent / ChangesChecked (Sum) over {span} ({period} s)")
         # The AWS metrics the stack alarms on are on the dashboard too.
         for name, a in resources(t, "AWS::CloudWatch::Alarm").items():
             p = a["Properties"]
@@ -1612,6 +1786,7 @@ ALL_CHECKS = [
     check_checkov_skips,
     check_inspector,
     check_inspector_policies,
+    check_change_monitor,
     check_metrics_environment,
     check_metric_alarms,
     check_dashboard,

@@ -126,8 +126,12 @@ def read_batch_gets_another_table(t):
     }
 
 
-def inspector_can_batch_get(t):
-    role_policy(t, "InspectorFunctionRole")[0]["Action"] = ["dynamodb:GetItem", "dynamodb:BatchGetItem"]
+def inspector_without_batch_get_item(t):
+    role_policy(t, "InspectorFunctionRole")[0]["Action"] = "dynamodb:GetItem"
+
+
+def inspector_batch_gets_every_table(t):
+    role_policy(t, "InspectorFunctionRole")[0]["Resource"] = "*"
 
 
 # ---- the read function's routes ---------------------------------------------------------------
@@ -648,6 +652,134 @@ def dashboard_expression_without_its_metric(t):
     set_dashboard_text(t, dashboard_text(t)[0].replace('{"id": "misses", "visible": false}', '{"id": "miss", "visible": false}', 1))
 
 
+# ---- the change monitor -----------------------------------------------------------------------
+
+
+def monitor_mapping(t):
+    return props(t, "ChangeMonitorMapping")
+
+
+def inspector_stream_statement(t, sid):
+    """The inspector's stream statement with this Sid (the yes-branch of its !If [MonitorChanges, ...])."""
+    for s in role_policy(t, "InspectorFunctionRole"):
+        branch = s["Fn::If"][1] if "Fn::If" in s else s
+        if branch.get("Sid") == sid:
+            return branch
+    raise AssertionError(f"InspectorFunctionRole has no statement {sid}")
+
+
+def no_monitor_mapping(t):
+    del t["Resources"]["ChangeMonitorMapping"]
+
+
+def monitor_mapping_always_created(t):
+    del t["Resources"]["ChangeMonitorMapping"]["Condition"]
+
+
+def monitor_off_by_default(t):
+    t["Parameters"][c.MONITOR_PARAM]["Default"] = "disabled"
+
+
+def monitor_replays_the_stream(t):
+    monitor_mapping(t)["StartingPosition"] = "TRIM_HORIZON"
+
+
+def monitor_small_batches(t):
+    monitor_mapping(t)["BatchSize"] = 100
+
+
+def monitor_without_batching_window(t):
+    del monitor_mapping(t)["MaximumBatchingWindowInSeconds"]
+
+
+def monitor_parallel_batches_per_shard(t):
+    monitor_mapping(t)["ParallelizationFactor"] = 2
+
+
+def monitor_retries_forever(t):
+    del monitor_mapping(t)["MaximumRetryAttempts"]
+
+
+def monitor_keeps_records_a_day(t):
+    monitor_mapping(t)["MaximumRecordAgeInSeconds"] = 86400
+
+
+def monitor_bisects(t):
+    monitor_mapping(t)["BisectBatchOnFunctionError"] = True
+
+
+def monitor_reports_item_failures(t):
+    monitor_mapping(t)["FunctionResponseTypes"] = ["ReportBatchItemFailures"]
+
+
+def monitor_reads_another_stream(t):
+    monitor_mapping(t)["EventSourceArn"] = {"Fn::GetAtt": [TABLE, "StreamArn"]}
+
+
+def third_stream_reader(t):
+    t["Resources"]["AnotherReader"] = {
+        "Type": "AWS::Lambda::EventSourceMapping",
+        "Properties": {"FunctionName": {"Ref": READ}, "StartingPosition": "LATEST",
+                       "EventSourceArn": copy.deepcopy(monitor_mapping(t)["EventSourceArn"])},
+    }
+
+
+def inspector_reads_every_stream(t):
+    inspector_stream_statement(t, "ReadTheTableStream")["Resource"] = "*"
+
+
+def inspector_lists_every_stream(t):
+    inspector_stream_statement(t, "ListTheTableStreams")["Resource"] = {
+        "Fn::Sub": "arn:${AWS::Partition}:dynamodb:${AWS::Region}:${AWS::AccountId}:table/*/stream/*"
+    }
+
+
+def inspector_stream_grant_without_get_records(t):
+    inspector_stream_statement(t, "ReadTheTableStream")["Action"] = [
+        "dynamodb:DescribeStream", "dynamodb:GetShardIterator"
+    ]
+
+
+def inspector_stream_grant_without_the_monitor(t):
+    statements = role_policy(t, "InspectorFunctionRole")
+    statements[:] = [s["Fn::If"][1] if "Fn::If" in s and s["Fn::If"][0] == "MonitorChanges" else s
+                     for s in statements]
+
+
+def share_may_be_zero(t):
+    t["Parameters"][c.MONITOR_SHARE_PARAM]["AllowedPattern"] = r"^[0-9.]+$"
+
+
+def share_not_passed(t):
+    del inspector_env(t)["MONITOR_SHARE"]
+
+
+def changes_alarm_threshold_raised(t):
+    props(t, "ChangesInconsistentAlarm")["Threshold"] = 10
+
+
+def changes_alarm_on_pending(t):
+    props(t, "ChangesInconsistentAlarm")["MetricName"] = "ChangesPending"
+
+
+def changes_alarm_breaches_on_missing_data(t):
+    props(t, "ChangesInconsistentAlarm")["TreatMissingData"] = "breaching"
+
+
+def dashboard_without_weekly_nines(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"period": 604800, "visible": false', '"period": 86400, "visible": false'))
+
+
+def dashboard_nines_over_pending(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace(
+        '"ChangesInconsistent", "Service", "${AWS::StackName}", "Function", "inspector", {"id": "inc", "period": 86400',
+        '"ChangesPending", "Service", "${AWS::StackName}", "Function", "inspector", {"id": "inc", "period": 86400', 1))
+
+
+def dashboard_without_pending_age(t):
+    set_dashboard_text(t, dashboard_text(t)[0].replace('"PendingChangeAge"', '"ChangesPending"'))
+
+
 WEAKENED = [
     (unconfirmed_invalidations, c.check_environment),
     (drop_report_batch_item_failures, c.check_stream_event_source),
@@ -664,7 +796,8 @@ WEAKENED = [
     (read_without_batch_get_item, c.check_read_function_policies),
     (read_batch_gets_every_table, c.check_read_function_policies),
     (read_batch_gets_another_table, c.check_read_function_policies),
-    (inspector_can_batch_get, c.check_inspector_policies),
+    (inspector_without_batch_get_item, c.check_inspector_policies),
+    (inspector_batch_gets_every_table, c.check_inspector_policies),
     (no_batch_route, c.check_read_routes),
     (batch_route_on_any_method, c.check_read_routes),
     (batch_route_on_the_implicit_api, c.check_read_routes),
@@ -784,6 +917,33 @@ WEAKENED = [
     (dashboard_expression_without_its_metric, c.check_dashboard),
     (dashboard_without_batch_size_p99, c.check_dashboard),
     (dashboard_batch_reads_of_the_invalidator, c.check_dashboard),
+    (no_monitor_mapping, c.check_change_monitor),
+    (monitor_mapping_always_created, c.check_change_monitor),
+    (monitor_off_by_default, c.check_change_monitor),
+    (monitor_replays_the_stream, c.check_change_monitor),
+    (monitor_small_batches, c.check_change_monitor),
+    (monitor_without_batching_window, c.check_change_monitor),
+    (monitor_parallel_batches_per_shard, c.check_change_monitor),
+    (monitor_retries_forever, c.check_change_monitor),
+    (monitor_keeps_records_a_day, c.check_change_monitor),
+    (monitor_bisects, c.check_change_monitor),
+    (monitor_reports_item_failures, c.check_change_monitor),
+    (monitor_reads_another_stream, c.check_change_monitor),
+    (monitor_reads_another_stream, c.check_conditional_references),
+    (third_stream_reader, c.check_change_monitor),
+    (inspector_reads_every_stream, c.check_inspector_policies),
+    (inspector_lists_every_stream, c.check_inspector_policies),
+    (inspector_stream_grant_without_get_records, c.check_inspector_policies),
+    (inspector_stream_grant_without_get_records, c.check_change_monitor),
+    (inspector_stream_grant_without_the_monitor, c.check_change_monitor),
+    (share_may_be_zero, c.check_change_monitor),
+    (share_not_passed, c.check_inspector),
+    (changes_alarm_threshold_raised, c.check_metric_alarms),
+    (changes_alarm_on_pending, c.check_metric_alarms),
+    (changes_alarm_breaches_on_missing_data, c.check_metric_alarms),
+    (dashboard_without_weekly_nines, c.check_dashboard),
+    (dashboard_nines_over_pending, c.check_dashboard),
+    (dashboard_without_pending_age, c.check_dashboard),
 ]
 
 
@@ -835,12 +995,21 @@ def sam_transformed(template):
 def test_sam_transform_adds_no_permissions(template):
     """The real SAM transform (as `sam deploy` runs it) keeps the explicit roles as the only
     grants: no generated role, no AWSLambdaDynamoDBExecutionRole (stream actions on every stream),
-    and the event source mapping carries every safety setting through."""
+    the invalidator's event source mapping carries every safety setting through, and the change
+    monitor's mapping (the stream's second reader, under its condition) comes through as written."""
     out = sam_transformed(template)
     roles = {n for n, r in out.items() if r["Type"] == "AWS::IAM::Role"}
     assert roles == {"ReadFunctionRole", "InvalidatorFunctionRole", "InspectorFunctionRole"}
     assert not [n for n, r in out.items() if r["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy")]
-    (esm,) = [r["Properties"] for r in out.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
+    mappings = {json.dumps(r["Properties"]["FunctionName"]): (n, r) for n, r in out.items()
+                if r["Type"] == "AWS::Lambda::EventSourceMapping"}
+    assert set(mappings) == {json.dumps({"Ref": INVALIDATOR}), json.dumps({"Ref": c.INSPECTOR})}, sorted(mappings)
+    monitor_name, monitor = mappings[json.dumps({"Ref": c.INSPECTOR})]
+    assert monitor_name == "ChangeMonitorMapping" and monitor["Condition"] == "MonitorChanges"
+    for key, want in c.MONITOR_SETTINGS.items():
+        assert monitor["Properties"][key] == want, key
+    assert "FunctionResponseTypes" not in monitor["Properties"]
+    esm = mappings[json.dumps({"Ref": INVALIDATOR})][1]["Properties"]
     assert esm["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert esm["BisectBatchOnFunctionError"] is True
     assert esm["StartingPosition"] == "TRIM_HORIZON"
