@@ -94,6 +94,7 @@ mod feeder;
 mod history;
 mod inspector;
 mod invariants;
+mod monitor;
 mod report;
 mod run;
 mod system;
@@ -160,6 +161,7 @@ async fn catches_stale_fills_without_leases() {
         "the inspector at rest disagrees with invariant 3:\n{}",
         report.text
     );
+    report.assert_monitor_found_the_stale_keys();
 }
 
 /// Without ordering, a duplicate delivery of an older batch puts old versions back.

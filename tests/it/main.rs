@@ -22,6 +22,8 @@ mod invalidator;
 mod lambda_binaries;
 mod local_stack;
 mod metrics;
+mod monitor;
+mod monitor_cli;
 mod operator;
 mod poller;
 mod read_path;

@@ -431,14 +431,21 @@ impl TestEnv {
 
     /// Feeds the stream's new records to the invalidator, asserting that nothing failed.
     pub async fn drain_stream(&mut self) -> usize {
+        self.drain_stream_returning().await["Records"]
+            .as_array()
+            .unwrap()
+            .len()
+    }
+
+    /// [`TestEnv::drain_stream`], answering the event the invalidator was given.
+    pub async fn drain_stream_returning(&mut self) -> Value {
         let event = self.new_stream_event().await;
-        let n = event["Records"].as_array().unwrap().len();
-        let response = self.invalidator.handle(event).await;
+        let response = self.invalidator.handle(event.clone()).await;
         assert!(
             response.batch_item_failures.is_empty(),
             "invalidator reported failures: {response:?}"
         );
-        n
+        event
     }
 
     /// GET /products/{id} through the HTTP edge: (status, X-Cache, body).

@@ -36,36 +36,23 @@ pub mod metric {
     pub const KEYS_REPAIRED: Metric = Metric::count("KeysRepaired");
 
     pub const ALL: [Metric; 4] = [KEYS_CHECKED, INCONSISTENT_KEYS, KEYS_SETTLED, KEYS_REPAIRED];
-
-    /// Every metric of the function: the sample's and the change monitor's.
-    pub(crate) const WITH_CHANGES: [Metric; 10] = {
-        use crate::monitor::metric as m;
-        [
-            KEYS_CHECKED,
-            INCONSISTENT_KEYS,
-            KEYS_SETTLED,
-            KEYS_REPAIRED,
-            m::CHANGES_CHECKED,
-            m::CHANGES_INCONSISTENT,
-            m::CHANGES_PENDING,
-            m::CHANGES_SUPERSEDED,
-            m::CHANGES_UNCHECKED,
-            m::PENDING_AGE,
-        ]
-    };
 }
 
 /// How the inspector runs: `INSPECT_SAMPLE` keys per run (default 200), `INSPECT_GRACE_MS`
 /// before a suspect (or a change, for the change monitor) is judged (default 5000: well past
 /// the invalidator's usual lag, and short of a scheduled run's timeout), `INSPECT_REPAIR`
 /// (`true` purges what it finds), `MONITOR_SHARE` (the share of changed keys the change
-/// monitor judges, 0 to 1, default 1: every one).
+/// monitor judges, 0 to 1, default 1: every one), `INVALIDATOR_PARALLELIZATION_FACTOR` (the
+/// invalidator's mapping's, default 1; above 1 the monitor cannot read the invalidator's
+/// progress from a shard's order).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InspectSettings {
     pub sample: usize,
     pub grace: Duration,
     pub repair: bool,
     pub change_share: f64,
+    /// The invalidator applies each shard's records in order, one batch at a time.
+    pub shard_order: bool,
 }
 
 impl Default for InspectSettings {
@@ -75,6 +62,7 @@ impl Default for InspectSettings {
             grace: Duration::from_secs(5),
             repair: false,
             change_share: 1.0,
+            shard_order: true,
         }
     }
 }
@@ -121,11 +109,26 @@ impl InspectSettings {
                     )
                 })?,
         };
+        let shard_order = match src.get("INVALIDATOR_PARALLELIZATION_FACTOR") {
+            None => d.shard_order,
+            Some(v) => match v.parse::<u8>() {
+                Ok(1) => true,
+                Ok(2..=10) => false,
+                _ => {
+                    return Err(invalid(
+                        "INVALIDATOR_PARALLELIZATION_FACTOR",
+                        v,
+                        "the invalidator mapping's ParallelizationFactor, 1 to 10",
+                    ))
+                }
+            },
+        };
         Ok(Self {
             sample,
             grace,
             repair,
             change_share,
+            shard_order,
         })
     }
 }
@@ -214,7 +217,11 @@ pub struct Inspector<S> {
     pub(crate) store: S,
     pub(crate) settings: CacheSettings,
     pub(crate) inspect: InspectSettings,
+    /// The sample's metrics, and the change monitor's: each line carries one path's only, so
+    /// a `KeysChecked` data point means a scheduled run happened (the heartbeat alarm's
+    /// signal), never a stream batch.
     pub(crate) metrics: Recorder,
+    pub(crate) change_metrics: Recorder,
     /// Reads stream records as the invalidator does, in refresh mode whatever the deployed
     /// one: the change monitor needs what each change made the item.
     pub(crate) planner: Invalidator<RedisCache>,
@@ -233,12 +240,14 @@ impl<S: ProductStore> Inspector<S> {
             store,
             settings,
             inspect,
-            metrics: Recorder::off("inspector", &metric::WITH_CHANGES),
+            metrics: Recorder::off("inspector", &metric::ALL),
+            change_metrics: Recorder::off("inspector", &crate::monitor::metric::ALL),
         }
     }
 
     pub fn with_metrics(mut self, settings: MetricsSettings, sink: Sink) -> Self {
-        self.metrics.set_sink(settings, sink);
+        self.metrics.set_sink(settings.clone(), sink.clone());
+        self.change_metrics.set_sink(settings, sink);
         self
     }
 

@@ -105,6 +105,8 @@ pub struct ChangeReport {
     pub unchecked: usize,
     /// How many inconsistent keys were purged (with repair on).
     pub repaired: usize,
+    /// Why changes were unchecked (the first failure), if any were.
+    pub error: Option<String>,
 }
 
 impl ChangeReport {
@@ -169,6 +171,7 @@ impl<S: ProductStore> Inspector<S> {
                 ChangeReport {
                     skipped,
                     unchecked: changes.len(),
+                    error: Some(crate::store::with_causes(&error)),
                     ..ChangeReport::default()
                 }
             }
@@ -199,7 +202,7 @@ impl<S: ProductStore> Inspector<S> {
     }
 
     fn count_changes(&self, report: &ChangeReport) {
-        let add = |m: Metric, n: usize| self.metrics.add(m, n as u64);
+        let add = |m: Metric, n: usize| self.change_metrics.add(m, n as u64);
         add(
             metric::CHANGES_CHECKED,
             report.rows.len() - report.count(|v| *v == ChangeVerdict::Superseded),
@@ -213,12 +216,12 @@ impl<S: ProductStore> Inspector<S> {
         add(metric::CHANGES_UNCHECKED, report.unchecked);
         for row in &report.rows {
             if let ChangeVerdict::Pending(age) = row.verdict {
-                self.metrics
+                self.change_metrics
                     .sample(metric::PENDING_AGE, age.as_millis() as u64);
             }
         }
         // A batch with nothing wrong still says so: the alarm needs a 0, not a missing point.
-        self.metrics.flush_always();
+        self.change_metrics.flush_always();
         tracing::info!(
             checked = report.rows.len(),
             inconsistent = report.inconsistent().count(),
@@ -281,18 +284,22 @@ impl<S: ProductStore> Inspector<S> {
         if self.inspect.change_share >= 1.0 {
             return true;
         }
-        // FNV-1a, 64 bits.
-        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        // FNV-1a, 64 bits, then splitmix64's finaliser: FNV alone leaves the high bits of keys
+        // that differ in their last characters alike, and the share is taken from them.
+        let mut h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         });
-        (hash as f64 / u64::MAX as f64) < self.inspect.change_share
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+        (h as f64 / u64::MAX as f64) < self.inspect.change_share
     }
 
     /// Judges `changes`; a change whose table read failed is left out and counted unchecked.
     async fn judge(&self, changes: &[Change]) -> Result<(Vec<ChangeRow>, usize), InspectError> {
         use std::cmp::Ordering::{Equal, Greater};
         let keys: Vec<String> = changes.iter().map(|c| c.key.clone()).collect();
-        let cached = self.cache.values(&keys).await?;
+        let cached = self.values(&keys).await?;
         let positions: Vec<Option<Order>> = cached
             .iter()
             .map(|(_, p)| p.as_deref().and_then(Order::decode))
@@ -300,10 +307,13 @@ impl<S: ProductStore> Inspector<S> {
         // How far the invalidator has got through this batch's shard: the newest change whose
         // key holds its position or a later one. A batch comes from one shard, which the
         // invalidator applies in order, so every earlier change has been applied too. Sequence
-        // numbers only: versions order one item's changes, not a shard's.
+        // numbers only: versions order one item's changes, not a shard's. Not inferred where the
+        // invalidator runs several batches of a shard at once (`ParallelizationFactor` above
+        // 1): a later key's position then says nothing of an earlier key's change.
         let reach = changes
             .iter()
             .zip(&positions)
+            .filter(|_| self.inspect.shard_order)
             .filter_map(|(c, p)| match (&c.order, p) {
                 (Some(r), Some(p)) if r.kind() == OrderKind::Sequence && p >= r => Some(r),
                 _ => None,
@@ -337,6 +347,8 @@ impl<S: ProductStore> Inspector<S> {
         }
         let now = now_ms();
         let mut unchecked = 0;
+        // Judged inconsistent on the shard's progress alone, with what each is expected to be.
+        let mut by_progress: Vec<(usize, String)> = Vec::new();
         for (&i, item) in open.iter().zip(items) {
             let item = match item {
                 Ok(item) => item,
@@ -348,22 +360,29 @@ impl<S: ProductStore> Inspector<S> {
             };
             let change = &changes[i];
             let now_form = self.cached_form(item.as_ref());
-            let applied = match (&change.order, &positions[i]) {
+            let own = match (&change.order, &positions[i]) {
                 (Some(r), Some(p)) => p.partial_cmp(r) == Some(Equal),
                 _ => false,
-            } || matches!((&change.order, reach), (Some(r), Some(reach)) if r <= reach);
+            };
+            let passed = matches!((&change.order, reach), (Some(r), Some(reach)) if r <= reach);
+            let applied = own || passed;
             verdicts[i] = Some(if cached[i].0.as_deref() == Some(now_form.as_str()) {
                 // The cache holds the item's newest state (a later change's fill).
                 ChangeVerdict::Consistent
             } else if matches!(&change.after, After::Known(a) if *a != now_form) {
                 ChangeVerdict::Superseded
             } else if applied {
+                if !own {
+                    by_progress.push((i, now_form));
+                }
                 ChangeVerdict::Inconsistent
             } else {
                 let age = change.created_ms.map_or(0, |c| (now - c).max(0));
                 ChangeVerdict::Pending(Duration::from_millis(age as u64))
             });
         }
+        self.look_again(changes, &cached, by_progress, &mut verdicts)
+            .await?;
         let rows = changes
             .iter()
             .zip(cached)
@@ -378,6 +397,63 @@ impl<S: ProductStore> Inspector<S> {
             })
             .collect();
         Ok((rows, unchecked))
+    }
+}
+
+impl<S: ProductStore> Inspector<S> {
+    /// Each key's value and position, asked again once if the first call fails: a connection
+    /// the node closed (a restart, a failover) fails its first call and reconnects, and a batch
+    /// is judged once.
+    async fn values(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<(Option<String>, Option<String>)>, crate::cache::CacheError> {
+        match self.cache.values(keys).await {
+            Ok(values) => Ok(values),
+            Err(_) => self.cache.values(keys).await,
+        }
+    }
+
+    /// A change judged inconsistent because later changes of its shard were applied, while its
+    /// own key's position is still behind it, may be one the invalidator failed on a node and
+    /// is retrying (a batch's partial failure, redelivered from that record): its key is looked
+    /// at again a grace period later, and only if neither its value nor its position moved
+    /// does it stay inconsistent.
+    async fn look_again(
+        &self,
+        changes: &[Change],
+        cached: &[(Option<String>, Option<String>)],
+        suspects: Vec<(usize, String)>,
+        verdicts: &mut [Option<ChangeVerdict>],
+    ) -> Result<(), InspectError> {
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(self.inspect.grace).await;
+        let keys: Vec<String> = suspects
+            .iter()
+            .map(|(i, _)| changes[*i].key.clone())
+            .collect();
+        let again = self.values(&keys).await?;
+        for ((i, now_form), (value, position)) in suspects.into_iter().zip(again) {
+            if (&value, &position) == (&cached[i].0, &cached[i].1) {
+                continue;
+            }
+            let change = &changes[i];
+            let newer = match (position.as_deref().and_then(Order::decode), &change.order) {
+                (Some(p), Some(r)) => p.partial_cmp(r) == Some(std::cmp::Ordering::Greater),
+                _ => false,
+            };
+            let fits =
+                |v: &String| *v == now_form || matches!(&change.after, After::Known(a) if a == v);
+            verdicts[i] = Some(match &value {
+                None => ChangeVerdict::Consistent,
+                Some(v) if fits(v) => ChangeVerdict::Consistent,
+                Some(_) if newer => ChangeVerdict::Superseded,
+                Some(_) => ChangeVerdict::Inconsistent,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -24,7 +24,7 @@ impl StoreError {
 }
 
 /// `e`'s message followed by its sources', as one line.
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -38,6 +38,10 @@ pub struct Report {
     pub batch_readers: bool,
     /// The cache inspector's findings over the run.
     pub inspected: super::inspector::Tally,
+    /// The change monitor's findings over the run.
+    pub monitored: super::monitor::Tally,
+    /// The keys invariant 3 found stale at the end.
+    pub stale_at_end: std::collections::BTreeSet<String>,
     /// On a game day: batches that failed for want of a replica's confirmation while their
     /// shard was served by a primary with no replica (from a second after the promotion, when
     /// every client has the new topology, to the killed node's return).
@@ -92,6 +96,12 @@ impl Report {
             "the inspector found inconsistent keys:\n{}",
             self.text
         );
+        // The change monitor judged changes and found nothing either.
+        assert!(
+            self.monitored.checked > 0 && self.monitored.inconsistent.is_empty(),
+            "the change monitor judged nothing, or found inconsistent keys:\n{}",
+            self.text
+        );
         // Its metrics, as CloudWatch would read them, keep the template's alarm quiet.
         let emf = crate::metrics::emf_of(&self.inspected.lines);
         assert!(
@@ -114,6 +124,17 @@ impl Report {
         assert_eq!(
             hitting, readers,
             "not every reader's client hit after the failovers:\n{}",
+            self.text
+        );
+    }
+
+    /// A guard-off run: the change monitor alone (no sweep at rest) found stale keys, among
+    /// them every key invariant 3 found stale at the end.
+    pub fn assert_monitor_found_the_stale_keys(&self) {
+        assert!(
+            !self.monitored.inconsistent.is_empty()
+                && self.stale_at_end.is_subset(&self.monitored.inconsistent),
+            "the change monitor found nothing, or missed stale keys invariant 3 found:\n{}",
             self.text
         );
     }
@@ -164,6 +185,8 @@ pub struct Findings {
     pub herd_lease: Duration,
     /// What the cache inspector found while the run went on.
     pub inspected: super::inspector::Tally,
+    /// What the change monitor found.
+    pub monitored: super::monitor::Tally,
 }
 
 impl Report {
@@ -184,7 +207,12 @@ impl Report {
             writers_done,
             herd_lease,
             inspected,
+            monitored,
         } = found;
+        let stale_at_end: std::collections::BTreeSet<String> = inv3
+            .iter()
+            .filter_map(|v| v.split_once(": cached ").map(|(key, _)| key.to_owned()))
+            .collect();
         let Replay {
             violations: inv2,
             replayed,
@@ -398,6 +426,12 @@ impl Report {
         let _ = writeln!(text, "{inspected}");
         let _ = writeln!(
             text,
+            "{monitored}; of the {} keys invariant 3 found stale at the end, it found {}",
+            stale_at_end.len(),
+            stale_at_end.intersection(&monitored.inconsistent).count()
+        );
+        let _ = writeln!(
+            text,
             "staleness (commit -> end of the first later-starting read that saw it or newer), \
              {} writes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {unseen} writes never seen \
              (overwritten before any read)",
@@ -419,6 +453,8 @@ impl Report {
             required,
             batch_readers: cfg.batch_readers > 0,
             inspected,
+            monitored,
+            stale_at_end,
             unconfirmed_while_short,
             under_replicated_while_short,
         }

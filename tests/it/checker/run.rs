@@ -15,6 +15,7 @@ use super::feeder::Feeder;
 use super::history::{ms, Clock};
 use super::inspector;
 use super::invariants;
+use super::monitor;
 use super::report::{Findings, Report};
 use super::system::{Redis, Sut};
 use crate::support::init_logging;
@@ -81,6 +82,7 @@ pub async fn run(cfg: Config) -> Report {
     let writers = actors::spawn_writers(&cfg, &shared);
     let readers = actors::spawn_readers(&cfg, &sut, &shared).await;
     let inspections = inspector::spawn(&sut, &shared).await;
+    let monitoring = monitor::spawn(&sut, &shared).await;
 
     // On this task (not spawned): a restarted (or revived) redis-server is tied to the thread
     // that spawns it.
@@ -138,6 +140,7 @@ pub async fn run(cfg: Config) -> Report {
         chaos.faults.add("keys evicted", filled.evicted);
     }
     let mut inspected = inspections.await.expect("inspector task");
+    let monitored = monitoring.await.expect("monitor task");
     inspector::at_rest(&sut, &shared.items, &mut inspected).await;
     println!(
         "[{}] drained at {:.1} s; checking the cache and replaying the stream",
@@ -201,6 +204,7 @@ pub async fn run(cfg: Config) -> Report {
             writers_done,
             herd_lease: herd_settings.lease,
             inspected,
+            monitored,
         },
     )
 }
