@@ -287,6 +287,7 @@ async fn catches_regressions_under_memory_pressure_without_the_eviction_guard() 
         "no stale read was reported under memory pressure without the eviction guard:\n{}",
         report.text
     );
+    report.assert_monitor_found_the_stale_keys();
 }
 
 /// Memory pressure on a cluster of three primaries with a replica each, every batch confirmed,
@@ -383,6 +384,7 @@ async fn catches_lost_invalidations_without_confirmation() {
         "no lost invalidation was reported without confirmation:\n{}",
         report.text
     );
+    report.assert_monitor_found_the_stale_keys();
 }
 
 /// The same cut and kill with confirmation on. The cut (`RedisCluster::cut_replication`) closes
@@ -416,6 +418,7 @@ async fn a_primary_lost_while_its_shard_is_short_of_replicas_loses_invalidations
         "no lost invalidation was reported with the replica detached before the kill:\n{}",
         report.text
     );
+    report.assert_monitor_found_the_stale_keys();
 }
 
 /// The product's confirmation against a primary killed while its `WAIT` is pending: the replica

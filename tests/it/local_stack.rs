@@ -248,6 +248,86 @@ async fn until_invalidated(stack: &Stack, records: u64) {
     }
 }
 
+/// The change monitor runs as the stream's second reader: a price change made by another
+/// writer, applied by the invalidator, then undone in the cache by a stale write (a fill that
+/// lost its race) is reported in the metrics file a grace period after the change, and the
+/// changes around it are not.
+#[tokio::test]
+async fn the_change_monitor_reports_a_stale_entry_left_after_a_change() {
+    let redis = RedisServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    init_logging();
+    let mut options = StackOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        table: unique_table("stack"),
+        redis_url: Some(redis.url()),
+        dynamodb_endpoint: Some(moto_endpoint().to_owned()),
+        seed_products: 20,
+        ..StackOptions::default()
+    };
+    // A short window: the test waits one grace period, not a production window too.
+    options.change_monitor = Some(local_stack::poller::EsmConfig {
+        batching_window: Duration::from_millis(500),
+        ..local_stack::stack::change_monitor_esm()
+    });
+    let metrics = dir.path().join("metrics.jsonl");
+    options.metrics = Some(metrics.clone());
+    let stack = Stack::start(options).await.expect("the stack starts");
+    let url = |id: &str| format!("{}/products/{id}", stack.http_url());
+    let stale = get(&url("kb-001")).await.body.to_string();
+    for (id, price) in [
+        ("kb-001", "99.99"),
+        ("kb-002", "19.99"),
+        ("mouse-001", "9.99"),
+    ] {
+        dynamodb()
+            .await
+            .update_item()
+            .table_name(stack.table())
+            .key("productId", AttributeValue::S(id.into()))
+            .update_expression("SET price = :p")
+            .expression_attribute_values(":p", AttributeValue::N(price.into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    until_invalidated(&stack, 23).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("product:kb-001")
+        .arg(&stale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The monitor's lines: three changes judged, one inconsistent.
+    let started = Instant::now();
+    let judged = || {
+        let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let emf = crate::metrics::emf_of(&Mutex::new(lines));
+        (
+            crate::metrics::total(&emf, "ChangesChecked"),
+            crate::metrics::total(&emf, "ChangesInconsistent"),
+        )
+    };
+    while judged().0 < 3.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the change monitor judged {:?} after a minute",
+            judged()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(judged(), (3.0, 1.0));
+    assert!(stack.stats().changes_monitored >= 3);
+    stack.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_batch_over_http_answers_every_product_in_request_order() {
     let redis = RedisServer::start().await.unwrap();

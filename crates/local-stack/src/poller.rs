@@ -95,6 +95,14 @@ impl<C: Cache> BatchFunction for Invalidator<C> {
     }
 }
 
+/// The inspector function on the stream: the change monitor (its handler routes a stream
+/// event to [`Inspector::check_changes`](product_cache::inspect::Inspector)).
+impl<S: product_cache::store::ProductStore> BatchFunction for product_cache::inspect::Inspector<S> {
+    async fn invoke(&self, event: Value) -> Result<Value, String> {
+        self.handle(event).await.map_err(|e| e.to_string())
+    }
+}
+
 /// Any async closure as a function, for tests.
 pub struct FnFunction<F>(pub F);
 

@@ -11,7 +11,8 @@ mod state;
 mod status;
 
 pub use lifecycle::{
-    Stack, StackError, StackOptions, DEFAULT_LISTEN, DEFAULT_TABLE, LOCAL_POLL_INTERVAL,
+    change_monitor_esm, Stack, StackError, StackOptions, DEFAULT_LISTEN, DEFAULT_TABLE,
+    LOCAL_POLL_INTERVAL,
 };
 pub use state::{StackState, StateError};
 pub use status::{describe_esm, Stats, StatusStyle};

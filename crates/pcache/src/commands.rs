@@ -42,6 +42,7 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
             args.metrics
                 .unwrap_or_else(|| args.state_dir.join("metrics.jsonl")),
         ),
+        change_monitor: (!args.no_change_monitor).then(local_stack::stack::change_monitor_esm),
     };
     let mut stack = tokio::select! {
         stack = Stack::start(options) => stack?,

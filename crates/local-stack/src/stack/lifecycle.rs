@@ -17,6 +17,7 @@ use product_cache::config::{
     CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
 };
 use product_cache::id::KeyType;
+use product_cache::inspect::{InspectSettings, Inspector};
 use product_cache::invalidate::Invalidator;
 use product_cache::metrics::{MetricsSettings, Sink};
 use product_cache::read::ReadPath;
@@ -126,6 +127,26 @@ pub struct StackOptions {
     /// Where both functions' metrics are appended (CloudWatch EMF lines, as the functions
     /// print them on Lambda); `None` keeps them to the status line.
     pub metrics: Option<PathBuf>,
+    /// The change monitor's mapping (the inspector as the stream's second reader, as
+    /// `ChangeMonitorMapping` in the template); `None` runs none.
+    pub change_monitor: Option<EsmConfig>,
+}
+
+/// The change monitor's mapping as the template deploys it (`ChangeMonitorMapping`): from
+/// LATEST, up to 1,000 records a 10 s window, two retries, records older than an hour skipped,
+/// no item failures reported (it never fails a batch).
+pub fn change_monitor_esm() -> EsmConfig {
+    EsmConfig {
+        batch_size: 1000,
+        batching_window: Duration::from_secs(10),
+        bisect_on_error: false,
+        max_retry_attempts: Some(2),
+        max_record_age: Some(Duration::from_secs(3600)),
+        starting_position: StartingPosition::Latest,
+        report_batch_item_failures: false,
+        on_failure: None,
+        poll_interval: LOCAL_POLL_INTERVAL,
+    }
 }
 
 impl Default for StackOptions {
@@ -144,6 +165,7 @@ impl Default for StackOptions {
             mode: InvalidationMode::Delete,
             settings: CacheSettings::default(),
             metrics: None,
+            change_monitor: Some(change_monitor_esm()),
         }
     }
 }
@@ -168,6 +190,9 @@ pub struct Stack {
     server: Option<JoinHandle<()>>,
     poller: Option<JoinHandle<()>>,
     monitor: Option<JoinHandle<()>>,
+    /// The change monitor's poller, and its counters.
+    change_monitor: Option<JoinHandle<()>>,
+    pub(super) change_monitor_stats: Option<Arc<PollerStats>>,
     pub(super) redis: Option<RedisServer>,
     pub(super) moto: Option<MotoServer>,
 }
@@ -243,11 +268,20 @@ impl Stack {
         };
         let redis_settings = RedisSettings::new(&redis_url);
         let read = ReadSettings::new(redis_settings.clone(), &options.table, settings.clone());
+        let inspector = match options.change_monitor {
+            Some(_) => Some(
+                Inspector::build(read.clone(), InspectSettings::default(), &sdk)
+                    .await
+                    .map_err(redis_error)?,
+            ),
+            None => None,
+        };
         let sink = match &options.metrics {
             Some(path) => metrics_file(path)?,
             None => Sink::Off,
         };
         let metrics = MetricsSettings::default();
+        let inspector = inspector.map(|i| i.with_metrics(metrics.clone(), sink.clone()));
         let read = ReadPath::build(read, &sdk)
             .await
             .map_err(redis_error)?
@@ -290,11 +324,27 @@ impl Stack {
             server: None,
             poller: None,
             monitor: None,
+            change_monitor: None,
+            change_monitor_stats: None,
             redis,
             moto,
         };
 
         let stream = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&sdk), stream_arn);
+        if let (Some(esm), Some(inspector)) = (&options.change_monitor, inspector) {
+            let poller = Poller::new(stream.clone(), esm.clone(), inspector);
+            stack.change_monitor_stats = Some(poller.stats());
+            let stopped = stack.stopped();
+            let tx = failures_tx.clone();
+            stack.change_monitor = Some(tokio::spawn(async move {
+                if let Err(e) = poller.run(stopped).await {
+                    let _ = tx.send(format!(
+                        "the change monitor's poller stopped: {}",
+                        chain(&e)
+                    ));
+                }
+            }));
+        }
         let poller = Poller::new(stream, options.esm.clone(), invalidator);
         stack.poller_stats = poller.stats();
         let stopped = stack.stopped();
@@ -438,7 +488,10 @@ impl Stack {
                 server.abort();
             }
         }
-        if let Some(mut poller) = self.poller.take() {
+        for mut poller in [self.poller.take(), self.change_monitor.take()]
+            .into_iter()
+            .flatten()
+        {
             if tokio::time::timeout(STOP_POLLER_WITHIN, &mut poller)
                 .await
                 .is_err()
@@ -458,9 +511,14 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        for task in [&self.server, &self.poller, &self.monitor]
-            .into_iter()
-            .flatten()
+        for task in [
+            &self.server,
+            &self.poller,
+            &self.monitor,
+            &self.change_monitor,
+        ]
+        .into_iter()
+        .flatten()
         {
             task.abort();
         }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use product_cache::config::InvalidationMode;
+use product_cache::inspect::InspectSettings;
 
 use super::Stack;
 use crate::poller::{EsmConfig, StartingPosition};
@@ -23,6 +24,8 @@ pub struct Stats {
     pub function_errors: u64,
     /// Age of the newest record of the last batch when it was handed over.
     pub iterator_age_ms: u64,
+    /// Stream records the change monitor has judged.
+    pub changes_monitored: u64,
 }
 
 impl std::fmt::Display for Stats {
@@ -32,6 +35,9 @@ impl std::fmt::Display for Stats {
             "hits {} · misses {} · bypasses {} · invalidations {} · iterator age {} ms",
             self.hits, self.misses, self.bypasses, self.invalidations, self.iterator_age_ms
         )?;
+        if self.changes_monitored > 0 {
+            write!(f, " · changes monitored {}", self.changes_monitored)?;
+        }
         if self.function_errors > 0 {
             write!(f, " · invalidator errors {}", self.function_errors)?;
         }
@@ -104,6 +110,10 @@ impl Stack {
             records_given_up: get(&p.records_given_up),
             function_errors: get(&p.function_errors),
             iterator_age_ms: get(&p.iterator_age_ms),
+            changes_monitored: self
+                .change_monitor_stats
+                .as_ref()
+                .map_or(0, |m| get(&m.records_acknowledged)),
         }
     }
 
@@ -134,6 +144,7 @@ impl Stack {
              \x20 DynamoDB    {dynamo}  ({dynamo_how}); table {table} {seeded}\n\
              \x20 stream      invalidator ({mode} mode) via {esm_desc}\n\
              \x20             settings from {source}\n\
+             \x20             change monitor {monitor}\n\
              \x20 on-failure  {on_failure}\n\
              \x20 metrics     {metrics}  (CloudWatch EMF lines, one per invocation)\n\
              \n\
@@ -155,6 +166,14 @@ impl Stack {
             },
             esm_desc = describe_esm(esm),
             source = self.options.esm_source,
+            monitor = match &self.options.change_monitor {
+                Some(esm) => format!(
+                    "(the inspector, judging each change {} after it) via {}",
+                    humantime::format_duration(InspectSettings::default().grace),
+                    describe_esm(esm)
+                ),
+                None => "off".to_owned(),
+            },
         )
     }
 }
