@@ -14,12 +14,12 @@ use crate::aws_proxy::{AwsProxy, Behaviour};
 use crate::support::{moto_endpoint, TestEnv};
 
 /// `pcache <args>` pointed at this environment; its output, whatever the exit status.
-async fn pcache(env: &TestEnv, args: &[&str]) -> Output {
+pub(crate) async fn pcache(env: &TestEnv, args: &[&str]) -> Output {
     pcache_at(env, moto_endpoint(), args).await
 }
 
 /// `pcache <args>` with AWS at `endpoint` (moto, or a proxy in front of it).
-async fn pcache_at(env: &TestEnv, endpoint: &str, args: &[&str]) -> Output {
+pub(crate) async fn pcache_at(env: &TestEnv, endpoint: &str, args: &[&str]) -> Output {
     pcache_with(env, endpoint, &[], args).await
 }
 
@@ -49,7 +49,7 @@ async fn pcache_with(
         .expect("pcache runs")
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
         out.status,

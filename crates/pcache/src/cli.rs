@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use pcache::changes::When;
 use product_cache::config::InvalidationMode;
 
 pub const DEFAULT_STATE_DIR: &str = "target/local-stack";
@@ -43,6 +44,10 @@ pub enum Command {
     /// Pre-load products into the cache through the read path
     Warm(WarmArgs),
     /// Compare cached products with the table, side by side
+    ///
+    /// By default a sample of cached keys (or the ids given); with --changes, the keys the
+    /// table's stream says changed in a time range, each judged on its newest change (the
+    /// change monitor). Exits 1 when something inconsistent is left in place.
     Inspect(InspectArgs),
     /// Delete products' cached copies the safe way (their leases too)
     Purge(PurgeArgs),
@@ -83,6 +88,10 @@ pub struct DevArgs {
     /// Products written to an empty table
     #[arg(long, default_value_t = local_stack::seed::DEFAULT_PRODUCTS)]
     pub seed: usize,
+    /// Run without the change monitor (the inspector as the stream's second reader, judging
+    /// each change a grace period after it; its metrics go with the others)
+    #[arg(long)]
+    pub no_change_monitor: bool,
 }
 
 /// Which system a command acts on: the running local stack (its state file), endpoints given
@@ -149,14 +158,40 @@ pub struct InspectArgs {
     /// How many cached keys to sample (from every primary of a cluster)
     #[arg(long, default_value_t = 200)]
     pub sample: usize,
-    /// How long a difference must last to count (changes in flight settle within it)
+    /// How long a difference must last to count (changes in flight settle within it); with
+    /// --changes, how old a batch's newest change must be (plus 1 s) before it is judged
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     pub grace_ms: u64,
     /// Purge what is found inconsistent (the key and its lease)
     #[arg(long)]
     pub repair: bool,
+    /// Check the changes the table's stream holds for a time range (every shard, from its
+    /// oldest record), instead of cached keys
+    #[arg(long, conflicts_with_all = ["ids", "sample"])]
+    pub changes: bool,
+    /// Start of the range: an RFC 3339 time (2026-12-03T10:00:00Z) or a duration ago (15m, 2h);
+    /// the stream keeps 24 h [default: 1h]
+    #[arg(long, value_name = "WHEN", requires = "changes")]
+    pub since: Option<When>,
+    /// End of the range, as --since [default: now]
+    #[arg(long, value_name = "WHEN", requires = "changes")]
+    pub until: Option<When>,
+    /// The share of changed keys to judge, above 0 and at most 1 (the same keys every run)
+    #[arg(long, default_value_t = 1.0, value_parser = share, requires = "changes")]
+    pub share: f64,
+    /// Empty stream pages in a row after which a shard's read stops (a shard can answer empty
+    /// pages before the records it holds; an open one answers them after its newest)
+    #[arg(long, default_value_t = pcache::pages::DEFAULT_MAX_EMPTY_PAGES, value_parser = clap::value_parser!(u32).range(1..), requires = "changes")]
+    pub max_empty_pages: u32,
     #[command(flatten)]
     pub target: Target,
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    s.parse()
+        .ok()
+        .filter(|share: &f64| *share > 0.0 && *share <= 1.0)
+        .ok_or_else(|| format!("{s:?}: a share above 0 and at most 1"))
 }
 
 #[derive(Args)]
@@ -190,7 +225,7 @@ pub struct RedriveArgs {
     pub dry_run: bool,
     /// Empty stream pages in a row after which a range is left for the next redrive (a shard
     /// can answer empty pages before the records it holds)
-    #[arg(long, default_value_t = pcache::redrive::DEFAULT_MAX_EMPTY_PAGES, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = pcache::pages::DEFAULT_MAX_EMPTY_PAGES, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_empty_pages: u32,
     /// How long each receive from the queue waits for messages (SQS long polling); the queue is
     /// drained when a receive answers nothing

@@ -4,9 +4,11 @@
 //! which system it touched, and has a dry run where it changes anything.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use local_stack::stream::StreamReader;
+use pcache::changes::{self, Range, Tick};
 use pcache::redrive::{self, Destination, FailedBatch, Outcome};
 use product_cache::config::InvalidatorSettings;
 use product_cache::id::ProductId;
@@ -25,6 +27,9 @@ fn bar(len: usize, what: &str) -> ProgressBar {
 /// Prints each key's verdict, both sides where they differ; fails if anything inconsistent
 /// was left in place.
 pub async fn inspect(args: InspectArgs) -> Result<(), Error> {
+    if args.changes {
+        return inspect_changes(args).await;
+    }
     let place = args.target.place().await?;
     eprintln!("pcache: inspecting {}", place.description);
     let settings = InspectSettings {
@@ -70,6 +75,68 @@ pub async fn inspect(args: InspectArgs) -> Result<(), Error> {
             "{inconsistent} keys differ from the table (purge them with --repair or pcache purge)"
         )
         .into());
+    }
+    Ok(())
+}
+
+/// `inspect --changes`: the change monitor over a range of the stream (see `pcache::changes`).
+/// Prints a summary; fails, as a sample's inspection does, if anything inconsistent was left in
+/// place, and if some of the range could not be read or judged.
+async fn inspect_changes(args: InspectArgs) -> Result<(), Error> {
+    let range = Range::new(args.since, args.until, SystemTime::now())?;
+    let place = args.target.place().await?;
+    let settings = InspectSettings {
+        grace: Duration::from_millis(args.grace_ms),
+        repair: args.repair,
+        change_share: args.share,
+        ..InspectSettings::default()
+    };
+    let inspector = Inspector::build(place.read_settings(), settings, &place.sdk).await?;
+    let arn = changes::stream_arn(&aws_sdk_dynamodb::Client::new(&place.sdk), &place.table).await?;
+    let reader = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&place.sdk), arn);
+    eprintln!(
+        "pcache: checking the changes of {range} in {}",
+        place.description
+    );
+    let progress = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("reading the stream {bar:40} {pos}/{len} shards, {msg}")
+            .expect("a valid template"),
+    );
+    let records = std::cell::Cell::new(0);
+    let check = changes::check(
+        &inspector,
+        &reader,
+        range,
+        args.share,
+        args.max_empty_pages,
+        |tick| match tick {
+            Tick::Shards(n) => progress.set_length(n as u64),
+            Tick::Records(n) => {
+                records.set(records.get() + n);
+                progress.set_message(format!("{} records", records.get()));
+            }
+            Tick::ShardDone => progress.inc(1),
+        },
+    )
+    .await?;
+    progress.finish_and_clear();
+    println!("{check}");
+    let mut failed = Vec::new();
+    let left = check.inconsistent.len().saturating_sub(check.repaired);
+    if left > 0 {
+        failed.push(format!(
+            "{left} changed keys are inconsistent (purge them with --repair or pcache purge)"
+        ));
+    }
+    let short = check.shards.iter().filter(|(_, r)| r.is_short()).count();
+    if short > 0 {
+        failed.push(format!("{short} shards were not read to the range's end"));
+    }
+    if check.unchecked > 0 {
+        failed.push(format!("{} changes could not be judged", check.unchecked));
+    }
+    if !failed.is_empty() {
+        return Err(format!("{} (see above)", failed.join("; ")).into());
     }
     Ok(())
 }

@@ -23,6 +23,8 @@ use serde_json::Value;
 
 use local_stack::stream::{lambda_event, Position, StreamReader};
 
+use crate::pages::{is_trimmed, PagesEnd, ShardPages};
+
 /// The stream keeps records this long.
 pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
@@ -175,12 +177,7 @@ fn seq_of(record: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
-/// Consecutive empty `GetRecords` pages after which a range is given up for now, unless told
-/// otherwise. A shard can answer empty pages in its middle (the records are further on), and
-/// reaching them can take several calls; a hundred is far more than that, and still ends in
-/// seconds. No pause between them: a throttled call (`LimitExceededException`) is retried by
-/// the SDK with backoff.
-pub const DEFAULT_MAX_EMPTY_PAGES: u32 = 100;
+pub use crate::pages::DEFAULT_MAX_EMPTY_PAGES;
 
 /// What reading a failed range from its shard came to.
 #[derive(Debug)]
@@ -192,33 +189,21 @@ enum RangeRead {
     Stalled { records: usize, empty_pages: u32 },
 }
 
-/// Reads `batch`'s range from its shard to the range's end, through empty pages: it stops at
-/// the end sequence number or the shard's end (no next iterator), never at an empty page, and
-/// gives up after `max_empty_pages` of them in a row. `Err` when the range cannot be read
-/// (trimmed, the shard gone, or the stream failing).
+/// Reads `batch`'s range from its shard to the range's end, through empty pages (see
+/// [`ShardPages`]): it stops at the end sequence number or the shard's end, never at an empty
+/// page, and gives up after `max_empty_pages` of them in a row. `Err` when the range cannot be
+/// read (trimmed, the shard gone, or the stream failing).
 async fn read_range(
     reader: &StreamReader,
     batch: &FailedBatch,
     max_empty_pages: u32,
 ) -> Result<RangeRead, local_stack::stream::StreamError> {
     let mut records = Vec::new();
-    let mut empty_pages = 0;
-    let mut next = reader
+    let iterator = reader
         .iterator(&batch.shard_id, &Position::At(batch.start.clone()))
         .await?;
-    while let Some(iterator) = next {
-        let (page, following) = reader.read(&iterator, 1000).await?;
-        if page.is_empty() {
-            empty_pages += 1;
-            if following.is_some() && empty_pages >= max_empty_pages {
-                return Ok(RangeRead::Stalled {
-                    records: records.len(),
-                    empty_pages,
-                });
-            }
-        } else {
-            empty_pages = 0;
-        }
+    let mut pages = ShardPages::new(reader, iterator, max_empty_pages);
+    while let Some(page) = pages.next().await? {
         for record in page {
             match seq_of(&record).map(|s| seq_cmp(s, &batch.end)) {
                 Some(std::cmp::Ordering::Greater) => return Ok(RangeRead::Whole(records)),
@@ -230,9 +215,14 @@ async fn read_range(
                 _ => records.push(record),
             }
         }
-        next = following;
     }
-    Ok(RangeRead::Whole(records))
+    Ok(match pages.end() {
+        Some(PagesEnd::EmptyPages(empty_pages)) => RangeRead::Stalled {
+            records: records.len(),
+            empty_pages,
+        },
+        _ => RangeRead::Whole(records),
+    })
 }
 
 /// Redrives one failed batch: from the stream through `invalidator`, or, past retention, by
@@ -289,13 +279,6 @@ pub async fn redrive(
         },
         _ => purge_named(batch, invalidator, dry_run).await,
     }
-}
-
-fn is_trimmed(e: &local_stack::stream::StreamError) -> bool {
-    let text = format!("{e:?}");
-    ["TrimmedDataAccess", "ResourceNotFound", "ExpiredIterator"]
-        .iter()
-        .any(|s| text.contains(s))
 }
 
 /// Past retention: purge what the kept payload names, or say that nothing is known.
