@@ -207,6 +207,8 @@ pub struct ChangeCheck {
     pub oldest_pending: Option<Duration>,
     pub inconsistent: Vec<ChangeRow>,
     pub unchecked: usize,
+    /// Why the first unchecked changes could not be judged.
+    pub unchecked_why: Option<String>,
     pub skipped: usize,
     pub repaired: usize,
 }
@@ -226,6 +228,7 @@ impl ChangeCheck {
             oldest_pending: None,
             inconsistent: Vec::new(),
             unchecked: 0,
+            unchecked_why: None,
             skipped: 0,
             repaired: 0,
         }
@@ -250,6 +253,7 @@ impl ChangeCheck {
             }
         }
         self.unchecked += report.unchecked;
+        self.unchecked_why = self.unchecked_why.take().or(report.error);
         self.skipped += report.skipped;
         self.repaired += report.repaired;
     }
@@ -317,7 +321,11 @@ impl fmt::Display for ChangeCheck {
                 row.cached_position.as_deref().unwrap_or("-")
             )?;
         }
-        writeln!(f, "unchecked     {}", self.unchecked)?;
+        write!(f, "unchecked     {}", self.unchecked)?;
+        if let Some(why) = &self.unchecked_why {
+            write!(f, " (the first: {why})")?;
+        }
+        writeln!(f)?;
         writeln!(
             f,
             "skipped       {} changed keys (--share {})",

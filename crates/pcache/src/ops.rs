@@ -85,11 +85,13 @@ pub async fn inspect(args: InspectArgs) -> Result<(), Error> {
 async fn inspect_changes(args: InspectArgs) -> Result<(), Error> {
     let range = Range::new(args.since, args.until, SystemTime::now())?;
     let place = args.target.place().await?;
+    // The inspector function's variables (INVALIDATOR_PARALLELIZATION_FACTOR tells whether a
+    // shard's order shows the invalidator's progress), the command line's options over them.
     let settings = InspectSettings {
         grace: Duration::from_millis(args.grace_ms),
         repair: args.repair,
         change_share: args.share,
-        ..InspectSettings::default()
+        ..InspectSettings::from_source(&product_cache::config::Env)?
     };
     let inspector = Inspector::build(place.read_settings(), settings, &place.sdk).await?;
     let arn = changes::stream_arn(&aws_sdk_dynamodb::Client::new(&place.sdk), &place.table).await?;
