@@ -1168,7 +1168,7 @@ def check_checkov_skips(t: dict) -> list[str]:
 
 # What each function emits (the `Function` dimension -> metric names), as the code defines them in
 # crates/product-cache/src/metrics.rs, inspect.rs and monitor.rs; `emitted_metrics_in_code` reads
-# them back from there so this list cannot drift.
+# them back from there (every recorder of each function) so this list cannot drift.
 EMITTED = {
     "read": {
         "Hits", "Misses", "Bypasses", "BreakerBypasses", "LeaseWaits", "LeaseWaitTime", "RefusedFills",
@@ -1179,8 +1179,10 @@ EMITTED = {
         "RecordsFailed", "InvalidationLag", "BatchesUnderReplicated",
     },
     "inspector": {
+        # The sample's (scheduled runs and {"ids": [...]} invocations)...
         "KeysChecked", "InconsistentKeys", "KeysSettled", "KeysRepaired",
-        # The change monitor's, in the same lines.
+        # ...and the change monitor's (stream batches): a recorder of its own, so each line
+        # carries one path's metrics and KeysChecked, the heartbeat, comes from runs only.
         "ChangesChecked", "ChangesInconsistent", "ChangesPending", "ChangesSuperseded",
         "ChangesUnchecked", "PendingChangeAge",
     },
@@ -1193,15 +1195,40 @@ INSPECT_VARIABLES = {
     "MONITOR_SHARE": MONITOR_SHARE_PARAM,
 }
 INTERVALS = "InspectorIntervals"
+# The inspector's reserved concurrency: the parameter, and the condition that applies it.
+INSPECTOR_RESERVATION = "InspectorReservedConcurrency"
+INSPECTOR_RESERVATION_CONDITION = "ReserveInspectorConcurrency"
+# The invalidator mapping's ParallelizationFactor, as the inspector is told it.
+FACTOR_VARIABLE = "INVALIDATOR_PARALLELIZATION_FACTOR"
 
 
-def emitted_metrics_in_code() -> dict[str, set[str]]:
-    """Function dimension -> metric names, from the Rust sources: each `Recorder::off("<fn>",
-    &<module path>::<ARRAY>)`, the array's members (constants of that module, or `alias::NAME`
-    of a module the array's block `use`s as alias), each one's `count("..")` / `millis("..")` /
-    `sizes("..")` name."""
-    src = REPO / "crates/product-cache/src"
-    files = {path: path.read_text() for path in src.rglob("*.rs")}
+RUST_SRC = REPO / "crates/product-cache/src"
+
+
+def rust_sources() -> dict[Path, str]:
+    """The library's Rust sources, path -> text: what `emitted_metrics_in_code` reads."""
+    return {path: path.read_text() for path in RUST_SRC.rglob("*.rs")}
+
+
+def emitted_metrics_in_code(files: dict[Path, str] | None = None) -> dict[str, set[str]]:
+    """Function dimension -> metric names, from the Rust sources (`files`, default the
+    library's): the union over every recorder of that function (the inspector has two, its
+    sample's and its change monitor's)."""
+    out: dict[str, set[str]] = {}
+    for function, metrics in recorders_in_code(files):
+        out.setdefault(function, set()).update(metrics)
+    return out
+
+
+def recorders_in_code(files: dict[Path, str] | None = None) -> list[tuple[str, set[str]]]:
+    """(function dimension, metric names) of each recorder in the Rust sources (`files`, default
+    the library's): every `Recorder::off("<fn>", &<module path>::<ARRAY>)`, the array's members
+    (constants of that module, or `alias::NAME` of a module the array's block `use`s as alias),
+    each one's `count("..")` / `millis("..")` / `sizes("..")` name. Each recorder writes its own
+    lines. A recorder whose array or members cannot be resolved raises, rather than leaving its
+    metrics out unnoticed."""
+    src = RUST_SRC
+    files = rust_sources() if files is None else files
 
     def module_body(path: list[str], here: Path) -> str:
         """The body of the module a path names, seen from the file `here`: `a::b` is module b
@@ -1217,15 +1244,19 @@ def emitted_metrics_in_code() -> dict[str, set[str]]:
     def names(body: str) -> dict[str, str]:
         return dict(re.findall(r'const (\w+): Metric = Metric::(?:count|millis|sizes)\("(\w+)"\)', body))
 
-    out: dict[str, set[str]] = {}
-    for here, text in files.items():
-        for function, path in re.findall(r'Recorder::off\("(\w+)",\s*&([\w:]+)\)', text):
+    out: list[tuple[str, set[str]]] = []
+    for here, text in sorted(files.items()):
+        calls = re.findall(r"Recorder::off\(", text)
+        found = re.findall(r'Recorder::off\(\s*"(\w+)",\s*&([\w:]+),?\s*\)', text)
+        if len(found) != len(calls):
+            raise ValueError(f"{here}: a Recorder::off call not of the form (\"<fn>\", &<path>::<ARRAY>)")
+        for function, path in found:
             *module, array = path.split("::")
             body = module_body(module, here)
-            m = re.search(r"const %s: \[Metric; \d+\] = (\{.*?\n\s*\};|\[.*?\];)" % re.escape(array), body, re.S)
+            m = re.search(r"const %s: \[Metric; (\d+)\] = (\{.*?\n\s*\};|\[.*?\];)" % re.escape(array), body, re.S)
             if not m:
-                continue
-            definition = m.group(1)
+                raise ValueError(f"{here}: Recorder::off({function!r}, &{path}): no such array of metrics")
+            size, definition = int(m.group(1)), m.group(2)
             aliases = {alias: target.split("::") for target, alias in re.findall(r"use ([\w:]+) as (\w+);", definition)}
             own = names(body)
             members = re.sub(r"use [\w:]+ as \w+;", "", definition)
@@ -1234,8 +1265,45 @@ def emitted_metrics_in_code() -> dict[str, set[str]]:
                 table = names(module_body(aliases[alias], here)) if alias in aliases else own
                 if const in table:
                     metrics.add(table[const])
-            out[function] = metrics
+            if len(metrics) != size:
+                raise ValueError(f"{here}: {path} holds {size} metrics, {len(metrics)} resolved ({sorted(metrics)})")
+            out.append((function, metrics))
     return out
+
+
+def metrics_read_by_template(t: dict) -> dict[str, set[str]]:
+    """Function dimension -> the names of the functions' own metrics (MetricsNamespace) that the
+    template's alarms (single-metric and metric math) and dashboard read."""
+    out: dict[str, set[str]] = {}
+    for a in resources(t, "AWS::CloudWatch::Alarm").values():
+        p = a.get("Properties", {})
+        for m in [p] + list(_math_metrics(p).values()):
+            if is_ref(m.get("Namespace"), METRICS_NS) and m.get("MetricName"):
+                dims = {d.get("Name"): d.get("Value") for d in as_list(m.get("Dimensions"))}
+                out.setdefault(str(dims.get("Function")), set()).add(m["MetricName"])
+    ns = str(t.get("Parameters", {}).get(METRICS_NS, {}).get("Default"))
+    for _, text in dashboard_bodies(t):
+        try:
+            body = json.loads(text)
+        except (TypeError, json.JSONDecodeError):
+            continue  # check_dashboard reports it
+        for w in body.get("widgets", []):
+            if w.get("type") != "metric":
+                continue
+            for values, _ in _metric_rows(w):
+                if len(values) >= 2 and values[0] == ns:
+                    dims = dict(zip(values[2::2], values[3::2]))
+                    out.setdefault(str(dims.get("Function")), set()).add(values[1])
+    return out
+
+
+def unemitted_metrics(t: dict, emitted: dict[str, set[str]]) -> list[str]:
+    """Metrics the template alarms on or graphs that the code (as `emitted`) does not emit."""
+    return [
+        f"the template reads {fn} {metric}, which the code does not emit"
+        for fn, metrics in sorted(metrics_read_by_template(t).items())
+        for metric in sorted(metrics - emitted.get(fn, set()))
+    ]
 
 
 def _env(t: dict, function: str) -> dict:
@@ -1270,10 +1338,19 @@ def check_metrics_environment(t: dict) -> list[str]:
     return problems
 
 
+def _invalidator_factor(t: dict) -> Any:
+    """The ParallelizationFactor of the invalidator's stream event (None when it has not one)."""
+    streams = [e.get("Properties", {}) for e in (props(t, INVALIDATOR).get("Events") or {}).values()
+               if e.get("Type") == "DynamoDB"]
+    return streams[0].get("ParallelizationFactor") if len(streams) == 1 else None
+
+
 def check_inspector(t: dict) -> list[str]:
     """The inspector runs on a schedule whose interval is also its alarms' period, sees the
     cache and the table exactly as the read function does (same variables and values; its own
-    cache user in iam mode), and has time for its grace period."""
+    cache user in iam mode), is told the invalidator mapping's parallelization factor, has time
+    for two grace periods, and reserves no concurrency unless asked to (its condition applies
+    the parameter)."""
     p = props(t, INSPECTOR)
     if not p:
         return [f"no {INSPECTOR}"]
@@ -1300,6 +1377,14 @@ def check_inspector(t: dict) -> list[str]:
         for var, param in INSPECT_VARIABLES.items():
             if not is_ref(env.pop(var, None), param):
                 problems.append(f"{INSPECTOR}: {var} must be !Ref {param}")
+        # Above 1 the change monitor must not infer the invalidator's progress from a shard's
+        # order: the inspector is told the factor the invalidator's mapping really has.
+        factor, invalidator_factor = env.pop(FACTOR_VARIABLE, None), _invalidator_factor(d)
+        if factor is None or factor != invalidator_factor:
+            problems.append(
+                f"CacheAuthMode={mode}: {INSPECTOR} {FACTOR_VARIABLE} is {factor!r}, must be the invalidator "
+                f"mapping's ParallelizationFactor ({invalidator_factor!r})"
+            )
         want = dict(read_env)
         if mode == "iam":
             want["REDIS_IAM_USER"] = {"Ref": INSPECTOR_USER}
@@ -1313,11 +1398,38 @@ def check_inspector(t: dict) -> list[str]:
     grace = t.get("Parameters", {}).get("InspectorGraceMs", {})
     timeout = p.get("Timeout")
     # A change monitor batch waits until its newest change is the grace period + 1 s old (record
-    # times are whole seconds), then does its reads.
-    if "MaxValue" not in grace or not isinstance(timeout, int) or timeout * 1000 < float(grace["MaxValue"]) + 1_000 + 20_000:
-        problems.append(f"{INSPECTOR}.Timeout {timeout} s must exceed the longest InspectorGraceMs + 1 s by 20 s (the reads, a cold start)")
-    if default_of(t, {"Ref": "InspectorReservedConcurrency"}) != 1:
-        problems.append("InspectorReservedConcurrency must default to 1 (runs never overlap)")
+    # times are whole seconds), does its reads, and looks again one grace period later at a
+    # change found inconsistent on the shard's progress alone.
+    if "MaxValue" not in grace or not isinstance(timeout, int) or timeout * 1000 < 2 * float(grace["MaxValue"]) + 1_000 + 20_000:
+        problems.append(f"{INSPECTOR}.Timeout {timeout} s must exceed twice the longest InspectorGraceMs + 1 s by 20 s (the reads, a cold start)")
+    problems += _inspector_reservation_problems(t)
+    return problems
+
+
+def _inspector_reservation_problems(t: dict) -> list[str]:
+    """No reservation by default: every stream shard's change monitor batch holds an inspector
+    slot for at least a grace period, so a small reservation throttles the monitor. A number
+    (up to a bound) reserves that many, through the condition that is false for -1 only."""
+    problems = []
+    param = t.get("Parameters", {}).get(INSPECTOR_RESERVATION, {})
+    if param.get("Type") != "Number" or str(param.get("Default")) != "-1":
+        problems.append(f"{INSPECTOR_RESERVATION} must be a Number defaulting to -1 (no reservation: the change "
+                        "monitor runs a batch per stream shard at once, each holding its slot for a grace period)")
+    if "AllowedValues" in param or str(param.get("MinValue")) != "-1" or "MaxValue" not in param:
+        problems.append(f"{INSPECTOR_RESERVATION} must take -1 or a number up to a MaxValue (MinValue -1, no AllowedValues)")
+    elif float(param["MaxValue"]) < 100:
+        problems.append(f"{INSPECTOR_RESERVATION} MaxValue {param['MaxValue']} leaves no room for a stream of many shards")
+    want = {"Fn::If": [INSPECTOR_RESERVATION_CONDITION, {"Ref": INSPECTOR_RESERVATION}, {"Ref": "AWS::NoValue"}]}
+    if props(t, INSPECTOR).get("ReservedConcurrentExecutions") != want:
+        problems.append(f"{INSPECTOR}.ReservedConcurrentExecutions must be !If [{INSPECTOR_RESERVATION_CONDITION}, "
+                        f"!Ref {INSPECTOR_RESERVATION}, !Ref AWS::NoValue]")
+    try:
+        applies = {v: evaluate_condition(t, INSPECTOR_RESERVATION_CONDITION, {INSPECTOR_RESERVATION: v})
+                   for v in ("-1", "1", "8", str(param.get("MaxValue", 1000)))}
+    except (KeyError, ValueError) as e:
+        return problems + [f"condition {INSPECTOR_RESERVATION_CONDITION} cannot be evaluated ({e!r})"]
+    if applies != {"-1": False, "1": True, "8": True, str(param.get("MaxValue", 1000)): True}:
+        problems.append(f"{INSPECTOR_RESERVATION_CONDITION} must hold for every {INSPECTOR_RESERVATION} but -1, holds {applies}")
     return problems
 
 

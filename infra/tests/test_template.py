@@ -516,6 +516,45 @@ def inspector_timeout_within_grace(t):
     props(t, c.INSPECTOR)["Timeout"] = 30
 
 
+def inspector_timeout_covers_one_grace(t):
+    # 30 s grace + 1 s + 20 s: no room for the second look a grace period later.
+    props(t, c.INSPECTOR)["Timeout"] = 60
+
+
+def inspector_reserves_one_by_default(t):
+    t["Parameters"][c.INSPECTOR_RESERVATION]["Default"] = 1
+
+
+def inspector_reservation_one_or_none(t):
+    param = t["Parameters"][c.INSPECTOR_RESERVATION]
+    param.pop("MinValue"), param.pop("MaxValue")
+    param["AllowedValues"] = [-1, 1]
+
+
+def inspector_reservation_unbounded(t):
+    del t["Parameters"][c.INSPECTOR_RESERVATION]["MaxValue"]
+
+
+def inspector_reservation_fixed(t):
+    props(t, c.INSPECTOR)["ReservedConcurrentExecutions"] = 1
+
+
+def inspector_reservation_condition_on_one_only(t):
+    t["Conditions"][c.INSPECTOR_RESERVATION_CONDITION] = {"Fn::Equals": [{"Ref": c.INSPECTOR_RESERVATION}, "1"]}
+
+
+def inspector_without_invalidator_factor(t):
+    del inspector_env(t)[c.FACTOR_VARIABLE]
+
+
+def inspector_assumes_factor_one(t):
+    inspector_env(t)[c.FACTOR_VARIABLE] = "1"
+
+
+def invalidator_factor_apart_from_the_inspectors(t):
+    stream_event(t)["ParallelizationFactor"] = 2
+
+
 def inspector_can_put_item(t):
     role_policy(t, "InspectorFunctionRole")[0]["Action"] = ["dynamodb:GetItem", "dynamodb:PutItem"]
 
@@ -883,6 +922,15 @@ WEAKENED = [
     (interval_mapping_disagrees, c.check_inspector),
     (inspector_repairs_by_default, c.check_inspector),
     (inspector_timeout_within_grace, c.check_inspector),
+    (inspector_timeout_covers_one_grace, c.check_inspector),
+    (inspector_reserves_one_by_default, c.check_inspector),
+    (inspector_reservation_one_or_none, c.check_inspector),
+    (inspector_reservation_unbounded, c.check_inspector),
+    (inspector_reservation_fixed, c.check_inspector),
+    (inspector_reservation_condition_on_one_only, c.check_inspector),
+    (inspector_without_invalidator_factor, c.check_inspector),
+    (inspector_assumes_factor_one, c.check_inspector),
+    (invalidator_factor_apart_from_the_inspectors, c.check_inspector),
     (inspector_can_put_item, c.check_inspector_policies),
     (inspector_connects_as_the_functions_user, c.check_inspector_policies),
     (inspector_connects_as_the_functions_user, c.check_auth_modes),
@@ -972,8 +1020,64 @@ def test_every_environment_variable_is_read_by_the_code(template):
 
 
 def test_emitted_metrics_match_the_code():
-    """The metric list the alarm and dashboard checks use is the one the functions emit."""
+    """The metric list the alarm and dashboard checks use is the one the functions emit: every
+    recorder of each function, the inspector's sample and change monitor alike."""
     assert c.emitted_metrics_in_code() == c.EMITTED
+
+
+def test_the_heartbeat_comes_from_runs_only():
+    """InspectorHeartbeatAlarm's KeysChecked is written by the sample's recorder, which writes
+    none of the change monitor's metrics: a stream batch's line never feeds the heartbeat, so a
+    busy change monitor cannot hide a schedule that stopped."""
+    recorders = [metrics for fn, metrics in c.recorders_in_code() if fn == "inspector"]
+    monitor = {"ChangesChecked", "ChangesInconsistent", "ChangesPending", "ChangesSuperseded",
+               "ChangesUnchecked", "PendingChangeAge"}
+    (sample,) = [m for m in recorders if "KeysChecked" in m]
+    assert sample & monitor == set(), sample
+    assert any(monitor <= m for m in recorders), recorders
+
+
+def test_every_metric_the_template_reads_is_emitted(template):
+    """Each metric of the functions that an alarm watches or the dashboard graphs is one the
+    code emits (read from the Rust sources, not from EMITTED)."""
+    assert c.unemitted_metrics(template, c.emitted_metrics_in_code()) == []
+
+
+# Edits of the Rust sources, in memory, that leave metrics the template reads unemitted:
+# (file under crates/product-cache/src, [(text, replacement)], a metric the template then lacks).
+UNEMITTING_EDITS = [
+    # The change monitor's recorder gone (its counts through the sample's recorder, which
+    # declares none of them): every Changes* metric is missing.
+    ("inspect.rs", [("Recorder::off(\"inspector\", &crate::monitor::metric::ALL)",
+                     "Recorder::off(\"inspector\", &metric::ALL)")], "ChangesInconsistent"),
+    # A metric dropped from the change monitor's array.
+    ("monitor.rs", [("pub const ALL: [Metric; 6] = [", "pub const ALL: [Metric; 5] = ["),
+                    ("        PENDING_AGE,\n    ];", "    ];")], "PendingChangeAge"),
+    # The sample's recorder gone: the heartbeat's KeysChecked is missing.
+    ("inspect.rs", [("Recorder::off(\"inspector\", &metric::ALL)",
+                     "Recorder::off(\"inspector\", &crate::monitor::metric::ALL)")], "KeysChecked"),
+]
+
+
+@pytest.mark.parametrize("file,edits,metric", UNEMITTING_EDITS, ids=[e[2] for e in UNEMITTING_EDITS])
+def test_a_metric_the_code_stops_emitting_is_noticed(template, file, edits, metric):
+    files = c.rust_sources()
+    path = c.RUST_SRC / file
+    for text, replacement in edits:
+        assert files[path].count(text) == 1, f"{file} no longer has {text!r}: update this test"
+        files[path] = files[path].replace(text, replacement)
+    problems = c.unemitted_metrics(template, c.emitted_metrics_in_code(files))
+    assert any(f"inspector {metric}," in p for p in problems), problems
+
+
+def test_an_unreadable_recorder_fails_the_metric_list():
+    """A recorder whose metrics cannot be read from the sources raises rather than being left
+    out, so the metric list never silently shrinks."""
+    files = c.rust_sources()
+    path = c.RUST_SRC / "inspect.rs"
+    files[path] = files[path].replace("&crate::monitor::metric::ALL", "&crate::monitor::metric::EVERYTHING", 1)
+    with pytest.raises(ValueError, match="no such array"):
+        c.emitted_metrics_in_code(files)
 
 
 def sam_transformed(template):
