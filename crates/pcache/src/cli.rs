@@ -166,8 +166,8 @@ pub struct InspectArgs {
     #[arg(long)]
     pub repair: bool,
     /// Check the changes the table's stream holds for a time range (every shard, from its
-    /// oldest record), instead of cached keys [env: INVALIDATOR_PARALLELIZATION_FACTOR, as the
-    /// inspector function reads it]
+    /// oldest record), instead of cached keys; set INVALIDATOR_PARALLELIZATION_FACTOR as the
+    /// inspector function has it if the invalidator's mapping runs several batches a shard
     #[arg(long, conflicts_with_all = ["ids", "sample"])]
     pub changes: bool,
     /// Start of the range: an RFC 3339 time (2026-12-03T10:00:00Z) or a duration ago (15m, 2h);
