@@ -19,7 +19,7 @@ use product_cache::monitor::{ChangeReport, ChangeRow, ChangeVerdict};
 use product_cache::store::ProductStore;
 use serde_json::Value;
 
-use local_stack::stream::{Position, StreamError, StreamReader};
+use local_stack::stream::{Position, ShardInfo, StreamError, StreamReader};
 
 use crate::pages::{is_trimmed, PagesEnd, ShardPages};
 
@@ -358,7 +358,7 @@ pub async fn check<S: ProductStore>(
     max_empty_pages: u32,
     tick: impl Fn(Tick),
 ) -> Result<ChangeCheck, StreamError> {
-    let shards = reader.shards().await?;
+    let shards = parents_first(reader.shards().await?);
     tick(Tick::Shards(shards.len()));
     let mut check = ChangeCheck::new(range, share);
     for shard in shards {
@@ -375,6 +375,24 @@ pub async fn check<S: ProductStore>(
         tick(Tick::ShardDone);
     }
     Ok(check)
+}
+
+/// Shards with each parent before its children: after a shard rolls over (every few hours),
+/// an item's older changes are in the parent, its newer ones in the child, and the monitor
+/// judges a key on the newest change it has seen.
+fn parents_first(mut shards: Vec<ShardInfo>) -> Vec<ShardInfo> {
+    let mut ordered: Vec<ShardInfo> = Vec::with_capacity(shards.len());
+    while !shards.is_empty() {
+        let ready = |s: &ShardInfo| {
+            s.parent_shard_id
+                .as_ref()
+                .is_none_or(|parent| !shards.iter().any(|other| &other.shard_id == parent))
+        };
+        // A cycle cannot happen in a stream; if the listing had one, take the rest as listed.
+        let next = shards.iter().position(ready).unwrap_or(0);
+        ordered.push(shards.remove(next));
+    }
+    ordered
 }
 
 async fn check_shard<S: ProductStore>(
@@ -450,6 +468,27 @@ fn stamp_of(record: &Value) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parents_come_before_their_children() {
+        let shard = |id: &str, parent: Option<&str>| ShardInfo {
+            shard_id: id.into(),
+            parent_shard_id: parent.map(Into::into),
+            closed: false,
+        };
+        // As a listing may give them: children first, a parent trimmed away (absent).
+        let listed = vec![
+            shard("c2", Some("c1")),
+            shard("c1", Some("root")),
+            shard("root", Some("trimmed")),
+            shard("other", None),
+        ];
+        let order: Vec<String> = parents_first(listed)
+            .into_iter()
+            .map(|s| s.shard_id)
+            .collect();
+        assert_eq!(order, ["root", "c1", "c2", "other"]);
+    }
 
     fn at(s: &str) -> SystemTime {
         humantime::parse_rfc3339(s).unwrap()
