@@ -97,6 +97,13 @@ async fn until_price(url: &str, price: Value) -> Duration {
 
 /// A stack on its own table of the shared moto server and its own Redis.
 async fn start_stack(redis: &RedisServer, seed: usize, dir: &Path) -> Stack {
+    Stack::start(stack_options(redis, seed, dir))
+        .await
+        .expect("the stack starts")
+}
+
+/// [`start_stack`]'s options, its metrics in `dir/metrics.jsonl`.
+fn stack_options(redis: &RedisServer, seed: usize, dir: &Path) -> StackOptions {
     init_logging();
     let mut options = StackOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -108,7 +115,7 @@ async fn start_stack(redis: &RedisServer, seed: usize, dir: &Path) -> Stack {
     };
     options.esm.on_failure = Some(dir.join("on-failure.jsonl"));
     options.metrics = Some(dir.join("metrics.jsonl"));
-    Stack::start(options).await.expect("the stack starts")
+    options
 }
 
 async fn dynamodb() -> aws_sdk_dynamodb::Client {
@@ -256,22 +263,13 @@ async fn until_invalidated(stack: &Stack, records: u64) {
 async fn the_change_monitor_reports_a_stale_entry_left_after_a_change() {
     let redis = RedisServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    init_logging();
-    let mut options = StackOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        table: unique_table("stack"),
-        redis_url: Some(redis.url()),
-        dynamodb_endpoint: Some(moto_endpoint().to_owned()),
-        seed_products: 20,
-        ..StackOptions::default()
-    };
+    let mut options = stack_options(&redis, 20, dir.path());
     // A short window: the test waits one grace period, not a production window too.
     options.change_monitor = Some(local_stack::poller::EsmConfig {
         batching_window: Duration::from_millis(500),
         ..local_stack::stack::change_monitor_esm()
     });
     let metrics = dir.path().join("metrics.jsonl");
-    options.metrics = Some(metrics.clone());
     let stack = Stack::start(options).await.expect("the stack starts");
     let url = |id: &str| format!("{}/products/{id}", stack.http_url());
     let stale = get(&url("kb-001")).await.body.to_string();

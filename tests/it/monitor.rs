@@ -25,16 +25,27 @@ async fn monitor(
     repair: bool,
     share: f64,
 ) -> Inspector<product_cache::store::DynamoStore> {
-    Inspector::new(
-        env.cache(&env.settings).await,
-        env.store(&env.settings),
-        env.settings.clone(),
+    monitor_with(
+        env,
         InspectSettings {
             grace: GRACE,
             repair,
             change_share: share,
             ..InspectSettings::default()
         },
+    )
+    .await
+}
+
+async fn monitor_with(
+    env: &TestEnv,
+    settings: InspectSettings,
+) -> Inspector<product_cache::store::DynamoStore> {
+    Inspector::new(
+        env.cache(&env.settings).await,
+        env.store(&env.settings),
+        env.settings.clone(),
+        settings,
     )
 }
 
@@ -187,6 +198,28 @@ async fn a_lagging_invalidator_shows_as_pending_not_as_inconsistency() {
     }
 }
 
+/// `lost` changed, then three other products, all applied by the invalidator; then `lost`'s
+/// document and position as before its change, as a failover to a replica that never got the
+/// change leaves them. Answers the changes' event.
+async fn lost_invalidation(env: &mut TestEnv) -> Value {
+    env.put_product("lost", "10").await;
+    env.drain_stream().await;
+    let before = env.raw_get("product:lost").await.expect("refreshed");
+    let position_key = product_cache::cache::version_key("product:lost");
+    let position = env
+        .raw_get(&position_key)
+        .await
+        .expect("the refresh recorded its position");
+    env.put_product("lost", "11").await;
+    for i in 0..3 {
+        env.put_product(&format!("later-{i}"), "10").await;
+    }
+    let event = env.drain_stream_returning().await;
+    env.raw_set("product:lost", &before).await;
+    env.raw_set(&position_key, &position).await;
+    event
+}
+
 /// A lost invalidation (the node that applied it failed over to a replica that never got it)
 /// leaves the key's old position and old document, as a lagging invalidator would. The other
 /// keys of the batch, later in the same shard, hold their positions: the invalidator is past
@@ -195,23 +228,7 @@ async fn a_lagging_invalidator_shows_as_pending_not_as_inconsistency() {
 #[tokio::test]
 async fn a_lost_invalidation_behind_the_invalidators_progress_is_inconsistent() {
     let mut env = TestEnv::new(Refresh).await;
-    env.put_product("lost", "10").await;
-    env.drain_stream().await;
-    let before = env.raw_get("product:lost").await.expect("refreshed");
-    let position_key = product_cache::cache::version_key("product:lost");
-    let position = env.raw_get(&position_key).await;
-    let position = position.expect("the refresh recorded its position");
-
-    env.put_product("lost", "11").await;
-    for i in 0..3 {
-        env.put_product(&format!("later-{i}"), "10").await;
-    }
-    let event = env.new_stream_event().await;
-    let response = env.invalidator.handle(event.clone()).await;
-    assert!(response.batch_item_failures.is_empty());
-    // What the failover lost: the change to `lost`, its document and its position.
-    env.raw_set("product:lost", &before).await;
-    env.raw_set(&position_key, &position).await;
+    let event = lost_invalidation(&mut env).await;
 
     let looking = monitor(&env, false, 1.0).await;
     let report = looking.check_changes(&records(&event)).await;
@@ -244,30 +261,17 @@ async fn a_lost_invalidation_behind_the_invalidators_progress_is_inconsistent() 
 #[tokio::test]
 async fn progress_is_not_inferred_across_parallel_batches_and_a_retried_failure_settles() {
     let mut env = TestEnv::new(Refresh).await;
-    env.put_product("lost", "10").await;
-    env.drain_stream().await;
-    let before = env.raw_get("product:lost").await.expect("refreshed");
-    let position_key = product_cache::cache::version_key("product:lost");
-    let position = env.raw_get(&position_key).await.expect("a position");
-    env.put_product("lost", "11").await;
-    for i in 0..3 {
-        env.put_product(&format!("later-{i}"), "10").await;
-    }
-    let event = env.new_stream_event().await;
-    env.invalidator.handle(event.clone()).await;
-    env.raw_set("product:lost", &before).await;
-    env.raw_set(&position_key, &position).await;
+    let event = lost_invalidation(&mut env).await;
 
-    let parallel = Inspector::new(
-        env.cache(&env.settings).await,
-        env.store(&env.settings),
-        env.settings.clone(),
+    let parallel = monitor_with(
+        &env,
         InspectSettings {
             grace: GRACE,
             shard_order: false,
             ..InspectSettings::default()
         },
-    );
+    )
+    .await;
     let report = parallel.check_changes(&records(&event)).await;
     assert!(
         matches!(
@@ -279,15 +283,14 @@ async fn progress_is_not_inferred_across_parallel_batches_and_a_retried_failure_
 
     // The retry lands while the monitor looks: once its first look has read the cache (two
     // GETs a key: document and position), the invalidator applies the batch again.
-    let looking = Inspector::new(
-        env.cache(&env.settings).await,
-        env.store(&env.settings),
-        env.settings.clone(),
+    let looking = monitor_with(
+        &env,
         InspectSettings {
             grace: Duration::from_secs(2),
             ..InspectSettings::default()
         },
-    );
+    )
+    .await;
     let gets_before = gets(&env).await;
     let all = records(&event);
     let judging = tokio::spawn(async move { looking.check_changes(&all).await });
