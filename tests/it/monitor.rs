@@ -384,3 +384,30 @@ async fn a_share_of_the_keys_is_the_same_keys_in_every_batch() {
     );
     assert_eq!(judged(&a), judged(&b));
 }
+
+/// Redis stalled (SIGSTOP) while a batch is judged: the batch costs its bounded calls and comes
+/// back unchecked, with the reason, never failing the stream; once Redis resumes, the next
+/// batch is judged, stale entry and all.
+#[tokio::test]
+async fn a_stalled_redis_leaves_a_batch_unchecked_and_the_next_one_is_judged() {
+    let mut env = TestEnv::new(Refresh).await;
+    for i in 0..4 {
+        env.put_product(&format!("st-{i}"), "10").await;
+    }
+    let event = env.drain_stream_returning().await;
+    env.raw_set("product:st-1", &document("st-1", "7")).await;
+    let looking = monitor(&env, false, 1.0).await;
+
+    env.redis.stall();
+    let summary = looking.handle(event.clone()).await;
+    env.redis.resume();
+    let summary = summary.expect("a stream batch never fails");
+    assert_eq!(
+        (&summary["changes"], &summary["unchecked"]),
+        (&json!(0), &json!(4)),
+        "{summary}"
+    );
+    let report = looking.check_changes(&records(&event)).await;
+    assert_eq!(inconsistent(&report), ["product:st-1"], "{report:?}");
+    assert_eq!(report.unchecked, 0);
+}
