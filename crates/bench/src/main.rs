@@ -35,9 +35,14 @@ struct Args {
     /// Also write the results as JSON to PATH.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
-    /// Do not rewrite BENCHMARKS.md (it is not rewritten with --only either).
+    /// Do not rewrite BENCHMARKS.md (it is not rewritten with --only either, unless --merge).
     #[arg(long)]
     no_write: bool,
+    /// With --only: put these figures' rows into BENCHMARKS.md in place of the ones it has,
+    /// keeping every other row of the full run it was written by, and note the run they come
+    /// from (for a figure added or changed since that run).
+    #[arg(long, requires = "only")]
+    merge: bool,
     /// Run only these figures (comma-separated or repeated).
     #[arg(long, value_name = "NAME", value_delimiter = ',')]
     only: Vec<Figure>,
@@ -65,10 +70,11 @@ enum Figure {
     Degraded,
     GameDay,
     Memory,
+    ChangeMonitor,
 }
 
 impl Figure {
-    const ALL: [Figure; 14] = [
+    const ALL: [Figure; 15] = [
         Figure::HitRedisTime,
         Figure::HitLatency,
         Figure::MissLatency,
@@ -83,6 +89,7 @@ impl Figure {
         Figure::Degraded,
         Figure::GameDay,
         Figure::Memory,
+        Figure::ChangeMonitor,
     ];
 
     fn name(self) -> &'static str {
@@ -101,6 +108,7 @@ impl Figure {
             Figure::Degraded => "degraded",
             Figure::GameDay => "game-day",
             Figure::Memory => "memory",
+            Figure::ChangeMonitor => "change-monitor",
         }
     }
 
@@ -113,6 +121,7 @@ impl Figure {
                 | Figure::FlashSale
                 | Figure::Degraded
                 | Figure::GameDay
+                | Figure::ChangeMonitor
         )
     }
 }
@@ -149,6 +158,9 @@ pub struct Sizes {
     pub game_day_healthy: Duration,
     pub game_day_down: Duration,
     pub game_day_stall: Duration,
+    pub monitor_products: usize,
+    pub monitor_change_every: Duration,
+    pub monitor_min_sample_runs: usize,
 }
 
 impl Sizes {
@@ -186,6 +198,10 @@ impl Sizes {
             game_day_healthy: Duration::from_secs(if quick { 5 } else { 10 }),
             game_day_down: Duration::from_secs(if quick { 15 } else { 60 }),
             game_day_stall: Duration::from_secs(10),
+            monitor_products: pick(100_000, 10_000),
+            // 25 changes a second: some 250 a 10 s window, a quarter of the mapping's BatchSize.
+            monitor_change_every: Duration::from_millis(40),
+            monitor_min_sample_runs: pick(20, 10),
         }
     }
 }
@@ -264,7 +280,7 @@ async fn run(args: Args) -> Result<bool, Error> {
         let n = (6 * sizes.misses + 40).max(100);
         miss_table = Some(figures::miss::prepare_table(&env, n).await?);
     }
-    for figure in figures {
+    for &figure in &figures {
         let figure_started = Instant::now();
         let mut cluster = None;
         let mut sale = None;
@@ -342,6 +358,7 @@ async fn run(args: Args) -> Result<bool, Error> {
                 }
                 Figure::GameDay => figures::game_day::run(&env, &sizes, net).await,
                 Figure::Memory => figures::memory::run(&env, &sizes, net).await,
+                Figure::ChangeMonitor => figures::change_monitor::run(&env, &sizes, net).await,
             };
             let new_rows = result.unwrap_or_else(|e| vec![failed_row(figure, net, &e)]);
             for row in &new_rows {
@@ -392,6 +409,12 @@ async fn run(args: Args) -> Result<bool, Error> {
     }
     if args.no_write {
         eprintln!("bench: BENCHMARKS.md left as it was (--no-write)");
+    } else if args.merge {
+        let path = workspace_root().join("BENCHMARKS.md");
+        let names: Vec<&str> = figures.iter().map(|f| f.name()).collect();
+        let merged = report::merge_markdown(&std::fs::read_to_string(&path)?, &run, &names)?;
+        report::write_file(&path, &merged)?;
+        eprintln!("bench: merged {} into {}", names.join(", "), path.display());
     } else if !args.only.is_empty() {
         eprintln!("bench: BENCHMARKS.md left as it was (--only ran part of the figures)");
     } else {

@@ -29,11 +29,14 @@ impl Net {
 pub enum Unit {
     Micros,
     Millis,
+    Secs,
     RoundTrips,
     Percent,
     Count,
     MiB,
     Bytes,
+    /// A count per something (commands per change): up to 4 decimals, trailing zeros dropped.
+    Mean,
 }
 
 impl Unit {
@@ -41,6 +44,7 @@ impl Unit {
         match self {
             Unit::Micros => format!("{v:.2} us"),
             Unit::Millis => format!("{v:.2} ms"),
+            Unit::Secs => format!("{v:.2} s"),
             Unit::RoundTrips => {
                 if v.fract() == 0.0 {
                     format!("{v:.0} RT")
@@ -52,6 +56,10 @@ impl Unit {
             Unit::Count => format!("{v:.0}"),
             Unit::MiB => format!("{v:.1} MiB"),
             Unit::Bytes => format!("{v:.0} B"),
+            Unit::Mean => {
+                let text = format!("{v:.4}");
+                text.trim_end_matches('0').trim_end_matches('.').to_owned()
+            }
         }
     }
 
@@ -59,11 +67,13 @@ impl Unit {
         match self {
             Unit::Micros => "us",
             Unit::Millis => "ms",
+            Unit::Secs => "s",
             Unit::RoundTrips => "round trips",
             Unit::Percent => "percent",
             Unit::Count => "count",
             Unit::MiB => "MiB",
             Unit::Bytes => "bytes",
+            Unit::Mean => "mean count",
         }
     }
 }
@@ -388,6 +398,107 @@ impl Run<'_> {
     }
 }
 
+/// `existing` (a BENCHMARKS.md of a full run) with the rows of `figures` replaced by `run`'s,
+/// in the place of the rows they replace (at the table's end for a figure it did not have), the
+/// summary's counts recounted, and a note naming the run the rows come from. Everything else,
+/// the header's run, machine and network included, stays as the full run wrote it.
+pub fn merge_markdown(existing: &str, run: &Run, figures: &[&str]) -> Result<String, String> {
+    let lines: Vec<&str> = existing.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("| figure |"))
+        .ok_or("BENCHMARKS.md has no results table to merge into")?;
+    let first_row = header + 2;
+    let end = first_row
+        + lines[first_row..]
+            .iter()
+            .take_while(|l| l.starts_with("| "))
+            .count();
+    let ours = |line: &str| {
+        figures
+            .iter()
+            .any(|f| line.starts_with(&format!("| {f}: ")))
+    };
+    let new_rows = markdown_table(run.rows);
+    let new_rows: Vec<&str> = new_rows.lines().skip(2).collect();
+    let mut table: Vec<&str> = Vec::new();
+    let mut placed = false;
+    for line in &lines[first_row..end] {
+        if ours(line) {
+            if !placed {
+                table.extend(&new_rows);
+                placed = true;
+            }
+        } else {
+            table.push(line);
+        }
+    }
+    if !placed {
+        table.extend(&new_rows);
+    }
+    let passed = table.iter().filter(|l| l.contains(" | pass | ")).count();
+    let failed = table.len() - passed;
+
+    let note_start = |f: &str| format!("- {f}: rows from a separate run");
+    let mut out: Vec<String> = Vec::with_capacity(lines.len() + table.len());
+    for line in &lines[..first_row] {
+        out.push(match line.split_once(" checks within budget, ") {
+            Some((_, rest)) if line.starts_with(|c: char| c.is_ascii_digit()) => {
+                let rest = rest.split_once(';').map_or(".", |(_, r)| r);
+                format!(
+                    "{passed} of {} checks within budget, {failed} over;{rest}",
+                    table.len()
+                )
+            }
+            _ => (*line).to_owned(),
+        });
+    }
+    out.extend(table.iter().map(|l| (*l).to_owned()));
+    out.extend(
+        lines[end..]
+            .iter()
+            .filter(|l| !figures.iter().any(|f| l.starts_with(&note_start(f))))
+            .map(|l| (*l).to_owned()),
+    );
+    if !out.iter().any(|l| l == "## Notes from this run") {
+        while out.last().is_some_and(|l| l.is_empty()) {
+            out.pop();
+        }
+        out.push(String::new());
+        out.push("## Notes from this run".into());
+        out.push(String::new());
+    }
+    while out.last().is_some_and(|l| l.is_empty()) {
+        out.pop();
+    }
+    let mut note = format!(
+        "{}, `{}` on {}{} ({:.0} s; median PING {:.3} ms direct), merged into this file \
+         with --merge: the summary above counts them",
+        note_start(&figures.join(", ")),
+        run.command,
+        run.date,
+        if run.quick {
+            " (quick mode: smaller sizes, not the reference figures)"
+        } else {
+            ""
+        },
+        run.elapsed.as_secs_f64(),
+        run.ping_direct_ms,
+    );
+    for extra in run.notes {
+        if !out
+            .iter()
+            .any(|l| l.strip_prefix("- ") == Some(extra.as_str()))
+        {
+            let _ = write!(note, "; {extra}");
+        }
+    }
+    out.push(note);
+    let mut text = out.join("\n");
+    text.push('\n');
+    Ok(text)
+}
+
 pub fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -427,6 +538,51 @@ mod tests {
         let mut failed = row(1.0, Some(1.0), Budget::RatioAtMost(3.0));
         failed.failure = Some("batch reported failures".into());
         assert!(!failed.pass());
+    }
+
+    #[test]
+    fn a_merge_replaces_one_figures_rows_and_recounts() {
+        let mut old = row(1.0, Some(1.0), Budget::RatioAtMost(3.0));
+        old.figure = "a";
+        let mut replaced = row(9.0, None, Budget::AtMost(1.0));
+        replaced.figure = "b";
+        let existing = format!(
+            "# Benchmarks\n\n## Results\n\n1 of 2 checks within budget, 1 over; the run took \
+             9 s.\n\n{}\n## Notes from this run\n\n- a note\n",
+            markdown_table(&[old, replaced])
+        );
+        let mut new = row(0.5, None, Budget::AtMost(1.0));
+        new.figure = "b";
+        let machine = Machine::probe();
+        let run = Run {
+            date: "today".into(),
+            command: "scripts/bench.sh --only b --merge".into(),
+            quick: false,
+            machine: &machine,
+            delay: Duration::ZERO,
+            ping_direct_ms: 0.05,
+            ping_proxy_ms: 0.5,
+            rows: &[new.clone(), new],
+            notes: &["a note".into()],
+            elapsed: Duration::from_secs(3),
+        };
+        let merged = merge_markdown(&existing, &run, &["b"]).unwrap();
+        assert!(merged.contains("3 of 3 checks within budget, 0 over; the run took 9 s."));
+        assert_eq!(merged.matches("| b: w |").count(), 2);
+        assert!(!merged.contains("FAIL"));
+        assert!(merged.contains("| a: w |"));
+        assert!(merged.contains("- b: rows from a separate run, `scripts/bench.sh --only b"));
+        // Merged again: the rows and the note are replaced, not added.
+        let again = merge_markdown(&merged, &run, &["b"]).unwrap();
+        assert_eq!(again, merged);
+    }
+
+    #[test]
+    fn means_keep_four_decimals_without_trailing_zeros() {
+        assert_eq!(Unit::Mean.format(2.0), "2");
+        assert_eq!(Unit::Mean.format(0.01), "0.01");
+        assert_eq!(Unit::Mean.format(1.0 / 533.0), "0.0019");
+        assert_eq!(Unit::Mean.format(0.0), "0");
     }
 
     #[test]

@@ -55,7 +55,7 @@ impl<F> Timed<F> {
     }
 
     /// Every lag so far, in ms.
-    fn lags_ms(&self) -> Vec<f64> {
+    pub(crate) fn lags_ms(&self) -> Vec<f64> {
         self.lags
             .lock()
             .unwrap()
@@ -111,24 +111,8 @@ pub struct Sale {
 
 pub async fn prepare(env: &Env, sizes: &Sizes) -> Result<(Sale, Duration), Error> {
     let table = format!("bench-sale-{}", std::process::id());
-    // The stream is enabled after seeding: moto keeps every stream record in memory, and 100,000
-    // INSERTs nobody reads would only lengthen its garbage collections.
-    create_table_without_stream(env, &table).await?;
     let products = local_stack::seed::catalog(sizes.sale_products);
-    let started = Instant::now();
-    // seed::batch_write keeps 4 BatchWriteItems in flight; 4 of them at once keep moto busy.
-    let items: Vec<_> = products.iter().map(|p| p.item("productId")).collect();
-    let per_task = items.len().div_ceil(4).max(1);
-    let mut writers = tokio::task::JoinSet::new();
-    for chunk in items.chunks(per_task) {
-        let (client, table, chunk) = (env.dynamodb.clone(), table.clone(), chunk.to_vec());
-        writers.spawn(async move { local_stack::seed::batch_write(&client, &table, chunk).await });
-    }
-    while let Some(done) = writers.join_next().await {
-        done??;
-    }
-    let took = started.elapsed();
-    let stream_arn = enable_stream(env, &table).await?;
+    let (stream_arn, took) = seeded_table(env, &table, &products).await?;
     let ids = products.into_iter().map(|p| p.id).collect();
     Ok((
         Sale {
@@ -138,6 +122,32 @@ pub async fn prepare(env: &Env, sizes: &Sizes) -> Result<(Sale, Duration), Error
         },
         took,
     ))
+}
+
+/// A new table holding `products`, written by 4 tasks of parallel `BatchWriteItem`s, then its
+/// stream turned on; returns the stream's ARN and how long the writes took.
+pub(crate) async fn seeded_table(
+    env: &Env,
+    table: &str,
+    products: &[local_stack::seed::Product],
+) -> Result<(String, Duration), Error> {
+    // The stream is enabled after seeding: moto keeps every stream record in memory, and 100,000
+    // INSERTs nobody reads would only lengthen its garbage collections.
+    create_table_without_stream(env, table).await?;
+    let started = Instant::now();
+    // seed::batch_write keeps 4 BatchWriteItems in flight; 4 of them at once keep moto busy.
+    let items: Vec<_> = products.iter().map(|p| p.item("productId")).collect();
+    let per_task = items.len().div_ceil(4).max(1);
+    let mut writers = tokio::task::JoinSet::new();
+    for chunk in items.chunks(per_task) {
+        let (client, table, chunk) = (env.dynamodb.clone(), table.to_owned(), chunk.to_vec());
+        writers.spawn(async move { local_stack::seed::batch_write(&client, &table, chunk).await });
+    }
+    while let Some(done) = writers.join_next().await {
+        done??;
+    }
+    let took = started.elapsed();
+    Ok((enable_stream(env, table).await?, took))
 }
 
 async fn create_table_without_stream(env: &Env, table: &str) -> Result<(), Error> {
@@ -439,7 +449,7 @@ pub async fn run(
 }
 
 /// `p50 x ms, p99 y ms, max z ms` of the stream-to-cache lags.
-fn lag_summary(lags_ms: &[f64]) -> String {
+pub(crate) fn lag_summary(lags_ms: &[f64]) -> String {
     let mut sorted = lags_ms.to_vec();
     sorted.sort_by(f64::total_cmp);
     format!(

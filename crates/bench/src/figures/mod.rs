@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod batch_read;
+pub mod change_monitor;
 pub mod cluster;
 pub mod cold;
 pub mod degraded;
