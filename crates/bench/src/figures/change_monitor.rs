@@ -12,10 +12,14 @@
 //! waits out that batch's grace before the mapping gathers the next window.
 //!
 //! Judged:
-//! - the time from the plant until the monitor reports X inconsistent, against the budget of
-//!   one grace, one window and the stream stamps' 1 s precision, plus 1 s (the mapping polls
-//!   every 250 ms, so a window's batch leaves up to 250 ms after it closes; moto's `GetRecords`
-//!   and the check's own pipelined `GET`s and `BatchGetItem` take the rest). Beside it, the
+//! - the time from the plant until the monitor reports X inconsistent, against the issue's
+//!   budget of one grace plus one run, a run of the monitor being what its mapping and its
+//!   check make one cycle of: a window of gathering, then the batch's wait until its newest
+//!   change is a grace (+ the stamps' 1 s precision) old. A change made while a check waits
+//!   (the mapping hands a shard one batch at a time) waits out that check first: one grace
+//!   (+ 1 s), one run (window + grace + 1 s), plus 1 s (the mapping polls every 250 ms, so a
+//!   window's batch leaves up to 250 ms after it closes; moto's `GetRecords` and the check's
+//!   own pipelined `GET`s and `BatchGetItem` take the rest). Beside it, the
 //!   random sampler (`Inspector::run(Target::Sample(200))`, same grace) runs back to back from
 //!   the plant until the monitor has reported X (and at least a minimum of runs): whether and in
 //!   which run it found X, and the expectation (catalog / sample runs, at the production
@@ -68,8 +72,8 @@ const BATCH_SIZE: usize = 1000;
 const GRACE: Duration = Duration::from_secs(5);
 /// DynamoDB rounds `ApproximateCreationDateTime` down to the second; the monitor waits it out.
 const STAMP_PRECISION: Duration = Duration::from_secs(1);
-/// Past grace + window + stamp precision: the mapping's 250 ms poll, moto's `GetRecords` and the
-/// check's own reads (see the module doc).
+/// Past one grace and one run: the mapping's 250 ms poll, moto's `GetRecords` and the check's
+/// own reads (see the module doc).
 const ALLOWANCE: Duration = Duration::from_secs(1);
 /// `INSPECT_SAMPLE`'s default.
 const SAMPLE: usize = 200;
@@ -446,7 +450,9 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
         })
         .collect();
     judged_after.sort_by(f64::total_cmp);
-    let budget = GRACE + WINDOW + STAMP_PRECISION + ALLOWANCE;
+    // One grace (the check a change may meet waiting), one run (a window, then its batch's
+    // grace), each grace with the stamps' precision.
+    let budget = (GRACE + STAMP_PRECISION) + (WINDOW + GRACE + STAMP_PRECISION) + ALLOWANCE;
     let within = judged_after
         .iter()
         .filter(|&&ms| ms <= stats::millis(budget))
@@ -578,14 +584,14 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
             baseline_label: sampler_label,
             budget: Budget::AtMost(budget.as_secs_f64()),
             note: format!(
-                "budget: grace {} s + window {} s + 1 s stamp precision (moto stamps to the \
-                 microsecond, so the monitor's extra second is waited in full) + 1 s for the \
-                 mapping's 250 ms poll and moto; {timeline}; a check's grace wait holds the shard, \
-                 so a change made during it starts its window only after it: up to window + 2 x \
-                 (grace + 1 s) with batches back to back; {all_changes}; {sampler_text}; \
-                 {live_text}",
-                GRACE.as_secs(),
+                "budget: one grace plus one run, a run being a window of gathering and its \
+                 batch's grace wait: a change made while a check waits (a shard has one batch at \
+                 a time) waits that out first, so grace {g} s + 1 s, window {} s, grace {g} s + 1 s \
+                 (moto stamps to the microsecond, so the monitor's extra second for DynamoDB's \
+                 whole-second stamps is waited in full) + 1 s for the mapping's 250 ms poll and \
+                 moto; {timeline}; {all_changes}; {sampler_text}; {live_text}",
                 WINDOW.as_secs(),
+                g = GRACE.as_secs(),
             ),
             failure: found
                 .is_none()
