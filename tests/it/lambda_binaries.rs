@@ -564,3 +564,93 @@ async fn both_functions_thaw_after_the_server_closed_their_idle_connections() {
         json!({"batchItemFailures": []})
     );
 }
+
+/// The inspector function as Lambda drives it on both its triggers: a stream batch from its
+/// change-monitor mapping (records read from moto's stream, in the shape Lambda delivers them)
+/// is judged change by change, and a scheduled EventBridge event samples the cache. Each
+/// writes its own metrics line: the batch's carries no `KeysChecked` (the schedule's heartbeat),
+/// the scheduled run's none of the monitor's metrics.
+#[tokio::test]
+async fn inspector_function_judges_a_stream_batch_and_samples_on_its_schedule() {
+    // Delete mode: a refresh-mode Redis holds an epoch key per hash slot, 16,384 keys among
+    // which a sample of 3 products finds none.
+    let mut env = TestEnv::new(Delete).await;
+    for id in ["ins-fn-1", "ins-fn-2", "ins-fn-3"] {
+        env.put_product(id, "10").await;
+    }
+    let event = env.drain_stream_returning().await;
+    for id in ["ins-fn-1", "ins-fn-2", "ins-fn-3"] {
+        let (status, _, _) = env.http_get(id).await;
+        assert_eq!(status, 200);
+    }
+    env.raw_set(
+        "product:ins-fn-2",
+        &json!({"name": "Product ins-fn-2", "price": 7, "productId": "ins-fn-2"}).to_string(),
+    )
+    .await;
+    let redis_url = env.redis.url();
+    let mut function = Function::spawn(
+        "inspector-function",
+        &[
+            ("REDIS_URL", &redis_url),
+            ("TABLE_NAME", &env.table),
+            ("INSPECT_GRACE_MS", "200"),
+        ],
+    )
+    .await;
+
+    let judged = function.respond(event).await;
+    assert_eq!(
+        (
+            &judged["changes"],
+            &judged["inconsistent"],
+            &judged["pending"]
+        ),
+        (&json!(3), &json!(["product:ins-fn-2"]), &json!(0)),
+        "{judged}"
+    );
+    let scheduled = json!({
+        "version": "0",
+        "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2026-12-03T12:00:00Z",
+        "region": "eu-west-1",
+        "resources": ["arn:aws:events:eu-west-1:123456789012:rule/inspector"],
+        "detail": {}
+    });
+    let sampled = function.respond(scheduled).await;
+    assert_eq!(
+        (&sampled["checked"], &sampled["inconsistent"]),
+        (&json!(3), &json!(["product:ins-fn-2"])),
+        "{sampled}"
+    );
+
+    function.settled().await;
+    let output = function.output().await;
+    let lines: Vec<crate::metrics::Emf> = output
+        .lines()
+        .filter_map(crate::metrics::parse_emf)
+        .collect();
+    let with = |name: &str| {
+        lines
+            .iter()
+            .filter(|e| e.names().any(|n| n == name))
+            .count()
+    };
+    assert_eq!(
+        (with("ChangesChecked"), with("KeysChecked")),
+        (1, 1),
+        "{output}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|e| !(e.names().any(|n| n == "ChangesChecked")
+                && e.names().any(|n| n == "KeysChecked"))),
+        "one line carries both paths' metrics:\n{output}"
+    );
+    assert_eq!(crate::metrics::total(&lines, "ChangesInconsistent"), 1.0);
+    assert_eq!(crate::metrics::total(&lines, "InconsistentKeys"), 1.0);
+}

@@ -19,6 +19,13 @@ pub(crate) struct Emf {
     values: Vec<(String, String, Vec<f64>)>,
 }
 
+impl Emf {
+    /// The metrics the record carries.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.values.iter().map(|(name, _, _)| name.as_str())
+    }
+}
+
 /// Parses `line` as CloudWatch reads an EMF record, panicking on anything it would reject:
 /// `_aws.Timestamp` in epoch ms, each directive's namespace, dimension sets naming top-level
 /// string members, and metrics naming top-level numbers (or arrays of at most 100 numbers)
