@@ -244,17 +244,16 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
     let mut esm = local_stack::esm_template::local(&template)?.config;
     esm.starting_position = StartingPosition::Latest;
     esm.on_failure = None;
+    // The local stack's copy of ChangeMonitorMapping, polled every 250 ms as Lambda polls.
     let monitor_esm = EsmConfig {
-        batch_size: BATCH_SIZE,
-        batching_window: WINDOW,
-        bisect_on_error: false,
-        max_retry_attempts: Some(2),
-        max_record_age: Some(Duration::from_secs(3600)),
-        starting_position: StartingPosition::Latest,
-        report_batch_item_failures: false,
-        on_failure: None,
-        ..EsmConfig::default()
+        poll_interval: EsmConfig::default().poll_interval,
+        ..local_stack::stack::change_monitor_esm()
     };
+    assert_eq!(
+        (monitor_esm.batch_size, monitor_esm.batching_window),
+        (BATCH_SIZE, WINDOW),
+        "the figure's window and batch size are the mapping's"
+    );
     let reader = StreamReader::new(aws_sdk_dynamodbstreams::Client::new(&env.sdk), &stream_arn);
     let invalidating = Arc::new(Poller::new(reader.clone(), esm, Timed::new(invalidator)));
     let monitor = Arc::new(Poller::new(reader, monitor_esm, monitoring));
