@@ -388,22 +388,6 @@ async fn until_replicas_listed(cluster: &RedisCluster) {
     }
 }
 
-/// Calls of `command` a node has served (`INFO commandstats`).
-async fn calls(port: u16, command: &str) -> u64 {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=") as &str))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn with_replica_reads_a_batch_s_hits_come_from_the_replicas() {
     let env = TestEnv::new(Delete).await;
@@ -459,7 +443,7 @@ async fn with_replica_reads_a_batch_s_hits_come_from_the_replicas() {
     }
     let mut before = Vec::new();
     for role in &roles {
-        before.push(calls(role.port, "get").await);
+        before.push(crate::support::command_calls(role.port, "get").await);
     }
     assert_eq!(
         http_get(&read, &path).await.1,
@@ -467,7 +451,7 @@ async fn with_replica_reads_a_batch_s_hits_come_from_the_replicas() {
     );
     let (mut on_primaries, mut on_replicas) = (0, 0);
     for (role, before) in roles.iter().zip(before) {
-        let served = calls(role.port, "get").await - before;
+        let served = crate::support::command_calls(role.port, "get").await - before;
         if role.primary {
             on_primaries += served;
         } else {

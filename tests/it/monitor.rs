@@ -14,7 +14,7 @@ use product_cache::metrics::{MetricsSettings, Sink};
 use product_cache::monitor::{ChangeReport, ChangeVerdict};
 use serde_json::{json, Value};
 
-use crate::support::TestEnv;
+use crate::support::{command_calls, TestEnv};
 
 /// Short: the records are judged a moment after they are made, as the mapping's window and the
 /// grace would in production.
@@ -291,11 +291,11 @@ async fn progress_is_not_inferred_across_parallel_batches_and_a_retried_failure_
         },
     )
     .await;
-    let gets_before = gets(&env).await;
+    let gets_before = command_calls(env.redis.port(), "get").await;
     let all = records(&event);
     let judging = tokio::spawn(async move { looking.check_changes(&all).await });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while gets(&env).await < gets_before + 8 {
+    while command_calls(env.redis.port(), "get").await < gets_before + 8 {
         assert!(
             std::time::Instant::now() < deadline,
             "the monitor never read the cache"
@@ -310,20 +310,6 @@ async fn progress_is_not_inferred_across_parallel_batches_and_a_retried_failure_
         ChangeVerdict::Consistent,
         "{report:?}"
     );
-}
-
-/// Calls of GET the server has answered (scripts' included).
-async fn gets(env: &TestEnv) -> u64 {
-    let mut conn = env.redis_conn().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A key changed twice in a batch is judged once, on its newest change. A batch judged after

@@ -471,6 +471,23 @@ pub async fn info_field(
         .and_then(|n| n.trim().parse().ok())
 }
 
+/// Calls of `command` the node on `port` has served, scripts' calls included (`INFO
+/// commandstats`).
+pub async fn command_calls(port: u16, command: &str) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=") as &str))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A single Redis node at `url`, built the way the functions build their client (with the
 /// test's guards, which only the `test-support` feature lets a test switch off).
 pub async fn redis_cache(url: &str, settings: &CacheSettings) -> RedisCache {
