@@ -1167,7 +1167,7 @@ def check_checkov_skips(t: dict) -> list[str]:
 # ---- metrics, the inspector, alarms on the functions' metrics, the dashboard ----------------------
 
 # What each function emits (the `Function` dimension -> metric names), as the code defines them in
-# crates/product-cache/src/metrics.rs, inspect.rs and monitor.rs; `emitted_metrics_in_code` reads
+# crates/product-cache/src/metrics.rs; `emitted_metrics_in_code` reads
 # them back from there (every recorder of each function) so this list cannot drift.
 EMITTED = {
     "read": {
@@ -1176,7 +1176,7 @@ EMITTED = {
     },
     "invalidator": {
         "BatchSize", "RecordsApplied", "RecordsRefusedAsOlder", "RecordsSkippedMalformed",
-        "RecordsFailed", "InvalidationLag", "BatchesUnderReplicated",
+        "RecordsFailed", "InvalidationLag", "BatchesUnderReplicated", "BatchesEvictionGuardBlind",
     },
     "inspector": {
         # The sample's (scheduled runs and {"ids": [...]} invocations)...

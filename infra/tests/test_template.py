@@ -1048,14 +1048,14 @@ def test_every_metric_the_template_reads_is_emitted(template):
 UNEMITTING_EDITS = [
     # The change monitor's recorder gone (its counts through the sample's recorder, which
     # declares none of them): every Changes* metric is missing.
-    ("inspect.rs", [("Recorder::off(\"inspector\", &crate::monitor::metric::ALL)",
-                     "Recorder::off(\"inspector\", &metric::ALL)")], "ChangesInconsistent"),
+    ("inspect.rs", [("Recorder::off(\"inspector\", &crate::metrics::monitor::ALL)",
+                     "Recorder::off(\"inspector\", &crate::metrics::inspector::ALL)")], "ChangesInconsistent"),
     # A metric dropped from the change monitor's array.
-    ("monitor.rs", [("pub const ALL: [Metric; 6] = [", "pub const ALL: [Metric; 5] = ["),
+    ("metrics.rs", [("pub const ALL: [Metric; 6] = [", "pub const ALL: [Metric; 5] = ["),
                     ("        PENDING_AGE,\n    ];", "    ];")], "PendingChangeAge"),
     # The sample's recorder gone: the heartbeat's KeysChecked is missing.
-    ("inspect.rs", [("Recorder::off(\"inspector\", &metric::ALL)",
-                     "Recorder::off(\"inspector\", &crate::monitor::metric::ALL)")], "KeysChecked"),
+    ("inspect.rs", [("Recorder::off(\"inspector\", &crate::metrics::inspector::ALL)",
+                     "Recorder::off(\"inspector\", &crate::metrics::monitor::ALL)")], "KeysChecked"),
 ]
 
 
@@ -1075,7 +1075,7 @@ def test_an_unreadable_recorder_fails_the_metric_list():
     out, so the metric list never silently shrinks."""
     files = c.rust_sources()
     path = c.RUST_SRC / "inspect.rs"
-    files[path] = files[path].replace("&crate::monitor::metric::ALL", "&crate::monitor::metric::EVERYTHING", 1)
+    files[path] = files[path].replace("&crate::metrics::monitor::ALL", "&crate::metrics::monitor::EVERYTHING", 1)
     with pytest.raises(ValueError, match="no such array"):
         c.emitted_metrics_in_code(files)
 

@@ -4,14 +4,14 @@
 //! scripts, loaded again after a restart or failover), `WAIT` (replicas confirming a batch),
 //! `SET` (a refresh stages its new documents), `MGET` (a single node's delete-mode batch reads
 //! its positions), and, from inside the scripts (and directly, for a single node's delete-mode
-//! batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and its slot's epoch key. On a cluster the client also reads the slot map (`CLUSTER SLOTS`) and, to read from
-//! replicas, marks their connections `READONLY`. A confirmed batch asks `INFO replication` how
-//! many replicas are attached (only that section: `+info|replication`), and the apply script asks
-//! `INFO stats` for the node's eviction count (`+info|stats`); the lease scripts read the node's
-//! clock (`TIME`), which dates every lease by one clock. The cluster client
-//! checks each node's connection with `PING` when it refreshes its topology and reconnects
-//! every node whose `PING` is refused, so it is allowed. (`CLIENT SETINFO`, sent on connecting,
-//! may stay refused: the client ignores its reply.) Nothing needs `CONFIG`, `KEYS` or `SCAN`.
+//! batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and its slot's epoch key. On a cluster the topology reads the slot map (`CLUSTER SLOTS`) and, to read from
+//! replicas, marks connections `READONLY` and asks each primary which replicas are attached
+//! (`INFO replication`). A confirmed batch asks `INFO replication` too (only that section:
+//! `+info|replication`), and the apply script asks `INFO stats` for the node's eviction count
+//! (`+info|stats`; refused, the guard applies refreshes as deletes); the lease scripts read the
+//! node's clock (`TIME`), which dates every lease by one clock. Nothing checks a connection
+//! with `PING`. (`CLIENT SETINFO`, sent on connecting, may stay refused: the client ignores its
+//! reply.) Nothing needs `CONFIG`, `KEYS` or `SCAN`.
 
 /// The ACL rules of a user for the functions, with cache keys under `key_prefix`: e.g.
 /// `ACL SETUSER product-cache on >PASSWORD <rules>` on Redis, or an ElastiCache user's access
@@ -19,7 +19,7 @@
 pub fn rules(key_prefix: &str) -> String {
     format!(
         "resetkeys ~{key_prefix}* ~{{{key_prefix}* ~product-cache:epoch:* resetchannels \
-         -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats +time"
+         -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +info|replication +info|stats +time"
     )
 }
 
@@ -38,7 +38,7 @@ mod tests {
         assert_eq!(
             rules,
             "resetkeys ~product:* ~{product:* ~product-cache:epoch:* resetchannels \
-             -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +ping +info|replication +info|stats +time"
+             -@all +get +mget +set +del +rename +evalsha +script|load +wait +cluster|slots +readonly +info|replication +info|stats +time"
         );
     }
 

@@ -43,8 +43,10 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     /// Upper bound on any single Redis operation before the cache is bypassed.
     pub redis_timeout: Duration,
-    /// How long a reader that missed holds the right to fill the key. Longer than a normal
-    /// `GetItem`; if the holder dies, another reader takes over once it lapses.
+    /// How long a reader that missed holds the right to fill the key: at least the table call
+    /// it guards (`DYNAMODB_TIMEOUT_MS`, retries included) and the fill after it
+    /// (`REDIS_TIMEOUT_MS`), checked at start. If the holder dies, another reader takes over
+    /// once it lapses; readers that find it wait at most `lease_wait` meanwhile.
     pub lease: Duration,
     /// How long a reader that found someone else's lease waits for the fill before reading the
     /// table itself (without filling).
@@ -71,7 +73,7 @@ impl Default for CacheSettings {
             ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(30),
             redis_timeout: Duration::from_millis(100),
-            lease: Duration::from_millis(1000),
+            lease: Duration::from_millis(4000),
             lease_wait: Duration::from_millis(1000),
             version_attribute: None,
             clock_margin: Duration::from_secs(2),
@@ -546,11 +548,27 @@ impl ReadSettings {
             required(src, "TABLE_NAME")?,
             CacheSettings::from_source(src)?,
         );
-        Ok(Self {
+        let s = Self {
             consistent_read: parsed(src, "CONSISTENT_READ", d.consistent_read)?,
             table_timeouts: AwsTimeouts::from_source(src)?,
             ..d
-        })
+        };
+        // The lease guards its holder's table read and fill: one that lapses first has the fill
+        // refused, and the next reader reads the table again.
+        let guarded = s.table_timeouts.operation + s.cache.redis_timeout;
+        if s.cache.lease < guarded {
+            return Err(ConfigError::Invalid {
+                name: "LEASE_MS",
+                value: s.cache.lease.as_millis().to_string(),
+                reason: format!(
+                    "must be at least DYNAMODB_TIMEOUT_MS + REDIS_TIMEOUT_MS ({} ms): a lease \
+                     shorter than the table read and the fill it guards lapses before the \
+                     fill, which is then refused, and another reader reads the table again",
+                    guarded.as_millis()
+                ),
+            });
+        }
+        Ok(s)
     }
 }
 
@@ -585,7 +603,7 @@ mod tests {
         assert!(s.consistent_read);
         assert!(!s.redis.cluster);
         assert_eq!(s.redis.auth_secret_arn, None);
-        assert_eq!(s.cache.lease, Duration::from_millis(1000));
+        assert_eq!(s.cache.lease, Duration::from_millis(4000));
         assert_eq!(s.cache.lease_wait, Duration::from_millis(1000));
         assert_eq!(s.cache.version_attribute, None);
         assert_eq!(s.cache.clock_margin, Duration::from_secs(2));
@@ -618,7 +636,7 @@ mod tests {
             ("REDIS_TIMEOUT_MS", "20"),
             ("CONSISTENT_READ", "false"),
             ("INVALIDATION_MODE", "Refresh"),
-            ("LEASE_MS", "250"),
+            ("LEASE_MS", "1600"),
             ("LEASE_WAIT_MS", "400"),
             ("VERSION_ATTRIBUTE", "version"),
             ("REDIS_CLUSTER", "true"),
@@ -646,7 +664,7 @@ mod tests {
         assert_eq!(s.cache.negative_ttl, Duration::from_secs(5));
         assert_eq!(s.cache.redis_timeout, Duration::from_millis(20));
         assert!(!s.consistent_read);
-        assert_eq!(s.cache.lease, Duration::from_millis(250));
+        assert_eq!(s.cache.lease, Duration::from_millis(1600));
         assert_eq!(s.cache.lease_wait, Duration::from_millis(400));
         assert_eq!(s.cache.version_attribute.as_deref(), Some("version"));
         assert_eq!(s.redis.url, "redis://h:6379");
@@ -720,6 +738,8 @@ mod tests {
         bad("REDIS_IAM_REPLICATION_GROUP", "with/slash");
         bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "0");
         bad("DYNAMODB_TIMEOUT_MS", "3s");
+        // A lease shorter than the table call and the fill it guards (3000 + 100 ms).
+        bad("LEASE_MS", "3099");
         bad("DYNAMODB_ATTEMPT_TIMEOUT_MS", "3001"); // over the operation's default 3000
         bad("REDIS_BREAKER_FAILURES", "-1");
         bad("REDIS_BREAKER_FAILURES", "three");

@@ -22,21 +22,7 @@ use crate::invalidate::Invalidator;
 use crate::metrics::{Metric, MetricsSettings, Recorder, Sink};
 use crate::store::{Item, ProductStore, StoreError};
 
-/// The inspector's metrics.
-pub mod metric {
-    use crate::metrics::Metric;
-
-    /// Cached keys compared with the table.
-    pub const KEYS_CHECKED: Metric = Metric::count("KeysChecked");
-    /// Keys whose cached value differed from the table and still did after the grace period.
-    pub const INCONSISTENT_KEYS: Metric = Metric::count("InconsistentKeys");
-    /// Suspects that changed during the grace period (an invalidation or fill in flight).
-    pub const KEYS_SETTLED: Metric = Metric::count("KeysSettled");
-    /// Inconsistent keys purged (with repair on).
-    pub const KEYS_REPAIRED: Metric = Metric::count("KeysRepaired");
-
-    pub const ALL: [Metric; 4] = [KEYS_CHECKED, INCONSISTENT_KEYS, KEYS_SETTLED, KEYS_REPAIRED];
-}
+use crate::metrics::inspector as metric;
 
 /// How the inspector runs: `INSPECT_SAMPLE` keys per run (default 200), `INSPECT_GRACE_MS`
 /// before a suspect (or a change, for the change monitor) is judged (default 5000: well past
@@ -240,8 +226,8 @@ impl<S: ProductStore> Inspector<S> {
             store,
             settings,
             inspect,
-            metrics: Recorder::off("inspector", &metric::ALL),
-            change_metrics: Recorder::off("inspector", &crate::monitor::metric::ALL),
+            metrics: Recorder::off("inspector", &crate::metrics::inspector::ALL),
+            change_metrics: Recorder::off("inspector", &crate::metrics::monitor::ALL),
         }
     }
 

@@ -133,8 +133,12 @@ pub mod invalidator {
     /// because a node they wrote to had fewer attached (a shard after a failover, until its
     /// replacement replica has synced).
     pub const BATCHES_UNDER_REPLICATED: Metric = Metric::count("BatchesUnderReplicated");
+    /// Batches whose refreshes were applied as deletes on some node because the eviction guard
+    /// could not read its eviction count (the user may not run `INFO`, or the reply lacks
+    /// `evicted_keys`): right whatever the records were, but each costs a miss.
+    pub const BATCHES_EVICTION_GUARD_BLIND: Metric = Metric::count("BatchesEvictionGuardBlind");
 
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 8] = [
         BATCH_SIZE,
         RECORDS_APPLIED,
         RECORDS_REFUSED_AS_OLDER,
@@ -142,6 +146,51 @@ pub mod invalidator {
         RECORDS_FAILED,
         INVALIDATION_LAG,
         BATCHES_UNDER_REPLICATED,
+        BATCHES_EVICTION_GUARD_BLIND,
+    ];
+}
+
+/// The sampling inspector's metrics (`inspect.rs`).
+pub mod inspector {
+    use super::Metric;
+
+    /// Cached keys compared with the table.
+    pub const KEYS_CHECKED: Metric = Metric::count("KeysChecked");
+    /// Keys whose cached value differed from the table and still did after the grace period.
+    pub const INCONSISTENT_KEYS: Metric = Metric::count("InconsistentKeys");
+    /// Suspects that changed during the grace period (an invalidation or fill in flight).
+    pub const KEYS_SETTLED: Metric = Metric::count("KeysSettled");
+    /// Inconsistent keys purged (with repair on).
+    pub const KEYS_REPAIRED: Metric = Metric::count("KeysRepaired");
+
+    pub const ALL: [Metric; 4] = [KEYS_CHECKED, INCONSISTENT_KEYS, KEYS_SETTLED, KEYS_REPAIRED];
+}
+
+/// The change monitor's metrics (`monitor.rs`), beside the sampling inspector's in the
+/// `inspector` function's lines, on a recorder of their own.
+pub mod monitor {
+    use super::Metric;
+
+    /// Changes judged (one per changed key per batch: a key's newest change in it).
+    pub const CHANGES_CHECKED: Metric = Metric::count("ChangesChecked");
+    /// Changes after which the cache still differed from the item, the invalidator past them.
+    pub const CHANGES_INCONSISTENT: Metric = Metric::count("ChangesInconsistent");
+    /// Changes the invalidator had not applied a grace period after they were made.
+    pub const CHANGES_PENDING: Metric = Metric::count("ChangesPending");
+    /// Changes a later one had replaced by the time they were judged.
+    pub const CHANGES_SUPERSEDED: Metric = Metric::count("ChangesSuperseded");
+    /// Changes that could not be judged (Redis or the table failed): counted, never retried.
+    pub const CHANGES_UNCHECKED: Metric = Metric::count("ChangesUnchecked");
+    /// How old each pending change was when judged: the invalidator's lag as the cache sees it.
+    pub const PENDING_AGE: Metric = Metric::millis("PendingChangeAge");
+
+    pub const ALL: [Metric; 6] = [
+        CHANGES_CHECKED,
+        CHANGES_INCONSISTENT,
+        CHANGES_PENDING,
+        CHANGES_SUPERSEDED,
+        CHANGES_UNCHECKED,
+        PENDING_AGE,
     ];
 }
 

@@ -32,32 +32,7 @@ use crate::inspect::{InspectError, Inspector};
 use crate::metrics::Metric;
 use crate::store::ProductStore;
 
-/// The monitor's metrics, beside the sampling inspector's in the `inspector` function's lines.
-pub mod metric {
-    use crate::metrics::Metric;
-
-    /// Changes judged (one per changed key per batch: a key's newest change in it).
-    pub const CHANGES_CHECKED: Metric = Metric::count("ChangesChecked");
-    /// Changes after which the cache still differed from the item, the invalidator past them.
-    pub const CHANGES_INCONSISTENT: Metric = Metric::count("ChangesInconsistent");
-    /// Changes the invalidator had not applied a grace period after they were made.
-    pub const CHANGES_PENDING: Metric = Metric::count("ChangesPending");
-    /// Changes a later one had replaced by the time they were judged.
-    pub const CHANGES_SUPERSEDED: Metric = Metric::count("ChangesSuperseded");
-    /// Changes that could not be judged (Redis or the table failed): counted, never retried.
-    pub const CHANGES_UNCHECKED: Metric = Metric::count("ChangesUnchecked");
-    /// How old each pending change was when judged: the invalidator's lag as the cache sees it.
-    pub const PENDING_AGE: Metric = Metric::millis("PendingChangeAge");
-
-    pub const ALL: [Metric; 6] = [
-        CHANGES_CHECKED,
-        CHANGES_INCONSISTENT,
-        CHANGES_PENDING,
-        CHANGES_SUPERSEDED,
-        CHANGES_UNCHECKED,
-        PENDING_AGE,
-    ];
-}
+use crate::metrics::monitor as metric;
 
 /// How DynamoDB stamps a record: `ApproximateCreationDateTime` is rounded down to the second
 /// (or coarser), so a change may be this much older than its record says it is not.
@@ -371,6 +346,17 @@ impl<S: ProductStore> Inspector<S> {
                 ChangeVerdict::Consistent
             } else if matches!(&change.after, After::Known(a) if *a != now_form) {
                 ChangeVerdict::Superseded
+            } else if applied && change.after == After::Unknown {
+                // Without the record's new image (a KEYS_ONLY or OLD_IMAGE stream), a cache
+                // that differs from the item cannot be told from one that holds what this
+                // change made while a later change waits for the invalidator: never alarmed
+                // on, counted as not judged.
+                tracing::debug!(
+                    key = change.key,
+                    "change not judged: no new image to tell a stale value from lag"
+                );
+                unchecked += 1;
+                continue;
             } else if applied {
                 if !own {
                     by_progress.push((i, now_form));

@@ -43,8 +43,7 @@ pub type ManyItems = Vec<Result<Option<Item>, StoreError>>;
 pub trait ProductStore: Send + Sync {
     fn get(&self, id: &ProductId) -> impl Future<Output = Result<Option<Item>, StoreError>> + Send;
 
-    /// Many products at once (at most [`MAX_BATCH_IDS`](crate::read::MAX_BATCH_IDS) distinct
-    /// ids per call, as a batch request carries). This default reads them one by one, all in
+    /// Many products at once (distinct ids; a batch request carries at most 100). This default reads them one by one, all in
     /// flight together: for wrappers and test stores; the table overrides it with one
     /// `BatchGetItem`.
     fn get_many(&self, ids: &[ProductId]) -> impl Future<Output = ManyItems> + Send {
@@ -57,6 +56,9 @@ pub trait ProductStore: Send + Sync {
 /// most 10 + 20 + 40 + 80 ms of pauses, then the keys still unread are answered as errors.
 const UNPROCESSED_RETRIES: u32 = 4;
 const UNPROCESSED_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The most keys DynamoDB takes in one `BatchGetItem`.
+const BATCH_GET_KEYS: usize = 100;
 
 /// The table through the AWS SDK. The client honours the standard variables
 /// (`AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, credentials), which is how tests and the local
@@ -176,12 +178,12 @@ impl ProductStore for DynamoStore {
             .map(|item| serde_dynamo::Item::from(item).into_inner()))
     }
 
-    /// One `BatchGetItem` per 100 ids (a batch request has at most 100), honouring
+    /// One `BatchGetItem` per [`BATCH_GET_KEYS`] ids (a batch request has at most 100), honouring
     /// `CONSISTENT_READ`. Keys DynamoDB leaves unprocessed are asked again a few times with
     /// backoff; those still unread are each answered as an error, the rest from what came back.
     async fn get_many(&self, ids: &[ProductId]) -> ManyItems {
         let mut answers = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(crate::read::MAX_BATCH_IDS) {
+        for chunk in ids.chunks(BATCH_GET_KEYS) {
             match self.batch_get(chunk).await {
                 Ok((mut found, unread)) => {
                     if !unread.is_empty() {

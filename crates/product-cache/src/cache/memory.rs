@@ -36,7 +36,11 @@ impl MemoryCache {
             return Err(CacheError::BreakerOpen("memory".into()));
         }
         if self.fail.load(Ordering::SeqCst) {
-            Err(CacheError::Unexpected("injected failure".into()))
+            // An error reply: the call did not run (so no lease to hand back).
+            Err(CacheError::Redis(::redis::RedisError::from((
+                ::redis::ErrorKind::Server(::redis::ServerErrorKind::ResponseError),
+                "injected failure",
+            ))))
         } else {
             Ok(())
         }

@@ -20,41 +20,29 @@
 //! Redis Cluster slot.
 //!
 //! # Layout
-//! - this file: the values that cross the [`Cache`] trait, and the key names.
-//! - `redis.rs`: [`RedisCache`], built from settings (TLS, IAM, keepalive), and the trait over a
-//!   single node or a cluster for reads (probe, fill, hand-back), each call with its timeout.
-//! - `batch.rs`: the invalidator's batches: ops grouped by node and hash slot, in flight
-//!   together, failures reported exactly; `confirm.rs`: replicas confirming them (`WAIT` for
-//!   the replicas attached); `connect.rs`: forming the connection in the background;
-//!   `topology.rs`: the connection, a pipeline to one node, the cluster's slot map.
-//! - `breaker.rs`: a circuit breaker per node, so a stalled node costs a few timeouts, not one
-//!   per call; `nodes.rs`: which node a key is on (a cluster's slot map), for its breaker.
-//! - `many.rs`: batch reads: many keys' values and leases, grouped by node.
-//! - `deletes.rs`: a single node's batch of deletes as plain commands, with the script's rules.
-//! - `slots.rs`: Redis Cluster hash slots, and the epoch key of each.
-//! - `scripts.rs` and the `.lua` files beside it: the three scripts that make leases and ordering
-//!   atomic.
-//! - `inspect.rs`: what the cache inspector and the operator commands ask of Redis: a sample
-//!   of keys from every primary, many keys' values at once, and purging keys with their leases.
-//! - `memory.rs` (feature `test-support`): an in-memory [`Cache`] with the scripts' semantics.
+//! Four layers, each using only the ones below it:
+//! 1. `node/topology.rs`: which node serves a key (the one node, or a cluster's slot map and
+//!    which replicas may serve reads), and when that view is fetched again;
+//! 2. `node/call.rs`: a pipeline sent to one node through that node's breaker
+//!    (`node/breaker.rs`) on its connection (`node/conn.rs`), with the one retry rule every
+//!    operation shares;
+//! 3. `ops/`: the operations (get, get many, probe, probe many, fill, release, apply a batch,
+//!    confirm it, inspect), each a short composition of 1 and 2, and the Lua scripts;
+//! 4. `redis.rs`: [`RedisCache`], a facade implementing [`Cache`] over them.
+//!
+//! Beside them: this file (the values that cross the [`Cache`] trait, and the key names),
+//! `slots.rs` (Redis Cluster hash slots, and the epoch key of each) and `memory.rs` (feature
+//! `test-support`: an in-memory [`Cache`] with the scripts' semantics).
 
 use std::future::Future;
 use std::time::Duration;
 
-mod batch;
-mod breaker;
-mod confirm;
-mod connect;
-mod deletes;
-mod inspect;
-mod many;
 #[cfg(any(test, feature = "test-support"))]
 pub mod memory;
-mod nodes;
+mod node;
+mod ops;
 mod redis;
-mod scripts;
 pub mod slots;
-mod topology;
 
 pub use self::redis::Confirm;
 pub(crate) use self::redis::Options;
@@ -255,9 +243,27 @@ pub enum CacheError {
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected reply from redis: {0}")]
     Unexpected(String),
-    /// The node's circuit breaker is open: the call was not made (see `breaker.rs`).
+    /// The node's circuit breaker is open: the call was not made (see `node/breaker.rs`).
     #[error("the circuit breaker of cache node {0} is open; not called")]
     BreakerOpen(String),
+}
+
+impl CacheError {
+    /// Whether the command may have run although its caller got no answer: a timeout, or a
+    /// connection that died after the request went out. A probe that failed so may have taken
+    /// its key's lease, which its caller then hands back (as the lease's own token, that is
+    /// safe whether or not it did). An error before anything was sent (an open breaker, a
+    /// connection never formed) or an error reply says it did not.
+    pub fn may_have_run(&self) -> bool {
+        match self {
+            CacheError::Timeout(_) | CacheError::Unexpected(_) => true,
+            CacheError::Redis(e) => node::conn::is_dead_connection(e),
+            CacheError::Connecting(_)
+            | CacheError::Connect(_)
+            | CacheError::BreakerOpen(_)
+            | CacheError::Unconfirmed { .. } => false,
+        }
+    }
 }
 
 /// A batch applied in full: which of its ops Redis refused as older than what their key had
@@ -270,6 +276,10 @@ pub struct Applied {
     /// failover, while its replacement replica syncs): their writes were confirmed by every
     /// replica they had, which a second failure before the replica has synced can still lose.
     pub under_replicated: Vec<UnderReplicated>,
+    /// The eviction guard could not read a node's eviction count (its user may not run
+    /// `INFO`, or the reply lacks `evicted_keys`): that node's refreshes were applied as
+    /// deletes, which is right whatever they were, but costs a miss each (`apply.lua`).
+    pub blind: bool,
 }
 
 /// A node whose writes were confirmed by fewer replicas than configured, because it had no

@@ -53,6 +53,7 @@ enum Render {
 struct PartsOutcome {
     refused: Vec<usize>,
     under_replicated: Vec<crate::cache::UnderReplicated>,
+    blind: bool,
     failed: Vec<usize>,
     first_error: Option<crate::cache::CacheError>,
 }
@@ -68,6 +69,7 @@ impl PartsOutcome {
             Ok(applied) => {
                 self.refused
                     .extend(applied.refused.iter().map(|i| base + i));
+                self.blind |= applied.blind;
                 // Once per node: a batch sent in parts meets the same short node in each.
                 for short in applied.under_replicated {
                     match self
@@ -93,6 +95,7 @@ impl PartsOutcome {
             None => Ok(crate::cache::Applied {
                 refused: self.refused,
                 under_replicated: self.under_replicated,
+                blind: self.blind,
             }),
             Some(source) => {
                 self.failed.sort_unstable();
@@ -187,6 +190,20 @@ impl<C: Cache> Invalidator<C> {
                 if !applied.under_replicated.is_empty() {
                     self.metrics
                         .add(metrics::invalidator::BATCHES_UNDER_REPLICATED, 1);
+                }
+                if applied.blind {
+                    self.metrics
+                        .add(metrics::invalidator::BATCHES_EVICTION_GUARD_BLIND, 1);
+                    // Once per environment: the cause (an ACL, a server's INFO) does not change
+                    // from batch to batch, and the metric counts every one.
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(
+                            "the eviction guard cannot read the node's eviction count (INFO \
+                             stats refused, or without evicted_keys): refreshes are applied as \
+                             deletes; grant +info|stats to the functions' Redis user"
+                        )
+                    });
                 }
             }
             Err(e) => {

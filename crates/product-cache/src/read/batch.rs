@@ -17,7 +17,6 @@
 //! So all misses cost two Redis round trips and one table read before the answer, and a
 //! product whose key changes while the batch reads it is refused its fill as any other.
 
-use std::future::IntoFuture;
 use std::time::Duration;
 
 use super::{lookup_of, AfterAnswer, BatchIds, CacheStatus, Lookup, ReadError, ReadPath};
@@ -145,7 +144,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         let to_read = indexes(&steps, |s| matches!(s, Step::Leased | Step::Unfilled(_)));
         let waiting = indexes(&steps, |s| matches!(s, Step::Waiting));
         let has_waiters = !waiting.is_empty();
-        let wait = self.wait_for_fills(waiting, &keys, &token);
+        let wait = self.wait_for_fills(ids, waiting, &keys, &token);
         let read_and_fill = async {
             let read = self.read_table(ids, &to_read).await;
             let mut fills = Vec::new();
@@ -163,7 +162,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                 // fills anyway, and must not hold its own leases meanwhile. Two batches that
                 // each hold a key the other waits for would otherwise both wait out
                 // `LEASE_WAIT_MS` and read each other's key without filling it.
-                futures::future::join_all(fills.drain(..).map(AfterAnswer::into_future)).await;
+                run_fills(fills.drain(..), &keys).await;
             }
             fills
         };
@@ -219,9 +218,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                         }
                     }
                 };
-                let filled =
-                    futures::future::join_all(fills.into_iter().map(AfterAnswer::into_future));
-                futures::future::join(filled, released).await;
+                futures::future::join(run_fills(fills, &keys), released).await;
             })
         };
         (answer, after)
@@ -283,7 +280,18 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
     /// Waits for other readers' fills of `waiting` keys, probing them again with the single
     /// read's backoff, for at most `LEASE_WAIT_MS`. Works on its own copy of the steps, so
     /// that it runs beside the table read.
-    async fn wait_for_fills(&self, waiting: Vec<usize>, keys: &[String], token: &str) -> Waited {
+    ///
+    /// A waiter whose holder's lease lapsed takes the lease over (its probe answers `Lease`):
+    /// that key is read from the table and filled at once, while the others go on waiting, so
+    /// the request holds no lease it does not serve at once (one kept through the rest of the
+    /// wait would lapse before its fill, and another reader would read the table again).
+    async fn wait_for_fills(
+        &self,
+        ids: &[ProductId],
+        waiting: Vec<usize>,
+        keys: &[String],
+        token: &str,
+    ) -> Waited {
         {
             let mut waited = Waited {
                 keys: waiting.clone(),
@@ -318,6 +326,21 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                     &mut waited.failures,
                 )
                 .await;
+                let taken_over = indexes(&steps, |s| matches!(s, Step::Leased));
+                if !taken_over.is_empty() {
+                    let read = self.read_table(ids, &taken_over).await;
+                    let mut fills = Vec::new();
+                    self.settle(
+                        &taken_over,
+                        read,
+                        keys,
+                        token,
+                        &mut steps,
+                        &mut fills,
+                        &mut waited.hand_back,
+                    );
+                    run_fills(fills, keys).await;
+                }
             }
             waited.time = since.elapsed();
             waited.steps = steps;
@@ -348,7 +371,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         keys: &[String],
         token: &str,
         steps: &mut [Step],
-        fills: &mut Vec<AfterAnswer>,
+        fills: &mut Vec<FillWork>,
         hand_back: &mut Vec<usize>,
     ) {
         for (&i, read) in which.iter().zip(read) {
@@ -360,7 +383,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
             let result = match self.read_of(read) {
                 Ok((lookup, order)) => {
                     if leased {
-                        fills.push(self.filling(&keys[i], token, &lookup, order));
+                        fills.push((i, Box::pin(self.fill_work(&keys[i], token, &lookup, order))));
                     }
                     Ok(lookup)
                 }
@@ -398,7 +421,8 @@ impl Waited {
         if self.keys.is_empty() {
             return Vec::new();
         }
-        metrics.add(metrics::read::LEASE_WAITS, self.keys.len() as u64);
+        // One request that waited, however many of its products did (as a single read counts).
+        metrics.incr(metrics::read::LEASE_WAITS);
         metrics.sample(metrics::read::LEASE_WAIT_TIME, self.time.as_millis() as u64);
         hand_back.extend(self.hand_back);
         failures.merge(self.failures);
@@ -455,6 +479,26 @@ impl Failures {
                 "cache read failed for part of a batch; answering those from the table"
             );
         }
+    }
+}
+
+/// A fill of one of a batch's products (its index), to run after the answer or at once.
+type FillWork = (
+    usize,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, CacheError>> + Send>>,
+);
+
+/// Runs a request's fills together, and logs their failures once for the request, not once
+/// per product.
+async fn run_fills(fills: impl IntoIterator<Item = FillWork>, keys: &[String]) {
+    let (which, work): (Vec<usize>, Vec<_>) = fills.into_iter().unzip();
+    let outcomes = futures::future::join_all(work).await;
+    let mut failed = which
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(&i, outcome)| outcome.as_ref().err().map(|e| (i, e)));
+    if let Some((first, e)) = failed.next() {
+        super::log_failed_fills(e, 1 + failed.count(), &keys[first]);
     }
 }
 

@@ -211,12 +211,13 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, key, "cache read failed; answering from the table");
-                    if matches!(e, CacheError::Timeout(_)) {
-                        // The reply may have been lost after Redis granted the lease: hand it
-                        // back after the answer, so Redis's trouble costs this answer nothing
-                        // more and the next reader does not wait for the lease to lapse. In
-                        // the after-work, not a spawned task: on Lambda that would be frozen
-                        // with the environment, lease and all, as soon as the answer is out.
+                    if e.may_have_run() {
+                        // The reply may have been lost (a timeout, a connection cut) after
+                        // Redis granted the lease: hand it back after the answer, so Redis's
+                        // trouble costs this answer nothing more and the next reader does not
+                        // wait for the lease to lapse. In the after-work, not a spawned task:
+                        // on Lambda that would be frozen with the environment, lease and all,
+                        // as soon as the answer is out.
                         hand_back = Some(self.cache.release(&key, &token));
                     }
                     break (CacheStatus::Bypass, false);
@@ -257,23 +258,46 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
         lookup: &Lookup,
         order: Option<Order>,
     ) -> AfterAnswer {
+        let fill = self.fill_work(key, token, lookup, order);
+        let key = key.to_owned();
+        AfterAnswer::run(async move {
+            if let Err(e) = fill.await {
+                log_failed_fills(&e, 1, &key);
+            }
+        })
+    }
+
+    /// The fill itself, its lease handed back if it failed, and its outcome for the caller to
+    /// log (once per request: a batch's fills are many).
+    fn fill_work(
+        &self,
+        key: &str,
+        token: &str,
+        lookup: &Lookup,
+        order: Option<Order>,
+    ) -> impl Future<Output = Result<bool, CacheError>> + Send + 'static {
         let (value, ttl) = match lookup {
             Lookup::Found(doc) => (doc.as_str().to_owned(), self.settings.ttl),
             Lookup::NotFound => (NOT_FOUND.to_owned(), self.settings.negative_ttl),
         };
-        let fill = self.cache.fill(Fill {
-            key: key.to_owned(),
-            token: token.to_owned(),
-            value,
-            ttl,
-            order,
-        });
+        // Boxed: the trait's futures own what they need ('static), but their types name the
+        // cache's borrow.
+        let fill: Pin<Box<dyn Future<Output = Result<bool, CacheError>> + Send>> =
+            Box::pin(self.cache.fill(Fill {
+                key: key.to_owned(),
+                token: token.to_owned(),
+                value,
+                ttl,
+                order,
+            }));
         // Built now, run later: the release must be ready should the fill fail.
-        let release = self.cache.release(key, token);
+        let release: Pin<Box<dyn Future<Output = Result<(), CacheError>> + Send>> =
+            Box::pin(self.cache.release(key, token));
         let metrics = Arc::clone(&self.metrics);
         let key = key.to_owned();
-        AfterAnswer::run(async move {
-            match fill.await {
+        async move {
+            let outcome = fill.await;
+            match &outcome {
                 Ok(true) => {}
                 // Refused: the lease was cancelled by a change, or the fill was older than the
                 // key's position (the script then handed the lease back itself).
@@ -281,15 +305,18 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                     metrics.incr(metrics::read::REFUSED_FILLS);
                     tracing::debug!(key, "fill refused: the key changed since the lease")
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, key, "cache fill failed");
-                    // It may not have landed; if not, its lease must not outlive it.
+                // Not sent: the key's node failed its last calls, and would refuse the
+                // hand-back too; the lease lapses after `LEASE_MS`.
+                Err(CacheError::BreakerOpen(_)) => {}
+                // It may not have landed; if not, its lease must not outlive it.
+                Err(_) => {
                     if let Err(e) = release.await {
-                        tracing::warn!(error = %e, key, "handing the lease back failed");
+                        tracing::debug!(error = %e, key, "handing the lease back failed");
                     }
                 }
             }
-        })
+            outcome
+        }
     }
 
     /// What the table answered for one product, as the read path serves and fills it: the
@@ -345,6 +372,15 @@ fn handing_back(
             Err(e) => tracing::warn!(error = %e, "handing the lease back failed"),
         }
     })
+}
+
+/// `failed` fills of one request failed, `e` the first: one line for the request, none when
+/// only an open breaker refused them (the breaker logs its opening and closing).
+fn log_failed_fills(e: &CacheError, failed: usize, key: &str) {
+    match e {
+        CacheError::BreakerOpen(_) => tracing::debug!(error = %e, failed, key, "fill not sent"),
+        _ => tracing::warn!(error = %e, failed, key, "cache fill failed"),
+    }
 }
 
 fn lookup_of(cached: String) -> Lookup {

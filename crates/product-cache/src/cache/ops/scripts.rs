@@ -15,7 +15,7 @@ const FILL: &str = include_str!("fill.lua");
 const APPLY: &str = include_str!("apply.lua");
 const RELEASE: &str = include_str!("release.lua");
 
-pub(super) struct Scripts {
+pub(crate) struct Scripts {
     pub probe: redis::Script,
     pub fill: redis::Script,
     pub apply: redis::Script,
@@ -23,7 +23,7 @@ pub(super) struct Scripts {
 }
 
 /// Built once per process: a `Script` hashes its source, and the hash is what EVALSHA sends.
-pub(super) fn scripts() -> &'static Scripts {
+pub(crate) fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
         probe: redis::Script::new(&format!("{LEASE}{PROBE}")),

@@ -21,18 +21,17 @@
 //! The state is per process (one Lambda execution environment), kept in memory: each
 //! environment finds out by itself, at the price of its own few timeouts.
 
-use std::collections::HashMap;
-use std::future::Future;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::CacheError;
+use super::Addr;
+use crate::cache::CacheError;
 use crate::config::BreakerSettings;
 
 /// Whether `e` says the node could not be reached, as opposed to an answer it sent.
-pub(super) fn is_node_failure(e: &CacheError) -> bool {
+pub(crate) fn is_node_failure(e: &CacheError) -> bool {
     match e {
         CacheError::Timeout(_) | CacheError::Connect(_) => true,
         CacheError::Redis(e) => {
@@ -95,7 +94,7 @@ struct State {
 
 /// One node's breaker.
 #[derive(Debug)]
-pub(super) struct Breaker {
+pub(crate) struct Breaker {
     node: String,
     settings: BreakerSettings,
     state: Mutex<State>,
@@ -214,7 +213,7 @@ impl Breaker {
 /// An admitted call. Report its outcome with [`Permit::record`]; a trial dropped without one
 /// (its caller gave up on it) counts as failed, so the breaker cannot stay half-open for good.
 #[must_use = "a permit's outcome moves the breaker"]
-pub(super) struct Permit {
+pub(crate) struct Permit {
     breaker: Option<Arc<Breaker>>,
     generation: u64,
     trial: bool,
@@ -230,9 +229,9 @@ impl Permit {
         }
     }
 
-    /// Whether this call is the trial of a breaker that was open.
-    #[cfg(test)]
-    fn is_trial(&self) -> bool {
+    /// Whether this call is the trial of a breaker that was open: the first to a node that had
+    /// stopped answering, whose answer the caller may not trust (fencing, see `call.rs`).
+    pub fn is_trial(&self) -> bool {
         self.trial
     }
 
@@ -254,13 +253,14 @@ impl Drop for Permit {
     }
 }
 
-/// The breakers of one cache client, one per node, made on first use. Nodes are named by
-/// address (`host:port`); a cluster whose slot map is not known yet has one breaker for the
-/// whole of it (see `nodes.rs`).
+/// The breakers of one cache client, one per node, made on first use and kept while the node
+/// is in the topology (`topology.rs` calls [`Breakers::keep`] with each new map): a node gone
+/// from the cluster takes its breaker with it, so an open breaker always names a node that
+/// calls may still go to.
 #[derive(Debug)]
-pub(super) struct Breakers {
+pub(crate) struct Breakers {
     settings: BreakerSettings,
-    nodes: Mutex<HashMap<String, Arc<Breaker>>>,
+    nodes: Mutex<HashMap<Addr, Arc<Breaker>>>,
 }
 
 impl Breakers {
@@ -271,37 +271,41 @@ impl Breakers {
         }
     }
 
-    pub fn of(&self, node: &str) -> Arc<Breaker> {
+    pub fn of(&self, node: &Addr) -> Arc<Breaker> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(breaker) = nodes.get(node) {
             return Arc::clone(breaker);
         }
-        let breaker = Arc::new(Breaker::new(node, self.settings));
-        nodes.insert(node.to_owned(), Arc::clone(&breaker));
+        let breaker = Arc::new(Breaker::new(node.to_string(), self.settings));
+        nodes.insert(node.clone(), Arc::clone(&breaker));
         breaker
     }
 
-    /// `call` through `node`'s breaker: not started while it is open, its outcome recorded.
-    /// Also whether it was the breaker's trial: the first call to a node that had stopped
-    /// answering, whose answer the caller may not trust (see `nodes.rs`, fencing).
-    pub async fn call<T>(
-        &self,
-        node: &str,
-        call: impl Future<Output = Result<T, CacheError>>,
-    ) -> (Result<T, CacheError>, bool) {
-        let permit = match self.of(node).admit() {
-            Ok(permit) => permit,
-            Err(e) => return (Err(e), false),
-        };
-        let trial = permit.trial;
-        let outcome = call.await;
-        permit.record(&outcome);
-        (outcome, trial)
+    /// Whether calls to `node` fail fast now: its breaker is open and its interval has not
+    /// passed, or its trial is in flight. One whose interval has passed is due a trial, which
+    /// is not "open": the next call goes.
+    pub fn is_open(&self, node: &Addr) -> bool {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.get(node).is_some_and(|b| {
+            match b.state.lock().unwrap_or_else(|e| e.into_inner()).phase {
+                Phase::Open { until } => Instant::now() < until,
+                Phase::Trial => true,
+                Phase::Closed { .. } => false,
+            }
+        })
+    }
+
+    /// Keeps the breakers of `nodes` only.
+    pub fn keep(&self, nodes: &HashSet<Addr>) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|addr, _| nodes.contains(addr));
     }
 
     /// When the latest of `nodes`' open breakers admits its trial (at most one open interval
     /// from now); `None` when none of them is open.
-    pub fn trial_due(&self, nodes: &[String]) -> Option<Instant> {
+    pub fn trial_due(&self, nodes: &[Addr]) -> Option<Instant> {
         let latest = Instant::now() + self.settings.open_for;
         nodes
             .iter()
@@ -321,91 +325,12 @@ impl Breakers {
             })
             .max()
     }
-
-    /// Whether any node's breaker is open or half-open now: the cache is known to be degraded.
-    pub fn any_open(&self) -> bool {
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.values().any(|b| {
-            let state = b.state.lock().unwrap_or_else(|e| e.into_inner());
-            !matches!(state.phase, Phase::Closed { .. })
-        })
-    }
-}
-
-/// A batch's admissions, one per node however many of the batch's pipelines go to it: a node
-/// whose breaker is open gets none of them, and the node's outcome is one call's (failed if
-/// any of its pipelines failed to reach it).
-pub(super) struct BatchPermits<'a> {
-    breakers: &'a Breakers,
-    nodes: HashMap<String, Admission>,
-}
-
-enum Admission {
-    Admitted { permit: Permit, failed: bool },
-    Refused,
-}
-
-impl<'a> BatchPermits<'a> {
-    pub fn new(breakers: &'a Breakers) -> Self {
-        Self {
-            breakers,
-            nodes: HashMap::new(),
-        }
-    }
-
-    /// Whether the batch may send to `node`.
-    pub fn admit(&mut self, node: &str) -> bool {
-        let breakers = self.breakers;
-        let admission =
-            self.nodes
-                .entry(node.to_owned())
-                .or_insert_with(|| match breakers.of(node).admit() {
-                    Ok(permit) => Admission::Admitted {
-                        permit,
-                        failed: false,
-                    },
-                    Err(_) => Admission::Refused,
-                });
-        matches!(admission, Admission::Admitted { .. })
-    }
-
-    /// Whether the batch's call to `node` is its breaker's trial: the first after the node had
-    /// stopped answering.
-    pub fn is_trial(&self, node: &str) -> bool {
-        matches!(
-            self.nodes.get(node),
-            Some(Admission::Admitted { permit, .. }) if permit.trial
-        )
-    }
-
-    /// The outcome of one pipeline sent to `node`.
-    pub fn note<T>(&mut self, node: &str, outcome: &Result<T, CacheError>) {
-        if let Some(Admission::Admitted { failed, .. }) = self.nodes.get_mut(node) {
-            *failed |= outcome.as_ref().err().is_some_and(is_node_failure);
-        }
-    }
-
-    /// Records every admitted node's outcome; whether any node failed.
-    pub fn finish(self) -> bool {
-        let mut any = false;
-        for admission in self.nodes.into_values() {
-            if let Admission::Admitted { permit, failed } = admission {
-                any |= failed;
-                let outcome = if failed {
-                    Err(CacheError::Timeout(Duration::ZERO))
-                } else {
-                    Ok(())
-                };
-                permit.record(&outcome);
-            }
-        }
-        any
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const OPEN: Duration = Duration::from_millis(1000);
 
@@ -562,45 +487,38 @@ mod tests {
         assert!(!open(&b));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn breakers_are_per_node() {
-        let breakers = Breakers::new(BreakerSettings {
-            failures: 1,
-            open_for: OPEN,
-        });
-        let (failed, _) = breakers.call("a:1", async { timeout() }).await;
-        assert!(matches!(failed, Err(CacheError::Timeout(_))));
-        assert!(breakers.any_open());
-        let mut ran = false;
-        let (fast, _) = breakers
-            .call("a:1", async {
-                ran = true;
-                Ok(())
-            })
-            .await;
-        assert!(matches!(fast, Err(CacheError::BreakerOpen(_))));
-        assert!(!ran, "a call was started through an open breaker");
-        breakers.call("b:2", async { Ok(()) }).await.0.unwrap();
+    fn addr(s: &str) -> Addr {
+        let (host, port) = s.split_once(':').unwrap();
+        Addr::new(host, port.parse().unwrap())
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_batch_admits_each_node_once_and_skips_open_ones() {
+    async fn breakers_are_per_node_and_follow_the_nodes_kept() {
         let breakers = Breakers::new(BreakerSettings {
             failures: 1,
             open_for: OPEN,
         });
-        let _ = breakers.call("a:1", async { timeout() }).await;
-        let mut batch = BatchPermits::new(&breakers);
-        assert!(!batch.admit("a:1"), "an open node admitted");
-        assert!(batch.admit("b:2") && batch.admit("b:2") && batch.admit("c:3"));
-        batch.note("b:2", &Ok(()));
-        batch.note::<()>("b:2", &timeout());
-        batch.note("c:3", &Ok(()));
-        assert!(batch.finish(), "a failed node not reported");
+        let (a, b) = (addr("a:1"), addr("b:2"));
+        breakers.of(&a).admit().unwrap().record(&timeout());
+        assert!(breakers.is_open(&a));
         assert!(matches!(
-            breakers.of("b:2").admit(),
+            breakers.of(&a).admit(),
             Err(CacheError::BreakerOpen(_))
         ));
-        breakers.of("c:3").admit().unwrap().record(&Ok(()));
+        breakers.of(&b).admit().unwrap().record(&Ok(()));
+        assert!(!breakers.is_open(&b));
+        // A passed interval is a trial due, not an open breaker.
+        tokio::time::advance(OPEN).await;
+        assert!(!breakers.is_open(&a), "a trial due counted as open");
+        assert_eq!(
+            breakers.trial_due(&[a.clone(), b.clone()]),
+            Some(Instant::now())
+        );
+        // A node gone from the map takes its breaker with it.
+        breakers.of(&a).admit().unwrap().record(&timeout());
+        assert!(breakers.is_open(&a));
+        breakers.keep(&[b.clone()].into_iter().collect());
+        assert!(!breakers.is_open(&a), "a breaker outlived its node");
+        assert_eq!(breakers.trial_due(&[b]), None);
     }
 }

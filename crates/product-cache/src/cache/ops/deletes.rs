@@ -22,7 +22,7 @@
 //!
 //! The decisions are `apply.lua`'s for a delete (see there), and `newer.lua`'s comparison.
 
-use super::{lease_key, version_key, CacheOp, OpKind, OrderKind, VERSION_TTL};
+use crate::cache::{lease_key, version_key, CacheOp, OpKind, OrderKind, VERSION_TTL};
 
 /// Whether `ops[group]` can go this way: deletes only, ordered by sequence number if at all.
 pub(super) fn scriptless(ops: &[CacheOp], group: &[usize]) -> bool {

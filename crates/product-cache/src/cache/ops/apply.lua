@@ -6,8 +6,9 @@
 -- ARGV: use ordering (1/0), now (epoch ms, the invalidator's clock), ver ttl s, watch evictions
 -- (1/0); then per change 5: 'set' or 'del', ttl s, order ('' for none), the record's creation time less the clock
 -- margin (epoch ms, '' if unknown), delete even if refused (1/0).
--- Returns the 0-based indexes of the changes refused as older than what their key has seen
--- (empty, the usual case, when every change was applied).
+-- Returns {refused, blind}: the 0-based indexes of the changes refused as older than what their
+-- key has seen (empty, the usual case, when every change was applied), and 1 when the node's
+-- eviction count could not be read (see below), else 0.
 --
 -- A new document does not pass through the script: the same pipeline has just written it (with
 -- its TTL) to its staged key, which the script moves into place (RENAME moves the value without
@@ -39,17 +40,26 @@ local refused_at = {}
 local changes = (#ARGV - 4) / 5
 -- The node's eviction count, asked once per call and only if a write needs it: once per call,
 -- not per key (on a cluster a call is a hash slot's keys, often one; see BENCHMARKS.md,
--- `eviction-guard`).
+-- `eviction-guard`). `BLIND` when it cannot be read: a user whose ACL refuses `INFO`, or an
+-- `INFO` without `evicted_keys`. The guard then cannot tell whether positions were evicted, and
+-- fails safe: every refresh of the call is applied as a delete (right whatever the record is),
+-- the epoch is left as it is, and the reply says so, for the invalidator to count and log. A
+-- script error instead would fail every refresh batch until Lambda gave its records up.
+local BLIND = 'blind'
 local evicted = nil
 local function evictions()
   if not evicted then
     evicted = '-'
     if watch_evictions then
-      -- A plain find, then a match anchored where it ends: an unanchored pattern over the
-      -- 1.3 KB reply cost the script about a third more.
-      local info = redis.call('INFO', 'stats')
-      local _, at = string.find(info, 'evicted_keys:', 1, true)
-      evicted = at and string.match(info, '^%d+', at + 1) or '-'
+      local info = redis.pcall('INFO', 'stats')
+      if type(info) ~= 'string' then
+        evicted = BLIND
+      else
+        -- A plain find, then a match anchored where it ends: an unanchored pattern over the
+        -- 1.3 KB reply cost the script about a third more.
+        local _, at = string.find(info, 'evicted_keys:', 1, true)
+        evicted = at and string.match(info, '^%d+', at + 1) or BLIND
+      end
     end
   end
   return evicted
@@ -63,6 +73,11 @@ local function epoch_of(epoch_key)
   local since, seen
   if epoch then since, seen = string.match(epoch, '^(%d+):(.*)$') end
   local count = evictions()
+  if count == BLIND then
+    -- Nothing vouches for this slot's positions: every record counts as older than the epoch.
+    epochs[epoch_key] = now
+    return now
+  end
   if not (since and seen == count) then
     -- `?`: declared empty, takes the count it meets. Otherwise none, an earlier release's
     -- (no count), or evictions since: a new epoch.
@@ -102,7 +117,9 @@ for i = 0, changes - 1 do
     end
     if not refused and kind == 'set' then
       local since = epoch_of(epoch_key)
-      if created == '' or tonumber(created) < tonumber(since) then kind = 'del' end
+      if created == '' or tonumber(created) < tonumber(since) or evicted == BLIND then
+        kind = 'del'
+      end
     end
   end
   if refused then
@@ -122,4 +139,4 @@ for i = 0, changes - 1 do
     end
   end
 end
-return refused_at
+return {refused_at, evicted == BLIND and 1 or 0}
