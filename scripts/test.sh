@@ -6,6 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh
 cargo fmt --all -- --check
+# The library's layers: no module imports one that imports it back (crates/product-cache/tests/
+# module_cycles.rs reads the crate's `use` graph). First, since it fails in a second.
+cargo test --locked -p product-cache --test module_cycles
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests run the Lambda binaries under a local Runtime API and the local-stack
 # command itself, so build them first.
