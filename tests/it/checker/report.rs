@@ -40,6 +40,8 @@ pub struct Report {
     pub inspected: super::inspector::Tally,
     /// The change monitor's findings over the run.
     pub monitored: super::monitor::Tally,
+    /// On a cluster: the GETs each node served during the run.
+    pub served_gets: super::run::NodeGets,
     /// The keys invariant 3 found stale at the end.
     pub stale_at_end: std::collections::BTreeSet<String>,
     /// On a game day: batches that failed for want of a replica's confirmation while their
@@ -111,6 +113,15 @@ impl Report {
             self.text
         );
         self.assert_exercised();
+    }
+
+    /// With replica reads: the nodes that were replicas throughout the run served GETs.
+    pub fn assert_replicas_served_reads(&self) {
+        assert!(
+            self.served_gets.by_replicas() > 0,
+            "no replica served a read:\n{}",
+            self.text
+        );
     }
 
     /// On a cluster: no read failed (a read whose Redis failed over bypasses the cache and
@@ -186,6 +197,8 @@ pub struct Findings {
     pub inspected: super::inspector::Tally,
     /// What the change monitor found.
     pub monitored: super::monitor::Tally,
+    /// On a cluster: the GETs each node served during the run.
+    pub served_gets: super::run::NodeGets,
 }
 
 impl Report {
@@ -207,6 +220,7 @@ impl Report {
             herd_lease,
             inspected,
             monitored,
+            served_gets,
         } = found;
         let stale_at_end: std::collections::BTreeSet<String> = inv3
             .iter()
@@ -423,6 +437,9 @@ impl Report {
             let _ = writeln!(text, "  [phantom] {p}");
         }
         let _ = writeln!(text, "{inspected}");
+        if !served_gets.0.is_empty() {
+            let _ = writeln!(text, "{served_gets}");
+        }
         let _ = writeln!(
             text,
             "{monitored}; of the {} keys invariant 3 found stale at the end, it found {}",
@@ -453,6 +470,7 @@ impl Report {
             batch_readers: cfg.batch_readers > 0,
             inspected,
             monitored,
+            served_gets,
             stale_at_end,
             unconfirmed_while_short,
             under_replicated_while_short,

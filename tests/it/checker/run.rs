@@ -57,6 +57,8 @@ pub async fn run(cfg: Config) -> Report {
         None => None,
     };
 
+    // GETs each node has served so far: the run's are counted from here (see `NodeGets`).
+    let gets_before = node_gets(&redis).await;
     let (expected_tx, expected_rx) = watch::channel(None);
     let invalidator = sut.invalidator(
         FailingCache::new(sut.cache(&sut.settings).await),
@@ -139,6 +141,8 @@ pub async fn run(cfg: Config) -> Report {
         chaos.faults.add("ballast keys written", filled.written);
         chaos.faults.add("keys evicted", filled.evicted);
     }
+    // Before the checks at rest, which read the primaries.
+    let served_gets = NodeGets::between(gets_before, node_gets(&redis).await);
     let mut inspected = inspections.await.expect("inspector task");
     let monitored = monitoring.await.expect("monitor task");
     inspector::at_rest(&sut, &shared.items, &mut inspected).await;
@@ -205,8 +209,86 @@ pub async fn run(cfg: Config) -> Report {
             herd_lease: herd_settings.lease,
             inspected,
             monitored,
+            served_gets,
         },
     )
+}
+
+/// Each node's `cmdstat_get` calls and whether it is a primary now, on a cluster.
+async fn node_gets(redis: &Redis) -> Vec<(u16, bool, u64)> {
+    let Redis::Cluster(cluster) = redis else {
+        return Vec::new();
+    };
+    let roles = cluster.roles().await.unwrap_or_default();
+    let mut out = Vec::new();
+    for role in roles.iter().filter(|r| !r.failed) {
+        let gets = crate::support::command_calls(role.port, "get").await;
+        out.push((role.port, role.primary, gets));
+    }
+    out
+}
+
+/// The `GET`s each node of a cluster served during a run (hits, and the batch reads' `GET`s),
+/// with its role at the start and at the end: with replica reads, the nodes that were replicas
+/// throughout must have served some, which shows the replicas were really read from (a
+/// client that learned the map on the empty cluster, before the replicas had a replication
+/// offset, saw none of them). A node revived during the run starts counting from 0.
+#[derive(Debug, Clone, Default)]
+pub struct NodeGets(pub Vec<NodeGet>);
+
+#[derive(Debug, Clone)]
+pub struct NodeGet {
+    pub port: u16,
+    pub primary_at_start: bool,
+    pub primary_at_end: bool,
+    pub gets: u64,
+}
+
+impl NodeGets {
+    fn between(before: Vec<(u16, bool, u64)>, after: Vec<(u16, bool, u64)>) -> Self {
+        Self(
+            after
+                .into_iter()
+                .filter_map(|(port, primary_at_end, end)| {
+                    let (_, primary_at_start, start) =
+                        before.iter().find(|(p, _, _)| *p == port)?;
+                    Some(NodeGet {
+                        port,
+                        primary_at_start: *primary_at_start,
+                        primary_at_end,
+                        gets: end.saturating_sub(*start),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// GETs served by nodes that were replicas at the start and at the end.
+    pub fn by_replicas(&self) -> u64 {
+        self.0
+            .iter()
+            .filter(|n| !n.primary_at_start && !n.primary_at_end)
+            .map(|n| n.gets)
+            .sum()
+    }
+}
+
+impl std::fmt::Display for NodeGets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GETs served per node:")?;
+        let role = |primary: bool| if primary { "primary" } else { "replica" };
+        for n in &self.0 {
+            write!(
+                f,
+                " :{} ({} -> {}) {};",
+                n.port,
+                role(n.primary_at_start),
+                role(n.primary_at_end),
+                n.gets
+            )?;
+        }
+        write!(f, " by replicas throughout: {}", self.by_replicas())
+    }
 }
 
 /// A line per tenth of the run, for long runs (`--nocapture`). A run that lasts by time (the
