@@ -232,9 +232,19 @@ impl Topology {
             Some(view) => view,
             None => {
                 let mut rx = self.shared.view.subscribe();
-                let first = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+                let first = tokio::time::timeout(wait, async {
+                    loop {
+                        // A failed first fetch (the node not up yet) is tried again meanwhile.
+                        let retry = tokio::time::sleep(RETRY_AFTER);
+                        tokio::select! {
+                            view = rx.wait_for(Option::is_some) => break view.ok()?.clone(),
+                            () = retry => self.refresh_if_due(),
+                        }
+                    }
+                })
+                .await;
                 match first {
-                    Ok(Ok(view)) => view.clone().expect("waited for a view"),
+                    Ok(Some(view)) => view,
                     _ => return Err(CacheError::Connecting(wait)),
                 }
             }
