@@ -280,7 +280,10 @@ fn a_cycle_is_found() {
     let write = |path: &str, text: &str| std::fs::write(dir.join(path), text).unwrap();
     write("lib.rs", "pub mod cache;\npub mod store;\n");
     write("cache/mod.rs", "mod a;\nmod b;\npub use self::a::A;\n");
-    write("cache/a.rs", "use super::{b::B, CacheError};\npub struct A;\n");
+    write(
+        "cache/a.rs",
+        "use super::{b::B, CacheError};\npub struct A;\n",
+    );
     write(
         "cache/b.rs",
         "// use super::a::A; (a comment is no edge)\npub fn f() -> crate::cache::a::A { todo!() }\n",
@@ -291,5 +294,8 @@ fn a_cycle_is_found() {
     );
     let found = cycles(&graph(&dir));
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(found, vec![vec!["cache/a".to_owned(), "cache/b".to_owned()]]);
+    assert_eq!(
+        found,
+        vec![vec!["cache/a".to_owned(), "cache/b".to_owned()]]
+    );
 }

@@ -267,7 +267,7 @@ impl<C: Cache, S: ProductStore> ReadPath<C, S> {
                 Ok(Probe::Lease) => Step::Leased,
                 Ok(Probe::Wait) => Step::Waiting,
                 Err(e) => {
-                    if matches!(e, CacheError::Timeout(_)) {
+                    if e.may_have_run() {
                         hand_back.push(i);
                     }
                     failures.note(&e);

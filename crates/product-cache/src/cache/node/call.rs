@@ -247,6 +247,8 @@ async fn send(
     let pipe = &request.pipe;
     let mut loaded = false;
     let mut resent = false;
+    // The error of a connection that died with the request on it, once it is sent again.
+    let mut lost: Option<redis::RedisError> = None;
     loop {
         let sent = current.conn.req_packed_commands(pipe, 0, pipe.len()).await;
         match sent {
@@ -263,7 +265,13 @@ async fn send(
                 }
                 resent = true;
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                current = conn.get(left).await?;
+                // The request may have run before its connection died: if it cannot go again,
+                // that (the connection's error) is what the caller hears, not "never sent".
+                current = match conn.get(left).await {
+                    Ok(current) => current,
+                    Err(_) => return Err(e.into()),
+                };
+                lost = Some(e);
             }
             Err(e) => return Err(e.into()),
         }
@@ -274,12 +282,13 @@ async fn send(
             for script in request.scripts {
                 load.load_script(script);
             }
-            for reply in current
-                .conn
-                .req_packed_commands(&load, 0, load.len())
-                .await?
-            {
-                reply.extract_error()?;
+            let loading = current.conn.req_packed_commands(&load, 0, load.len()).await;
+            let failed = match loading {
+                Ok(replies) => replies.into_iter().find_map(|r| r.extract_error().err()),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                return Err(lost.unwrap_or(e).into());
             }
             loaded = true;
         }

@@ -351,10 +351,10 @@ impl Topology {
         } else {
             (vec![Vec::new(); map.shards.len()], None)
         };
-        let mut nodes: HashSet<Addr> = map.primaries().cloned().collect();
-        if self.shared.replica_reads {
-            nodes.extend(map.nodes().cloned());
-        }
+        // Replicas too, with or without replica reads: the replica a failover promotes is then
+        // connected before its first call (a batch that follows a `MOVED` to it, the first
+        // reads after the promotion).
+        let mut nodes: HashSet<Addr> = map.nodes().cloned().collect();
         nodes.insert(endpoint.clone());
         // Connections and breakers follow the map: a node gone from it is closed and forgotten,
         // one new to it starts connecting before its first call.

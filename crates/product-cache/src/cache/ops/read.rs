@@ -259,7 +259,6 @@ async fn per_node<T, F, Fut>(
     call: F,
 ) -> Vec<Result<T, CacheError>>
 where
-    T: Clone,
     F: Fn(Addr, Vec<usize>) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<Result<T, CacheError>>, CacheError>>,
 {
