@@ -259,3 +259,141 @@ async fn a_connection_slower_than_the_call_timeout_still_forms() {
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     assert_eq!(env.raw_get("product:kb-001").await, None);
 }
+
+/// A user allowed every command but `@dangerous` ones, which include `INFO` (as a managed Redis
+/// may hand out): the refresh-mode invalidator cannot read the node's eviction count, so its
+/// eviction guard is blind. It fails safe, not the batch: the refresh is applied as a delete
+/// (right whatever the record is), the next read fills the new item from the table, and the
+/// batch's metrics line counts it (`BatchesEvictionGuardBlind`). Had the script's `INFO`
+/// raised, every refresh batch would fail until Lambda gave its records up. Delete mode, which
+/// never needs the count, works unchanged under the same user.
+#[tokio::test]
+async fn refresh_mode_without_info_applies_refreshes_as_deletes_and_says_so() {
+    use std::sync::{Arc, Mutex};
+
+    use product_cache::config::{InvalidatorSettings, ReadSettings, RedisSettings};
+    use product_cache::invalidate::Invalidator;
+    use product_cache::metrics::{MetricsSettings, Sink};
+
+    let user = [
+        "--user",
+        "no-info",
+        "on",
+        ">s3cret",
+        "+@all",
+        "-@dangerous",
+        "~*",
+        "&*",
+    ];
+    for mode in [Refresh, Delete] {
+        let mut env = TestEnv::new(mode).await;
+        let server = local_stack::services::RedisServer::start_with(&user)
+            .await
+            .unwrap();
+        let redis = RedisSettings::new(format!(
+            "redis://no-info:s3cret@127.0.0.1:{}",
+            server.port()
+        ));
+        // The user really may not run INFO, not even its stats section.
+        let client = redis::Client::open(redis.url.as_str()).unwrap();
+        let mut restricted = client.get_multiplexed_async_connection().await.unwrap();
+        let info: redis::RedisResult<String> = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut restricted)
+            .await;
+        let refused = info.unwrap_err().to_string();
+        assert!(
+            refused.to_lowercase().contains("no permissions"),
+            "{refused}"
+        );
+        // What is really in Redis, through the default user.
+        let mut conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let cached_price = |conn: &mut redis::aio::MultiplexedConnection| {
+            let mut conn = conn.clone();
+            async move {
+                let cached: Option<String> = redis::cmd("GET")
+                    .arg("product:kb-001")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                cached.map(|c| {
+                    serde_json::from_str::<serde_json::Value>(&c).unwrap()["price"].clone()
+                })
+            }
+        };
+
+        let read = ReadSettings::new(redis.clone(), &env.table, env.settings.clone());
+        let read = ReadPath::build(read, &env.sdk).await.unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let invalidator = InvalidatorSettings {
+            redis,
+            mode,
+            cache: env.settings.clone(),
+        };
+        let invalidator = Invalidator::build(invalidator, &env.sdk)
+            .await
+            .unwrap()
+            .with_metrics(MetricsSettings::default(), Sink::Memory(lines.clone()));
+        if mode == Refresh {
+            // A fresh Redis: without the guard's blindness, refreshes would write.
+            invalidator.cache().declare_empty().await.unwrap();
+        }
+
+        // The INSERT: a refresh in refresh mode, applied (as a delete) without failing.
+        env.put_product("kb-001", "129.99").await;
+        let response = invalidator.handle(env.new_stream_event().await).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "{mode:?}: {response:?}"
+        );
+        // Read until filled (the first reads may bypass while the connection forms).
+        for attempt in 0.. {
+            assert!(attempt < 100, "{mode:?}: never filled");
+            if read.get("kb-001").await.0 == CacheStatus::Hit {
+                break;
+            }
+        }
+        assert_eq!(
+            cached_price(&mut conn).await,
+            Some(json!(129.99)),
+            "{mode:?}"
+        );
+
+        // The MODIFY: the cached 129.99 is replaced by nothing, not by the new image.
+        env.put_product("kb-001", "99.99").await;
+        let event = env.new_stream_event().await;
+        assert_eq!(event["Records"][0]["eventName"], "MODIFY", "{mode:?}");
+        lines.lock().unwrap().clear();
+        let response = invalidator.handle(event).await;
+        assert!(
+            response.batch_item_failures.is_empty(),
+            "{mode:?}: {response:?}"
+        );
+        assert_eq!(cached_price(&mut conn).await, None, "{mode:?}: not deleted");
+        let emf = crate::metrics::emf_of(&lines);
+        assert_eq!(emf.len(), 1, "{mode:?}: one line per batch");
+        let blind = if mode == Refresh { 1.0 } else { 0.0 };
+        assert_eq!(
+            crate::metrics::total(&emf, "BatchesEvictionGuardBlind"),
+            blind,
+            "{mode:?}"
+        );
+
+        // The next read fills the new item from the table.
+        let (status, result) = read.get("kb-001").await;
+        assert_eq!(
+            (status, result.is_ok()),
+            (CacheStatus::Miss, true),
+            "{mode:?}"
+        );
+        assert_eq!(
+            cached_price(&mut conn).await,
+            Some(json!(99.99)),
+            "{mode:?}"
+        );
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use local_stack::services::RedisCluster;
-use product_cache::config::InvalidationMode::Delete;
+use product_cache::config::InvalidationMode::{Delete, Refresh};
 use product_cache::config::{CacheSettings, ReadSettings, RedisSettings};
 use product_cache::inspect::{InspectSettings, Inspector, Target, Verdict};
 use product_cache::metrics::{MetricsSettings, Sink};
@@ -281,4 +281,38 @@ async fn runs_under_its_documented_least_privilege_user() {
         .unwrap();
     let report = inspecting.run(Target::Sample(10)).await.unwrap();
     assert_eq!((inconsistent(&report).len(), report.repaired), (1, 1));
+}
+
+/// A small catalogue among the epoch keys: a Redis declared empty for refresh mode holds one
+/// epoch key per hash slot (16,384), so four cached products are about one key in 4,100 and a
+/// round of `RANDOMKEY` draws usually finds none of them. The sampler draws on until its sample
+/// is full or its draws are spent (50,000, about 12 per key: `RANDOMKEY` is uneven enough that
+/// a product is missed about 6 % of the time, all four about once in 50,000); had it stopped
+/// after a round that found no product key, it would come back empty, an all-clear that
+/// checked nothing. A sample of 4 (a first round of 12 draws) shows that nearly every time;
+/// the default sample too, most of the time.
+#[tokio::test]
+async fn the_sampler_finds_a_small_catalogue_among_the_epoch_keys() {
+    let env = TestEnv::new(Refresh).await;
+    cached_products(&env, &env.read, "few", 4).await;
+    let mut conn = env.redis_conn().await;
+    let keys: usize = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert!(keys > 16_384, "the epoch keys and the products: {keys}");
+
+    let inspector = Inspector::new(
+        env.cache(&env.settings).await,
+        env.store(&env.settings),
+        env.settings.clone(),
+        settings(false),
+    );
+    for wanted in [4, InspectSettings::default().sample] {
+        let report = inspector.run(Target::Sample(wanted)).await.unwrap();
+        println!(
+            "a sample of {wanted} among {keys} keys checked {} of 4 products",
+            report.checked()
+        );
+        assert!(report.checked() >= 1, "sample of {wanted}: {report:?}");
+        assert!(report.checked() <= 4, "{report:?}");
+        assert_eq!(inconsistent(&report), Vec::<String>::new());
+    }
 }

@@ -215,11 +215,11 @@ async fn a_ten_thousand_record_batch_is_applied_in_full() {
     // documents several times slower than the release functions, whose batch time the
     // benchmark measures, and at the default budget (100 ms per 1,000 keys, counting the
     // rendering) the first of the three parts timed out on a loaded machine, before this
-    // change to the budget and after.
+    // change to the budget and after; at 500 ms too, once, beside other suites at a load of 6.
     let env = TestEnv::with_settings(
         Refresh,
         CacheSettings {
-            redis_timeout: Duration::from_millis(500),
+            redis_timeout: Duration::from_millis(1000),
             ..CacheSettings::default()
         },
     )

@@ -397,3 +397,80 @@ async fn a_stalled_redis_leaves_a_batch_unchecked_and_the_next_one_is_judged() {
     assert_eq!(inconsistent(&report), ["product:st-1"], "{report:?}");
     assert_eq!(report.unchecked, 0);
 }
+
+/// A change C1 the invalidator applied (delete mode: the key's position is C1's), the item as
+/// C1 left it filled back by a reader, and a second change C2 in the table that the
+/// invalidator has not reached: the cache differs from the table only because C2 is pending.
+/// With the stream's new images, the cached value is what C1 made: consistent. A `KEYS_ONLY`
+/// stream carries no new image, so the cached value cannot be told from a stale one: C1 goes
+/// unchecked, never inconsistent (else every lagging key of such a stream would page).
+#[tokio::test]
+async fn a_change_without_a_new_image_is_not_inconsistent_while_a_later_one_is_pending() {
+    use aws_sdk_dynamodb::types::StreamViewType;
+    use product_cache::config::CacheSettings;
+
+    for view in [StreamViewType::KeysOnly, StreamViewType::NewAndOldImages] {
+        let mut env =
+            TestEnv::with_stream_view(Delete, CacheSettings::default(), view.clone()).await;
+        // C1, applied.
+        env.put_product("c1", "10.5").await;
+        let c1 = env.drain_stream_returning().await;
+        let record = &records(&c1)[0];
+        assert_eq!(
+            record["dynamodb"].get("NewImage").is_some(),
+            view == StreamViewType::NewAndOldImages,
+            "{view:?}: {record}"
+        );
+        let position_key = product_cache::cache::version_key("product:c1");
+        assert!(
+            env.raw_get(&position_key).await.is_some(),
+            "{view:?}: the invalidator recorded C1's position"
+        );
+        // A reader fills the item as C1 left it.
+        let (status, x_cache, body) = env.http_get("c1").await;
+        assert_eq!(
+            (status, x_cache.as_str(), &body["price"]),
+            (200, "miss", &json!(10.5)),
+            "{view:?}"
+        );
+        assert_eq!(
+            env.raw_get("product:c1").await,
+            Some(document("c1", "10.5")),
+            "{view:?}"
+        );
+        // C2, in the table and the stream, not applied.
+        env.put_product("c1", "12.5").await;
+
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let looking = monitor(&env, false, 1.0)
+            .await
+            .with_metrics(MetricsSettings::default(), Sink::Memory(lines.clone()));
+        let report = looking.check_changes(&records(&c1)).await;
+        let emf = crate::metrics::emf_of(&lines);
+        assert_eq!(
+            crate::metrics::total(&emf, "ChangesInconsistent"),
+            0.0,
+            "{view:?}: {report:?}"
+        );
+        assert!(!crate::metrics::alarm_fires(
+            "ChangesInconsistentAlarm",
+            &emf,
+            "product-cache"
+        ));
+        if view == StreamViewType::KeysOnly {
+            assert_eq!(
+                (report.rows.len(), report.unchecked),
+                (0, 1),
+                "{view:?}: {report:?}"
+            );
+            assert_eq!(crate::metrics::total(&emf, "ChangesUnchecked"), 1.0);
+        } else {
+            assert_eq!(
+                verdict_of(&report, "product:c1"),
+                ChangeVerdict::Consistent,
+                "{view:?}: {report:?}"
+            );
+            assert_eq!(report.unchecked, 0, "{report:?}");
+        }
+    }
+}

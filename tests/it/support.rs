@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use aws_sdk_dynamodb::types::StreamViewType;
 use local_stack::services::{MotoServer, RedisServer};
 use local_stack::stream::{lambda_event, Position, StreamReader};
 use product_cache::cache::{BatchError, Cache, CacheError, CacheOp, Fill, Probe, RedisCache};
@@ -249,6 +250,16 @@ impl TestEnv {
     }
 
     pub async fn with_settings(mode: InvalidationMode, settings: CacheSettings) -> Self {
+        Self::with_stream_view(mode, settings, StreamViewType::NewAndOldImages).await
+    }
+
+    /// [`TestEnv::with_settings`] over a table whose stream carries `view` (`KEYS_ONLY`, ...)
+    /// rather than the template's `NEW_AND_OLD_IMAGES`.
+    pub async fn with_stream_view(
+        mode: InvalidationMode,
+        settings: CacheSettings,
+        view: StreamViewType,
+    ) -> Self {
         init_logging();
         // Same clock for the local stream and Redis: no margin needed.
         let settings = CacheSettings {
@@ -259,11 +270,12 @@ impl TestEnv {
         let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let table = unique_table("products");
-        let stream_arn = local_stack::table::ensure_table(
+        let stream_arn = local_stack::table::ensure_table_with_stream(
             &dynamodb,
             &table,
             &settings.key_attribute,
             settings.key_type,
+            view,
         )
         .await
         .expect("table created");

@@ -42,6 +42,26 @@ pub async fn ensure_table(
     key_attribute: &str,
     key_type: KeyType,
 ) -> Result<String, TableError> {
+    ensure_table_with_stream(
+        client,
+        table,
+        key_attribute,
+        key_type,
+        StreamViewType::NewAndOldImages,
+    )
+    .await
+}
+
+/// [`ensure_table`] with a stream of `view` (`KEYS_ONLY`, `NEW_IMAGE`, ...), for what the
+/// functions make of a table whose stream carries less than the template's. A table that
+/// exists keeps the stream it has.
+pub async fn ensure_table_with_stream(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    key_attribute: &str,
+    key_type: KeyType,
+    view: StreamViewType,
+) -> Result<String, TableError> {
     let err = |operation: &'static str| {
         let table = table.to_owned();
         move |e: Box<dyn std::error::Error + Send + Sync>| TableError {
@@ -77,7 +97,7 @@ pub async fn ensure_table(
             .stream_specification(
                 StreamSpecification::builder()
                     .stream_enabled(true)
-                    .stream_view_type(StreamViewType::NewAndOldImages)
+                    .stream_view_type(view)
                     .build()
                     .map_err(|e| err("CreateTable")(e.into()))?,
             )

@@ -77,8 +77,10 @@ pub(crate) async fn sample_keys(
         let mut found = BTreeSet::new();
         let mut spent = 0;
         while found.len() < per_node && spent < max_draws {
+            // Three draws per key still wanted, but no fewer than a quarter of a pipeline: a
+            // small sample on a small catalogue would otherwise spend its draws a few at a time.
             let round = ((per_node - found.len()) * 3)
-                .clamp(1, PER_CALL)
+                .clamp(PER_CALL / 4, PER_CALL)
                 .min(max_draws - spent);
             let mut pipe = redis::pipe();
             for _ in 0..round {
