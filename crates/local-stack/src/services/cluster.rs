@@ -496,7 +496,9 @@ fn parse_roles(nodes: &str) -> Vec<Role> {
                 primary: f[2].contains("master"),
                 replica_of: (f[3] != "-").then(|| port_of_id(f[3])).flatten(),
                 // `fail` (or `fail?`) among the flags; not `nofailover`, which also holds "fail".
-                failed: f[2].split(',').any(|flag| flag == "fail" || flag == "fail?"),
+                failed: f[2]
+                    .split(',')
+                    .any(|flag| flag == "fail" || flag == "fail?"),
                 slots: f
                     .iter()
                     .skip(8)
