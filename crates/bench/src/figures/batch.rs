@@ -179,12 +179,9 @@ pub async fn mixed(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error
                 }
             ),
             format!("one pipeline of {records} DELs"),
-            // Wall time on loopback; through the proxy, round trips (the positions read, then
-            // the deletes written, and a part overlapping another's at most once).
-            match net {
-                Net::Loopback => Budget::RatioAtMost(2.0),
-                Net::Proxy => Budget::RatioAtMost(3.0),
-            },
+            // Wall time on loopback; through the proxy, round trips: the positions read, then
+            // the deletes written.
+            Budget::RatioAtMost(2.0),
             match net {
                 Net::Loopback => {
                     format!("{base_note}; Redis ran (scripts' commands included): {commands}")

@@ -365,86 +365,107 @@ impl Batch<'_> {
 
     /// A single node's batch of deletes, without the script (see `deletes.rs` for why that is
     /// as safe): every group's positions read, then every group's deletes and newer positions
-    /// written, the second pipelines ending with `WAIT` when replicas must confirm. All first
-    /// pipelines go out together and all second ones once every first has its reply: two
-    /// round trips for the batch, where a group going on by itself as its reply arrived would
-    /// start a round trip of its own.
+    /// written, the second pipelines ending with `WAIT` when replicas must confirm. Each round's
+    /// pipelines are all built before the first is sent, so they leave together: two round
+    /// trips for the batch, where one sent while the next was still being built would have its
+    /// reply back first and the next go as a round trip of its own.
     async fn deletes(
         &self,
         admitted: Vec<(Group, Admitted)>,
     ) -> Vec<(Group, Result<Landed, CacheError>)> {
-        let (groups, admissions): (Vec<Group>, Vec<Admitted>) = admitted.into_iter().unzip();
-        let reads = futures::future::join_all(
-            groups
-                .iter()
-                .zip(admissions)
-                .map(|(group, admission)| self.bounded(self.positions(group, admission))),
-        )
-        .await;
-        let writes = futures::future::join_all(groups.iter().zip(reads).map(|(group, read)| {
-            self.bounded(async move {
-                let (read, positions, admission) = read?;
-                self.delete_writes(group, admission, &read, positions).await
-            })
-        }))
-        .await;
-        groups.into_iter().zip(writes).collect()
-    }
-
-    /// The first round of [`deletes`](Self::deletes): the positions of `group`'s ordered ops,
-    /// and which ops those are; also the right to call the node for the second round (its
-    /// trial, if this round did not need to call).
-    async fn positions(
-        &self,
-        group: &Group,
-        admission: Admitted,
-    ) -> Result<(Vec<usize>, Vec<Option<Vec<u8>>>, Second), CacheError> {
         let ordering = self.ctx.guards.ordering;
-        let (mget, read) = deletes::read_positions(self.ops, &group.slots[0], ordering);
-        let Some(mget) = mget else {
-            return Ok((read, Vec::new(), Second::Admitted(admission)));
-        };
-        let fenced = admission.is_trial();
-        let mut pipe = redis::pipe();
-        pipe.add_command(mget);
-        let request = Request {
-            pipe,
-            scripts: &[],
-            repeat: Repeat::Safe,
-        };
-        let reply = self
-            .ctx
-            .caller
-            .send(admission, &request, self.left(), self.left())
-            .await?;
-        let positions = match reply.replies.into_iter().next() {
-            Some(Ok(reply)) => redis::from_redis_value(reply)
-                .map_err(|e| CacheError::Unexpected(format!("MGET of positions: {e}")))?,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(CacheError::Unexpected("no reply to an MGET".into())),
-        };
-        Ok((read, positions, Second::Admit { fenced }))
+        // 1. The positions of each group's ordered ops (`read`), in one MGET a group.
+        let firsts: Vec<_> = admitted
+            .into_iter()
+            .map(|(group, admission)| {
+                let (mget, read) = deletes::read_positions(self.ops, &group.slots[0], ordering);
+                let request = mget.map(|mget| {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(mget);
+                    pipe
+                });
+                (group, admission, read, request)
+            })
+            .collect();
+        let reads = futures::future::join_all(firsts.into_iter().map(
+            |(group, admission, read, pipe)| async move {
+                let Some(pipe) = pipe else {
+                    return (group, Ok((read, Vec::new(), Second::Admitted(admission))));
+                };
+                let fenced = admission.is_trial();
+                let request = Request {
+                    pipe,
+                    scripts: &[],
+                    repeat: Repeat::Safe,
+                };
+                let positions = self
+                    .bounded(async {
+                        let reply = self
+                            .ctx
+                            .caller
+                            .send(admission, &request, self.left(), self.left())
+                            .await?;
+                        match reply.replies.into_iter().next() {
+                            Some(Ok(reply)) => redis::from_redis_value(reply).map_err(|e| {
+                                CacheError::Unexpected(format!("MGET of positions: {e}"))
+                            }),
+                            Some(Err(e)) => Err(e.into()),
+                            None => Err(CacheError::Unexpected("no reply to an MGET".into())),
+                        }
+                    })
+                    .await;
+                (
+                    group,
+                    positions.map(|positions| (read, positions, Second::Admit { fenced })),
+                )
+            },
+        ))
+        .await;
+        // 2. The deletes and the newer positions, each group's pipeline built first.
+        let seconds: Vec<_> = reads
+            .into_iter()
+            .map(|(group, read)| {
+                let second = read.and_then(|(read, positions, second)| {
+                    let (mut pipe, refused) =
+                        deletes::write(self.ops, &group.slots[0], &read, positions);
+                    let (admission, fenced) = match second {
+                        Second::Admitted(admission) => {
+                            let fenced = admission.is_trial();
+                            (admission, fenced)
+                        }
+                        // A trial's first round fences its second.
+                        Second::Admit { fenced } => (self.ctx.caller.admit(&group.node)?, fenced),
+                    };
+                    let asked = self.confirmer.to_ask(&group.node, fenced);
+                    self.confirmer.ask(&mut pipe, asked);
+                    Ok((pipe, refused, admission, fenced, asked))
+                });
+                (group, second)
+            })
+            .collect();
+        futures::future::join_all(seconds.into_iter().map(|(group, second)| async move {
+            let outcome = match second {
+                Err(e) => Err(e),
+                Ok((pipe, refused, admission, fenced, asked)) => {
+                    self.bounded(self.delete_writes(pipe, refused, admission, fenced, asked))
+                        .await
+                }
+            };
+            (group, outcome)
+        }))
+        .await
     }
 
-    /// The second round of [`deletes`](Self::deletes) for `group`.
+    /// The second round of [`deletes`](Self::deletes) for one group: its pipeline sent (if it
+    /// has anything to do) and confirmed.
     async fn delete_writes(
         &self,
-        group: &Group,
-        second: Second,
-        read: &[usize],
-        positions: Vec<Option<Vec<u8>>>,
+        pipe: redis::Pipeline,
+        refused: Vec<usize>,
+        admission: Admitted,
+        fenced: bool,
+        asked: Option<u32>,
     ) -> Result<Landed, CacheError> {
-        let (mut pipe, refused) = deletes::write(self.ops, &group.slots[0], read, positions);
-        let (admission, fenced) = match second {
-            Second::Admitted(admission) => {
-                let fenced = admission.is_trial();
-                (admission, fenced)
-            }
-            // A trial's first round fences its second.
-            Second::Admit { fenced } => (self.ctx.caller.admit(&group.node)?, fenced),
-        };
-        let asked = self.confirmer.to_ask(&group.node, fenced);
-        self.confirmer.ask(&mut pipe, asked);
         if pipe.is_empty() {
             return Ok(Landed {
                 refused,
