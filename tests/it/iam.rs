@@ -44,7 +44,8 @@ impl TimeSource for ManualClock {
 fn iam_settings() -> IamSettings {
     IamSettings {
         user_id: USER.into(),
-        replication_group: GROUP.into(),
+        cache: GROUP.into(),
+        serverless: false,
     }
 }
 

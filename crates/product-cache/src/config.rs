@@ -99,7 +99,10 @@ pub struct RedisSettings {
     /// `redis://host:port` or, for TLS (ElastiCache in-transit encryption), `rediss://host:port`.
     pub url: String,
     /// Redis Cluster (ElastiCache cluster mode enabled): `url` is the configuration endpoint.
+    /// Always on for a serverless cache, which answers as a one-shard cluster.
     pub cluster: bool,
+    /// A node-based cache or ElastiCache Serverless (`REDIS_CACHE_TYPE`).
+    pub cache_type: CacheType,
     /// A Secrets Manager secret holding the AUTH token, read once at cold start: its
     /// SecretString is the token itself or JSON with a `token` (or `password`) field.
     pub auth_secret_arn: Option<String>,
@@ -160,43 +163,81 @@ impl BreakerSettings {
     }
 }
 
-/// ElastiCache IAM authentication (`REDIS_IAM_USER`, `REDIS_IAM_REPLICATION_GROUP`). The
-/// Region is the SDK's, the credentials the function's role.
+/// What kind of ElastiCache cache the functions talk to (`REDIS_CACHE_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheType {
+    /// A node-based cache (a replication group, or any Redis/Valkey): what this project
+    /// deployed before serverless, and what the local stack runs by default.
+    #[default]
+    Nodes,
+    /// ElastiCache Serverless: one endpoint that answers as a one-shard cluster, TLS always, no
+    /// `WAIT` (nothing can confirm a write to a replica), `maxmemory-policy` fixed at
+    /// `volatile-lru`, at most 3,999 arguments a request, IAM tokens signed for a serverless
+    /// cache.
+    Serverless,
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "nodes" => Ok(Self::Nodes),
+            "serverless" => Ok(Self::Serverless),
+            other => Err(format!("expected `nodes` or `serverless`, got `{other}`")),
+        }
+    }
+}
+
+/// ElastiCache IAM authentication (`REDIS_IAM_USER`, `REDIS_IAM_CACHE_NAME`). The Region is the
+/// SDK's, the credentials the function's role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IamSettings {
     /// The IAM-enabled ElastiCache user's id (its user name must be the same): the AUTH
     /// username, and the `User` the token is signed for.
     pub user_id: String,
-    /// The replication group id the token is signed for, in lowercase (ElastiCache lowercases
-    /// names when it creates a cache, and checks the token against that).
-    pub replication_group: String,
+    /// The cache the token is signed for: the replication group id, or the serverless cache's
+    /// name, in lowercase (ElastiCache lowercases names when it creates a cache, and checks the
+    /// token against that).
+    pub cache: String,
+    /// The cache is serverless: the token also says `ResourceType=ServerlessCache`.
+    pub serverless: bool,
 }
 
 impl IamSettings {
-    /// Both variables or neither: `None` when neither is set.
-    pub fn from_source(src: &(impl Source + ?Sized)) -> Result<Option<Self>, ConfigError> {
+    /// Both variables or neither: `None` when neither is set. The cache's name is
+    /// `REDIS_IAM_CACHE_NAME`, or by its earlier name `REDIS_IAM_REPLICATION_GROUP` (not both).
+    pub fn from_source(
+        src: &(impl Source + ?Sized),
+        cache_type: CacheType,
+    ) -> Result<Option<Self>, ConfigError> {
         let get = |name| src.get(name).filter(|v| !v.trim().is_empty());
-        let (user, group) = (get("REDIS_IAM_USER"), get("REDIS_IAM_REPLICATION_GROUP"));
-        let (user_id, replication_group) = match (user, group) {
+        let (name_var, cache) = match (
+            get("REDIS_IAM_CACHE_NAME"),
+            get("REDIS_IAM_REPLICATION_GROUP"),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "REDIS_IAM_CACHE_NAME",
+                    "REDIS_IAM_REPLICATION_GROUP",
+                    "the second is the first's earlier name; keep one",
+                ))
+            }
+            (Some(name), None) => ("REDIS_IAM_CACHE_NAME", Some(name)),
+            (None, Some(group)) => ("REDIS_IAM_REPLICATION_GROUP", Some(group)),
+            (None, None) => ("REDIS_IAM_CACHE_NAME", None),
+        };
+        let (user_id, cache) = match (get("REDIS_IAM_USER"), cache) {
             (None, None) => return Ok(None),
             (Some(_), None) => {
                 return Err(ConfigError::MissingWith(
-                    "REDIS_IAM_REPLICATION_GROUP",
+                    "REDIS_IAM_CACHE_NAME",
                     "REDIS_IAM_USER",
                 ))
             }
-            (None, Some(_)) => {
-                return Err(ConfigError::MissingWith(
-                    "REDIS_IAM_USER",
-                    "REDIS_IAM_REPLICATION_GROUP",
-                ))
-            }
-            (Some(user), Some(group)) => (user, group),
+            (None, Some(_)) => return Err(ConfigError::MissingWith("REDIS_IAM_USER", name_var)),
+            (Some(user), Some(cache)) => (user, cache),
         };
-        for (name, value) in [
-            ("REDIS_IAM_USER", &user_id),
-            ("REDIS_IAM_REPLICATION_GROUP", &replication_group),
-        ] {
+        for (name, value) in [("REDIS_IAM_USER", &user_id), (name_var, &cache)] {
             // ElastiCache's rule for both ids; it also keeps them out of any URL encoding.
             let ok = value.starts_with(|c: char| c.is_ascii_alphabetic())
                 && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
@@ -211,7 +252,8 @@ impl IamSettings {
         }
         Ok(Some(Self {
             user_id,
-            replication_group: replication_group.to_ascii_lowercase(),
+            cache: cache.to_ascii_lowercase(),
+            serverless: cache_type == CacheType::Serverless,
         }))
     }
 }
@@ -222,6 +264,7 @@ impl RedisSettings {
         Self {
             url: url.into(),
             cluster: false,
+            cache_type: CacheType::Nodes,
             auth_secret_arn: None,
             connect_timeout: Duration::from_secs(2),
             ca_file: None,
@@ -239,7 +282,8 @@ impl RedisSettings {
         let auth_secret_arn = src
             .get("REDIS_AUTH_SECRET_ARN")
             .filter(|v| !v.trim().is_empty());
-        let iam = IamSettings::from_source(src)?;
+        let cache_type: CacheType = parsed(src, "REDIS_CACHE_TYPE", d.cache_type)?;
+        let iam = IamSettings::from_source(src, cache_type)?;
         if iam.is_some() {
             if auth_secret_arn.is_some() {
                 return Err(ConfigError::Conflict(
@@ -262,8 +306,11 @@ impl RedisSettings {
                 });
             }
         }
+        let serverless = cache_type == CacheType::Serverless;
         Ok(Self {
-            cluster: parsed(src, "REDIS_CLUSTER", d.cluster)?,
+            // A serverless cache answers as a cluster; the variable may say so or be left out.
+            cluster: parsed(src, "REDIS_CLUSTER", serverless)?,
+            cache_type,
             auth_secret_arn,
             iam,
             connect_timeout: duration(
@@ -298,6 +345,9 @@ impl RedisSettings {
             ..d
         })
         .and_then(|s: Self| {
+            if s.cache_type == CacheType::Serverless {
+                s.serverless_rules()?;
+            }
             if s.read_from_replicas && !s.cluster {
                 return Err(ConfigError::Invalid {
                     name: "REDIS_READ_FROM_REPLICAS",
@@ -307,6 +357,54 @@ impl RedisSettings {
             }
             Ok(s)
         })
+    }
+}
+
+impl RedisSettings {
+    /// What cannot hold on ElastiCache Serverless, refused at start rather than failing every
+    /// call (or stalling the stream) once running.
+    fn serverless_rules(&self) -> Result<(), ConfigError> {
+        let invalid = |name, value: &str, reason: &str| ConfigError::Invalid {
+            name,
+            value: value.to_owned(),
+            reason: format!("{reason} (REDIS_CACHE_TYPE=serverless)"),
+        };
+        if !self.cluster {
+            return Err(invalid(
+                "REDIS_CLUSTER",
+                "false",
+                "a serverless cache answers as a cluster: leave it unset or true",
+            ));
+        }
+        if !self.url.starts_with("rediss://") {
+            return Err(invalid(
+                "REDIS_URL",
+                "<redacted>",
+                "a serverless cache takes TLS connections only: use rediss://",
+            ));
+        }
+        if self.confirm_replicas > 0 {
+            return Err(invalid(
+                "REDIS_CONFIRM_REPLICAS",
+                &self.confirm_replicas.to_string(),
+                "a serverless cache has no WAIT, and nothing can confirm a write on its \
+                 replicas: set 0",
+            ));
+        }
+        let user_in_url = self
+            .url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split('/').next()?.split_once('@'))
+            .is_some_and(|(userinfo, _)| !userinfo.starts_with(':') && !userinfo.is_empty());
+        if self.auth_secret_arn.is_some() && !user_in_url {
+            return Err(invalid(
+                "REDIS_AUTH_SECRET_ARN",
+                "<an AUTH token>",
+                "a serverless cache has no AUTH token, only RBAC users (name the user in \
+                 REDIS_URL, rediss://USER@host:6379) or IAM",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -784,7 +882,8 @@ mod tests {
             s.iam,
             Some(IamSettings {
                 user_id: "product-cache-iam".into(),
-                replication_group: "product-cache".into(),
+                cache: "product-cache".into(),
+                serverless: false,
             })
         );
         assert_eq!(s.auth_secret_arn, None);
@@ -793,10 +892,99 @@ mod tests {
             ("REDIS_IAM_REPLICATION_GROUP", "Product-Cache"),
         ]);
         let s = RedisSettings::from_source(&env[..]).unwrap();
-        assert_eq!(s.iam.unwrap().replication_group, "product-cache");
+        assert_eq!(s.iam.unwrap().cache, "product-cache");
         // Empty values count as unset.
         let env = iam_env(&[("REDIS_IAM_USER", ""), ("REDIS_IAM_REPLICATION_GROUP", " ")]);
         assert_eq!(RedisSettings::from_source(&env[..]).unwrap().iam, None);
+    }
+
+    #[test]
+    fn a_serverless_cache_is_read_and_what_cannot_hold_there_is_refused() {
+        let base = [
+            (
+                "REDIS_URL",
+                "rediss://my-cache-abc123.serverless.use1.cache.amazonaws.com:6379",
+            ),
+            ("REDIS_CACHE_TYPE", "serverless"),
+        ];
+        let s = RedisSettings::from_source(&base[..]).unwrap();
+        assert_eq!(s.cache_type, CacheType::Serverless);
+        assert!(
+            s.cluster,
+            "a serverless cache is a cluster without REDIS_CLUSTER"
+        );
+        assert_eq!(s.confirm_replicas, 0);
+        // IAM: the cache's name, and the serverless form of the token.
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut env = base.to_vec();
+            env.extend_from_slice(extra);
+            RedisSettings::from_source(&env[..])
+        };
+        let iam = with(&[
+            ("REDIS_IAM_USER", "product-cache-iam"),
+            ("REDIS_IAM_CACHE_NAME", "My-Cache"),
+        ])
+        .unwrap()
+        .iam
+        .unwrap();
+        assert_eq!(
+            iam,
+            IamSettings {
+                user_id: "product-cache-iam".into(),
+                cache: "my-cache".into(),
+                serverless: true,
+            }
+        );
+        // Settings that cannot hold there name their variable.
+        for (extra, variable) in [
+            (
+                &[("REDIS_CONFIRM_REPLICAS", "1")][..],
+                "REDIS_CONFIRM_REPLICAS",
+            ),
+            (&[("REDIS_CLUSTER", "false")][..], "REDIS_CLUSTER"),
+            (
+                &[(
+                    "REDIS_AUTH_SECRET_ARN",
+                    "arn:aws:secretsmanager:us-east-1:1:secret:x",
+                )][..],
+                "REDIS_AUTH_SECRET_ARN",
+            ),
+        ] {
+            let err = with(extra).unwrap_err().to_string();
+            assert!(
+                err.contains(variable) && err.contains("serverless"),
+                "{err}"
+            );
+        }
+        let plain = [
+            ("REDIS_URL", "redis://my-cache:6379"),
+            ("REDIS_CACHE_TYPE", "serverless"),
+        ];
+        let err = RedisSettings::from_source(&plain[..])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("REDIS_URL") && err.contains("rediss://"),
+            "{err}"
+        );
+        // An RBAC user with a password from the secret is allowed.
+        let rbac = [
+            ("REDIS_URL", "rediss://product-cache@my-cache:6379"),
+            ("REDIS_CACHE_TYPE", "serverless"),
+            (
+                "REDIS_AUTH_SECRET_ARN",
+                "arn:aws:secretsmanager:us-east-1:1:secret:x",
+            ),
+        ];
+        assert!(RedisSettings::from_source(&rbac[..]).is_ok());
+        let bad = [
+            ("REDIS_URL", "redis://h:6379"),
+            ("REDIS_CACHE_TYPE", "memcached"),
+        ];
+        let err = RedisSettings::from_source(&bad[..])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REDIS_CACHE_TYPE"), "{err}");
     }
 
     #[test]
@@ -822,7 +1010,7 @@ mod tests {
         let no_group = err(&[("REDIS_IAM_USER", "product-cache-iam")]);
         assert_eq!(
             no_group,
-            "environment variable REDIS_IAM_REPLICATION_GROUP is required with REDIS_IAM_USER but not set"
+            "environment variable REDIS_IAM_CACHE_NAME is required with REDIS_IAM_USER but not set"
         );
         let no_user = err(&[("REDIS_IAM_REPLICATION_GROUP", "product-cache")]);
         assert!(

@@ -4,7 +4,9 @@
 //! The token is a SigV4 presigned request (query-string signing) of
 //! `GET http://<replication group id>/?Action=connect&User=<user id>` for the service
 //! `elasticache` in the cache's Region, valid for 15 minutes ([`TOKEN_VALIDITY`]), without the
-//! `http://`. The user id is the AUTH username. No AWS SDK ships a generator (aws/aws-sdk#580),
+//! `http://`. For a serverless cache the host is the cache's name and the request also says
+//! `&ResourceType=ServerlessCache` (AWS's "Authenticating with IAM"): a node-based token is
+//! refused there. The user id is the AUTH username. No AWS SDK ships a generator (aws/aws-sdk#580),
 //! so [`token`] builds it with the SDK's own signer (`aws-sigv4`); a test compares it byte for
 //! byte with botocore's presigner for the same inputs.
 //!
@@ -64,10 +66,13 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
 /// What a token is signed for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// The Region of the replication group.
+    /// The Region of the cache.
     pub region: String,
-    /// The replication group id (the host of the signed request).
-    pub replication_group: String,
+    /// The replication group id, or the serverless cache's name (the host of the signed
+    /// request).
+    pub cache: String,
+    /// The cache is serverless: `ResourceType=ServerlessCache` is signed too.
+    pub serverless: bool,
     /// The IAM-enabled ElastiCache user's id, which is also the AUTH username.
     pub user_id: String,
 }
@@ -110,20 +115,24 @@ impl From<IamError> for redis::RedisError {
 
 /// The token for `target`, signed with `credentials` at `at`: a pure function of its inputs.
 ///
-/// `<replication group>/?Action=connect&User=<user>&X-Amz-Algorithm=AWS4-HMAC-SHA256
-/// &X-Amz-Credential=...&X-Amz-Date=...&X-Amz-Expires=900&X-Amz-SignedHeaders=host
-/// [&X-Amz-Security-Token=...]&X-Amz-Signature=...`, the parameters in botocore's order.
+/// `<cache>/?Action=connect&User=<user>[&ResourceType=ServerlessCache]
+/// &X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=...&X-Amz-Date=...&X-Amz-Expires=900
+/// &X-Amz-SignedHeaders=host[&X-Amz-Security-Token=...]&X-Amz-Signature=...`, the parameters
+/// in botocore's order.
 pub fn token(
     target: &Target,
     credentials: &Credentials,
     at: SystemTime,
 ) -> Result<String, IamError> {
     let encode = |s: &str| utf8_percent_encode(s, UNRESERVED).to_string();
-    let resource = format!(
+    let mut resource = format!(
         "{}/?Action=connect&User={}",
-        target.replication_group,
+        target.cache,
         encode(&target.user_id)
     );
+    if target.serverless {
+        resource.push_str("&ResourceType=ServerlessCache");
+    }
     let url = format!("http://{resource}");
     let identity = credentials.clone().into();
     let mut settings = SigningSettings::default();
@@ -210,7 +219,7 @@ impl IamCredentials {
         }
     }
 
-    /// For the user and replication group `settings` name, in the SDK's Region, with the SDK's
+    /// For the user and cache `settings` name, in the SDK's Region, with the SDK's
     /// credentials provider (the function's role) and clock.
     pub fn from_sdk(settings: &IamSettings, sdk: &SdkConfig) -> Result<Self, IamError> {
         let region = sdk.region().ok_or(IamError::NoRegion)?;
@@ -219,7 +228,8 @@ impl IamCredentials {
             .ok_or(IamError::NoCredentialsProvider)?;
         let target = Target {
             region: region.to_string(),
-            replication_group: settings.replication_group.clone(),
+            cache: settings.cache.clone(),
+            serverless: settings.serverless,
             user_id: settings.user_id.clone(),
         };
         Ok(Self::new(
@@ -320,8 +330,17 @@ mod tests {
     fn target() -> Target {
         Target {
             region: "eu-west-1".into(),
-            replication_group: "product-cache".into(),
+            cache: "product-cache".into(),
+            serverless: false,
             user_id: "product-cache-iam".into(),
+        }
+    }
+
+    fn serverless() -> Target {
+        Target {
+            cache: "product-cache-sls".into(),
+            serverless: true,
+            ..target()
         }
     }
 
@@ -342,6 +361,8 @@ mod tests {
     const REFERENCE: &str = include_str!("../../../tests/fixtures/iam/token-session.txt");
     const REFERENCE_NO_SESSION: &str =
         include_str!("../../../tests/fixtures/iam/token-no-session.txt");
+    const REFERENCE_SERVERLESS: &str =
+        include_str!("../../../tests/fixtures/iam/token-serverless.txt");
 
     fn no_session() -> Credentials {
         Credentials::new(
@@ -362,6 +383,32 @@ mod tests {
         assert_eq!(
             token(&target(), &no_session(), at()).unwrap(),
             REFERENCE_NO_SESSION.trim()
+        );
+        assert_eq!(
+            token(&serverless(), &credentials(), at()).unwrap(),
+            REFERENCE_SERVERLESS.trim()
+        );
+    }
+
+    #[test]
+    fn a_serverless_token_names_its_resource_type_and_signs_it() {
+        let t = token(&serverless(), &credentials(), at()).unwrap();
+        assert!(
+            t.starts_with(
+                "product-cache-sls/?Action=connect&User=product-cache-iam&ResourceType=ServerlessCache&X-Amz-Algorithm=AWS4-HMAC-SHA256&"
+            ),
+            "{t}"
+        );
+        // The same cache name signed as a replication group is another token.
+        let nodes = Target {
+            serverless: false,
+            ..serverless()
+        };
+        let n = token(&nodes, &credentials(), at()).unwrap();
+        assert!(!n.contains("ResourceType"), "{n}");
+        assert_ne!(
+            t.rsplit_once("&X-Amz-Signature=").unwrap().1,
+            n.rsplit_once("&X-Amz-Signature=").unwrap().1
         );
     }
 
@@ -386,7 +433,7 @@ mod tests {
         };
         assert_ne!(base, other(region, credentials(), at()));
         let group = Target {
-            replication_group: "other".into(),
+            cache: "other".into(),
             ..target()
         };
         assert_ne!(base, other(group, credentials(), at()));
@@ -404,18 +451,24 @@ mod tests {
             eprintln!("no {python}: compared with the stored reference only");
             return;
         }
-        for (creds, with_session) in [(credentials(), true), (no_session(), false)] {
-            let t = target();
+        for (t, creds, with_session) in [
+            (target(), credentials(), true),
+            (target(), no_session(), false),
+            (serverless(), credentials(), true),
+        ] {
             let mut cmd = std::process::Command::new(&python);
             cmd.arg(&script)
                 .args(["--region", &t.region])
-                .args(["--group", &t.replication_group])
+                .args(["--group", &t.cache])
                 .args(["--user", &t.user_id])
                 .args(["--access-key", creds.access_key_id()])
                 .args(["--secret-key", creds.secret_access_key()])
                 .args(["--time", &AT.to_string()]);
             if let Some(session) = creds.session_token() {
                 cmd.args(["--session-token", session]);
+            }
+            if t.serverless {
+                cmd.arg("--serverless");
             }
             let out = cmd.output().unwrap();
             assert!(
@@ -427,7 +480,8 @@ mod tests {
             assert_eq!(
                 token(&t, &creds, at()).unwrap(),
                 botocore.trim(),
-                "session token: {with_session}"
+                "session token: {with_session}, serverless: {}",
+                t.serverless
             );
         }
     }
@@ -572,7 +626,8 @@ mod tests {
     async fn built_from_the_sdk_config_with_its_region_clock_and_credentials() {
         let settings = IamSettings {
             user_id: "product-cache-iam".into(),
-            replication_group: "product-cache".into(),
+            cache: "product-cache".into(),
+            serverless: false,
         };
         let sdk = SdkConfig::builder()
             .region(aws_config::Region::new("eu-west-1"))

@@ -85,7 +85,14 @@ impl RedisCache {
                 None => None,
             },
             tcp_keepalive: redis.tcp_keepalive,
+            serverless: redis.cache_type == crate::config::CacheType::Serverless,
         };
+        if options.serverless {
+            tracing::info!(
+                "cache: ElastiCache Serverless (no replica confirmation; positions without a \
+                 TTL; replica reads, if on, from its reader endpoint)"
+            );
+        }
         Ok(if redis.cluster {
             RedisCache::cluster(&url, options)?
         } else {

@@ -32,6 +32,9 @@ pub(crate) struct Options {
     pub tcp_keepalive: Option<Duration>,
     /// A circuit breaker per node (`node/breaker.rs`).
     pub breaker: crate::config::BreakerSettings,
+    /// ElastiCache Serverless: replica reads go to its reader endpoint as it is, and positions
+    /// live without a TTL (see `ops/mod.rs`).
+    pub serverless: bool,
 }
 
 /// How many replicas confirm a batch, and how long that may take.
@@ -68,6 +71,7 @@ impl RedisCache {
 
     fn build(url: &str, options: Options, cluster: bool) -> Result<Self, CacheError> {
         let replica_reads = cluster && options.read_from_replicas;
+        let serverless = options.serverless;
         let (connect, endpoint) = Connect::new(
             url,
             ConnectOptions {
@@ -88,6 +92,7 @@ impl RedisCache {
                 options.timeout,
                 options.connect_timeout,
                 replica_reads,
+                !serverless,
             )
         } else {
             Topology::single(endpoint, Arc::clone(&pool), Arc::clone(&breakers))
@@ -100,6 +105,7 @@ impl RedisCache {
                     timeout: options.timeout,
                     connect_timeout: options.connect_timeout,
                     guards: options.guards,
+                    serverless,
                 },
                 confirmer: Confirmer::new(options.confirm),
             }),

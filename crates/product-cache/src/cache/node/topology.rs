@@ -87,6 +87,10 @@ struct Shared {
     /// Bound on waiting for a connection the view's question goes on.
     connect_wait: Duration,
     replica_reads: bool,
+    /// Hits go only to replicas their primary reports attached and caught up (node-based);
+    /// without it, to every replica the map names (a serverless cache's reader endpoint, whose
+    /// reads AWS documents as eventually consistent, and which reports no replicas).
+    verify_readers: bool,
     view: watch::Sender<Option<Arc<View>>>,
     // A std Mutex: held for a few instructions, never across an await.
     fetch: Mutex<FetchState>,
@@ -128,6 +132,7 @@ impl Topology {
             Duration::ZERO,
             Duration::ZERO,
             false,
+            true,
         )
     }
 
@@ -139,6 +144,7 @@ impl Topology {
         timeout: Duration,
         connect_wait: Duration,
         replica_reads: bool,
+        verify_readers: bool,
     ) -> Self {
         pool.node(&endpoint);
         let topology = Self::with(
@@ -148,6 +154,7 @@ impl Topology {
             timeout,
             connect_wait,
             replica_reads,
+            verify_readers,
         );
         topology.refresh_if_due();
         topology
@@ -160,6 +167,7 @@ impl Topology {
         timeout: Duration,
         connect_wait: Duration,
         replica_reads: bool,
+        verify_readers: bool,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -169,6 +177,7 @@ impl Topology {
                 timeout,
                 connect_wait,
                 replica_reads,
+                verify_readers,
                 view: watch::Sender::new(None),
                 fetch: Mutex::default(),
             }),
@@ -198,9 +207,10 @@ impl Topology {
 
     fn cluster_router(&self, view: Arc<View>, endpoint: Addr, role: Role) -> Router {
         let fresh_readers = self.shared.replica_reads
-            && view
-                .readers_asked
-                .is_some_and(|at| at.elapsed() < READERS_MAX_AGE);
+            && (!self.shared.verify_readers
+                || view
+                    .readers_asked
+                    .is_some_and(|at| at.elapsed() < READERS_MAX_AGE));
         Router {
             at: At::Cluster {
                 view,
@@ -298,6 +308,7 @@ impl Topology {
                 Some(view) => (
                     now.duration_since(view.fetched) >= MAX_AGE || (retry && fetch.stale),
                     self.shared.replica_reads
+                        && self.shared.verify_readers
                         && view
                             .readers_asked
                             .is_none_or(|at| now.duration_since(at) >= READERS_EVERY)
@@ -338,7 +349,13 @@ impl Topology {
                 None => return false,
             },
         };
-        let (readers, readers_asked) = if self.shared.replica_reads {
+        let (readers, readers_asked) = if self.shared.replica_reads && !self.shared.verify_readers {
+            let every = map
+                .shards
+                .iter()
+                .map(|s| s.replicas.iter().map(|r| r.addr.clone()).collect());
+            (every.collect(), Some(asked))
+        } else if self.shared.replica_reads {
             let (readers, stale) = self.readers(&map).await;
             if stale {
                 self.shared

@@ -3,7 +3,7 @@
 -- cost once per group instead of once per key.
 -- KEYS: per change 4: key, lease, ver, the slot's epoch key; then, per 'set' change in order,
 -- the key its new document was staged in.
--- ARGV: use ordering (1/0), now (epoch ms, the invalidator's clock), ver ttl s, watch evictions
+-- ARGV: use ordering (1/0), now (epoch ms, the invalidator's clock), ver ttl s (0: none), watch evictions
 -- (1/0); then per change 5: 'set' or 'del', ttl s, order ('' for none), the record's creation time less the clock
 -- margin (epoch ms, '' if unknown), delete even if refused (1/0).
 -- Returns {refused, blind}: the 0-based indexes of the changes refused as older than what their
@@ -104,7 +104,13 @@ for i = 0, changes - 1 do
   if ordered then
     -- Recorded now, read back at once: one call where a GET and a SET would be two. A refused
     -- change puts the newer position back (keeping the new TTL, which only lengthens it).
-    local cur = redis.call('SET', ver, order, 'EX', math.max(ver_ttl, tonumber(ttl)), 'GET')
+    local cur
+    if ver_ttl == 0 then
+      -- No TTL: a position that lives as long as the cache (serverless, see `ops/mod.rs`).
+      cur = redis.call('SET', ver, order, 'GET')
+    else
+      cur = redis.call('SET', ver, order, 'EX', math.max(ver_ttl, tonumber(ttl)), 'GET')
+    end
     local is_newer = cur and newer(order, cur)
     if cur and is_newer == false then
       refused = true

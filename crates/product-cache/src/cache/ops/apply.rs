@@ -25,7 +25,7 @@ use crate::cache::node::Addr;
 use crate::cache::slots::slot_of;
 use crate::cache::{
     epoch_key, lease_key, staged_key, version_key, Applied, BatchError, CacheError, CacheOp,
-    OpKind, Order, UnderReplicated, VERSION_TTL,
+    OpKind, Order, UnderReplicated,
 };
 
 /// Ops per pipeline on a single node: bounds one request's size, and what a failure of it
@@ -34,6 +34,11 @@ pub(crate) const CHUNK: usize = 1000;
 
 /// How many pipelines of a batch are in flight at once.
 pub(crate) const IN_FLIGHT: usize = 64;
+
+/// Ops per call of the apply script: a call carries 7 arguments of its own (`EVALSHA`, the
+/// hash, the key count and 4 of the script's) and at most 10 per op (4 keys, 5 arguments and a
+/// staged document's key), and ElastiCache Serverless refuses a request of more than 3,999.
+const OPS_PER_CALL: usize = (3_999 - 7) / 10;
 
 /// How long a batch whose ops met a redirection waits for the new slot map before it answers.
 const REFRESH_WAIT: Duration = Duration::from_millis(1000);
@@ -89,11 +94,12 @@ pub(crate) async fn apply(
         let mut groups: Vec<Group> = Vec::new();
         for (slot, slot_ops) in by_slot {
             let node = router.node_of_slot(slot);
+            let calls = slot_ops.chunks(OPS_PER_CALL).map(<[usize]>::to_vec);
             match groups.iter_mut().find(|g| g.node == node) {
-                Some(group) => group.slots.push(slot_ops),
+                Some(group) => group.slots.extend(calls),
                 None => groups.push(Group {
                     node,
-                    slots: vec![slot_ops],
+                    slots: calls.collect(),
                 }),
             }
         }
@@ -105,7 +111,9 @@ pub(crate) async fn apply(
             .chunks(CHUNK)
             .map(|chunk| Group {
                 node: node.clone(),
-                slots: vec![chunk.to_vec()],
+                // A single node's pipeline: a call per [`OPS_PER_CALL`] ops (the scriptless
+                // deletes take the chunk whole).
+                slots: chunk.chunks(OPS_PER_CALL).map(<[usize]>::to_vec).collect(),
             })
             .collect()
     };
@@ -329,8 +337,9 @@ impl Batch<'_> {
         invocation
             .arg(flag(guards.ordering))
             .arg(self.now_ms)
-            .arg(VERSION_TTL.as_secs())
-            .arg(flag(guards.evictions));
+            .arg(self.ctx.position_ttl())
+            // On serverless positions are never evicted (no TTL), and INFO is not read.
+            .arg(flag(guards.evictions && !self.ctx.serverless));
         for op in group.iter().map(|&i| &self.ops[i]) {
             let (kind, ttl) = match &op.kind {
                 OpKind::Delete => ("del", Duration::ZERO),
@@ -378,7 +387,8 @@ impl Batch<'_> {
         let firsts: Vec<_> = admitted
             .into_iter()
             .map(|(group, admission)| {
-                let (mget, read) = deletes::read_positions(self.ops, &group.slots[0], ordering);
+                let all: Vec<usize> = group.ops().collect();
+                let (mget, read) = deletes::read_positions(self.ops, &all, ordering);
                 let request = mget.map(|mget| {
                     let mut pipe = redis::pipe();
                     pipe.add_command(mget);
@@ -426,8 +436,8 @@ impl Batch<'_> {
             .into_iter()
             .map(|(group, read)| {
                 let second = read.and_then(|(read, positions, second)| {
-                    let (mut pipe, refused) =
-                        deletes::write(self.ops, &group.slots[0], &read, positions);
+                    let all: Vec<usize> = group.ops().collect();
+                    let (mut pipe, refused) = deletes::write(self.ops, &all, &read, positions);
                     let (admission, fenced) = match second {
                         Second::Admitted(admission) => {
                             let fenced = admission.is_trial();

@@ -32,6 +32,23 @@ pub(crate) struct Ctx {
     /// Bound on forming a connection, which a batch waits for (a read bypasses instead).
     pub connect_timeout: Duration,
     pub guards: Guards,
+    /// ElastiCache Serverless. Its `maxmemory-policy` is `volatile-lru`, which evicts only keys
+    /// with a TTL, and which `INFO` fields it returns is not documented: so positions are kept
+    /// without a TTL there (never evicted, the eviction guard's job done by construction; each
+    /// costs its 165 bytes for as long as the cache lives), and the apply script does not read
+    /// `INFO`. A lost position is then only ever a data loss, which the slots' epochs cover.
+    pub serverless: bool,
+}
+
+impl Ctx {
+    /// How long a position (`{key}:ver`) lives, in seconds; 0 for no TTL (serverless).
+    pub fn position_ttl(&self) -> u64 {
+        if self.serverless {
+            0
+        } else {
+            super::VERSION_TTL.as_secs()
+        }
+    }
 }
 
 pub(crate) fn flag(on: bool) -> &'static str {

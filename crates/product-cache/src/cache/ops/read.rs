@@ -165,7 +165,10 @@ pub(crate) async fn fill(ctx: &Ctx, fill: &Fill) -> Result<bool, CacheError> {
         .arg(&fill.value)
         .arg(secs(fill.ttl))
         .arg(fill.order.as_ref().map(Order::encode).unwrap_or_default())
-        .arg(secs(VERSION_TTL.max(fill.ttl)))
+        .arg(match ctx.position_ttl() {
+            0 => 0,
+            _ => secs(VERSION_TTL.max(fill.ttl)),
+        })
         .arg(flag(ctx.guards.leases))
         .arg(flag(ctx.guards.ordering));
     let mut pipe = redis::pipe();
