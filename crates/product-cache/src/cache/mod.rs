@@ -210,7 +210,8 @@ pub struct Guards {
     /// Invalidations and versioned fills never replace newer state with older.
     pub ordering: bool,
     /// A node that evicted keys since a slot's epoch gets a new epoch: positions may be gone,
-    /// so refreshes from records created before it delete (`apply.lua`).
+    /// so refreshes from records created before it delete (`apply.lua`). On ElastiCache
+    /// Serverless, positions without a TTL, which `volatile-lru` never evicts (`ops/mod.rs`).
     pub evictions: bool,
 }
 

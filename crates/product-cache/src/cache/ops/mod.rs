@@ -41,9 +41,10 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// How long a position (`{key}:ver`) lives, in seconds; 0 for no TTL (serverless).
+    /// How long a position (`{key}:ver`) lives, in seconds; 0 for no TTL: on serverless, where
+    /// that is the eviction guard (switched off with it, for the tests that show it matters).
     pub fn position_ttl(&self) -> u64 {
-        if self.serverless {
+        if self.serverless && self.guards.evictions {
             0
         } else {
             super::VERSION_TTL.as_secs()
