@@ -1,4 +1,5 @@
-//! A Redis Cluster of `redis-server` children, optionally behind delaying proxies.
+//! A Redis Cluster of `redis-server` (or `valkey-server`) children, optionally behind delaying
+//! proxies.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -66,6 +67,17 @@ impl RedisCluster {
         replicas: usize,
         extra: &[&str],
     ) -> Result<RedisCluster, ServiceError> {
+        Self::start_engine(Engine::Redis, primaries, replicas, extra).await
+    }
+
+    /// Like [`start_with_replicas_and`](Self::start_with_replicas_and), every node running
+    /// `engine`'s server, the cluster created with its CLI.
+    pub async fn start_engine(
+        engine: Engine,
+        primaries: usize,
+        replicas: usize,
+        extra: &[&str],
+    ) -> Result<RedisCluster, ServiceError> {
         let mut args: Vec<&str> = CLUSTER_NODE_ARGS.to_vec();
         args.extend(extra);
         // Fast failure detection, and a replica's first sync without the default 5 s wait.
@@ -77,7 +89,7 @@ impl RedisCluster {
         ]);
         let mut nodes = Vec::with_capacity(primaries * (1 + replicas));
         for _ in 0..primaries * (1 + replicas) {
-            nodes.push(RedisServer::start_with(&args).await?);
+            nodes.push(RedisServer::start_engine(engine, &args).await?);
         }
         Self::create(nodes, Vec::new(), replicas).await
     }
@@ -127,7 +139,8 @@ impl RedisCluster {
         proxies: Vec<DelayProxy>,
         replicas: usize,
     ) -> Result<RedisCluster, ServiceError> {
-        let cli = find_redis_cli()?;
+        // The nodes' own CLI: valkey-cli's `--cluster create` is redis-cli's.
+        let cli = nodes[0].engine().cli()?;
         let out = Command::new(&cli)
             .args(["--cluster", "create"])
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))

@@ -1,4 +1,5 @@
-//! Child-process wrappers around `redis-server` and `moto_server`.
+//! Child-process wrappers around `redis-server` (or `valkey-server`: [`Engine`]) and
+//! `moto_server`.
 //!
 //! Each instance gets its own free port and temporary directory, so tests can
 //! run in parallel without seeing each other's data. Readiness is checked with
@@ -8,7 +9,8 @@
 //! - `redis.rs`: [`RedisServer`], and [`DelayedRedis`] behind a delaying proxy.
 //! - `cluster.rs`: [`RedisCluster`], optionally with replicas or behind proxies.
 //! - `moto.rs`: [`MotoServer`].
-//! - this file: finding the binaries, free ports, and launching a child until it answers.
+//! - this file: finding the binaries (the [`Engine`] a node runs), free ports, and launching a
+//!   child until it answers.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -31,7 +33,7 @@ mod redis;
 
 pub use cluster::{RedisCluster, Role};
 pub use moto::MotoServer;
-pub use redis::{DelayedRedis, RedisServer};
+pub use redis::{DelayedRedis, Engine, RedisServer};
 
 const SETUP_HINT: &str = "run scripts/setup.sh";
 
@@ -107,6 +109,40 @@ pub fn find_redis_server() -> Result<PathBuf, ServiceError> {
     Err(ServiceError::NotInstalled {
         what: "redis-server",
         hint: format!("{SETUP_HINT}, or set $REDIS_SERVER to its path"),
+    })
+}
+
+/// Locates valkey-server: `$VALKEY_SERVER`, else the one scripts/setup.sh links into the
+/// workspace's `.venv/bin` (the version it pins), else `valkey-server` on `PATH`.
+pub fn find_valkey_server() -> Result<PathBuf, ServiceError> {
+    if let Some(path) = from_env("VALKEY_SERVER", "valkey-server")? {
+        return Ok(path);
+    }
+    let venv = workspace_root().join(".venv/bin/valkey-server");
+    if is_executable(&venv) {
+        return Ok(venv);
+    }
+    search_path("valkey-server").ok_or_else(|| ServiceError::NotInstalled {
+        what: "valkey-server",
+        hint: format!(
+            "{SETUP_HINT} to link it into {}, or set $VALKEY_SERVER to its path",
+            venv.display()
+        ),
+    })
+}
+
+/// `valkey-cli`: `$VALKEY_CLI`, else beside the valkey-server in use, else on `PATH`.
+pub fn find_valkey_cli() -> Result<PathBuf, ServiceError> {
+    if let Some(path) = from_env("VALKEY_CLI", "valkey-cli")? {
+        return Ok(path);
+    }
+    let beside = find_valkey_server()?.with_file_name("valkey-cli");
+    if is_executable(&beside) {
+        return Ok(beside);
+    }
+    search_path("valkey-cli").ok_or_else(|| ServiceError::NotInstalled {
+        what: "valkey-cli",
+        hint: format!("{SETUP_HINT} (the pinned valkey-server comes with valkey-cli)"),
     })
 }
 

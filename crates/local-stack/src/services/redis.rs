@@ -1,4 +1,4 @@
-//! `redis-server` children: one node, and one behind a delaying proxy.
+//! `redis-server` (or `valkey-server`) children: one node, and one behind a delaying proxy.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -8,8 +8,47 @@ use tokio::process::Child;
 
 use super::*;
 
-/// A `redis-server` child process listening on a free loopback port, with
-/// persistence off and its working directory in a private temp dir.
+/// Which server a node runs. The template deploys Valkey on ElastiCache; most tests run Redis
+/// OSS (Debian's `redis-server`), and the ones that matter run on Valkey too (`valkey-server`,
+/// pinned by scripts/setup.sh). Valkey is a fork of Redis 7.2 with the same protocol, commands
+/// and configuration options, so both take the same arguments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// `redis-server`: [`find_redis_server`].
+    #[default]
+    Redis,
+    /// `valkey-server`: [`find_valkey_server`].
+    Valkey,
+}
+
+impl Engine {
+    /// The server binary.
+    pub fn server(self) -> Result<PathBuf, ServiceError> {
+        match self {
+            Engine::Redis => find_redis_server(),
+            Engine::Valkey => find_valkey_server(),
+        }
+    }
+
+    /// The CLI that comes with it (`--cluster create`).
+    pub fn cli(self) -> Result<PathBuf, ServiceError> {
+        match self {
+            Engine::Redis => find_redis_cli(),
+            Engine::Valkey => find_valkey_cli(),
+        }
+    }
+
+    /// The server binary's name, as errors and log files name it.
+    pub fn server_name(self) -> &'static str {
+        match self {
+            Engine::Redis => "redis-server",
+            Engine::Valkey => "valkey-server",
+        }
+    }
+}
+
+/// A `redis-server` (or `valkey-server`: [`Engine`]) child process listening on a free loopback
+/// port, with persistence off and its working directory in a private temp dir.
 ///
 /// The child is killed when this value is dropped and, on Linux, also when the
 /// thread that spawned it exits (`PR_SET_PDEATHSIG`), so a panicking or aborted
@@ -22,6 +61,7 @@ use super::*;
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    engine: Engine,
     binary: PathBuf,
     dir: TempDir,
     extra: Vec<String>,
@@ -36,17 +76,23 @@ impl RedisServer {
     /// Like [`start`](Self::start), with extra `redis-server` arguments (e.g.
     /// `--requirepass`, `--cluster-enabled yes`), kept for restarts.
     pub async fn start_with(extra: &[&str]) -> Result<RedisServer, ServiceError> {
+        Self::start_engine(Engine::Redis, extra).await
+    }
+
+    /// Like [`start_with`](Self::start_with), running `engine`'s server.
+    pub async fn start_engine(engine: Engine, extra: &[&str]) -> Result<RedisServer, ServiceError> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let binary = find_redis_server()?;
+        let binary = engine.server()?;
         let dir = tempfile::Builder::new().prefix("local-redis-").tempdir()?;
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            match launch_redis(&binary, dir.path(), port, &extra).await {
+            match launch_redis(engine, &binary, dir.path(), port, &extra).await {
                 Ok(child) => {
                     return Ok(RedisServer {
                         child: Some(child),
                         port,
+                        engine,
                         binary,
                         dir,
                         extra,
@@ -61,6 +107,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server it runs.
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     /// The server's process id while it runs: a test can stall it (`SIGSTOP`) as a node that
@@ -118,7 +169,8 @@ impl RedisServer {
                 // other test's `free_port` probe was handed it while it was free.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            match launch_redis(&self.binary, self.dir.path(), self.port, &self.extra).await {
+            let (engine, binary, dir) = (self.engine, &self.binary, self.dir.path());
+            match launch_redis(engine, binary, dir, self.port, &self.extra).await {
                 Ok(child) => {
                     self.child = Some(child);
                     return Ok(());
@@ -188,6 +240,7 @@ impl DelayedRedis {
 }
 
 async fn launch_redis(
+    engine: Engine,
     binary: &Path,
     dir: &Path,
     port: u16,
@@ -209,7 +262,7 @@ async fn launch_redis(
         dir.as_os_str(),
     ];
     let spec = Launch {
-        what: "redis-server",
+        what: engine.server_name(),
         binary,
         args: args
             .iter()

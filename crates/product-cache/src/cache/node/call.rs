@@ -158,9 +158,8 @@ impl Caller {
         if request.repeat == Repeat::Never || target == reply.node {
             return Ok(reply);
         }
-        // Boxed: the one level of recursion an async fn needs boxed.
         let admitted = self.admit(&target)?;
-        Box::pin(self.send_once(admitted, request, wait, budget)).await
+        self.send_once(admitted, request, wait, budget).await
     }
 
     async fn send_once(

@@ -59,17 +59,10 @@ pub(crate) async fn probe(
     if let Some(value) = get(ctx, key).await? {
         return Ok(Probe::Hit(value));
     }
-    let router = ctx
-        .caller
-        .topology
-        .router(Role::Primary, ctx.timeout)
-        .await?;
-    let node = router.node_of(key);
     let script = &scripts().probe;
-    let mut pipe = redis::pipe();
-    pipe.invoke_script(&probe_invocation(ctx, key, token, lease));
-    let reply = read_call(ctx, &node, pipe, &[script], Repeat::Safe).await?;
-    let trial = reply.trial;
+    let invocation = probe_invocation(ctx, key, token, lease);
+    let reply = on_primary(ctx, key, script, &invocation, Repeat::Safe).await?;
+    let (trial, node) = (reply.trial, reply.node.clone());
     match probe_of(only(reply)?)? {
         Probe::Hit(_) if trial => Err(CacheError::BreakerOpen(node.to_string())),
         probe => Ok(probe),
@@ -150,12 +143,6 @@ pub(crate) async fn probe_many(
 
 /// Writes the value if the lease is still held; `Ok(false)` when refused.
 pub(crate) async fn fill(ctx: &Ctx, fill: &Fill) -> Result<bool, CacheError> {
-    let router = ctx
-        .caller
-        .topology
-        .router(Role::Primary, ctx.timeout)
-        .await?;
-    let node = router.node_of(&fill.key);
     let script = &scripts().fill;
     let mut invocation = script.key(&fill.key);
     invocation
@@ -171,28 +158,36 @@ pub(crate) async fn fill(ctx: &Ctx, fill: &Fill) -> Result<bool, CacheError> {
         })
         .arg(flag(ctx.guards.leases))
         .arg(flag(ctx.guards.ordering));
-    let mut pipe = redis::pipe();
-    pipe.invoke_script(&invocation);
-    let reply = read_call(ctx, &node, pipe, &[script], Repeat::Never).await?;
+    let reply = on_primary(ctx, &fill.key, script, &invocation, Repeat::Never).await?;
     let written: u8 = value_of(only(reply)?)?;
     Ok(written == 1)
 }
 
 /// Hands back a lease this reader will not fill with, if it is still this reader's.
 pub(crate) async fn release(ctx: &Ctx, key: &str, token: &str) -> Result<(), CacheError> {
+    let script = &scripts().release;
+    let mut invocation = script.key(lease_key(key));
+    invocation.arg(token);
+    let reply = on_primary(ctx, key, script, &invocation, Repeat::Safe).await?;
+    value_of::<u8>(only(reply)?).map(drop)
+}
+
+/// One call of `script` (its `invocation`) on the primary serving `key`.
+async fn on_primary(
+    ctx: &Ctx,
+    key: &str,
+    script: &redis::Script,
+    invocation: &redis::ScriptInvocation<'_>,
+    repeat: Repeat,
+) -> Result<Reply, CacheError> {
     let router = ctx
         .caller
         .topology
         .router(Role::Primary, ctx.timeout)
         .await?;
-    let node = router.node_of(key);
-    let script = &scripts().release;
-    let mut invocation = script.key(lease_key(key));
-    invocation.arg(token);
     let mut pipe = redis::pipe();
-    pipe.invoke_script(&invocation);
-    let reply = read_call(ctx, &node, pipe, &[script], Repeat::Safe).await?;
-    value_of::<u8>(only(reply)?).map(drop)
+    pipe.invoke_script(invocation);
+    read_call(ctx, &router.node_of(key), pipe, &[script], repeat).await
 }
 
 fn probe_invocation<'a>(
