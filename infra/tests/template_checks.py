@@ -29,6 +29,17 @@ IAM_USER = "CacheIamUser"
 INSPECTOR_USER = "CacheInspectorIamUser"
 USER_GROUP = "CacheUserGroup"
 AUTH_MODES = ("token", "iam")
+# CacheType: nodes (the replication group, CACHE) or serverless (an ElastiCache Serverless
+# cache, SERVERLESS). A serverless cache takes IAM authentication only (the template's Rules
+# refuse token mode with it), so the variants deployed are these three.
+CACHE_TYPES = ("nodes", "serverless")
+SERVERLESS = "ServerlessCache"
+CACHE_OF = {"nodes": CACHE, "serverless": SERVERLESS}
+VARIANTS = (
+    {"CacheType": "nodes", "CacheAuthMode": "token"},
+    {"CacheType": "nodes", "CacheAuthMode": "iam"},
+    {"CacheType": "serverless", "CacheAuthMode": "iam"},
+)
 FUNCTION_SG = "FunctionSecurityGroup"
 EXPECTED_BINARIES = {
     READ: "read-function",
@@ -380,7 +391,7 @@ def _table_reader_problems(t: dict, function: str) -> list[str]:
             elif a.lower().startswith("dynamodb:") and a not in allowed:
                 problems.append(f"{role}: {function} must not have {a}")
             elif a == "elasticache:Connect":
-                problems += _connect_problems(role, s, CACHE_USER_OF[function])
+                problems += _connect_problems_per_type(t, role, s, CACHE_USER_OF[function])
             elif not a.lower().startswith("dynamodb:") and a != "secretsmanager:GetSecretValue":
                 problems.append(f"{role}: unexpected action {a}")
         reads = allowed & set(acts)
@@ -460,7 +471,7 @@ def check_invalidator_policies(t: dict) -> list[str]:
                 if [r for r in as_list(s.get("Resource")) if not is_ref(r, SECRET)]:
                     problems.append(f"{role}: GetSecretValue beyond {SECRET}")
             elif a == "elasticache:Connect":
-                problems += _connect_problems(role, s)
+                problems += _connect_problems_per_type(t, role, s)
             else:
                 problems.append(f"{role}: unexpected action {a}")
     granted = {a for s in statements for a in actions_of(s)}
@@ -473,24 +484,46 @@ def check_invalidator_policies(t: dict) -> list[str]:
 REPLICATION_GROUP_ARN = (
     "arn:${AWS::Partition}:elasticache:${AWS::Region}:${AWS::AccountId}:replicationgroup:${%s}" % CACHE
 )
+# A serverless cache's ARN has its own resource type; IAM tokens for it are granted on it.
+SERVERLESS_CACHE_ARN = (
+    "arn:${AWS::Partition}:elasticache:${AWS::Region}:${AWS::AccountId}:serverlesscache:${%s}" % SERVERLESS
+)
+CACHE_ARN_OF = {"nodes": REPLICATION_GROUP_ARN, "serverless": SERVERLESS_CACHE_ARN}
 
 
-def _is_connect_resource(r: Any, user: str) -> bool:
-    """The replication group's ARN, or the IAM user's."""
-    return (isinstance(r, dict) and r.get("Fn::Sub") == REPLICATION_GROUP_ARN) or is_getatt(r, user, "Arn")
+def _is_connect_resource(r: Any, user: str, cache_type: str = "nodes") -> bool:
+    """The deployed cache's ARN (the replication group's, or the serverless cache's), or the IAM
+    user's."""
+    return (isinstance(r, dict) and r.get("Fn::Sub") == CACHE_ARN_OF[cache_type]) or is_getatt(r, user, "Arn")
 
 
-def _connect_problems(role: str, statement: dict, user: str = IAM_USER) -> list[str]:
-    """elasticache:Connect only on this stack's replication group and the function's own IAM
-    user, both."""
+def _connect_problems(role: str, statement: dict, user: str = IAM_USER, cache_type: str = "nodes") -> list[str]:
+    """elasticache:Connect only on this stack's cache of the type deployed and the function's own
+    IAM user, both. The statement as deployed: its !If on the cache type resolved."""
     resources_ = as_list(statement.get("Resource"))
-    problems = [f"{role}: elasticache:Connect on {r!r}" for r in resources_ if not _is_connect_resource(r, user)]
+    problems = [
+        f"{role}: elasticache:Connect on {r!r}" for r in resources_ if not _is_connect_resource(r, user, cache_type)
+    ]
+    what = {"nodes": "the replication group", "serverless": "the serverless cache"}[cache_type]
     if not any(is_getatt(r, user, "Arn") for r in resources_) or not any(
-        isinstance(r, dict) and r.get("Fn::Sub") == REPLICATION_GROUP_ARN for r in resources_
+        isinstance(r, dict) and r.get("Fn::Sub") == CACHE_ARN_OF[cache_type] for r in resources_
     ):
-        problems.append(f"{role}: elasticache:Connect needs both the replication group and {user}")
+        problems.append(f"{role}: elasticache:Connect needs both {what} and {user}")
     if set(actions_of(statement)) != {"elasticache:Connect"}:
         problems.append(f"{role}: elasticache:Connect must stand alone in its statement")
+    return problems
+
+
+def _connect_problems_per_type(t: dict, role: str, statement: dict, user: str = IAM_USER) -> list[str]:
+    """_connect_problems for each cache type, the statement's !If on the type resolved (with
+    CacheType serverless only the serverless cache, never the replication group, and the other
+    way round)."""
+    problems = []
+    for cache_type in CACHE_TYPES:
+        deployed_statement = resolve_ifs(t, statement, {"CacheType": cache_type, "CacheAuthMode": "iam"})
+        problems += [
+            f"CacheType={cache_type}: {p_}" for p_ in _connect_problems(role, deployed_statement, user, cache_type)
+        ]
     return problems
 
 
@@ -587,9 +620,23 @@ def _sg_rules(t: dict) -> Iterator[tuple[str, str, dict]]:
         yield name, "egress", r.get("Properties", {})
 
 
+def _rule_target(t: dict, name: str, rule: dict) -> str | None:
+    """The security group a rule belongs to: the group it is inline in, or a standalone rule's
+    GroupId."""
+    if name in resources(t, "AWS::EC2::SecurityGroup"):
+        return name
+    group = rule.get("GroupId")
+    return group["Ref"] if isinstance(group, dict) and isinstance(group.get("Ref"), str) else None
+
+
+# The cache's ports: 6379, and with a serverless cache its reader endpoint on 6380.
+CACHE_PORTS = {"nodes": {6379}, "serverless": {6379, 6380}}
+
+
 def check_security_groups(t: dict) -> list[str]:
     """No rule open to the internet; every group replaces the default allow-all egress; the
-    functions accept nothing; the cache accepts 6379 from the functions only."""
+    functions accept nothing; the cache accepts 6379 from the functions only (a serverless
+    cache 6379 and its reader endpoint's 6380), and the functions can reach those ports."""
     problems = []
     for name, direction, rule in _sg_rules(t):
         if rule.get("CidrIp") == "0.0.0.0/0" or rule.get("CidrIpv6") == "::/0":
@@ -600,18 +647,34 @@ def check_security_groups(t: dict) -> list[str]:
                 f"{name} lists no SecurityGroupEgress, so it keeps the default allow-all egress to 0.0.0.0/0"
             )
     for name, direction, rule in _sg_rules(t):
-        target = name if name in resources(t, "AWS::EC2::SecurityGroup") else None
-        if target is None and is_ref(rule.get("GroupId"), FUNCTION_SG):
-            target = FUNCTION_SG
-        if target == FUNCTION_SG and direction == "ingress":
+        if _rule_target(t, name, rule) == FUNCTION_SG and direction == "ingress":
             problems.append(f"{FUNCTION_SG} must accept no connections: {rule}")
-        if target == "CacheSecurityGroup" and direction == "ingress":
-            if not (
-                rule.get("FromPort") == 6379
-                and rule.get("ToPort") == 6379
-                and is_ref(rule.get("SourceSecurityGroupId"), FUNCTION_SG)
-            ):
-                problems.append(f"CacheSecurityGroup ingress beyond 6379 from the functions: {rule}")
+    for cache_type in CACHE_TYPES:
+        d = deployed(t, {"CacheType": cache_type, "CacheAuthMode": "iam"})
+        ports = CACHE_PORTS[cache_type]
+        opened: dict[str, set] = {"ingress": set(), "egress": set()}
+        for name, direction, rule in _sg_rules(d):
+            target = _rule_target(d, name, rule)
+            if target == "CacheSecurityGroup" and direction == "ingress":
+                if not (
+                    rule.get("FromPort") == rule.get("ToPort")
+                    and rule.get("FromPort") in ports
+                    and is_ref(rule.get("SourceSecurityGroupId"), FUNCTION_SG)
+                ):
+                    problems.append(
+                        f"CacheType={cache_type}: CacheSecurityGroup ingress beyond {sorted(ports)} from the functions: {rule}"
+                    )
+                else:
+                    opened["ingress"].add(rule["FromPort"])
+            if target == FUNCTION_SG and direction == "egress" and is_ref(
+                rule.get("DestinationSecurityGroupId"), "CacheSecurityGroup"
+            ) and rule.get("FromPort") == rule.get("ToPort"):
+                opened["egress"].add(rule.get("FromPort"))
+        for direction, got in opened.items():
+            if ports - got:
+                problems.append(
+                    f"CacheType={cache_type}: no {direction} on {sorted(ports - got)} between the functions and the cache"
+                )
     return problems
 
 
@@ -777,6 +840,26 @@ def check_conditional_references(t: dict) -> list[str]:
                     out |= implied(part["Condition"])
         return frozenset(out)
 
+    def negated(c: str) -> frozenset:
+        # Where `Equals [Ref P, v]` is false, `Equals [Ref P, w]` holds if P allows only v and w
+        # (CacheType nodes | serverless, CacheAuthMode token | iam): the no-branch of an !If on
+        # one is the other's yes-branch.
+        node = conditions.get(canon(c))
+        if not (isinstance(node, dict) and set(node) == {"Fn::Equals"}):
+            return frozenset()
+        a, v = node["Fn::Equals"]
+        if not (is_ref_to_parameter(t, a) and isinstance(v, str)):
+            return frozenset()
+        allowed = [str(x) for x in t["Parameters"][a["Ref"]].get("AllowedValues", [])]
+        if len(allowed) != 2 or v not in allowed:
+            return frozenset()
+        (other,) = [x for x in allowed if x != v]
+        return frozenset(
+            name for name, n in conditions.items()
+            if isinstance(n, dict) and set(n) == {"Fn::Equals"} and n["Fn::Equals"][0] == a
+            and str(n["Fn::Equals"][1]) == other
+        )
+
     conditional = {
         n: canon(r["Condition"]) for n, r in resources(t).items() if isinstance(r.get("Condition"), str)
     }
@@ -787,9 +870,19 @@ def check_conditional_references(t: dict) -> list[str]:
             if "Fn::If" in node and isinstance(node["Fn::If"], list) and len(node["Fn::If"]) == 3:
                 cond, yes, no = node["Fn::If"]
                 visit(yes, holds | implied(cond), where)
-                visit(no, holds, where)
+                visit(no, holds | negated(cond), where)
                 return
-            for name in referenced_names({k: v for k, v in node.items() if k in ("Ref", "Fn::GetAtt", "Fn::Sub")}):
+            direct = {k: v for k, v in node.items() if k in ("Ref", "Fn::GetAtt")}
+            sub = node.get("Fn::Sub")
+            if isinstance(sub, list) and len(sub) == 2 and isinstance(sub[1], dict):
+                # The text's own names; its variables' values are visited below, each under the
+                # conditions of the !If it sits in.
+                direct["Fn::Sub"] = sub[0]
+                local = set(sub[1])
+            else:
+                direct["Fn::Sub"] = sub
+                local = set()
+            for name in referenced_names(direct) - local:
                 need = conditional.get(name)
                 if need and need not in holds:
                     problems.append(f"{where} refers to {name} (only created if {need}) outside !If {need}")
@@ -815,25 +908,68 @@ def check_conditional_references(t: dict) -> list[str]:
     return problems
 
 
+def _param_value(t: dict, value: Any, params: dict[str, str]) -> Any:
+    """A !Ref to a parameter as its value for these parameters (else its default); anything
+    else as it is."""
+    if is_ref_to_parameter(t, value):
+        name = value["Ref"]
+        return str(params.get(name, t["Parameters"][name].get("Default", "")))
+    return value
+
+
+# What the functions' REDIS_URL must be for each cache type: rediss:// (TLS) to the replication
+# group's configuration endpoint, or to the serverless cache's endpoint (always TLS there).
+REDIS_URL_OF = {
+    "nodes": f"rediss://${{{CACHE}.ConfigurationEndPoint.Address}}:${{{CACHE}.ConfigurationEndPoint.Port}}",
+    "serverless": f"rediss://${{{SERVERLESS}.Endpoint.Address}}:${{{SERVERLESS}.Endpoint.Port}}",
+}
+
+
 def check_environment(t: dict) -> list[str]:
-    """The functions get the cluster's TLS URL, the secret's ARN, and agree with the table on the key."""
+    """The functions get the deployed cache's TLS URL and type, the secret's ARN, and agree with
+    the table on the key; the invalidator confirms its batches on every replica of a
+    replication group, and on none with a serverless cache (it has no WAIT and refuses more)."""
     problems = []
+    for cache_type in CACHE_TYPES:
+        params = {"CacheType": cache_type}
+        if cache_type == "serverless":
+            params["CacheAuthMode"] = "iam"
+        d = deployed(t, params)
+        where = f"CacheType={cache_type}"
+        for name in EXPECTED_BINARIES:
+            env = props(d, name).get("Environment", {}).get("Variables", {})
+            url = env.get("REDIS_URL", {})
+            if not (isinstance(url, dict) and url.get("Fn::Sub") == REDIS_URL_OF[cache_type]):
+                problems.append(
+                    f"{where}: {name}: REDIS_URL must be {REDIS_URL_OF[cache_type]!r} (TLS, the cache's endpoint)"
+                )
+            if env.get("REDIS_CLUSTER") != "true":
+                problems.append(f"{where}: {name}: REDIS_CLUSTER must be 'true' (cluster mode)")
+            if _param_value(t, env.get("REDIS_CACHE_TYPE"), params) != cache_type:
+                problems.append(
+                    f"{where}: {name}: REDIS_CACHE_TYPE must be {cache_type!r}, is {env.get('REDIS_CACHE_TYPE')!r}"
+                )
+            if not is_ref(env.get("KEY_ATTRIBUTE"), "KeyAttributeName"):
+                problems.append(f"{where}: {name}: KEY_ATTRIBUTE must be the table's key (KeyAttributeName)")
+            if "VERSION_ATTRIBUTE" not in env:
+                problems.append(f"{where}: {name}: VERSION_ATTRIBUTE must reach both functions (they must agree)")
+        inv_env = props(d, INVALIDATOR).get("Environment", {}).get("Variables", {})
+        confirm = inv_env.get("REDIS_CONFIRM_REPLICAS")
+        if cache_type == "nodes" and not is_ref(confirm, "CacheReplicasPerShard"):
+            problems.append(
+                f"{where}: {INVALIDATOR}: REDIS_CONFIRM_REPLICAS must be !Ref CacheReplicasPerShard (a failover "
+                "could lose acknowledged invalidations, and replica reads would serve them)"
+            )
+        if cache_type == "serverless" and str(confirm) != "0":
+            problems.append(
+                f"{where}: {INVALIDATOR}: REDIS_CONFIRM_REPLICAS must be 0, is {confirm!r} (a serverless "
+                "cache has no WAIT: the invalidator refuses to start with more)"
+            )
     for name in EXPECTED_BINARIES:
         env = props(t, name).get("Environment", {}).get("Variables", {})
-        url = env.get("REDIS_URL", {})
-        if not (isinstance(url, dict) and str(url.get("Fn::Sub", "")).startswith(
-            f"rediss://${{{CACHE}.ConfigurationEndPoint.Address}}"
-        )):
-            problems.append(f"{name}: REDIS_URL must be rediss:// to the cache's configuration endpoint")
-        if env.get("REDIS_CLUSTER") != "true":
-            problems.append(f"{name}: REDIS_CLUSTER must be 'true' (cluster mode)")
         token_env = resolve_ifs(t, env, {"CacheAuthMode": "token"})
         if not is_ref(token_env.get("REDIS_AUTH_SECRET_ARN"), SECRET):
             problems.append(f"{name}: REDIS_AUTH_SECRET_ARN must be !Ref {SECRET} (token mode)")
-        if not is_ref(env.get("KEY_ATTRIBUTE"), "KeyAttributeName"):
-            problems.append(f"{name}: KEY_ATTRIBUTE must be the table's key (KeyAttributeName)")
-        if "VERSION_ATTRIBUTE" not in env:
-            problems.append(f"{name}: VERSION_ATTRIBUTE must reach both functions (they must agree)")
     read_env = props(t, READ).get("Environment", {}).get("Variables", {})
     table_name = read_env.get("TABLE_NAME", {})
     if not (isinstance(table_name, dict) and "Fn::If" in table_name
@@ -841,12 +977,6 @@ def check_environment(t: dict) -> list[str]:
         problems.append(f"{READ}: TABLE_NAME must be !If [CreateTable, {TABLE}, ExistingTableName]")
     if read_env.get("CONSISTENT_READ") not in (None, "true"):
         problems.append(f"{READ}: CONSISTENT_READ false breaks invariant 1 (README)")
-    inv_env = props(t, INVALIDATOR).get("Environment", {}).get("Variables", {})
-    if not is_ref(inv_env.get("REDIS_CONFIRM_REPLICAS"), "CacheReplicasPerShard"):
-        problems.append(
-            f"{INVALIDATOR}: REDIS_CONFIRM_REPLICAS must be !Ref CacheReplicasPerShard (a failover "
-            "could lose acknowledged invalidations, and replica reads would serve them)"
-        )
     return problems
 
 
@@ -945,7 +1075,8 @@ def resolve_ifs(t: dict, node: Any, params: dict[str, str]) -> Any:
 
 def check_cache_alarm_topology(t: dict) -> list[str]:
     """For every topology the parameters allow, each cache alarm watches exactly the nodes that
-    exist: a missing node goes unwatched, a node that does not exist keeps the alarm guessing."""
+    exist: a missing node goes unwatched, a node that does not exist keeps the alarm guessing.
+    The alarms of a replication group (CacheType nodes); check_serverless_alarms has the others."""
     problems = []
     shard_values = t["Parameters"]["CacheShards"].get("AllowedValues", [])
     replica_values = t["Parameters"]["CacheReplicasPerShard"].get("AllowedValues", [])
@@ -953,6 +1084,9 @@ def check_cache_alarm_topology(t: dict) -> list[str]:
         return ["CacheShards and CacheReplicasPerShard must be bounded by AllowedValues"]
     for name, alarm in resources(t, "AWS::CloudWatch::Alarm").items():
         if "AWS/ElastiCache" not in json.dumps(alarm):
+            continue
+        condition = alarm.get("Condition")
+        if isinstance(condition, str) and not evaluate_condition(t, condition, {"CacheType": "nodes"}):
             continue
         for shards in shard_values:
             for replicas in replica_values:
@@ -991,12 +1125,213 @@ def check_function_sizing(t: dict) -> list[str]:
 
 
 def check_outputs(t: dict) -> list[str]:
-    want = {
-        "ApiUrl", "TableName", "TableStreamArn", "CacheConfigurationEndpoint",
-        "StreamFailureQueueUrl", "StreamFailureQueueArn",
+    """The outputs operators and scripts read, for either cache type: CacheEndpoint names the
+    cache deployed (CacheConfigurationEndpoint, its earlier name, stays with a replication
+    group)."""
+    problems = []
+    for cache_type in CACHE_TYPES:
+        d = deployed(t, {"CacheType": cache_type, "CacheAuthMode": "iam"})
+        want = {"ApiUrl", "TableName", "TableStreamArn", "CacheEndpoint", "StreamFailureQueueUrl", "StreamFailureQueueArn"}
+        if cache_type == "nodes":
+            want.add("CacheConfigurationEndpoint")
+        missing = want - set(d.get("Outputs", {}))
+        if missing:
+            problems.append(f"CacheType={cache_type}: missing outputs {sorted(missing)}")
+        endpoint = d.get("Outputs", {}).get("CacheEndpoint", {}).get("Value")
+        if endpoint is not None and CACHE_OF[cache_type] not in referenced_names(endpoint):
+            problems.append(f"CacheType={cache_type}: output CacheEndpoint does not name {CACHE_OF[cache_type]}")
+    return problems
+
+
+def check_serverless_requires_iam(t: dict) -> list[str]:
+    """CacheType nodes is the default (existing stacks unchanged), and a Rule refuses CacheType
+    serverless without CacheAuthMode iam: a serverless cache has no AUTH token, and this stack's
+    cache users are IAM users."""
+    param = t.get("Parameters", {}).get("CacheType", {})
+    if set(param.get("AllowedValues", [])) != set(CACHE_TYPES) or param.get("Default") != "nodes":
+        return ["parameter CacheType must allow nodes and serverless, default nodes"]
+
+    def refused(params: dict[str, str]) -> bool:
+        for rule in (t.get("Rules") or {}).values():
+            cond = rule.get("RuleCondition")
+            if cond is not None and not evaluate_condition(t, cond, params):
+                continue
+            for a in as_list(rule.get("Assertions")):
+                try:
+                    if not evaluate_condition(t, a.get("Assert"), params):
+                        return True
+                except (ValueError, KeyError):
+                    continue
+        return False
+
+    problems = []
+    if not refused({"CacheType": "serverless", "CacheAuthMode": "token"}):
+        problems.append("no Rule refuses CacheType serverless with CacheAuthMode token")
+    for variant in VARIANTS:
+        if refused(variant):
+            problems.append(f"the Rules refuse {variant}, a variant the stack supports")
+    return problems
+
+
+def check_serverless_cache(t: dict) -> list[str]:
+    """CacheType serverless creates an ElastiCache Serverless cache (Valkey 8) instead of the
+    replication group and what only it has: in the private subnets and the cache's security
+    group, on the IAM user group, within usage limits from the parameters, without snapshots
+    (derived data) and under the AWS managed key. CacheType nodes creates no serverless cache."""
+    problems = []
+    nodes = deployed(t, {"CacheType": "nodes"})["Resources"]
+    if SERVERLESS in nodes or CACHE not in nodes:
+        problems.append(f"CacheType=nodes must create {CACHE} and no {SERVERLESS}")
+    d = deployed(t, {"CacheType": "serverless", "CacheAuthMode": "iam"})
+    res = d["Resources"]
+    only_nodes = sorted(
+        n for n, r in res.items()
+        if r["Type"] in ("AWS::ElastiCache::ReplicationGroup", "AWS::ElastiCache::ParameterGroup",
+                         "AWS::ElastiCache::SubnetGroup", "AWS::ElastiCache::CacheCluster")
+    )
+    if only_nodes:
+        problems.append(f"CacheType=serverless still creates {only_nodes}")
+    caches = [n for n, r in res.items() if r["Type"] == "AWS::ElastiCache::ServerlessCache"]
+    if caches != [SERVERLESS]:
+        return problems + [f"CacheType=serverless must create exactly {SERVERLESS}, creates {caches}"]
+    p = props(d, SERVERLESS)
+    where = f"CacheType=serverless: {SERVERLESS}"
+    if p.get("Engine") != "valkey" or str(p.get("MajorEngineVersion")) != "8":
+        problems.append(f"{where} must be valkey 8, is {p.get('Engine')!r} {p.get('MajorEngineVersion')!r}")
+    # Its name is the replication group id's parameter: what the ARN in the roles, the
+    # functions' REDIS_IAM_CACHE_NAME and the alarms' clusterId resolve to.
+    if not is_ref(p.get("ServerlessCacheName"), "CacheReplicationGroupId"):
+        problems.append(f"{where}.ServerlessCacheName must be !Ref CacheReplicationGroupId")
+    if as_list(p.get("SecurityGroupIds")) != [{"Ref": "CacheSecurityGroup"}]:
+        problems.append(f"{where}.SecurityGroupIds must be [!Ref CacheSecurityGroup]")
+    subnets = props(t, "CacheSubnetGroup").get("SubnetIds")
+    if not subnets or p.get("SubnetIds") != resolve_ifs(t, subnets, {"CacheType": "serverless"}):
+        problems.append(f"{where}.SubnetIds must be the private subnets, as the subnet group's")
+    if not is_ref(p.get("UserGroupId"), USER_GROUP):
+        problems.append(f"{where}.UserGroupId must be !Ref {USER_GROUP} (IAM users, disabled default)")
+    limits = p.get("CacheUsageLimits", {})
+    storage, ecpu = limits.get("DataStorage", {}), limits.get("ECPUPerSecond", {})
+    if not (is_ref(storage.get("Maximum"), "ServerlessMaxDataStorageGb") and storage.get("Unit") == "GB"):
+        problems.append(f"{where}: DataStorage must be {{Maximum: !Ref ServerlessMaxDataStorageGb, Unit: GB}}")
+    if not is_ref(ecpu.get("Maximum"), "ServerlessMaxEcpuPerSecond"):
+        problems.append(f"{where}: ECPUPerSecond.Maximum must be !Ref ServerlessMaxEcpuPerSecond")
+    # AWS's limits for the two: 1 to 5,000 GB, 1,000 to 15,000,000 ECPU/s.
+    for name, low, high in (("ServerlessMaxDataStorageGb", 1, 5000), ("ServerlessMaxEcpuPerSecond", 1000, 15_000_000)):
+        b = bounds(t, {"Ref": name}) if name in t.get("Parameters", {}) else None
+        if b is None or b[0] < low or b[1] > high:
+            problems.append(f"parameter {name} must stay within {low}..{high}, is {b}")
+    if str(p.get("SnapshotRetentionLimit")) != "0":
+        problems.append(f"{where}.SnapshotRetentionLimit must be 0: the cache is derived data")
+    if "DailySnapshotTime" in p and str(p.get("SnapshotRetentionLimit")) == "0":
+        problems.append(f"{where}.DailySnapshotTime without snapshots")
+    if "KmsKeyId" in p:
+        problems.append(f"{where}.KmsKeyId: the AWS managed key, as the replication group")
+    if not p.get("Description"):
+        problems.append(f"{where} needs a Description")
+    read_replicas = str(t["Parameters"].get("CacheReadFromReplicas", {}).get("Description", ""))
+    if "reader endpoint" not in read_replicas:
+        problems.append("CacheReadFromReplicas must say that with a serverless cache it reads from the reader endpoint")
+    return problems
+
+
+# The alarms a serverless cache needs (metric -> statistic), on its own metrics: dimension
+# clusterId = its name.
+SERVERLESS_ALARMS = {
+    "ThrottledCmds": "Sum",
+    "ElastiCacheProcessingUnits": "Sum",
+    "BytesUsedForCache": "Maximum",
+    "Evictions": "Sum",
+    "SuccessfulReadRequestLatency": "p99",
+    "SuccessfulWriteRequestLatency": "p99",
+}
+
+
+def check_serverless_alarms(t: dict) -> list[str]:
+    """With CacheType serverless: an alarm on each of the serverless cache's metrics above (by
+    its clusterId), each with a description of what it means and what to do, and thresholds
+    that fire where infra/README.md says (any throttled command, 80 % of the ECPU/s and storage
+    limits, any eviction, p99 latency over a quarter of REDIS_TIMEOUT_MS); none of the node
+    alarms (they would watch nodes that do not exist). With CacheType nodes, none of these."""
+    problems = []
+    d = deployed(t, {"CacheType": "serverless", "CacheAuthMode": "iam"})
+    found: dict[str, list[tuple[str, dict]]] = {}
+    for name, a in resources(d, "AWS::CloudWatch::Alarm").items():
+        p = a["Properties"]
+        text = json.dumps(p)
+        if CACHE in referenced_names(p) or "CacheClusterId" in text:
+            problems.append(f"CacheType=serverless: {name} watches the replication group's nodes")
+        if "BatchesUnderReplicated" in text:
+            problems.append(f"CacheType=serverless: {name} on BatchesUnderReplicated: nothing confirms replicas there")
+        watched = [p] + list(_math_metrics(p).values()) if "MetricName" in p else list(_math_metrics(p).values())
+        stats = {m["Id"]: m["MetricStat"].get("Stat") for m in as_list(p.get("Metrics")) if isinstance(m, dict) and "MetricStat" in m}
+        for m in watched:
+            if m.get("Namespace") != "AWS/ElastiCache":
+                continue
+            dims = {x.get("Name"): x.get("Value") for x in as_list(m.get("Dimensions"))}
+            if dims != {"clusterId": {"Ref": SERVERLESS}}:
+                problems.append(f"CacheType=serverless: {name} watches {m.get('MetricName')} by {dims}, not clusterId = {SERVERLESS}")
+                continue
+            stat = p.get("Statistic") or p.get("ExtendedStatistic") if m is p else next(
+                (stats[i] for i, mm in _math_metrics(p).items() if mm is m), None)
+            found.setdefault(m.get("MetricName"), []).append((name, {**p, "_stat": stat}))
+    for metric, stat in SERVERLESS_ALARMS.items():
+        alarms = found.get(metric, [])
+        if not alarms:
+            problems.append(f"CacheType=serverless: no alarm on the serverless cache's {metric}")
+        for name, p in alarms:
+            if p["_stat"] != stat:
+                problems.append(f"{name}: {metric} by {p['_stat']!r}, must be {stat!r}")
+            if len(str(p.get("AlarmDescription", ""))) < 120:
+                problems.append(f"{name} must describe what it means and what to do")
+            # As every alarm: AlarmTopicArn when it is set (!If HasAlarmTopic).
+            actions = props(t, name).get("AlarmActions")
+            if resolve_ifs(t, actions, {"AlarmTopicArn": "arn:aws:sns:x"}) != [{"Ref": "AlarmTopicArn"}]:
+                problems.append(f"{name} does not notify AlarmTopicArn")
+    problems += _serverless_thresholds(t, found)
+    nodes = deployed(t, {"CacheType": "nodes"})
+    for name, a in resources(nodes, "AWS::CloudWatch::Alarm").items():
+        if SERVERLESS in referenced_names(a["Properties"]):
+            problems.append(f"CacheType=nodes: {name} watches the serverless cache")
+    return problems
+
+
+def _serverless_thresholds(t: dict, found: dict[str, list[tuple[str, dict]]]) -> list[str]:
+    """Where each serverless alarm fires, on sample values (its metric math evaluated with the
+    parameters' defaults)."""
+    params = t["Parameters"]
+    limit_ecpu = float(params.get("ServerlessMaxEcpuPerSecond", {}).get("Default", 0) or 0)
+    limit_gb = float(params.get("ServerlessMaxDataStorageGb", {}).get("Default", 0) or 0)
+    timeout_ms = float(params.get("RedisTimeoutMs", {}).get("Default", 0) or 0)
+    # metric -> [(its value for one period, must breach)]
+    samples = {
+        "ThrottledCmds": [(1, True), (0, False)],
+        "Evictions": [(1, True), (0, False)],
+        # ECPUs consumed in a minute: 85 % and 75 % of the limit's per-second rate.
+        "ElastiCacheProcessingUnits": [(0.85 * limit_ecpu * 60, True), (0.75 * limit_ecpu * 60, False)],
+        "BytesUsedForCache": [(0.85 * limit_gb * 1e9, True), (0.75 * limit_gb * 1e9, False)],
+        # Microseconds: 30 % and 20 % of REDIS_TIMEOUT_MS.
+        "SuccessfulReadRequestLatency": [(0.30 * timeout_ms * 1000, True), (0.20 * timeout_ms * 1000, False)],
+        "SuccessfulWriteRequestLatency": [(0.30 * timeout_ms * 1000, True), (0.20 * timeout_ms * 1000, False)],
     }
-    missing = want - set(t.get("Outputs", {}))
-    return [f"missing outputs {sorted(missing)}"] if missing else []
+    problems = []
+    for metric, cases in samples.items():
+        for name, p in found.get(metric, []):
+            rendered = render(t, {k: v for k, v in p.items() if k != "_stat"})
+            for value, want in cases:
+                try:
+                    if "MetricName" in rendered:
+                        got = _breaches(rendered, value)
+                    else:
+                        ids = {i: value for i in _math_metrics(rendered)}
+                        got = _breaches(rendered, _math_value(rendered, ids))
+                except (ValueError, KeyError, TypeError, NameError, ZeroDivisionError) as e:
+                    problems.append(f"{name}: cannot evaluate ({e})")
+                    break
+                if got != want:
+                    problems.append(f"{name} {'does not fire' if want else 'fires'} at {metric} = {value:g}")
+            if p.get("TreatMissingData") == "breaching":
+                problems.append(f"{name}: missing data must not breach (a quiet cache publishes little)")
+    return problems
 
 
 def deployed(t: dict, params: dict[str, str]) -> dict:
@@ -1049,15 +1384,19 @@ def check_auth_modes(t: dict) -> list[str]:
     authentication. iam: an IAM-enabled user with the functions' ACL in a user group whose only
     other member is a disabled default user, the replication group on that group without an AUTH
     token, elasticache:Connect on the replication group and the user (nothing wider) in both
-    roles, the functions told the user and the group, and no secret, endpoint or grant for one."""
+    roles, the functions told the user and the group, and no secret, endpoint or grant for one.
+    With CacheType serverless (iam only, check_serverless_requires_iam) the same users and group
+    on the serverless cache, and Connect on it instead of the replication group."""
     param = t.get("Parameters", {}).get("CacheAuthMode", {})
     if set(param.get("AllowedValues", [])) != set(AUTH_MODES) or param.get("Default") != "token":
         return ["parameter CacheAuthMode must allow token and iam, default token"]
     problems = []
-    for mode in AUTH_MODES:
-        d = deployed(t, {"CacheAuthMode": mode})
+    for variant in VARIANTS:
+        mode, cache_type = variant["CacheAuthMode"], variant["CacheType"]
+        d = deployed(t, variant)
         res = d["Resources"]
-        cache = props(d, CACHE)
+        cache_name = CACHE_OF[cache_type]
+        cache = props(d, cache_name)
         users = {n: r.get("Properties", {}) for n, r in res.items() if r["Type"] == "AWS::ElastiCache::User"}
         groups = {n: r.get("Properties", {}) for n, r in res.items() if r["Type"] == "AWS::ElastiCache::UserGroup"}
         secrets = [n for n, r in res.items() if r["Type"] == "AWS::SecretsManager::Secret"]
@@ -1071,7 +1410,11 @@ def check_auth_modes(t: dict) -> list[str]:
             grants[fn] = statements
         envs = {fn: props(d, fn).get("Environment", {}).get("Variables", {}) for fn in EXPECTED_BINARIES}
         acts = lambda fn: {a for s_ in grants[fn] for a in actions_of(s_)}  # noqa: E731
-        where = f"CacheAuthMode={mode}"
+        where = f"CacheAuthMode={mode}" + (f", CacheType={cache_type}" if cache_type != "nodes" else "")
+        if not cache:
+            problems.append(f"{where}: no {cache_name}")
+            continue
+        iam_variables = {"REDIS_IAM_USER", "REDIS_IAM_CACHE_NAME", "REDIS_IAM_REPLICATION_GROUP"}
         if mode == "token":
             if "UserGroupIds" in cache:
                 problems.append(f"{where}: {CACHE} must not use a user group")
@@ -1080,13 +1423,15 @@ def check_auth_modes(t: dict) -> list[str]:
             for fn in EXPECTED_BINARIES:
                 if [a for a in acts(fn) if a.lower().startswith("elasticache:")]:
                     problems.append(f"{where}: {fn} may use elasticache actions")
-                if {"REDIS_IAM_USER", "REDIS_IAM_REPLICATION_GROUP"} & set(envs[fn]):
+                if iam_variables & set(envs[fn]):
                     problems.append(f"{where}: {fn} is given REDIS_IAM_* variables")
             continue
         # ---- iam mode
         if "AuthToken" in cache:
-            problems.append(f"{where}: {CACHE} keeps an AuthToken")
-        if cache.get("TransitEncryptionEnabled") is not True:
+            problems.append(f"{where}: {cache_name} keeps an AuthToken")
+        # A serverless cache is always TLS (it has no such property; check_environment checks
+        # the functions connect with rediss://).
+        if cache_type == "nodes" and cache.get("TransitEncryptionEnabled") is not True:
             problems.append(f"{where}: IAM authentication needs TLS")
         if secrets or sm_endpoints:
             problems.append(f"{where}: still creates {secrets + sm_endpoints}")
@@ -1096,9 +1441,12 @@ def check_auth_modes(t: dict) -> list[str]:
         ]
         if https_in_vpc:
             problems.append(f"{where}: no endpoint needs {https_in_vpc} (443 inside the VPC)")
-        group_refs = as_list(cache.get("UserGroupIds"))
+        # A replication group takes a list of user groups, a serverless cache one.
+        group_key = {"nodes": "UserGroupIds", "serverless": "UserGroupId"}[cache_type]
+        group_refs = as_list(cache.get(group_key))
         if len(group_refs) != 1 or not is_ref(group_refs[0], USER_GROUP) or USER_GROUP not in groups:
-            problems.append(f"{where}: {CACHE}.UserGroupIds must be [!Ref {USER_GROUP}]")
+            want = f"[!Ref {USER_GROUP}]" if cache_type == "nodes" else f"!Ref {USER_GROUP}"
+            problems.append(f"{where}: {cache_name}.{group_key} must be {want}")
             continue
         group = groups[USER_GROUP]
         if group.get("Engine") != cache.get("Engine"):
@@ -1138,7 +1486,7 @@ def check_auth_modes(t: dict) -> list[str]:
             if not connect:
                 problems.append(f"{where}: {fn}'s role lacks elasticache:Connect")
             for s_ in connect:
-                problems += [f"{where}: {p_}" for p_ in _connect_problems(fn, s_, CACHE_USER_OF[fn])]
+                problems += [f"{where}: {p_}" for p_ in _connect_problems(fn, s_, CACHE_USER_OF[fn], cache_type)]
                 problems += [f"{where}: {p_}" for p_ in wildcard_problems(fn, s_)]
             if [a for a in acts(fn) if a.lower().startswith("secretsmanager:")]:
                 problems.append(f"{where}: {fn} may still read secrets")
@@ -1147,8 +1495,12 @@ def check_auth_modes(t: dict) -> list[str]:
                 problems.append(f"{where}: {fn} still gets REDIS_AUTH_SECRET_ARN")
             if not is_ref(env.get("REDIS_IAM_USER"), CACHE_USER_OF[fn]):
                 problems.append(f"{where}: {fn}: REDIS_IAM_USER must be !Ref {CACHE_USER_OF[fn]}")
-            if not is_ref(env.get("REDIS_IAM_REPLICATION_GROUP"), CACHE):
-                problems.append(f"{where}: {fn}: REDIS_IAM_REPLICATION_GROUP must be !Ref {CACHE}")
+            # The cache the token is signed for, under its new name for both types (the functions
+            # still read REDIS_IAM_REPLICATION_GROUP, but refuse both).
+            if not is_ref(env.get("REDIS_IAM_CACHE_NAME"), cache_name):
+                problems.append(f"{where}: {fn}: REDIS_IAM_CACHE_NAME must be !Ref {cache_name}")
+            if "REDIS_IAM_REPLICATION_GROUP" in env:
+                problems.append(f"{where}: {fn}: REDIS_IAM_REPLICATION_GROUP beside REDIS_IAM_CACHE_NAME (refused)")
     return problems
 
 
@@ -1737,16 +2089,33 @@ def render(t: dict, node: Any, variables: dict[str, str] | None = None) -> Any:
 
 def dashboard_bodies(t: dict) -> Iterator[tuple[dict[str, str], Any]]:
     """(parameters, the dashboard body as CloudFormation would send it) for every cache topology
-    and inspector interval; the body is a string, json-decoded by the caller."""
+    and inspector interval, and a serverless cache with every interval; the body is a string,
+    json-decoded by the caller."""
     dashboards = resources(t, "AWS::CloudWatch::Dashboard")
+    minutes_values = t["Parameters"].get("InspectorIntervalMinutes", {}).get("AllowedValues", [5])
+    variants = [
+        {"CacheType": "nodes", "CacheShards": str(shards), "CacheReplicasPerShard": str(replicas)}
+        for shards in t["Parameters"]["CacheShards"].get("AllowedValues", [])
+        for replicas in t["Parameters"]["CacheReplicasPerShard"].get("AllowedValues", [])
+    ] + [{"CacheType": "serverless", "CacheAuthMode": "iam"}]
     for name, r in dashboards.items():
-        for shards in t["Parameters"]["CacheShards"].get("AllowedValues", []):
-            for replicas in t["Parameters"]["CacheReplicasPerShard"].get("AllowedValues", []):
-                for minutes in t["Parameters"].get("InspectorIntervalMinutes", {}).get("AllowedValues", [5]):
-                    params = {"CacheShards": str(shards), "CacheReplicasPerShard": str(replicas),
-                              "InspectorIntervalMinutes": str(minutes)}
-                    body = resolve_ifs(t, r["Properties"].get("DashboardBody"), params)
-                    yield params, render(t, body, {"InspectorIntervalMinutes": str(minutes)})
+        for variant in variants:
+            for minutes in minutes_values:
+                params = {**variant, "InspectorIntervalMinutes": str(minutes)}
+                body = resolve_ifs(t, r["Properties"].get("DashboardBody"), params)
+                yield params, render(t, body, {"InspectorIntervalMinutes": str(minutes)})
+
+
+# A serverless cache's graphs: its metric -> the statistic shown (the alarms' own).
+SERVERLESS_GRAPHS = {
+    "ElastiCacheProcessingUnits": "Sum",
+    "EvalBasedCmdsECPUs": "Sum",
+    "ThrottledCmds": "Sum",
+    "BytesUsedForCache": "Maximum",
+    "Evictions": "Sum",
+    "SuccessfulReadRequestLatency": "p99",
+    "SuccessfulWriteRequestLatency": "p99",
+}
 
 
 def _metric_rows(widget: dict) -> list[tuple[list, dict]]:
@@ -1767,7 +2136,8 @@ def _metric_rows(widget: dict) -> list[tuple[list, dict]]:
 def check_dashboard(t: dict) -> list[str]:
     """The dashboard's body is JSON once CloudFormation has substituted it, names only metrics
     the functions emit (in this stack's namespace and service) and resources of this stack, shows
-    what the issue asks for, and graphs every cache node the topology has and no other."""
+    what the issue asks for, and graphs every cache node the topology has and no other; with a
+    serverless cache, its metrics (dimension clusterId) and no node's."""
     dashboards = resources(t, "AWS::CloudWatch::Dashboard")
     if len(dashboards) != 1:
         return [f"need exactly one dashboard, found {sorted(dashboards)}"]
@@ -1788,6 +2158,7 @@ def check_dashboard(t: dict) -> list[str]:
         own: dict[str, set[tuple[str, str]]] = {}  # function -> {(metric, stat)}
         aws: set[tuple[str, str]] = set()
         nodes: dict[str, set[str]] = {}  # cache metric -> node suffixes graphed
+        per_cache: dict[str, set[tuple]] = {}  # serverless metric -> (dimensions, stat) graphed
         expressions: list[str] = []
         per_million: set[int] = set()  # periods of inconsistent-per-million-checked-changes math
         for w in body.get("widgets", []):
@@ -1820,7 +2191,9 @@ def check_dashboard(t: dict) -> list[str]:
                     aws.add((namespace, metric))
                     for v in dims.values():
                         base = str(v).strip("<>").split(".")[0]
-                        if namespace == "AWS/ElastiCache":
+                        if namespace == "AWS/ElastiCache" and dims == {"clusterId": placeholder(SERVERLESS)}:
+                            per_cache.setdefault(metric, set()).add(stat)
+                        elif namespace == "AWS/ElastiCache":
                             nodes.setdefault(metric, set()).add(str(v).replace(placeholder(CACHE), ""))
                         elif not (str(v).startswith("<") and base in names):
                             problems.append(f"{where}: {namespace} {metric} names {v!r}, not a resource of this stack")
@@ -1860,13 +2233,22 @@ def check_dashboard(t: dict) -> list[str]:
         for period, span in ((86400, "a day"), (604800, "a week")):
             if period not in per_million:
                 problems.append(f"{where}: no 1000000 * ChangesInconsistent / ChangesChecked (Sum) over {span} ({period} s)")
-        # The AWS metrics the stack alarms on are on the dashboard too.
-        for name, a in resources(t, "AWS::CloudWatch::Alarm").items():
+        # The AWS metrics the stack alarms on (with these parameters) are on the dashboard too.
+        for name, a in resources(deployed(t, params), "AWS::CloudWatch::Alarm").items():
             p = a["Properties"]
             for m in [p] + list(_math_metrics(p).values()):
                 ns_ = m.get("Namespace")
                 if isinstance(ns_, str) and ns_.startswith("AWS/") and (ns_, m.get("MetricName")) not in aws:
                     problems.append(f"{where}: {name}'s {ns_} {m.get('MetricName')} is not graphed")
+        if params["CacheType"] == "serverless":
+            if nodes:
+                problems.append(f"{where}: graphs cache nodes {sorted(nodes)}; a serverless cache has none")
+            for metric, stat in SERVERLESS_GRAPHS.items():
+                if stat not in per_cache.get(metric, set()):
+                    problems.append(f"{where}: no graph of the serverless cache's {metric} ({stat}, clusterId)")
+            continue
+        if per_cache:
+            problems.append(f"{where}: graphs serverless metrics {sorted(per_cache)} of a replication group")
         shards, replicas = int(params["CacheShards"]), int(params["CacheReplicasPerShard"])
         want_nodes = {f"-{s_:04d}-{n:03d}" for s_ in range(1, shards + 1) for n in range(1, replicas + 2)}
         for metric in ("EngineCPUUtilization", "DatabaseMemoryUsagePercentage", "Evictions"):
@@ -1895,6 +2277,9 @@ ALL_CHECKS = [
     check_cache_alarm_topology,
     check_function_sizing,
     check_outputs,
+    check_serverless_requires_iam,
+    check_serverless_cache,
+    check_serverless_alarms,
     check_checkov_skips,
     check_inspector,
     check_inspector_policies,

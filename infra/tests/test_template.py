@@ -441,7 +441,14 @@ def iam_mode_without_the_user_variable(t):
 
 
 def iam_mode_signs_for_another_group(t):
-    props(t, READ)["Environment"]["Variables"]["REDIS_IAM_REPLICATION_GROUP"] = "product-cache"
+    props(t, READ)["Environment"]["Variables"]["REDIS_IAM_CACHE_NAME"] = "product-cache"
+
+
+def iam_mode_names_the_cache_twice(t):
+    # The earlier name beside the new one: the functions refuse to start with both.
+    props(t, READ)["Environment"]["Variables"]["REDIS_IAM_REPLICATION_GROUP"] = {
+        "Fn::If": ["IamAuth", {"Ref": CACHE}, {"Ref": "AWS::NoValue"}]
+    }
 
 
 def iam_is_the_default(t):
@@ -669,13 +676,25 @@ def dashboard_without_iterator_age(t):
     set_dashboard_text(t, dashboard_text(t)[0].replace('"IteratorAge"', '"Duration"'))
 
 
+def cache_widgets(t, cache_type):
+    """The dashboard's cache graphs for one cache type: the !Sub [text, variables] of its branch
+    of CacheWidgets."""
+    cond, nodes, serverless = dashboard_text(t)[1]["CacheWidgets"]["Fn::If"]
+    assert cond == "NodeBasedCache"
+    return (nodes if cache_type == "nodes" else serverless)["Fn::Sub"]
+
+
+def node_graph_rows(t, variable):
+    return cache_widgets(t, "nodes")[1][variable]["Fn::Join"][1]
+
+
 def dashboard_misses_third_shard(t):
-    rows = dashboard_text(t)[1]["CacheMemoryNodes"]["Fn::Join"][1]
+    rows = node_graph_rows(t, "CacheMemoryNodes")
     rows[:] = [r for r in rows if "0003-" not in str(r)]
 
 
 def dashboard_evictions_miss_third_shard(t):
-    rows = dashboard_text(t)[1]["CacheEvictionsNodes"]["Fn::Join"][1]
+    rows = node_graph_rows(t, "CacheEvictionsNodes")
     rows[:] = [r for r in rows if "0003-" not in str(r)]
 
 
@@ -819,6 +838,199 @@ def dashboard_without_pending_age(t):
     set_dashboard_text(t, dashboard_text(t)[0].replace('"PendingChangeAge"', '"ChangesPending"'))
 
 
+# ---- ElastiCache Serverless (CacheType serverless) ------------------------------------------------
+
+
+def serverless_branch(node):
+    """The serverless value of an !If [ServerlessCacheType, serverless, nodes]."""
+    cond, yes, _ = node["Fn::If"]
+    assert cond == "ServerlessCacheType"
+    return yes
+
+
+def set_serverless_branch(node, value):
+    node["Fn::If"][1] = value
+
+
+def env_of(t, function):
+    return props(t, function)["Environment"]["Variables"]
+
+
+def serverless_confirms_from_the_shards(t):
+    # What the template did before: a serverless cache has no WAIT, so the invalidator refuses
+    # to start with REDIS_CONFIRM_REPLICAS above 0.
+    env_of(t, INVALIDATOR)["REDIS_CONFIRM_REPLICAS"] = {"Ref": "CacheReplicasPerShard"}
+
+
+def serverless_without_cache_type(t):
+    del env_of(t, READ)["REDIS_CACHE_TYPE"]
+
+
+def serverless_told_it_is_nodes(t):
+    env_of(t, INVALIDATOR)["REDIS_CACHE_TYPE"] = "nodes"
+
+
+def serverless_plain_redis_url(t):
+    set_serverless_branch(env_of(t, c.INSPECTOR)["REDIS_URL"], {
+        "Fn::Sub": "redis://${ServerlessCache.Endpoint.Address}:${ServerlessCache.Endpoint.Port}"
+    })
+
+
+def serverless_url_without_the_port(t):
+    set_serverless_branch(env_of(t, READ)["REDIS_URL"], {"Fn::Sub": "rediss://${ServerlessCache.Endpoint.Address}"})
+
+
+def serverless_signs_for_the_replication_group(t):
+    inner = env_of(t, READ)["REDIS_IAM_CACHE_NAME"]["Fn::If"][1]
+    set_serverless_branch(inner, {"Ref": "CacheReplicationGroupId"})
+
+
+def connect_on_every_serverless_cache(t):
+    set_serverless_branch(connect_statement(t, "ReadFunctionRole")["Resource"][0], {
+        "Fn::Sub": "arn:${AWS::Partition}:elasticache:${AWS::Region}:${AWS::AccountId}:serverlesscache:*"
+    })
+
+
+def serverless_connects_to_the_replication_group(t):
+    # Both ARNs whatever the type: with CacheType serverless the grant names a group that
+    # does not exist (or another stack's of that name).
+    statement = connect_statement(t, "InvalidatorFunctionRole")
+    statement["Resource"].append({"Fn::Sub": c.REPLICATION_GROUP_ARN})
+
+
+def nodes_connect_to_the_serverless_cache(t):
+    statement = connect_statement(t, "InspectorFunctionRole")
+    statement["Resource"][0]["Fn::If"][2] = {"Fn::Sub": c.SERVERLESS_CACHE_ARN}
+
+
+def serverless_user_beyond_the_readme_acl(t):
+    # Only with a serverless cache: the functions' user gets every key.
+    access = props(t, IAM_USER)["AccessString"]
+    props(t, IAM_USER)["AccessString"] = {
+        "Fn::If": ["ServerlessCacheType", access.replace("~product:*", "~*"), access]
+    }
+
+
+def serverless_in_token_mode(t):
+    del t["Rules"]["ServerlessNeedsIamAuth"]
+
+
+def serverless_rule_on_the_wrong_mode(t):
+    t["Rules"]["ServerlessNeedsIamAuth"]["Assertions"][0]["Assert"] = {
+        "Fn::Equals": [{"Ref": "CacheAuthMode"}, "token"]
+    }
+
+
+def serverless_by_default(t):
+    t["Parameters"]["CacheType"]["Default"] = "serverless"
+
+
+def serverless_keeps_the_replication_group(t):
+    del t["Resources"][CACHE]["Condition"]
+
+
+def serverless_keeps_the_parameter_group(t):
+    del t["Resources"]["CacheParameterGroup"]["Condition"]
+
+
+def serverless_without_the_user_group(t):
+    del props(t, c.SERVERLESS)["UserGroupId"]
+
+
+def serverless_on_the_default_security_group(t):
+    del props(t, c.SERVERLESS)["SecurityGroupIds"]
+
+
+def serverless_in_the_default_subnets(t):
+    del props(t, c.SERVERLESS)["SubnetIds"]
+
+
+def serverless_without_an_ecpu_limit(t):
+    del props(t, c.SERVERLESS)["CacheUsageLimits"]["ECPUPerSecond"]
+
+
+def serverless_storage_in_a_fixed_size(t):
+    props(t, c.SERVERLESS)["CacheUsageLimits"]["DataStorage"]["Maximum"] = 5000
+
+
+def serverless_keeps_snapshots(t):
+    props(t, c.SERVERLESS)["SnapshotRetentionLimit"] = 7
+    props(t, c.SERVERLESS)["DailySnapshotTime"] = "04:00"
+
+
+def serverless_other_engine(t):
+    props(t, c.SERVERLESS)["Engine"] = "redis"
+
+
+def no_throttled_commands_alarm(t):
+    del t["Resources"]["ServerlessThrottledCommandsAlarm"]
+
+
+def node_alarm_on_serverless(t):
+    del t["Resources"]["CacheEngineCpuAlarm"]["Condition"]
+
+
+def under_replication_alarm_on_serverless(t):
+    del t["Resources"]["UnderReplicatedBatchesAlarm"]["Condition"]
+
+
+def serverless_alarm_by_node_dimension(t):
+    props(t, "ServerlessEvictionsAlarm")["Dimensions"][0]["Name"] = "CacheClusterId"
+
+
+def ecpu_alarm_at_the_limit(t):
+    props(t, "ServerlessEcpuAlarm")["Threshold"] = 100
+
+
+def storage_alarm_in_kilobytes(t):
+    # A unit slip in the expression: the alarm would never fire.
+    m = props(t, "ServerlessStorageAlarm")["Metrics"][0]
+    m["Expression"]["Fn::Sub"] = m["Expression"]["Fn::Sub"].replace("1000000000", "1000000000000")
+
+
+def latency_alarm_on_the_average(t):
+    props(t, "ServerlessReadLatencyAlarm")["Metrics"][1]["MetricStat"]["Stat"] = "Average"
+
+
+def serverless_alarm_without_description(t):
+    props(t, "ServerlessWriteLatencyAlarm")["AlarmDescription"] = "Write latency."
+
+
+def no_reader_endpoint_ingress(t):
+    del t["Resources"]["CacheReaderIngress"]
+
+
+def reader_endpoint_port_on_nodes(t):
+    del t["Resources"]["CacheReaderIngress"]["Condition"]
+
+
+def no_reader_endpoint_egress(t):
+    del t["Resources"]["FunctionToCacheReaderEgress"]
+
+
+def dashboard_without_throttled_commands(t):
+    sub = cache_widgets(t, "serverless")
+    sub[0] = sub[0].replace('"ThrottledCmds"', '"CurrConnections"')
+
+
+def dashboard_latency_on_the_average(t):
+    sub = cache_widgets(t, "serverless")
+    sub[0] = sub[0].replace('"stat": "p99"', '"stat": "Average"')
+
+
+def dashboard_node_graphs_on_serverless(t):
+    widgets = dashboard_text(t)[1]
+    widgets["CacheWidgets"] = widgets["CacheWidgets"]["Fn::If"][1]
+
+
+def no_cache_endpoint_output(t):
+    del t["Outputs"]["CacheEndpoint"]
+
+
+def cache_endpoint_output_of_the_nodes_only(t):
+    t["Outputs"]["CacheEndpoint"]["Value"] = t["Outputs"]["CacheConfigurationEndpoint"]["Value"]
+
+
 WEAKENED = [
     (unconfirmed_invalidations, c.check_environment),
     (drop_report_batch_item_failures, c.check_stream_event_source),
@@ -910,6 +1122,7 @@ WEAKENED = [
     (iam_mode_keeps_the_secret_arn, c.check_auth_modes),
     (iam_mode_without_the_user_variable, c.check_auth_modes),
     (iam_mode_signs_for_another_group, c.check_auth_modes),
+    (iam_mode_names_the_cache_twice, c.check_auth_modes),
     (iam_is_the_default, c.check_auth_modes),
     (secret_referenced_outside_token_mode, c.check_conditional_references),
     (open_egress_under_a_condition, c.check_security_groups),
@@ -992,6 +1205,51 @@ WEAKENED = [
     (dashboard_without_weekly_nines, c.check_dashboard),
     (dashboard_nines_over_pending, c.check_dashboard),
     (dashboard_without_pending_age, c.check_dashboard),
+    (serverless_confirms_from_the_shards, c.check_environment),
+    (serverless_without_cache_type, c.check_environment),
+    (serverless_told_it_is_nodes, c.check_environment),
+    (serverless_plain_redis_url, c.check_environment),
+    (serverless_url_without_the_port, c.check_environment),
+    (serverless_signs_for_the_replication_group, c.check_auth_modes),
+    (connect_on_every_serverless_cache, c.check_auth_modes),
+    (connect_on_every_serverless_cache, c.check_read_function_policies),
+    (serverless_connects_to_the_replication_group, c.check_auth_modes),
+    (serverless_connects_to_the_replication_group, c.check_invalidator_policies),
+    (serverless_connects_to_the_replication_group, c.check_conditional_references),
+    (nodes_connect_to_the_serverless_cache, c.check_auth_modes),
+    (nodes_connect_to_the_serverless_cache, c.check_inspector_policies),
+    (serverless_user_beyond_the_readme_acl, c.check_auth_modes),
+    (serverless_in_token_mode, c.check_serverless_requires_iam),
+    (serverless_rule_on_the_wrong_mode, c.check_serverless_requires_iam),
+    (serverless_by_default, c.check_serverless_requires_iam),
+    (serverless_keeps_the_replication_group, c.check_serverless_cache),
+    (serverless_keeps_the_parameter_group, c.check_serverless_cache),
+    (serverless_without_the_user_group, c.check_serverless_cache),
+    (serverless_without_the_user_group, c.check_auth_modes),
+    (serverless_on_the_default_security_group, c.check_serverless_cache),
+    (serverless_in_the_default_subnets, c.check_serverless_cache),
+    (serverless_without_an_ecpu_limit, c.check_serverless_cache),
+    (serverless_storage_in_a_fixed_size, c.check_serverless_cache),
+    (serverless_keeps_snapshots, c.check_serverless_cache),
+    (serverless_other_engine, c.check_serverless_cache),
+    (no_throttled_commands_alarm, c.check_serverless_alarms),
+    (node_alarm_on_serverless, c.check_serverless_alarms),
+    (node_alarm_on_serverless, c.check_conditional_references),
+    (under_replication_alarm_on_serverless, c.check_serverless_alarms),
+    (serverless_alarm_by_node_dimension, c.check_serverless_alarms),
+    (ecpu_alarm_at_the_limit, c.check_serverless_alarms),
+    (storage_alarm_in_kilobytes, c.check_serverless_alarms),
+    (latency_alarm_on_the_average, c.check_serverless_alarms),
+    (serverless_alarm_without_description, c.check_serverless_alarms),
+    (no_reader_endpoint_ingress, c.check_security_groups),
+    (reader_endpoint_port_on_nodes, c.check_security_groups),
+    (no_reader_endpoint_egress, c.check_security_groups),
+    (dashboard_without_throttled_commands, c.check_dashboard),
+    (dashboard_latency_on_the_average, c.check_dashboard),
+    (dashboard_node_graphs_on_serverless, c.check_dashboard),
+    (dashboard_node_graphs_on_serverless, c.check_conditional_references),
+    (no_cache_endpoint_output, c.check_outputs),
+    (cache_endpoint_output_of_the_nodes_only, c.check_outputs),
 ]
 
 
