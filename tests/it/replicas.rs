@@ -21,7 +21,7 @@ async fn replication(port: u16) -> String {
 
 /// Waits (bounded) until the primary on `port` has `n` replicas attached and streaming
 /// (`state=online`), the count a batch's confirmation goes by.
-async fn await_online(port: u16, n: usize) {
+pub(crate) async fn await_online(port: u16, n: usize) {
     for _ in 0..200 {
         let info = replication(port).await;
         if info.matches("state=online").count() == n {

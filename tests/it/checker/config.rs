@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use local_stack::services::Engine;
 use product_cache::cache::Guards;
 use product_cache::config::InvalidationMode;
 
@@ -18,6 +19,9 @@ pub struct Config {
     pub guards: Guards,
     /// One `redis-server`, or a cluster with replicas whose primaries fail over.
     pub deployment: Deployment,
+    /// The server every node runs: Redis OSS by default, or Valkey, the engine the template
+    /// deploys.
+    pub engine: Engine,
     /// The version attribute every function starts with.
     pub version_attribute: Option<String>,
     /// Flip the version attribute mid-run (on as `version` if [`Config::version_attribute`] is
@@ -226,6 +230,7 @@ impl Config {
             mode,
             guards: Guards::default(),
             deployment: Deployment::Single,
+            engine: Engine::Redis,
             version_attribute: None,
             flip_version_attribute: None,
             ops,

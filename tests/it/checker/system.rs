@@ -1,8 +1,9 @@
 //! The system under test, fresh for each run: Redis (one `redis-server`, or a cluster of three
-//! primaries with a replica each), a table with its stream on the shared moto, and the one place
-//! the checker builds the product's parts over them (cache client, table store, invalidator, read
-//! path) and its own plain connections to look at the cache, so every actor gets them built the
-//! same way and a change to how they are built is made here once.
+//! primaries with a replica each; `valkey-server`s with [`Config::engine`]), a table with its
+//! stream on the shared moto, and the one place the checker builds the product's parts over them
+//! (cache client, table store, invalidator, read path) and its own plain connections to look at
+//! the cache, so every actor gets them built the same way and a change to how they are built is
+//! made here once.
 
 use std::time::Duration;
 
@@ -57,9 +58,9 @@ impl Sut {
                 // Arguments, not CONFIG SET: a restarted server keeps them.
                 let full = full_args(cfg);
                 let full: Vec<&str> = full.iter().map(String::as_str).collect();
-                let server = RedisServer::start_with(&full)
+                let server = RedisServer::start_engine(cfg.engine, &full)
                     .await
-                    .expect("redis-server starts");
+                    .expect("the node starts");
                 let url = server.url();
                 (
                     Redis::Single(Box::new(server)),
@@ -85,7 +86,7 @@ impl Sut {
                 };
                 let full = full_args(cfg);
                 extra.extend(full.iter().map(String::as_str));
-                let nodes = RedisCluster::start_with_replicas_and(3, 1, &extra)
+                let nodes = RedisCluster::start_engine(cfg.engine, 3, 1, &extra)
                     .await
                     .expect("redis cluster with replicas starts");
                 let url = if cluster.least_privilege {
