@@ -7,7 +7,8 @@
 //! batches), `GET`, `SET`, `DEL` and `RENAME` on the item's keys and its slot's epoch key. On a cluster the topology reads the slot map (`CLUSTER SLOTS`) and, to read from
 //! replicas, marks connections `READONLY` and asks each primary which replicas are attached
 //! (`INFO replication`). A confirmed batch asks `INFO replication` too (only that section:
-//! `+info|replication`), and the apply script asks `INFO stats` for the node's eviction count
+//! `+info|replication`, a first-argument rule: it checks the first argument only, so
+//! `INFO replication server` passes too; `INFO` shows statistics, never keys), and the apply script asks `INFO stats` for the node's eviction count
 //! (`+info|stats`; refused, the guard applies refreshes as deletes); the lease scripts read the
 //! node's clock (`TIME`), which dates every lease by one clock. Nothing checks a connection
 //! with `PING`. (`CLIENT SETINFO`, sent on connecting, may stay refused: the client ignores its
