@@ -29,6 +29,7 @@ mod operator;
 mod poller;
 mod read_path;
 mod replicas;
+mod serverless;
 mod support;
 mod topology;
 mod valkey;

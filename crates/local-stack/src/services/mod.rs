@@ -9,6 +9,8 @@
 //! - `redis.rs`: [`RedisServer`], and [`DelayedRedis`] behind a delaying proxy.
 //! - `cluster.rs`: [`RedisCluster`], optionally with replicas or behind proxies.
 //! - `moto.rs`: [`MotoServer`].
+//! - `serverless.rs`: [`ServerlessCache`], a local ElastiCache Serverless cache (a TLS front over a
+//!   primary and its replica).
 //! - this file: finding the binaries (the [`Engine`] a node runs), free ports, and launching a
 //!   child until it answers.
 
@@ -30,10 +32,15 @@ use crate::proxy::DelayProxy;
 mod cluster;
 mod moto;
 mod redis;
+mod serverless;
 
 pub use cluster::{RedisCluster, Role};
 pub use moto::MotoServer;
 pub use redis::{DelayedRedis, Engine, RedisServer};
+pub use serverless::{
+    iam_token_is_valid, Auth, Counters, Endpoint, ServerlessCache, ServerlessOptions,
+    MAX_ARGUMENTS, REFUSED,
+};
 
 const SETUP_HINT: &str = "run scripts/setup.sh";
 
