@@ -71,10 +71,11 @@ enum Figure {
     GameDay,
     Memory,
     ChangeMonitor,
+    Ecpu,
 }
 
 impl Figure {
-    const ALL: [Figure; 15] = [
+    const ALL: [Figure; 16] = [
         Figure::HitRedisTime,
         Figure::HitLatency,
         Figure::MissLatency,
@@ -90,6 +91,7 @@ impl Figure {
         Figure::GameDay,
         Figure::Memory,
         Figure::ChangeMonitor,
+        Figure::Ecpu,
     ];
 
     fn name(self) -> &'static str {
@@ -109,6 +111,7 @@ impl Figure {
             Figure::GameDay => "game-day",
             Figure::Memory => "memory",
             Figure::ChangeMonitor => "change-monitor",
+            Figure::Ecpu => "ecpu",
         }
     }
 
@@ -122,6 +125,7 @@ impl Figure {
                 | Figure::Degraded
                 | Figure::GameDay
                 | Figure::ChangeMonitor
+                | Figure::Ecpu
         )
     }
 }
@@ -161,6 +165,7 @@ pub struct Sizes {
     pub monitor_products: usize,
     pub monitor_change_every: Duration,
     pub monitor_min_sample_runs: usize,
+    pub ecpu_ops: usize,
 }
 
 impl Sizes {
@@ -205,6 +210,7 @@ impl Sizes {
             // 25 changes a second: some 250 a 10 s window, a quarter of the mapping's BatchSize.
             monitor_change_every: Duration::from_millis(40),
             monitor_min_sample_runs: pick(20, 10),
+            ecpu_ops: pick(500, 100),
         }
     }
 }
@@ -311,7 +317,13 @@ async fn run(args: Args) -> Result<bool, Error> {
             notes.push(note);
             sale = Some(prepared);
         }
-        for net in [Net::Loopback, Net::Proxy] {
+        // ECPUs are counted at the server: the proxy would change nothing.
+        let nets: &[Net] = if figure == Figure::Ecpu {
+            &[Net::Loopback]
+        } else {
+            &[Net::Loopback, Net::Proxy]
+        };
+        for &net in nets {
             eprintln!("bench: {} ({}) ...", figure.name(), net.label());
             let result = match figure {
                 Figure::HitRedisTime => figures::hit::redis_time(&env, &sizes, net).await,
@@ -362,6 +374,7 @@ async fn run(args: Args) -> Result<bool, Error> {
                 Figure::GameDay => figures::game_day::run(&env, &sizes, net).await,
                 Figure::Memory => figures::memory::run(&env, &sizes, net).await,
                 Figure::ChangeMonitor => figures::change_monitor::run(&env, &sizes, net).await,
+                Figure::Ecpu => figures::ecpu::on_serverless(&env, &sizes).await,
             };
             let new_rows = result.unwrap_or_else(|e| vec![failed_row(figure, net, &e)]);
             for row in &new_rows {

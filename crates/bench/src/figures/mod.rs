@@ -7,6 +7,7 @@ pub mod change_monitor;
 pub mod cluster;
 pub mod cold;
 pub mod degraded;
+pub mod ecpu;
 pub mod eviction_guard;
 pub mod flash_sale;
 pub mod game_day;
