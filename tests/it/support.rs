@@ -295,7 +295,7 @@ impl TestEnv {
         let invalidator = Invalidator::build(invalidator, &sdk).await.unwrap();
         if mode == InvalidationMode::Refresh {
             // A Redis started empty for this test: refreshes write from the first record on.
-            invalidator.cache().declare_empty().await.unwrap();
+            declared_empty(invalidator.cache()).await;
         }
         Self {
             redis,
@@ -368,7 +368,7 @@ impl TestEnv {
     pub async fn flush(&self) {
         self.lose_data().await;
         if self.mode == InvalidationMode::Refresh {
-            self.invalidator.cache().declare_empty().await.unwrap();
+            declared_empty(self.invalidator.cache()).await;
         }
     }
 
@@ -508,6 +508,24 @@ pub async fn redis_cache(url: &str, settings: &CacheSettings) -> RedisCache {
 
 /// The functions' Redis client over `redis` (a cluster, confirmation, the breaker, ...), built
 /// the way they build it.
+/// Declares `cache` empty (every slot's epoch written: refreshes write from the first record
+/// on), as a test's setup. One call writes 16,384 epoch keys within the cache's timeout; on a
+/// loaded machine it can outlast it (seen in a clean-clone CI run beside other builds), and it
+/// is idempotent, so it is tried again until it lands, for up to 30 s.
+pub async fn declared_empty(cache: &RedisCache) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match cache.declare_empty().await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!("declare_empty failed, trying again: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("declare_empty failed for 30 s: {e}"),
+        }
+    }
+}
+
 pub async fn cache_with(redis: &RedisSettings, settings: &CacheSettings) -> RedisCache {
     let sdk = local_stack::table::local_sdk_config(moto_endpoint()).await;
     RedisCache::from_settings(redis, settings, &sdk)
