@@ -72,7 +72,13 @@
 //! answered 1. Each `WAIT` now follows its batch's writes in the same pipeline, on the
 //! connection to that one primary.
 //! On Valkey (`Config::engine`, the engine the template deploys), the refresh-mode run and the
-//! run without leases.
+//! run without leases. On ElastiCache Serverless (`Deployment::Serverless`: the local stand-in,
+//! TLS, IAM tokens, one virtual shard, its refusals, `volatile-lru` at its storage maximum, the
+//! data loss a `FLUSHALL`; 64 items), the refresh-mode run under memory pressure (hot ballast,
+//! so the product's idle keys are what it evicts: documents and leases go, positions, without a
+//! TTL there, never do, and the endpoint refuses none of the functions' requests), the same with
+//! the eviction guard off (positions with a TTL, evicted, and older records written back: it
+//! must report stale reads), and the run without leases.
 //! They are short (`CHECKER_OPS`, default 5,000 operations each, 65,000 in all). The long run
 //! is the same entry point, bigger:
 //!
@@ -148,31 +154,45 @@ async fn no_violations_with_a_version_attribute() {
 /// Without leases, a slow fill lands after the invalidation it raced: the checker must see it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catches_stale_fills_without_leases() {
-    catches_stale_fills_without_leases_on(Engine::Redis, "catches_stale_fills_without_leases")
-        .await;
+    catches_stale_fills_without_leases_on(Config::new(
+        "catches_stale_fills_without_leases",
+        Delete,
+    ))
+    .await;
 }
 
 /// The same on Valkey: the checker's violations are the engine's too, not an artefact of Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catches_stale_fills_without_leases_on_valkey() {
-    catches_stale_fills_without_leases_on(
-        Engine::Valkey,
-        "catches_stale_fills_without_leases_on_valkey",
-    )
+    catches_stale_fills_without_leases_on(Config {
+        engine: Engine::Valkey,
+        ..Config::new("catches_stale_fills_without_leases_on_valkey", Delete)
+    })
     .await;
 }
 
-/// A delete-mode run without leases on `engine`, which must report stale reads, batch reads
-/// among them, and the inspector and the monitor must find what invariant 3 finds.
-async fn catches_stale_fills_without_leases_on(engine: Engine, name: &'static str) {
+/// The same on the ElastiCache Serverless stand-in (TLS, IAM, its refusals, replayed through
+/// its front): the leases are what keeps slow fills out there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catches_stale_fills_without_leases_on_serverless() {
+    catches_stale_fills_without_leases_on(Config::on_serverless(
+        "catches_stale_fills_without_leases_on_serverless",
+        Delete,
+    ))
+    .await;
+}
+
+/// `base` (a delete-mode run on some engine or deployment) without leases, which must report
+/// stale reads, batch reads among them, and the inspector and the monitor must find what
+/// invariant 3 finds.
+async fn catches_stale_fills_without_leases_on(base: Config) {
     let report = run(Config {
         guards: Guards {
             leases: false,
             ordering: true,
             evictions: true,
         },
-        engine,
-        ..Config::new(name, Delete)
+        ..base
     })
     .await;
     report.assert_exercised();
@@ -319,6 +339,62 @@ async fn catches_regressions_under_memory_pressure_without_the_eviction_guard() 
     assert!(
         report.violations[0] + report.violations[2] > 0,
         "no stale read was reported under memory pressure without the eviction guard:\n{}",
+        report.text
+    );
+    report.assert_monitor_found_the_stale_keys();
+}
+
+/// On ElastiCache Serverless (the local stand-in: TLS, IAM tokens, one virtual shard, the
+/// unavailable commands refused, `volatile-lru` at its storage maximum), full throughout the
+/// writes (`MemoryPressure::full_serverless`: hot ballast, so the product's keys are what it
+/// evicts), in refresh mode, with a `FLUSHALL` and the replay of every batch acknowledged before
+/// it: the four invariants hold, and the endpoint refused none of the functions' requests.
+/// Positions carry no TTL there, so `volatile-lru` never takes them; documents and leases go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_violations_on_serverless() {
+    let report = run(Config {
+        memory_pressure: Some(MemoryPressure::full_serverless()),
+        replay_after_data_loss: true,
+        ..Config::on_serverless("no_violations_on_serverless", Refresh)
+    })
+    .await;
+    report.assert_clean();
+    // Documents were evicted (`assert_exercised`), positions never: they have no TTL.
+    assert_eq!(
+        report.faults.get("positions evicted"),
+        0,
+        "positions were evicted on serverless:\n{}",
+        report.text
+    );
+}
+
+/// The same pressure with the eviction guard off: positions then get a TTL, `volatile-lru`
+/// evicts them with the documents, and an older record delivered again after its key's position
+/// went writes its older document back. The checker must see it (what makes the positions
+/// without a TTL on serverless necessary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catches_regressions_on_serverless_without_the_eviction_guard() {
+    let report = run(Config {
+        memory_pressure: Some(MemoryPressure::full_serverless()),
+        guards: Guards {
+            evictions: false,
+            ..Guards::default()
+        },
+        ..Config::on_serverless(
+            "catches_regressions_on_serverless_without_the_eviction_guard",
+            Refresh,
+        )
+    })
+    .await;
+    report.assert_exercised();
+    assert!(
+        report.faults.get("positions evicted") > 0,
+        "no position was evicted without the eviction guard:\n{}",
+        report.text
+    );
+    assert!(
+        report.violations[0] + report.violations[2] > 0,
+        "no stale read was reported on serverless without the eviction guard:\n{}",
         report.text
     );
     report.assert_monitor_found_the_stale_keys();

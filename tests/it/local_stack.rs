@@ -489,6 +489,10 @@ fn command(args: &[&str], cwd: &Path) -> Command {
         .env_remove("REDIS_URL")
         .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
         .env_remove("INVALIDATION_MODE")
+        .env_remove("REDIS_CACHE_TYPE")
+        .env_remove("REDIS_CA_FILE")
+        .env_remove("REDIS_IAM_USER")
+        .env_remove("REDIS_IAM_CACHE_NAME")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
@@ -512,22 +516,42 @@ fn port_of(url: &str) -> u16 {
     url.rsplit(':').next().unwrap().parse().unwrap()
 }
 
+/// `pcache dev` (its default cache, one redis-server) serves a miss and a hit, a price change
+/// made with the banner's `set-price` reaches a read through the stream, `warm` fills through
+/// the state file, and SIGINT stops it cleanly with every child gone.
 #[tokio::test]
 async fn the_dev_command_serves_changes_prices_and_stops_its_children_on_sigint() {
+    dev_command_round_trip(None).await;
+}
+
+/// The same with `--cache serverless`: the whole system runs on the local ElastiCache
+/// Serverless stand-in (TLS, IAM, one virtual shard), the banner says so and names its
+/// endpoints and the servers behind them, the functions' scripts ran on its primary, `warm`
+/// reaches it with the variables the banner prints, and after SIGINT the endpoints and both
+/// servers are gone too.
+#[tokio::test]
+async fn the_dev_command_runs_the_system_on_a_serverless_stand_in() {
+    dev_command_round_trip(Some("serverless")).await;
+}
+
+/// Starts `pcache dev` (with `--cache <cache>` if given) and takes it through a miss, a hit, a
+/// price change through the stream, a warm and a clean stop.
+async fn dev_command_round_trip(cache: Option<&str>) {
     init_logging();
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     let state_arg = state_dir.to_str().unwrap();
     // Run from an empty directory: no SAM template there, so the poller uses Lambda's defaults
     // (the repository's template is checked by esm_template's own test).
-    let mut stack = command(
-        &["dev", "--listen", "127.0.0.1:0", "--state-dir", state_arg],
-        dir.path(),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn pcache dev");
+    let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--state-dir", state_arg];
+    if let Some(cache) = cache {
+        args.extend(["--cache", cache]);
+    }
+    let mut stack = command(&args, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pcache dev");
     let stderr = Arc::new(Mutex::new(String::new()));
     collect(stack.stderr.take().unwrap(), stderr.clone());
     let mut stdout = BufReader::new(stack.stdout.take().unwrap()).lines();
@@ -552,8 +576,25 @@ async fn the_dev_command_serves_changes_prices_and_stops_its_children_on_sigint(
     let addr: SocketAddr = base.strip_prefix("http://").unwrap().parse().unwrap();
     assert_ne!(addr.port(), 0);
     // The rest of the banner, so the pipe never fills.
+    // Read on from the same reader: its buffer may hold the rest of the banner already.
     let banner = Arc::new(Mutex::new(String::new()));
-    collect(stdout.into_inner().into_inner(), banner.clone());
+    let into = banner.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            into.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    // It is printed at once, after the address.
+    let printed = async {
+        while !banner.lock().unwrap().contains("Ctrl-C stops everything") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(STARTS_WITHIN, printed)
+        .await
+        .unwrap_or_else(|_| panic!("no banner: {}", banner.lock().unwrap()));
+    let banner = banner.lock().unwrap().clone();
+    let serverless = cache.map(|_| ServerlessBanner::of(&banner));
 
     let state: StackState =
         serde_json::from_str(&std::fs::read_to_string(state_dir.join("state.json")).unwrap())
@@ -561,6 +602,10 @@ async fn the_dev_command_serves_changes_prices_and_stops_its_children_on_sigint(
     assert_eq!(Some(state.pid), stack.id());
     assert_eq!(state.http, base);
     assert_eq!(state.table, "Products");
+    if let Some(serverless) = &serverless {
+        // The functions' Redis is the stand-in's primary endpoint.
+        assert_eq!(state.redis_url, serverless.primary, "{banner}");
+    }
 
     let url = format!("{base}/products/kb-001");
     let first = get(&url).await;
@@ -588,17 +633,28 @@ async fn the_dev_command_serves_changes_prices_and_stops_its_children_on_sigint(
     assert_eq!(said.trim(), "kb-001: price 129.99 -> 99.99 (version 2)");
     let took = until_price(&url, json!(99.99)).await;
     eprintln!("set-price visible over HTTP after {took:?}");
+    if let Some(serverless) = &serverless {
+        // The read path's and the invalidator's scripts ran on the server behind the endpoint.
+        assert!(
+            crate::support::command_calls(serverless.backend, "evalsha").await > 0,
+            "no script ran on the stand-in's primary:\n{banner}"
+        );
+    }
 
-    let warm = command(
+    let mut warm = command(
         &["warm", "--first", "20", "--state-dir", state_arg],
         dir.path(),
-    )
-    .output()
-    .await
-    .unwrap();
+    );
+    if let Some(serverless) = &serverless {
+        warm.envs(serverless.env.iter().map(|(k, v)| (k, v)));
+    }
+    let warm = warm.output().await.unwrap();
     let said = String::from_utf8_lossy(&warm.stdout);
     assert!(warm.status.success(), "warm failed: {said}");
-    assert!(said.contains("errors 0"), "{said}");
+    assert!(
+        said.contains("errors 0") && said.contains("filled 20"),
+        "{said}"
+    );
 
     // SAFETY: plain kill(2) on the child we spawned and have not reaped.
     let pid = stack.id().expect("still running") as libc::pid_t;
@@ -612,11 +668,19 @@ async fn the_dev_command_serves_changes_prices_and_stops_its_children_on_sigint(
         "{status}; stderr:\n{}",
         stderr.lock().unwrap()
     );
-    for (what, port) in [
+    let mut children = vec![
         ("HTTP", addr.port()),
         ("redis-server", port_of(&state.redis_url)),
         ("moto_server", port_of(&state.dynamodb_endpoint)),
-    ] {
+    ];
+    if let Some(serverless) = &serverless {
+        children.extend([
+            ("the reader endpoint", port_of(&serverless.reader)),
+            ("the stand-in's primary", serverless.backend),
+            ("the stand-in's replica", serverless.replica),
+        ]);
+    }
+    for (what, port) in children {
         assert!(refuses(port), "{what} on port {port} outlived the stack");
     }
     assert!(
@@ -632,4 +696,52 @@ async fn the_dev_command_serves_changes_prices_and_stops_its_children_on_sigint(
     .unwrap();
     assert!(!gone.status.success());
     assert!(String::from_utf8_lossy(&gone.stderr).contains("no running stack"));
+}
+
+/// What `pcache dev --cache serverless` says about its stand-in in the banner.
+struct ServerlessBanner {
+    primary: String,
+    reader: String,
+    backend: u16,
+    replica: u16,
+    /// The variables other commands need to reach it (`KEY=value` on the banner's line).
+    env: Vec<(String, String)>,
+}
+
+impl ServerlessBanner {
+    fn of(banner: &str) -> Self {
+        assert!(
+            banner.contains("a local ElastiCache Serverless stand-in"),
+            "the banner does not say it runs on the serverless stand-in:\n{banner}"
+        );
+        let after = |marker: &str| -> String {
+            let at = banner
+                .find(marker)
+                .unwrap_or_else(|| panic!("{marker:?} not in the banner:\n{banner}"));
+            banner[at + marker.len()..]
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        let port = |marker: &str| after(marker).trim_start_matches(':').parse().unwrap();
+        let line = banner
+            .lines()
+            .find(|l| l.contains("other commands on it:"))
+            .unwrap_or_else(|| panic!("no variables for other commands:\n{banner}"));
+        let env = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect::<Vec<_>>();
+        let primary = after("primary endpoint ");
+        assert!(primary.starts_with("rediss://"), "{banner}");
+        Self {
+            reader: after("reader endpoint "),
+            backend: port("over redis-server "),
+            replica: port("(primary) and "),
+            primary,
+            env,
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use pcache::changes::When;
-use product_cache::config::InvalidationMode;
+use product_cache::config::{CacheType, InvalidationMode};
 
 pub const DEFAULT_STATE_DIR: &str = "target/local-stack";
 
@@ -29,7 +29,8 @@ pub enum Command {
     /// Start the whole system locally and keep it running until Ctrl-C
     ///
     /// redis-server, moto (DynamoDB + Streams) with the seeded table, the read path over HTTP and
-    /// the stream invalidator behind the local event source mapping.
+    /// the stream invalidator behind the local event source mapping. With --cache serverless,
+    /// a local ElastiCache Serverless stand-in in place of the redis-server.
     // `run` was this subcommand's name before the command was called pcache.
     #[command(alias = "run")]
     Dev(DevArgs),
@@ -66,6 +67,14 @@ pub struct DevArgs {
     /// A running Redis to use instead of starting redis-server
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// The kind of cache to start: `nodes`, one redis-server (a node-based cache); or
+    /// `serverless`, a local stand-in for ElastiCache Serverless (a TLS endpoint answering as a
+    /// one-shard cluster, a reader endpoint, IAM authentication, the commands serverless lacks
+    /// refused, volatile-lru) over a redis-server and its replica, the functions configured as
+    /// on serverless (REDIS_CACHE_TYPE=serverless, REDIS_CA_FILE, REDIS_IAM_USER,
+    /// REDIS_IAM_CACHE_NAME, REDIS_CONFIRM_REPLICAS=0)
+    #[arg(long, value_name = "nodes|serverless", default_value = "nodes")]
+    pub cache: CacheType,
     /// A running DynamoDB with Streams to use instead of starting moto
     #[arg(long, env = "AWS_ENDPOINT_URL_DYNAMODB")]
     pub endpoint: Option<String>,

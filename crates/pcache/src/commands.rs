@@ -1,13 +1,15 @@
 //! What each subcommand does, on top of the local-stack library: `dev` runs a stack in the
-//! foreground until a signal; `set-price` and `warm` find the running stack through its state
-//! file and act on it.
+//! foreground until a signal (over a serverless stand-in with `--cache serverless`: see
+//! `serverless`); `set-price` and `warm` find the running stack through its state file and act
+//! on it.
 
 use std::path::Path;
 
 use local_stack::stack::{Stack, StackOptions, StackState, StatusStyle};
-use product_cache::config::{CacheSettings, Env};
+use product_cache::config::{CacheSettings, CacheType, Env};
 
 use crate::cli::{DevArgs, SetPriceArgs, Target, WarmArgs, DEFAULT_STATE_DIR};
+use crate::serverless::{with_redis_lines, LocalServerless};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,10 +23,28 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
             args.template.display()
         );
     }
+    let settings = CacheSettings::from_source(&Env)?;
+    let serverless = match args.cache {
+        CacheType::Nodes => None,
+        CacheType::Serverless => {
+            if args.redis_url.is_some() {
+                return Err(
+                    "--cache serverless starts a serverless stand-in; --redis-url (or \
+                            REDIS_URL) names a Redis to use instead: give one of them"
+                        .into(),
+                );
+            }
+            tokio::select! {
+                started = LocalServerless::start(&settings) => Some(started?),
+                () = &mut stop => return Ok(()),
+            }
+        }
+    };
     let options = StackOptions {
         listen: args.listen,
         table: args.table,
         redis_url: args.redis_url,
+        redis_settings: serverless.as_ref().map(|s| s.redis.clone()),
         dynamodb_endpoint: args.endpoint,
         seed_products: args.seed,
         esm: local_stack::poller::EsmConfig {
@@ -37,7 +57,7 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
         },
         esm_source: esm.source,
         mode: args.mode,
-        settings: CacheSettings::from_source(&Env)?,
+        settings,
         metrics: Some(
             args.metrics
                 .unwrap_or_else(|| args.state_dir.join("metrics.jsonl")),
@@ -55,10 +75,16 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
     }
     // Written before the banner: whoever acts on the printed address finds the state file.
     StackState::of(&stack).write(&args.state_dir)?;
-    println!("{}", stack.banner(&set_price));
+    let banner = stack.banner(&set_price);
+    match &serverless {
+        Some(serverless) => println!("{}", with_redis_lines(&banner, &serverless.banner_lines())),
+        None => println!("{banner}"),
+    }
     let result = stack.run_until(&mut stop, StatusStyle::for_stderr()).await;
     stack.shutdown().await;
     StackState::remove_if_ours(&args.state_dir);
+    // After the functions: the stand-in's front and its servers.
+    drop(serverless);
     result?;
     eprintln!("pcache: stopped");
     Ok(())

@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod ops;
 mod place;
+mod serverless;
 
 use std::process::ExitCode;
 

@@ -2,7 +2,7 @@
 //! evicting the product's nearest-expiry keys (see [`MemoryPressure`]), and the evictions
 //! counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -67,12 +67,25 @@ pub async fn prefill(target: &Target, full: MemoryPressure, primaries: usize) ->
 }
 
 /// Writes ballast until the writers stop, connecting again after a restart or a failover.
+/// With [`MemoryPressure::hot_ballast`], every ballast key that can still be there (the
+/// `prefilled` keys of [`prefill`] and the newest written since, as many as `maxmemory` holds)
+/// is touched after each new one: under `volatile-lru` the product's keys a second idle are then
+/// what the node evicts first, as volatile-ttl evicts them first for their nearer expiry.
 pub async fn fill(
     target: Target,
     full: MemoryPressure,
+    prefilled: u64,
     mut phase: watch::Receiver<Phase>,
 ) -> Filled {
+    assert!(
+        !(full.hot_ballast && target.cluster),
+        "hot ballast is touched with one multi-key TOUCH, on one node"
+    );
     let value = "b".repeat(full.ballast_bytes);
+    let room = (full.maxmemory / full.ballast_bytes as u64) as usize + 1;
+    let mut live: VecDeque<String> = (prefilled.saturating_sub(room as u64)..prefilled)
+        .map(|n| format!("prefill:{n}"))
+        .collect();
     let mut tick = tokio::time::interval(full.ballast_every);
     let mut conn: Option<Look> = None;
     let mut counts = HashMap::new();
@@ -96,10 +109,21 @@ pub async fn fill(
         let Some(c) = conn.as_mut() else { continue };
         // Refused while a node is down, or out of memory with nothing left to evict: the
         // ballast is not what the run checks.
-        let set: redis::RedisResult<()> = c
-            .set_ex(format!("ballast:{n}"), &value, BALLAST_TTL.as_secs())
-            .await;
+        let key = format!("ballast:{n}");
+        let set: redis::RedisResult<()> = c.set_ex(&key, &value, BALLAST_TTL.as_secs()).await;
         match set {
+            Ok(()) if full.hot_ballast => {
+                filled.written += 1;
+                live.push_back(key);
+                if live.len() > room {
+                    live.pop_front();
+                }
+                let _: redis::RedisResult<u64> = redis::cmd("TOUCH")
+                    .arg(live.as_slices().0)
+                    .arg(live.as_slices().1)
+                    .query_async(c)
+                    .await;
+            }
             Ok(()) => filled.written += 1,
             Err(e) if e.is_io_error() || e.is_connection_dropped() => conn = None,
             Err(_) => {}
@@ -143,6 +167,7 @@ const EVICTED: &str = "__keyevent@0__:evicted";
 /// under memory pressure is allowed to read the table again for.
 pub struct EvictionWatch {
     admin: redis::aio::MultiplexedConnection,
+    marker: String,
     task: tokio::task::JoinHandle<Vec<String>>,
 }
 
@@ -162,30 +187,72 @@ pub async fn watch_evictions(port: u16) -> EvictionWatch {
         .await
         .expect("a pub/sub connection");
     pubsub.subscribe(EVICTED).await.expect("subscribed");
+    // Its own: a run-wide watch (`watch_run`) and a herd's can be on the same node at once.
+    let marker = format!(
+        "{MARKER}{}",
+        WATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let end = marker.clone();
     let task = tokio::spawn(async move {
         let mut keys = Vec::new();
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
             let key: String = message.get_payload().unwrap_or_default();
-            if key == MARKER {
+            if key == end {
                 break;
             }
-            keys.push(key);
+            if !key.starts_with(MARKER) {
+                keys.push(key);
+            }
         }
         keys
     });
-    EvictionWatch { admin, task }
+    EvictionWatch {
+        admin,
+        marker,
+        task,
+    }
 }
 
-/// Published last on the channel: every eviction announced before it has arrived once it has.
-const MARKER: &str = "checker:end-of-watch";
+/// Published last on the channel, with the watch's number: every eviction announced before it
+/// has arrived once it has.
+const MARKER: &str = "checker:end-of-watch:";
+
+static WATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The product's keys a node evicted over a run, by kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProductEvictions {
+    pub documents: u64,
+    pub positions: u64,
+    pub leases: u64,
+}
+
+impl ProductEvictions {
+    /// Sorts evicted keys by what they are (`{product:x}:ver`, `{product:x}:lease`,
+    /// `product:x`); the ballast is not counted.
+    pub fn of(keys: &[String], prefix: &str) -> Self {
+        let mut out = Self::default();
+        let tagged = format!("{{{prefix}");
+        for key in keys {
+            if key.starts_with(&tagged) && key.ends_with("}:ver") {
+                out.positions += 1;
+            } else if key.starts_with(&tagged) && key.ends_with("}:lease") {
+                out.leases += 1;
+            } else if key.starts_with(prefix) {
+                out.documents += 1;
+            }
+        }
+        out
+    }
+}
 
 impl EvictionWatch {
     /// The keys evicted since the watch began.
     pub async fn stop(mut self) -> Vec<String> {
         let _: () = redis::cmd("PUBLISH")
             .arg(EVICTED)
-            .arg(MARKER)
+            .arg(&self.marker)
             .query_async(&mut self.admin)
             .await
             .expect("marker published");

@@ -93,7 +93,7 @@ pub async fn inject(
             schedule.push((33, Event::Failover));
             schedule.push((67, Event::Kill));
         }
-        Deployment::Single => schedule.push((45, Event::DataLoss)),
+        Deployment::Single | Deployment::Serverless => schedule.push((45, Event::DataLoss)),
     }
     if let Some(at) = cfg.flip_version_attribute {
         schedule.push((percent(at.invalidator), Event::FlipInvalidator));
@@ -185,6 +185,7 @@ pub async fn inject(
                 let watch = match (cfg.memory_pressure, &*redis) {
                     (None, _) => None,
                     (Some(_), Redis::Single(server)) => Some(server.port()),
+                    (Some(_), Redis::Serverless(cache)) => Some(cache.backend().port()),
                     (Some(_), Redis::Cluster(cluster)) => {
                         let key = format!("{}{id}", sut.settings.key_prefix);
                         let slot = product_cache::cache::slots::slot_of(&key);
@@ -453,12 +454,23 @@ async fn lose_data(loss: DataLoss, redis: &mut Redis, shared: &Shared) -> String
             shared.generation.done.fetch_add(1, Ordering::SeqCst);
             format!("redis restarted at {:.1} ms", ms(clock.now()))
         }
-        (DataLoss::Restart, Redis::Cluster(_)) => unreachable!("Sut::start refuses it"),
+        (DataLoss::Restart, Redis::Cluster(_) | Redis::Serverless(_)) => {
+            unreachable!("Sut::start refuses it")
+        }
         (DataLoss::Flushall, Redis::Single(server)) => {
             let port = server.port();
             let (at, uptime) = flush(&[port], shared).await;
             format!(
                 "redis FLUSHALL at {at:.1} ms (no restart: uptime {} s)",
+                uptime[0]
+            )
+        }
+        (DataLoss::Flushall, Redis::Serverless(cache)) => {
+            // On its primary, behind the endpoint: what a FLUSHALL through the endpoint does,
+            // the replica following.
+            let (at, uptime) = flush(&[cache.backend().port()], shared).await;
+            format!(
+                "serverless FLUSHALL at {at:.1} ms (no restart: uptime {} s)",
                 uptime[0]
             )
         }

@@ -96,6 +96,10 @@ pub struct MemoryPressure {
     pub ballast_bytes: usize,
     /// ... every this often.
     pub ballast_every: Duration,
+    /// Every ballast key still there is read again (`TOUCH`) after each new one, so that under
+    /// `volatile-lru` (serverless) the ballast is never what was least recently used; under
+    /// `volatile-ttl` its TTL does that (`ballast.rs`).
+    pub hot_ballast: bool,
 }
 
 impl MemoryPressure {
@@ -108,6 +112,24 @@ impl MemoryPressure {
             // at a rate that leaves the machine's two cores to the rest of the suite.
             ballast_bytes: 16 * 1024,
             ballast_every: Duration::from_millis(50),
+            hot_ballast: false,
+        }
+    }
+
+    /// An ElastiCache Serverless stand-in's primary (`Deployment::Serverless`): 6 MB, the
+    /// cache's storage maximum (`ServerlessOptions::max_memory`), since its replica's backlog
+    /// counts as a cluster node's does. Its policy is `volatile-lru`, so what goes is what was
+    /// used least recently, not what expires first: the ballast is kept hot
+    /// ([`MemoryPressure::hot_ballast`]), the traffic of a bigger catalogue's busier products,
+    /// and the run's keys are what a full cache evicts once they are a second idle.
+    pub fn full_serverless() -> Self {
+        Self {
+            maxmemory: 6 * 1024 * 1024,
+            // Twice the node's pace: each ballast key is one round of `volatile-lru`'s sampling,
+            // and the product's idle keys are found (and evicted) a few samples at a time.
+            ballast_every: Duration::from_millis(25),
+            hot_ballast: true,
+            ..Self::full()
         }
     }
 
@@ -133,6 +155,15 @@ pub enum Deployment {
     /// its replica's link was cut, so the promoted replica lacks its newest writes), and revived
     /// as a replica once the cluster has promoted its replica.
     Cluster(Cluster),
+    /// An ElastiCache Serverless cache (`local_stack::services::ServerlessCache`): one TLS
+    /// endpoint answering as a one-shard cluster over a primary `redis-server` and its replica,
+    /// the unavailable commands refused, `volatile-lru`. Every function connects as production
+    /// does there: `REDIS_CACHE_TYPE=serverless`, `rediss://` with the stand-in's CA, an IAM
+    /// user whose tokens (signed with the run's fake credentials) the stand-in checks, no
+    /// replica confirmation (`WAIT` is refused), hits from the primary endpoint. Its data loss
+    /// is a `FLUSHALL` (which AWS offers there); the checker's own looks (`KEYS`, the ballast,
+    /// `INFO`, the `FLUSHALL`) go straight to the primary `redis-server`, as an observer.
+    Serverless,
 }
 
 /// The product's settings for a cluster, and how the kill is staged.
@@ -290,6 +321,20 @@ impl Config {
                     ..Cluster::confirmed()
                 },
             )
+        }
+    }
+
+    /// A run on an ElastiCache Serverless stand-in ([`Deployment::Serverless`]), its data loss
+    /// a `FLUSHALL`, over 64 items rather than 16: each changes about once a second rather than
+    /// a few times, so under `volatile-lru` (which evicts what was used least recently, at a
+    /// second's resolution) a key between two changes is idle long enough to be evicted, as a
+    /// bigger catalogue's quieter products are.
+    pub fn on_serverless(name: &'static str, mode: InvalidationMode) -> Self {
+        Self {
+            deployment: Deployment::Serverless,
+            data_loss: DataLoss::Flushall,
+            items: 64,
+            ..Self::new(name, mode)
         }
     }
 

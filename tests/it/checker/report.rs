@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use local_stack::services::Counters;
 use product_cache::read::CacheStatus;
 
 use super::chaos::{data_loss_fault, Chaos, Window};
@@ -42,6 +43,9 @@ pub struct Report {
     pub monitored: super::monitor::Tally,
     /// On a cluster: the GETs each node served during the run.
     pub served_gets: super::run::NodeGets,
+    /// On serverless: what the stand-in's primary and reader endpoints saw (every request of
+    /// the functions went through them; the checker's own looks did not).
+    pub serverless: Option<[Counters; 2]>,
     /// The keys invariant 3 found stale at the end.
     pub stale_at_end: std::collections::BTreeSet<String>,
     /// On a game day: batches that failed for want of a replica's confirmation while their
@@ -112,6 +116,17 @@ impl Report {
             "InconsistentKeysAlarm would fire:\n{}",
             self.text
         );
+        // On serverless, every request of the functions' went through the endpoint, which
+        // refused none: no unavailable command, no keyless script, no keys of one request in
+        // two slots, no request over 3,999 arguments, no failed AUTH.
+        if let Some(endpoints) = &self.serverless {
+            assert!(
+                endpoints[0].forwarded_total() > 0
+                    && endpoints.iter().all(|e| e.refused_total() == 0),
+                "the serverless endpoints forwarded nothing, or refused requests:\n{}",
+                self.text
+            );
+        }
         self.assert_exercised();
     }
 
@@ -199,6 +214,8 @@ pub struct Findings {
     pub monitored: super::monitor::Tally,
     /// On a cluster: the GETs each node served during the run.
     pub served_gets: super::run::NodeGets,
+    /// On serverless: what its primary and reader endpoints saw.
+    pub serverless: Option<[Counters; 2]>,
 }
 
 impl Report {
@@ -221,6 +238,7 @@ impl Report {
             inspected,
             monitored,
             served_gets,
+            serverless,
         } = found;
         let stale_at_end: std::collections::BTreeSet<String> = inv3
             .iter()
@@ -251,7 +269,7 @@ impl Report {
         let ops = (writes.len() + reads.len()) as u64;
         let latencies = latencies(&writes, &reads);
         let (around, readers_hitting_after_failovers) = match cfg.deployment {
-            Deployment::Single => (None, None),
+            Deployment::Single | Deployment::Serverless => (None, None),
             Deployment::Cluster(_) => {
                 let (line, hitting) = around_failovers(&reads, &windows, cfg.readers);
                 (Some(line), Some(hitting))
@@ -288,6 +306,10 @@ impl Report {
         }
         if cfg.memory_pressure.is_some() {
             required.push(("keys evicted", 1));
+            // Not only ballast: the product's documents went too.
+            if cfg.deployment == Deployment::Serverless {
+                required.push(("documents evicted", 1));
+            }
         }
         if cfg.replay_after_data_loss {
             required.push(("batches replayed after the data loss", 1));
@@ -324,6 +346,10 @@ impl Report {
             cfg.name,
             match cfg.deployment {
                 Deployment::Single => "one node".to_owned(),
+                Deployment::Serverless => "ElastiCache Serverless stand-in (TLS, IAM, one \
+                                           virtual shard over a primary and its replica, \
+                                           volatile-lru)"
+                    .to_owned(),
                 Deployment::Cluster(c) => format!(
                     "cluster of 3 primaries with 1 replica each (confirm replicas {}, reads \
                      from {}, {})",
@@ -440,6 +466,21 @@ impl Report {
         if !served_gets.0.is_empty() {
             let _ = writeln!(text, "{served_gets}");
         }
+        if let Some(endpoints) = &serverless {
+            for (name, seen) in ["primary", "reader"].iter().zip(endpoints) {
+                let _ = writeln!(
+                    text,
+                    "serverless {name} endpoint: {} connections, {} requests forwarded {:?}, {} \
+                     answered by the front, {} MOVED, refused {:?}",
+                    seen.connections,
+                    seen.forwarded_total(),
+                    seen.forwarded,
+                    seen.answered.values().sum::<u64>(),
+                    seen.moved_total(),
+                    seen.refused
+                );
+            }
+        }
         let _ = writeln!(
             text,
             "{monitored}; of the {} keys invariant 3 found stale at the end, it found {}",
@@ -471,6 +512,7 @@ impl Report {
             inspected,
             monitored,
             served_gets,
+            serverless,
             stale_at_end,
             unconfirmed_while_short,
             under_replicated_while_short,

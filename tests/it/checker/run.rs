@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use local_stack::services::Endpoint;
 use tokio::sync::watch;
 
 use super::actors::{self, Phase, Shared};
@@ -32,14 +33,16 @@ pub async fn run(cfg: Config) -> Report {
         Some(full) => {
             let (ports, primaries) = match &redis {
                 Redis::Single(server) => (vec![server.port()], 1),
+                // The primary evicts; its replica follows its DELs.
+                Redis::Serverless(cache) => (vec![cache.backend().port()], 1),
                 Redis::Cluster(cluster) => {
                     let roles = cluster.roles().await.expect("cluster roles");
                     (cluster.ports(), roles.iter().filter(|r| r.primary).count())
                 }
             };
             let target = ballast::Target {
-                cluster: sut.redis.cluster,
-                url: sut.redis.url.clone(),
+                cluster: sut.look_cluster,
+                url: sut.look_url.clone(),
                 nodes: sut.nodes.clone(),
                 ports,
             };
@@ -51,10 +54,20 @@ pub async fn run(cfg: Config) -> Report {
             Some(tokio::spawn(ballast::fill(
                 target,
                 full,
+                prefilled,
                 shared.phase.subscribe(),
             )))
         }
         None => None,
+    };
+    // On serverless, every eviction of the run is watched (its data loss is a FLUSHALL, so
+    // the node and its notifications stay up): which of the product's keys `volatile-lru`
+    // takes is what the eviction guard there is about.
+    let evictions = match (&cfg.memory_pressure, &redis) {
+        (Some(_), Redis::Serverless(cache)) => {
+            Some(ballast::watch_evictions(cache.backend().port()).await)
+        }
+        _ => None,
     };
 
     // GETs each node has served so far: the run's are counted from here (see `NodeGets`).
@@ -141,6 +154,12 @@ pub async fn run(cfg: Config) -> Report {
         chaos.faults.add("ballast keys written", filled.written);
         chaos.faults.add("keys evicted", filled.evicted);
     }
+    if let Some(watch) = evictions {
+        let evicted = ballast::ProductEvictions::of(&watch.stop().await, &sut.settings.key_prefix);
+        chaos.faults.add("documents evicted", evicted.documents);
+        chaos.faults.add("positions evicted", evicted.positions);
+        chaos.faults.add("leases evicted", evicted.leases);
+    }
     // Before the checks at rest, which read the primaries.
     let served_gets = NodeGets::between(gets_before, node_gets(&redis).await);
     let mut inspected = inspections.await.expect("inspector task");
@@ -181,6 +200,13 @@ pub async fn run(cfg: Config) -> Report {
         cfg.memory_pressure.is_some(),
     )
     .await;
+    let serverless = match &redis {
+        Redis::Serverless(cache) => Some([
+            cache.counters(Endpoint::Primary),
+            cache.counters(Endpoint::Reader),
+        ]),
+        _ => None,
+    };
     drop(redis);
     println!(
         "[{}] replayed {} records by {:.1} s; analysing the history",
@@ -210,6 +236,7 @@ pub async fn run(cfg: Config) -> Report {
             inspected,
             monitored,
             served_gets,
+            serverless,
         },
     )
 }

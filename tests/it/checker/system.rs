@@ -1,5 +1,6 @@
 //! The system under test, fresh for each run: Redis (one `redis-server`, or a cluster of three
-//! primaries with a replica each; `valkey-server`s with [`Config::engine`]), a table with its
+//! primaries with a replica each; `valkey-server`s with [`Config::engine`]; or an ElastiCache
+//! Serverless stand-in over a primary and its replica), a table with its
 //! stream on the shared moto, and the one place the checker builds the product's parts over them
 //! (cache client, table store, invalidator, read path) and its own plain connections to look at
 //! the cache, so every actor gets them built the same way and a change to how they are built is
@@ -7,10 +8,14 @@
 
 use std::time::Duration;
 
-use local_stack::services::{RedisCluster, RedisServer};
+use local_stack::services::{
+    Auth, Engine, RedisCluster, RedisServer, ServerlessCache, ServerlessOptions,
+};
 use local_stack::stream::StreamReader;
 use product_cache::cache::{Cache, RedisCache};
-use product_cache::config::{AwsTimeouts, CacheSettings, InvalidationMode, RedisSettings};
+use product_cache::config::{
+    AwsTimeouts, CacheSettings, CacheType, IamSettings, InvalidationMode, RedisSettings,
+};
 use product_cache::id::KeyType;
 use product_cache::invalidate::Invalidator;
 use product_cache::read::ReadPath;
@@ -24,12 +29,19 @@ use crate::support::{checker_moto_endpoint, dynamo_store_with, unique_table};
 pub enum Redis {
     Single(Box<RedisServer>),
     Cluster(RedisCluster),
+    Serverless(Box<ServerlessCache>),
 }
 
 /// The functions' user on a least-privilege run (`Cluster::least_privilege`), and its password
 /// as an ACL rule.
 const LEAST_PRIVILEGE_USER: &str = "product-cache";
 const LEAST_PRIVILEGE_PASS: &str = ">checker-least-privilege";
+
+/// The serverless run's IAM user, cache name and Region: the run's SDK's (moto's), whose fake
+/// credentials sign the functions' tokens.
+const SERVERLESS_IAM_USER: &str = "product-cache-iam";
+const SERVERLESS_CACHE_NAME: &str = "product-cache-checker";
+const SERVERLESS_REGION: &str = "us-east-1";
 
 pub struct Sut {
     pub sdk: aws_config::SdkConfig,
@@ -42,6 +54,12 @@ pub struct Sut {
     pub redis: RedisSettings,
     /// Every node's URL, for the checker's own looks at a cluster (not through any one node).
     pub nodes: Vec<String>,
+    /// Whether the checker's own looks go to a cluster (`nodes`) or to one plain node: on
+    /// serverless, its primary `redis-server` behind the front, not the endpoint the functions
+    /// use (which refuses `KEYS` and wants TLS and a token).
+    pub look_cluster: bool,
+    /// The one node's URL of `look_cluster == false`.
+    pub look_url: String,
     /// The feeder's, the readers' and the replay's settings; herds use longer leases.
     pub settings: CacheSettings,
     /// The same with the version attribute flipped (`version` if `settings` has none, else
@@ -112,8 +130,55 @@ impl Sut {
                     .collect();
                 (Redis::Cluster(nodes), settings, urls)
             }
+            Deployment::Serverless => {
+                assert_ne!(
+                    cfg.data_loss,
+                    DataLoss::Restart,
+                    "a serverless cache's data loss is a FLUSHALL"
+                );
+                assert_eq!(
+                    cfg.engine,
+                    Engine::Redis,
+                    "the serverless stand-in runs redis-server"
+                );
+                let cache = ServerlessCache::start(ServerlessOptions {
+                    auth: Auth::Iam {
+                        user: SERVERLESS_IAM_USER.into(),
+                        cache_name: SERVERLESS_CACHE_NAME.into(),
+                        region: SERVERLESS_REGION.into(),
+                    },
+                    max_memory: cfg.memory_pressure.map(|full| full.maxmemory),
+                    ..ServerlessOptions::default()
+                })
+                .await
+                .expect("the serverless stand-in starts");
+                // As the template configures the functions on serverless.
+                let settings = RedisSettings {
+                    cluster: true,
+                    cache_type: CacheType::Serverless,
+                    ca_file: Some(cache.ca_file().to_path_buf()),
+                    iam: Some(IamSettings {
+                        user_id: SERVERLESS_IAM_USER.into(),
+                        cache: SERVERLESS_CACHE_NAME.into(),
+                        serverless: true,
+                    }),
+                    confirm_replicas: 0,
+                    read_from_replicas: false,
+                    ..RedisSettings::new(cache.url())
+                };
+                let backend = cache.backend().url();
+                (Redis::Serverless(Box::new(cache)), settings, vec![backend])
+            }
+        };
+        let (look_cluster, look_url) = match cfg.deployment {
+            Deployment::Cluster(_) => (true, settings.url.clone()),
+            Deployment::Single | Deployment::Serverless => (false, nodes[0].clone()),
         };
         let sdk = local_stack::table::local_sdk_config(checker_moto_endpoint()).await;
+        if cfg.deployment == Deployment::Serverless {
+            // Tokens signed for another Region would be refused.
+            assert_eq!(sdk.region().map(|r| r.as_ref()), Some(SERVERLESS_REGION));
+        }
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let table = unique_table("checker");
         let stream_arn =
@@ -151,6 +216,8 @@ impl Sut {
             mode: cfg.mode,
             redis: settings,
             nodes,
+            look_cluster,
+            look_url,
             settings: cache_settings,
             flipped,
         };
@@ -166,7 +233,9 @@ impl Sut {
             ..self.settings.clone()
         };
         let cache = self.cache(&setup).await;
-        cache.declare_empty().await.expect("epochs declared");
+        // Tried again until it lands: on serverless through the stand-in's TLS front, and on a
+        // loaded machine, it can outlast the timeout, or find the client still connecting.
+        crate::support::declared_empty(&cache).await;
     }
 
     /// A client of its own for each user, as each function instance has, built the way the
@@ -206,9 +275,10 @@ impl Sut {
 
     /// A connection of the checker's own, to look at the cache without the product's code in
     /// between: on a cluster it routes each key to its slot's primary (never a replica), and
-    /// `KEYS` to every primary.
+    /// `KEYS` to every primary; on serverless it is a plain connection to the primary
+    /// `redis-server` behind the endpoint.
     pub async fn redis_connection(&self) -> Look {
-        look(self.redis.cluster, &self.redis.url, &self.nodes)
+        look(self.look_cluster, &self.look_url, &self.nodes)
             .await
             .expect("redis connection")
     }

@@ -114,6 +114,10 @@ pub struct StackOptions {
     pub table: String,
     /// A running Redis to use; `None` starts a `redis-server` child.
     pub redis_url: Option<String>,
+    /// A running cache to use, with how the functions connect to it (a cluster, TLS, IAM: a
+    /// serverless cache, say), in place of `redis_url`; `None`: `redis_url` (or the child) is
+    /// one node, connected to as `RedisSettings::new` does.
+    pub redis_settings: Option<RedisSettings>,
     /// A running DynamoDB (with Streams) to use; `None` starts a `moto_server` child.
     pub dynamodb_endpoint: Option<String>,
     /// Products written to the table when it is empty; 0 writes none.
@@ -155,6 +159,7 @@ impl Default for StackOptions {
             listen: DEFAULT_LISTEN.parse().expect("a valid address"),
             table: DEFAULT_TABLE.into(),
             redis_url: None,
+            redis_settings: None,
             dynamodb_endpoint: None,
             seed_products: crate::seed::DEFAULT_PRODUCTS,
             esm: EsmConfig {
@@ -218,9 +223,10 @@ impl Stack {
         })?;
 
         let start_redis = async {
-            match &options.redis_url {
-                Some(url) => Ok((url.clone(), None)),
-                None => RedisServer::start().await.map(|s| (s.url(), Some(s))),
+            match (&options.redis_settings, &options.redis_url) {
+                (Some(redis), _) => Ok((redis.url.clone(), None)),
+                (None, Some(url)) => Ok((url.clone(), None)),
+                (None, None) => RedisServer::start().await.map(|s| (s.url(), Some(s))),
             }
         };
         let start_moto = async {
@@ -266,7 +272,10 @@ impl Stack {
             url: redis_url.clone(),
             source,
         };
-        let redis_settings = RedisSettings::new(&redis_url);
+        let redis_settings = options
+            .redis_settings
+            .clone()
+            .unwrap_or_else(|| RedisSettings::new(&redis_url));
         let read = ReadSettings::new(redis_settings.clone(), &options.table, settings.clone());
         let inspector = match options.change_monitor {
             Some(_) => Some(
