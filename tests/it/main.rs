@@ -25,6 +25,7 @@ mod local_stack;
 mod metrics;
 mod monitor;
 mod monitor_cli;
+mod on_serverless;
 mod operator;
 mod poller;
 mod read_path;

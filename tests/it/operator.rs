@@ -78,7 +78,7 @@ async fn stale_products(env: &mut TestEnv) -> Vec<Value> {
 
 /// Lambda's on-failure record for `records` (its SQS message body), the last one having
 /// reached the stream `age` ago.
-async fn failure_record(env: &TestEnv, records: &[Value], age: Duration) -> Value {
+pub(crate) async fn failure_record(env: &TestEnv, records: &[Value], age: Duration) -> Value {
     let shards = env.stream.shards().await.unwrap();
     assert_eq!(shards.len(), 1, "moto's stream has one shard");
     let seq = |r: &Value| r["dynamodb"]["SequenceNumber"].as_str().unwrap().to_owned();
