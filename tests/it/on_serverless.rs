@@ -581,7 +581,8 @@ fn change(id: &str, price: usize, seq: usize, created: f64) -> Value {
 /// all) is applied in full, every document written, without a request over 3,999 arguments
 /// (the library splits it into calls of at most 399 operations: at least 3 script calls), and
 /// no WAIT is sent. The same environment with
-/// `REDIS_CONFIRM_REPLICAS=1` is refused at start, naming the variable.
+/// `REDIS_CONFIRM_REPLICAS=1` is refused at start, naming the variable, and so are settings
+/// built in code with confirmation when the cache is built.
 #[tokio::test]
 async fn a_thousand_changes_in_one_slot_apply_in_calls_under_the_argument_limit() {
     let env = TestEnv::new(Refresh).await;
@@ -643,6 +644,18 @@ async fn a_thousand_changes_in_one_slot_apply_in_calls_under_the_argument_limit(
         err.contains("REDIS_CONFIRM_REPLICAS") && err.contains("serverless"),
         "{err}"
     );
+    // Settings built in code (a tool, a test) meet the same rule when the cache is built,
+    // rather than failing every batch on the refused WAIT.
+    let confirming = RedisSettings {
+        confirm_replicas: 1,
+        ..settings_on(&cache)
+    };
+    let err =
+        match RedisCache::from_settings(&confirming, &CacheSettings::default(), &env.sdk).await {
+            Ok(_) => panic!("a serverless cache with confirmation was built"),
+            Err(e) => e.to_string(),
+        };
+    assert!(err.contains("REDIS_CONFIRM_REPLICAS"), "{err}");
 }
 
 /// The inspector and the change monitor on the serverless cache: the inspector's sample

@@ -363,7 +363,7 @@ impl RedisSettings {
 impl RedisSettings {
     /// What cannot hold on ElastiCache Serverless, refused at start rather than failing every
     /// call (or stalling the stream) once running.
-    fn serverless_rules(&self) -> Result<(), ConfigError> {
+    pub(crate) fn serverless_rules(&self) -> Result<(), ConfigError> {
         let invalid = |name, value: &str, reason: &str| ConfigError::Invalid {
             name,
             value: value.to_owned(),

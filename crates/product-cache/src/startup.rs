@@ -44,6 +44,10 @@ impl RedisCache {
         cache: &CacheSettings,
         sdk: &SdkConfig,
     ) -> Result<Self, StartupError> {
+        // Settings built in code, not read from the environment, meet the same rules.
+        if redis.cache_type == config::CacheType::Serverless {
+            redis.serverless_rules()?;
+        }
         let url = match &redis.auth_secret_arn {
             Some(arn) => {
                 // Reading the token is part of connecting to Redis, and it holds up the cold
