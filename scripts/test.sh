@@ -6,6 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh
 cargo fmt --all -- --check
+# Every relative link and anchor in README.md, docs/*.md and infra/README.md resolves (the
+# handbook's pages link to each other's sections). Stdlib Python, under a second.
+python3 scripts/check-links.py
 # The library's layers: no module imports one that imports it back (crates/product-cache/tests/
 # module_cycles.rs reads the crate's `use` graph). First, since it fails in a second.
 cargo test --locked -p product-cache --test module_cycles

@@ -976,7 +976,7 @@ def check_environment(t: dict) -> list[str]:
             and is_ref(table_name["Fn::If"][1], TABLE) and is_ref(table_name["Fn::If"][2], "ExistingTableName")):
         problems.append(f"{READ}: TABLE_NAME must be !If [CreateTable, {TABLE}, ExistingTableName]")
     if read_env.get("CONSISTENT_READ") not in (None, "true"):
-        problems.append(f"{READ}: CONSISTENT_READ false breaks invariant 1 (README)")
+        problems.append(f"{READ}: CONSISTENT_READ false breaks invariant 1 (docs/consistency.md)")
     return problems
 
 
@@ -1348,9 +1348,9 @@ def deployed(t: dict, params: dict[str, str]) -> dict:
 
 
 def readme_acl() -> str:
-    """The functions' ACL rules as the README documents them (a unit test in
+    """The functions' ACL rules as docs/deploying.md documents them (a unit test in
     crates/product-cache/src/acl.rs keeps that line equal to the code's)."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "deploying.md").read_text()
     section = text.split("### Redis permissions", 1)[1]
     return next(line for line in section.splitlines() if line.startswith("resetkeys "))
 
@@ -1360,22 +1360,22 @@ def _tokens(access: Any) -> list[str]:
 
 
 def readme_inspector_acl() -> str:
-    """The inspector's ACL rules as the README documents them (a unit test in
+    """The inspector's ACL rules as docs/operating.md documents them (a unit test in
     crates/product-cache/src/acl.rs keeps that line equal to `acl::inspector_rules`, and the
     integration tests run the inspector as a user with exactly these rules)."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "operating.md").read_text()
     section = text.split("**The inspector.**", 1)[1]
     return next(line for line in section.splitlines() if line.startswith("resetkeys "))
 
 
 def inspector_access_problems(access: Any) -> list[str]:
-    """The inspector's user has the README's inspector rules: the functions' plus RANDOMKEY."""
+    """The inspector's user has docs/operating.md's inspector rules: the functions' plus RANDOMKEY."""
     want = "on " + readme_inspector_acl()
     problems = []
     if access != want:
         problems.append(f"{INSPECTOR_USER}.AccessString must be {want!r}, is {access!r}")
     if not set(_tokens(readme_acl())) < set(_tokens(want)) or "+randomkey" in _tokens(readme_acl()):
-        problems.append("the README's inspector rules must be the functions' plus +randomkey, which the functions lack")
+        problems.append("docs/operating.md's inspector rules must be the functions' plus +randomkey, which the functions lack")
     return problems
 
 
@@ -1479,7 +1479,7 @@ def check_auth_modes(t: dict) -> list[str]:
                 problems.append(f"{where}: {u}'s UserName must equal its UserId (IAM users)")
         functions_access = users.get(IAM_USER, {}).get("AccessString")
         if functions_access != "on " + readme_acl():
-            problems.append(f"{where}: {IAM_USER}.AccessString must be 'on ' + the README's ACL rules, is {functions_access!r}")
+            problems.append(f"{where}: {IAM_USER}.AccessString must be 'on ' + docs/deploying.md's ACL rules, is {functions_access!r}")
         problems += [f"{where}: {p_}" for p_ in inspector_access_problems(users.get(INSPECTOR_USER, {}).get("AccessString"))]
         for fn in EXPECTED_BINARIES:
             connect = [s_ for s_ in grants[fn] if "elasticache:Connect" in actions_of(s_)]
@@ -2257,6 +2257,144 @@ def check_dashboard(t: dict) -> list[str]:
     return problems
 
 
+# ---- the runbooks ---------------------------------------------------------------------------------
+
+RUNBOOKS_PATH = REPO / "docs" / "runbooks.md"
+# How an alarm's description names its runbook: the last words of every AlarmDescription.
+RUNBOOK_LINK = re.compile(r"Runbook: docs/runbooks\.md#([A-Za-z0-9_-]+)$")
+# The parts every alarm's section has, as bold labels, in the reading order of an incident.
+RUNBOOK_PARTS = ("**What fired.**", "**For users.**", "**Confirm.**", "**Do.**", "**Do not.**", "**Clears.**")
+# A dashboard graph named in a runbook: its title in bold quotes.
+RUNBOOK_GRAPH = re.compile(r'\*\*"([^"]+)"\*\*')
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation other than - and _
+    dropped, spaces made -."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def runbook_sections(text: str) -> list[tuple[int, str, str, str]]:
+    """(level, heading, anchor, body) of every heading of the page, in order, outside code
+    blocks; the body runs to the next heading of any level."""
+    sections: list[tuple[int, str, str, list[str]]] = []
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"^(#{1,6})\s+(.+?)\s*#*\s*$", line)
+        if m:
+            heading = m.group(2).replace("`", "")
+            sections.append((len(m.group(1)), heading, github_anchor(heading), []))
+        elif sections:
+            sections[-1][3].append(line)
+    return [(n, h, a, "\n".join(body)) for n, h, a, body in sections]
+
+
+def _alarm_sections(text: str) -> dict[str, tuple[str, str]]:
+    """Alarm name -> (anchor, body) for every section below the page's title whose heading is
+    one identifier: an alarm's logical id (every other heading has more than one word)."""
+    return {
+        h: (a, body)
+        for n, h, a, body in runbook_sections(text)
+        if n > 1 and re.fullmatch(r"[A-Za-z0-9]+", h)
+    }
+
+
+def dashboard_titles(t: dict) -> set[str]:
+    """Every widget title the dashboard has, for any cache type, topology or interval."""
+    titles = set()
+    for _, body in dashboard_bodies(t):
+        try:
+            widgets = json.loads(body).get("widgets", [])
+        except (TypeError, ValueError):
+            continue
+        titles |= {w.get("properties", {}).get("title") for w in widgets if isinstance(w, dict)}
+    return titles - {None}
+
+
+def _runbook_variants(t: dict) -> list[dict[str, str]]:
+    """Every combination of the values of the parameters the alarms' conditions depend on, so
+    that an alarm of any cache type, or any other condition, is looked at as deployed."""
+    def parameters(node: Any) -> set[str]:
+        if isinstance(node, str):
+            return parameters(t.get("Conditions", {}).get(node)) if node in t.get("Conditions", {}) else set()
+        if isinstance(node, dict):
+            if "Ref" in node and node["Ref"] in t.get("Parameters", {}):
+                return {node["Ref"]}
+            if "Condition" in node:
+                return parameters(node["Condition"])
+            return set().union(*(parameters(v) for v in node.values())) if node else set()
+        if isinstance(node, list):
+            return set().union(*(parameters(v) for v in node)) if node else set()
+        return set()
+
+    names = set()
+    for a in resources(t, "AWS::CloudWatch::Alarm").values():
+        names |= parameters(a.get("Condition")) | parameters(a.get("Properties", {}).get("AlarmDescription"))
+    variants: list[dict[str, str]] = [{}]
+    for name in sorted(names):
+        values = t["Parameters"][name].get("AllowedValues") or [t["Parameters"][name].get("Default", "")]
+        variants = [{**v, name: str(value)} for v in variants for value in values]
+    return variants
+
+
+def check_runbooks(t: dict, runbooks: str | None = None) -> list[str]:
+    """Every alarm of the template, under every condition (each cache type, the change monitor
+    on or off), ends its description by naming its own section of docs/runbooks.md, which
+    exists; every alarm section there (a heading that is an alarm's logical id) names an alarm
+    the template still has, once, with each of the six parts; and every dashboard graph a
+    runbook names is one the dashboard has. `runbooks` is the page's text (default: the file)."""
+    text = RUNBOOKS_PATH.read_text() if runbooks is None else runbooks
+    problems = []
+    alarms = resources(t, "AWS::CloudWatch::Alarm")
+    sections = _alarm_sections(text)
+    headings = [h for _, h, _, _ in runbook_sections(text)]
+    for heading in sorted({h for h in headings if headings.count(h) > 1}):
+        problems.append(f"docs/runbooks.md has the heading {heading!r} more than once")
+    for name in alarms:
+        if name not in sections:
+            problems.append(f"{name} has no section in docs/runbooks.md (a heading `### {name}`)")
+    for name in sections:
+        if name not in alarms:
+            problems.append(f"docs/runbooks.md has a section for {name}, which the template no longer has")
+    # Each alarm's description as CloudFormation sends it, in every deployment that creates it.
+    variants = _runbook_variants(t)
+    for name, alarm in alarms.items():
+        descriptions = []
+        for params in variants:
+            condition = alarm.get("Condition")
+            if isinstance(condition, str) and not evaluate_condition(t, condition, params):
+                continue
+            description = render(t, resolve_ifs(t, alarm.get("Properties", {}).get("AlarmDescription"), params))
+            descriptions.append((params, description))
+        if not descriptions:
+            # Created only under parameters no variant above sets (a condition on a free-form
+            # parameter): its description as written, with the parameters' defaults.
+            description = render(t, resolve_ifs(t, alarm.get("Properties", {}).get("AlarmDescription"), {}))
+            descriptions.append(({}, description))
+        want = sections.get(name, (github_anchor(name), ""))[0]
+        for params, description in descriptions:
+            where = f"{name} ({', '.join(f'{k}={v}' for k, v in params.items()) or 'always'})"
+            m = RUNBOOK_LINK.search(description) if isinstance(description, str) else None
+            if not m:
+                problems.append(f"{where}: AlarmDescription must end with 'Runbook: docs/runbooks.md#{want}'")
+            elif m.group(1) != want:
+                problems.append(f"{where}: AlarmDescription names runbook section #{m.group(1)}, its own is #{want}")
+    titles = dashboard_titles(t)
+    for name, (_, body) in sections.items():
+        for part in RUNBOOK_PARTS:
+            if part not in body:
+                problems.append(f"docs/runbooks.md#{name.lower()} has no {part} part")
+        graphs = {" ".join(g.split()) for g in RUNBOOK_GRAPH.findall(body)}
+        if not graphs:
+            problems.append(f"docs/runbooks.md#{name.lower()} names no dashboard graph (**\"its title\"**)")
+        for graph in sorted(graphs - titles):
+            problems.append(f"docs/runbooks.md#{name.lower()} names the graph {graph!r}, which the dashboard does not have")
+    return problems
+
+
 ALL_CHECKS = [
     check_stream_event_source,
     check_record_age_covers_ttl,
@@ -2287,4 +2425,5 @@ ALL_CHECKS = [
     check_metrics_environment,
     check_metric_alarms,
     check_dashboard,
+    check_runbooks,
 ]

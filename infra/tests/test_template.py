@@ -1031,6 +1031,55 @@ def cache_endpoint_output_of_the_nodes_only(t):
     t["Outputs"]["CacheEndpoint"]["Value"] = t["Outputs"]["CacheConfigurationEndpoint"]["Value"]
 
 
+# An alarm's description, which ends by naming its runbook section.
+def runbook_link(t, alarm):
+    return props(t, alarm)["AlarmDescription"].rsplit("Runbook: ", 1)
+
+
+def alarm_added_without_a_runbook(t):
+    t["Resources"]["ReadFunctionDurationAlarm"] = copy.deepcopy(t["Resources"]["ReadFunctionErrorsAlarm"])
+    props(t, "ReadFunctionDurationAlarm")["MetricName"] = "Duration"
+    props(t, "ReadFunctionDurationAlarm")["AlarmDescription"] = (
+        "The read function is slow. Runbook: docs/runbooks.md#readfunctiondurationalarm"
+    )
+
+
+def serverless_alarm_added_without_a_runbook(t):
+    t["Resources"]["ServerlessConnectionsAlarm"] = copy.deepcopy(t["Resources"]["ServerlessThrottledCommandsAlarm"])
+    props(t, "ServerlessConnectionsAlarm")["MetricName"] = "CurrConnections"
+
+
+def description_names_a_missing_section(t):
+    text, _ = runbook_link(t, "CacheEvictionsAlarm")
+    props(t, "CacheEvictionsAlarm")["AlarmDescription"] = text + "Runbook: docs/runbooks.md#cacheevictionalarm"
+
+
+def description_names_another_alarms_section(t):
+    text, _ = runbook_link(t, "ServerlessEvictionsAlarm")
+    props(t, "ServerlessEvictionsAlarm")["AlarmDescription"] = text + "Runbook: docs/runbooks.md#cacheevictionsalarm"
+
+
+def description_without_its_runbook(t):
+    text, _ = runbook_link(t, "InvalidationLagAlarm")
+    props(t, "InvalidationLagAlarm")["AlarmDescription"] = text.rstrip()
+
+
+def description_names_its_runbook_on_nodes_only(t):
+    description = props(t, "BypassRateAlarm")["AlarmDescription"]
+    text, _ = runbook_link(t, "BypassRateAlarm")
+    props(t, "BypassRateAlarm")["AlarmDescription"] = {"Fn::If": ["NodeBasedCache", description, text.rstrip()]}
+
+
+def runbook_of_a_removed_alarm(t):
+    del t["Resources"]["MalformedRecordsAlarm"]
+
+
+def dashboard_graph_a_runbook_names_renamed(t):
+    text = dashboard_text(t)[0]
+    assert text.count('"title": "Hit ratio (%)"') == 1
+    set_dashboard_text(t, text.replace('"title": "Hit ratio (%)"', '"title": "Hits (%)"'))
+
+
 WEAKENED = [
     (unconfirmed_invalidations, c.check_environment),
     (drop_report_batch_item_failures, c.check_stream_event_source),
@@ -1250,6 +1299,14 @@ WEAKENED = [
     (dashboard_node_graphs_on_serverless, c.check_conditional_references),
     (no_cache_endpoint_output, c.check_outputs),
     (cache_endpoint_output_of_the_nodes_only, c.check_outputs),
+    (alarm_added_without_a_runbook, c.check_runbooks),
+    (serverless_alarm_added_without_a_runbook, c.check_runbooks),
+    (description_names_a_missing_section, c.check_runbooks),
+    (description_names_another_alarms_section, c.check_runbooks),
+    (description_without_its_runbook, c.check_runbooks),
+    (description_names_its_runbook_on_nodes_only, c.check_runbooks),
+    (runbook_of_a_removed_alarm, c.check_runbooks),
+    (dashboard_graph_a_runbook_names_renamed, c.check_runbooks),
 ]
 
 
@@ -1267,6 +1324,55 @@ def test_weakened_template_fails(weaken, check, template):
 def test_every_check_has_a_weakened_case():
     covered = {check for _, check in WEAKENED}
     assert set(c.ALL_CHECKS) - covered == set()
+
+
+# What check_runbooks must say of each weakened template above: (weakening, a problem's words).
+RUNBOOK_PROBLEMS = [
+    (alarm_added_without_a_runbook, "ReadFunctionDurationAlarm has no section in docs/runbooks.md"),
+    (serverless_alarm_added_without_a_runbook, "ServerlessConnectionsAlarm has no section in docs/runbooks.md"),
+    (description_names_a_missing_section, "names runbook section #cacheevictionalarm, its own is #cacheevictionsalarm"),
+    (description_names_another_alarms_section,
+     "names runbook section #cacheevictionsalarm, its own is #serverlessevictionsalarm"),
+    (description_without_its_runbook, "InvalidationLagAlarm (CacheType=nodes, ChangeMonitor=enabled): AlarmDescription must end with"),
+    (description_names_its_runbook_on_nodes_only, "BypassRateAlarm (CacheType=serverless, ChangeMonitor=enabled): AlarmDescription must end with"),
+    (runbook_of_a_removed_alarm, "has a section for MalformedRecordsAlarm, which the template no longer has"),
+    (dashboard_graph_a_runbook_names_renamed, "names the graph 'Hit ratio (%)', which the dashboard does not have"),
+]
+
+
+@pytest.mark.parametrize("weaken,words", RUNBOOK_PROBLEMS, ids=[w.__name__ for w, _ in RUNBOOK_PROBLEMS])
+def test_runbook_problems_name_the_alarm(weaken, words, template):
+    """Each weakening is reported for what it is, naming the alarm and the section."""
+    weaken(template)
+    problems = c.check_runbooks(template)
+    assert any(words in p for p in problems), problems
+
+
+# Edits of docs/runbooks.md, in memory, that check_runbooks must report on the real template:
+# (name, [(text, replacement)], a problem's words).
+RUNBOOK_EDITS = [
+    ("section_removed", [("### ServerlessWriteLatencyAlarm\n", "### Serverless write latency\n")],
+     "ServerlessWriteLatencyAlarm has no section in docs/runbooks.md"),
+    ("section_for_an_alarm_that_never_was", [("### CacheMemoryAlarm\n", "### CacheMemoryAlarm\n\n### CacheSwapAlarm\n")],
+     "has a section for CacheSwapAlarm, which the template no longer has"),
+    ("section_twice", [("### InspectorErrorsAlarm\n", "### InspectorErrorsAlarm\n\n### InspectorErrorsAlarm\n")],
+     "has the heading 'InspectorErrorsAlarm' more than once"),
+    ("section_without_what_not_to_do", [("**Do not.** Do not raise the heartbeat's periods", "Never raise the heartbeat's periods")],
+     "#inspectorheartbeatalarm has no **Do not.** part"),
+    ("graph_misspelt", [('**"Invalidator iterator age (ms)"** (rising', '**"Invalidator iterator age (s)"** (rising')],
+     "names the graph 'Invalidator iterator age (s)', which the dashboard does not have"),
+]
+
+
+@pytest.mark.parametrize("edits,words", [(e, w) for _, e, w in RUNBOOK_EDITS], ids=[n for n, _, _ in RUNBOOK_EDITS])
+def test_weakened_runbooks_fail(edits, words, template):
+    text = c.RUNBOOKS_PATH.read_text()
+    assert c.check_runbooks(template, text) == []
+    for old, new in edits:
+        assert text.count(old) == 1, f"docs/runbooks.md no longer has {old!r}: update this test"
+        text = text.replace(old, new)
+    problems = c.check_runbooks(template, text)
+    assert any(words in p for p in problems), problems
 
 
 # ---- the template against the code and against SAM ---------------------------------------------

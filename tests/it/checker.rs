@@ -31,7 +31,7 @@
 //!   the kill, so the promoted replica lacks the primary's newest writes. Every actor's client
 //!   is built once, before the failovers, and has to follow the new topology by itself.
 //!
-//! Then it checks the README's invariants:
+//! Then it checks the invariants (README.md, docs/consistency.md):
 //! 1. a read that started after the record of write W on X was acknowledged returns W or newer:
 //!    `Found(v)` needs `v >=` the newest acknowledged write (`v >` an acknowledged delete);
 //!    not-found after an acknowledged write is stale unless a later delete of X had been sent
@@ -65,7 +65,7 @@
 //! failovers; and with confirmation off and the replica's link cut for a second before the kill,
 //! which must report lost invalidations; and the same cut-and-kill with confirmation on, which
 //! must report them too: the cut detaches the replica, so the shard is short of replicas and
-//! batches go on under-replicated (the README's accepted risk, a second failure before a replica
+//! batches go on under-replicated (docs/consistency.md's accepted risk, a second failure before a replica
 //! has synced). `a_write_lost_with_its_primary_is_not_confirmed` is the deterministic form of what
 //! confirmation still rules out, a primary killed while an attached (stalled) replica has not
 //! acknowledged: it once failed, when a `WAIT` the cluster client fanned out to every primary
@@ -506,7 +506,7 @@ async fn catches_lost_invalidations_without_confirmation() {
 /// attached: the shard is short of a replica, as after a failover while the replacement syncs.
 /// Batches are then confirmed by the replicas attached (none) and acknowledged, counted as
 /// `BatchesUnderReplicated`, rather than stalling the stream; a primary lost in that window (a
-/// second failure before a replica has synced) loses them. That is the risk the README accepts,
+/// second failure before a replica has synced) loses them. That is the risk docs/consistency.md accepts,
 /// and this shows it is real: the checker must see it, as without confirmation. (It used to
 /// assert a clean run: every batch during the cut was reported failed, which is what also
 /// stalled every shard for minutes after each real failover.) What confirmation still rules

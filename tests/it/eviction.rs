@@ -21,7 +21,7 @@ const USER: &str = "product-cache";
 const PASSWORD: &str = "eviction-test";
 
 /// A node running `engine`'s server with the template's policy, whose functions' user has
-/// exactly the README's rules (the script's `INFO stats` needs `+info|stats`), declared empty
+/// exactly docs/deploying.md's rules (the script's `INFO stats` needs `+info|stats`), declared empty
 /// (its 16,384 epoch keys, which have no TTL and are never evicted, take about 1.5 MB), and then
 /// given `room` bytes more than it uses.
 async fn full_node(engine: Engine, room: u64) -> RedisServer {

@@ -118,7 +118,7 @@ async fn a_fill_refused_as_older_hands_its_lease_back() {
     );
 }
 
-/// Both functions, both modes, under exactly the ACL the README documents: a user allowed only
+/// Both functions, both modes, under exactly the ACL docs/deploying.md documents: a user allowed only
 /// the commands and keys in `product_cache::acl::rules` (`INFO` only for its replication and
 /// stats sections, no `CONFIG`).
 #[tokio::test]

@@ -355,7 +355,7 @@ async fn a_failover_loses_no_acknowledged_invalidation() {
 }
 
 /// What confirming a batch on a replica costs: a 1,000-key batch with and without `WAIT`, on a
-/// primary with one local replica. A measurement, not a test (`--ignored`), for the README:
+/// primary with one local replica. A measurement, not a test (`--ignored`), for docs/architecture.md (replica confirmation):
 /// `cargo test --release -p integration-tests --test it replicas::confirmation_cost -- --ignored --nocapture`
 #[tokio::test]
 #[ignore = "a measurement; run it with --ignored --nocapture"]
