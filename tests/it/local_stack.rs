@@ -547,53 +547,13 @@ async fn dev_command_round_trip(cache: Option<&str>) {
     if let Some(cache) = cache {
         args.extend(["--cache", cache]);
     }
-    let mut stack = command(&args, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn pcache dev");
-    let stderr = Arc::new(Mutex::new(String::new()));
-    collect(stack.stderr.take().unwrap(), stderr.clone());
-    let mut stdout = BufReader::new(stack.stdout.take().unwrap()).lines();
-
-    let started = Instant::now();
-    let find_address = async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            if let Some(url) = line.strip_prefix("listening on ") {
-                return Some(url.to_owned());
-            }
-        }
-        None
-    };
-    let base = match tokio::time::timeout(STARTS_WITHIN, find_address).await {
-        Ok(Some(url)) => url,
-        other => panic!(
-            "no address printed ({other:?}); stderr:\n{}",
-            stderr.lock().unwrap()
-        ),
-    };
-    eprintln!("pcache dev up after {:?}", started.elapsed());
-    let addr: SocketAddr = base.strip_prefix("http://").unwrap().parse().unwrap();
-    assert_ne!(addr.port(), 0);
-    // The rest of the banner, so the pipe never fills.
-    // Read on from the same reader: its buffer may hold the rest of the banner already.
-    let banner = Arc::new(Mutex::new(String::new()));
-    let into = banner.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stdout.next_line().await {
-            into.lock().unwrap().push_str(&format!("{line}\n"));
-        }
-    });
-    // It is printed at once, after the address.
-    let printed = async {
-        while !banner.lock().unwrap().contains("Ctrl-C stops everything") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(STARTS_WITHIN, printed)
-        .await
-        .unwrap_or_else(|_| panic!("no banner: {}", banner.lock().unwrap()));
-    let banner = banner.lock().unwrap().clone();
+    let Dev {
+        mut stack,
+        base,
+        addr,
+        banner,
+        stderr,
+    } = start_dev(command(&args, dir.path())).await;
     let serverless = cache.map(|_| ServerlessBanner::of(&banner));
 
     let state: StackState =
@@ -696,6 +656,244 @@ async fn dev_command_round_trip(cache: Option<&str>) {
     .unwrap();
     assert!(!gone.status.success());
     assert!(String::from_utf8_lossy(&gone.stderr).contains("no running stack"));
+}
+
+/// A `pcache dev` that has printed its banner.
+struct Dev {
+    stack: tokio::process::Child,
+    /// `http://<addr>`.
+    base: String,
+    addr: SocketAddr,
+    banner: String,
+    /// Everything it wrote to stderr so far (still collected).
+    stderr: Arc<Mutex<String>>,
+}
+
+/// Spawns `dev` (a `pcache dev` command) with both pipes read, and waits for its banner.
+async fn start_dev(mut dev: Command) -> Dev {
+    let mut stack = dev
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pcache dev");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    collect(stack.stderr.take().unwrap(), stderr.clone());
+    let mut stdout = BufReader::new(stack.stdout.take().unwrap()).lines();
+
+    let started = Instant::now();
+    let find_address = async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("listening on ") {
+                return Some(url.to_owned());
+            }
+        }
+        None
+    };
+    let base = match tokio::time::timeout(STARTS_WITHIN, find_address).await {
+        Ok(Some(url)) => url,
+        other => panic!(
+            "no address printed ({other:?}); stderr:\n{}",
+            stderr.lock().unwrap()
+        ),
+    };
+    eprintln!("pcache dev up after {:?}", started.elapsed());
+    let addr: SocketAddr = base.strip_prefix("http://").unwrap().parse().unwrap();
+    assert_ne!(addr.port(), 0);
+    // The rest of the banner, so the pipe never fills.
+    // Read on from the same reader: its buffer may hold the rest of the banner already.
+    let banner = Arc::new(Mutex::new(String::new()));
+    let into = banner.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            into.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    // It is printed at once, after the address.
+    let printed = async {
+        while !banner.lock().unwrap().contains("Ctrl-C stops everything") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(STARTS_WITHIN, printed)
+        .await
+        .unwrap_or_else(|_| panic!("no banner: {}", banner.lock().unwrap()));
+    let banner = banner.lock().unwrap().clone();
+    Dev {
+        stack,
+        base,
+        addr,
+        banner,
+        stderr,
+    }
+}
+
+/// A template whose read function sets four variables, three by parameters' defaults.
+const DEV_TEMPLATE: &str = r#"
+Parameters:
+  LeaseMs: {Type: Number, Default: 4000}
+  RedisTimeoutMs: {Type: Number, Default: 100}
+  NegativeTtlSeconds: {Type: Number, Default: 40}
+Resources:
+  ReadFunction:
+    Type: AWS::Serverless::Function
+    Properties:
+      Environment:
+        Variables:
+          REDIS_URL: !Sub 'rediss://${Cache.Address}:6379'
+          LEASE_MS: !Ref LeaseMs
+          REDIS_TIMEOUT_MS: !Ref RedisTimeoutMs
+          CACHE_TTL_SECONDS: 600
+          NEGATIVE_TTL_SECONDS: !Ref NegativeTtlSeconds
+"#;
+
+/// `pcache dev` configures its functions as they are configured on Lambda: the environment
+/// over the template's values over the defaults. The banner lists what differs from the
+/// template, and both layers take effect (the template's CACHE_TTL_SECONDS on a cached item's
+/// TTL; the environment's NEGATIVE_TTL_SECONDS over the template's on a "not found"'s; the
+/// environment's METRICS_NAMESPACE, a variable it used to ignore, in the metrics lines). With
+/// stderr a pipe its status line is written when a counter changed, soon after, and not again
+/// while nothing happens.
+#[tokio::test]
+async fn the_dev_command_takes_the_functions_variables_and_writes_its_status_only_on_change() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("template.yaml"), DEV_TEMPLATE).unwrap();
+    let state_dir = dir.path().join("state");
+    let args = [
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--template",
+        "template.yaml",
+        "--no-change-monitor",
+        // kb-001 among them; a small catalog keeps the start light next to the other dev tests.
+        "--seed",
+        "10",
+    ];
+    let mut dev = command(&args, dir.path());
+    dev.envs([
+        ("LEASE_MS", "5000"),
+        ("REDIS_TIMEOUT_MS", "250"),
+        ("NEGATIVE_TTL_SECONDS", "50"),
+        ("METRICS_NAMESPACE", "DevSettings"),
+        // Connection variables are the stack's own: this one must not reach the functions.
+        ("REDIS_CLUSTER", "true"),
+    ]);
+    let Dev {
+        mut stack,
+        base,
+        banner,
+        stderr,
+        ..
+    } = start_dev(dev).await;
+    for shown in [
+        "differs from the template: LEASE_MS=5000 (template: 4000)",
+        "differs from the template: REDIS_TIMEOUT_MS=250 (template: 100)",
+        "differs from the template: NEGATIVE_TTL_SECONDS=50 (template: 40)",
+        "differs from the template: METRICS_NAMESPACE=DevSettings (template: unset, default \
+         ProductCache)",
+        "the functions' variables from the environment, then template.yaml, then the defaults",
+    ] {
+        assert!(
+            banner.contains(shown),
+            "{shown:?} not in the banner:\n{banner}"
+        );
+    }
+    assert!(!banner.contains("CACHE_TTL_SECONDS"), "{banner}");
+
+    assert_eq!(get(&format!("{base}/products/kb-001")).await.status, 200);
+    assert_eq!(
+        get(&format!("{base}/products/no-such-product"))
+            .await
+            .status,
+        404
+    );
+    let state: StackState =
+        serde_json::from_str(&std::fs::read_to_string(state_dir.join("state.json")).unwrap())
+            .unwrap();
+    let redis = redis::Client::open(state.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl = |key: &str| {
+        let (mut redis, key) = (redis.clone(), key.to_owned());
+        async move {
+            redis::cmd("TTL")
+                .arg(key)
+                .query_async::<i64>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+    // The fill lands after the answer: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut item = ttl("product:kb-001").await;
+    while item < 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        item = ttl("product:kb-001").await;
+    }
+    assert!(
+        (1..=600).contains(&item),
+        "TTL {item}: not the template's 600 s"
+    );
+    let not_found = ttl("product:no-such-product").await;
+    assert!(
+        (41..=50).contains(&not_found),
+        "TTL {not_found}: not the environment's 50 s"
+    );
+    let metrics = std::fs::read_to_string(state_dir.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics.contains("\"DevSettings\"") && !metrics.contains("\"ProductCache\""),
+        "{metrics}"
+    );
+
+    // The status line after those two requests: written once a counter changed, within about
+    // the second it is looked at (not at the next ten-second mark).
+    let status_lines = || -> Vec<String> {
+        stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("hits "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !status_lines().iter().any(|l| l.contains("misses 2")) {
+        assert!(
+            Instant::now() < deadline,
+            "no status line with both misses within 3 s:\n{}",
+            stderr.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Idle: nothing changes, so nothing more is written.
+    let before = status_lines();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = status_lines();
+    assert_eq!(after, before, "status lines written while idle");
+    assert!(
+        after.windows(2).all(|w| w[0] != w[1]),
+        "the same status line twice in a row: {after:#?}"
+    );
+
+    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
+    let pid = stack.id().expect("still running") as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = tokio::time::timeout(EXITS_WITHIN, stack.wait())
+        .await
+        .expect("stops on SIGINT")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // The last status is the one already shown: not written again at the stop.
+    let last = status_lines();
+    assert!(
+        last.windows(2).all(|w| w[0] != w[1]),
+        "the same status line twice in a row: {last:#?}"
+    );
 }
 
 /// What `pcache dev --cache serverless` says about its stand-in in the banner.

@@ -2,11 +2,13 @@
 //! the table with a sample catalog, the read function's handler behind local HTTP, and the
 //! invalidator fed from the table's stream by the local event source mapping.
 //!
-//! Split by job: `lifecycle` starts, runs and stops it; `status` is what it shows while it
-//! runs; `state` is the file other commands find it by. The re-exports keep one path,
+//! Split by job: `lifecycle` starts, runs and stops it; `settings` is what its functions are
+//! configured with; `status` is what it shows while it runs; `state` is the file other commands
+//! find it by. The re-exports keep one path,
 //! `local_stack::stack::*`, for all of it.
 
 mod lifecycle;
+mod settings;
 mod state;
 mod status;
 
@@ -14,5 +16,6 @@ pub use lifecycle::{
     change_monitor_esm, Stack, StackError, StackOptions, DEFAULT_LISTEN, DEFAULT_TABLE,
     LOCAL_POLL_INTERVAL,
 };
+pub use settings::{Difference, FunctionVariables, SettingsError};
 pub use state::{StackState, StateError};
 pub use status::{describe_esm, Stats, StatusStyle};

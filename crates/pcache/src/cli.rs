@@ -31,6 +31,14 @@ pub enum Command {
     /// redis-server, moto (DynamoDB + Streams) with the seeded table, the read path over HTTP and
     /// the stream invalidator behind the local event source mapping. With --cache serverless,
     /// a local ElastiCache Serverless stand-in in place of the redis-server.
+    ///
+    /// The functions read the variables they read on Lambda (LEASE_MS, REDIS_TIMEOUT_MS,
+    /// DYNAMODB_TIMEOUT_MS, INSPECT_GRACE_MS, ...), each its own, in this order: the environment
+    /// pcache dev runs in; then the function's Environment in --template (a !Ref to a
+    /// parameter read as its Default; values computed at deploy time count as unset); then the
+    /// code's defaults. The cache's connection (REDIS_URL, REDIS_CLUSTER, ...) and TABLE_NAME are
+    /// the local stack's own. The banner lists every variable whose value differs from the
+    /// template's. Every variable: docs/configuration.md.
     // `run` was this subcommand's name before the command was called pcache.
     #[command(alias = "run")]
     Dev(DevArgs),
@@ -78,7 +86,8 @@ pub struct DevArgs {
     /// A running DynamoDB with Streams to use instead of starting moto
     #[arg(long, env = "AWS_ENDPOINT_URL_DYNAMODB")]
     pub endpoint: Option<String>,
-    /// The SAM template whose invalidator event source configures the stream poller
+    /// The SAM template whose invalidator event source configures the stream poller, and whose
+    /// functions' Environment gives the variables the environment does not set
     #[arg(long, default_value = "infra/template.yaml")]
     pub template: PathBuf,
     /// Where records the poller gives up on are written [default: <state-dir>/on-failure.jsonl]
@@ -91,9 +100,10 @@ pub struct DevArgs {
     /// Where the running stack's state file goes, for set-price and warm
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// What the invalidator does with a change
-    #[arg(long, env = "INVALIDATION_MODE", default_value = "delete")]
-    pub mode: InvalidationMode,
+    /// What the invalidator does with a change [default: the template's INVALIDATION_MODE, or
+    /// delete]
+    #[arg(long, env = "INVALIDATION_MODE")]
+    pub mode: Option<InvalidationMode>,
     /// Products written to an empty table
     #[arg(long, default_value_t = local_stack::seed::DEFAULT_PRODUCTS)]
     pub seed: usize,

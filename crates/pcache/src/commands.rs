@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use local_stack::stack::{Stack, StackOptions, StackState, StatusStyle};
-use product_cache::config::{CacheSettings, CacheType, Env};
+use local_stack::stack::{FunctionVariables, Stack, StackOptions, StackState, StatusStyle};
+use product_cache::config::{CacheSettings, CacheType, Env, Function, InvalidationMode};
 
 use crate::cli::{DevArgs, SetPriceArgs, Target, WarmArgs, DEFAULT_STATE_DIR};
 use crate::serverless::{with_redis_lines, LocalServerless};
@@ -23,7 +23,19 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
             args.template.display()
         );
     }
-    let settings = CacheSettings::from_source(&Env)?;
+    // The variables the functions read, each function's own: the environment, then the
+    // template's values, then the defaults (docs/configuration.md).
+    let variables = FunctionVariables::resolve(&Env, &args.template)?;
+    let mode = match args.mode {
+        Some(mode) => mode,
+        None => variables
+            .get(Function::Invalidator, "INVALIDATION_MODE")
+            .map(|m| m.parse::<InvalidationMode>())
+            .transpose()
+            .map_err(|e| format!("INVALIDATION_MODE in {}: {e}", args.template.display()))?
+            .unwrap_or(InvalidationMode::Delete),
+    };
+    let settings = CacheSettings::from_source(variables.of(Function::Read))?;
     let serverless = match args.cache {
         CacheType::Nodes => None,
         CacheType::Serverless => {
@@ -56,8 +68,8 @@ pub async fn dev(args: DevArgs) -> Result<(), Error> {
             ..esm.config
         },
         esm_source: esm.source,
-        mode: args.mode,
-        settings,
+        mode,
+        variables,
         metrics: Some(
             args.metrics
                 .unwrap_or_else(|| args.state_dir.join("metrics.jsonl")),
@@ -164,6 +176,11 @@ pub async fn warm(args: WarmArgs) -> Result<(), Error> {
         (None, None) => unreachable!("clap requires --ids or --first"),
     };
     let read = product_cache::read::ReadPath::build(place.read_settings(), &sdk).await?;
+    // A one-shot process: wait for the cache's connections (TLS, IAM, the slot map) before the
+    // first batch, or it would bypass while they form.
+    if let Err(e) = read.cache().ready(place.redis.connect_timeout).await {
+        eprintln!("pcache: the cache is not reachable yet ({e}); reads will bypass it");
+    }
     let progress = indicatif::ProgressBar::new(ids.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("warming {bar:40} {pos}/{len} ids ({per_sec})")
             .expect("a valid template"),

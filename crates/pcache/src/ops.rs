@@ -230,6 +230,11 @@ pub async fn redrive(args: RedriveArgs) -> Result<(), Error> {
         &place.sdk,
     )
     .await?;
+    // A one-shot process: wait for the cache's connections before the first batch, or its
+    // budget would go on forming them.
+    if let Err(e) = invalidator.cache().ready(place.redis.connect_timeout).await {
+        eprintln!("pcache: the cache is not reachable yet ({e}); batches may fail and be kept");
+    }
     let streams = aws_sdk_dynamodbstreams::Client::new(&place.sdk);
     let messages = destination.take().await?;
     eprintln!(

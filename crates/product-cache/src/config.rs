@@ -3,10 +3,18 @@
 //! Every variable has a documented default except `TABLE_NAME` (and `REDIS_URL` for the functions
 //! that need it). A malformed value fails start-up with a message naming the variable: a function
 //! that starts with a half-understood configuration would fail every request instead.
+//!
+//! Split by job: this file parses and validates; [`variables`] lists every variable as data
+//! (name, functions, default, unit), the list `docs/configuration.md` and the local stack are
+//! checked against.
+
+pub mod variables;
 
 use std::time::Duration;
 
 use crate::id::KeyType;
+
+pub use variables::{variable, Function, Variable, VARIABLES};
 
 /// How the invalidator treats INSERT and MODIFY records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,6 +529,22 @@ pub struct Env;
 impl Source for Env {
     fn get(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+}
+
+/// Sources asked in order: the first that has a variable answers. The local stack runs its
+/// functions on its own overrides, then the environment, then the template's values.
+pub struct Layers<'a>(pub Vec<&'a dyn Source>);
+
+impl Source for Layers<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.iter().find_map(|layer| layer.get(name))
+    }
+}
+
+impl<S: AsRef<str>> Source for Vec<(S, S)> {
+    fn get(&self, name: &str) -> Option<String> {
+        Source::get(self.as_slice(), name)
     }
 }
 

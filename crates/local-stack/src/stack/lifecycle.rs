@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use product_cache::config::{
-    CacheSettings, InvalidationMode, InvalidatorSettings, ReadSettings, RedisSettings,
+    ConfigError, Function, InvalidationMode, InvalidatorSettings, Layers, ReadSettings,
+    RedisSettings, Source,
 };
 use product_cache::id::KeyType;
 use product_cache::inspect::{InspectSettings, Inspector};
@@ -24,7 +25,7 @@ use product_cache::read::ReadPath;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::StatusStyle;
+use super::{FunctionVariables, StatusStyle};
 use crate::error::chain;
 use crate::http::HttpStats;
 use crate::poller::{EsmConfig, Poller, PollerStats, StartingPosition};
@@ -84,6 +85,9 @@ pub enum StackError {
     },
     #[error("the local stack's catalog has string ids; unset KEY_TYPE=N to run it")]
     NumberKeys,
+    /// A variable the functions would refuse to start with.
+    #[error(transparent)]
+    Settings(#[from] ConfigError),
     /// A child process, the HTTP server or the poller stopped while the stack was running.
     #[error("{0}")]
     Failed(String),
@@ -126,8 +130,11 @@ pub struct StackOptions {
     pub esm: EsmConfig,
     /// Where `esm` came from, for the start-up message.
     pub esm_source: String,
+    /// The invalidator's mode, over `variables`' `INVALIDATION_MODE`.
     pub mode: InvalidationMode,
-    pub settings: CacheSettings,
+    /// The variables each function runs with (see [`FunctionVariables`]); empty, the defaults.
+    /// The cache's connection and the table's name are the stack's, whatever they say.
+    pub variables: FunctionVariables,
     /// Where both functions' metrics are appended (CloudWatch EMF lines, as the functions
     /// print them on Lambda); `None` keeps them to the status line.
     pub metrics: Option<PathBuf>,
@@ -168,7 +175,7 @@ impl Default for StackOptions {
             },
             esm_source: "Lambda's defaults".into(),
             mode: InvalidationMode::Delete,
-            settings: CacheSettings::default(),
+            variables: FunctionVariables::default(),
             metrics: None,
             change_monitor: Some(change_monitor_esm()),
         }
@@ -198,6 +205,8 @@ pub struct Stack {
     /// The change monitor's poller, and its counters.
     change_monitor: Option<JoinHandle<()>>,
     pub(super) change_monitor_stats: Option<Arc<PollerStats>>,
+    /// How long the change monitor lets a change settle before judging it (`INSPECT_GRACE_MS`).
+    pub(super) monitor_grace: Duration,
     pub(super) redis: Option<RedisServer>,
     pub(super) moto: Option<MotoServer>,
 }
@@ -207,7 +216,11 @@ impl Stack {
     /// has caught up with the seeded catalog, so a read right after this returns is not
     /// invalidated by a seed record arriving late.
     pub async fn start(options: StackOptions) -> Result<Stack, StackError> {
-        if options.settings.key_type == KeyType::N {
+        // Every function's settings first, as each would parse them at its cold start: a
+        // variable it would refuse stops the stack before anything is started. The cache's URL
+        // is a stand-in until the cache is up (parsing connects to nothing).
+        let settings = Settings::parse(&options, "redis://127.0.0.1")?;
+        if settings.read.cache.key_type == KeyType::N {
             return Err(StackError::NumberKeys);
         }
         // Bind first: a port already in use should fail before the slow part of start-up.
@@ -239,20 +252,20 @@ impl Stack {
         let ((redis_url, redis), (dynamodb_endpoint, moto)) =
             tokio::try_join!(start_redis, start_moto)?;
 
-        let settings = &options.settings;
+        let cache_settings = &settings.read.cache;
         let sdk = crate::table::local_sdk_config(&dynamodb_endpoint).await;
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let stream_arn = crate::table::ensure_table(
             &dynamodb,
             &options.table,
-            &settings.key_attribute,
-            settings.key_type,
+            &cache_settings.key_attribute,
+            cache_settings.key_type,
         )
         .await?;
         let seeded = crate::seed::seed_if_empty(
             &dynamodb,
             &options.table,
-            &settings.key_attribute,
+            &cache_settings.key_attribute,
             options.seed_products,
         )
         .await?;
@@ -266,45 +279,53 @@ impl Stack {
             }
         }
         // Built the way the functions build themselves, so the stack runs what they run.
-        // Strongly consistent reads, as the read function is configured by default: an
-        // eventually consistent read could put the version the stream just replaced back.
         let redis_error = |source| StackError::Redis {
             url: redis_url.clone(),
             source,
         };
-        let redis_settings = options
+        let base = options
             .redis_settings
             .clone()
             .unwrap_or_else(|| RedisSettings::new(&redis_url));
-        let read = ReadSettings::new(redis_settings.clone(), &options.table, settings.clone());
-        let inspector = match options.change_monitor {
-            Some(_) => Some(
-                Inspector::build(read.clone(), InspectSettings::default(), &sdk)
-                    .await
-                    .map_err(redis_error)?,
-            ),
-            None => None,
-        };
+        let Settings {
+            mut read,
+            mut invalidator,
+            mut inspector,
+            inspect,
+            metrics,
+        } = settings;
+        for redis in [
+            &mut read.redis,
+            &mut invalidator.redis,
+            &mut inspector.redis,
+        ] {
+            *redis = on_the_stacks_cache(&base, redis);
+        }
+        let monitor_grace = inspect.grace;
         let sink = match &options.metrics {
             Some(path) => metrics_file(path)?,
             None => Sink::Off,
         };
-        let metrics = MetricsSettings::default();
-        let inspector = inspector.map(|i| i.with_metrics(metrics.clone(), sink.clone()));
+        let [read_metrics, invalidator_metrics, inspector_metrics] = metrics;
+        let inspector = match options.change_monitor {
+            Some(_) => Some(
+                Inspector::build(inspector, inspect, &sdk)
+                    .await
+                    .map_err(redis_error)?
+                    .with_metrics(inspector_metrics, sink.clone()),
+            ),
+            None => None,
+        };
+        let key_attribute = read.cache.key_attribute.clone();
         let read = ReadPath::build(read, &sdk)
             .await
             .map_err(redis_error)?
-            .with_metrics(metrics.clone(), sink.clone());
+            .with_metrics(read_metrics, sink.clone());
         let read = Arc::new(read);
-        let invalidator = InvalidatorSettings {
-            redis: redis_settings,
-            mode: options.mode,
-            cache: settings.clone(),
-        };
         let invalidator = Invalidator::build(invalidator, &sdk)
             .await
             .map_err(redis_error)?
-            .with_metrics(metrics, sink);
+            .with_metrics(invalidator_metrics, sink);
         if redis.is_some() {
             // A Redis this stack just started, empty: refreshes write from the first record
             // on (see `RedisCache::declare_empty`).
@@ -322,7 +343,7 @@ impl Stack {
             redis_url: redis_url.clone(),
             dynamodb_endpoint,
             table: options.table.clone(),
-            key_attribute: settings.key_attribute.clone(),
+            key_attribute,
             seeded,
             options: options.clone(),
             http_stats: Arc::default(),
@@ -335,6 +356,7 @@ impl Stack {
             monitor: None,
             change_monitor: None,
             change_monitor_stats: None,
+            monitor_grace,
             redis,
             moto,
         };
@@ -470,15 +492,16 @@ impl Stack {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate; the banner has just been printed.
         ticker.tick().await;
+        let mut shown = None;
         let result = loop {
             tokio::select! {
                 biased;
                 () = &mut stop => break Ok(()),
                 Some(failure) = self.failures.recv() => break Err(StackError::Failed(failure)),
-                _ = ticker.tick() => style.show(&self.stats()),
+                _ = ticker.tick() => shown = style.show(self.stats(), shown),
             }
         };
-        style.finish(&self.stats());
+        style.finish(self.stats(), shown);
         result
     }
 
@@ -532,6 +555,54 @@ impl Drop for Stack {
             task.abort();
         }
         // The children's own Drop kills them.
+    }
+}
+
+/// Each function's settings, parsed from its variables as its start-up parses them
+/// (`product_cache::startup::*_from_env`), over the stack's own cache URL and table.
+struct Settings {
+    read: ReadSettings,
+    invalidator: InvalidatorSettings,
+    inspector: ReadSettings,
+    inspect: InspectSettings,
+    /// Per function, in [`Function::ALL`]'s order.
+    metrics: [MetricsSettings; 3],
+}
+
+impl Settings {
+    fn parse(options: &StackOptions, redis_url: &str) -> Result<Self, ConfigError> {
+        let own = vec![
+            ("REDIS_URL", redis_url),
+            ("TABLE_NAME", options.table.as_str()),
+        ];
+        let of = |f: Function| Layers(vec![&own as &dyn Source, options.variables.of(f)]);
+        let metrics = |f: Function| MetricsSettings::from_source(&of(f));
+        Ok(Self {
+            read: ReadSettings::from_source(&of(Function::Read))?,
+            invalidator: InvalidatorSettings {
+                mode: options.mode,
+                ..InvalidatorSettings::from_source(&of(Function::Invalidator))?
+            },
+            inspector: ReadSettings::from_source(&of(Function::Inspector))?,
+            inspect: InspectSettings::from_source(&of(Function::Inspector))?,
+            metrics: [
+                metrics(Function::Read)?,
+                metrics(Function::Invalidator)?,
+                metrics(Function::Inspector)?,
+            ],
+        })
+    }
+}
+
+/// `base` (how to reach the stack's cache: one node, or the serverless stand-in with its TLS and
+/// IAM) with the bounds `parsed` took from the function's variables.
+fn on_the_stacks_cache(base: &RedisSettings, parsed: &RedisSettings) -> RedisSettings {
+    RedisSettings {
+        connect_timeout: parsed.connect_timeout,
+        confirm_timeout: parsed.confirm_timeout,
+        tcp_keepalive: parsed.tcp_keepalive,
+        breaker: parsed.breaker,
+        ..base.clone()
     }
 }
 

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use product_cache::config::InvalidationMode;
-use product_cache::inspect::InspectSettings;
 
 use super::Stack;
 use crate::poller::{EsmConfig, StartingPosition};
@@ -53,8 +52,9 @@ impl std::fmt::Display for Stats {
 pub enum StatusStyle {
     /// Rewritten in place once a second (stderr is a terminal).
     Terminal,
-    /// A plain line every ten seconds (stderr is a file or pipe: no control characters, and a
-    /// log that does not grow by a line a second).
+    /// A plain line when a counter changed, looked at once a second (stderr is a file or pipe:
+    /// no control characters, and a log that grows only when something happened, not by the
+    /// same line again while the stack sits idle).
     Lines,
     /// Nothing.
     Quiet,
@@ -72,25 +72,32 @@ impl StatusStyle {
 
     pub(super) fn every(self) -> Duration {
         match self {
-            Self::Terminal => Duration::from_secs(1),
-            Self::Lines | Self::Quiet => Duration::from_secs(10),
+            Self::Terminal | Self::Lines => Duration::from_secs(1),
+            Self::Quiet => Duration::from_secs(10),
         }
     }
 
-    pub(super) fn show(self, stats: &Stats) {
+    /// Shows `stats` if this style shows them now: a terminal's line is redrawn every time (in
+    /// place, so nothing accumulates), a plain line only when it differs from `last` (the one
+    /// shown before, `None` at first). Returns what is on show afterwards.
+    pub(super) fn show(self, stats: Stats, last: Option<Stats>) -> Option<Stats> {
         match self {
             // Clear to the end of the line: the new text can be shorter than the old.
             Self::Terminal => eprint!("\r{stats}\x1b[K"),
-            Self::Lines => eprintln!("{stats}"),
-            Self::Quiet => {}
+            Self::Lines if last != Some(stats) => eprintln!("{stats}"),
+            Self::Lines | Self::Quiet => return last,
         }
+        Some(stats)
     }
 
-    pub(super) fn finish(self, stats: &Stats) {
+    /// The last status at the stop: the terminal's line is ended, a plain line written if it
+    /// changed since the last one.
+    pub(super) fn finish(self, stats: Stats, last: Option<Stats>) {
         match self {
             Self::Terminal => eprintln!("\r{stats}\x1b[K"),
-            Self::Lines => eprintln!("{stats}"),
-            Self::Quiet => {}
+            Self::Lines | Self::Quiet => {
+                self.show(stats, last);
+            }
         }
     }
 }
@@ -147,6 +154,8 @@ impl Stack {
              \x20             change monitor {monitor}\n\
              \x20 on-failure  {on_failure}\n\
              \x20 metrics     {metrics}  (CloudWatch EMF lines, one per invocation)\n\
+             \x20 settings    the functions' variables from {settings}\n\
+             {differing}\
              \n\
              Try:\n\
              \x20 curl -si {url}/products/kb-001\n\
@@ -166,10 +175,21 @@ impl Stack {
             },
             esm_desc = describe_esm(esm),
             source = self.options.esm_source,
+            settings = match self.options.variables.source.as_str() {
+                "" => "the defaults",
+                given => given,
+            },
+            differing = match &self.options.variables.differing[..] {
+                [] => "\x20             none differs from the template\n".to_owned(),
+                differing => differing
+                    .iter()
+                    .map(|d| format!("\x20             differs from the template: {d}\n"))
+                    .collect(),
+            },
             monitor = match &self.options.change_monitor {
                 Some(esm) => format!(
                     "(the inspector, judging each change {} after it) via {}",
-                    humantime::format_duration(InspectSettings::default().grace),
+                    humantime::format_duration(self.monitor_grace),
                     describe_esm(esm)
                 ),
                 None => "off".to_owned(),

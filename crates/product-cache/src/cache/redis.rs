@@ -126,6 +126,14 @@ impl RedisCache {
         inspect::declare_empty(self.ctx()).await
     }
 
+    /// Waits up to `wait` for the slot map and every primary's connection: for one-shot
+    /// tools, whose first call would otherwise find the connection still forming (TLS, IAM,
+    /// `AUTH`) and bypass. The functions never wait so: their connections form from cold start
+    /// on, and a request that comes first bypasses.
+    pub async fn ready(&self, wait: std::time::Duration) -> Result<(), CacheError> {
+        inspect::ready(self.ctx(), wait).await
+    }
+
     /// A plain GET, for tools and tests that look without taking a lease.
     pub async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
         read::get(self.ctx(), key).await

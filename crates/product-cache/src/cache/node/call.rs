@@ -112,7 +112,12 @@ impl Caller {
     /// Waits at most `wait` for `node`'s connection, still forming after a cold start or a
     /// reconnect: a batch does before its budget starts (a read bypasses instead).
     pub async fn connected(&self, node: &Addr, wait: Duration) {
-        let _ = self.pool.node(node).get(wait).await;
+        let _ = self.ready(node, wait).await;
+    }
+
+    /// [`connected`](Self::connected), saying whether the connection is up.
+    pub async fn ready(&self, node: &Addr, wait: Duration) -> Result<(), CacheError> {
+        self.pool.node(node).get(wait).await.map(|_| ())
     }
 
     /// The right to call `node`, or [`CacheError::BreakerOpen`] at once (and the topology

@@ -166,6 +166,20 @@ pub(crate) async fn values(
 /// Deletes each key with its lease, the way an invalidation does: a reader that took the lease
 /// before cannot fill the old value back afterwards. Its position stays, so ordering still
 /// refuses older records. Returns how many of the keys held a value.
+/// Waits, up to `wait`, until the slot map is known and every primary's connection is up: for
+/// a one-shot tool (an operator command) whose first call would otherwise meet a connection
+/// still forming (TLS, `AUTH`, the map) and bypass or fail at once, as a function's first
+/// request may by design. The first primary still unreachable at the end is the error.
+pub(crate) async fn ready(ctx: &Ctx, wait: Duration) -> Result<(), CacheError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    let router = ctx.caller.topology.router(Role::Primary, wait).await?;
+    for node in router.primaries() {
+        ctx.caller.ready(&node, left()).await?;
+    }
+    Ok(())
+}
+
 pub(crate) async fn purge(ctx: &Ctx, keys: &[String]) -> Result<usize, CacheError> {
     let replies = per_key(ctx, keys, 2, |pipe, key| {
         pipe.del(key).del(lease_key(key));
