@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark (README.md, "Benchmarks"): every figure of the performance budget against its
+# The benchmark (docs/benchmarks.md): every figure of the performance budget against its
 # baseline in the same run, on loopback and through a proxy adding ElastiCache's cross-AZ round
 # trip. Starts its own redis-server, Redis Cluster and moto; prints a table, rewrites
 # BENCHMARKS.md and exits 1 if a budget is missed. Not part of scripts/test.sh.

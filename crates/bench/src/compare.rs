@@ -1,7 +1,8 @@
-//! Measure and compare: a figure times what it measures and its baseline the same way
-//! ([`timed`], the round trips counted by the proxies meanwhile), keeps each side's
-//! [`Samples`], and turns the pair into its row with [`Compare`]: judged on wall time on
-//! loopback, and through the proxy on round trips or on wall time, as the figure says.
+//! Measure and compare: a figure takes turns between what it measures and its baseline
+//! ([`alternate`]), times both the same way ([`timed`], the round trips counted by the proxies
+//! meanwhile), keeps each side's [`Samples`], and turns the pair into its row with [`Compare`]:
+//! judged on wall time on loopback, and through the proxy on round trips or on wall time, as the
+//! figure says.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use local_stack::services::RedisCluster;
 use crate::env::Env;
 use crate::report::{Budget, Net, Row, Unit};
 use crate::stats::{self, percentile};
+use crate::Error;
 
 /// Where round trips are counted: the proxy (or proxies, one per node) in front of Redis. A
 /// connection that bypasses the proxies (loopback to the single node) counts none.
@@ -73,9 +75,65 @@ pub async fn timed<F: Future>(counted: &impl Counted, work: F) -> (F::Output, Co
     )
 }
 
+/// The product's side in [`alternate`]: the first; its baselines follow.
+pub const PRODUCT: usize = 0;
+
+/// Who goes first in a round of [`alternate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// The sides in their order every round: the product's block, then the baseline's.
+    Fixed,
+    /// Round `r` starts with side `r % N`, then the next, and so on: no side always runs
+    /// right after another (after its fills, say, or its cache warming).
+    Rotate,
+}
+
+/// The skeleton of every comparison: `rounds` rounds in which each side `s` (the product
+/// first, then its baselines) takes `blocks[s]` samples in a row, in `order`. The sides take
+/// turns so that whatever drifts during a figure (another process, the CPU's clock, the
+/// proxy's scheduling) falls on all of them alike; one long phase of each moved a ratio by a
+/// third between runs on a shared machine. `sample(side, round)` takes one sample; the
+/// samples come back per side, in the order taken.
+pub async fn alternate<const N: usize, T>(
+    rounds: usize,
+    blocks: [usize; N],
+    order: Order,
+    mut sample: impl AsyncFnMut(usize, usize) -> Result<T, Error>,
+) -> Result<[Vec<T>; N], Error> {
+    let mut taken: [Vec<T>; N] = std::array::from_fn(|_| Vec::new());
+    for round in 0..rounds {
+        for turn in 0..N {
+            let side = match order {
+                Order::Fixed => turn,
+                Order::Rotate => (turn + round) % N,
+            };
+            for _ in 0..blocks[side] {
+                taken[side].push(sample(side, round).await?);
+            }
+        }
+    }
+    Ok(taken)
+}
+
 /// The costs of one side of a comparison.
 #[derive(Debug, Clone, Default)]
 pub struct Samples(Vec<Cost>);
+
+impl Cost {
+    /// A cost timed without counting round trips.
+    pub fn wall(wall: Duration) -> Self {
+        Self {
+            wall,
+            ..Self::default()
+        }
+    }
+}
+
+impl From<Vec<Cost>> for Samples {
+    fn from(costs: Vec<Cost>) -> Self {
+        Self(costs)
+    }
+}
 
 impl Samples {
     pub fn push(&mut self, cost: Cost) {
@@ -119,6 +177,9 @@ pub enum ThroughProxy {
     RoundTrips,
     /// Wall time, as on loopback: the round trips are what the figure is about.
     Wall,
+    /// Wall time, the note left as the figure wrote it: it gives the round trips its own way,
+    /// or they are not counted (a server of the figure's own, behind no counting proxy).
+    WallAsNoted,
 }
 
 /// A measurement against its baseline, as one row.
@@ -161,6 +222,7 @@ impl Compare {
                     )
                 }),
             ),
+            ThroughProxy::WallAsNoted => ("wall", self.unit, wall.0, wall.1, None),
             ThroughProxy::RoundTrips => (
                 "round trips",
                 Unit::RoundTrips,

@@ -2,7 +2,7 @@
 //! same run, on loopback and again through a proxy adding ElastiCache's cross-AZ round trip.
 //! Starts its own `redis-server`, Redis Cluster and `moto_server` like the tests do.
 //!
-//! Run it with `scripts/bench.sh` (README.md, "Benchmarks"); it is not part of the tests.
+//! Run it with `scripts/bench.sh` (docs/benchmarks.md); it is not part of the tests.
 
 mod compare;
 mod counting;

@@ -363,7 +363,7 @@ impl Run<'_> {
             out,
             "# Benchmarks\n\n\
              Written by `{command}` on {date}{quick}; do not edit by hand. \
-             README.md (\"Benchmarks\") says what each figure measures and how to read the table.\n\n\
+             docs/benchmarks.md says what each figure measures and how to read the table.\n\n\
              ## Machine\n\n{machine}\n\
              ## Network\n\n\
              Each figure runs on loopback and again through a proxy adding {delay:.2} ms per round \

@@ -6,7 +6,7 @@ use product_cache::document::Document;
 use product_cache::invalidate::Invalidator;
 use serde_json::Value;
 
-use crate::compare::{timed, Compare, Cost, Samples, ThroughProxy};
+use crate::compare::{alternate, timed, Compare, Cost, Order, Samples, ThroughProxy, PRODUCT};
 use crate::env::Env;
 use crate::records::{self, image, item_of};
 use crate::report::{Budget, Net, Row, Unit};
@@ -100,40 +100,48 @@ pub async fn mixed(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error
     warm_cache(env, &ids).await?;
     inv.handle(warm_up).await;
 
-    let (mut product, mut baseline) = (Samples::default(), Samples::default());
-    let (mut product_cpu, mut baseline_cpu) = (0.0, 0.0);
+    let mut cpu_secs = [0.0, 0.0];
     let mut failed = 0;
     let mut commands = String::new();
     let mut mix = String::new();
-    for rep in 0..sizes.batch_reps {
-        // Fresh sequence numbers every time; the same shape (seeded) every run.
-        let (ids, event) = records::mixed_batch(sizes.batch_records, sizes.batch_keys, 42);
-        if rep == 0 {
-            mix = records::event_names(&event);
-        }
-        let keys = keys_of(&event);
+    // The product's batch, for the baseline's turn in the same round.
+    let (mut ids, mut keys) = (Vec::new(), Vec::new());
+    let [product, baseline] =
+        alternate(sizes.batch_reps, [1, 1], Order::Fixed, async |side, rep| {
+            let (cost, cpu) = if side == PRODUCT {
+                // Fresh sequence numbers every time; the same shape (seeded) every run.
+                let event;
+                (ids, event) = records::mixed_batch(sizes.batch_records, sizes.batch_keys, 42);
+                if rep == 0 {
+                    mix = records::event_names(&event);
+                }
+                keys = keys_of(&event);
 
-        warm_cache(env, &ids).await?;
-        env.resetstat().await?;
-        let info_before = env.info_calls();
-        let (response, cost, cpu) = measured(env, inv.handle(event)).await?;
-        failed += response.batch_item_failures.len();
-        if rep == 0 {
-            commands = commands_since_reset(env, env.info_calls() - info_before).await?;
-        }
-        product.push(cost);
-        product_cpu += cpu;
-
-        warm_cache(env, &ids).await?;
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("DEL").arg(key).ignore();
-        }
-        let (result, cost, cpu) = measured(env, pipe.query_async::<()>(&mut conn)).await?;
-        result?;
-        baseline.push(cost);
-        baseline_cpu += cpu;
-    }
+                warm_cache(env, &ids).await?;
+                env.resetstat().await?;
+                let info_before = env.info_calls();
+                let (response, cost, cpu) = measured(env, inv.handle(event)).await?;
+                failed += response.batch_item_failures.len();
+                if rep == 0 {
+                    commands = commands_since_reset(env, env.info_calls() - info_before).await?;
+                }
+                (cost, cpu)
+            } else {
+                warm_cache(env, &ids).await?;
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("DEL").arg(key).ignore();
+                }
+                let (result, cost, cpu) = measured(env, pipe.query_async::<()>(&mut conn)).await?;
+                result?;
+                (cost, cpu)
+            };
+            cpu_secs[side] += cpu;
+            Ok(cost)
+        })
+        .await?
+        .map(Samples::from);
+    let [product_cpu, baseline_cpu] = cpu_secs;
 
     // One command per record, once: it is the slow one.
     let (ids, event) = records::mixed_batch(sizes.batch_records, sizes.batch_keys, 42);
@@ -248,42 +256,49 @@ pub async fn refresh(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Err
     inv.cache().declare_empty().await?;
     inv.handle(make_event(1)).await;
 
-    let (mut product, mut baseline) = (Samples::default(), Samples::default());
     let mut failed = 0;
     let mut written = true;
     let mut commands = String::new();
-    for rep in 0..sizes.refresh_reps {
-        let event = make_event(2);
-        env.flushall().await?;
-        inv.cache().declare_empty().await?;
-        env.resetstat().await?;
-        let info_before = env.info_calls();
-        let (response, cost) = timed(env, inv.handle(event)).await;
-        failed += response.batch_item_failures.len();
-        product.push(cost);
-        if rep == 0 {
-            commands = commands_since_reset(env, env.info_calls() - info_before).await?;
-            let cached: Option<String> = redis::cmd("GET")
-                .arg(format!("product:{}", ids[0]))
-                .query_async(&mut env.control())
-                .await?;
-            written = cached.as_deref() == Some(docs[0].as_str());
-        }
-
-        env.flushall().await?;
-        let mut pipe = redis::pipe();
-        for (id, doc) in ids.iter().zip(&docs) {
-            pipe.cmd("SET")
-                .arg(format!("product:{id}"))
-                .arg(doc)
-                .arg("EX")
-                .arg(3600)
-                .ignore();
-        }
-        let (result, cost) = timed(env, pipe.query_async::<()>(&mut conn)).await;
-        result?;
-        baseline.push(cost);
-    }
+    let [product, baseline] = alternate(
+        sizes.refresh_reps,
+        [1, 1],
+        Order::Fixed,
+        async |side, rep| {
+            if side != PRODUCT {
+                env.flushall().await?;
+                let mut pipe = redis::pipe();
+                for (id, doc) in ids.iter().zip(&docs) {
+                    pipe.cmd("SET")
+                        .arg(format!("product:{id}"))
+                        .arg(doc)
+                        .arg("EX")
+                        .arg(3600)
+                        .ignore();
+                }
+                let (result, cost) = timed(env, pipe.query_async::<()>(&mut conn)).await;
+                result?;
+                return Ok(cost);
+            }
+            let event = make_event(2);
+            env.flushall().await?;
+            inv.cache().declare_empty().await?;
+            env.resetstat().await?;
+            let info_before = env.info_calls();
+            let (response, cost) = timed(env, inv.handle(event)).await;
+            failed += response.batch_item_failures.len();
+            if rep == 0 {
+                commands = commands_since_reset(env, env.info_calls() - info_before).await?;
+                let cached: Option<String> = redis::cmd("GET")
+                    .arg(format!("product:{}", ids[0]))
+                    .query_async(&mut env.control())
+                    .await?;
+                written = cached.as_deref() == Some(docs[0].as_str());
+            }
+            Ok(cost)
+        },
+    )
+    .await?
+    .map(Samples::from);
     let mut failure = (failed > 0).then(|| format!("the batch reported {failed} failures"));
     if !written {
         failure = Some("the refresh did not leave the new document in Redis".into());

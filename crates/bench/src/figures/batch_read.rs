@@ -33,7 +33,9 @@ use product_cache::read::{BatchAnswer, BatchIds, CacheStatus, Lookup, ReadPath};
 use product_cache::store::DynamoStore;
 use redis::aio::ConnectionManager;
 
-use crate::compare::{timed, trips_since, Compare, Cost, Counted, Samples, ThroughProxy};
+use crate::compare::{
+    alternate, timed, trips_since, Compare, Cost, Counted, Order, Samples, ThroughProxy, PRODUCT,
+};
 use crate::counting::{Counting, Counts, TableReads};
 use crate::env::{connection_manager, Env};
 use crate::records::{image, item_of};
@@ -42,8 +44,10 @@ use crate::{Error, Sizes};
 
 /// Products per request.
 pub const PRODUCTS: usize = 50;
-/// Requests per block; the product and its baseline alternate blocks, so drift hits both alike.
+/// Requests per block of [`alternate`].
 const BLOCK: usize = 20;
+/// The raw baseline's side in [`alternate`], after the product's.
+const RAW: usize = 1;
 
 type Read = ReadPath<RedisCache, Counting>;
 
@@ -408,25 +412,35 @@ async fn hits_on(
         Net::Proxy => sizes.batch_read_requests_proxy,
     };
     let table_before = counts.now();
-    let (mut product, mut baseline, mut sequential) =
-        (Samples::default(), Samples::default(), Samples::default());
     let mut not_hits = 0;
-    for _ in 0..requests.div_ceil(BLOCK) {
-        for _ in 0..BLOCK {
-            let ((answer, after), cost) = timed(&topology, read.answer_many(&batch)).await;
-            after.await;
-            product.push(cost);
-            not_hits += PRODUCTS - found(&answer, CacheStatus::Hit);
-        }
-        for _ in 0..BLOCK {
-            let (values, cost) = timed(&topology, raw.get(&keys)).await;
-            baseline.push(cost);
-            not_hits += values?.iter().filter(|v| v.is_none()).count();
-        }
-        let (hits, cost) = timed(&topology, one_by_one(&read, &ids)).await;
-        sequential.push(cost);
-        not_hits += PRODUCTS - hits;
-    }
+    // The 50 single reads, once a round, between the blocks.
+    let [product, baseline, sequential] = alternate(
+        requests.div_ceil(BLOCK),
+        [BLOCK, BLOCK, 1],
+        Order::Fixed,
+        async |side, _| {
+            Ok(match side {
+                PRODUCT => {
+                    let ((answer, after), cost) = timed(&topology, read.answer_many(&batch)).await;
+                    after.await;
+                    not_hits += PRODUCTS - found(&answer, CacheStatus::Hit);
+                    cost
+                }
+                RAW => {
+                    let (values, cost) = timed(&topology, raw.get(&keys)).await;
+                    not_hits += values?.iter().filter(|v| v.is_none()).count();
+                    cost
+                }
+                _ => {
+                    let (hits, cost) = timed(&topology, one_by_one(&read, &ids)).await;
+                    not_hits += PRODUCTS - hits;
+                    cost
+                }
+            })
+        },
+    )
+    .await?
+    .map(Samples::from);
     let table_reads = counts.now().items() - table_before.items();
     let failure = if not_hits > 0 {
         Some(format!("{not_hits} product reads were not hits"))
@@ -579,38 +593,45 @@ async fn misses_on(
     topology.flushall().await?;
     plain_answer(env, &raw, table, &keys, ids).await?;
 
-    let (mut product, mut product_all, mut baseline) =
-        (Samples::default(), Samples::default(), Samples::default());
+    let mut product_all = Samples::default();
     let mut per_request: Vec<TableReads> = Vec::new();
     let mut not_misses = 0;
-    for _ in 0..sizes.batch_read_misses {
-        topology.flushall().await?;
-        let table_before = counts.now();
-        let before = topology.counts();
-        let ((answer, after), cost) = timed(&topology, read.answer_many(&batch)).await;
-        // After the answer, untimed; the next request starts once the fills are done.
-        after.await;
-        let (round_trips, busiest) = trips_since(&topology, &before);
-        product.push(cost);
-        product_all.push(Cost {
-            wall: cost.wall,
-            round_trips,
-            busiest,
-        });
-        let now = counts.now();
-        per_request.push(TableReads {
-            gets: now.gets - table_before.gets,
-            batches: now.batches - table_before.batches,
-            batch_ids: now.batch_ids - table_before.batch_ids,
-            slowest_us: 0,
-        });
-        not_misses += PRODUCTS - found(&answer, CacheStatus::Miss);
-
-        topology.flushall().await?;
-        let (docs, cost) = timed(&topology, plain_answer(env, &raw, table, &keys, ids)).await;
-        raw.set(&keys, &docs?).await?;
-        baseline.push(cost);
-    }
+    let [product, baseline] = alternate(
+        sizes.batch_read_misses,
+        [1, 1],
+        Order::Fixed,
+        async |side, _| {
+            topology.flushall().await?;
+            if side != PRODUCT {
+                let (docs, cost) =
+                    timed(&topology, plain_answer(env, &raw, table, &keys, ids)).await;
+                raw.set(&keys, &docs?).await?;
+                return Ok(cost);
+            }
+            let table_before = counts.now();
+            let before = topology.counts();
+            let ((answer, after), cost) = timed(&topology, read.answer_many(&batch)).await;
+            // After the answer, untimed; the next request starts once the fills are done.
+            after.await;
+            let (round_trips, busiest) = trips_since(&topology, &before);
+            product_all.push(Cost {
+                wall: cost.wall,
+                round_trips,
+                busiest,
+            });
+            let now = counts.now();
+            per_request.push(TableReads {
+                gets: now.gets - table_before.gets,
+                batches: now.batches - table_before.batches,
+                batch_ids: now.batch_ids - table_before.batch_ids,
+                slowest_us: 0,
+            });
+            not_misses += PRODUCTS - found(&answer, CacheStatus::Miss);
+            Ok(cost)
+        },
+    )
+    .await?
+    .map(Samples::from);
 
     let most = per_request.iter().map(|r| r.batches).max().unwrap_or(0);
     let least = per_request.iter().map(|r| r.batches).min().unwrap_or(0);

@@ -24,6 +24,7 @@ use product_cache::invalidate::Invalidator;
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 
+use crate::compare::{alternate, Order, PRODUCT};
 use crate::env::Env;
 use crate::records::{self, image, item_of};
 use crate::report::{Budget, Net, Row, Unit};
@@ -320,17 +321,18 @@ async fn compare(
         off.warm_up(version, bytes).await?;
         version += 1;
     }
-    for round in 0..sizes.guard_rounds {
-        // Which side goes first alternates too.
-        let (first, second) = if round % 2 == 0 {
-            (&mut on, &mut off)
-        } else {
-            (&mut off, &mut on)
-        };
-        first.measure(nodes, version, bytes).await?;
-        second.measure(nodes, version, bytes).await?;
-        version += BATCHES_PER_SAMPLE as u64;
-    }
+    // Which side goes first alternates too; both sides' batches of a round carry its versions.
+    alternate(
+        sizes.guard_rounds,
+        [1, 1],
+        Order::Rotate,
+        async |side, round| {
+            let version = version + (round * BATCHES_PER_SAMPLE) as u64;
+            let guarded = if side == PRODUCT { &mut on } else { &mut off };
+            guarded.measure(nodes, version, bytes).await
+        },
+    )
+    .await?;
     Ok((on, off))
 }
 

@@ -31,7 +31,9 @@ use product_cache::config::{
 use product_cache::invalidate::Invalidator;
 use product_cache::read::{CacheStatus, ReadPath};
 
+use super::degraded::bypass_latency;
 use super::flash_sale::{in_background, Timed};
+use crate::compare::{Cost, Samples};
 use crate::env::Env;
 use crate::records::now_secs;
 use crate::report::{Budget, Net, Row, Unit};
@@ -190,7 +192,7 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
     };
     // Until the breaker opens, reads pay the timeout: not what is judged.
     let mut breaker_open = false;
-    let (mut stalled_ms, mut baseline_ms) = (Vec::new(), Vec::new());
+    let (mut stalled_reads, mut unreachable_reads) = (Vec::new(), Vec::new());
     // The first hit on the stalled shard's products once its replica was promoted.
     let mut first_hit: Option<Instant> = None;
     let mut i = 0;
@@ -208,10 +210,10 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
             breaker_open = status == CacheStatus::Bypass && took < settings.redis_timeout / 2;
             continue;
         }
-        stalled_ms.push(stats::millis(took));
+        stalled_reads.push(Cost::wall(took));
         let started = Instant::now();
         let _ = unreachable.get(id).await;
-        baseline_ms.push(stats::millis(started.elapsed()));
+        unreachable_reads.push(Cost::wall(started.elapsed()));
     }
     cluster.resume(stalled);
     let resumed = Instant::now();
@@ -261,9 +263,10 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
         v
     };
     let (lag_healthy, lag_short) = (within(healthy), within(short));
-    for v in [&mut stalled_ms, &mut baseline_ms] {
-        v.sort_by(f64::total_cmp);
-    }
+    let (stalled_reads, unreachable_reads) = (
+        Samples::from(stalled_reads),
+        Samples::from(unreachable_reads),
+    );
     let given_up = poller_stats.records_given_up.load(Ordering::Relaxed);
     let acknowledged = poller_stats.records_acknowledged.load(Ordering::Relaxed);
     let stream_failure = (given_up > 0 || acknowledged < written).then(|| {
@@ -302,27 +305,21 @@ pub async fn run(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Error> 
                     .then(|| "no record in the stretch".into())
             }),
         },
-        Row {
-            figure: "game-day",
-            what: "read latency p50, a stalled primary's products, breaker open".into(),
-            net,
-            judged_on: "wall",
-            unit: Unit::Millis,
-            measured: percentile(&stalled_ms, 0.5),
-            baseline: Some(percentile(&baseline_ms, 0.5)),
-            baseline_label: "Redis unreachable by configuration".into(),
-            budget: Budget::RatioAtMost(1.2),
-            note: format!(
+        bypass_latency(
+            "game-day",
+            "read latency p50, a stalled primary's products, breaker open",
+            format!(
                 "{} reads each side, alternating, over the {} products on the stalled shard, from \
                  the breaker's opening to the end of the 10 s stall (hits once the promoted \
                  replica serves them); p99 {:.2} ms vs {:.2} ms",
-                stalled_ms.len(),
+                stalled_reads.len(),
                 on_stalled.len(),
-                percentile(&stalled_ms, 0.99),
-                percentile(&baseline_ms, 0.99)
+                stalled_reads.wall(0.99, Unit::Millis),
+                unreachable_reads.wall(0.99, Unit::Millis)
             ),
-            failure: (!breaker_open).then(|| "the breaker never opened".into()),
-        },
+            (!breaker_open).then(|| "the breaker never opened".into()),
+        )
+        .row(net, &stalled_reads, &unreachable_reads),
         Row {
             figure: "game-day",
             what: "stalled node resumed to hits again on its shard".into(),

@@ -7,7 +7,7 @@ use product_cache::config::CacheSettings;
 use product_cache::document::Document;
 use product_cache::read::{CacheStatus, ReadPath};
 
-use crate::compare::{timed, Compare, Samples, ThroughProxy};
+use crate::compare::{alternate, timed, Compare, Order, Samples, ThroughProxy, PRODUCT};
 use crate::env::Env;
 use crate::records::{image, item_of};
 use crate::report::{Budget, Net, Row, Unit};
@@ -16,8 +16,7 @@ use crate::{Error, Sizes};
 
 const ID: &str = "bench-hot-1";
 const KEY: &str = "product:bench-hot-1";
-/// Requests per block; the product and the baseline alternate blocks, so drift (another
-/// process on the machine, frequency changes) hits both alike.
+/// Requests per block of [`alternate`].
 const BLOCK: usize = 100;
 
 /// Caches the hot product's document (about 400 bytes) and returns it.
@@ -115,31 +114,36 @@ pub async fn redis_time(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, 
     })
     .await?;
 
-    // Alternating rounds, so whatever drifts during the figure (another process, the CPU's
-    // clock, the proxy's scheduling) falls on both sides alike; one long phase of each moved
-    // the ratio by a third between runs on a shared machine.
     let round_time = sizes.load_time / ROUNDS;
     let (mut product, mut baseline) = (Side::default(), Side::default());
-    for _ in 0..ROUNDS {
-        product
-            .round(env, &product_mix, {
-                let read = read.clone();
-                stats::sustained(sizes.load_callers, round_time, move || {
+    alternate(
+        ROUNDS as usize,
+        [1, 1],
+        Order::Fixed,
+        async |side, _| match side {
+            PRODUCT => {
+                let load = {
                     let read = read.clone();
-                    async move { hit(&read).await }
-                })
-            })
-            .await?;
-        baseline
-            .round(env, &baseline_mix, {
-                let conn = conn.clone();
-                stats::sustained(sizes.load_callers, round_time, move || {
-                    let mut conn = conn.clone();
-                    async move { raw_get(&mut conn).await }
-                })
-            })
-            .await?;
-    }
+                    stats::sustained(sizes.load_callers, round_time, move || {
+                        let read = read.clone();
+                        async move { hit(&read).await }
+                    })
+                };
+                product.round(env, &product_mix, load).await
+            }
+            _ => {
+                let load = {
+                    let conn = conn.clone();
+                    stats::sustained(sizes.load_callers, round_time, move || {
+                        let mut conn = conn.clone();
+                        async move { raw_get(&mut conn).await }
+                    })
+                };
+                baseline.round(env, &baseline_mix, load).await
+            }
+        },
+    )
+    .await?;
 
     let requests = (product.ok + product.bad).max(1) as f64;
     let per_hit = product.redis_usec / requests;
@@ -195,20 +199,22 @@ pub async fn latency(env: &Env, sizes: &Sizes, net: Net) -> Result<Vec<Row>, Err
         Net::Loopback => sizes.latency_requests,
         Net::Proxy => sizes.latency_requests_proxy,
     };
-    let (mut product, mut baseline) = (Samples::default(), Samples::default());
     let mut misses = 0;
-    for _ in 0..requests.div_ceil(BLOCK) {
-        for _ in 0..BLOCK {
-            let (ok, cost) = timed(env, hit(&read)).await;
-            product.push(cost);
+    let [product, baseline] = alternate(
+        requests.div_ceil(BLOCK),
+        [BLOCK, BLOCK],
+        Order::Fixed,
+        async |side, _| {
+            let (ok, cost) = match side {
+                PRODUCT => timed(env, hit(&read)).await,
+                _ => timed(env, raw_get(&mut conn)).await,
+            };
             misses += usize::from(!ok);
-        }
-        for _ in 0..BLOCK {
-            let (ok, cost) = timed(env, raw_get(&mut conn)).await;
-            baseline.push(cost);
-            misses += usize::from(!ok);
-        }
-    }
+            Ok(cost)
+        },
+    )
+    .await?
+    .map(Samples::from);
     let failure = (misses > 0).then(|| format!("{misses} requests were not hits"));
     let rows = [(0.5, "p50", 1.1), (0.99, "p99", 1.3)].map(|(p, label, limit)| {
         Compare {

@@ -6,7 +6,7 @@
 //! leases are written by the product's read path (probe, then fill); positions and epochs with
 //! the command the apply script uses for them, and, as a cross-check, documents with positions
 //! by the invalidator. Not a ratio against a baseline: the budgets are absolute, about twice
-//! what was measured, to catch a change that doubles a size. The sizes behind README.md's
+//! what was measured, to catch a change that doubles a size. The sizes behind docs/deploying.md's
 //! "Sizing the cache node".
 
 use std::time::{Duration, Instant};

@@ -10,16 +10,16 @@
 //! its extension holds the invocation until the fill has landed. Through the proxy the note
 //! gives the Redis round trips before the answer and in all, fill included.
 
-use std::time::Instant;
-
 use aws_sdk_dynamodb::types::AttributeValue;
 use product_cache::config::CacheSettings;
 use product_cache::document::Document;
 use product_cache::read::{CacheStatus, Lookup, ReadPath};
 
+use crate::compare::{
+    alternate, timed, trips_since, Compare, Cost, Counted, Order, Samples, ThroughProxy, PRODUCT,
+};
 use crate::env::Env;
 use crate::report::{Budget, Net, Row, Unit};
-use crate::stats::{self, percentile};
 use crate::{Error, Sizes};
 
 /// A table with `n` catalog products, for the miss and cold-start figures.
@@ -85,6 +85,10 @@ async fn plain(
     bare(env, table, conn, id).await
 }
 
+/// The bare `GetItem` + `SET`'s side in [`alternate`], after the product's; the plain miss's
+/// is the third.
+const BARE: usize = 1;
+
 /// `ids` holds this run's products, none of them cached.
 pub async fn latency(
     env: &Env,
@@ -109,84 +113,78 @@ pub async fn latency(
             bare(env, table, &mut conn, id).await?;
         }
     }
-    let (mut product_ms, mut product_rt, mut product_all_rt) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut baseline_ms, mut baseline_rt) = (Vec::new(), Vec::new());
-    let (mut plain_ms, mut plain_rt) = (Vec::new(), Vec::new());
+    let mut product_all = Samples::default();
     let mut not_misses = 0;
-    for i in 0..n {
-        let (a, b, c) = (&ids[3 * i], &ids[3 * i + 1], &ids[3 * i + 2]);
-        // Rotate which goes first.
-        for turn in 0..3 {
-            if (turn + i) % 3 == 2 {
-                let rt = env.round_trips();
-                let started = Instant::now();
-                plain(env, table, &mut conn, c).await?;
-                plain_ms.push(stats::millis(started.elapsed()));
-                plain_rt.push((env.round_trips() - rt) as f64);
-            } else if (turn + i) % 3 == 0 {
-                let rt = env.round_trips();
-                let started = Instant::now();
-                let (status, result, fill) = read.answer(a).await;
-                product_ms.push(stats::millis(started.elapsed()));
-                product_rt.push((env.round_trips() - rt) as f64);
-                // After the response, untimed; the next sample starts once it is done.
-                fill.await;
-                product_all_rt.push((env.round_trips() - rt) as f64);
-                if status != CacheStatus::Miss || !matches!(result, Ok(Lookup::Found(_))) {
-                    not_misses += 1;
+    // Each round its own three products; which side goes first rotates.
+    let [product, bare_samples, plain_samples] =
+        alternate(n, [1, 1, 1], Order::Rotate, async |side, round| {
+            let id = &ids[3 * round + side];
+            Ok(match side {
+                PRODUCT => {
+                    let before = env.counts();
+                    let ((status, result, fill), cost) = timed(env, read.answer(id)).await;
+                    // After the response, untimed; the next sample starts once it is done.
+                    fill.await;
+                    let (round_trips, busiest) = trips_since(env, &before);
+                    product_all.push(Cost {
+                        wall: cost.wall,
+                        round_trips,
+                        busiest,
+                    });
+                    if status != CacheStatus::Miss || !matches!(result, Ok(Lookup::Found(_))) {
+                        not_misses += 1;
+                    }
+                    cost
                 }
-            } else {
-                let rt = env.round_trips();
-                let started = Instant::now();
-                bare(env, table, &mut conn, b).await?;
-                baseline_ms.push(stats::millis(started.elapsed()));
-                baseline_rt.push((env.round_trips() - rt) as f64);
-            }
-        }
-    }
-    for v in [
-        &mut product_ms,
-        &mut product_rt,
-        &mut product_all_rt,
-        &mut baseline_ms,
-        &mut baseline_rt,
-        &mut plain_ms,
-        &mut plain_rt,
-    ] {
-        v.sort_by(f64::total_cmp);
-    }
-    let p50 = (percentile(&product_ms, 0.5), percentile(&plain_ms, 0.5));
-    let p99 = (percentile(&product_ms, 0.99), percentile(&plain_ms, 0.99));
-    let bare_p50 = percentile(&baseline_ms, 0.5);
+                BARE => {
+                    let (out, cost) = timed(env, bare(env, table, &mut conn, id)).await;
+                    out?;
+                    cost
+                }
+                _ => {
+                    let (out, cost) = timed(env, plain(env, table, &mut conn, id)).await;
+                    out?;
+                    cost
+                }
+            })
+        })
+        .await?
+        .map(Samples::from);
+    let p50 = product.wall(0.5, Unit::Millis);
+    let p99 = (
+        product.wall(0.99, Unit::Millis),
+        plain_samples.wall(0.99, Unit::Millis),
+    );
+    let bare_p50 = bare_samples.wall(0.5, Unit::Millis);
     let mut note = String::from("answer latency; the fill runs after the response");
     if net == Net::Proxy {
         note.push_str(&format!(
             ": {:.0} round trips before the answer, {:.0} in all (plain: {:.0})",
-            percentile(&product_rt, 0.5),
-            percentile(&product_all_rt, 0.5),
-            percentile(&plain_rt, 0.5)
+            product.round_trips(0.5),
+            product_all.round_trips(0.5),
+            plain_samples.round_trips(0.5)
         ));
     }
     note.push_str(&format!(
         "; {n} misses each; p99 {:.2} ms vs {:.2} ms; vs a bare GetItem + SET (not judged) {:.2}x of {bare_p50:.2} ms; DynamoDB is moto",
         p99.0,
         p99.1,
-        p50.0 / bare_p50
+        p50 / bare_p50
     ));
     let failure = (not_misses > 0).then(|| format!("{not_misses} reads were not misses"));
-    let mut rows = vec![Row {
+    let mut rows = vec![Compare {
         figure: "miss-latency",
         what: "miss answer latency p50".into(),
-        net,
-        judged_on: "wall",
-        unit: Unit::Millis,
-        measured: p50.0,
-        baseline: Some(p50.1),
         baseline_label: "plain cache-aside miss: GET, GetItem, SET".into(),
         budget: Budget::RatioAtMost(1.1),
+        unit: Unit::Millis,
+        p: 0.5,
+        // The round trips are in the note, before and after the answer.
+        through_proxy: ThroughProxy::WallAsNoted,
         note,
         failure: failure.clone(),
-    }];
+    }
+    .row(net, &product, &plain_samples)];
     if net == Net::Proxy {
         rows.push(Row {
             figure: "miss-latency",
@@ -194,13 +192,13 @@ pub async fn latency(
             net,
             judged_on: "round trips",
             unit: Unit::RoundTrips,
-            measured: percentile(&product_rt, 0.5),
-            baseline: Some(percentile(&plain_rt, 0.5)),
+            measured: product.round_trips(0.5),
+            baseline: Some(plain_samples.round_trips(0.5)),
             baseline_label: "plain cache-aside miss: GET, GetItem, SET".into(),
             budget: Budget::AtMost(2.0),
             note: format!(
                 "median; {:.0} in all with the fill after the response",
-                percentile(&product_all_rt, 0.5)
+                product_all.round_trips(0.5)
             ),
             failure,
         });

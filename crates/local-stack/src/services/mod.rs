@@ -9,7 +9,7 @@
 //! - `redis.rs`: [`RedisServer`], and [`DelayedRedis`] behind a delaying proxy.
 //! - `cluster.rs`: [`RedisCluster`], optionally with replicas or behind proxies.
 //! - `moto.rs`: [`MotoServer`].
-//! - `serverless.rs`: [`ServerlessCache`], a local ElastiCache Serverless cache (a TLS front over a
+//! - `serverless/`: [`ServerlessCache`], a local ElastiCache Serverless cache (a TLS front over a
 //!   primary and its replica).
 //! - this file: finding the binaries (the [`Engine`] a node runs), free ports, and launching a
 //!   child until it answers.

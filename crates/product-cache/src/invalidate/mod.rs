@@ -3,119 +3,34 @@
 //! Records are read one by one from the raw event, so a record that does not match the
 //! documented shape costs only itself: its key is still looked for, and if none can be found it
 //! is logged and skipped rather than failing the batch and blocking the shard behind it.
+//!
+//! - this file: [`Invalidator`] and [`Invalidator::handle`], a batch from event to response.
+//! - `plan.rs`: what each record asks of the cache ([`Planned`]).
+//! - `collapse.rs`: one op a key, the newest.
+//! - `render.rs`: a refresh's document from the record's new image.
+//! - `parts.rs`: applying the ops in parts, each rendered just before it goes out.
+//! - `count.rs`: the batch's metrics.
+//! - `record.rs`: a record's fields, read in place.
 
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use serde_json::Value;
 
 mod collapse;
+mod count;
+mod parts;
+mod plan;
+mod record;
+mod render;
 
 pub use collapse::{collapse, Collapsed};
+pub use plan::{Planned, SkipReason};
+pub use record::is_ttl_expiry;
 
-use crate::cache::{Cache, CacheOp, OpKind, Order};
+use crate::cache::Cache;
 use crate::config::{CacheSettings, InvalidationMode};
-use crate::document::Document;
-use crate::id::{KeyType, ProductId};
 use crate::metrics::{self, MetricsSettings, Recorder, Sink};
-
-/// What one record asks of the cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Planned {
-    /// The record's index in the batch.
-    pub record: usize,
-    /// The record's `SequenceNumber`.
-    pub sequence_number: Option<String>,
-    pub op: CacheOp,
-}
-
-/// A record whose fields are not where the documented shape puts them.
-struct Malformed(&'static str);
-
-/// A refresh batch goes out in this many parts: enough for Redis to store one while the client
-/// renders the next, few enough that the parts leave before the first one's reply is back
-/// (at 0.5 ms a round trip), so the batch still costs about one round trip.
-const PARTS: usize = 3;
-
-/// The smallest part: a batch of up to this many ops (the usual 100-record batch) goes out
-/// whole, since a part's fixed costs (a pipeline, a script call per node or slot) would
-/// outweigh what overlapping saves.
-const MIN_PART: usize = 200;
-
-/// When a refresh's document is built: in planning, or once collapsing has picked the ops that
-/// will be sent (`Invalidator::handle`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Render {
-    Now,
-    Later,
-}
-
-/// The outcomes of a batch's parts, as one.
-#[derive(Default)]
-struct PartsOutcome {
-    refused: Vec<usize>,
-    under_replicated: Vec<crate::cache::UnderReplicated>,
-    blind: bool,
-    failed: Vec<usize>,
-    first_error: Option<crate::cache::CacheError>,
-}
-
-impl PartsOutcome {
-    /// A part's outcome, its indexes shifted by `base` (where the part starts in the batch).
-    fn absorb(
-        &mut self,
-        base: usize,
-        outcome: Result<crate::cache::Applied, crate::cache::BatchError>,
-    ) {
-        match outcome {
-            Ok(applied) => {
-                self.refused
-                    .extend(applied.refused.iter().map(|i| base + i));
-                self.blind |= applied.blind;
-                // Once per node: a batch sent in parts meets the same short node in each.
-                for short in applied.under_replicated {
-                    match self
-                        .under_replicated
-                        .iter_mut()
-                        .find(|u| u.node == short.node)
-                    {
-                        Some(known) => known.online = known.online.min(short.online),
-                        None => self.under_replicated.push(short),
-                    }
-                }
-            }
-            Err(e) => {
-                self.failed.extend(e.failed.iter().map(|i| base + i));
-                self.first_error.get_or_insert(e.source);
-            }
-        }
-    }
-
-    fn into_result(mut self) -> Result<crate::cache::Applied, crate::cache::BatchError> {
-        self.refused.sort_unstable();
-        match self.first_error {
-            None => Ok(crate::cache::Applied {
-                refused: self.refused,
-                under_replicated: self.under_replicated,
-                blind: self.blind,
-            }),
-            Some(source) => {
-                self.failed.sort_unstable();
-                Err(crate::cache::BatchError {
-                    failed: self.failed,
-                    source,
-                })
-            }
-        }
-    }
-}
-
-/// Why a record was skipped.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SkipReason {
-    #[error("the record has no `{0}` key attribute of type S or N")]
-    NoKey(String),
-    #[error("the key cannot be a cache key: {0}")]
-    UncacheableKey(#[from] crate::id::InvalidId),
-}
+use record::sequence_number_of;
+use render::Render;
 
 pub struct Invalidator<C> {
     cache: C,
@@ -245,350 +160,15 @@ impl<C: Cache> Invalidator<C> {
         tokio::task::spawn_blocking(move || drop((event, plan, ops)));
         response
     }
-
-    /// The cache operations for a batch, in record order, skipping records that name no product.
-    ///
-    /// Records are read in place, field by field, rather than deserialised whole: a batch holds
-    /// up to 10,000 of them, and only a few fields of each matter. A record whose fields are
-    /// not where the documented shape puts them has its key looked for in `Keys` and either
-    /// image, and that key deleted (right whatever the change was); if none can be found, it is
-    /// logged and skipped rather than failing the batch and blocking the shard behind it.
-    pub fn plan(&self, records: &[Value]) -> Vec<Planned> {
-        self.plan_with(records, Render::Now)
-    }
-
-    fn plan_with(&self, records: &[Value], render: Render) -> Vec<Planned> {
-        let mut plan = Vec::with_capacity(records.len());
-        for (index, raw) in records.iter().enumerate() {
-            // Looked up once and borrowed: `Value::pointer` would allocate for every step of
-            // its path, and at 10,000 records that was the larger part of planning.
-            let change = field(raw, "dynamodb").and_then(Value::as_object);
-            let sequence_number = change
-                .and_then(|c| field_of(c, "SequenceNumber"))
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty());
-            let result = match self.plan_record(raw, change, sequence_number, render) {
-                Err(Malformed(what)) => {
-                    tracing::warn!(
-                        index,
-                        ?sequence_number,
-                        what,
-                        "malformed stream record; deleting its key if it has one"
-                    );
-                    self.key_of_raw(raw).map(CacheOp::delete)
-                }
-                Ok(result) => result,
-            };
-            match result {
-                Ok(op) => plan.push(Planned {
-                    record: index,
-                    sequence_number: sequence_number.map(str::to_owned),
-                    op,
-                }),
-                Err(reason) => {
-                    // Named by position and event, not printed: a record carries item bodies.
-                    let event_name = raw.get("eventName").and_then(Value::as_str);
-                    tracing::error!(index, ?sequence_number, event_name, %reason, "skipping stream record");
-                }
-            }
-        }
-        plan
-    }
-
-    fn plan_record(
-        &self,
-        raw: &Value,
-        change: Option<&serde_json::Map<String, Value>>,
-        sequence_number: Option<&str>,
-        render: Render,
-    ) -> Result<Result<CacheOp, SkipReason>, Malformed> {
-        let change = change.ok_or(Malformed("no `dynamodb` object"))?;
-        let event_name = field(raw, "eventName")
-            .and_then(Value::as_str)
-            .ok_or(Malformed("no `eventName`"))?;
-        // `Keys` is in every stream view type; a record without a usable one is not the
-        // documented shape either, so its images are searched the same way.
-        let key = match self.key_in(field_of(change, "Keys")) {
-            Ok(key) => key,
-            Err(SkipReason::NoKey(_)) => return Err(Malformed("no usable `Keys`")),
-            Err(e) => return Ok(Err(e)),
-        };
-        let removed = event_name == "REMOVE";
-        // Only looked at when it will be logged: it costs lookups in every REMOVE otherwise.
-        if removed && tracing::enabled!(tracing::Level::DEBUG) && is_ttl_expiry(raw) {
-            tracing::debug!(key, "item expired by TTL");
-        }
-        if !removed && event_name != "INSERT" && event_name != "MODIFY" {
-            tracing::warn!(event_name, key, "unknown event name; deleting");
-            return Ok(Ok(CacheOp::delete(key)));
-        }
-        let image = |name| {
-            change
-                .get(name)
-                .filter(|i| i.as_object().is_some_and(|m| !m.is_empty()))
-        };
-        let order = self.order_of(
-            || image(if removed { "OldImage" } else { "NewImage" }),
-            removed,
-            sequence_number,
-        );
-        // KEYS_ONLY or OLD_IMAGE streams carry no new version to write, and a write that
-        // cannot be ordered could overwrite a newer one: both become deletes. The image is
-        // looked up only for a write: in delete mode no record needs it.
-        let refresh = !removed && self.mode == InvalidationMode::Refresh && order.is_some();
-        let new_image = if refresh { image("NewImage") } else { None };
-        let (true, Some(new_image)) = (refresh, new_image) else {
-            return Ok(Ok(CacheOp {
-                key,
-                kind: OpKind::Delete,
-                order,
-                created_ms: None,
-                delete_if_refused: false,
-            }));
-        };
-        // Seconds, an integer or (in some events) a float. A missing or odd one counts as the
-        // epoch: the op then deletes, which is safe.
-        let created_ms = change
-            .get("ApproximateCreationDateTime")
-            .and_then(Value::as_f64)
-            .map_or(0, |secs| (secs * 1000.0) as i64)
-            - self.settings.clock_margin.as_millis() as i64;
-        let mut op = CacheOp {
-            key,
-            kind: OpKind::Set {
-                value: String::new(),
-                ttl: self.settings.ttl,
-            },
-            order,
-            created_ms: Some(created_ms),
-            delete_if_refused: false,
-        };
-        if render == Render::Now {
-            self.render(&mut op, new_image);
-        }
-        Ok(Ok(op))
-    }
-
-    /// Writes the document of a refresh into `op` from the record's new image. An image with
-    /// no JSON form makes the op a delete at the same position: right whatever the change was,
-    /// and its position is still recorded, so an older record replayed later is refused.
-    fn render(&self, op: &mut CacheOp, new_image: &Value) {
-        let OpKind::Set { value, .. } = &mut op.kind else {
-            return;
-        };
-        match Document::from_image(new_image) {
-            Ok(doc) => *value = doc.into_string(),
-            Err(error) => {
-                tracing::warn!(%error, key = op.key, "new image has no JSON form; deleting instead");
-                op.kind = OpKind::Delete;
-            }
-        }
-    }
-
-    /// Applies `ops`, rendering each refresh's document (left for later by the plan) from the
-    /// record that decided it, in [`PARTS`] parts of at least [`MIN_PART`] ops: each part goes
-    /// out as soon as its documents are built, so the client builds the next while Redis stores
-    /// the last, where rendering everything first left Redis idle for milliseconds and the
-    /// client idle after (a 1,000-document batch went from about 3x a pipeline of `SET`s to
-    /// about 2.5x). A batch without refreshes goes out whole.
-    async fn apply_rendering(
-        &self,
-        records: &[Value],
-        ops: &mut [CacheOp],
-        decided_by: &[usize],
-    ) -> Result<crate::cache::Applied, crate::cache::BatchError> {
-        let refreshes = ops.iter().any(|op| matches!(op.kind, OpKind::Set { .. }));
-        let part_len = ops.len().div_ceil(PARTS).max(MIN_PART);
-        if !refreshes || ops.len() <= part_len {
-            for (op, &record) in ops.iter_mut().zip(decided_by) {
-                self.render_from(op, &records[record]);
-            }
-            return self.cache.apply(ops).await;
-        }
-        let mut in_flight = futures::stream::FuturesUnordered::new();
-        let mut outcome = PartsOutcome::default();
-        for (n, (part, from)) in ops
-            .chunks_mut(part_len)
-            .zip(decided_by.chunks(part_len))
-            .enumerate()
-        {
-            for (op, &record) in part.iter_mut().zip(from) {
-                self.render_from(op, &records[record]);
-            }
-            let base = n * part_len;
-            let part: &[CacheOp] = part;
-            in_flight.push(async move { (base, self.cache.apply_after(part, base).await) });
-            // Poll the new part until it waits on Redis, and let the connection's task write
-            // it (on a one-CPU Lambda that task runs only when this one yields).
-            if let std::task::Poll::Ready(Some((base, r))) =
-                futures::poll!(futures::StreamExt::next(&mut in_flight))
-            {
-                outcome.absorb(base, r);
-            }
-            tokio::task::yield_now().await;
-        }
-        while let Some((base, r)) = futures::StreamExt::next(&mut in_flight).await {
-            outcome.absorb(base, r);
-        }
-        outcome.into_result()
-    }
-
-    /// [`Invalidator::render`] from a raw record, for a refresh the plan left unrendered.
-    fn render_from(&self, op: &mut CacheOp, raw: &Value) {
-        let OpKind::Set { value, .. } = &op.kind else {
-            return;
-        };
-        if !value.is_empty() {
-            return;
-        }
-        let image = field(raw, "dynamodb")
-            .and_then(|c| c.get("NewImage"))
-            .unwrap_or(&Value::Null);
-        self.render(op, image);
-    }
-
-    /// Counts a handled batch: its size, what was skipped, what goes back to Lambda (every
-    /// record from `retried_from` on), what was applied or refused as older (every record of a
-    /// key whose collapsed change Redis refused was older than what the key had seen), and how
-    /// long after its creation a sample of the applied records reached the cache.
-    fn count(
-        &self,
-        records: &[Value],
-        plan: &[Planned],
-        retried_from: usize,
-        refused_keys: &std::collections::HashSet<&str>,
-    ) {
-        use metrics::invalidator as m;
-        let done = || plan.iter().filter(|p| p.record < retried_from);
-        let refused = done()
-            .filter(|p| refused_keys.contains(p.op.key.as_str()))
-            .count();
-        let applied = done().count() - refused;
-        self.metrics.add(m::BATCH_SIZE, records.len() as u64);
-        self.metrics.add(m::RECORDS_APPLIED, applied as u64);
-        self.metrics
-            .add(m::RECORDS_REFUSED_AS_OLDER, refused as u64);
-        self.metrics.add(
-            m::RECORDS_SKIPPED_MALFORMED,
-            (records.len() - plan.len()) as u64,
-        );
-        self.metrics
-            .add(m::RECORDS_FAILED, (records.len() - retried_from) as u64);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        // Evenly spread over the batch, at most the number of values EMF takes.
-        let step = applied.div_ceil(metrics::MAX_SAMPLES).max(1);
-        for p in done()
-            .filter(|p| !refused_keys.contains(p.op.key.as_str()))
-            .step_by(step)
-        {
-            let created = records[p.record]
-                .pointer("/dynamodb/ApproximateCreationDateTime")
-                .and_then(Value::as_f64);
-            if let Some(secs) = created {
-                let lag = now_ms - (secs * 1000.0) as i64;
-                self.metrics.sample(m::INVALIDATION_LAG, lag.max(0) as u64);
-            }
-        }
-    }
-
-    /// Where the record stands in its item's history: its sequence number, or with a version
-    /// attribute configured, the version of the image it leaves behind (a REMOVE ranks just
-    /// after the write of the version it removes). `None` when the record does not say, which
-    /// makes the op an unordered delete.
-    fn order_of<'v>(
-        &self,
-        image: impl FnOnce() -> Option<&'v Value>,
-        removed: bool,
-        sequence_number: Option<&str>,
-    ) -> Option<Order> {
-        let Some(attr) = &self.settings.version_attribute else {
-            return Order::sequence(sequence_number?);
-        };
-        let version = image()?.get(attr)?.get("N")?.as_str()?;
-        Order::version(version, removed)
-    }
-
-    /// The cache key named in a `Keys`-shaped map (`{"<attr>": {"S": "..."}}`).
-    fn key_in(&self, map: Option<&Value>) -> Result<String, SkipReason> {
-        let no_key = || SkipReason::NoKey(self.settings.key_attribute.clone());
-        let attr = map
-            .and_then(|m| field(m, &self.settings.key_attribute))
-            .and_then(Value::as_object)
-            .ok_or_else(no_key)?;
-        let (raw, key_type) = match (field_of(attr, "S"), field_of(attr, "N")) {
-            (Some(Value::String(s)), None) => (s, KeyType::S),
-            (None, Some(Value::String(n))) => (n, KeyType::N),
-            _ => return Err(no_key()),
-        };
-        Ok(ProductId::cache_key_of(
-            raw,
-            key_type,
-            &self.settings.key_prefix,
-        )?)
-    }
-
-    /// The cache key a stream record names (in `Keys`, else either image), whatever its shape:
-    /// for tools that act on records without applying them (`pcache redrive` past retention).
-    pub fn key_of_record(&self, raw: &Value) -> Result<String, SkipReason> {
-        self.key_of_raw(raw)
-    }
-
-    /// The key of a malformed record: `Keys` first, then either image.
-    fn key_of_raw(&self, raw: &Value) -> Result<String, SkipReason> {
-        let mut reason = SkipReason::NoKey(self.settings.key_attribute.clone());
-        for field in ["Keys", "NewImage", "OldImage"] {
-            match self.key_in(raw.get("dynamodb").and_then(|d| d.get(field))) {
-                Ok(key) => return Ok(key),
-                Err(SkipReason::NoKey(_)) => {}
-                Err(e) => reason = e,
-            }
-        }
-        Err(reason)
-    }
-}
-
-/// `value[name]` for the small objects of a stream record (see [`field_of`]).
-fn field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
-    field_of(value.as_object()?, name)
-}
-
-/// `map[name]`, found by scanning the entries for one of the same length first. serde_json's
-/// map is a B-tree of `String`s: a lookup compares the name with several keys, each compare a
-/// read of a separate heap allocation, and over a 10,000-record batch those cache misses were
-/// most of the cost of planning. A record's objects have a handful of entries whose lengths
-/// (kept in the tree's nodes) mostly differ, so the scan reads one key's bytes, usually the
-/// right one. A large object (an image) is looked up the usual way.
-fn field_of<'v>(map: &'v serde_json::Map<String, Value>, name: &str) -> Option<&'v Value> {
-    if map.len() > 16 {
-        return map.get(name);
-    }
-    map.iter()
-        .find(|(k, _)| k.len() == name.len() && k.as_str() == name)
-        .map(|(_, v)| v)
-}
-
-fn sequence_number_of(record: &Value) -> Option<String> {
-    record
-        .pointer("/dynamodb/SequenceNumber")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-}
-
-/// A REMOVE made by DynamoDB's TTL process rather than by a user (`userIdentity` of type
-/// `Service`, principal `dynamodb.amazonaws.com`).
-pub fn is_ttl_expiry(record: &Value) -> bool {
-    let identity = record.get("userIdentity");
-    let field = |name| identity.and_then(|i| i.get(name)).and_then(Value::as_str);
-    field("type") == Some("Service") && field("principalId") == Some("dynamodb.amazonaws.com")
 }
 
 #[cfg(test)]
 mod tests {
+    use super::parts::{MIN_PART, PARTS};
     use super::*;
     use crate::cache::memory::MemoryCache;
+    use crate::cache::{CacheOp, OpKind, Order};
+    use crate::document::Document;
     use std::sync::atomic::Ordering;
 
     fn fixture(name: &str) -> Value {

@@ -21,30 +21,34 @@
 //! function first asked for an event (the end of its init) and, per invocation, when the event
 //! was handed out, answered and settled, for the cold-start benchmark. Used by the integration
 //! tests and by `crates/bench`.
+//!
+//! - this file: [`RuntimeApi`], what it records, and the state its tasks share.
+//! - `dispatch.rs`: handing events out, settling, freezing and thawing.
+//! - `server.rs`: the HTTP server and its routes.
+//! - `runtime.rs`: the Runtime API's invocation routes.
+//! - `extensions.rs`: the Extensions API.
+//! - `reply.rs`: JSON replies and bodies.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
-const RUNTIME: &str = "/2018-06-01/runtime";
-const EXTENSION: &str = "/2020-01-01/extension";
-const EXTENSION_ID: &str = "lambda-extension-identifier";
-/// The deadline announced to the function (`Lambda-Runtime-Deadline-Ms`), from the moment the
-/// function picks the event up.
-const FUNCTION_TIMEOUT: Duration = Duration::from_secs(30);
+mod dispatch;
+mod extensions;
+mod reply;
+mod runtime;
+mod server;
+
+use dispatch::{dispatch, signal};
+use server::serve;
 
 /// What the function answered: the body of `/response`, or the body of `/error` (a
 /// `{"errorType", "errorMessage"}` diagnostic).
@@ -364,378 +368,11 @@ impl Drop for RuntimeApi {
     }
 }
 
-fn signal(pid: i32, sig: libc::c_int) {
-    // SAFETY: kill(2) takes any pid and signal number; a process that is gone gives ESRCH,
-    // which is no concern here (its test is over).
-    unsafe { libc::kill(pid, sig) };
-}
-
-/// Hands out each queued event once everyone waits for one, and settles (and freezes) between.
-async fn dispatch(mut queued: mpsc::UnboundedReceiver<Queued>, state: Arc<State>) {
-    loop {
-        // `Notify` keeps a permit for a notification that comes before this wait.
-        while !state.lifecycle.lock().unwrap().everyone_waits() {
-            state.waiting.notified().await;
-        }
-        let next = {
-            let mut lifecycle = state.lifecycle.lock().unwrap();
-            let settled = lifecycle.current.take();
-            if settled.is_some() || !lifecycle.init_settled {
-                lifecycle.init_settled = true;
-                let now = Instant::now();
-                if let Some(id) = &settled {
-                    if let Some((_, t)) = lifecycle.timings.iter_mut().find(|(i, _)| i == id) {
-                        t.settled = Some(now);
-                    }
-                }
-                state.log(
-                    &mut lifecycle,
-                    Event::Settled {
-                        request_id: settled,
-                    },
-                );
-            }
-            match queued.try_recv() {
-                Ok(next) => Some(next),
-                Err(_) => {
-                    if let (false, Some(pid)) = (lifecycle.frozen, lifecycle.freeze_pid) {
-                        signal(pid, libc::SIGSTOP);
-                        lifecycle.frozen = true;
-                        state.log(&mut lifecycle, Event::Frozen);
-                    }
-                    None
-                }
-            }
-        };
-        let next = match next {
-            Some(next) => next,
-            None => match queued.recv().await {
-                Some(next) => next,
-                None => return,
-            },
-        };
-        // A party may have stopped waiting meanwhile (an extension whose `next` failed): the
-        // event is held until it asks again, as Lambda holds it.
-        while !state.lifecycle.lock().unwrap().everyone_waits() {
-            state.waiting.notified().await;
-        }
-        hand_out(&state, next);
-    }
-}
-
-fn hand_out(state: &State, queued: Queued) {
-    let n = state.ids.fetch_add(1, Ordering::SeqCst);
-    let request_id = format!("8476a536-e9f4-11e8-9739-{n:012x}");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let deadline_ms = (now + FUNCTION_TIMEOUT).as_millis();
-    let trace_id = format!(
-        "Root=1-{:08x}-{n:024x};Parent={n:016x};Sampled=0;Lineage=1:0a1b2c3d:0",
-        now.as_secs()
-    );
-    let mut lifecycle = state.lifecycle.lock().unwrap();
-    if lifecycle.frozen {
-        if let Some(pid) = lifecycle.freeze_pid {
-            signal(pid, libc::SIGCONT);
-        }
-        lifecycle.frozen = false;
-        state.log(&mut lifecycle, Event::Thawed);
-    }
-    lifecycle.invoked = true;
-    lifecycle.current = Some(request_id.clone());
-    lifecycle
-        .in_flight
-        .insert(request_id.clone(), (queued.answer, Instant::now()));
-    // As Lambda documents the extension's `INVOKE` event.
-    let invoke = json!({
-        "eventType": "INVOKE",
-        "deadlineMs": deadline_ms as u64,
-        "requestId": request_id,
-        "invokedFunctionArn": state.function_arn,
-        "tracing": {"type": "X-Amzn-Trace-Id", "value": trace_id},
-    });
-    for extension in lifecycle.extensions.iter_mut().filter(|e| e.invoke) {
-        if let Some(waiting) = extension.waiting.take() {
-            // An extension that hung up misses the event; it is still counted as not waiting.
-            let _ = waiting.send(invoke.clone());
-        }
-    }
-    let runtime = lifecycle.runtime.take().expect("everyone waits");
-    // A runtime that hung up leaves the invocation unanswered; `invoke` reports that.
-    let _ = runtime.send(Delivery {
-        request_id: request_id.clone(),
-        event: queued.event,
-        deadline_ms,
-        trace_id,
-    });
-    state.log(&mut lifecycle, Event::Delivered { request_id });
-}
-
-async fn serve(listener: TcpListener, state: Arc<State>) {
-    // Owned here so that aborting the server task also drops every connection.
-    let mut connections = JoinSet::new();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        while connections.try_join_next().is_some() {}
-        let state = state.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| route(state.clone(), req));
-            // A function killed in the middle of a long poll just closes its connection.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-type Reply = Response<Full<Bytes>>;
-
-async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infallible> {
-    let path = req.uri().path().to_owned();
-    let not_found = || reply(StatusCode::NOT_FOUND, json!({"errorMessage": path}));
-    if let Some(rest) = path.strip_prefix(EXTENSION) {
-        if !state.options.extensions_api {
-            return Ok(not_found());
-        }
-        return Ok(match (req.method().clone(), rest) {
-            (Method::POST, "/register") => register(&state, req).await,
-            (Method::GET, "/event/next") => extension_next(&state, req).await,
-            (Method::POST, "/init/error" | "/exit/error") => {
-                let body = body_json(req).await;
-                tracing::warn!(%body, "an extension reported an error");
-                accepted()
-            }
-            _ => not_found(),
-        });
-    }
-    let Some(rest) = path.strip_prefix(RUNTIME) else {
-        return Ok(not_found());
-    };
-    let method = req.method().clone();
-    Ok(match (method, rest) {
-        (Method::GET, "/invocation/next") => runtime_next(&state).await,
-        (Method::POST, "/init/error") => {
-            let body = body_json(req).await;
-            state.lifecycle.lock().unwrap().init_error = Some(body);
-            accepted()
-        }
-        (Method::POST, rest) => {
-            let answer = rest.strip_prefix("/invocation/").and_then(|r| {
-                r.strip_suffix("/response")
-                    .map(|id| (id, true))
-                    .or_else(|| r.strip_suffix("/error").map(|id| (id, false)))
-            });
-            match answer {
-                Some((id, ok)) => {
-                    let id = id.to_owned();
-                    let body = body_json(req).await;
-                    answered(&state, id, if ok { Ok(body) } else { Err(body) })
-                }
-                None => not_found(),
-            }
-        }
-        _ => not_found(),
-    })
-}
-
-/// `POST /runtime/invocation/{id}/response` or `/error`: the caller gets it at once.
-fn answered(state: &State, id: String, outcome: Outcome) -> Reply {
-    let answered = Instant::now();
-    let mut lifecycle = state.lifecycle.lock().unwrap();
-    let Some((waiter, delivered)) = lifecycle.in_flight.remove(&id) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"errorType": "InvalidRequestID", "errorMessage": id}),
-        );
-    };
-    let timing = InvocationTiming {
-        delivered,
-        answered,
-        settled: None,
-    };
-    lifecycle.timings.push((id.clone(), timing));
-    state.log(&mut lifecycle, Event::Answered { request_id: id });
-    // The caller may have given up waiting; that is its own failure.
-    let _ = waiter.send(outcome);
-    accepted()
-}
-
-/// `GET /runtime/invocation/next`: waits until an event is handed out.
-async fn runtime_next(state: &State) -> Reply {
-    let (tx, rx) = oneshot::channel();
-    {
-        let mut lifecycle = state.lifecycle.lock().unwrap();
-        let polled = Instant::now();
-        lifecycle.first_poll.get_or_insert(polled);
-        lifecycle.next_polls += 1;
-        state.polls_seen.send_replace(lifecycle.next_polls);
-        lifecycle.runtime = Some(tx);
-        state.log(&mut lifecycle, Event::RuntimeNext);
-    }
-    state.waiting.notify_one();
-    let Ok(delivery) = rx.await else {
-        // Another poll took this one's place.
-        return reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"errorMessage": "superseded by another next"}),
-        );
-    };
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json")
-        .header("lambda-runtime-aws-request-id", delivery.request_id)
-        .header(
-            "lambda-runtime-deadline-ms",
-            delivery.deadline_ms.to_string(),
-        )
-        .header(
-            "lambda-runtime-invoked-function-arn",
-            state.function_arn.as_str(),
-        )
-        .header("lambda-runtime-trace-id", delivery.trace_id)
-        .body(Full::new(Bytes::from(delivery.event.to_string())))
-        .unwrap()
-}
-
-/// `POST /extension/register`: `{"events": [...]}` with the `Lambda-Extension-Name` header;
-/// answers with the extension's identifier in a header and the function in the body.
-async fn register(state: &State, req: Request<Incoming>) -> Reply {
-    let header = |name| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let Some(name) = header("lambda-extension-name") else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"errorType": "InvalidRequest", "errorMessage": "Lambda-Extension-Name is missing"}),
-        );
-    };
-    let with_account = header("lambda-extension-accept-feature")
-        .is_some_and(|f| f.split(',').any(|f| f.trim() == "accountId"));
-    let body = body_json(req).await;
-    let Some(events) = body["events"].as_array() else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"errorType": "InvalidRequest", "errorMessage": "events is missing"}),
-        );
-    };
-    let invoke = events.iter().any(|e| e == "INVOKE");
-    let n = state.ids.fetch_add(1, Ordering::SeqCst);
-    let id = format!("c3a6f7e0-1b2d-4e5f-8a9b-{n:012x}");
-    {
-        let mut lifecycle = state.lifecycle.lock().unwrap();
-        // Lambda accepts registrations during init only.
-        if lifecycle.invoked {
-            return reply(
-                StatusCode::FORBIDDEN,
-                json!({"errorType": "Extension.RegistrationAfterInit", "errorMessage": name}),
-            );
-        }
-        lifecycle.extensions.push(Extension {
-            id: id.clone(),
-            name: name.clone(),
-            invoke,
-            waiting: None,
-        });
-        state.log(&mut lifecycle, Event::Registered { name });
-    }
-    let mut function = json!({
-        "functionName": state.function_name,
-        "functionVersion": "$LATEST",
-        "handler": "bootstrap",
-    });
-    if with_account {
-        function["accountId"] = json!("123456789012");
-    }
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json")
-        .header(EXTENSION_ID, id)
-        .body(Full::new(Bytes::from(function.to_string())))
-        .unwrap()
-}
-
-/// `GET /extension/event/next`: waits for the next `INVOKE` (an extension registered for no
-/// events waits for ever, as it would for a `SHUTDOWN` this server never sends).
-async fn extension_next(state: &State, req: Request<Incoming>) -> Reply {
-    let id = req
-        .headers()
-        .get(EXTENSION_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let (tx, rx) = oneshot::channel();
-    {
-        let mut lifecycle = state.lifecycle.lock().unwrap();
-        let fault = lifecycle.extension_fault;
-        let Some(extension) = lifecycle.extensions.iter_mut().find(|e| e.id == id) else {
-            return reply(
-                StatusCode::FORBIDDEN,
-                json!({"errorType": "Extension.UnknownExtensionIdentifier", "errorMessage": id}),
-            );
-        };
-        if fault {
-            return extension_fault();
-        }
-        extension.waiting = Some(tx);
-        let name = extension.name.clone();
-        state.log(&mut lifecycle, Event::ExtensionNext { name });
-    }
-    state.waiting.notify_one();
-    let Ok(event) = rx.await else {
-        if state.lifecycle.lock().unwrap().extension_fault {
-            return extension_fault();
-        }
-        return reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"errorMessage": "superseded by another next"}),
-        );
-    };
-    let event_id = event["requestId"].as_str().unwrap_or_default().to_owned();
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json")
-        .header("lambda-extension-event-identifier", event_id)
-        .body(Full::new(Bytes::from(event.to_string())))
-        .unwrap()
-}
-
-/// The answer to an extension's `next` once [`RuntimeApi::fail_extension_next`] was called.
-fn extension_fault() -> Reply {
-    reply(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        json!({"errorType": "Extension.Fault", "errorMessage": "fault injected by the test"}),
-    )
-}
-
-/// A body that is not JSON is kept as a JSON string, so the caller can show it.
-async fn body_json(req: Request<Incoming>) -> Value {
-    let bytes = match req.into_body().collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) => return Value::String(format!("<body not read: {e}>")),
-    };
-    serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-}
-
-fn accepted() -> Reply {
-    reply(StatusCode::ACCEPTED, json!({"status": "OK"}))
-}
-
-fn reply(status: StatusCode, body: Value) -> Reply {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::extensions::EXTENSION_ID;
     use super::*;
+    use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const WITHIN: Duration = Duration::from_secs(5);
