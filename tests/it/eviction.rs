@@ -13,7 +13,7 @@ use product_cache::config::{CacheSettings, InvalidationMode::Refresh};
 use product_cache::invalidate::Invalidator;
 use serde_json::{json, Value};
 
-use crate::support::{fixture, info_field, redis_cache};
+use crate::support::{applied, fixture, info_field, redis_cache};
 
 /// The issue's reproduction: 4,000 items of ~1 KB documents in 3 MB.
 pub(crate) const ITEMS: usize = 4_000;
@@ -89,7 +89,7 @@ async fn admin(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-fn now_secs() -> f64 {
+pub(crate) fn now_secs() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -111,27 +111,12 @@ pub(crate) fn record(item: usize, version: u64, created: f64) -> Value {
     r
 }
 
-/// Delivers `records` in Lambda's default batches of 100, as Lambda does with
-/// `ReportBatchItemFailures`: a batch that reports a failed record is delivered again from that
-/// record on (a node busy evicting can outlast the 100 ms timeout on a loaded machine, which
-/// Lambda answers so); every batch must be acknowledged within 20 deliveries.
+/// Delivers `records` in Lambda's default batches of 100, each as Lambda does with
+/// `ReportBatchItemFailures` (`support::applied`: a node busy evicting can outlast the 100 ms
+/// timeout on a loaded machine); every batch must be acknowledged.
 pub(crate) async fn deliver(invalidator: &Invalidator<RedisCache>, records: Vec<Value>) {
     for batch in records.chunks(100) {
-        let mut rest = batch.to_vec();
-        for attempt in 1.. {
-            let response = invalidator.handle(json!({ "Records": rest })).await;
-            let Some(failed) = response.batch_item_failures.first() else {
-                break;
-            };
-            assert!(attempt < 20, "a batch failed 20 times: {response:?}");
-            let from = rest
-                .iter()
-                .position(|r| {
-                    r["dynamodb"]["SequenceNumber"].as_str() == failed.item_identifier.as_deref()
-                })
-                .expect("the failed record is one of the batch's");
-            rest.drain(..from);
-        }
+        applied(invalidator, json!({ "Records": batch })).await;
     }
 }
 
@@ -170,14 +155,14 @@ pub(crate) async fn cached(
     found
 }
 
-struct Outcome {
+pub(crate) struct Outcome {
     /// Documents cached at the newer price before the older records came again.
-    newer_cached: usize,
+    pub newer_cached: usize,
     /// Of those, how many had lost their position to eviction (the document stayed).
-    without_position: usize,
+    pub without_position: usize,
     /// Documents at the older price after the older records came again.
-    older_after: usize,
-    evicted: u64,
+    pub older_after: usize,
+    pub evicted: u64,
 }
 
 /// Every item refreshed to price 1 and then to price 2 through a full node; then the price-1
@@ -187,22 +172,38 @@ async fn redeliver_older_changes_after_evictions(engine: Engine, guards: Guards)
     let cache = functions_cache(&redis, guards).await;
     let invalidator = Invalidator::new(cache, Refresh, settings(guards));
     let mut conn = admin(&redis).await;
+    let outcome = redeliver_older_changes(&invalidator, &mut conn).await;
+    eprintln!(
+        "{engine:?}, {guards:?}: {} keys evicted, {} documents at the newer price ({} without \
+         their position), {} at the older price after the older records came again",
+        outcome.evicted, outcome.newer_cached, outcome.without_position, outcome.older_after
+    );
+    outcome
+}
+
+/// The scenario on a full cache whose node `conn` reaches: every item refreshed to price 1 and
+/// then to price 2 through `invalidator`, then the price-1 record of every item cached at price
+/// 2 delivered again.
+pub(crate) async fn redeliver_older_changes(
+    invalidator: &Invalidator<RedisCache>,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Outcome {
     let t0 = now_secs();
     // The older changes were made a minute ago; the newer ones are dated a minute ahead, so
     // that while the node evicts throughout they still refresh (a record created after its
     // slot's epoch does) and the cache ends holding newer documents, some of them without
     // their positions: the state the issue found.
     deliver(
-        &invalidator,
+        invalidator,
         (0..ITEMS).map(|i| record(i, 1, t0 - 60.0)).collect(),
     )
     .await;
     deliver(
-        &invalidator,
+        invalidator,
         (0..ITEMS).map(|i| record(i, 2, t0 + 60.0)).collect(),
     )
     .await;
-    let before = cached(&mut conn).await;
+    let before = cached(conn).await;
     let newer: Vec<usize> = before
         .iter()
         .filter(|(_, price, _)| *price == 2)
@@ -211,23 +212,17 @@ async fn redeliver_older_changes_after_evictions(engine: Engine, guards: Guards)
     let without_position = before.iter().filter(|(_, _, kept)| !kept).count();
     // At least once (a retried or bisected batch, one that timed out after it had applied).
     deliver(
-        &invalidator,
+        invalidator,
         newer.iter().map(|&i| record(i, 1, t0 - 60.0)).collect(),
     )
     .await;
-    let after = cached(&mut conn).await;
-    let outcome = Outcome {
+    let after = cached(conn).await;
+    Outcome {
         newer_cached: newer.len(),
         without_position,
         older_after: after.iter().filter(|(_, price, _)| *price == 1).count(),
-        evicted: evicted_keys(&mut conn).await,
-    };
-    eprintln!(
-        "{engine:?}, {guards:?}: {} keys evicted, {} documents at the newer price ({} without \
-         their position), {} at the older price after the older records came again",
-        outcome.evicted, outcome.newer_cached, outcome.without_position, outcome.older_after
-    );
-    outcome
+        evicted: evicted_keys(conn).await,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

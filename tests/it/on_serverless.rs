@@ -8,10 +8,10 @@
 //! ends by checking that the stand-in refused none of the product's requests on either
 //! endpoint: a refusal there is a call that fails on AWS.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use local_stack::services::{Auth, Endpoint, ServerlessCache, ServerlessOptions};
 use product_cache::cache::slots::slot_of;
@@ -29,10 +29,10 @@ use product_cache::store::DynamoStore;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 
-use crate::eviction::{cached, deliver, record, ITEMS, ROOM};
+use crate::eviction::{now_secs, redeliver_older_changes, Outcome, ROOM};
 use crate::support::{
-    cache_with, command_calls, declared_empty, fixture, http_get, info_field, moto_endpoint,
-    Counting, TestEnv, TestReadPath,
+    applied, cache_with, command_calls, declared_empty, fixture, http_get, ids_in_one_slot,
+    info_field, moto_endpoint, Counting, TestEnv, TestReadPath,
 };
 
 /// The IAM-enabled user the functions authenticate as, and the serverless cache's name (the
@@ -153,27 +153,6 @@ where
     S: product_cache::store::ProductStore,
 {
     http_get(read, &format!("/products/{id}")).await
-}
-
-/// Hands `event` to the invalidator as Lambda does with `ReportBatchItemFailures`: a batch
-/// reporting a failed record is delivered again from that record on (a call can outlast the
-/// 100 ms timeout on a loaded machine); every record must be applied within 20 deliveries.
-async fn applied(invalidator: &Invalidator<RedisCache>, event: Value) {
-    let mut rest = event["Records"].as_array().unwrap().clone();
-    for attempt in 1.. {
-        let response = invalidator.handle(json!({ "Records": rest })).await;
-        let Some(failed) = response.batch_item_failures.first() else {
-            return;
-        };
-        assert!(attempt < 20, "a batch failed 20 times: {response:?}");
-        let from = rest
-            .iter()
-            .position(|r| {
-                r["dynamodb"]["SequenceNumber"].as_str() == failed.item_identifier.as_deref()
-            })
-            .expect("the failed record is one of the batch's");
-        rest.drain(..from);
-    }
 }
 
 /// A plain connection to a backend server (the primary's, or the replica's), to look at what
@@ -508,60 +487,6 @@ async fn both_modes_apply_modify_remove_and_insert() {
     nothing_refused(&cache);
 }
 
-/// `count` product ids whose cache keys (`product:<id>`) share one hash slot, found by brute
-/// force over the ids `s00000000`..`s99999999` without hashing each: CRC-16/XMODEM has no
-/// initial value nor final XOR, so over keys of one length a key's CRC is the XOR of what each
-/// byte contributes at its place (the CRC of that byte alone among NULs), and the slot (the
-/// CRC's low 14 bits) too. The same search as `serverless.rs`'s; each id is checked with
-/// `slot_of` itself.
-fn ids_in_one_slot(count: usize) -> Vec<String> {
-    let key = |n: usize| format!("product:s{n:08}");
-    let len = key(0).len();
-    let alone = |at: usize, byte: u8| {
-        let mut bytes = vec![0u8; len];
-        bytes[at] = byte;
-        slot_of(std::str::from_utf8(&bytes).unwrap())
-    };
-    let of = |at: usize, text: &str| {
-        text.bytes()
-            .enumerate()
-            .fold(0, |slot, (i, b)| slot ^ alone(at + i, b))
-    };
-    let fixed = of(0, "product:s");
-    let (high_at, low_at) = (len - 8, len - 4);
-    let mut by_low: HashMap<u16, Vec<usize>> = HashMap::new();
-    for low in 0..10_000 {
-        by_low
-            .entry(of(low_at, &format!("{low:04}")))
-            .or_default()
-            .push(low);
-    }
-    let slot = slot_of(&key(0));
-    let mut ids = Vec::new();
-    for high in 0..10_000 {
-        let want = slot ^ fixed ^ of(high_at, &format!("{high:04}"));
-        for low in by_low.get(&want).into_iter().flatten() {
-            ids.push(format!("s{high:04}{low:04}"));
-        }
-        if ids.len() >= count {
-            break;
-        }
-    }
-    ids.truncate(count);
-    assert_eq!(ids.len(), count);
-    for id in &ids {
-        assert_eq!(slot_of(&format!("product:{id}")), slot, "{id}");
-    }
-    ids
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
 /// A MODIFY of product `id` to `price`, created at `created` (epoch seconds), `seq` its
 /// sequence number.
 fn change(id: &str, price: usize, seq: usize, created: f64) -> Value {
@@ -884,21 +809,11 @@ fn text(out: &Output) -> String {
     crate::operator::text(out)
 }
 
-struct Evictions {
-    /// Documents cached at the newer price before the older records came again.
-    newer_cached: usize,
-    /// Of those, how many had lost their position to eviction.
-    without_position: usize,
-    /// Documents at the older price after the older records came again.
-    older_after: usize,
-    evicted: u64,
-}
-
 /// eviction.rs's scenario on a serverless cache at its storage maximum (`volatile-lru`), with
 /// `evicted_keys` gone from the INFO the functions see: every item refreshed to price 1, then
 /// to price 2, while the cache evicts; then the price-1 record of every item cached at price 2
 /// delivered again.
-async fn redeliver_older_changes_on_a_full_serverless_cache(guards: Guards) -> Evictions {
+async fn redeliver_older_changes_on_a_full_serverless_cache(guards: Guards) -> Outcome {
     let cache = serverless().await;
     cache.set_evicted_keys_in_info(false);
     // A 1 s timeout: declaring 16,384 epochs and applying batches of 100 through the stand-in's
@@ -928,38 +843,7 @@ async fn redeliver_older_changes_on_a_full_serverless_cache(guards: Guards) -> E
         .await
         .unwrap();
     let invalidator = Invalidator::new(functions, Refresh, settings);
-    let t0 = now_secs();
-    deliver(
-        &invalidator,
-        (0..ITEMS).map(|i| record(i, 1, t0 - 60.0)).collect(),
-    )
-    .await;
-    deliver(
-        &invalidator,
-        (0..ITEMS).map(|i| record(i, 2, t0 + 60.0)).collect(),
-    )
-    .await;
-    let before = cached(&mut primary).await;
-    let newer: Vec<usize> = before
-        .iter()
-        .filter(|(_, price, _)| *price == 2)
-        .map(|(item, _, _)| *item)
-        .collect();
-    let without_position = before.iter().filter(|(_, _, kept)| !kept).count();
-    deliver(
-        &invalidator,
-        newer.iter().map(|&i| record(i, 1, t0 - 60.0)).collect(),
-    )
-    .await;
-    let after = cached(&mut primary).await;
-    let outcome = Evictions {
-        newer_cached: newer.len(),
-        without_position,
-        older_after: after.iter().filter(|(_, price, _)| *price == 1).count(),
-        evicted: info_field(&mut primary, "stats", "evicted_keys")
-            .await
-            .unwrap(),
-    };
+    let outcome = redeliver_older_changes(&invalidator, &mut primary).await;
     eprintln!(
         "serverless, {guards:?}: {} keys evicted, {} documents at the newer price ({} without \
          their position), {} at the older price after the older records came again",

@@ -4,7 +4,6 @@
 //! after `READONLY`, IAM tokens of the serverless form only, a trimmed `INFO`, volatile-lru at
 //! the storage maximum. And the product's own cache client works on it.
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use local_stack::services::{Auth, Endpoint, ServerlessCache, ServerlessOptions};
@@ -14,6 +13,8 @@ use product_cache::config::{CacheSettings, CacheType, IamSettings, RedisSettings
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::ids_in_one_slot;
 
 async fn start(options: ServerlessOptions) -> ServerlessCache {
     ServerlessCache::start(options)
@@ -678,52 +679,6 @@ async fn at_its_maximum_the_cache_evicts_keys_with_a_ttl_only() {
         .parse()
         .unwrap();
     assert!(evicted > 0, "{info}");
-}
-
-/// `count` product ids whose cache keys (`product:<id>`) share one hash slot, found by brute
-/// force over the 100 million ids `s00000000`..`s99999999` without hashing each: CRC-16/XMODEM
-/// has no initial value nor final XOR, so over keys of one length a key's slot is the XOR of
-/// what each byte contributes at its place (the slot of that byte alone among NULs). The ids
-/// found are checked with `slot_of` itself.
-fn ids_in_one_slot(count: usize) -> Vec<String> {
-    let key = |n: usize| format!("product:s{n:08}");
-    let len = key(0).len();
-    let alone = |at: usize, byte: u8| {
-        let mut bytes = vec![0u8; len];
-        bytes[at] = byte;
-        slot_of(std::str::from_utf8(&bytes).unwrap())
-    };
-    let of = |at: usize, text: &str| {
-        text.bytes()
-            .enumerate()
-            .fold(0, |slot, (i, b)| slot ^ alone(at + i, b))
-    };
-    let fixed = of(0, "product:s");
-    let (high_at, low_at) = (len - 8, len - 4);
-    let mut by_low: HashMap<u16, Vec<usize>> = HashMap::new();
-    for low in 0..10_000 {
-        by_low
-            .entry(of(low_at, &format!("{low:04}")))
-            .or_default()
-            .push(low);
-    }
-    let slot = slot_of(&key(0));
-    let mut ids = Vec::new();
-    for high in 0..10_000 {
-        let want = slot ^ fixed ^ of(high_at, &format!("{high:04}"));
-        for low in by_low.get(&want).into_iter().flatten() {
-            ids.push(format!("s{high:04}{low:04}"));
-        }
-        if ids.len() >= count {
-            break;
-        }
-    }
-    ids.truncate(count);
-    assert_eq!(ids.len(), count);
-    for id in &ids {
-        assert_eq!(slot_of(&format!("product:{id}")), slot, "{id}");
-    }
-    ids
 }
 
 /// The product's own client on the stand-in, as a deployment on ElastiCache Serverless runs

@@ -737,3 +737,76 @@ pub async fn replica_of_port(primary: u16, via: u16) -> RedisServer {
     linked(&replica).await;
     replica
 }
+
+/// `count` product ids whose cache keys (`product:<id>`) share one hash slot, found by brute
+/// force over the 100 million ids `s00000000`..`s99999999` without hashing each: CRC-16/XMODEM
+/// has no initial value nor final XOR, so over keys of one length a key's slot is the XOR of
+/// what each byte contributes at its place (the slot of that byte alone among NULs). The ids
+/// found are checked with `slot_of` itself.
+pub fn ids_in_one_slot(count: usize) -> Vec<String> {
+    let key = |n: usize| format!("product:s{n:08}");
+    let len = key(0).len();
+    let alone = |at: usize, byte: u8| {
+        let mut bytes = vec![0u8; len];
+        bytes[at] = byte;
+        product_cache::cache::slots::slot_of(std::str::from_utf8(&bytes).unwrap())
+    };
+    let of = |at: usize, text: &str| {
+        text.bytes()
+            .enumerate()
+            .fold(0, |slot, (i, b)| slot ^ alone(at + i, b))
+    };
+    let fixed = of(0, "product:s");
+    let (high_at, low_at) = (len - 8, len - 4);
+    let mut by_low: std::collections::HashMap<u16, Vec<usize>> = std::collections::HashMap::new();
+    for low in 0..10_000 {
+        by_low
+            .entry(of(low_at, &format!("{low:04}")))
+            .or_default()
+            .push(low);
+    }
+    let slot = product_cache::cache::slots::slot_of(&key(0));
+    let mut ids = Vec::new();
+    for high in 0..10_000 {
+        let want = slot ^ fixed ^ of(high_at, &format!("{high:04}"));
+        for low in by_low.get(&want).into_iter().flatten() {
+            ids.push(format!("s{high:04}{low:04}"));
+        }
+        if ids.len() >= count {
+            break;
+        }
+    }
+    ids.truncate(count);
+    assert_eq!(ids.len(), count);
+    for id in &ids {
+        assert_eq!(
+            product_cache::cache::slots::slot_of(&format!("product:{id}")),
+            slot,
+            "{id}"
+        );
+    }
+    ids
+}
+
+/// Hands `event` to the invalidator as Lambda does with `ReportBatchItemFailures`: a batch
+/// reporting a failed record is delivered again from that record on (a call can outlast the
+/// 100 ms timeout on a loaded machine); every record must be applied within 20 deliveries.
+pub async fn applied(invalidator: &Invalidator<RedisCache>, event: Value) {
+    let mut rest = event["Records"].as_array().unwrap().clone();
+    for attempt in 1.. {
+        let response = invalidator
+            .handle(serde_json::json!({ "Records": rest }))
+            .await;
+        let Some(failed) = response.batch_item_failures.first() else {
+            return;
+        };
+        assert!(attempt < 20, "a batch failed 20 times: {response:?}");
+        let from = rest
+            .iter()
+            .position(|r| {
+                r["dynamodb"]["SequenceNumber"].as_str() == failed.item_identifier.as_deref()
+            })
+            .expect("the failed record is one of the batch's");
+        rest.drain(..from);
+    }
+}
