@@ -274,7 +274,7 @@ impl<S: ProductStore> Inspector<S> {
     async fn judge(&self, changes: &[Change]) -> Result<(Vec<ChangeRow>, usize), InspectError> {
         use std::cmp::Ordering::{Equal, Greater};
         let keys: Vec<String> = changes.iter().map(|c| c.key.clone()).collect();
-        let cached = self.values(&keys).await?;
+        let cached = self.cache.values(&keys).await?;
         let positions: Vec<Option<Order>> = cached
             .iter()
             .map(|(_, p)| p.as_deref().and_then(Order::decode))
@@ -387,19 +387,6 @@ impl<S: ProductStore> Inspector<S> {
 }
 
 impl<S: ProductStore> Inspector<S> {
-    /// Each key's value and position, asked again once if the first call fails: a connection
-    /// the node closed (a restart, a failover) fails its first call and reconnects, and a batch
-    /// is judged once.
-    async fn values(
-        &self,
-        keys: &[String],
-    ) -> Result<Vec<(Option<String>, Option<String>)>, crate::cache::CacheError> {
-        match self.cache.values(keys).await {
-            Ok(values) => Ok(values),
-            Err(_) => self.cache.values(keys).await,
-        }
-    }
-
     /// A change judged inconsistent because later changes of its shard were applied, while its
     /// own key's position is still behind it, may be one the invalidator failed on a node and
     /// is retrying (a batch's partial failure, redelivered from that record): its key is looked
@@ -420,7 +407,7 @@ impl<S: ProductStore> Inspector<S> {
             .iter()
             .map(|(i, _)| changes[*i].key.clone())
             .collect();
-        let again = self.values(&keys).await?;
+        let again = self.cache.values(&keys).await?;
         for ((i, now_form), (value, position)) in suspects.into_iter().zip(again) {
             if (&value, &position) == (&cached[i].0, &cached[i].1) {
                 continue;

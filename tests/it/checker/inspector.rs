@@ -28,6 +28,9 @@ pub struct Tally {
     pub inconsistent: Vec<String>,
     /// Inspections that failed (Redis down during a data loss or a failover).
     pub errors: u64,
+    /// The first and the last reason an inspection failed.
+    pub first_error: Option<String>,
+    pub last_error: Option<String>,
     /// The metrics lines of every inspection, as the inspector function writes them.
     pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// The inspection once the stream was drained: the keys it found inconsistent. Invariant 3
@@ -48,6 +51,9 @@ impl std::fmt::Display for Tally {
         )?;
         if !self.inconsistent.is_empty() {
             write!(f, " (first: {})", self.inconsistent[0])?;
+        }
+        if let (Some(first), Some(last)) = (&self.first_error, &self.last_error) {
+            write!(f, " (first: {first}; last: {last})")?;
         }
         write!(f, "; at rest: {} inconsistent", self.at_rest.len())
     }
@@ -118,7 +124,18 @@ pub async fn spawn(sut: &Sut, shared: &std::sync::Arc<Shared>) -> JoinHandle<Tal
                         .inconsistent
                         .extend(inconsistent(&report).map(|key| format!("{key} (run {run})")));
                 }
-                Err(_) => tally.errors += 1,
+                Err(error) => {
+                    tally.errors += 1;
+                    let mut error: &dyn std::error::Error = &error;
+                    let mut text = error.to_string();
+                    while let Some(cause) = error.source() {
+                        text = format!("{text}: {cause}");
+                        error = cause;
+                    }
+                    let error = text;
+                    tally.first_error.get_or_insert_with(|| error.clone());
+                    tally.last_error = Some(error);
+                }
             }
         }
         tally

@@ -43,6 +43,11 @@ pub struct Tally {
     /// Every key the final look (every change of the run, judged at once after the
     /// invalidator drained) found inconsistent.
     pub final_look: BTreeSet<String>,
+    /// Of the final look: changes it judged pending, and changes it could not judge (with
+    /// the first reason), which would leave a stale key unfound.
+    pub final_pending: usize,
+    pub final_unchecked: usize,
+    pub final_error: Option<String>,
 }
 
 impl Tally {
@@ -72,8 +77,15 @@ impl std::fmt::Display for Tally {
         }
         write!(
             f,
-            "; the final look at every change found {} inconsistent keys",
-            self.final_look.len()
+            "; the final look at every change found {} inconsistent keys ({} pending, {} \
+             unchecked{})",
+            self.final_look.len(),
+            self.final_pending,
+            self.final_unchecked,
+            self.final_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         )?;
         if let Some(error) = &self.error {
             write!(f, " (first unchecked: {error})")?;
@@ -172,6 +184,9 @@ pub async fn spawn(sut: &Sut, shared: &std::sync::Arc<Shared>) -> JoinHandle<Tal
             if last {
                 let report = monitor.check_changes(&every).await;
                 tally.final_look = report.inconsistent().map(str::to_owned).collect();
+                tally.final_pending = report.pending();
+                tally.final_unchecked = report.unchecked;
+                tally.final_error = report.error.clone();
                 break;
             }
             tokio::select! {

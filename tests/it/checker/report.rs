@@ -157,9 +157,11 @@ impl Report {
     /// A guard-off run: the change monitor (online, or in its final look at every change of the
     /// run) found every key invariant 3 found stale at the end.
     pub fn assert_monitor_found_the_stale_keys(&self) {
+        let found = self.monitored.found();
+        let missed: Vec<&String> = self.stale_at_end.difference(&found).collect();
         assert!(
-            self.stale_at_end.is_subset(&self.monitored.found()),
-            "the change monitor missed stale keys invariant 3 found:\n{}",
+            missed.is_empty(),
+            "the change monitor missed stale keys invariant 3 found ({missed:?}):\n{}",
             self.text
         );
     }

@@ -316,6 +316,14 @@ impl RedisCluster {
     /// Kills the node on `port` outright (SIGKILL, no goodbye), as a lost instance; its replica
     /// is promoted by the cluster itself. Returns that replica's port once it is primary.
     pub async fn kill(&mut self, port: u16) -> Result<u16, ServiceError> {
+        let replica = self.kill_now(port).await?;
+        self.await_role(replica, true).await?;
+        Ok(replica)
+    }
+
+    /// [`kill`](Self::kill) without waiting for the promotion: returns the port of the replica
+    /// the cluster will promote, as soon as the node is gone.
+    pub async fn kill_now(&mut self, port: u16) -> Result<u16, ServiceError> {
         let replica = self
             .roles()
             .await?
@@ -324,9 +332,7 @@ impl RedisCluster {
             .map(|r| r.port);
         let node = self.nodes.iter_mut().find(|n| n.port() == port);
         node.expect("a node of this cluster").stop().await;
-        let replica = replica.ok_or_else(|| io::Error::other("the node has no replica"))?;
-        self.await_role(replica, true).await?;
-        Ok(replica)
+        replica.ok_or_else(|| io::Error::other("the node has no replica").into())
     }
 
     /// Starts a killed node again, on its port and with its cluster state: it rejoins as a

@@ -125,8 +125,6 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server and waits for it to exit, so the port refuses
-    /// connections once this returns. Calling it again is a no-op.
     /// Whether the child is running (not stopped by [`stop`](Self::stop)).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -150,6 +148,8 @@ impl RedisServer {
         }
     }
 
+    /// Kills the server and waits for it to exit, so the port refuses
+    /// connections once this returns. Calling it again is a no-op.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // An error here means the child is already gone, which is the goal.

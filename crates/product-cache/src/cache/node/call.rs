@@ -230,7 +230,7 @@ impl Caller {
     /// redirection, says the map may be out of date.
     fn noted<T>(&self, outcome: &Result<(Vec<redis::RedisResult<T>>, Conn), CacheError>) {
         let stale = match outcome {
-            Err(e) => is_node_failure(e),
+            Err(e) => map_may_be_stale(e),
             Ok((replies, _)) => replies
                 .iter()
                 .any(|r| r.as_ref().err().is_some_and(is_redirection)),
@@ -296,6 +296,18 @@ async fn send(
             }
             loaded = true;
         }
+    }
+}
+
+/// Whether a call's error says the map it was routed by may be out of date: the node could not
+/// be reached or its breaker is open (it may have been replaced), or it redirected the call.
+/// Such a call marked the map stale; one that goes again after [`Topology::refreshed`] may
+/// find the new one.
+pub(crate) fn map_may_be_stale(e: &CacheError) -> bool {
+    match e {
+        CacheError::BreakerOpen(_) => true,
+        CacheError::Redis(r) if is_redirection(r) => true,
+        e => is_node_failure(e),
     }
 }
 

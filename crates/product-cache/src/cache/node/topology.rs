@@ -278,14 +278,29 @@ impl Topology {
 
     /// Waits at most `wait` for a view fetched from now on (marking the one kept stale): what a
     /// batch that met a redirection does before it answers, so that its retry finds the new
-    /// map. At once on a single node.
+    /// map, and what a tool's call that met the old map does before it goes again. At once on
+    /// a single node. A fetch is asked for again every [`RETRY_AFTER`] meanwhile: one asked
+    /// for now may not start (the last began less than that ago) or may fail (the node it
+    /// asked was the one lost).
     pub async fn refreshed(&self, wait: Duration) {
         if !self.is_cluster() {
             return;
         }
         let mut rx = self.shared.view.subscribe();
         self.mark_stale();
-        let _ = tokio::time::timeout(wait, rx.changed()).await;
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => match changed {
+                        Ok(()) => break,
+                        // The sender lives as long as `self`: never, but not a busy loop.
+                        Err(_) => std::future::pending::<()>().await,
+                    },
+                    () = tokio::time::sleep(RETRY_AFTER) => self.mark_stale(),
+                }
+            }
+        })
+        .await;
     }
 
     /// Starts a fetch in the background if one is due.

@@ -5,14 +5,21 @@
 //! None of this is on a request's path, so each call gets a budget that grows with its size
 //! rather than the functions' per-call timeout. Keys go to their nodes one pipeline per node (a
 //! pipeline of single-key commands may span slots), [`PER_CALL`] keys at a time.
+//!
+//! An operation that failed in a way that says its map may be out of date goes once more, on a
+//! map fetched again ([`on_fresh_map`]): a tool that last called before a failover meets the
+//! lost primary (its breaker open, or refusing connections) on its first call after it, and has
+//! no redelivery to try again for it. The functions' own operations need no such rule: a read
+//! bypasses, and Lambda delivers a failed batch again.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt as _;
 
 use super::Ctx;
-use crate::cache::node::call::{Repeat, Request};
+use crate::cache::node::call::{map_may_be_stale, Repeat, Request};
 use crate::cache::node::topology::Role;
 use crate::cache::node::Addr;
 use crate::cache::{lease_key, slots, version_key, CacheError};
@@ -28,6 +35,22 @@ const MAX_DRAWS: usize = 50_000;
 
 fn budget(ctx: &Ctx, commands: usize) -> Duration {
     ctx.timeout + Duration::from_micros(50 * commands as u64) + Duration::from_millis(200)
+}
+
+/// `op`, and once more on a map fetched again (within the connect timeout) if it failed in a
+/// way that says the map may be out of date (see the module's doc).
+async fn on_fresh_map<T, F, Fut>(ctx: &Ctx, op: F) -> Result<T, CacheError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, CacheError>>,
+{
+    match op().await {
+        Err(e) if map_may_be_stale(&e) => {
+            ctx.caller.topology.refreshed(ctx.connect_timeout).await;
+            op().await
+        }
+        done => done,
+    }
 }
 
 /// `pipe` to `node` within a budget for its size; any error reply fails it (a tool must not
@@ -63,6 +86,10 @@ pub(crate) async fn sample_keys(
     prefix: &str,
     n: usize,
 ) -> Result<Vec<String>, CacheError> {
+    on_fresh_map(ctx, || sample_once(ctx, prefix, n)).await
+}
+
+async fn sample_once(ctx: &Ctx, prefix: &str, n: usize) -> Result<Vec<String>, CacheError> {
     let router = ctx
         .caller
         .topology
@@ -115,6 +142,15 @@ async fn per_key(
     per_key: usize,
     build: impl Fn(&mut redis::Pipeline, &str),
 ) -> Result<Vec<Vec<redis::Value>>, CacheError> {
+    on_fresh_map(ctx, || per_key_once(ctx, keys, per_key, &build)).await
+}
+
+async fn per_key_once(
+    ctx: &Ctx,
+    keys: &[String],
+    per_key: usize,
+    build: &impl Fn(&mut redis::Pipeline, &str),
+) -> Result<Vec<Vec<redis::Value>>, CacheError> {
     let router = ctx
         .caller
         .topology
@@ -163,9 +199,6 @@ pub(crate) async fn values(
     .collect()
 }
 
-/// Deletes each key with its lease, the way an invalidation does: a reader that took the lease
-/// before cannot fill the old value back afterwards. Its position stays, so ordering still
-/// refuses older records. Returns how many of the keys held a value.
 /// Waits, up to `wait`, until the slot map is known and every primary's connection is up: for
 /// a one-shot tool (an operator command) whose first call would otherwise meet a connection
 /// still forming (TLS, `AUTH`, the map) and bypass or fail at once, as a function's first
@@ -180,6 +213,9 @@ pub(crate) async fn ready(ctx: &Ctx, wait: Duration) -> Result<(), CacheError> {
     Ok(())
 }
 
+/// Deletes each key with its lease, the way an invalidation does: a reader that took the lease
+/// before cannot fill the old value back afterwards. Its position stays, so ordering still
+/// refuses older records. Returns how many of the keys held a value.
 pub(crate) async fn purge(ctx: &Ctx, keys: &[String]) -> Result<usize, CacheError> {
     let replies = per_key(ctx, keys, 2, |pipe, key| {
         pipe.del(key).del(lease_key(key));
