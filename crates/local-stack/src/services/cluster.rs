@@ -158,16 +158,27 @@ impl RedisCluster {
             });
         }
         // `--cluster create` returns once the slots are assigned; every node must also have
-        // heard about every other before clients see a consistent slot map.
+        // heard about every other before clients see a consistent slot map, and (the replicas
+        // are told whom to follow last) know which nodes are replicas: a test that asks for a
+        // primary's replica at once once found only one of three.
+        let replicas_in_all = nodes.len() / (1 + replicas) * replicas;
+        let agrees = |port: u16| async move {
+            cluster_ok(port).await
+                && command(port, &["CLUSTER", "NODES"])
+                    .await
+                    .is_ok_and(|nodes| {
+                        parse_roles(&nodes).iter().filter(|r| !r.primary).count() == replicas_in_all
+                    })
+        };
         let started = Instant::now();
         for node in &nodes {
-            while !cluster_ok(node.port()).await {
+            while !agrees(node.port()).await {
                 if started.elapsed() > Duration::from_secs(20) {
                     return Err(ServiceError::NotReady {
                         what: "redis cluster",
                         port: node.port(),
                         waited: started.elapsed(),
-                        log_tail: "cluster_state never became ok".into(),
+                        log_tail: "cluster_state never became ok with every replica known".into(),
                     });
                 }
                 tokio::time::sleep(POLL_INTERVAL).await;
