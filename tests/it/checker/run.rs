@@ -102,8 +102,8 @@ pub async fn run(cfg: Config) -> Report {
     // On this task (not spawned): a restarted (or revived) redis-server is tied to the thread
     // that spawns it.
     let herd_settings = chaos::herd_settings(&sut.settings);
-    // Readers keep reading until the chaos is over too, so a run whose writers stop during a
-    // failover still reads after it.
+    // Writers keep writing and readers reading until the chaos is over, so a fault due late in
+    // the budget still happens under load, and is followed by changes and reads.
     let (chaos_over, mut chaos_over_rx) = watch::channel(false);
     let chaos_progress = progress_rx.clone();
     let chaos = async {
@@ -116,6 +116,7 @@ pub async fn run(cfg: Config) -> Report {
             chaos_progress,
         )
         .await;
+        shared.chaos_over.store(true, Ordering::SeqCst);
         chaos_over.send_replace(true);
         chaos
     };
