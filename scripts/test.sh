@@ -53,4 +53,9 @@ if ! wait "$beside"; then
     exit 1
 fi
 cat "$beside_log"
-cargo test --workspace --locked
+# The tests but the consistency checker's, four at a time: they mostly wait (timeouts, stalls,
+# a cluster's failover), and two threads kept the two cores a third busy. Then the checker's
+# runs, two at a time as before: each drives the machine with its writers, readers, chaos and
+# its own moto server.
+cargo test --workspace --locked -- --skip checker:: --test-threads 4
+cargo test --locked -p integration-tests --test it -- checker:: --test-threads 2
