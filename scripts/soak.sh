@@ -21,8 +21,8 @@ esac
 
 scripts/setup.sh
 # The runs marked `#[ignore = "soak: ..."]` (the checker's other ignored test is none of them).
-cargo test --locked -p integration-tests --test it -- --ignored checker::
+cargo test --workspace --locked -- --ignored checker::
 for round in $(seq 2 "$rounds"); do
     echo "soak.sh: round $round of $rounds: every checker run" >&2
-    cargo test --locked -p integration-tests --test it -- --include-ignored checker::
+    cargo test --workspace --locked -- --include-ignored checker::
 done
