@@ -126,11 +126,6 @@ pub struct Shared {
     pub acked: AtomicU64,
     pub clock: Clock,
     pub budget: Budget,
-    /// Set once the chaos is over: the writers go on past their budget until then, so every
-    /// fault happens while items change (on a fast machine the writers once used up their budget
-    /// during the replication cut before a kill, and a change lost with the primary was the
-    /// stream's last: nothing later showed the monitor that the invalidator had got past it).
-    pub chaos_over: AtomicBool,
     pub phase: watch::Sender<Phase>,
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub table: String,
@@ -159,7 +154,6 @@ impl Shared {
                 clock,
                 progress,
             },
-            chaos_over: AtomicBool::new(false),
             phase,
             dynamodb: sut.dynamodb.clone(),
             table: sut.table.clone(),
@@ -282,7 +276,7 @@ async fn writer(
     // (last index, exists)
     let mut state: HashMap<u16, (u32, bool)> = owned.iter().map(|&i| (i, (0, false))).collect();
     let mut out = Vec::new();
-    while shared.budget.take() || !shared.chaos_over.load(Ordering::SeqCst) {
+    while shared.budget.take() {
         let item = owned[rng.usize(..owned.len())];
         let (last, exists) = state[&item];
         let index = last + 1;

@@ -68,8 +68,8 @@ fn percent(fraction: f64) -> u64 {
 }
 
 /// Herds spread over 10% to 90% of the run, the data loss at 45%, the flips where the config
-/// puts them, on a cluster the failover at 33% and the kill at 67%; the writers go on until the
-/// last is over (an event found the run over is skipped, and counted). Restarts and revivals need `redis` here: a restarted
+/// puts them, on a cluster the failover at 33% and the kill at 67%; an event due after the
+/// writers stopped is skipped. Restarts and revivals need `redis` here: a restarted
 /// redis-server is tied to the thread that spawns it.
 pub async fn inject(
     cfg: &Config,
@@ -158,8 +158,8 @@ pub async fn inject(
                 tracing::info!(event, "primary killed");
                 events.push(event);
                 windows.push(window);
-                // The writers and the readers' clients have a second on the new topology before
-                // the run may end (it waits for the chaos).
+                // The readers' clients have a second on the new topology before the run may
+                // end (it waits for the chaos), however early the writers stop.
                 tokio::time::sleep(SETTLE).await;
             }
             Event::GameDay => {

@@ -13,7 +13,7 @@ use super::chaos;
 use super::config::Config;
 use super::faults::FailingCache;
 use super::feeder::Feeder;
-use super::history::{ms, Clock};
+use super::history::{ms, Clock, Write, WriteKind};
 use super::inspector;
 use super::invariants;
 use super::monitor;
@@ -72,6 +72,7 @@ pub async fn run(cfg: Config) -> Report {
 
     // GETs each node has served so far: the run's are counted from here (see `NodeGets`).
     let gets_before = node_gets(&redis).await;
+    let closing_item = closing_item(&redis, &sut, &shared.items).await;
     let (expected_tx, expected_rx) = watch::channel(None);
     let invalidator = sut.invalidator(
         FailingCache::new(sut.cache(&sut.settings).await),
@@ -102,8 +103,8 @@ pub async fn run(cfg: Config) -> Report {
     // On this task (not spawned): a restarted (or revived) redis-server is tied to the thread
     // that spawns it.
     let herd_settings = chaos::herd_settings(&sut.settings);
-    // Writers keep writing and readers reading until the chaos is over, so a fault due late in
-    // the budget still happens under load, and is followed by changes and reads.
+    // Readers keep reading until the chaos is over too, so a run whose writers stop during a
+    // failover still reads after it.
     let (chaos_over, mut chaos_over_rx) = watch::channel(false);
     let chaos_progress = progress_rx.clone();
     let chaos = async {
@@ -116,7 +117,6 @@ pub async fn run(cfg: Config) -> Report {
             chaos_progress,
         )
         .await;
-        shared.chaos_over.store(true, Ordering::SeqCst);
         chaos_over.send_replace(true);
         chaos
     };
@@ -132,14 +132,15 @@ pub async fn run(cfg: Config) -> Report {
             cfg.name,
             ms(writers_done) / 1e3
         );
-        expected_tx.send_replace(Some(writes.len()));
         shared.phase.send_replace(Phase::Draining);
         shared.budget.written.notify_waiters();
-        let feed = feeder.await.expect("feeder task");
         chaos_over_rx
             .wait_for(|over| *over)
             .await
             .expect("the chaos ends");
+        writes.push(closing_change(&shared, &writes, closing_item).await);
+        expected_tx.send_replace(Some(writes.len()));
+        let feed = feeder.await.expect("feeder task");
         shared.phase.send_replace(Phase::Done);
         let mut reads = Vec::new();
         for r in readers.tasks {
@@ -244,6 +245,67 @@ pub async fn run(cfg: Config) -> Report {
             serverless,
         },
     )
+}
+
+/// An item whose key is on the shard of the node clients start from (on a cluster): neither the
+/// failover nor the kill takes that shard (`chaos.rs`), so its closing change keeps its
+/// position.
+async fn closing_item(redis: &Redis, sut: &Sut, items: &[String]) -> u16 {
+    let Redis::Cluster(cluster) = redis else {
+        return 0;
+    };
+    let entry = cluster.ports()[0];
+    let roles = cluster.roles().await.expect("cluster roles");
+    let shard = roles
+        .iter()
+        .find(|r| r.port == entry && r.primary)
+        .expect("the entry node is a primary at the start");
+    let on_shard = items.iter().position(|id| {
+        let key = format!("{}{id}", sut.settings.key_prefix);
+        shard.serves(product_cache::cache::slots::slot_of(&key))
+    });
+    on_shard.expect("an item on the entry node's shard") as u16
+}
+
+/// The run's closing change, after every writer and every fault: a `PutItem` of `item`, the
+/// stream's last record, on the topology the run ends with. Without it, a change lost with a
+/// killed primary could be the stream's last (a fast machine's writers used up their budget
+/// during the replication cut before the kill), and nothing later showed the change monitor
+/// that the invalidator had got past it: it judged that change pending, as it must. (Writers
+/// that went on through the kill instead rewrote the lost changes' items at once, and the run
+/// without confirmation then saw no lost invalidation at all.)
+async fn closing_change(shared: &Shared, writes: &[Write], item: u16) -> Write {
+    use aws_sdk_dynamodb::types::AttributeValue as Av;
+    let index = writes
+        .iter()
+        .filter(|w| w.item == item)
+        .map(|w| w.index)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let id = &shared.items[item as usize];
+    let start = shared.clock.now();
+    shared
+        .dynamodb
+        .put_item()
+        .table_name(&shared.table)
+        .item("productId", Av::S(id.clone()))
+        .item("name", Av::S(format!("Product {id}")))
+        .item("version", Av::N(index.to_string()))
+        .item(
+            "price",
+            Av::N(format!("{}.{:02}", index % 1000, index % 100)),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("the closing change of {id} failed: {e:?}"));
+    Write {
+        item,
+        index,
+        kind: WriteKind::Put,
+        start,
+        end: shared.clock.now(),
+    }
 }
 
 /// Each node's `cmdstat_get` calls and whether it is a primary now, on a cluster.
