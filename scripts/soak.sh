@@ -2,7 +2,7 @@
 # The soak (docs/testing.md#the-soak): the consistency checker's runs that scripts/test.sh leaves
 # out, then, with SOAK_ROUNDS above 1, every checker run again that many times. CI runs every run
 # with a guard off, one clean run per deployment and the game day; the runs here repeat one of
-# those with a feature added (tests/it/checker.rs says which), about five minutes on 2 cores.
+# those with a feature added (tests/it/checker.rs says which), about two minutes on 2 cores (104 s once built).
 # scripts/bench.sh runs it after its figures. Installs what is missing first.
 #
 #   scripts/soak.sh                                 # the runs CI leaves out, once
