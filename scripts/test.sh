@@ -53,11 +53,4 @@ if ! wait "$beside"; then
     exit 1
 fi
 cat "$beside_log"
-# The tests but the consistency checker's, four at a time: they mostly wait (timeouts, stalls,
-# a cluster's failover), and two threads kept the two cores a third busy. Then the checker's
-# runs, two at a time as before: each drives the machine with its writers, readers, chaos and
-# its own moto server.
-# (`--workspace` both times, as above: with `-p integration-tests` cargo would resolve the
-# dependencies' features for that package alone and compile a dozen of them again.)
-cargo test --workspace --locked -- --skip checker:: --test-threads 4
-cargo test --workspace --locked -- checker:: --test-threads 2
+cargo test --workspace --locked
