@@ -20,7 +20,8 @@ case "$rounds" in
 esac
 
 scripts/setup.sh
-# The runs marked `#[ignore = "soak: ..."]` (the checker's other ignored test is none of them).
+# The checker's runs marked `#[ignore = "soak: ..."]` (the suite's one other ignored test,
+# a measurement in replicas.rs, is not under checker::).
 cargo test --workspace --locked -- --ignored checker::
 for round in $(seq 2 "$rounds"); do
     echo "soak.sh: round $round of $rounds: every checker run" >&2

@@ -46,6 +46,21 @@ fn corrupted(id: &str) -> String {
     json!({"name": format!("Product {id}"), "price": 1, "productId": id}).to_string()
 }
 
+/// A connection to one node of a cluster, as it is (no redirections followed).
+async fn node(port: u16) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+/// The product keys one node holds.
+async fn product_keys_on(port: u16) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("product:*")
+        .query_async(&mut node(port).await)
+        .await
+        .unwrap()
+}
+
 fn inconsistent(report: &product_cache::inspect::Report) -> Vec<String> {
     report
         .rows
@@ -189,20 +204,12 @@ async fn samples_every_primary_of_a_cluster() {
     // Keys on every primary (30 keys over 3 primaries: a missing shard would be noticed).
     let mut per_node = Vec::new();
     for port in cluster.ports() {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("product:*")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        per_node.push(keys);
+        per_node.push(product_keys_on(port).await);
     }
     assert!(per_node.iter().all(|k| !k.is_empty()), "{per_node:?}");
     let corrupt_key = per_node[2][0].clone();
     let id = corrupt_key.trim_start_matches("product:").to_owned();
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.ports()[2])).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = node(cluster.ports()[2]).await;
     redis::cmd("SET")
         .arg(&corrupt_key)
         .arg(corrupted(&id))
@@ -364,11 +371,9 @@ async fn its_first_run_after_a_primary_was_lost_reads_the_promoted_replica() {
         assert!(attempt < 100, "the promotion never reached every node");
         let mut everywhere = true;
         for port in cluster.ports().into_iter().filter(|&p| p != lost) {
-            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
             let nodes: String = redis::cmd("CLUSTER")
                 .arg("NODES")
-                .query_async(&mut conn)
+                .query_async(&mut node(port).await)
                 .await
                 .unwrap();
             everywhere &= nodes
@@ -380,13 +385,8 @@ async fn its_first_run_after_a_primary_was_lost_reads_the_promoted_replica() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let client = redis::Client::open(format!("redis://127.0.0.1:{replica}")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("product:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys = product_keys_on(replica).await;
+    let mut conn = node(replica).await;
     let corrupt_key = keys.first().expect("the lost shard's keys").clone();
     let id = corrupt_key.trim_start_matches("product:").to_owned();
     redis::cmd("SET")

@@ -290,30 +290,17 @@ async fn writer(
             WriteKind::Update
         };
         let id = &shared.items[item as usize];
-        let version = Av::N(index.to_string());
-        let price = Av::N(format!("{}.{:02}", index % 1000, index % 100));
         let start = shared.clock.now();
         match kind {
-            WriteKind::Put => shared
-                .dynamodb
-                .put_item()
-                .table_name(&shared.table)
-                .item("productId", Av::S(id.clone()))
-                .item("name", Av::S(format!("Product {id}")))
-                .item("version", version)
-                .item("price", price)
-                .send()
-                .await
-                .map(drop)
-                .map_err(aws_sdk_dynamodb::Error::from),
+            WriteKind::Put => put(&shared, id, index).await,
             WriteKind::Update => shared
                 .dynamodb
                 .update_item()
                 .table_name(&shared.table)
                 .key("productId", Av::S(id.clone()))
                 .update_expression("SET version = :v, price = :p")
-                .expression_attribute_values(":v", version)
-                .expression_attribute_values(":p", price)
+                .expression_attribute_values(":v", Av::N(index.to_string()))
+                .expression_attribute_values(":p", price_of(index))
                 .send()
                 .await
                 .map(drop)
@@ -345,6 +332,26 @@ async fn writer(
         }
     }
     out
+}
+
+/// A `PutItem` of item `id` at `index`: its `version`, and a price derived from it.
+pub async fn put(shared: &Shared, id: &str, index: u32) -> Result<(), aws_sdk_dynamodb::Error> {
+    shared
+        .dynamodb
+        .put_item()
+        .table_name(&shared.table)
+        .item("productId", Av::S(id.to_owned()))
+        .item("name", Av::S(format!("Product {id}")))
+        .item("version", Av::N(index.to_string()))
+        .item("price", price_of(index))
+        .send()
+        .await
+        .map(drop)
+        .map_err(aws_sdk_dynamodb::Error::from)
+}
+
+fn price_of(index: u32) -> Av {
+    Av::N(format!("{}.{:02}", index % 1000, index % 100))
 }
 
 /// Reads random items through the real read path until the run is over (through `flipped` once

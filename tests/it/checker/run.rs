@@ -275,7 +275,6 @@ async fn closing_item(redis: &Redis, sut: &Sut, items: &[String]) -> u16 {
 /// that went on through the kill instead rewrote the lost changes' items at once, and the run
 /// without confirmation then saw no lost invalidation at all.)
 async fn closing_change(shared: &Shared, writes: &[Write], item: u16) -> Write {
-    use aws_sdk_dynamodb::types::AttributeValue as Av;
     let index = writes
         .iter()
         .filter(|w| w.item == item)
@@ -285,18 +284,7 @@ async fn closing_change(shared: &Shared, writes: &[Write], item: u16) -> Write {
         + 1;
     let id = &shared.items[item as usize];
     let start = shared.clock.now();
-    shared
-        .dynamodb
-        .put_item()
-        .table_name(&shared.table)
-        .item("productId", Av::S(id.clone()))
-        .item("name", Av::S(format!("Product {id}")))
-        .item("version", Av::N(index.to_string()))
-        .item(
-            "price",
-            Av::N(format!("{}.{:02}", index % 1000, index % 100)),
-        )
-        .send()
+    actors::put(shared, id, index)
         .await
         .unwrap_or_else(|e| panic!("the closing change of {id} failed: {e:?}"));
     Write {
